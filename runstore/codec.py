@@ -1,0 +1,224 @@
+"""The on-disk format: the one cattrs/orjson converter, the journal's lines and its version.
+
+A journal is a JSON-lines file. Every line is one JSON object ending in a checksum field, so a
+line can be read by ``jq`` and still be self-validating::
+
+    {"format":"runstore-journal","version":1,"store_id":"…","created":"…",
+     "compacted_through":0,"base_bytes":0,"crc":123}                          header, line 1
+    {"seq":1,"id":"…","status":"pending","change":"run_created","time":"…","durable":230,
+     "machine":"m1","test_dir":"…",…,"revision":1,"crc":456}                    one run version
+    {"mark":"clean_close","durable":1234,"crc":789}                             written by close()
+
+``crc`` is the CRC-32 of the line's bytes before ``,"crc":``. ``seq`` is store-wide, strictly
+increasing and gap-free after the header's ``compacted_through``. ``durable`` is the length of
+the file that was known to be synced when the line was written (it lags one sync behind); the
+store uses it to tell a torn tail (truncated) from damage in durable data (an error).
+Run fields use the snake_case names of the seed; unset pointers are ``null``; ``batch_id``,
+``plan_entry`` and the owner fields are omitted when empty. Fields this library does not know
+are kept when a record is rewritten.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import zlib
+from typing import Any
+
+import attrs
+import cattrs
+import orjson
+
+from .model import ChangeType, Run, Status
+
+FORMAT_NAME = "runstore-journal"
+FORMAT_VERSION = 1
+
+#: keys of a record line that are not run fields
+META_KEYS = frozenset({"seq", "change", "time", "durable", "crc"})
+RUN_FIELDS = tuple(a.name for a in attrs.fields(Run))
+_RUN_FIELD_SET = frozenset(RUN_FIELDS)
+#: omitted from the JSON when they hold these values (keeps the seed's JSON byte-identical)
+_OMIT_WHEN = {
+    "batch_id": "",
+    "plan_entry": "",
+    "owner_host": "",
+    "owner_pid": None,
+    "owner_start": "",
+    "heartbeat_at": None,
+}
+_CRC_SEP = b',"crc":'
+_DUMPS_OPTS = orjson.OPT_UTC_Z
+
+
+class BadLine(Exception):
+    """A line that fails to decode; ``reason`` says why (internal to the journal reader)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _structure_datetime(value: Any, _type: Any) -> _dt.datetime:
+    if not isinstance(value, str):
+        raise TypeError(f"expected an RFC 3339 string, got {type(value).__name__}")
+    moment = _dt.datetime.fromisoformat(value)
+    if moment.tzinfo is None:
+        raise ValueError(f"timestamp {value!r} has no UTC offset")
+    return moment.astimezone(_dt.timezone.utc)
+
+
+def _structure_strict(kind: type[Any]) -> Any:
+    def hook(value: Any, _type: Any) -> Any:
+        if type(value) is not kind:
+            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+        return value
+
+    return hook
+
+
+def configure_converter(converter: cattrs.Converter) -> None:
+    """Teach a converter runstore's rules: strict scalar types, aware UTC datetimes."""
+    converter.register_structure_hook(_dt.datetime, _structure_datetime)
+    converter.register_unstructure_hook(_dt.datetime, lambda d: d)  # orjson writes RFC 3339
+    converter.register_structure_hook(str, _structure_strict(str))
+    converter.register_structure_hook(int, _structure_strict(int))
+    converter.register_structure_hook(Status, lambda value, _type: Status(value))
+
+
+def make_converter() -> cattrs.Converter:
+    """Return a converter configured for runstore records."""
+    converter = cattrs.Converter(detailed_validation=True)
+    configure_converter(converter)
+    return converter
+
+
+converter = make_converter()
+
+
+def run_to_dict(run: Run) -> dict[str, Any]:
+    """The JSON-ready record of a run: seed field names, empty optional fields omitted."""
+    data: dict[str, Any] = converter.unstructure(run)
+    for key, empty in _OMIT_WHEN.items():
+        if data[key] == empty:
+            del data[key]
+    return data
+
+
+def run_to_json(run: Run) -> dict[str, Any]:
+    """Like ``run_to_dict`` but with plain JSON values (strings for statuses and times)."""
+    data: dict[str, Any] = orjson.loads(orjson.dumps(run_to_dict(run), option=_DUMPS_OPTS))
+    return data
+
+
+def run_from_dict(data: dict[str, Any]) -> Run:
+    """Structure a record into a ``Run``; raises ``BadLine`` naming the bad field."""
+    fields = {k: v for k, v in data.items() if k in _RUN_FIELD_SET}
+    try:
+        return converter.structure(fields, Run)
+    except Exception as exc:  # cattrs raises an ExceptionGroup of per-field errors
+        messages = cattrs.transform_error(exc, path="record") if isinstance(
+            exc, cattrs.BaseValidationError) else [str(exc)]
+        raise BadLine("; ".join(messages)) from None
+
+
+def extra_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """Fields of a record line this library does not know (kept when rewriting)."""
+    return {k: v for k, v in data.items() if k not in _RUN_FIELD_SET and k not in META_KEYS}
+
+
+def _seal(body: dict[str, Any]) -> bytes:
+    raw = orjson.dumps(body, option=_DUMPS_OPTS)
+    head = raw[:-1]
+    return b"%s%s%d}\n" % (head, _CRC_SEP, zlib.crc32(head))
+
+
+def encode_record(
+    seq: int,
+    change: ChangeType,
+    time: _dt.datetime,
+    durable: int,
+    run: Run,
+    extra: dict[str, Any] | None = None,
+) -> bytes:
+    """One journal line for one version of a run."""
+    data = run_to_dict(run)
+    body: dict[str, Any] = {
+        "seq": seq,
+        "id": run.id,
+        "status": run.status,
+        "change": change,
+        "time": time,
+        "durable": durable,
+    }
+    body.update(data)
+    if extra:
+        for key, value in extra.items():
+            body.setdefault(key, value)
+    return _seal(body)
+
+
+def encode_header(store_id: str, created: str, compacted_through: int, base_bytes: int) -> bytes:
+    """The first line of a journal."""
+    return _seal(
+        {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "store_id": store_id,
+            "created": created,
+            "compacted_through": compacted_through,
+            "base_bytes": base_bytes,
+        }
+    )
+
+
+def encode_mark(durable: int) -> bytes:
+    """The line ``close()`` appends: everything before ``durable`` is synced."""
+    return _seal({"mark": "clean_close", "durable": durable})
+
+
+def decode_line(line: bytes) -> dict[str, Any]:
+    """Parse and verify one line (without its newline); raise ``BadLine`` if it is not sound."""
+    cut = line.rfind(_CRC_SEP)
+    if cut < 0 or not line.endswith(b"}"):
+        raise BadLine("no checksum field (torn, truncated or not written by runstore)")
+    try:
+        expected = int(line[cut + len(_CRC_SEP):-1])
+    except ValueError:
+        raise BadLine("malformed checksum field") from None
+    if zlib.crc32(line[:cut]) != expected:
+        raise BadLine("checksum mismatch (the line was altered or torn)")
+    try:
+        data = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise BadLine(f"not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise BadLine("not a JSON object")
+    return data
+
+
+def check_record(data: dict[str, Any]) -> None:
+    """Raise ``BadLine`` unless a decoded record has sound meta fields and a known status."""
+    seq, durable = data.get("seq"), data.get("durable")
+    if type(seq) is not int or seq < 1:
+        raise BadLine(f"bad seq {seq!r}")
+    if type(durable) is not int or durable < 0:
+        raise BadLine(f"bad durable mark {durable!r}")
+    run_id = data.get("id")
+    if not isinstance(run_id, str) or not run_id:
+        raise BadLine(f"bad run id {run_id!r}")
+    status = data.get("status")
+    try:
+        Status(status)
+    except ValueError:
+        raise BadLine(f"unknown status {status!r} for run {run_id!r}") from None
+    change = data.get("change")
+    try:
+        ChangeType(change)
+    except ValueError:
+        raise BadLine(f"unknown change type {change!r} for run {run_id!r}") from None
+
+
+def reseal(data: dict[str, Any]) -> bytes:
+    """Re-encode a decoded line (used when rewriting records with fields we do not know)."""
+    body = {k: v for k, v in data.items() if k != "crc"}
+    return _seal(body)

@@ -1,0 +1,181 @@
+"""The whole exception tree of runstore.
+
+::
+
+    RunstoreError
+     +-- RunNotFoundError        (also LookupError)    a run id the store does not hold
+     +-- InvalidTransitionError  (also ValueError)     a status change the state machine forbids
+     +-- InvalidRunError         (also ValueError)     an argument or record that is not a valid run
+     +-- ConflictError                                 the caller's copy of a run is stale
+ |    +-- MachineBusyError                           a second non-terminal run for a machine
+     +-- LockTimeoutError        (also TimeoutError)   the store's lock was not acquired in time
+     +-- CorruptStoreError       (also ValueError)     the journal file is damaged or unreadable
+     +-- UnsafeStoreError        (also PermissionError) the state directory or a file is unsafe
+     +-- HistoryTruncatedError   (also LookupError)    changes asked for were compacted away
+     +-- StoreIOError            (also OSError)        a write or sync failed; nothing acknowledged
+
+Every error keeps the data that explains it as attributes, and ``str()`` is a sentence a person
+can act on. All are picklable, so they cross process boundaries (multiprocessing, tests).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class RunstoreError(Exception):
+    """Base class of every error runstore raises on purpose."""
+
+
+class RunNotFoundError(RunstoreError, LookupError):
+    """The store holds no run with this id."""
+
+    def __init__(self, run_id: str, path: str = "") -> None:
+        self.run_id = run_id
+        self.path = path
+        where = f" in {path}" if path else ""
+        super().__init__(
+            f"run {run_id!r} not found{where}; list the runs with `python -m runstore list`"
+        )
+
+    def __reduce__(self) -> tuple[type[RunNotFoundError], tuple[str, str]]:
+        return (type(self), (self.run_id, self.path))
+
+
+class InvalidTransitionError(RunstoreError, ValueError):
+    """A status change that the run state machine does not allow."""
+
+    def __init__(self, run_id: str, from_status: str, to_status: str, reason: str = "") -> None:
+        self.run_id = run_id
+        self.from_status = from_status
+        self.to_status = to_status
+        self.reason = reason
+        msg = f"run {run_id!r} cannot go from {from_status!r} to {to_status!r}"
+        super().__init__(f"{msg}: {reason}" if reason else msg)
+
+    def __reduce__(self) -> tuple[type[InvalidTransitionError], tuple[str, str, str, str]]:
+        return (type(self), (self.run_id, self.from_status, self.to_status, self.reason))
+
+
+class InvalidRunError(RunstoreError, ValueError):
+    """An argument or a record that is not a valid run (empty machine, naive datetime, ...)."""
+
+
+class ConflictError(RunstoreError):
+    """The caller updated a stale copy of a run: another writer changed it in between."""
+
+    def __init__(self, run_id: str, expected: int, actual: int) -> None:
+        self.run_id = run_id
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"run {run_id!r} was changed by another writer (your copy has revision {expected}, "
+            f"the store has revision {actual}); get() the run again and reapply your change"
+        )
+
+    def __reduce__(self) -> tuple[type[ConflictError], tuple[str, int, int]]:
+        return (type(self), (self.run_id, self.expected, self.actual))
+
+
+class MachineBusyError(ConflictError):
+    """Storing a non-terminal run for a machine that already has one (one active run each)."""
+
+    def __init__(self, machine: str, occupant_id: str) -> None:
+        self.machine = machine
+        self.occupant_id = occupant_id
+        RunstoreError.__init__(
+            self,
+            f"machine {machine!r} already has the non-terminal run {occupant_id!r}; finish it "
+            "or use prepare_atomic(), which reports BUSY instead of failing",
+        )
+        self.run_id, self.expected, self.actual = occupant_id, 0, 0
+
+    def __reduce__(self) -> tuple[type[MachineBusyError], tuple[str, str]]:  # type: ignore[override]  # different constructor
+        return (type(self), (self.machine, self.occupant_id))
+
+
+class LockTimeoutError(RunstoreError, TimeoutError):
+    """The cross-process lock of a store was not acquired within the timeout."""
+
+    def __init__(self, lock_path: str, timeout: float) -> None:
+        self.lock_path = lock_path
+        self.timeout = timeout
+        super().__init__(
+            f"could not lock {lock_path} within {timeout:g} s: another process holds it; "
+            f"find it with `fuser {lock_path}` or raise lock_timeout"
+        )
+
+    def __reduce__(self) -> tuple[type[LockTimeoutError], tuple[str, float]]:
+        return (type(self), (self.lock_path, self.timeout))
+
+
+class CorruptStoreError(RunstoreError, ValueError):
+    """The journal file is damaged where it was known to be durable, or is not a runstore file."""
+
+    def __init__(self, path: str, offset: int | None, problem: str, remedy: str = "") -> None:
+        self.path = path
+        self.offset = offset
+        self.problem = problem
+        self.remedy = remedy or (
+            "the file was left untouched; run `python -m runstore check` for a report, "
+            "then restore it from a backup or export what is readable"
+        )
+        where = f"{path} at byte {offset}" if offset is not None else path
+        super().__init__(f"{where}: {problem}; {self.remedy}")
+
+    def __reduce__(self) -> tuple[type[CorruptStoreError], tuple[str, int | None, str, str]]:
+        return (type(self), (self.path, self.offset, self.problem, self.remedy))
+
+
+class UnsafeStoreError(RunstoreError, PermissionError):
+    """The state directory or one of its files is unsafe to use (owner, mode, symlink, type)."""
+
+    def __init__(self, path: str, problem: str, remedy: str) -> None:
+        self.path = path
+        self.problem = problem
+        self.remedy = remedy
+        super().__init__(_errno.EPERM, f"{path}: {problem}; {remedy}")
+        self.filename = path
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}; {self.remedy}"
+
+    def __reduce__(self) -> tuple[type[UnsafeStoreError], tuple[str, str, str]]:
+        return (type(self), (self.path, self.problem, self.remedy))
+
+
+class HistoryTruncatedError(RunstoreError, LookupError):
+    """Changes before the oldest retained sequence number were compacted away (like HTTP 410)."""
+
+    def __init__(self, since_seq: int, oldest_seq: int) -> None:
+        self.since_seq = since_seq
+        self.oldest_seq = oldest_seq
+        super().__init__(
+            f"changes after seq {since_seq} are no longer retained (the oldest retained change "
+            f"is seq {oldest_seq}); resynchronise from list() and follow from seq {oldest_seq - 1}"
+        )
+
+    def __reduce__(self) -> tuple[type[HistoryTruncatedError], tuple[int, int]]:
+        return (type(self), (self.since_seq, self.oldest_seq))
+
+
+class StoreIOError(RunstoreError, OSError):
+    """Writing or syncing the journal failed; the operation was not acknowledged."""
+
+    def __init__(self, path: str, action: str, cause: OSError) -> None:
+        self.path = path
+        self.action = action
+        self.cause = cause
+        code = cause.errno if cause.errno is not None else _errno.EIO
+        super().__init__(code, f"{action} {path} failed: {cause.strerror or cause}")
+        self.filename = path
+
+    def __str__(self) -> str:
+        reason = self.cause.strerror or str(self.cause)
+        return (
+            f"{self.action} {self.path} failed ({reason}); the change was not acknowledged "
+            f"and may or may not be in the file: get() the run to see which"
+        )
+
+    def __reduce__(self) -> tuple[type[StoreIOError], tuple[str, str, OSError]]:
+        return (type(self), (self.path, self.action, self.cause))

@@ -1,0 +1,29 @@
+"""Run ids: a UTC timestamp prefix that sorts lexicographically plus a random suffix.
+
+Like ``NewRunID`` of the seed's pipeline engine. The store passes the greatest id it has seen,
+so an id created later in a store sorts after every earlier one even if the wall clock steps
+back (the prefix is then taken one microsecond after the previous one).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import secrets
+
+_PREFIX_LEN = len("20260101T000000.000000Z")
+_FORMAT = "%Y%m%dT%H%M%S.%fZ"
+
+
+def new_run_id(after: str = "", now: _dt.datetime | None = None) -> str:
+    """Return a new id that sorts after ``after`` (the greatest id the store holds)."""
+    moment = now if now is not None else _dt.datetime.now(_dt.timezone.utc)
+    prefix = moment.astimezone(_dt.timezone.utc).strftime(_FORMAT)
+    last = after[:_PREFIX_LEN]
+    if prefix <= last:
+        try:
+            previous = _dt.datetime.strptime(last, _FORMAT)
+        except ValueError:
+            # an imported id with another shape: fall back to suffixing the greatest id
+            return f"{after}.{secrets.token_hex(4)}"
+        prefix = (previous + _dt.timedelta(microseconds=1)).strftime(_FORMAT)
+    return f"{prefix}-{secrets.token_hex(8)}"

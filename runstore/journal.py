@@ -1,0 +1,467 @@
+"""The journal file: open or create it, read what was appended, recover a torn tail, append,
+sync, and replace it whole (compaction). The line format is in ``codec``; ``scan`` is pure.
+
+Crash-safety recipe (shared/RELIABILITY.md): appends are one ``write`` of complete lines under
+the store lock, followed by ``fdatasync`` in durable mode; whole-file replacement writes a temp
+file created ``O_EXCL|O_NOFOLLOW`` 0600, fsyncs it, renames it over the journal and fsyncs the
+directory. Every open uses ``O_NOFOLLOW|O_CLOEXEC`` relative to a descriptor of the state
+directory, so a swapped path component cannot redirect it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import logging
+import os
+import secrets
+import stat
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+
+from . import codec, failpoints
+from .errors import CorruptStoreError, StoreIOError, UnsafeStoreError
+from .fsio import FileSystem
+
+log = logging.getLogger("runstore")
+
+DATA_NAME = "runs.jsonl"
+LOCK_NAME = "runs.lock"
+TMP_PREFIX = ".runs.jsonl."
+TMP_SUFFIX = ".tmp"
+#: a damaged tail larger than this is not treated as a torn write but reported as corruption
+TORN_TAIL_LIMIT = 64 * 1024 * 1024
+_READ_CHUNK = 1 << 20
+_OPEN = os.O_NOFOLLOW | os.O_CLOEXEC
+_NETWORK_FS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "ceph", "glusterfs",
+     "lustre", "gpfs", "fuse.sshfs", "fuse.s3fs", "fuse.glusterfs", "virtiofs"}
+)
+
+
+@attrs.frozen
+class Header:
+    store_id: str
+    created: str
+    version: int
+    compacted_through: int
+    base_end: int
+
+
+@attrs.frozen
+class Damage:
+    offset: int
+    reason: str
+
+
+@attrs.define
+class Cursor:
+    """How far a reader has validated the file, and what it must expect next."""
+
+    end: int
+    next_seq: int
+    durable: int
+    base_end: int
+    compacted_through: int
+
+
+@attrs.define
+class ScanResult:
+    records: list[tuple[int, dict[str, Any]]]
+    damage: Damage | None
+
+
+def scan(buf: bytes, start: int, cur: Cursor) -> ScanResult:
+    """Validate the complete lines of ``buf`` (file bytes from offset ``start``) and advance
+    ``cur`` past the valid ones; stop at the first line that is not sound."""
+    records: list[tuple[int, dict[str, Any]]] = []
+    pos = 0
+    size = len(buf)
+    decode, check = codec.decode_line, codec.check_record
+    while pos < size:
+        nl = buf.find(b"\n", pos)
+        offset = start + pos
+        if nl < 0:
+            return ScanResult(records, Damage(offset, "incomplete last line (a torn write)"))
+        try:
+            data = decode(buf[pos:nl])
+            if "mark" in data:
+                mark = data.get("durable")
+                if type(mark) is not int or not 0 <= mark <= offset or offset < cur.base_end:
+                    raise codec.BadLine(f"bad durable mark {mark!r}")
+                cur.durable = max(cur.durable, mark)
+            else:
+                check(data)
+                seq = data["seq"]
+                if offset < cur.base_end:
+                    if seq > cur.compacted_through:
+                        raise codec.BadLine(
+                            f"seq {seq} in the compacted part exceeds {cur.compacted_through}")
+                else:
+                    if seq != cur.next_seq:
+                        raise codec.BadLine(f"seq {seq} where {cur.next_seq} was expected")
+                    if data["durable"] > offset:
+                        raise codec.BadLine("durable mark points past the line itself")
+                    cur.next_seq = seq + 1
+                    cur.durable = max(cur.durable, data["durable"])
+                records.append((offset, data))
+        except codec.BadLine as exc:
+            return ScanResult(records, Damage(offset, exc.reason))
+        pos = nl + 1
+        cur.end = start + pos
+    return ScanResult(records, None)
+
+
+def durable_beyond(buf: bytes, start: int, damage: Damage) -> int | None:
+    """After damage at ``damage.offset``: the offset of a later valid line that proves the
+    damaged bytes had been synced (its durable mark lies past them), else None."""
+    pos = damage.offset - start
+    first = buf.find(b"\n", pos)
+    if first < 0:
+        return None
+    pos = first + 1
+    while pos < len(buf):
+        nl = buf.find(b"\n", pos)
+        if nl < 0:
+            return None
+        try:
+            data = codec.decode_line(buf[pos:nl])
+        except codec.BadLine:
+            pos = nl + 1
+            continue
+        mark = data.get("durable")
+        if type(mark) is int and mark > damage.offset:
+            return start + pos
+        pos = nl + 1
+    return None
+
+
+def parse_header(line: bytes, path: str) -> Header:
+    """Decode and check the first line of a journal."""
+    try:
+        data = codec.decode_line(line)
+    except codec.BadLine as exc:
+        raise CorruptStoreError(path, 0, f"the header line is damaged ({exc.reason})") from None
+    if data.get("format") != codec.FORMAT_NAME:
+        raise CorruptStoreError(
+            path, 0, f"not a runstore journal (format {data.get('format')!r})",
+            "point runstore at its own state directory; this file was left untouched")
+    version = data.get("version")
+    if type(version) is not int or version < 1:
+        raise CorruptStoreError(path, 0, f"bad format version {version!r}")
+    if version > codec.FORMAT_VERSION:
+        raise CorruptStoreError(
+            path, 0,
+            f"format version {version} is newer than this runstore understands "
+            f"(version {codec.FORMAT_VERSION})",
+            "upgrade runstore to open this store; the file was left untouched")
+    through, base = data.get("compacted_through"), data.get("base_bytes")
+    if type(through) is not int or through < 0 or type(base) is not int or base < 0:
+        raise CorruptStoreError(path, 0, "the header's compaction fields are malformed")
+    return Header(
+        store_id=str(data.get("store_id", "")),
+        created=str(data.get("created", "")),
+        version=version,
+        compacted_through=through,
+        base_end=len(line) + 1 + base,
+    )
+
+
+def _unsafe(path: str, exc: OSError, what: str) -> UnsafeStoreError:
+    if exc.errno == errno.ELOOP:
+        return UnsafeStoreError(
+            path, f"{what} is a symbolic link", "runstore never follows symlinks there; "
+            "remove the link (an attacker may have planted it) and retry")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return UnsafeStoreError(path, f"permission denied opening the {what}",
+                                "fix its owner/mode (files 0600, directory 0700) and retry")
+    if exc.errno == errno.EISDIR:
+        return UnsafeStoreError(path, f"the {what} is a directory",
+                                "move it away; runstore keeps a regular file there")
+    if exc.errno == errno.ENOTDIR:
+        return UnsafeStoreError(path, "not a directory",
+                                "give a state directory path, not a file")
+    return UnsafeStoreError(path, f"cannot open the {what} ({exc.strerror})",
+                            "check the path and its permissions")
+
+
+def open_state_dir(state_dir: str) -> int:
+    """Create the state directory (0700) when missing and return a descriptor of it after
+    checking it belongs to us and is not writable by group or others."""
+    try:
+        os.mkdir(state_dir, 0o700)
+        os.chmod(state_dir, 0o700)  # the umask may have cleared bits we asked for
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        os.makedirs(state_dir, 0o700, exist_ok=True)
+        os.chmod(state_dir, 0o700)
+    except OSError as exc:
+        raise _unsafe(state_dir, exc, "state directory") from None
+    try:
+        fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _unsafe(state_dir, exc, "state directory") from None
+    st = os.fstat(fd)
+    problem = ""
+    if st.st_uid != os.geteuid():
+        problem = f"the state directory is owned by uid {st.st_uid}, not by you ({os.geteuid()})"
+    elif st.st_mode & 0o022:
+        problem = (f"the state directory is writable by group or others "
+                   f"(mode {stat.S_IMODE(st.st_mode):o})")
+    if problem:
+        os.close(fd)
+        raise UnsafeStoreError(state_dir, problem,
+                               "use a directory of your own with mode 0700 (chmod 700 DIR)")
+    _warn_if_network_fs(state_dir)
+    return fd
+
+
+def _warn_if_network_fs(state_dir: str) -> None:
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return
+    real = os.path.realpath(state_dir)
+    best, fstype = "", ""
+    for parts in mounts:
+        if "-" not in parts:
+            continue
+        point = parts[4].replace("\\040", " ")
+        kind = parts[parts.index("-") + 1]
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, fstype = point, kind
+    if fstype in _NETWORK_FS:
+        warnings.warn(
+            f"runstore: {state_dir} is on a network filesystem ({fstype}); flock is unreliable "
+            "there and two hosts may both claim a machine. Use a local disk, or PostgreSQL "
+            "for several hosts.", RuntimeWarning, stacklevel=4)
+
+
+class Journal:
+    """One journal file in a state directory. Callers hold the store lock for every method
+    but ``close``; the journal keeps no view of the runs, only descriptors and offsets."""
+
+    def __init__(self, state_dir: str, fs: FileSystem) -> None:
+        self.state_dir = state_dir
+        self.path = os.path.join(state_dir, DATA_NAME)
+        self.lock_path = os.path.join(state_dir, LOCK_NAME)
+        self.fs = fs
+        self.dir_fd = open_state_dir(state_dir)
+        self.fd: int | None = None
+        self.ident: tuple[int, int] | None = None
+        self._pid = os.getpid()
+
+    # -- descriptors --------------------------------------------------------------------
+
+    def open_lock_file(self) -> int:
+        """Open (creating 0600) the lock file; it is never deleted."""
+        try:
+            fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | _OPEN, 0o600, dir_fd=self.dir_fd)
+        except OSError as exc:
+            raise _unsafe(self.lock_path, exc, "lock file") from None
+        self._check_regular(fd, self.lock_path, "lock file")
+        return fd
+
+    def _check_regular(self, fd: int, path: str, what: str) -> None:
+        st = os.fstat(fd)
+        problem = ""
+        if not stat.S_ISREG(st.st_mode):
+            problem = f"the {what} is not a regular file"
+        elif st.st_uid != os.geteuid():
+            problem = f"the {what} is owned by uid {st.st_uid}, not by you"
+        if problem:
+            os.close(fd)
+            raise UnsafeStoreError(path, problem, "move it away and retry")
+        if stat.S_IMODE(st.st_mode) != 0o600:
+            os.fchmod(fd, 0o600)
+
+    def after_fork(self) -> None:
+        """In a forked child: drop the parent's descriptors (they are reopened lazily)."""
+        if self._pid == os.getpid():
+            return
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+        self.fd, self.ident = None, None
+        self._pid = os.getpid()
+
+    def disk_ident(self) -> tuple[int, int] | None:
+        """(device, inode) of the file now at the journal's path, or None when missing."""
+        try:
+            st = os.stat(DATA_NAME, dir_fd=self.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def exists(self) -> bool:
+        try:
+            os.stat(DATA_NAME, dir_fd=self.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def open(self, *, writable: bool = True) -> Header:
+        """Open the journal at its path (closing a replaced one) and read its header."""
+        self.close_data()
+        flags = (os.O_RDWR | os.O_APPEND if writable else os.O_RDONLY) | _OPEN
+        try:
+            fd = self.fs.open(DATA_NAME, flags, 0o600, self.dir_fd)
+        except OSError as exc:
+            raise _unsafe(self.path, exc, "journal file") from None
+        self._check_regular(fd, self.path, "journal file")
+        st = os.fstat(fd)
+        self.fd, self.ident = fd, (st.st_dev, st.st_ino)
+        if st.st_size == 0:
+            raise CorruptStoreError(
+                self.path, 0, "the file is empty (runstore never leaves an empty journal)",
+                "it was truncated or not written by runstore; move it away to start a new "
+                "store, or restore it from a backup")
+        first = self.fs.pread(fd, 65536, 0)
+        nl = first.find(b"\n")
+        if nl < 0:
+            raise CorruptStoreError(self.path, 0, "the header line is truncated")
+        return parse_header(first[:nl], self.path)
+
+    def create(self) -> Header:
+        """Create a new journal holding only a header, atomically (temp file, rename)."""
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat().replace("+00:00", "Z")
+        header = codec.encode_header(secrets.token_hex(8), now, 0, 0)
+        self.replace_with([header])
+        return self.open()
+
+    def close_data(self) -> None:
+        if self.fd is not None:
+            self.fs.close(self.fd)
+        self.fd, self.ident = None, None
+
+    def close(self) -> None:
+        self.close_data()
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+    # -- reading ------------------------------------------------------------------------
+
+    def read_from(self, offset: int) -> bytes:
+        """Everything from ``offset`` to the current end of the file."""
+        assert self.fd is not None
+        chunks = []
+        while True:
+            chunk = self.fs.pread(self.fd, _READ_CHUNK, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+            if len(chunk) < _READ_CHUNK:
+                break
+        return b"".join(chunks)
+
+    def read_line(self, offset: int) -> bytes:
+        """The line starting at ``offset``, without its newline."""
+        assert self.fd is not None
+        size = 2048
+        while True:
+            data = self.fs.pread(self.fd, size, offset)
+            nl = data.find(b"\n")
+            if nl >= 0:
+                return data[:nl]
+            if len(data) < size:
+                raise CorruptStoreError(self.path, offset, "a record line has no end")
+            size *= 4
+
+    # -- writing ------------------------------------------------------------------------
+
+    def append(self, data: bytes, start: int) -> None:
+        """Write complete lines at the end (``start``); on failure cut back to ``start``."""
+        assert self.fd is not None
+        failpoints.hit("append.before_write")
+        view = memoryview(data)
+        try:
+            while view:
+                written = self.fs.write(self.fd, view)
+                view = view[written:]
+        except OSError as exc:
+            try:
+                self.fs.ftruncate(self.fd, start)
+            except OSError:
+                pass  # a torn tail: the next reader recovers it (it lies past the durable mark)
+            raise StoreIOError(self.path, "appending to", exc) from None
+        failpoints.hit("append.after_write")
+
+    def sync(self) -> None:
+        assert self.fd is not None
+        try:
+            self.fs.fdatasync(self.fd)
+        except OSError as exc:
+            raise StoreIOError(self.path, "syncing", exc) from None
+        failpoints.hit("append.after_sync")
+
+    def truncate(self, length: int, reason: str) -> None:
+        """Cut a torn tail (recovery) and sync the cut."""
+        assert self.fd is not None
+        failpoints.hit("recover.before_truncate")
+        size = os.fstat(self.fd).st_size
+        log.warning("runstore: recovering %s: dropping %d bytes from offset %d (%s)",
+                    self.path, size - length, length, reason)
+        try:
+            self.fs.ftruncate(self.fd, length)
+            self.fs.fdatasync(self.fd)
+        except OSError as exc:
+            raise StoreIOError(self.path, "truncating the torn tail of", exc) from None
+
+    def replace_with(self, chunks: Iterable[bytes]) -> None:
+        """Write a new file through a temp file and rename it over the journal (always
+        fsynced: a replaced journal must never come back empty)."""
+        tmp = f"{TMP_PREFIX}{secrets.token_hex(8)}{TMP_SUFFIX}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN
+        try:
+            fd = self.fs.open(tmp, flags, 0o600, self.dir_fd)
+        except OSError as exc:
+            raise StoreIOError(os.path.join(self.state_dir, tmp), "creating", exc) from None
+        try:
+            try:
+                os.fchmod(fd, 0o600)
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[self.fs.write(fd, view):]
+                failpoints.hit("compact.after_tmp_write")
+                self.fs.fsync(fd)
+                failpoints.hit("compact.after_tmp_sync")
+            finally:
+                self.fs.close(fd)
+            self.fs.replace(tmp, DATA_NAME, self.dir_fd)
+        except OSError as exc:
+            try:
+                self.fs.unlink(tmp, self.dir_fd)
+            except OSError:
+                pass
+            raise StoreIOError(self.path, "rewriting", exc) from None
+        failpoints.hit("compact.after_replace")
+        try:
+            self.fs.fsync(self.dir_fd)
+        except OSError as exc:
+            raise StoreIOError(self.state_dir, "syncing the directory", exc) from None
+
+    def remove_stale_temps(self) -> None:
+        """Remove temp files a crashed compaction left (call with the lock held)."""
+        try:
+            names = os.listdir(self.dir_fd)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX):
+                try:
+                    st = os.stat(name, dir_fd=self.dir_fd, follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                        self.fs.unlink(name, self.dir_fd)
+                except OSError:
+                    pass

@@ -1,0 +1,124 @@
+"""The store's lock: an in-process mutex plus an exclusive flock on a separate lock file.
+
+The only module that touches the lock library. Why each piece (shared/RELIABILITY.md):
+
+* ``flock`` belongs to an open file description, so two threads sharing one descriptor do
+  not exclude each other: the thread mutex is taken first.
+* ``lockf`` (POSIX record locks) drops the lock when *any* descriptor of the file is closed
+  and lets a second thread in, so portalocker's ``FlockLocker`` is used explicitly, never
+  its module-wide default, which a program could switch to lockf.
+* The lock file is separate from the data file (which compaction replaces by rename) and is
+  never deleted: waiters would otherwise split across two inodes (filelock #27, #574).
+* Fork: a child shares the parent's open file description, so its unlock would release the
+  parent's lock. After fork the child closes the inherited descriptor without unlocking,
+  opens its own, and gets a fresh mutex (``os.register_at_fork`` plus a pid check).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+
+import portalocker
+import portalocker.exceptions
+
+from .errors import LockTimeoutError
+
+_LOCKER = portalocker.portalocker.FlockLocker()
+_EXCLUSIVE_NOW = portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
+_SPIN_SECONDS = 0.0005
+_MAX_SLEEP = 0.002
+
+_live: weakref.WeakSet[StoreLock] = weakref.WeakSet()
+
+
+class StoreLock:
+    """Mutex + flock. ``acquire(timeout)`` / ``release()``; not reentrant."""
+
+    def __init__(self, open_lock_file: Callable[[], int], lock_path: str) -> None:
+        self._open_lock_file = open_lock_file
+        self.lock_path = lock_path
+        self._mutex = threading.Lock()
+        self._fd: int | None = None
+        self._pid = os.getpid()
+        _live.add(self)
+
+    def acquire(self, timeout: float) -> None:
+        """Take the mutex, then the file lock; ``LockTimeoutError`` after ``timeout`` seconds."""
+        if self._pid != os.getpid():
+            self.after_fork()
+        deadline = time.monotonic() + timeout
+        if not self._mutex.acquire(timeout=max(timeout, 0.0)):
+            raise LockTimeoutError(self.lock_path, timeout)
+        try:
+            if self._fd is None:
+                self._fd = self._open_lock_file()
+            self._lock_file(self._fd, deadline, timeout)
+        except BaseException:
+            self._mutex.release()
+            raise
+
+    def _lock_file(self, fd: int, deadline: float, timeout: float) -> None:
+        # Poll with a non-blocking flock: a blocking flock cannot be given a timeout. Spin
+        # briefly first (critical sections are tens of microseconds), then back off.
+        spin_until = time.monotonic() + _SPIN_SECONDS
+        delay = 0.00005
+        while True:
+            try:
+                _LOCKER.lock(fd, _EXCLUSIVE_NOW)
+                return
+            except portalocker.exceptions.AlreadyLocked:
+                pass
+            now = time.monotonic()
+            if now >= deadline:
+                raise LockTimeoutError(self.lock_path, timeout)
+            if now < spin_until:
+                os.sched_yield()
+            else:
+                time.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, _MAX_SLEEP)
+
+    def release(self) -> None:
+        """Release the file lock, then the mutex."""
+        try:
+            self.release_file()
+        finally:
+            self._mutex.release()
+
+    def release_file(self) -> None:
+        """Release only the file lock: other processes may go on while this thread, still
+        holding the mutex, finishes (the store syncs here: group commit)."""
+        if self._fd is not None:
+            _LOCKER.unlock(self._fd)
+
+    def release_mutex(self) -> None:
+        """Release the mutex after ``release_file``."""
+        self._mutex.release()
+
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's lock without releasing it."""
+        self._mutex = threading.Lock()
+        if self._fd is not None:
+            try:
+                os.close(self._fd)  # closing our copy never unlocks the parent's description
+            except OSError:
+                pass
+            self._fd = None
+        self._pid = os.getpid()
+
+    def close(self) -> None:
+        """Close the lock file (the file itself is never deleted)."""
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+
+def _after_fork_in_child() -> None:
+    for lock in list(_live):
+        lock.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

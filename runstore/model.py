@@ -1,0 +1,101 @@
+"""The records runstore keeps: ``Run``, ``Status``, ``PrepareOutcome``, ``Change``. No I/O here."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import enum
+
+import attrs
+
+
+class Status(str, enum.Enum):
+    """The lifecycle state of a run: pending -> running -> one of four terminal states."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    TIMEOUT = "timeout"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True for the final states: completed, failed, interrupted, timeout."""
+        return self not in _NON_TERMINAL
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_NON_TERMINAL = frozenset({Status.PENDING, Status.RUNNING})
+
+
+class PrepareOutcome(enum.Enum):
+    """What ``prepare_atomic`` did."""
+
+    #: a fresh pending run was created (the returned run is new)
+    CREATED = "created"
+    #: the machine already had a non-terminal run for the same hash (returned as is)
+    REUSE = "reuse"
+    #: the machine has a non-terminal run for a different hash (the occupying run is returned)
+    BUSY = "busy"
+
+
+class ChangeType(str, enum.Enum):
+    """The kind of a stored change, as written in the journal's ``change`` field."""
+
+    RUN_CREATED = "run_created"
+    RUN_STARTED = "run_started"
+    RUN_FINISHED = "run_finished"
+    RUN_UPDATED = "run_updated"
+    RUN_REAPED = "run_reaped"
+    RUN_PRUNED = "run_pruned"
+    HEARTBEAT = "heartbeat"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@attrs.frozen
+class Run:
+    """One test dispatch. Timestamps are timezone-aware UTC; unset pointers are ``None``.
+
+    ``revision`` counts the stored versions of the run (1 after create); ``update()`` refuses a
+    copy whose revision is not the stored one. The ``owner_*`` fields name the process that
+    created or started a non-terminal run, so that ``reap()`` can tell when it is gone.
+    """
+
+    machine: str
+    test_dir: str
+    test_dir_hash: str
+    id: str = ""
+    status: Status = Status.PENDING
+    exit_code: int | None = None
+    started_at: _dt.datetime | None = None
+    ended_at: _dt.datetime | None = None
+    artifacts_path: str = ""
+    logs_path: str = ""
+    error_code: str = ""
+    error_msg: str = ""
+    batch_id: str = ""
+    plan_entry: str = ""
+    revision: int = 0
+    owner_host: str = ""
+    owner_pid: int | None = None
+    owner_start: str = ""
+    heartbeat_at: _dt.datetime | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        """True when the run is in a final state."""
+        return self.status.is_terminal
+
+
+@attrs.frozen
+class Change:
+    """One stored change: its store-wide sequence number, time, kind and the run after it."""
+
+    seq: int
+    time: _dt.datetime
+    type: ChangeType
+    run: Run

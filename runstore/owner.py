@@ -1,0 +1,62 @@
+"""Who owns a run: host name, pid and that process's start time, so a reused pid is not
+mistaken for the owner. Linux ``/proc`` is read; elsewhere the start time is empty and
+liveness is only judged by the pid."""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+
+
+@functools.cache
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def process_start(pid: int) -> str:
+    """A token naming one incarnation of ``pid`` (boot id + start time in clock ticks), or
+    "" when the process does not exist or the platform does not say."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return ""
+    fields = raw[raw.rfind(b")") + 2:].split()
+    if fields[:1] == [b"Z"]:
+        return ""  # a zombie has exited: only its exit status is left to collect
+    # field 22 of /proc/PID/stat is starttime; fields[0] is field 3 (state)
+    return f"{_boot_id()}:{fields[19].decode()}" if len(fields) > 19 else ""
+
+
+_me: tuple[int, tuple[str, int, str]] | None = None
+
+
+def current() -> tuple[str, int, str]:
+    """(host, pid, start token) of this process; recomputed after fork."""
+    global _me
+    pid = os.getpid()
+    if _me is None or _me[0] != pid:
+        _me = (pid, (socket.gethostname(), pid, process_start(pid)))
+    return _me[1]
+
+
+def is_gone(host: str, pid: int | None, start: str) -> bool:
+    """True only when the owner provably no longer runs: same host, and its pid is free or
+    now belongs to a process started at another time."""
+    if not host or pid is None or host != socket.gethostname():
+        return False
+    now = process_start(pid)
+    if now:
+        return bool(start) and now != start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -1,0 +1,108 @@
+"""The pure rules of the run state machine and of what a valid run is. No I/O here.
+
+Allowed moves: pending -> running | failed | interrupted | timeout; running -> any terminal
+status. Staying in a non-terminal status while other fields change is an update. Terminal
+states are final: repeating the same terminal transition is an idempotent no-op, anything else
+is refused.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+
+import attrs
+
+from .errors import InvalidRunError, InvalidTransitionError
+from .model import Run, Status
+
+ALLOWED: dict[Status, frozenset[Status]] = {
+    Status.PENDING: frozenset(
+        {Status.PENDING, Status.RUNNING, Status.FAILED, Status.INTERRUPTED, Status.TIMEOUT}
+    ),
+    Status.RUNNING: frozenset(
+        {Status.RUNNING, Status.COMPLETED, Status.FAILED, Status.INTERRUPTED, Status.TIMEOUT}
+    ),
+}
+
+#: fields that identify a run's claim on a machine; changing them could break the
+#: one-active-run-per-machine rule, so ``update()`` refuses it
+IDENTITY_FIELDS = ("machine", "test_dir_hash")
+
+
+def check_transition(run_id: str, old: Status, new: Status) -> None:
+    """Raise ``InvalidTransitionError`` unless a run may move from ``old`` to ``new``."""
+    if old.is_terminal:
+        if old != new:
+            raise InvalidTransitionError(run_id, old.value, new.value, "terminal states are final")
+        return
+    if new not in ALLOWED[old]:
+        raise InvalidTransitionError(
+            run_id, old.value, new.value, f"a {old.value} run may only go to "
+            + ", ".join(sorted(s.value for s in ALLOWED[old] if s != old))
+        )
+
+
+def require_text(name: str, value: object) -> str:
+    """Return ``value`` when it is a non-empty string, else raise ``InvalidRunError``."""
+    if not isinstance(value, str) or not value:
+        raise InvalidRunError(f"{name} must be a non-empty string, got {value!r}")
+    if "\x00" in value:
+        raise InvalidRunError(f"{name} must not contain NUL characters, got {value!r}")
+    return value
+
+
+def _require_aware(run_id: str, name: str, value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, _dt.datetime):
+        raise InvalidRunError(f"run {run_id!r}: {name} must be a datetime or None, got {value!r}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidRunError(
+            f"run {run_id!r}: {name} is a naive datetime ({value.isoformat()}); "
+            "pass a timezone-aware one, e.g. datetime.now(timezone.utc)"
+        )
+
+
+def validate(run: Run) -> Run:
+    """Check the types and invariants of a run about to be stored; return it in UTC form."""
+    if not isinstance(run, Run):
+        raise InvalidRunError(f"expected a runstore.Run, got {type(run).__name__}")
+    rid = run.id or "<new>"
+    require_text("machine", run.machine)
+    require_text("test_dir_hash", run.test_dir_hash)
+    if not isinstance(run.status, Status):
+        try:
+            run = attrs.evolve(run, status=Status(run.status))
+        except ValueError:
+            raise InvalidRunError(f"run {rid!r}: unknown status {run.status!r}") from None
+    for name in ("test_dir", "artifacts_path", "logs_path", "error_code", "error_msg",
+                 "batch_id", "plan_entry", "owner_host", "owner_start"):
+        if not isinstance(getattr(run, name), str):
+            raise InvalidRunError(f"run {rid!r}: {name} must be a string")
+    for name in ("exit_code", "owner_pid"):
+        value = getattr(run, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise InvalidRunError(f"run {rid!r}: {name} must be an int or None, got {value!r}")
+    changes: dict[str, _dt.datetime] = {}
+    for name in ("started_at", "ended_at", "heartbeat_at"):
+        value = getattr(run, name)
+        _require_aware(rid, name, value)
+        if value is not None and value.utcoffset() != _dt.timedelta(0):
+            changes[name] = value.astimezone(_dt.timezone.utc)
+    return attrs.evolve(run, **changes) if changes else run  # type: ignore[arg-type]  # keys are Run fields
+
+
+def check_update(stored: Run, new: Run) -> None:
+    """Raise unless ``new`` may replace ``stored`` (same identity, allowed transition)."""
+    for name in IDENTITY_FIELDS:
+        if getattr(stored, name) != getattr(new, name):
+            raise InvalidRunError(
+                f"run {stored.id!r}: {name} cannot change ({getattr(stored, name)!r} -> "
+                f"{getattr(new, name)!r}); create a new run instead"
+            )
+    check_transition(stored.id, stored.status, new.status)
+
+
+def same_content(a: Run, b: Run) -> bool:
+    """True when two versions differ at most in ``revision``."""
+    return attrs.evolve(a, revision=0) == attrs.evolve(b, revision=0)
