@@ -46,6 +46,11 @@ _OMIT_WHEN = {
     "owner_start": "",
     "heartbeat_at": None,
 }
+_STATUS_VALUES = frozenset(s.value for s in Status)
+_CHANGE_VALUES = frozenset(c.value for c in ChangeType)
+_KEEP = object()
+#: the seed's field order (id first), then ours
+_SEED_ORDER = ("id", *(name for name in RUN_FIELDS if name != "id"))
 _CRC_SEP = b',"crc":'
 _DUMPS_OPTS = orjson.OPT_UTC_Z
 
@@ -64,7 +69,7 @@ def _structure_datetime(value: Any, _type: Any) -> _dt.datetime:
     moment = _dt.datetime.fromisoformat(value)
     if moment.tzinfo is None:
         raise ValueError(f"timestamp {value!r} has no UTC offset")
-    return moment.astimezone(_dt.timezone.utc)
+    return moment.astimezone(_dt.UTC)
 
 
 def _structure_strict(kind: type[Any]) -> Any:
@@ -97,11 +102,8 @@ converter = make_converter()
 
 def run_to_dict(run: Run) -> dict[str, Any]:
     """The JSON-ready record of a run: seed field names, empty optional fields omitted."""
-    data: dict[str, Any] = converter.unstructure(run)
-    for key, empty in _OMIT_WHEN.items():
-        if data[key] == empty:
-            del data[key]
-    return data
+    raw: dict[str, Any] = converter.unstructure(run)
+    return {k: raw[k] for k in _SEED_ORDER if raw[k] != _OMIT_WHEN.get(k, _KEEP)}
 
 
 def run_to_json(run: Run) -> dict[str, Any]:
@@ -124,6 +126,11 @@ def run_from_dict(data: dict[str, Any]) -> Run:
 def extra_fields(data: dict[str, Any]) -> dict[str, Any]:
     """Fields of a record line this library does not know (kept when rewriting)."""
     return {k: v for k, v in data.items() if k not in _RUN_FIELD_SET and k not in META_KEYS}
+
+
+def dumps(data: dict[str, Any]) -> bytes:
+    """One JSON object in runstore's style (RFC 3339 UTC timestamps with Z)."""
+    return orjson.dumps(data, option=_DUMPS_OPTS)
 
 
 def _seal(body: dict[str, Any]) -> bytes:
@@ -157,8 +164,11 @@ def encode_record(
     return _seal(body)
 
 
-def encode_header(store_id: str, created: str, compacted_through: int, base_bytes: int) -> bytes:
-    """The first line of a journal."""
+def encode_header(
+    store_id: str, created: str, compacted_through: int, base_bytes: int, history_bytes: int
+) -> bytes:
+    """The first line of a journal: ``base_bytes`` of latest run versions follow it, then
+    ``history_bytes`` of retained changes from ``compacted_through + 1`` on."""
     return _seal(
         {
             "format": FORMAT_NAME,
@@ -167,8 +177,15 @@ def encode_header(store_id: str, created: str, compacted_through: int, base_byte
             "created": created,
             "compacted_through": compacted_through,
             "base_bytes": base_bytes,
+            "history_bytes": history_bytes,
         }
     )
+
+
+def change_to_json(seq: int, time: _dt.datetime, change: ChangeType, run: Run) -> dict[str, Any]:
+    """The JSON shape of a change (snake_case, string enums), for the CLI and other languages."""
+    return {"seq": seq, "time": time.isoformat().replace("+00:00", "Z"), "type": change.value,
+            "run": run_to_json(run)}
 
 
 def encode_mark(durable: int) -> bytes:
@@ -207,14 +224,10 @@ def check_record(data: dict[str, Any]) -> None:
     if not isinstance(run_id, str) or not run_id:
         raise BadLine(f"bad run id {run_id!r}")
     status = data.get("status")
-    try:
-        Status(status)
-    except ValueError:
+    if status not in _STATUS_VALUES:
         raise BadLine(f"unknown status {status!r} for run {run_id!r}") from None
     change = data.get("change")
-    try:
-        ChangeType(change)
-    except ValueError:
+    if change not in _CHANGE_VALUES:
         raise BadLine(f"unknown change type {change!r} for run {run_id!r}") from None
 
 

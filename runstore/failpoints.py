@@ -31,7 +31,7 @@ def _arm(spec: str | None) -> None:
 def hit(name: str) -> None:
     """Crash the process here if this failpoint is armed."""
     global _hits
-    if _ARMED is None or _ARMED != name:
+    if _ARMED is None or name != _ARMED:
         return
     _hits += 1
     if _hits >= _AFTER:

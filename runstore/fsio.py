@@ -16,7 +16,7 @@ class FileSystem:
     def open(self, name: str, flags: int, mode: int, dir_fd: int) -> int:
         return os.open(name, flags, mode, dir_fd=dir_fd)
 
-    def write(self, fd: int, data: bytes) -> int:
+    def write(self, fd: int, data: bytes | memoryview) -> int:
         return os.write(fd, data)
 
     def pread(self, fd: int, size: int, offset: int) -> bytes:

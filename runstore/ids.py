@@ -16,8 +16,8 @@ _FORMAT = "%Y%m%dT%H%M%S.%fZ"
 
 def new_run_id(after: str = "", now: _dt.datetime | None = None) -> str:
     """Return a new id that sorts after ``after`` (the greatest id the store holds)."""
-    moment = now if now is not None else _dt.datetime.now(_dt.timezone.utc)
-    prefix = moment.astimezone(_dt.timezone.utc).strftime(_FORMAT)
+    moment = now if now is not None else _dt.datetime.now(_dt.UTC)
+    prefix = moment.astimezone(_dt.UTC).strftime(_FORMAT)
     last = after[:_PREFIX_LEN]
     if prefix <= last:
         try:

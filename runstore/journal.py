@@ -10,6 +10,7 @@ directory, so a swapped path component cannot redirect it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import logging
@@ -21,6 +22,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import attrs
+import portalocker
 
 from . import codec, failpoints
 from .errors import CorruptStoreError, StoreIOError, UnsafeStoreError
@@ -44,10 +46,15 @@ _NETWORK_FS = frozenset(
 
 @attrs.frozen
 class Header:
+    """The first line. A compaction writes, after it, the latest version of every run in
+    insertion order (ending at ``latest_end``), then the retained recent history (changes
+    ``compacted_through + 1`` onwards, ending at ``base_end``); all of it synced."""
+
     store_id: str
     created: str
     version: int
     compacted_through: int
+    latest_end: int
     base_end: int
 
 
@@ -64,6 +71,7 @@ class Cursor:
     end: int
     next_seq: int
     durable: int
+    latest_end: int
     base_end: int
     compacted_through: int
 
@@ -93,16 +101,19 @@ def scan(buf: bytes, start: int, cur: Cursor) -> ScanResult:
                 if type(mark) is not int or not 0 <= mark <= offset or offset < cur.base_end:
                     raise codec.BadLine(f"bad durable mark {mark!r}")
                 cur.durable = max(cur.durable, mark)
+                pos = nl + 1
+                cur.end = start + pos
+                continue
             else:
                 check(data)
                 seq = data["seq"]
-                if offset < cur.base_end:
-                    if seq > cur.compacted_through:
-                        raise codec.BadLine(
-                            f"seq {seq} in the compacted part exceeds {cur.compacted_through}")
+                if offset < cur.latest_end:
+                    pass  # the compacted base: latest versions, in insertion order
+                elif seq != cur.next_seq:
+                    raise codec.BadLine(f"seq {seq} where {cur.next_seq} was expected")
+                elif offset < cur.base_end:
+                    cur.next_seq = seq + 1  # retained history copied by compaction
                 else:
-                    if seq != cur.next_seq:
-                        raise codec.BadLine(f"seq {seq} where {cur.next_seq} was expected")
                     if data["durable"] > offset:
                         raise codec.BadLine("durable mark points past the line itself")
                     cur.next_seq = seq + 1
@@ -139,6 +150,28 @@ def durable_beyond(buf: bytes, start: int, damage: Damage) -> int | None:
     return None
 
 
+def cursor_after_header(header: Header, start: int) -> Cursor:
+    """Where a reader stands after the header line (which ends at ``start``)."""
+    return Cursor(end=start, next_seq=header.compacted_through + 1, durable=header.base_end,
+                  latest_end=header.latest_end, base_end=header.base_end,
+                  compacted_through=header.compacted_through)
+
+
+def judge(buf: bytes, start: int, cur: Cursor, damage: Damage) -> str | None:
+    """Decide what damage at ``damage.offset`` is: None for a torn tail (unsynced writes a
+    crash cut short, safe to truncate), else why it is corruption of durable data."""
+    if damage.offset < cur.durable:
+        return (f"{damage.reason}, inside the part of the file known to be synced "
+                f"(the first {cur.durable} bytes)")
+    proof = durable_beyond(buf, start, damage)
+    if proof is not None:
+        return f"{damage.reason}; a valid record at byte {proof} shows this part had been synced"
+    dropped = start + len(buf) - damage.offset
+    if dropped > TORN_TAIL_LIMIT:
+        return f"{damage.reason}, followed by {dropped} bytes: too much to be a torn write"
+    return None
+
+
 def parse_header(line: bytes, path: str) -> Header:
     """Decode and check the first line of a journal."""
     try:
@@ -158,15 +191,18 @@ def parse_header(line: bytes, path: str) -> Header:
             f"format version {version} is newer than this runstore understands "
             f"(version {codec.FORMAT_VERSION})",
             "upgrade runstore to open this store; the file was left untouched")
-    through, base = data.get("compacted_through"), data.get("base_bytes")
-    if type(through) is not int or through < 0 or type(base) is not int or base < 0:
+    through = data.get("compacted_through")
+    base, history = data.get("base_bytes"), data.get("history_bytes", 0)
+    if not all(type(v) is int and v >= 0 for v in (through, base, history)):
         raise CorruptStoreError(path, 0, "the header's compaction fields are malformed")
+    assert isinstance(through, int) and isinstance(base, int) and isinstance(history, int)
     return Header(
         store_id=str(data.get("store_id", "")),
         created=str(data.get("created", "")),
         version=version,
         compacted_through=through,
-        base_end=len(line) + 1 + base,
+        latest_end=len(line) + 1 + base,
+        base_end=len(line) + 1 + base + history,
     )
 
 
@@ -188,9 +224,11 @@ def _unsafe(path: str, exc: OSError, what: str) -> UnsafeStoreError:
                             "check the path and its permissions")
 
 
-def open_state_dir(state_dir: str) -> int:
+def open_state_dir(state_dir: str, *, create: bool = True) -> int:
     """Create the state directory (0700) when missing and return a descriptor of it after
     checking it belongs to us and is not writable by group or others."""
+    if not create and not os.path.isdir(state_dir):
+        raise FileNotFoundError(errno.ENOENT, "no runstore state directory", state_dir)
     try:
         os.mkdir(state_dir, 0o700)
         os.chmod(state_dir, 0o700)  # the umask may have cleared bits we asked for
@@ -247,12 +285,12 @@ class Journal:
     """One journal file in a state directory. Callers hold the store lock for every method
     but ``close``; the journal keeps no view of the runs, only descriptors and offsets."""
 
-    def __init__(self, state_dir: str, fs: FileSystem) -> None:
+    def __init__(self, state_dir: str, fs: FileSystem, *, create: bool = True) -> None:
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, DATA_NAME)
         self.lock_path = os.path.join(state_dir, LOCK_NAME)
         self.fs = fs
-        self.dir_fd = open_state_dir(state_dir)
+        self.dir_fd = open_state_dir(state_dir, create=create)
         self.fd: int | None = None
         self.ident: tuple[int, int] | None = None
         self._pid = os.getpid()
@@ -286,10 +324,8 @@ class Journal:
         if self._pid == os.getpid():
             return
         if self.fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self.fd)
-            except OSError:
-                pass
         self.fd, self.ident = None, None
         self._pid = os.getpid()
 
@@ -332,8 +368,8 @@ class Journal:
 
     def create(self) -> Header:
         """Create a new journal holding only a header, atomically (temp file, rename)."""
-        now = _dt.datetime.now(_dt.timezone.utc).isoformat().replace("+00:00", "Z")
-        header = codec.encode_header(secrets.token_hex(8), now, 0, 0)
+        now = _dt.datetime.now(_dt.UTC).isoformat().replace("+00:00", "Z")
+        header = codec.encode_header(secrets.token_hex(8), now, 0, 0, 0)
         self.replace_with([header])
         return self.open()
 
@@ -440,10 +476,8 @@ class Journal:
                 self.fs.close(fd)
             self.fs.replace(tmp, DATA_NAME, self.dir_fd)
         except OSError as exc:
-            try:
+            with contextlib.suppress(OSError):
                 self.fs.unlink(tmp, self.dir_fd)
-            except OSError:
-                pass
             raise StoreIOError(self.path, "rewriting", exc) from None
         failpoints.hit("compact.after_replace")
         try:
@@ -465,3 +499,109 @@ class Journal:
                         self.fs.unlink(name, self.dir_fd)
                 except OSError:
                     pass
+
+
+@attrs.frozen
+class Problem:
+    """One thing ``check`` found wrong."""
+
+    offset: int
+    line: int
+    message: str
+    remedy: str
+
+
+@attrs.frozen
+class CheckReport:
+    """What ``check`` found: ``ok`` is True when the file is healthy."""
+
+    path: str
+    size: int
+    records: int
+    last_seq: int
+    oldest_seq: int
+    problems: tuple[Problem, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check(state_dir: str | os.PathLike[str]) -> CheckReport:
+    """Verify a whole journal (header, checksums, sequence, fields, torn tail, damage) without
+    modifying anything; waits for the store lock when the lock file exists."""
+    state_dir = os.fspath(state_dir)
+    path = os.path.join(state_dir, DATA_NAME)
+    dir_fd = open_state_dir(state_dir, create=False)
+    lock_fd = -1
+    try:
+        try:
+            lock_fd = os.open(LOCK_NAME, os.O_RDWR | _OPEN, dir_fd=dir_fd)
+            portalocker.portalocker.FlockLocker().lock(lock_fd, portalocker.LockFlags.EXCLUSIVE)
+        except FileNotFoundError:
+            pass
+        try:
+            fd = os.open(DATA_NAME, os.O_RDONLY | _OPEN, dir_fd=dir_fd)
+        except OSError as exc:
+            raise _unsafe(path, exc, "journal file") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UnsafeStoreError(path, "the journal file is not a regular file",
+                                       "move it away")
+            chunks = []
+            while chunk := os.read(fd, _READ_CHUNK):
+                chunks.append(chunk)
+            buf = b"".join(chunks)
+        finally:
+            os.close(fd)
+    finally:
+        if lock_fd >= 0:
+            os.close(lock_fd)
+        os.close(dir_fd)
+    return _check_bytes(buf, path)
+
+
+def _check_bytes(buf: bytes, path: str) -> CheckReport:
+    if not buf:
+        problem = Problem(0, 1, "the file is empty", "move it away to start a new store")
+        return CheckReport(path, 0, 0, 0, 0, (problem,))
+    nl = buf.find(b"\n")
+    try:
+        if nl < 0:
+            raise CorruptStoreError(path, 0, "the header line is truncated")
+        header = parse_header(buf[:nl], path)
+    except CorruptStoreError as exc:
+        return CheckReport(path, len(buf), 0, 0, 0,
+                           (Problem(0, 1, exc.problem, exc.remedy),))
+    start = nl + 1
+    cur = cursor_after_header(header, start)
+    result = scan(buf[start:], start, cur)
+    problems = []
+    for offset, data in result.records:
+        if "mark" in data:
+            continue
+        try:
+            codec.run_from_dict(data)
+        except codec.BadLine as exc:
+            problems.append(Problem(offset, buf.count(b"\n", 0, offset) + 1,
+                                    f"run {data.get('id')!r}: {exc.reason}",
+                                    "restore the file from a backup or fix the record by hand"))
+    damage = result.damage
+    if damage is not None:
+        line = buf.count(b"\n", 0, damage.offset) + 1
+        verdict = judge(buf[start:], start, cur, damage)
+        if verdict is None:
+            problems.append(Problem(
+                damage.offset, line,
+                f"torn tail: {damage.reason} ({len(buf) - damage.offset} bytes of unsynced "
+                "writes a crash cut short)",
+                "the next process that opens the store truncates it; nothing acknowledged "
+                "is lost"))
+        else:
+            problems.append(Problem(
+                damage.offset, line, verdict,
+                "restore the file from a backup; `export` still reads the runs before this "
+                "offset"))
+    records = sum(1 for _, d in result.records if "mark" not in d)
+    return CheckReport(path, len(buf), records, cur.next_seq - 1,
+                       header.compacted_through + 1, tuple(problems))

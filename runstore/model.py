@@ -8,7 +8,7 @@ import enum
 import attrs
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     """The lifecycle state of a run: pending -> running -> one of four terminal states."""
 
     PENDING = "pending"
@@ -41,7 +41,7 @@ class PrepareOutcome(enum.Enum):
     BUSY = "busy"
 
 
-class ChangeType(str, enum.Enum):
+class ChangeType(enum.StrEnum):
     """The kind of a stored change, as written in the journal's ``change`` field."""
 
     RUN_CREATED = "run_created"

@@ -15,17 +15,22 @@ from the file on demand, so the cost of an operation does not grow with the hist
 
 from __future__ import annotations
 
+import collections
 import datetime as _dt
+import io
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import attrs
+import orjson
 
-from . import codec, ids, owner, transitions
+from . import codec, failpoints, ids, owner, transitions
 from .errors import (
     ConflictError,
     CorruptStoreError,
+    HistoryTruncatedError,
     InvalidRunError,
     InvalidTransitionError,
     MachineBusyError,
@@ -34,21 +39,28 @@ from .errors import (
 )
 from .fsio import DEFAULT as DEFAULT_FS
 from .fsio import FileSystem
-from .journal import TORN_TAIL_LIMIT, Cursor, Damage, Header, Journal, durable_beyond, scan
+from .journal import Cursor, Damage, Header, Journal, cursor_after_header, judge, scan
 from .lock import StoreLock
-from .model import ChangeType, PrepareOutcome, Run, Status
+from .model import Change, ChangeType, PrepareOutcome, Run, Status
 
 T = TypeVar("T")
-_Decision = tuple[T, list[tuple[ChangeType, Run]]]
+_Changes = list[tuple[ChangeType, Run]]
+_Decision = tuple[T, _Changes]
+_Runs = list[Run]  # aliases: inside Store, ``list`` names the method
+_Ids = list[str]
 
-#: automatic compaction runs when superseded lines exceed both this and the live run count,
-#: so the file stays within about twice its live size plus this many lines
+#: automatic compaction runs when the lines that are not a run's latest version exceed
+#: RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live runs): the file stays within twice its
+#: live size plus about 5,000 lines
 COMPACT_MIN_SUPERSEDED = 1024
+#: how many of the latest changes a compaction keeps, so a watcher that lags by fewer
+#: changes than this follows across a compaction without a HistoryTruncatedError
+RETAIN_CHANGES = 4096
 _ACTIVE = frozenset({Status.PENDING.value, Status.RUNNING.value})
 
 
 def _utcnow() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 class Store:
@@ -90,28 +102,37 @@ class Store:
         self._cur: Cursor | None = None
         self._index: dict[str, int] = {}  # id -> offset of its latest version (insertion order)
         self._active: dict[str, Run] = {}  # the non-terminal runs
-        self._machines: dict[str, list[str]] = {}  # machine -> its non-terminal run ids
+        self._machines: dict[str, _Ids] = {}  # machine -> its non-terminal run ids
         self._extras: dict[str, dict[str, Any]] = {}  # fields we do not know, per run id
         self._max_id = ""
-        self._superseded = 0
+        self._lines = 0  # record lines in the file
+        self._recent: collections.deque[int] = collections.deque(maxlen=RETAIN_CHANGES)
+        self._changed_at: dict[str, _dt.datetime] = {}  # non-terminal id -> its last change
         self._synced = 0  # bytes of the current file this process knows to be synced
         self._stale = True
 
-    def _index_version(self, offset: int, run_id: str, active: Run | None) -> None:
+    def _index_version(self, offset: int, run_id: str, active: Run | None,
+                       changed_at: _dt.datetime | None, pruned: bool = False) -> None:
         """Record that the latest version of ``run_id`` is at ``offset``; ``active`` is the
-        run when it is non-terminal, else None."""
-        if run_id in self._index:
-            self._superseded += 1
-        elif run_id > self._max_id:
+        run when it is non-terminal, else None; ``pruned`` drops the run from the view."""
+        self._lines += 1
+        if run_id > self._max_id:
             self._max_id = run_id
-        self._index[run_id] = offset
+        if pruned:
+            self._index.pop(run_id, None)
+            self._extras.pop(run_id, None)
+        else:
+            self._index[run_id] = offset
         before = self._active.get(run_id)
         if active is not None:
             self._active[run_id] = active
+            if changed_at is not None:
+                self._changed_at[run_id] = changed_at
             if before is None:
                 self._machines.setdefault(active.machine, []).append(run_id)
         elif before is not None:
             del self._active[run_id]
+            self._changed_at.pop(run_id, None)
             peers = self._machines[before.machine]
             peers.remove(run_id)
             if not peers:
@@ -119,19 +140,31 @@ class Store:
 
     def _ingest_record(self, offset: int, data: dict[str, Any]) -> None:
         run_id = data["id"]
+        if offset >= self._latest_end():
+            self._recent.append(offset)
         active = None
+        changed_at = None
         if data["status"] in _ACTIVE:
+            try:
+                changed_at = _dt.datetime.fromisoformat(data["time"])
+            except (TypeError, ValueError):
+                changed_at = None
             try:
                 active = codec.run_from_dict(data)
             except codec.BadLine as exc:
                 raise CorruptStoreError(self._journal.path, offset,
-                                        f"run {run_id!r} has a malformed field: {exc.reason}")
+                                        f"run {run_id!r} has a malformed field: {exc.reason}"
+                                        ) from None
         extra = codec.extra_fields(data)
         if extra:
             self._extras[run_id] = extra
         else:
             self._extras.pop(run_id, None)
-        self._index_version(offset, run_id, active)
+        pruned = data["change"] == ChangeType.RUN_PRUNED.value
+        self._index_version(offset, run_id, active, changed_at, pruned)
+
+    def _latest_end(self) -> int:
+        return self._cur.latest_end if self._cur is not None else 0
 
     # -- catching up with the file ------------------------------------------------------
 
@@ -157,11 +190,8 @@ class Store:
         header = j.open() if j.exists() else j.create()
         j.remove_stale_temps()
         self._header = header
-        first_end = j.read_line(0)
-        start = len(first_end) + 1
-        self._cur = Cursor(end=start, next_seq=header.compacted_through + 1,
-                           durable=header.base_end, base_end=header.base_end,
-                           compacted_through=header.compacted_through)
+        start = len(j.read_line(0)) + 1
+        self._cur = cursor_after_header(header, start)
         buf = j.read_from(start)
         self._ingest(buf, start)
         self._synced = self._cur.durable
@@ -185,23 +215,10 @@ class Store:
         leaving the file untouched, when it lies in data known to be durable."""
         cur = self._cur
         assert cur is not None
-        path = self._journal.path
         self._stale = True  # whatever happens next, do not trust this view without a reload
-        if damage.offset < cur.durable:
-            raise CorruptStoreError(
-                path, damage.offset,
-                f"{damage.reason}, inside the part of the file known to be synced "
-                f"(the first {cur.durable} bytes)")
-        proof = durable_beyond(buf, start, damage)
-        if proof is not None:
-            raise CorruptStoreError(
-                path, damage.offset,
-                f"{damage.reason}; a valid record at byte {proof} shows this part had been synced")
-        dropped = start + len(buf) - damage.offset
-        if dropped > TORN_TAIL_LIMIT:
-            raise CorruptStoreError(
-                path, damage.offset,
-                f"{damage.reason}, followed by {dropped} bytes: too much to be a torn write")
+        verdict = judge(buf, start, cur, damage)
+        if verdict is not None:
+            raise CorruptStoreError(self._journal.path, damage.offset, verdict)
         self._journal.truncate(damage.offset, damage.reason)
         self._stale = False
 
@@ -218,7 +235,8 @@ class Store:
             result, changes = decide()
             if changes:
                 wrote_to = self._commit(changes)
-                if self._superseded > max(COMPACT_MIN_SUPERSEDED, len(self._index)):
+                live = len(self._index)
+                if self._lines - live > RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live):
                     self._compact()
         except BaseException:
             lock.release()
@@ -236,7 +254,7 @@ class Store:
             lock.release_mutex()
         return result
 
-    def _commit(self, changes: list[tuple[ChangeType, Run]]) -> int:
+    def _commit(self, changes: _Changes) -> int:
         """Append one line per change and index them; return the new end of the file."""
         cur = self._cur
         assert cur is not None
@@ -255,38 +273,53 @@ class Store:
             self._stale = True
             raise
         offset = start
-        for (_change, run), line in zip(changes, lines):
-            self._index_version(offset, run.id, None if run.status.is_terminal else run)
+        for (change, run), line in zip(changes, lines, strict=False):
+            self._recent.append(offset)
+            self._index_version(offset, run.id, None if run.status.is_terminal else run, now,
+                                change is ChangeType.RUN_PRUNED)
             offset += len(line)
         cur.end, cur.next_seq = offset, seq
         self._unmarked_writes = True
         return offset
 
-    def _compact(self) -> None:
-        """Rewrite the file with the latest version of each run (the lock is held)."""
+    def _compact(self, retain: int = RETAIN_CHANGES) -> None:
+        """Rewrite the file (the lock is held): a header, the latest version of every run in
+        insertion order, then the last ``retain`` changes verbatim for lagging watchers."""
         j, cur, header = self._journal, self._cur, self._header
         assert cur is not None and header is not None
         buf = j.read_from(0)
-        lines = []
-        for offset in self._index.values():
-            lines.append(buf[offset:buf.index(b"\n", offset) + 1])
+        latest = [buf[offset:buf.index(b"\n", offset) + 1] for offset in self._index.values()]
+        history = list(self._recent)[len(self._recent) - retain:] if retain else []
+        kept = [buf[offset:buf.index(b"\n", offset) + 1] for offset in history]
         del buf
-        base = sum(map(len, lines))
-        head = codec.encode_header(header.store_id, header.created, cur.next_seq - 1, base)
+        through = cur.next_seq - 1 - len(kept)
+        latest_bytes, history_bytes = sum(map(len, latest)), sum(map(len, kept))
+        head = codec.encode_header(header.store_id, header.created, through, latest_bytes,
+                                   history_bytes)
+        failpoints.hit("compact.before_rewrite")
         try:
-            j.replace_with([head, *lines])
+            j.replace_with([head, *latest, *kept])
             self._header = j.open()
         except BaseException:
             self._stale = True
             raise
         offset = len(head)
-        for run_id, line in zip(list(self._index), lines):
+        for run_id, line in zip(list(self._index), latest, strict=False):
             self._index[run_id] = offset
             offset += len(line)
-        self._cur = Cursor(end=offset, next_seq=cur.next_seq, durable=offset, base_end=offset,
-                           compacted_through=cur.next_seq - 1)
+        latest_end = offset
+        moved = {}
+        for old, line in zip(history, kept, strict=False):
+            moved[old] = offset
+            offset += len(line)
+        for run_id, old in self._index.items():
+            if old in moved:  # the latest version is in the retained history: point there
+                self._index[run_id] = moved[old]
+        self._recent = collections.deque((moved[o] for o in history), maxlen=RETAIN_CHANGES)
+        self._cur = Cursor(end=offset, next_seq=cur.next_seq, durable=offset,
+                           latest_end=latest_end, base_end=offset, compacted_through=through)
         self._synced = offset
-        self._superseded = 0
+        self._lines = len(latest) + len(kept)
 
     # -- reading runs -------------------------------------------------------------------
 
@@ -320,31 +353,48 @@ class Store:
     # -- the public contract ------------------------------------------------------------
 
     def prepare_atomic(
-        self, machine: str, test_dir_hash: str, make: Callable[[], Run]
+        self, machine: str, test_dir_hash: str, make: Callable[[], Run], *, reap: bool = False
     ) -> tuple[Run, PrepareOutcome]:
         """In one critical section: return the machine's non-terminal run (REUSE when its
-        hash matches, else BUSY), or call ``make()`` and store its run as pending (CREATED)."""
+        hash matches, else BUSY), or call ``make()`` and store its run as pending (CREATED).
+        With ``reap=True`` a non-terminal run whose owner process is provably gone is first
+        interrupted (``error_code="owner_gone"``) in the same critical section."""
         transitions.require_text("machine", machine)
         transitions.require_text("test_dir_hash", test_dir_hash)
 
         def decide() -> _Decision[tuple[Run, PrepareOutcome]]:
+            reaped: _Changes = []
+            if reap:
+                now = _utcnow()
+                for run_id in list(self._machines.get(machine, ())):
+                    dead = self._reaped(self._active[run_id], now, None)
+                    if dead is not None:
+                        reaped.append((ChangeType.RUN_REAPED, dead))
+            if reaped:
+                return self._create_after(reaped, machine, test_dir_hash, make)
             peers = self._machines.get(machine)
             if peers:
                 active = self._active[peers[0]]
                 same = active.test_dir_hash == test_dir_hash
                 return (active, PrepareOutcome.REUSE if same else PrepareOutcome.BUSY), []
-            made = make()
-            if not isinstance(made, Run):
-                raise InvalidRunError(f"make() must return a runstore.Run, got {made!r}")
-            if made.machine != machine or made.test_dir_hash != test_dir_hash:
-                raise InvalidRunError(
-                    f"make() returned a run for machine {made.machine!r} and hash "
-                    f"{made.test_dir_hash!r}; prepare_atomic was asked for machine "
-                    f"{machine!r} and hash {test_dir_hash!r}")
-            run = self._new(made, Status.PENDING)
-            return (run, PrepareOutcome.CREATED), [(ChangeType.RUN_CREATED, run)]
+            return self._create_after([], machine, test_dir_hash, make)
 
         return self._transact(decide)
+
+    def _create_after(
+        self, before: _Changes, machine: str, test_dir_hash: str,
+        make: Callable[[], Run],
+    ) -> _Decision[tuple[Run, PrepareOutcome]]:
+        made = make()
+        if not isinstance(made, Run):
+            raise InvalidRunError(f"make() must return a runstore.Run, got {made!r}")
+        if made.machine != machine or made.test_dir_hash != test_dir_hash:
+            raise InvalidRunError(
+                f"make() returned a run for machine {made.machine!r} and hash "
+                f"{made.test_dir_hash!r}; prepare_atomic was asked for machine "
+                f"{machine!r} and hash {test_dir_hash!r}")
+        run = self._new(made, Status.PENDING)
+        return (run, PrepareOutcome.CREATED), [*before, (ChangeType.RUN_CREATED, run)]
 
     def _new(self, run: Run, status: Status) -> Run:
         """A validated fresh version of ``run`` with a new id, revision 1 and, when
@@ -352,7 +402,8 @@ class Store:
         run = transitions.validate(attrs.evolve(run, status=status))
         fields: dict[str, Any] = {"id": ids.new_run_id(self._max_id), "revision": 1}
         if not status.is_terminal:
-            fields.update(zip(("owner_host", "owner_pid", "owner_start"), owner.current()))
+            host, pid, started = owner.current()
+            fields.update(owner_host=host, owner_pid=pid, owner_start=started)
         return attrs.evolve(run, **fields)
 
     def create(self, run: Run) -> Run:
@@ -460,11 +511,11 @@ class Store:
         machine: str | None = None,
         status: Status | str | Iterable[Status | str] | None = None,
         batch_id: str | None = None,
-    ) -> list[Run]:
+    ) -> _Runs:
         """Every run (the latest version of each) matching the filters, in insertion order."""
         wanted = _status_set(status)
 
-        def decide() -> _Decision[list[Run]]:
+        def decide() -> _Decision[_Runs]:
             runs = [
                 run for run in self._all_runs()
                 if (machine is None or run.machine == machine)
@@ -484,12 +535,12 @@ class Store:
 
         return self._transact(decide)
 
-    def active(self) -> list[Run]:
+    def active(self) -> _Runs:
         """Every non-terminal run, in insertion order."""
         return self._transact(
             lambda: ([self._active[i] for i in self._index if i in self._active], []))
 
-    def find_by_test_dir_hash_and_machine(self, test_dir_hash: str, machine: str) -> list[Run]:
+    def find_by_test_dir_hash_and_machine(self, test_dir_hash: str, machine: str) -> _Runs:
         """Every run of ``machine`` with this hash, in insertion order."""
         return [r for r in self.list(machine=machine) if r.test_dir_hash == test_dir_hash]
 
@@ -501,6 +552,220 @@ class Store:
             return None, []
 
         self._transact(decide)
+
+    # -- owners and reaping -------------------------------------------------------------
+
+    def _reaped(self, run: Run, now: _dt.datetime, stale_after: _dt.timedelta | None) -> Run | None:
+        """The interrupted version of ``run`` if its owner is provably gone or (with
+        ``stale_after``) it has not beaten for that long; else None."""
+        if owner.is_gone(run.owner_host, run.owner_pid, run.owner_start):
+            code = "owner_gone"
+            msg = (f"reaped: owner process {run.owner_pid} on {run.owner_host} is gone")
+        elif stale_after is not None:
+            last = run.heartbeat_at or self._changed_at.get(run.id)
+            if last is None or now - last <= stale_after:
+                return None
+            code = "heartbeat_stale"
+            msg = f"reaped: no heartbeat or change since {last.isoformat()} (> {stale_after})"
+        else:
+            return None
+        return attrs.evolve(run, status=Status.INTERRUPTED, ended_at=now, error_code=code,
+                            error_msg=msg, revision=run.revision + 1)
+
+    def reap(self, *, stale_after: _dt.timedelta, dry_run: bool = False) -> _Runs:
+        """Interrupt every non-terminal run whose owner process on this host is gone
+        (``error_code="owner_gone"``) or whose last heartbeat (or change) is older than
+        ``stale_after`` (``"heartbeat_stale"``); return the reaped runs."""
+        if not isinstance(stale_after, _dt.timedelta) or stale_after < _dt.timedelta(0):
+            raise InvalidRunError(f"stale_after must be a non-negative timedelta, "
+                                  f"got {stale_after!r}")
+
+        def decide() -> _Decision[_Runs]:
+            now = _utcnow()
+            reaped = [r for r in (self._reaped(self._active[i], now, stale_after)
+                                  for i in self._index if i in self._active) if r is not None]
+            if dry_run:
+                return reaped, []
+            return reaped, [(ChangeType.RUN_REAPED, r) for r in reaped]
+
+        return self._transact(decide)
+
+    # -- retention ----------------------------------------------------------------------
+
+    def prune(
+        self,
+        *,
+        older_than: _dt.timedelta | None = None,
+        keep_last: int | None = None,
+        archive: str | os.PathLike[str] | None = None,
+        dry_run: bool = False,
+    ) -> int:
+        """Remove terminal runs that ended more than ``older_than`` ago, or all but the newest
+        ``keep_last`` terminal runs (non-terminal runs are never pruned). With ``archive``
+        the pruned runs are first appended, durably, to that JSON-lines file. The journal is
+        compacted afterwards. Returns the number of runs removed."""
+        if (older_than is None) == (keep_last is None):
+            raise InvalidRunError("prune() needs exactly one of older_than or keep_last")
+        if keep_last is not None and (type(keep_last) is not int or keep_last < 0):
+            raise InvalidRunError(f"keep_last must be a non-negative int, got {keep_last!r}")
+        if older_than is not None and not isinstance(older_than, _dt.timedelta):
+            raise InvalidRunError(f"older_than must be a timedelta, got {older_than!r}")
+
+        def decide() -> _Decision[int]:
+            terminal = [r for r in self._all_runs() if r.status.is_terminal]
+            if keep_last is not None:
+                doomed = terminal[:max(len(terminal) - keep_last, 0)]
+            else:
+                assert older_than is not None
+                cutoff = _utcnow() - older_than
+                doomed = [r for r in terminal if r.ended_at is not None and r.ended_at < cutoff]
+            if dry_run or not doomed:
+                return len(doomed), []
+            if archive is not None:
+                _append_archive(os.fspath(archive), doomed, self._extras)
+                failpoints.hit("prune.after_archive")
+            return len(doomed), [(ChangeType.RUN_PRUNED, r) for r in doomed]
+
+        removed = self._transact(decide)
+        if removed and not dry_run:
+            self.compact()
+        return removed
+
+    # -- batches ------------------------------------------------------------------------
+
+    def batch_summary(self, batch_id: str) -> BatchSummary:
+        """Counts by status and the latest run of each plan entry of a batch."""
+        transitions.require_text("batch_id", batch_id)
+        runs = self.list(batch_id=batch_id)
+        entries: dict[str, Run] = {}
+        for run in runs:
+            entries[run.plan_entry] = run  # insertion order: the last one is the latest
+        counts = {status: 0 for status in Status}
+        for run in entries.values():
+            counts[run.status] += 1
+        return BatchSummary(batch_id=batch_id, counts=counts, entries=entries,
+                            runs=len(runs))
+
+    # -- the change feed ----------------------------------------------------------------
+
+    def changes(self, since_seq: int = 0) -> Iterator[Change]:
+        """The retained changes after ``since_seq``, in order. ``HistoryTruncatedError`` when
+        changes after ``since_seq`` were compacted away (resynchronise from ``list()``)."""
+        if type(since_seq) is not int or since_seq < 0:
+            raise InvalidRunError(f"since_seq must be a non-negative int, got {since_seq!r}")
+
+        def decide() -> _Decision[bytes]:
+            cur = self._cur
+            assert cur is not None
+            if since_seq < cur.compacted_through:
+                raise HistoryTruncatedError(since_seq, cur.compacted_through + 1)
+            if since_seq >= cur.next_seq - 1:
+                return b"", []
+            return self._journal.read_from(cur.latest_end)[:cur.end - cur.latest_end], []
+
+        buf = self._transact(decide)
+        return _changes_in(buf, since_seq, self._journal.path)
+
+    def last_seq(self) -> int:
+        """The sequence number of the latest stored change (0 for an empty store)."""
+        return self._transact(lambda: (self._cur.next_seq - 1 if self._cur else 0, []))
+
+    def watch(
+        self,
+        since_seq: int | None = None,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = 0.005,
+    ) -> Iterator[Change]:
+        """Follow changes written by any process, live, until ``timeout`` seconds have
+        passed (None: forever). ``since_seq=None`` starts from now. Polls the file's size and
+        identity without the lock, and reads under the lock only when they moved."""
+        seq = self.last_seq() if since_seq is None else since_seq
+        deadline = None if timeout is None else time.monotonic() + timeout
+        journal = self._journal
+        last_seen: tuple[int, int, int] | None = None
+        while True:
+            try:
+                st = os.stat(journal.path, follow_symlinks=False)
+                seen: tuple[int, int, int] | None = (st.st_dev, st.st_ino, st.st_size)
+            except FileNotFoundError:
+                seen = None
+            if seen != last_seen:
+                last_seen = seen
+                for change in self.changes(seq):
+                    seq = change.seq
+                    yield change
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            time.sleep(poll_interval)
+
+    # -- export and import --------------------------------------------------------------
+
+    def export(self, fp: IO[str] | IO[bytes]) -> int:
+        """Write every run, in insertion order, as one JSON array (the seed's field names);
+        returns the number of runs written."""
+        runs = self.list()
+        out = [b"[\n"]
+        for i, run in enumerate(runs):
+            data = codec.run_to_dict(run)
+            for key, value in self._extras.get(run.id, {}).items():
+                data.setdefault(key, value)
+            out.append((b",\n" if i else b"") + codec.dumps(data))
+        out.append(b"\n]\n" if runs else b"]\n")
+        blob = b"".join(out)
+        if isinstance(fp, io.TextIOBase):
+            fp.write(blob.decode())
+        else:
+            fp.write(blob)  # type: ignore[arg-type]  # not a text file: a binary one
+        return len(runs)
+
+    def import_runs(self, source: IO[str] | IO[bytes] | Iterable[Run | dict[str, Any]]) -> int:
+        """Add runs keeping their ids, from a JSON array document or JSON lines (a file), or
+        from an iterable of ``Run``/dicts. All or nothing: a duplicate or invalid record is
+        refused with ``InvalidRunError`` naming it, and then nothing is imported."""
+        runs, extras = _parse_import(source)
+
+        def decide() -> _Decision[int]:
+            busy: dict[str, str] = {m: ids_[0] for m, ids_ in self._machines.items()}
+            for n, run in enumerate(runs, 1):
+                if run.id in self._index:
+                    raise InvalidRunError(
+                        f"record {n}: run {run.id!r} already exists in {self._journal.path}; "
+                        "nothing was imported")
+                if not run.status.is_terminal:
+                    if run.machine in busy:
+                        raise InvalidRunError(
+                            f"record {n}: run {run.id!r} is {run.status.value} on machine "
+                            f"{run.machine!r}, which already has the non-terminal run "
+                            f"{busy[run.machine]!r}; nothing was imported")
+                    busy[run.machine] = run.id
+            for run_id, extra in extras.items():
+                self._extras[run_id] = extra
+            return len(runs), [(ChangeType.RUN_CREATED, r) for r in runs]
+
+        return self._transact(decide)
+
+    # -- statistics ---------------------------------------------------------------------
+
+    def stats(self) -> StoreStats:
+        """Counts and sizes for operators (``python -m runstore stats``)."""
+
+        def decide() -> _Decision[StoreStats]:
+            by_status: dict[str, int] = {s.value: 0 for s in Status}
+            by_machine: dict[str, int] = {}
+            for run in self._all_runs():
+                by_status[run.status.value] += 1
+                by_machine[run.machine] = by_machine.get(run.machine, 0) + 1
+            cur = self._cur
+            assert cur is not None
+            live = len(self._index)
+            return StoreStats(
+                path=self._journal.path, file_size=cur.end, runs=live,
+                runs_by_status=by_status, runs_by_machine=by_machine, live_lines=live,
+                superseded_lines=self._lines - live, last_seq=cur.next_seq - 1,
+                oldest_seq=cur.compacted_through + 1, durable=self.durable), []
+
+        return self._transact(decide)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -567,3 +832,123 @@ def _status_set(status: Status | str | Iterable[Status | str] | None) -> frozens
     except ValueError:
         raise InvalidRunError(f"unknown status in {status!r}") from None
 
+
+
+@attrs.frozen
+class BatchSummary:
+    """A batch at a glance: ``entries`` maps each plan entry to its latest run."""
+
+    batch_id: str
+    counts: dict[Status, int]
+    entries: dict[str, Run]
+    runs: int
+
+    @property
+    def done(self) -> bool:
+        """True when the batch has runs and the latest run of every plan entry is terminal."""
+        return bool(self.entries) and all(r.status.is_terminal for r in self.entries.values())
+
+
+@attrs.frozen
+class StoreStats:
+    """What ``Store.stats()`` reports."""
+
+    path: str
+    file_size: int
+    runs: int
+    runs_by_status: dict[str, int]
+    runs_by_machine: dict[str, int]
+    live_lines: int
+    superseded_lines: int
+    last_seq: int
+    oldest_seq: int
+    durable: bool
+
+
+def _changes_in(buf: bytes, since_seq: int, path: str) -> Iterator[Change]:
+    pos = 0
+    while pos < len(buf):
+        nl = buf.index(b"\n", pos)
+        line = buf[pos:nl]
+        pos = nl + 1
+        try:
+            data = codec.decode_line(line)
+            if "mark" in data or data["seq"] <= since_seq:
+                continue
+            run = codec.run_from_dict(data)
+            when = _dt.datetime.fromisoformat(data["time"])
+        except (codec.BadLine, KeyError, TypeError, ValueError) as exc:
+            raise CorruptStoreError(path, None,
+                                    f"a retained change is unreadable ({exc})") from None
+        yield Change(seq=data["seq"], time=when, type=ChangeType(data["change"]), run=run)
+
+
+def _append_archive(path: str, runs: list[Run], extras: dict[str, dict[str, Any]]) -> None:
+    lines = []
+    for run in runs:
+        data = codec.run_to_dict(run)
+        for key, value in extras.get(run.id, {}).items():
+            data.setdefault(key, value)
+        lines.append(codec.dumps(data) + b"\n")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+        try:
+            blob = b"".join(lines)
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise StoreIOError(path, "appending pruned runs to the archive", exc) from None
+
+
+def _parse_import(
+    source: IO[str] | IO[bytes] | Iterable[Run | dict[str, Any]],
+) -> tuple[list[Run], dict[str, dict[str, Any]]]:
+    items: list[Any]
+    if hasattr(source, "read"):
+        raw = source.read()
+        blob = raw.encode() if isinstance(raw, str) else raw
+        stripped = blob.lstrip()
+        try:
+            if stripped.startswith(b"["):
+                items = orjson.loads(blob)
+            else:
+                items = [orjson.loads(line) for line in blob.splitlines() if line.strip()]
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRunError(f"the import is not JSON or JSON lines ({exc}); "
+                                  "nothing was imported") from None
+    else:
+        items = list(source)
+    runs: list[Run] = []
+    extras: dict[str, dict[str, Any]] = {}
+    seen: set[str] = set()
+    for n, item in enumerate(items, 1):
+        if isinstance(item, Run):
+            run = item
+        elif isinstance(item, dict):
+            try:
+                run = codec.run_from_dict(item)
+            except codec.BadLine as exc:
+                raise InvalidRunError(f"record {n} ({item.get('id', '?')!r}): {exc.reason}; "
+                                      "nothing was imported") from None
+            extra = codec.extra_fields(item)
+            if extra:
+                extras[run.id] = extra
+        else:
+            raise InvalidRunError(f"record {n} is not a run object: {item!r}; "
+                                  "nothing was imported")
+        try:
+            transitions.require_text("id", run.id)
+            run = transitions.validate(run)
+        except InvalidRunError as exc:
+            raise InvalidRunError(f"record {n}: {exc}; nothing was imported") from None
+        if run.id in seen:
+            raise InvalidRunError(f"record {n}: run {run.id!r} appears twice; "
+                                  "nothing was imported")
+        seen.add(run.id)
+        runs.append(attrs.evolve(run, revision=max(run.revision, 1)))
+    return runs, extras

@@ -88,7 +88,7 @@ def validate(run: Run) -> Run:
         value = getattr(run, name)
         _require_aware(rid, name, value)
         if value is not None and value.utcoffset() != _dt.timedelta(0):
-            changes[name] = value.astimezone(_dt.timezone.utc)
+            changes[name] = value.astimezone(_dt.UTC)
     return attrs.evolve(run, **changes) if changes else run  # type: ignore[arg-type]  # keys are Run fields
 
 
