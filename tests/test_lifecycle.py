@@ -18,8 +18,15 @@ import orjson
 import pytest
 
 import runstore
-from runstore import ChangeType, HistoryTruncatedError, InvalidRunError, PrepareOutcome, Run
-from runstore import Status, Store
+from runstore import (
+    ChangeType,
+    HistoryTruncatedError,
+    InvalidRunError,
+    PrepareOutcome,
+    Run,
+    Status,
+    Store,
+)
 from runstore.store import RETAIN_CHANGES
 
 UTC = dt.UTC
@@ -95,7 +102,7 @@ def test_prepare_atomic_reap_frees_machine_of_dead_predecessor(tmp_path: Path) -
     with Store(state) as store:
         assert store.prepare_atomic("m1", "h2", lambda: make("m1", "h2"))[1] is \
             PrepareOutcome.BUSY  # off by default
-        run, outcome = store.prepare_atomic("m1", "h2", lambda: make("m1", "h2"), reap=True)
+        _, outcome = store.prepare_atomic("m1", "h2", lambda: make("m1", "h2"), reap=True)
         assert outcome is PrepareOutcome.CREATED
         old = store.get(Path(ready).read_text())
         assert old.status is Status.INTERRUPTED and old.error_code == "owner_gone"
@@ -307,7 +314,8 @@ def _writer(state_dir: str, name: str, count: int, go: str) -> None:
         time.sleep(0.001)
     with Store(state_dir, durable=False) as store:
         for i in range(count):
-            run, outcome = store.prepare_atomic(f"{name}-{i}", "h", lambda: make(f"{name}-{i}", "h"))
+            machine = f"{name}-{i}"
+            run, outcome = store.prepare_atomic(machine, "h", lambda m=machine: make(m, "h"))
             assert outcome is PrepareOutcome.CREATED
             store.start(run.id)
             store.finish(run.id, Status.COMPLETED, exit_code=0)
