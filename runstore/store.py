@@ -87,6 +87,7 @@ class Store:
         self._pid = os.getpid()
         self._closed = False
         self._unmarked_writes = False
+        self._resync = False  # set when a sync failed: rewrite the file before going on
         self._reset_view()
         try:
             self._transact(lambda: (None, []))  # open (or create) now: fail fast on a bad store
@@ -232,13 +233,22 @@ class Store:
         wrote_to = -1
         try:
             self._catch_up()
+            if self._resync:
+                # a sync failed earlier: Linux may have marked those pages clean without
+                # writing them ("fsyncgate"), so a later sync would not cover them and a
+                # later acknowledged line could sit behind a hole after a power loss.
+                # Rewrite the whole file (temp, fsync, rename, fsync dir) before going on.
+                self._compact()
+                self._resync = False
             result, changes = decide()
             if changes:
                 wrote_to = self._commit(changes)
                 live = len(self._index)
                 if self._lines - live > RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live):
                     self._compact()
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, StoreIOError) and exc.action.startswith(("syncing", "truncating")):
+                self._resync = True
             lock.release()
             raise
         lock.release_file()
@@ -248,6 +258,7 @@ class Store:
                     self._journal.sync()
                 except StoreIOError:
                     self._stale = True  # after a failed sync, trust only what a re-read shows
+                    self._resync = True
                     raise
                 self._synced = max(self._synced, wrote_to)
         finally:
@@ -304,6 +315,7 @@ class Store:
             self._stale = True
             raise
         offset = len(head)
+        before = dict(self._index)  # offsets in the old file (the loop below overwrites them)
         for run_id, line in zip(list(self._index), latest, strict=False):
             self._index[run_id] = offset
             offset += len(line)
@@ -312,7 +324,7 @@ class Store:
         for old, line in zip(history, kept, strict=False):
             moved[old] = offset
             offset += len(line)
-        for run_id, old in self._index.items():
+        for run_id, old in before.items():
             if old in moved:  # the latest version is in the retained history: point there
                 self._index[run_id] = moved[old]
         self._recent = collections.deque((moved[o] for o in history), maxlen=RETAIN_CHANGES)
