@@ -1,31 +1,773 @@
-"""``python -m runstore``: inspect and operate a store (placeholder until the CLI issue)."""
+"""``runstore`` / ``python -m runstore``: inspect and operate a store from the shell.
+
+::
+
+    runstore [--state-dir DIR] [--lock-timeout SECONDS] [--color WHEN] COMMAND [ARGS]
+
+    reading   list, show RUN_ID, active [MACHINE], stats, watch, check, export [FILE]
+    writing   mark RUN_ID STATUS, reap, prune, compact, import FILE
+    other     stress [ARGS...]   (runstore.stress.main, arguments passed through)
+
+The store is ``--state-dir DIR``, else ``$RUNSTORE_DIR``, else the user's state directory
+(``platformdirs.user_state_dir("runstore")``; without platformdirs, ``$XDG_STATE_HOME/runstore``
+or ``~/.local/state/runstore``). Reading commands never create a store: with no journal at DIR
+they report ``no store at DIR`` (exit 3). Writing commands create it, as ``Store`` does.
+
+Exit codes (``main`` is the one place that turns errors into them and into one line on
+stderr, ``runstore: error: <what went wrong>; <what to do>``, never a traceback):
+
+====  =====================================================================================
+0     success; ``check``: the file is healthy
+1     failure: the store refused the operation (a forbidden transition, an invalid record on
+      import, an unsafe directory, an I/O error), a file could not be read or written, or
+      ``check`` found the file damaged
+2     usage: unknown command or option, bad option value
+3     not found: no run with that id, no store at the state directory, or (``watch --since``)
+      changes that compaction already dropped
+4     the store's lock was not acquired within ``--lock-timeout`` seconds
+5     damaged store: a command other than ``check`` hit ``CorruptStoreError`` (the file was
+      left untouched; run ``runstore check`` for the report)
+130   interrupted (Ctrl-C); ``watch`` exits 0 instead, Ctrl-C being how it is meant to end
+====  =====================================================================================
+
+Why argparse and not click: it is in the standard library, so the CLI adds no dependency to a
+library whose only job is a file format and a lock, and ``import runstore`` stays as cheap as
+it is (nothing here is imported by the package). It has everything these commands need
+(sub-commands, repeatable and mutually exclusive options, a pass-through remainder for
+``stress``); the one thing changed is ``error()``, so that usage errors are one line and exit
+code 2 like every other error, and ``main(argv)`` returns an exit code tests can call.
+"""
 
 from __future__ import annotations
 
+import argparse
+import datetime as _dt
+import importlib
+import io
 import os
 import sys
-from collections.abc import Sequence
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TextIO
 
+import orjson
+
+from . import _clifmt as fmt
+from . import codec, journal, transitions
+from .errors import (
+    CorruptStoreError,
+    HistoryTruncatedError,
+    LockTimeoutError,
+    RunNotFoundError,
+    RunstoreError,
+)
+from .model import Change, Run, Status
 from .store import Store
 
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_LOCKED = 4
+EXIT_DAMAGED = 5
+EXIT_INTERRUPTED = 130
+
+#: the fields of a run in the order ``show`` prints them (the order of the JSON record)
+SHOW_FIELDS = ("id", *(name for name in codec.RUN_FIELDS if name != "id"))
+#: the keys of ``stats --json`` that come from ``Store.stats()``
+STATS_FIELDS = ("path", "file_size", "runs_by_status", "runs_by_machine", "live_lines",
+                "superseded_lines", "last_seq", "oldest_seq")
+_ID_TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"  # the time prefix of ids made by runstore.ids
+_ID_TIME_LEN = len("20260101T000000.000000Z")
+
+
+# -- errors the CLI itself raises ----------------------------------------------------------
+
+class UsageError(Exception):
+    """Bad command-line arguments (exit code 2)."""
+
+
+class NoStoreError(LookupError):
+    """A reading command pointed at a directory that holds no store (exit code 3)."""
+
+    def __init__(self, state_dir: str, reason: str) -> None:
+        self.state_dir = state_dir
+        self.reason = reason
+        super().__init__(
+            f"no store at {state_dir} ({reason}); pass --state-dir DIR or set RUNSTORE_DIR "
+            "to the directory of an existing store (writing commands such as `import` create one)")
+
+
+#: the one table from error classes to exit codes (first match wins)
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (UsageError, EXIT_USAGE),
+    (RunNotFoundError, EXIT_NOT_FOUND),
+    (HistoryTruncatedError, EXIT_NOT_FOUND),
+    (NoStoreError, EXIT_NOT_FOUND),
+    (LockTimeoutError, EXIT_LOCKED),
+    (CorruptStoreError, EXIT_DAMAGED),
+    (RunstoreError, EXIT_FAILURE),
+    (OSError, EXIT_FAILURE),
+)
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The documented exit code of an error."""
+    for kind, code in EXIT_CODES:
+        if isinstance(exc, kind):
+            return code
+    return EXIT_FAILURE
+
+
+def message_for(exc: BaseException) -> str:
+    """One line saying what went wrong and what to do, in the CLI's own terms."""
+    if isinstance(exc, LockTimeoutError):
+        text = (f"could not lock {exc.lock_path} within {exc.timeout:g} s: another process "
+                f"holds it; find it with `fuser {exc.lock_path}`, or retry with a larger "
+                "--lock-timeout")
+    elif isinstance(exc, HistoryTruncatedError):
+        text = (f"changes after seq {exc.since_seq} are no longer retained (the oldest "
+                f"retained change is seq {exc.oldest_seq}); read the current state with "
+                f"`list`, then follow with `watch --since {exc.oldest_seq - 1}`")
+    elif isinstance(exc, OSError) and not isinstance(exc, RunstoreError) and exc.filename:
+        text = f"{exc.filename}: {exc.strerror or exc}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+# -- where the store is ----------------------------------------------------------------------
 
 def default_state_dir() -> str:
-    """``$RUNSTORE_DIR``, else the user's state directory for runstore."""
-    env = os.environ.get("RUNSTORE_DIR")
-    if env:
-        return env
-    import platformdirs
-
+    """The embedded default: the user's state directory for runstore."""
+    try:
+        import platformdirs
+    except ImportError:  # platformdirs comes with the optional `cli` extra
+        base = os.environ.get("XDG_STATE_HOME") or os.path.join("~", ".local", "state")
+        return os.path.join(os.path.expanduser(base), "runstore")
     return platformdirs.user_state_dir("runstore")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    state_dir = default_state_dir()
-    if args[:1] == ["--state-dir"] and len(args) > 1:
-        state_dir = args[1]
-    with Store(state_dir) as store:
-        for run in store.list():
-            print(f"{run.id}  {run.machine}  {run.status.value}  {run.test_dir_hash[:12]}")
-    return 0
+def resolve_state_dir(option: str | None) -> tuple[str, str]:
+    """(directory, where it came from): ``--state-dir``, ``RUNSTORE_DIR`` or ``default``."""
+    if option:
+        found, source = option, "--state-dir"
+    elif os.environ.get("RUNSTORE_DIR"):
+        found, source = os.environ["RUNSTORE_DIR"], "RUNSTORE_DIR"
+    else:
+        found, source = default_state_dir(), "default"
+    return os.path.abspath(os.path.expanduser(found)), source
+
+
+# -- argument types ----------------------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _duration(text: str) -> _dt.timedelta:
+    try:
+        return fmt.parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _since(text: str) -> _dt.datetime:
+    """``2h`` (that long ago) or a date/time (ISO 8601; without an offset: local time)."""
+    try:
+        return fmt.utcnow() - fmt.parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        moment = _dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a duration (2h, 30m, 7d) nor a date "
+            "(2026-01-31, 2026-01-31T12:00, 2026-01-31T12:00Z)") from None
+    return moment.astimezone(_dt.UTC)  # a naive time is taken as local time
+
+
+# -- the parser ------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error raises ``UsageError`` (one line, exit 2) instead of
+    printing the usage and calling ``sys.exit``."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("runstore")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def build_parser(prog: str = "runstore") -> argparse.ArgumentParser:
+    """The whole command line; each sub-command sets ``func`` to its implementation."""
+    parser = _Parser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Inspect and operate a runstore journal (the state of test/job runs).",
+        epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 not found (run or store), "
+               "4 lock timeout, 5 damaged store, 130 interrupted")
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="the store's directory (default: $RUNSTORE_DIR, else the user's "
+                             "state directory, e.g. ~/.local/state/runstore)")
+    parser.add_argument("--lock-timeout", metavar="SECONDS", type=_seconds, default=30.0,
+                        help="give up (exit 4) when the store's lock is busy this long "
+                             "(default: %(default)g)")
+    parser.add_argument("--color", "--colour", choices=("auto", "always", "never"),
+                        default="auto", help="colour the output: auto (a terminal, unless "
+                        "NO_COLOR is set), always or never")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, func: Callable[[Context, argparse.Namespace], int], text: str,
+                **kwargs: Any) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text, **kwargs)
+        p.set_defaults(func=func)
+        return p
+
+    def json_flag(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--json", action="store_true",
+                       help=f"print {what} with the record fields exactly as in the file")
+
+    p = command("list", _cmd_list, "list runs (oldest first), optionally filtered")
+    p.add_argument("--machine", metavar="NAME", help="only runs of this machine")
+    p.add_argument("--status", action="append", choices=[s.value for s in Status],
+                   help="only runs in this status (repeatable)")
+    p.add_argument("--batch", metavar="ID", help="only runs of this batch")
+    p.add_argument("--since", metavar="WHEN", type=_since,
+                   help="only runs started (or, never started, created) since WHEN: a "
+                        "duration ago (2h, 30m, 7d) or a date (2026-01-31[T12:00][Z])")
+    p.add_argument("--limit", metavar="N", type=_positive_int,
+                   help="only the N most recent of the matching runs")
+    json_flag(p, "one JSON array")
+
+    p = command("show", _cmd_show, "every field of one run")
+    p.add_argument("run_id", metavar="RUN_ID")
+    json_flag(p, "one JSON object")
+
+    p = command("active", _cmd_active, "the non-terminal (pending or running) runs")
+    p.add_argument("machine", metavar="MACHINE", nargs="?", help="only this machine's run")
+    json_flag(p, "one JSON array")
+
+    p = command("stats", _cmd_stats, "counts, sizes and sequence numbers of the store")
+    json_flag(p, "one JSON object")
+
+    p = command("watch", _cmd_watch, "follow changes live until interrupted (Ctrl-C exits 0)")
+    p.add_argument("--since", metavar="SEQ", type=_non_negative_int,
+                   help="first replay the retained changes after SEQ (0: all of them); "
+                        "default: only changes from now on")
+    p.add_argument("--timeout", metavar="SECONDS", type=_seconds,
+                   help="stop after this many seconds (default: follow until interrupted)")
+    json_flag(p, "one JSON object per change and line")
+
+    p = command("reap", _cmd_reap,
+                "interrupt non-terminal runs whose owner process is gone or that are stale")
+    p.add_argument("--stale-after", metavar="DURATION", type=_duration, required=True,
+                   help="also reap runs with no heartbeat or change for this long (10m, 2h)")
+    p.add_argument("--dry-run", action="store_true", help="only show what would be reaped")
+    json_flag(p, "the reaped runs as one JSON array")
+
+    p = command("prune", _cmd_prune, "remove old terminal runs (then compact the file)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--older-than", metavar="DURATION", type=_duration,
+                       help="remove terminal runs that ended longer ago than this (30d)")
+    which.add_argument("--keep-last", metavar="N", type=_non_negative_int,
+                       help="remove all but the N newest terminal runs")
+    p.add_argument("--archive", metavar="FILE",
+                   help="first append the removed runs to FILE (JSON lines)")
+    p.add_argument("--dry-run", action="store_true", help="only count what would be removed")
+
+    command("compact", _cmd_compact, "rewrite the file with only the latest version of each run")
+
+    p = command("check", _cmd_check,
+                "verify the whole file without modifying it (exit 0 healthy, 1 damaged)")
+    json_flag(p, "the report as one JSON object")
+
+    p = command("export", _cmd_export, "write every run as one JSON array document")
+    p.add_argument("file", metavar="FILE", nargs="?",
+                   help="where to write (replaced atomically); default or -: stdout")
+
+    p = command("import", _cmd_import,
+                "add runs, keeping their ids, from a JSON array or JSON lines (all or nothing)")
+    p.add_argument("file", metavar="FILE", help="the file to read; -: stdin")
+
+    p = command("mark", _cmd_mark,
+                "move a run to STATUS by hand, through the state machine")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("status", metavar="STATUS", choices=[s.value for s in Status],
+                   help="running (from pending), or completed, failed, interrupted, timeout")
+    p.add_argument("--exit-code", metavar="N", type=int, help="the exit code (terminal only)")
+    p.add_argument("--error-code", metavar="CODE", default="",
+                   help="a machine-readable error code (terminal only)")
+    p.add_argument("--error-msg", metavar="TEXT", default="",
+                   help="a human-readable error message (terminal only)")
+    json_flag(p, "the run after the change as one JSON object")
+
+    # prefix_chars that no argument uses: every argument after `stress`, options included,
+    # lands in the remainder (argparse.REMAINDER alone stops at the first option, bpo-17050)
+    p = command("stress", _cmd_stress, "the concurrency stress run (runstore.stress)",
+                add_help=False, prefix_chars="\x00")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to runstore.stress")
+    return parser
+
+
+# -- the context commands run in -----------------------------------------------------------------
+
+class Context:
+    """What every command needs: the store's location, the streams, colour and progress."""
+
+    def __init__(self, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
+        self.state_dir, self.source = resolve_state_dir(args.state_dir)
+        self.lock_timeout: float = args.lock_timeout
+        self.out = out
+        self.err = err
+        self.paint = fmt.Painter(fmt.colour_wanted(out, args.color))
+        self.now = fmt.utcnow()
+        self.progress_enabled = fmt.is_terminal(err)
+
+    @property
+    def journal_path(self) -> str:
+        return os.path.join(self.state_dir, journal.DATA_NAME)
+
+    def print(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+
+    def print_lines(self, lines: Sequence[str]) -> None:
+        self.out.write("".join(line + "\n" for line in lines))
+
+    def require_store(self) -> None:
+        """Raise ``NoStoreError`` unless the state directory holds a journal."""
+        if not os.path.exists(self.state_dir):
+            raise NoStoreError(self.state_dir, "the directory does not exist")
+        if not os.path.isdir(self.state_dir):
+            raise NoStoreError(self.state_dir, "it is not a directory")
+        if not os.path.lexists(self.journal_path):
+            raise NoStoreError(self.state_dir, f"the directory holds no {journal.DATA_NAME}")
+
+    def store(self, *, existing: bool) -> Store:
+        """Open the store; with ``existing`` refuse (exit 3) rather than create one."""
+        if existing:
+            self.require_store()
+        return Store(self.state_dir, lock_timeout=self.lock_timeout)
+
+    def progress(self, label: str) -> fmt.Progress:
+        return fmt.Progress(self.err, label, enabled=self.progress_enabled)
+
+
+def _dumps(data: Any, *, indent: bool = False) -> str:
+    return orjson.dumps(data, option=orjson.OPT_INDENT_2 if indent else 0).decode()
+
+
+def _json_array(items: Sequence[dict[str, Any]]) -> str:
+    """One JSON array, one element per line (like ``export``): readable and greppable."""
+    if not items:
+        return "[]"
+    return "[\n" + ",\n".join(_dumps(item) for item in items) + "\n]"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n:,} {word}s"
+
+
+def _id_time(run_id: str) -> _dt.datetime | None:
+    try:
+        moment = _dt.datetime.strptime(run_id[:_ID_TIME_LEN], _ID_TIME_FORMAT)
+    except ValueError:
+        return None  # an imported id of another shape
+    return moment.replace(tzinfo=_dt.UTC)
+
+
+def _run_time(run: Run) -> _dt.datetime | None:
+    """When a run started; for one never started, when it was created (its id says)."""
+    return run.started_at or _id_time(run.id) or run.ended_at
+
+
+def _run_duration(run: Run, now: _dt.datetime) -> str:
+    if run.started_at is None:
+        return "-"
+    end = run.ended_at or (None if run.is_terminal else now)
+    return "-" if end is None else fmt.duration(end - run.started_at)
+
+
+def _run_table(ctx: Context, runs: Sequence[Run]) -> list[str]:
+    headers = ("ID", "MACHINE", "STATUS", "HASH", "STARTED", "DURATION", "EXIT")
+    rows = [
+        [run.id, run.machine, ctx.paint.status(run.status.value), run.test_dir_hash[:12],
+         fmt.ago(run.started_at, ctx.now), _run_duration(run, ctx.now),
+         "-" if run.exit_code is None else str(run.exit_code)]
+        for run in runs
+    ]
+    return fmt.table(headers, rows, ctx.paint, right=frozenset({5, 6}))
+
+
+def _emit_runs(ctx: Context, runs: Sequence[Run], as_json: bool, empty: str) -> int:
+    if as_json:
+        ctx.print(_json_array([codec.run_to_json(run) for run in runs]))
+    elif runs:
+        ctx.print_lines(_run_table(ctx, runs))
+    else:
+        ctx.print(empty)
+    return EXIT_OK
+
+
+# -- reading commands --------------------------------------------------------------------------
+
+def _cmd_list(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.store(existing=True) as store:
+        runs = store.list(machine=args.machine, status=args.status, batch_id=args.batch)
+    if args.since is not None:
+        runs = [r for r in runs if (t := _run_time(r)) is not None and t >= args.since]
+    if args.limit is not None:
+        runs = runs[-args.limit:]
+    filtered = any(v is not None for v in (args.machine, args.status, args.batch, args.since))
+    return _emit_runs(ctx, runs, args.json, "no runs match" if filtered else "no runs")
+
+
+def _field_text(ctx: Context, run: Run, name: str) -> str:
+    value = getattr(run, name)
+    if name == "status":
+        return ctx.paint.status(str(value))
+    if isinstance(value, _dt.datetime):
+        return fmt.timestamp(value, ctx.now)
+    if value is None or value == "":
+        return ctx.paint.dim("-")
+    return str(value)
+
+
+def _cmd_show(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.store(existing=True) as store:
+        run = store.get(args.run_id)
+    if args.json:
+        ctx.print(_dumps(codec.run_to_json(run), indent=True))
+    else:
+        pairs = [(name, _field_text(ctx, run, name)) for name in SHOW_FIELDS]
+        pairs.append(("duration", _run_duration(run, ctx.now)))
+        ctx.print_lines(fmt.key_values(pairs, ctx.paint))
+    return EXIT_OK
+
+
+def _cmd_active(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.store(existing=True) as store:
+        if args.machine is None:
+            runs = store.active()
+        else:
+            one = store.active_by_machine(args.machine)
+            runs = [] if one is None else [one]
+    empty = "no active runs" if args.machine is None else (
+        f"machine {args.machine!r} has no active run")
+    return _emit_runs(ctx, runs, args.json, empty)
+
+
+def _cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.store(existing=True) as store:
+        stats = store.stats()
+    data: dict[str, Any] = {"state_dir": ctx.state_dir, "source": ctx.source}
+    data.update((name, getattr(stats, name)) for name in STATS_FIELDS)
+    data["runs"] = sum(stats.runs_by_status.values())
+    if args.json:
+        ctx.print(_dumps(data, indent=True))
+        return EXIT_OK
+    p = ctx.paint
+    ctx.print_lines(fmt.key_values([
+        ("store", f"{ctx.state_dir} {p.dim(f'(from {ctx.source})')}"),
+        ("file", stats.path),
+        ("file size", f"{fmt.size(stats.file_size)} ({stats.file_size:,} bytes)"),
+        ("lines", f"{stats.live_lines:,} live, {stats.superseded_lines:,} superseded"),
+        ("last seq", str(stats.last_seq)),
+        ("oldest seq", f"{stats.oldest_seq} (the oldest change kept for `watch --since`)"),
+        ("runs", f"{data['runs']:,}"),
+    ], p))
+    ctx.print()
+    rows = [[p.status(s), f"{n:,}"] for s, n in stats.runs_by_status.items()]
+    ctx.print_lines(fmt.table(("STATUS", "RUNS"), rows, p, right=frozenset({1})))
+    if stats.runs_by_machine:
+        ctx.print()
+        rows = [[m, f"{n:,}"] for m, n in sorted(stats.runs_by_machine.items())]
+        ctx.print_lines(fmt.table(("MACHINE", "RUNS"), rows, p, right=frozenset({1})))
+    return EXIT_OK
+
+
+def _change_line(ctx: Context, change: Change) -> str:
+    run = change.run
+    when = change.time.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    status = ctx.paint.status(run.status.value) + " " * (11 - len(run.status.value))
+    extra = []
+    if run.exit_code is not None:
+        extra.append(f"exit {run.exit_code}")
+    if run.error_code:
+        extra.append(run.error_code)
+    tail = f"  {', '.join(extra)}" if extra else ""
+    return (f"{change.seq:>6}  {ctx.paint.dim(when)}  {change.type.value:<12}  {status}  "
+            f"{run.machine}  {run.id}{tail}")
+
+
+def _cmd_watch(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.store(existing=True) as store:
+        if not args.json and fmt.is_terminal(ctx.err):
+            ctx.err.write(f"watching {ctx.journal_path} (Ctrl-C to stop)\n")
+        for change in store.watch(args.since, timeout=args.timeout):
+            if args.json:
+                data = codec.change_to_json(change.seq, change.time, change.type, change.run)
+                line = _dumps(data)
+            else:
+                line = _change_line(ctx, change)
+            ctx.out.write(line + "\n")
+            ctx.out.flush()
+    return EXIT_OK
+
+
+def _cmd_check(ctx: Context, args: argparse.Namespace) -> int:
+    ctx.require_store()
+    with ctx.progress(f"checking {ctx.journal_path}"):
+        report = journal.check(ctx.state_dir)
+    if args.json:
+        ctx.print(_dumps({
+            "path": report.path, "ok": report.ok, "size": report.size,
+            "records": report.records, "last_seq": report.last_seq,
+            "problems": [{"offset": p.offset, "line": p.line, "message": p.message,
+                          "remedy": p.remedy} for p in report.problems],
+        }, indent=True))
+    else:
+        p = ctx.paint
+        if report.ok:
+            ctx.print(f"{report.path}: {p.good('ok')} ({report.size:,} bytes, "
+                      f"{_plural(report.records, 'record')}, last seq {report.last_seq})")
+        else:
+            ctx.print(f"{report.path}: {p.error('DAMAGED')} ({report.size:,} bytes; "
+                      f"{_plural(report.records, 'record')} up to seq {report.last_seq} "
+                      "read before the first problem)")
+            for problem in report.problems:
+                ctx.print(f"  line {problem.line}, byte {problem.offset}: {problem.message}")
+                ctx.print(f"    remedy: {problem.remedy}")
+    return EXIT_OK if report.ok else EXIT_FAILURE
+
+
+def _cmd_export(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.store(existing=True) as store:
+        if args.file in (None, "-"):
+            buf = io.StringIO()  # kept until the progress bar is gone from the terminal
+            with ctx.progress("exporting"):
+                store.export(buf)
+            ctx.out.write(buf.getvalue())
+            return EXIT_OK
+        with ctx.progress(f"exporting to {args.file}"):
+            count = _export_to_file(store, args.file)
+    ctx.print(f"exported {_plural(count, 'run')} to {args.file}")
+    return EXIT_OK
+
+
+def _export_to_file(store: Store, path: str) -> int:
+    """Export through a temp file renamed over ``path``: a failed export leaves no half
+    file, and an existing one is replaced whole or not at all."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        tmp = tempfile.NamedTemporaryFile(  # noqa: SIM115  # closed below, renamed or removed
+            "wb", dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+            delete=False)
+    except OSError as exc:  # name the file asked for, not the temp file
+        raise OSError(exc.errno, exc.strerror, path) from None
+    try:
+        with tmp:
+            count = store.export(tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp.name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp.name)
+        except OSError:
+            pass
+        raise
+    return count
+
+
+# -- writing commands --------------------------------------------------------------------------
+
+def _cmd_import(ctx: Context, args: argparse.Namespace) -> int:
+    # open the input first: a missing file must not leave a new, empty store behind
+    from_stdin = args.file == "-"
+    source = sys.stdin.buffer if from_stdin else open(args.file, "rb")  # noqa: SIM115
+    try:
+        with ctx.store(existing=False) as store, ctx.progress(f"importing {args.file}"):
+            count = store.import_runs(source)
+    finally:
+        if not from_stdin:
+            source.close()
+    ctx.print(f"imported {_plural(count, 'run')} from {args.file} into {ctx.state_dir}")
+    return EXIT_OK
+
+
+def _cmd_reap(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.store(existing=False) as store:
+        runs = store.reap(stale_after=args.stale_after, dry_run=args.dry_run)
+    if args.json:
+        ctx.print(_json_array([codec.run_to_json(run) for run in runs]))
+        return EXIT_OK
+    if not runs:
+        ctx.print("no runs to reap")
+        return EXIT_OK
+    verb = "would reap" if args.dry_run else "reaped"
+    ctx.print(f"{verb} {_plural(len(runs), 'run')}"
+              + (" (dry run: nothing was changed):" if args.dry_run else " (now interrupted):"))
+    rows = [[run.id, run.machine, fmt.ago(run.started_at, ctx.now), run.error_code,
+             run.error_msg] for run in runs]
+    ctx.print_lines(fmt.table(("ID", "MACHINE", "STARTED", "REASON", "DETAIL"), rows, ctx.paint))
+    return EXIT_OK
+
+
+def _cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.store(existing=False) as store, ctx.progress("pruning"):
+        count = store.prune(older_than=args.older_than, keep_last=args.keep_last,
+                            archive=args.archive, dry_run=args.dry_run)
+    if args.dry_run:
+        ctx.print(f"would prune {_plural(count, 'run')} (dry run: nothing was changed)")
+    elif count and args.archive:
+        ctx.print(f"pruned {_plural(count, 'run')}, archived to {args.archive}")
+    else:
+        ctx.print(f"pruned {_plural(count, 'run')}")
+    return EXIT_OK
+
+
+def _cmd_compact(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.store(existing=False) as store:
+        before = os.stat(ctx.journal_path).st_size
+        with ctx.progress(f"compacting {ctx.journal_path}"):
+            store.compact()
+        after = os.stat(ctx.journal_path).st_size
+    ctx.print(f"compacted {ctx.journal_path}: {fmt.size(before)} -> {fmt.size(after)}")
+    return EXIT_OK
+
+
+def _cmd_mark(ctx: Context, args: argparse.Namespace) -> int:
+    target = Status(args.status)
+    if not target.is_terminal and (args.exit_code is not None or args.error_code
+                                   or args.error_msg):
+        raise UsageError(f"--exit-code, --error-code and --error-msg go with a terminal "
+                         f"status, not {target.value}")
+    with ctx.store(existing=False) as store:
+        before = store.get(args.run_id)
+        if before.status is target:
+            after = before
+        elif target is Status.RUNNING:
+            after = store.start(args.run_id)
+        elif target.is_terminal:
+            after = store.finish(args.run_id, target, exit_code=args.exit_code,
+                                 error_code=args.error_code, error_msg=args.error_msg)
+        else:  # back to pending: the state machine refuses it, in its own words
+            transitions.check_transition(args.run_id, before.status, target)
+            after = before
+    if args.json:
+        ctx.print(_dumps(codec.run_to_json(after), indent=True))
+    elif after.revision == before.revision:
+        ctx.print(f"run {after.id} is already {ctx.paint.status(after.status.value)}; "
+                  "nothing changed")
+    else:
+        ctx.print(f"run {after.id}: {ctx.paint.status(before.status.value)} -> "
+                  f"{ctx.paint.status(after.status.value)}")
+    return EXIT_OK
+
+
+def _cmd_stress(ctx: Context, args: argparse.Namespace) -> int:
+    if args.state_dir and "--state-dir" not in args.args:
+        ctx.err.write("runstore: note: stress makes a fresh temporary store unless you pass "
+                      "`stress --state-dir DIR`; the global --state-dir does not apply\n")
+    try:
+        stress = importlib.import_module("runstore.stress")
+    except ModuleNotFoundError as exc:
+        if exc.name != "runstore.stress":
+            raise
+        raise RunstoreError("the stress command is not available: this installation of "
+                            "runstore has no runstore.stress module") from None
+    return int(stress.main(list(args.args)))
+
+
+# -- the entry point ---------------------------------------------------------------------------
+
+def _default_prog() -> str:
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m runstore" if name in ("", "__main__.py", "-c") else "runstore"
+
+
+def _report(err: TextIO, paint: fmt.Painter, prog: str, message: str) -> None:
+    err.write(f"{prog}: {paint.error('error:')} {message}\n")
+    err.flush()
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe (``runstore list | head``): point stdout at /dev/null so the
+    interpreter's final flush does not complain."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run one command line (``sys.argv[1:]`` by default) and return its exit code."""
+    out, err = sys.stdout, sys.stderr
+    prog = prog or _default_prog()
+    err_paint = fmt.Painter(fmt.colour_wanted(err))
+    try:
+        args = build_parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv))
+    except UsageError as exc:
+        _report(err, err_paint, prog, message_for(exc))
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help and --version
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    err_paint = fmt.Painter(fmt.colour_wanted(err, args.color))
+
+    def show_warning(message: Warning | str, category: type[Warning], filename: str,
+                     lineno: int, file: TextIO | None = None, line: str | None = None) -> None:
+        err.write(f"{prog}: warning: {message_for(Exception(str(message)))}\n")
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        try:
+            return int(args.func(Context(args, out, err), args))
+        except KeyboardInterrupt:
+            if args.command == "watch":
+                return EXIT_OK
+            _report(err, err_paint, prog, "interrupted")
+            return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            _silence_stdout()
+            return EXIT_OK
+        except (UsageError, NoStoreError, RunstoreError, OSError) as exc:
+            _report(err, err_paint, prog, message_for(exc))
+            return exit_code_for(exc)

@@ -1,0 +1,266 @@
+"""Human output for the command line: colour, aligned tables, relative times, sizes and a
+progress bar. Only ``runstore.cli`` imports this module; nothing here touches a store.
+
+Colour follows https://no-color.org: never when ``NO_COLOR`` is set (to anything but ""),
+never when the stream is not a terminal or ``TERM=dumb``; ``--color always|never`` overrides.
+The progress bar goes to stderr, only when stderr is a terminal, and only once the work has
+lasted ``PROGRESS_DELAY`` seconds, so quick commands never flash one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+import threading
+import time
+from collections.abc import Sequence
+from typing import TextIO
+
+#: seconds a long operation runs before its progress bar appears (tests set 0)
+PROGRESS_DELAY = 0.5
+#: seconds between two frames of the progress bar
+PROGRESS_INTERVAL = 0.1
+
+_BOLD, _DIM, _RED, _GREEN, _YELLOW, _BLUE, _MAGENTA, _CYAN = (
+    "1", "2", "31", "32", "33", "34", "35", "36")
+STATUS_STYLE = {
+    "pending": _BLUE,
+    "running": _CYAN,
+    "completed": _GREEN,
+    "failed": _RED,
+    "interrupted": _YELLOW,
+    "timeout": _MAGENTA,
+}
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def colour_wanted(stream: TextIO, mode: str = "auto") -> bool:
+    """Whether to colour what goes to ``stream`` (``mode``: auto, always or never)."""
+    if mode != "auto":
+        return mode == "always"
+    if os.environ.get("NO_COLOR", "") != "" or os.environ.get("TERM") == "dumb":
+        return False
+    return is_terminal(stream)
+
+
+def is_terminal(stream: TextIO) -> bool:
+    """True when ``stream`` is an interactive terminal (False for pipes, files, captures)."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+class Painter:
+    """Wraps text in ANSI styles when enabled, else returns it unchanged."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __call__(self, text: str, *styles: str) -> str:
+        if not self.enabled or not styles or not text:
+            return text
+        return f"\x1b[{';'.join(styles)}m{text}\x1b[0m"
+
+    def status(self, status: str) -> str:
+        return self(status, STATUS_STYLE.get(status, ""))
+
+    def bold(self, text: str) -> str:
+        return self(text, _BOLD)
+
+    def dim(self, text: str) -> str:
+        return self(text, _DIM)
+
+    def error(self, text: str) -> str:
+        return self(text, _BOLD, _RED)
+
+    def good(self, text: str) -> str:
+        return self(text, _BOLD, _GREEN)
+
+
+def visible_len(text: str) -> int:
+    """Length of ``text`` on screen (ANSI styles take no room)."""
+    return len(_ANSI.sub("", text))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], paint: Painter,
+          right: frozenset[int] = frozenset()) -> list[str]:
+    """Aligned columns (two spaces apart) under a bold header; cells may already be painted.
+    Column numbers in ``right`` are right-aligned (numbers)."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], visible_len(cell))
+
+    def line(cells: Sequence[str]) -> str:
+        out = []
+        for i, cell in enumerate(cells):
+            pad = " " * (widths[i] - visible_len(cell))
+            out.append(pad + cell if i in right else cell + pad)
+        return "  ".join(out).rstrip()
+
+    head = line([paint.bold(h) for h in headers])
+    return [head, *(line(row) for row in rows)]
+
+
+def key_values(pairs: Sequence[tuple[str, str]], paint: Painter) -> list[str]:
+    """``key   value`` lines with the values aligned."""
+    width = max((len(k) for k, _ in pairs), default=0)
+    return [f"{paint.bold(k.ljust(width))}  {v}".rstrip() for k, v in pairs]
+
+
+# -- times and sizes ------------------------------------------------------------------------
+
+def utcnow() -> _dt.datetime:
+    return _dt.datetime.now(_dt.UTC)
+
+
+def duration(delta: _dt.timedelta) -> str:
+    """A short duration: ``0.4s``, ``42s``, ``3m 07s``, ``2h 05m``, ``3d 4h``."""
+    seconds = delta.total_seconds()
+    if seconds < 0:
+        return "-" + duration(-delta)
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours}h"
+
+
+def ago(moment: _dt.datetime | None, now: _dt.datetime) -> str:
+    """``just now``, ``42s ago``, ``3m ago``, ``2h 05m ago``, ``5d ago``; a date past 30 days;
+    ``in 3m`` for a moment in the future (another host's clock); ``-`` for None."""
+    if moment is None:
+        return "-"
+    seconds = (now - moment).total_seconds()
+    if seconds < 0:
+        return "in " + _coarse(-seconds)
+    if seconds < 1:
+        return "just now"
+    if seconds >= 30 * 86400:
+        return moment.astimezone().strftime("%Y-%m-%d")
+    return _coarse(seconds) + " ago"
+
+
+def _coarse(seconds: float) -> str:
+    """``42s``, ``26m``, ``1h 52m``, ``3d``: two units only where the second one matters."""
+    whole = int(seconds)
+    if whole >= 86400:
+        return f"{whole // 86400}d"
+    if whole >= 3600:
+        hours, minutes = divmod(whole // 60, 60)
+        return f"{hours}h {minutes:02d}m"
+    if whole >= 60:
+        return f"{whole // 60}m"
+    return f"{whole}s"
+
+
+def timestamp(moment: _dt.datetime | None, now: _dt.datetime) -> str:
+    """RFC 3339 UTC plus the relative time: ``2026-11-23T11:02:03.123456Z (3m ago)``."""
+    if moment is None:
+        return "-"
+    text = moment.astimezone(_dt.UTC).isoformat().replace("+00:00", "Z")
+    return f"{text} ({ago(moment, now)})"
+
+
+def size(n: int) -> str:
+    """``812 B``, ``12.3 KiB``, ``4.0 MiB``, ``1.2 GiB``."""
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> _dt.timedelta:
+    """``90s``, ``10m``, ``2h``, ``30d``, ``1w``, or combined (``1h30m``); ValueError else."""
+    compact = text.strip().lower().replace(" ", "")
+    parts = _DURATION.findall(compact)
+    if not parts or "".join(n + u for n, u in parts) != compact:
+        raise ValueError(f"{text!r} is not a duration (use e.g. 90s, 10m, 2h, 30d, 1h30m)")
+    return _dt.timedelta(seconds=sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
+
+
+# -- progress -------------------------------------------------------------------------------
+
+class Progress:
+    """A simple activity bar on stderr for work whose length the library does not report:
+    ``compacting runs.jsonl [    <=>     ] 2.3s``. A context manager; draws nothing unless
+    ``enabled`` (stderr is a terminal) and the work outlasts ``PROGRESS_DELAY``, and erases
+    itself before the command prints its result."""
+
+    WIDTH = 24
+
+    def __init__(self, stream: TextIO, label: str, *, enabled: bool) -> None:
+        self.stream = stream
+        self.label = label
+        self.enabled = enabled
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._drawn = 0
+        self._started = 0.0
+        self._write_lock = threading.Lock()
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            self._started = time.monotonic()
+            if PROGRESS_DELAY <= 0:
+                self._draw()
+            self._thread = threading.Thread(target=self._loop, name="runstore-progress",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        if self._drawn:
+            self._write("\r" + " " * self._drawn + "\r")
+
+    def _loop(self) -> None:
+        if self._stop.wait(max(PROGRESS_DELAY, 0.0)):
+            return
+        while True:
+            self._draw()
+            if self._stop.wait(PROGRESS_INTERVAL):
+                return
+
+    def frame(self, elapsed: float) -> str:
+        """The bar at ``elapsed`` seconds: a marker bouncing across the track."""
+        span = self.WIDTH - 3
+        step = int(elapsed / PROGRESS_INTERVAL) % (2 * span)
+        pos = step if step <= span else 2 * span - step
+        track = " " * pos + "<=>" + " " * (span - pos)
+        return f"{self.label} [{track}] {elapsed:.1f}s"
+
+    def _draw(self) -> None:
+        text = self.frame(time.monotonic() - self._started)
+        pad = " " * max(self._drawn - len(text), 0)
+        self._write("\r" + text + pad)
+        self._drawn = max(self._drawn, len(text))
+
+    def _write(self, text: str) -> None:
+        with self._write_lock:
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # a closed or broken terminal must not break the command
