@@ -1,0 +1,8 @@
+"""runstore's benchmarks: one script per comparison, run from the repository root.
+
+``python -m benchmarks.bench_cycle``  the multi-process dispatcher cycle against the alternatives
+``python -m benchmarks.bench_fresh``  a fresh process: open a store and prepare once; memory
+
+``impls`` holds the implementations behind one small interface, ``pg_server`` starts and stops
+a throwaway PostgreSQL server (reusable from tests).
+"""

@@ -1,0 +1,267 @@
+"""A fresh process: open a store of N runs, do one ``prepare_atomic``, exit (what a CLI call or
+a short-lived dispatcher pays every time), runstore against stdlib SQLite; and the resident
+memory of a process holding the store open.
+
+Each measurement is a new ``python -c`` process (same interpreter and flags for both), timed
+whole from the parent: interpreter start, imports, open, one durable prepare (a new pending
+run on a machine of its own), close. The child also reports its own breakdown and its peak
+resident memory (``VmHWM`` of ``/proc/self/status``; ``ru_maxrss``). The SQLite child is plain
+stdlib code using the same SQL as ``impls.SqliteImpl``; the stores are preloaded by ``impls``.
+
+Run from the repository root::
+
+    python -m benchmarks.bench_fresh --sizes 1k,10k,100k,1M --repeat 5
+
+Writes ``fresh.json`` and ``fresh.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import impls
+from .bench_cycle import DEFAULT_OUT, in_child, parse_size, size_label
+
+_MEMORY_PROBE = '''
+def _memory():
+    import resource
+    status = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                status[key] = int(value.split()[0])
+    return {"vmhwm_kb": status.get("VmHWM", 0), "vmrss_kb": status.get("VmRSS", 0),
+            "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+'''
+
+RUNSTORE_CHILD = _MEMORY_PROBE + '''
+import json, sys, time
+t0 = time.perf_counter()
+import runstore
+t1 = time.perf_counter()
+where, machine = sys.argv[1], sys.argv[2]
+store = runstore.Store(where, durable=True)
+t2 = time.perf_counter()
+after_open = _memory()
+run, outcome = store.prepare_atomic(
+    machine, "fresh-hash", lambda: runstore.Run(machine, "/srv/ci/fresh", "fresh-hash"))
+t3 = time.perf_counter()
+store.close()
+t4 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "open_s": t2 - t1, "prepare_s": t3 - t2,
+                  "close_s": t4 - t3, "outcome": outcome.value, "run_id": run.id,
+                  "after_open": after_open, **_memory()}))
+'''
+
+SQLITE_CHILD = _MEMORY_PROBE + f'''
+import json, os, secrets, socket, sys, time
+t0 = time.perf_counter()
+import sqlite3
+t1 = time.perf_counter()
+where, machine = sys.argv[1], sys.argv[2]
+db = sqlite3.connect(os.path.join(where, {impls.SQLITE_FILE!r}), isolation_level=None,
+                     timeout=30.0)
+db.execute("PRAGMA journal_mode = WAL")
+db.execute("PRAGMA synchronous = FULL")
+t2 = time.perf_counter()
+after_open = _memory()
+db.execute("BEGIN IMMEDIATE")
+row = db.execute({impls.SQLITE_SELECT_ACTIVE!r}, (machine,)).fetchone()
+if row is None:
+    run_id = f"{{time.time_ns():x}}-{{secrets.token_hex(6)}}"
+    fields = dict(machine=machine, test_dir="/srv/ci/fresh", test_dir_hash="fresh-hash",
+                  id=run_id, status="pending", exit_code=None, started_at=None, ended_at=None,
+                  artifacts_path="", logs_path="", error_code="", error_msg="", batch_id="",
+                  plan_entry="", revision=1, owner_host=socket.gethostname(),
+                  owner_pid=os.getpid(), owner_start="", heartbeat_at=None)
+    db.execute({impls.SQLITE_INSERT!r}, tuple(fields[k] for k in {impls.RUN_FIELDS!r}))
+    outcome = "created"
+else:
+    run_id, outcome = row[0], ("reuse" if row[1] == "fresh-hash" else "busy")
+db.execute("COMMIT")
+t3 = time.perf_counter()
+db.close()
+t4 = time.perf_counter()
+print(json.dumps({{"import_s": t1 - t0, "open_s": t2 - t1, "prepare_s": t3 - t2,
+                  "close_s": t4 - t3, "outcome": outcome, "run_id": run_id,
+                  "after_open": after_open, **_memory()}}))
+'''
+
+CHILDREN = {"runstore": RUNSTORE_CHILD, "sqlite": SQLITE_CHILD}
+
+
+def fresh_process(impl_name: str, where: str, machine: str) -> dict[str, Any]:
+    """One fresh process doing one prepare; its whole wall time and its own report."""
+    argv = [sys.executable, "-c", CHILDREN[impl_name], where, machine]
+    t = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t
+    if done.returncode != 0:
+        raise RuntimeError(f"the {impl_name} child failed ({done.returncode}):\n{done.stderr}")
+    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    report["process_s"] = wall
+    return report
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    work = tempfile.mkdtemp(prefix="runstore-fresh-", dir=args.workdir)
+    rows: list[dict[str, Any]] = []
+    problems: list[str] = []
+    try:
+        for n in args.sizes:
+            stores = {}
+            for name in CHILDREN:
+                where = os.path.join(work, f"{name}-{size_label(n)}")
+                t = time.perf_counter()
+                in_child(impls.IMPLS[name].preload, where, n)
+                os.sync()
+                print(f"preloaded {name} with {n:,} runs in {time.perf_counter() - t:.1f} s",
+                      flush=True)
+                stores[name] = where
+            reports: dict[str, list[dict[str, Any]]] = {name: [] for name in CHILDREN}
+            for k in range(args.repeat):  # alternate, so drift hits both alike
+                for name, where in stores.items():
+                    report = fresh_process(name, where, f"fresh-machine-{k}")
+                    if report["outcome"] != "created":
+                        problems.append(f"{name} N={n}: fresh prepare #{k} said "
+                                        f"{report['outcome']}, expected created")
+                    reports[name].append(report)
+            for name, runs in reports.items():
+                row = summarize(name, n, runs)
+                rows.append(row)
+                print(f"  N={n:>9,} {name:<9} process {row['process_s']:.3f} s (open "
+                      f"{row['open_s']:.3f} s), peak RSS {row['vmhwm_mb']:.0f} MB", flush=True)
+            for where in stores.values():
+                shutil.rmtree(where, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"meta": _meta(args), "rows": rows, "problems": problems,
+            "targets": targets(rows)}
+
+
+def summarize(name: str, n: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of the repeated fresh processes (memory: the largest peak)."""
+
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    return {
+        "impl": name, "n": n, "repeat": len(runs),
+        "process_s": med("process_s"), "process_min_s": min(r["process_s"] for r in runs),
+        "import_s": med("import_s"), "open_s": med("open_s"), "prepare_s": med("prepare_s"),
+        "close_s": med("close_s"),
+        "vmhwm_mb": max(r["vmhwm_kb"] for r in runs) / 1024,
+        "open_vmrss_mb": max(r["after_open"]["vmrss_kb"] for r in runs) / 1024,
+        "maxrss_mb": max(r["maxrss_kb"] for r in runs) / 1024,
+    }
+
+
+def targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    idx = {(r["impl"], r["n"]): r for r in rows}
+    out: list[dict[str, Any]] = []
+    mine, other = idx.get(("runstore", 100_000)), idx.get(("sqlite", 100_000))
+    name = "fresh process, one prepare_atomic at N=100k: runstore / SQLite"
+    if mine and other:
+        value = mine["process_s"] / other["process_s"]
+        out.append({"target": name, "need": "<= 3.0x", "value": round(value, 2),
+                    "status": "PASS" if value <= 3.0 else "FAIL"})
+    else:
+        out.append({"target": name, "status": "not measured"})
+    big = idx.get(("runstore", 1_000_000))
+    name = "fresh process, one prepare_atomic at N=1M: runstore seconds"
+    if big:
+        out.append({"target": name, "need": "<= 3.0 s", "value": round(big["process_s"], 2),
+                    "status": "PASS" if big["process_s"] <= 3.0 else "FAIL"})
+        name = "peak resident memory of a process holding a 1M-run runstore open"
+        out.append({"target": name, "need": "< 1024 MB", "value": round(big["vmhwm_mb"]),
+                    "status": "PASS" if big["vmhwm_mb"] < 1024 else "FAIL"})
+    else:
+        out.append({"target": name, "status": "not measured"})
+    return out
+
+
+def _meta(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "command": "python -m benchmarks.bench_fresh " + " ".join(args.argv),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "repeat": args.repeat,
+        "sizes": args.sizes,
+    }
+
+
+def render(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    idx = {(r["impl"], r["n"]): r for r in results["rows"]}
+    lines = [f"Fresh process: open a store of N runs, one durable prepare_atomic, close "
+             f"(median of {meta['repeat']}; seconds; memory = peak RSS).",
+             f"Command: `{meta['command']}`", "",
+             "| N | store | whole process | import | open | prepare | close "
+             "| RSS after open | peak RSS | runstore / SQLite |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results["rows"]:
+        other = idx.get(("sqlite", r["n"]))
+        ratio = (f"{r['process_s'] / other['process_s']:.2f}x"
+                 if r["impl"] == "runstore" and other else "")
+        lines.append(
+            f"| {r['n']:,} | {r['impl']} | {r['process_s']:.3f} | {r['import_s']:.3f} | "
+            f"{r['open_s']:.3f} | {r['prepare_s']:.4f} | {r['close_s']:.4f} | "
+            f"{r['open_vmrss_mb']:.0f} MB | {r['vmhwm_mb']:.0f} MB | {ratio} |")
+    lines += ["", "Targets:", ""]
+    for t in results["targets"]:
+        detail = f" (measured {t['value']}, need {t['need']})" if "value" in t else ""
+        lines.append(f"- {t['status']}: {t['target']}{detail}")
+    if results["problems"]:
+        lines += ["", "Problems:", ""] + [f"- {p}" for p in results["problems"]]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_fresh",
+                                     description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--sizes", default="1k,10k,100k,1M",
+                        help="preloaded run counts, comma separated (default: %(default)s)")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="fresh processes per store (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="results directory (default: benchmarks/results)")
+    parser.add_argument("--workdir", default=None,
+                        help="where the stores are built (default: the system temp dir)")
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run it; exit status 1 when a fresh prepare misbehaved (never on speed)."""
+    args = parse_args(argv)
+    results = measure(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fresh.json").write_text(json.dumps(results, indent=1) + "\n")
+    text = render(results)
+    (args.out / "fresh.md").write_text(text)
+    print()
+    print(text)
+    print(f"wrote {args.out / 'fresh.json'}")
+    return 0 if not results["problems"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

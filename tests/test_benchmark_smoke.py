@@ -1,0 +1,113 @@
+"""The benchmarks still run, at tiny sizes, and their correctness checks pass (never speed)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    """``benchmarks.bench_cycle``, importable whatever directory pytest was started from."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module("benchmarks.bench_cycle")
+
+
+def _run(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+@pytest.mark.timeout(60)
+def test_cycle_benchmark_runs_and_its_checks_pass(tmp_path: Path) -> None:
+    """bench_cycle at N=100, 1 s per case: every case measured and no correctness problem."""
+    done = _run("benchmarks.bench_cycle", "--sizes", "100", "--seconds", "1",
+                "--impls", "runstore,sqlite,wholefile", "--out", str(tmp_path),
+                "--workdir", str(tmp_path), "--no-plot")
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    cases = {(c["impl"], c["durable"]): c for c in results["cases"]}
+    assert set(cases) == {(i, d) for i in ("runstore", "sqlite", "wholefile")
+                          for d in (True, False)}
+    for case in cases.values():
+        assert case["problems"] == [], case
+        assert case["ops"] > 0 and case["outcomes"].get("created", 0) > 0, case
+    assert {r["versus"] for r in results["ratios"]} == {"sqlite", "wholefile"}
+    assert (tmp_path / "results.md").exists()
+
+
+@pytest.mark.timeout(60)
+def test_fresh_benchmark_runs(tmp_path: Path) -> None:
+    """bench_fresh at N=100: both fresh processes create their run and report memory."""
+    done = _run("benchmarks.bench_fresh", "--sizes", "100", "--repeat", "1",
+                "--out", str(tmp_path), "--workdir", str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((tmp_path / "fresh.json").read_text())
+    assert results["problems"] == []
+    assert {r["impl"] for r in results["rows"]} == {"runstore", "sqlite"}
+    assert all(r["vmhwm_mb"] > 0 and r["process_s"] > 0 for r in results["rows"])
+
+
+def _report(created: list[tuple[Any, ...]], others: list[tuple[Any, ...]]) -> dict[str, Any]:
+    return {"created": created, "others": others}
+
+
+def test_checks_accept_a_correct_history(bench: ModuleType) -> None:
+    """Sequential runs on a machine and a BUSY answered during one of them pass."""
+    reports = [
+        _report([("a", 0, 0, 10, 20, 30, 40)], [("a", 0, 1, "busy", 25, 28)]),
+        _report([("b", 0, 1, 35, 50, 60, 70)], []),
+    ]
+    assert bench.check_concurrency(reports) == []
+
+
+def test_checks_catch_overlapping_active_runs(bench: ModuleType) -> None:
+    """Two runs of one machine active at once (created before the other's finish) fail."""
+    reports = [_report([("a", 0, 0, 10, 20, 30, 40)], []),
+               _report([("b", 0, 0, 12, 25, 60, 70)], [])]
+    problems = bench.check_concurrency(reports)
+    assert len(problems) == 1 and "while run a was active" in problems[0]
+
+
+def test_checks_catch_wrong_prepare_answers(bench: ModuleType) -> None:
+    """REUSE/BUSY naming an unknown run, another machine's run, a run not active during the
+    call, or disagreeing with the hashes is reported."""
+    created = [("a", 0, 0, 10, 20, 30, 40), ("c", 1, 0, 10, 20, 30, 40)]
+    others = [("zz", 0, 0, "busy", 25, 26), ("c", 0, 0, "busy", 25, 26),
+              ("a", 0, 0, "reuse", 50, 60), ("a", 0, 1, "reuse", 25, 26)]
+    problems = bench.check_concurrency([_report(created, others)])
+    assert len(problems) == 4, problems
+
+
+def test_checks_catch_duplicate_run_ids(bench: ModuleType) -> None:
+    """The same run id created twice (on any machines) is reported."""
+    reports = [_report([("a", 0, 0, 10, 20, 30, 40)], []),
+               _report([("a", 2, 0, 100, 110, 120, 130)], [])]
+    assert bench.check_concurrency(reports) == ["run id a created 2 times"]
+
+
+def test_checks_know_runs_whose_cycle_an_error_cut_short(bench: ModuleType) -> None:
+    """A BUSY naming a run created just before a worker's error is not itself reported."""
+    reports = [{"created": [], "others": [], "incomplete": [("a", 0, 0, 10, 20)]},
+               _report([], [("a", 0, 1, "busy", 500, 510)])]
+    assert bench.check_concurrency(reports) == []
+
+
+def test_verify_store_finds_lost_runs(bench: ModuleType, tmp_path: Path) -> None:
+    """A created run id the store does not hold is reported after the measurement."""
+    impls = importlib.import_module("benchmarks.impls")
+    where = str(tmp_path / "store")
+    impls.RunstoreImpl.preload(where, 3)
+    problems = bench.verify_store("runstore", where, 3, ["no-such-run"])
+    assert any("missing" in p for p in problems), problems
+    assert bench.verify_store("runstore", where, 3, []) == []
