@@ -552,7 +552,7 @@ def _cmd_watch(ctx: Context, args: argparse.Namespace) -> int:
 def _cmd_check(ctx: Context, args: argparse.Namespace) -> int:
     ctx.require_store()
     with ctx.progress(f"checking {ctx.journal_path}"):
-        report = journal.check(ctx.state_dir)
+        report = journal.check(ctx.state_dir, lock_timeout=ctx.lock_timeout)
     if args.json:
         ctx.print(_dumps({
             "path": report.path, "ok": report.ok, "size": report.size,
@@ -567,8 +567,7 @@ def _cmd_check(ctx: Context, args: argparse.Namespace) -> int:
                       f"{_plural(report.records, 'record')}, last seq {report.last_seq})")
         else:
             ctx.print(f"{report.path}: {p.error('DAMAGED')} ({report.size:,} bytes; "
-                      f"{_plural(report.records, 'record')} up to seq {report.last_seq} "
-                      "read before the first problem)")
+                      f"{_plural(report.records, 'record')} readable before the first problem)")
             for problem in report.problems:
                 ctx.print(f"  line {problem.line}, byte {problem.offset}: {problem.message}")
                 ctx.print(f"    remedy: {problem.remedy}")

@@ -118,7 +118,7 @@ class CorruptStoreError(RunstoreError, ValueError):
         self.problem = problem
         self.remedy = remedy or (
             "the file was left untouched; run `python -m runstore check` for a report, "
-            "then restore it from a backup or export what is readable"
+            "then restore it from a backup"
         )
         where = f"{path} at byte {offset}" if offset is not None else path
         super().__init__(f"{where}: {problem}; {self.remedy}")

@@ -17,15 +17,17 @@ import logging
 import os
 import secrets
 import stat
+import time
 import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import attrs
 import portalocker
+import portalocker.exceptions
 
 from . import codec, failpoints
-from .errors import CorruptStoreError, StoreIOError, UnsafeStoreError
+from .errors import CorruptStoreError, LockTimeoutError, StoreIOError, UnsafeStoreError
 from .fsio import FileSystem
 
 log = logging.getLogger("runstore")
@@ -38,6 +40,9 @@ TMP_SUFFIX = ".tmp"
 TORN_TAIL_LIMIT = 64 * 1024 * 1024
 _READ_CHUNK = 1 << 20
 _OPEN = os.O_NOFOLLOW | os.O_CLOEXEC
+#: open() failures that are I/O or resource errors (StoreIOError), not an unsafe file
+_IO_ERRNOS = frozenset({errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE,
+                        errno.ENOMEM, errno.EROFS})
 _NETWORK_FS = frozenset(
     {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "ceph", "glusterfs",
      "lustre", "gpfs", "fuse.sshfs", "fuse.s3fs", "fuse.glusterfs", "virtiofs"}
@@ -62,6 +67,9 @@ class Header:
 class Damage:
     offset: int
     reason: str
+    #: False for a complete line that passes its checksum but is wrong (seq, status, ...):
+    #: a crash cannot produce one, so it is never cut off as a torn write
+    torn: bool = True
 
 
 @attrs.define
@@ -120,7 +128,7 @@ def scan(buf: bytes, start: int, cur: Cursor) -> ScanResult:
                     cur.durable = max(cur.durable, data["durable"])
                 records.append((offset, data))
         except codec.BadLine as exc:
-            return ScanResult(records, Damage(offset, exc.reason))
+            return ScanResult(records, Damage(offset, exc.reason, exc.torn))
         pos = nl + 1
         cur.end = start + pos
     return ScanResult(records, None)
@@ -163,6 +171,9 @@ def judge(buf: bytes, start: int, cur: Cursor, damage: Damage) -> str | None:
     if damage.offset < cur.durable:
         return (f"{damage.reason}, inside the part of the file known to be synced "
                 f"(the first {cur.durable} bytes)")
+    if not damage.torn:
+        return (f"{damage.reason}; the line is complete and passes its checksum, so it is "
+                "not a torn write (was it written by a newer runstore or edited by hand?)")
     proof = durable_beyond(buf, start, damage)
     if proof is not None:
         return f"{damage.reason}; a valid record at byte {proof} shows this part had been synced"
@@ -351,6 +362,8 @@ class Journal:
         try:
             fd = self.fs.open(DATA_NAME, flags, 0o600, self.dir_fd)
         except OSError as exc:
+            if exc.errno in _IO_ERRNOS:  # the disk or the system failed, not the file's safety
+                raise StoreIOError(self.path, "opening", exc) from None
             raise _unsafe(self.path, exc, "journal file") from None
         self._check_regular(fd, self.path, "journal file")
         st = os.fstat(fd)
@@ -527,9 +540,10 @@ class CheckReport:
         return not self.problems
 
 
-def check(state_dir: str | os.PathLike[str]) -> CheckReport:
+def check(state_dir: str | os.PathLike[str], *, lock_timeout: float = 30.0) -> CheckReport:
     """Verify a whole journal (header, checksums, sequence, fields, torn tail, damage) without
-    modifying anything; waits for the store lock when the lock file exists."""
+    modifying anything; waits up to ``lock_timeout`` for the store lock when the lock file
+    exists (``LockTimeoutError``)."""
     state_dir = os.fspath(state_dir)
     path = os.path.join(state_dir, DATA_NAME)
     dir_fd = open_state_dir(state_dir, create=False)
@@ -537,9 +551,10 @@ def check(state_dir: str | os.PathLike[str]) -> CheckReport:
     try:
         try:
             lock_fd = os.open(LOCK_NAME, os.O_RDWR | _OPEN, dir_fd=dir_fd)
-            portalocker.portalocker.FlockLocker().lock(lock_fd, portalocker.LockFlags.EXCLUSIVE)
         except FileNotFoundError:
             pass
+        if lock_fd >= 0:
+            _flock_within(lock_fd, os.path.join(state_dir, LOCK_NAME), lock_timeout)
         try:
             fd = os.open(DATA_NAME, os.O_RDONLY | _OPEN, dir_fd=dir_fd)
         except OSError as exc:
@@ -559,6 +574,20 @@ def check(state_dir: str | os.PathLike[str]) -> CheckReport:
             os.close(lock_fd)
         os.close(dir_fd)
     return _check_bytes(buf, path)
+
+
+def _flock_within(fd: int, lock_path: str, timeout: float) -> None:
+    locker = portalocker.portalocker.FlockLocker()
+    flags = portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            locker.lock(fd, flags)
+            return
+        except portalocker.exceptions.AlreadyLocked:
+            if time.monotonic() >= deadline:
+                raise LockTimeoutError(lock_path, timeout) from None
+            time.sleep(0.005)
 
 
 def _check_bytes(buf: bytes, path: str) -> CheckReport:
@@ -600,8 +629,8 @@ def _check_bytes(buf: bytes, path: str) -> CheckReport:
         else:
             problems.append(Problem(
                 damage.offset, line, verdict,
-                "restore the file from a backup; `export` still reads the runs before this "
-                "offset"))
+                "restore the file from a backup; the lines before this offset are intact "
+                "JSON lines (head -c OFFSET runs.jsonl) if you must rebuild by hand"))
     records = sum(1 for _, d in result.records if "mark" not in d)
     return CheckReport(path, len(buf), records, cur.next_seq - 1,
                        header.compacted_through + 1, tuple(problems))

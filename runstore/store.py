@@ -246,6 +246,10 @@ class Store:
                 live = len(self._index)
                 if self._lines - live > RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live):
                     self._compact()
+                    # the new file is already synced, and wrote_to is an offset in the old
+                    # one: keeping it would set _synced past the new file's end, and the
+                    # next line's durable mark would point past itself (CorruptStoreError)
+                    wrote_to = -1
         except BaseException as exc:
             if isinstance(exc, StoreIOError) and exc.action.startswith(("syncing", "truncating")):
                 self._resync = True
@@ -578,7 +582,9 @@ class Store:
             if last is None or now - last <= stale_after:
                 return None
             code = "heartbeat_stale"
-            msg = f"reaped: no heartbeat or change since {last.isoformat()} (> {stale_after})"
+            since = last.isoformat().replace("+00:00", "Z")
+            msg = (f"reaped: no heartbeat or change since {since} "
+                   f"(more than {stale_after.total_seconds():g} s)")
         else:
             return None
         return attrs.evolve(run, status=Status.INTERRUPTED, ended_at=now, error_code=code,
