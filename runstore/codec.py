@@ -58,9 +58,12 @@ _DUMPS_OPTS = orjson.OPT_UTC_Z
 class BadLine(Exception):
     """A line that fails to decode; ``reason`` says why (internal to the journal reader)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, torn: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        #: True when the line fails its checksum (what a torn write looks like); a line that
+        #: passes it but is otherwise wrong was written that way and is never a torn write
+        self.torn = torn
 
 
 def _structure_datetime(value: Any, _type: Any) -> _dt.datetime:
@@ -197,13 +200,13 @@ def decode_line(line: bytes) -> dict[str, Any]:
     """Parse and verify one line (without its newline); raise ``BadLine`` if it is not sound."""
     cut = line.rfind(_CRC_SEP)
     if cut < 0 or not line.endswith(b"}"):
-        raise BadLine("no checksum field (torn, truncated or not written by runstore)")
+        raise BadLine("no checksum field (torn, truncated or not written by runstore)", torn=True)
     try:
         expected = int(line[cut + len(_CRC_SEP):-1])
     except ValueError:
-        raise BadLine("malformed checksum field") from None
+        raise BadLine("malformed checksum field", torn=True) from None
     if zlib.crc32(line[:cut]) != expected:
-        raise BadLine("checksum mismatch (the line was altered or torn)")
+        raise BadLine("checksum mismatch (the line was altered or torn)", torn=True)
     try:
         data = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
