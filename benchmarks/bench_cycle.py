@@ -583,15 +583,21 @@ def plot(results: dict[str, Any], path: Path) -> None:
     colors = {"runstore": "tab:blue", "sqlite": "tab:orange", "postgres": "tab:green",
               "wholefile": "tab:red"}
     series: dict[tuple[str, bool], list[tuple[int, float]]] = defaultdict(list)
+    failed: list[tuple[int, float]] = []
     for c in results["cases"]:
         if c["ops_per_s"]:
             series[(c["impl"], c["durable"])].append((c["n"], c["ops_per_s"]))
+            if c["problems"]:
+                failed.append((c["n"], c["ops_per_s"]))
     for (impl, durable), points in sorted(series.items()):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points],
                 color=colors.get(impl), linestyle="-" if durable else "--",
                 marker="o" if durable else "s",
                 label=f"{impl} ({'durable' if durable else 'not durable'})")
+    if failed:
+        ax.scatter([p[0] for p in failed], [p[1] for p in failed], marker="x", s=120,
+                   color="black", zorder=5, label="correctness checks failed")
     meta = results["meta"]
     ax.set_xscale("log")
     ax.set_yscale("log")

@@ -8,10 +8,13 @@ back (the prefix is then taken one microsecond after the previous one).
 from __future__ import annotations
 
 import datetime as _dt
+import re
 import secrets
 
 _PREFIX_LEN = len("20260101T000000.000000Z")
 _FORMAT = "%Y%m%dT%H%M%S.%fZ"
+#: an id made after an imported id of another shape: that id, ".~", a counter, "-", random
+_FOREIGN = re.compile(r"(.*)\.~([0-9a-f]{16})-[0-9a-f]{8}", re.DOTALL)
 
 
 def new_run_id(after: str = "", now: _dt.datetime | None = None) -> str:
@@ -23,7 +26,10 @@ def new_run_id(after: str = "", now: _dt.datetime | None = None) -> str:
         try:
             previous = _dt.datetime.strptime(last, _FORMAT)
         except ValueError:
-            # an imported id with another shape: fall back to suffixing the greatest id
-            return f"{after}.{secrets.token_hex(4)}"
+            # an imported id with another shape sorts last: count up a fixed-width suffix on
+            # it (suffixing each new id to the previous one made ids grow with every run)
+            match = _FOREIGN.fullmatch(after)
+            stem, count = (match[1], int(match[2], 16) + 1) if match else (after, 0)
+            return f"{stem}.~{count:016x}-{secrets.token_hex(4)}"
         prefix = (previous + _dt.timedelta(microseconds=1)).strftime(_FORMAT)
     return f"{prefix}-{secrets.token_hex(8)}"

@@ -72,6 +72,8 @@ class Config:
     attempts: int | None = None
     setup: str | None = None
     lock_timeout: float = 30.0
+    #: seconds a thread waits after REUSE/BUSY before its next attempt (a polling dispatcher)
+    backoff: float = 0.0
 
 
 @attrs.define
@@ -253,6 +255,8 @@ def _cycle(cfg: Config, store: Store, hist_dir: str, slot: int, gen: int, t: int
                     if done is None:
                         break
                     ack(op, done)
+            elif cfg.backoff and not cfg.kill:
+                time.sleep(rng.uniform(0, 2 * cfg.backoff))
             elif cfg.kill and owner.is_gone(run.owner_host, run.owner_pid, run.owner_start):
                 # its worker was killed: finish it for it, as a dispatcher's reaper would
                 done = call("finish", run.id,

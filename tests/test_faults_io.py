@@ -260,3 +260,40 @@ def test_fsync_error_then_power_loss(tmp_path: pathlib.Path, capsys: Any) -> Non
            crash_states_explored=states, violations=len(problems),
            seconds=round(time.monotonic() - started, 1))
     assert problems == [], problems[:5]
+
+
+class _WriteAndCutFail(FailingFS):
+    """The first append is short and then fails, and cutting it back fails too: a torn
+    line is left in the file."""
+
+    def __init__(self) -> None:
+        super().__init__("write", 1, errno.EIO, partial=True)
+        self.cut_failed = False
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        if not self.cut_failed:
+            self.cut_failed = True
+            raise OSError(errno.EIO, "injected")
+        super().ftruncate(fd, length)
+
+
+def test_failed_append_whose_cut_back_fails_too(tmp_path: pathlib.Path) -> None:
+    """A torn line stays in the file after a failed append: the call raises StoreIOError,
+    the next call recovers the torn tail and goes on, nothing acknowledged is lost."""
+    logging.getLogger("runstore").setLevel(logging.ERROR)
+    state = tmp_path / "s"
+    with Store(state) as s:
+        kept = s.create(run_for("a", "h", status=Status.COMPLETED))
+    fds = open_fds()
+    fs = _WriteAndCutFail()
+    with Store(state, _fs=fs) as s:
+        with pytest.raises(StoreIOError):
+            s.prepare_atomic("m", "h", lambda: run_for("m", "h"))
+        assert fs.cut_failed
+        assert not (state / "runs.jsonl").read_bytes().endswith(b"\n")  # the torn line
+        run, outcome = s.prepare_atomic("m", "h", lambda: run_for("m", "h"))
+        assert outcome.value == "created"
+    assert open_fds() == fds
+    runs, problems = audit_store(str(state))
+    assert problems == []
+    assert runs[kept.id] == kept and runs[run.id] == run

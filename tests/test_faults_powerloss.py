@@ -21,8 +21,11 @@ from faults import (
     crash_states,
     figure,
     record_history,
+    run_for,
     sized,
 )
+
+from runstore import Status, Store
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -187,3 +190,26 @@ def test_catches_a_missing_fsync_of_the_temp_file(tmp_path: pathlib.Path, capsys
 def test_catches_a_missing_fsync_of_the_directory(tmp_path: pathlib.Path, capsys: Any) -> None:
     """A rename not followed by an fsync of the directory: the old journal can come back."""
     _broken(tmp_path, capsys, "fsync_dir")
+
+
+def test_compaction_keeps_every_run_at_its_latest_version(tmp_path: pathlib.Path) -> None:
+    """Regression (found by this suite): compaction re-pointed runs whose latest version sat
+    in the retained history using offsets of the new file as if they were of the old one, so
+    a finished run could read back as an older version (and be changed again)."""
+    rng = random.Random(7)
+    with Store(tmp_path / "s") as s:
+        for n in range(60):
+            active = s.active()
+            if active and rng.random() < 0.5:
+                s.finish(rng.choice(active).id, Status.TIMEOUT)
+            elif rng.random() < 0.5:
+                m = f"m{rng.randrange(3)}"
+                s.prepare_atomic(m, "h", lambda m=m: run_for(m, "h"))
+            else:
+                s.create(run_for(f"x{n}", "h", status=Status.COMPLETED))
+            if n % 2:
+                s.compact()
+            mine = {r.id: r for r in s.list()}
+            assert all(s.get(rid) == r for rid, r in mine.items())
+            with Store(tmp_path / "s") as fresh:
+                assert {r.id: r for r in fresh.list()} == mine, f"after step {n}"

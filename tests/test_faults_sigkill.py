@@ -95,10 +95,10 @@ def _check(capsys: Any, base: pathlib.Path, rounds: int) -> None:
 
 def test_sigkill_loop(tmp_path: pathlib.Path, capsys: Any) -> None:
     """>= 200 rounds of 3 writers killed at random moments (CI size)."""
-    _check(capsys, tmp_path, sized(200, 2000))
+    _check(capsys, tmp_path, sized(200, 1000))
 
 
 @pytest.mark.stress
 def test_sigkill_loop_full(tmp_path: pathlib.Path, capsys: Any) -> None:
-    """2,000 rounds (stress size)."""
-    _check(capsys, tmp_path, sized(2000, 2000, True))
+    """1,000 rounds (stress size)."""
+    _check(capsys, tmp_path, sized(1000, 1000, True))

@@ -63,6 +63,20 @@ def test_id_after_an_id_of_another_shape_still_sorts_after_it() -> None:
     assert run_id > after
 
 
+@pytest.mark.parametrize("after", ["zzz-imported-id", "run-42", "f47ac10b-58cc-4372-a567"])
+def test_ids_after_a_foreign_id_do_not_grow(after: str) -> None:
+    """A chain of ids after an imported id of another shape (e.g. a UUID, which sorts after
+    every timestamp id) keeps increasing without growing: ids must not get longer per run."""
+    now = _dt.datetime(2026, 1, 1, tzinfo=_dt.UTC)
+    chain = [after]
+    for _ in range(200):
+        chain.append(ids.new_run_id(chain[-1], now))
+    assert chain == sorted(chain) and len(set(chain)) == len(chain)
+    longest = max(len(i) for i in chain)
+    assert longest <= len(after) + 40, (
+        f"ids grow with every run after {after!r}: the 200th is {len(chain[-1])} characters")
+
+
 def test_ids_made_at_the_same_instant_are_unique_and_increasing() -> None:
     """10,000 ids made for one frozen instant are all distinct and strictly increasing."""
     now = _dt.datetime(2026, 1, 1, tzinfo=_dt.UTC)

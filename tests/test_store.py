@@ -73,6 +73,12 @@ def test_store_creates_missing_parents(tmp_path: pathlib.Path) -> None:
     assert stat.S_IMODE(target.stat().st_mode) == 0o700
 
 
+def test_store_defaults_are_durable_with_a_30_s_lock_timeout(store: Store) -> None:
+    """Store(dir) is durable and waits up to 30 s for the lock by default."""
+    assert store.durable is True
+    assert store.lock_timeout == 30.0
+
+
 def test_store_accepts_str_paths(store_dir: pathlib.Path) -> None:
     """state_dir may be a str as well as a PathLike."""
     with Store(str(store_dir)) as s:
@@ -803,6 +809,32 @@ def test_auto_compaction_keeps_the_file_bounded(store_dir: pathlib.Path) -> None
         f"{most} lines after {updates} updates on {live} runs; bound {2 * live + bound_extra}")
     with Store(store_dir) as s:
         assert s.list() == runs
+
+
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "not-durable"])
+def test_store_stays_readable_across_automatic_compactions(
+    store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch, durable: bool
+) -> None:
+    """Changes after an automatic compaction are readable by a new Store (regression: in
+    durable mode the next line claimed a durable mark past its own offset -> corrupt)."""
+    monkeypatch.setattr(store_module, "COMPACT_MIN_SUPERSEDED", 16)
+    if hasattr(store_module, "RETAIN_CHANGES"):
+        monkeypatch.setattr(store_module, "RETAIN_CHANGES", 8)
+    path = store_dir / "runs.jsonl"
+    with Store(store_dir, durable=durable) as s:
+        runs = [s.start(_prepare(s, f"m{i}").id) for i in range(3)]
+        inode, compactions = path.stat().st_ino, 0
+        for i in range(150):
+            runs[i % 3] = s.heartbeat(runs[i % 3].id)
+            compactions += path.stat().st_ino != inode
+            inode = path.stat().st_ino
+            if i % 50 == 49:
+                with Store(store_dir) as reader:  # a fresh reader at any point
+                    assert reader.list() == runs
+        assert compactions > 3, "the test needs several automatic compactions"
+    with Store(store_dir) as s:
+        assert s.list() == runs
+        assert s.finish(runs[0].id, Status.COMPLETED).revision == runs[0].revision + 1
 
 
 def test_lock_file_is_never_deleted(store_dir: pathlib.Path) -> None:

@@ -1,0 +1,547 @@
+"""Bad input: a damaged or foreign journal, wrong API arguments, a hostile environment. Each
+case must fail with a clear error and change nothing: the journal stays byte-for-byte the
+same. The one repair runstore makes on its own is cutting a torn (incomplete, zero-filled or
+checksum-failing) tail that lies past the durable mark. ``CATALOGUE`` is the table
+docs/reliability.md shows."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import os
+import pathlib
+import signal
+import stat
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+from faults import FailingFS, RecordingFS, run_for, snapshot_dir, wait_pid
+
+from runstore import (
+    CorruptStoreError,
+    InvalidRunError,
+    InvalidTransitionError,
+    LockTimeoutError,
+    Run,
+    Status,
+    Store,
+    StoreIOError,
+    UnsafeStoreError,
+    codec,
+    journal,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _seal(data: dict[str, Any]) -> bytes:
+    return codec.reseal(data)[:-1]
+
+
+def _lines(data: bytes) -> list[bytes]:
+    return data.split(b"\n")[:-1]
+
+
+def _join(lines: list[bytes]) -> bytes:
+    return b"\n".join(lines) + b"\n"
+
+
+def _edit(line: bytes, **changes: Any) -> bytes:
+    """A record line with some fields changed and a valid checksum (written that way)."""
+    data = orjson.loads(line)
+    data.update(changes)
+    return _seal(data)
+
+
+def _records(data: bytes) -> list[int]:
+    """Indexes of the record lines (not the header, not marks)."""
+    return [i for i, line in enumerate(_lines(data)) if i and b'"seq":' in line]
+
+
+def make_store(path: pathlib.Path, *, closed: bool = True) -> pathlib.Path:
+    """Three finished runs and one running one; ``closed=False`` leaves no clean-close mark
+    (the last records then lie past the durable mark, like after a crash)."""
+    s = Store(path)
+    for i in range(3):
+        run, _ = s.prepare_atomic(f"m{i}", "h", lambda i=i: run_for(f"m{i}", "h"))
+        s.start(run.id)
+        s.finish(run.id, Status.COMPLETED)
+    run, _ = s.prepare_atomic("m9", "h", lambda: run_for("m9", "h"))
+    s.start(run.id)
+    if closed:
+        s.close()
+    return path / "runs.jsonl"
+
+
+Mutation = Callable[[bytes], bytes]
+
+
+def _middle(fn: Callable[[bytes], bytes]) -> Mutation:
+    """Apply ``fn`` to the second record line."""
+    def mutate(data: bytes) -> bytes:
+        lines = _lines(data)
+        i = _records(data)[1]
+        lines[i] = fn(lines[i])
+        return _join(lines)
+    return mutate
+
+
+def _last(fn: Callable[[bytes], bytes]) -> Mutation:
+    """Apply ``fn`` to the last record line."""
+    def mutate(data: bytes) -> bytes:
+        lines = _lines(data)
+        i = _records(data)[-1]
+        lines[i] = fn(lines[i])
+        return _join(lines)
+    return mutate
+
+
+def _duplicate(which: int) -> Mutation:
+    def mutate(data: bytes) -> bytes:
+        lines = _lines(data)
+        i = _records(data)[which]
+        return _join([*lines[:i + 1], lines[i], *lines[i + 1:]])
+    return mutate
+
+
+def _big_line_middle(data: bytes) -> bytes:
+    lines = _lines(data)
+    i = _records(data)[1]
+    return _join([*lines[:i], b"x" * (100 << 20), *lines[i:]])
+
+
+def _bad_utf8_sealed(line: bytes) -> bytes:
+    body = line[:line.rfind(b',"crc":')] + b',"note":"\xff\xfe"'
+    import zlib
+    return body + b',"crc":%d}' % zlib.crc32(body)
+
+
+#: (case, where, mutation, store closed?, error class, message excerpt)
+CATALOGUE: list[tuple[str, str, Mutation, bool, type[Exception], str]] = [
+    ("garbage line", "middle", _middle(lambda _l: b"garbage!!"), True, CorruptStoreError,
+     "no checksum field"),
+    ("zero-filled bytes", "durable part", _middle(lambda line: bytes(len(line))), True,
+     CorruptStoreError, "a valid record at byte"),
+    ("truncated header", "first line", lambda d: d[:40], True, CorruptStoreError,
+     "the header line is truncated"),
+    ("damaged header", "first line", lambda d: d[:5] + b"#" + d[6:], True, CorruptStoreError,
+     "the header line is damaged"),
+    ("not a runstore file", "whole file", lambda d: _seal({"format": "other"}) + b"\n", True,
+     CorruptStoreError, "not a runstore journal"),
+    ("duplicated line", "middle", _duplicate(1), True, CorruptStoreError,
+     "where 3 was expected"),
+    ("duplicated line", "end, past the durable mark", _duplicate(-1), False,
+     CorruptStoreError, "not a torn write"),
+    ("wrong field type (active run)", "end", _last(lambda l_: _edit(l_, test_dir=5)), False,
+     CorruptStoreError, "has a malformed field"),
+    ("wrong field type (meta)", "middle", _middle(lambda l_: _edit(l_, seq="2")), True,
+     CorruptStoreError, "bad seq '2'"),
+    ("unknown status", "middle", _middle(lambda l_: _edit(l_, status="skipped")), True,
+     CorruptStoreError, "unknown status 'skipped'"),
+    ("unknown status", "end, past the durable mark",
+     _last(lambda l_: _edit(l_, status="skipped")), False, CorruptStoreError,
+     "not a torn write"),
+    ("newer format version", "header",
+     lambda d: _join([_edit(_lines(d)[0], version=99), *_lines(d)[1:]]), True,
+     CorruptStoreError, "newer than this runstore understands"),
+    ("100 MB line", "end", lambda d: d + b"x" * (100 << 20) + b"\n", True, CorruptStoreError,
+     "too much to be a torn write"),
+    ("100 MB line", "middle", _big_line_middle, True, CorruptStoreError,
+     "no checksum field"),
+    ("invalid UTF-8", "middle", _middle(lambda _l: b"\xff\xfe\xfd"), True, CorruptStoreError,
+     "no checksum field"),
+    ("invalid UTF-8 in a sealed line", "end, past the durable mark", _last(_bad_utf8_sealed),
+     False, CorruptStoreError, "not valid JSON"),
+    ("empty file", "whole file", lambda d: b"", True, CorruptStoreError, "the file is empty"),
+]
+
+
+@pytest.mark.parametrize(("case", "where", "mutate", "closed", "error", "excerpt"), CATALOGUE,
+                         ids=[f"{c[0]} ({c[1]})" for c in CATALOGUE])
+def test_damaged_file_is_refused_untouched(tmp_path: pathlib.Path, case: str, where: str,
+                                           mutate: Mutation, closed: bool,
+                                           error: type[Exception], excerpt: str) -> None:
+    """The store refuses the file with a clear error and leaves it byte-for-byte alone."""
+    path = make_store(tmp_path / "s", closed=closed)
+    damaged = mutate(path.read_bytes())
+    path.write_bytes(damaged)
+    with pytest.raises(error) as info, Store(tmp_path / "s") as s:
+        s.list()
+    assert excerpt in str(info.value)
+    assert path.read_bytes() == damaged
+    assert not journal.check(tmp_path / "s").ok
+    assert path.read_bytes() == damaged
+
+
+def test_wrong_type_in_a_finished_run_fails_on_read_untouched(tmp_path: pathlib.Path) -> None:
+    """A finished run is validated when it is read: get()/list() raise, file unchanged."""
+    path = make_store(tmp_path / "s")
+    data = path.read_bytes()
+    lines = _lines(data)
+    i = _records(data)[2]  # the first run's finish
+    rid = orjson.loads(lines[i])["id"]
+    lines[i] = _edit(lines[i], exit_code="zero")
+    damaged = _join(lines)
+    path.write_bytes(damaged)
+    with Store(tmp_path / "s") as s, pytest.raises(CorruptStoreError, match="exit_code"):
+        s.get(rid)
+    assert path.read_bytes() == damaged
+
+
+def test_zero_filled_tail_is_the_one_repair(tmp_path: pathlib.Path) -> None:
+    """Zeros after the last record (a torn, unsynced append) are cut off; nothing else
+    changes and every run is still there."""
+    path = make_store(tmp_path / "s", closed=False)
+    good = path.read_bytes()
+    with Store(tmp_path / "s") as s:
+        runs = s.list()
+    path.write_bytes(good + bytes(300))
+    with Store(tmp_path / "s") as s:
+        assert s.list() == runs
+        assert path.read_bytes()[:len(good)] == good
+
+
+# -- torn tail: bit flips ------------------------------------------------------------------
+
+
+def test_bit_flips_in_the_last_record_cut_only_that_record(tmp_path: pathlib.Path) -> None:
+    """Every single-bit flip in the last record of an unclosed store: the record cannot be
+    told from a torn write, so exactly it is cut off; all earlier records stay."""
+    path = make_store(tmp_path / "s", closed=False)
+    data = path.read_bytes()
+    start = data[:-1].rfind(b"\n") + 1
+    with Store(tmp_path / "s") as s:
+        last_id = orjson.loads(data[start:])["id"]
+        before_last = {r.id: r for r in s.list()}
+    flips = 0
+    for pos in range(start, len(data), 7):
+        for bit in (0, 5):
+            flipped = data[:pos] + bytes([data[pos] ^ (1 << bit)]) + data[pos + 1:]
+            path.write_bytes(flipped)
+            with Store(tmp_path / "s") as s:
+                got = {r.id: r for r in s.list()}
+            assert path.read_bytes()[:start] == data[:start]
+            assert got.keys() == before_last.keys()
+            assert got[last_id].revision == before_last[last_id].revision - 1
+            flips += 1
+    assert flips > 100
+
+
+def test_bit_flips_in_the_durable_part_raise_untouched(tmp_path: pathlib.Path) -> None:
+    """A flipped bit anywhere in the part known to be synced (header included, and the last
+    record of a cleanly closed store): CorruptStoreError, file byte-for-byte unchanged."""
+    path = make_store(tmp_path / "s", closed=True)
+    data = path.read_bytes()
+    mark = data[:-1].rfind(b"\n") + 1  # the clean-close mark proves all before it synced
+    flips = 0
+    for pos in range(0, mark, 13):
+        flipped = data[:pos] + bytes([data[pos] ^ 0x10]) + data[pos + 1:]
+        path.write_bytes(flipped)
+        with pytest.raises(CorruptStoreError):
+            Store(tmp_path / "s")
+        assert path.read_bytes() == flipped
+        flips += 1
+    assert flips > 100
+
+
+# -- the file system: a directory, a symlink, no permission ---------------------------------
+
+
+def test_directory_where_the_journal_should_be(tmp_path: pathlib.Path) -> None:
+    """runs.jsonl is a directory: UnsafeStoreError naming it; the directory is untouched."""
+    (tmp_path / "s").mkdir(mode=0o700)
+    (tmp_path / "s" / "runs.jsonl").mkdir()
+    (tmp_path / "s" / "runs.jsonl" / "keep").write_text("x")
+    with pytest.raises(UnsafeStoreError, match="directory"):
+        Store(tmp_path / "s")
+    assert (tmp_path / "s" / "runs.jsonl" / "keep").read_text() == "x"
+
+
+def test_symlink_where_the_journal_should_be(tmp_path: pathlib.Path) -> None:
+    """runs.jsonl is a symlink to a victim file (even a valid journal): refused, the victim
+    and the link unchanged."""
+    victim = make_store(tmp_path / "real")
+    before = victim.read_bytes()
+    (tmp_path / "s").mkdir(mode=0o700)
+    os.symlink(victim, tmp_path / "s" / "runs.jsonl")
+    with pytest.raises(UnsafeStoreError, match="symbolic link"):
+        Store(tmp_path / "s")
+    assert victim.read_bytes() == before
+    assert os.readlink(tmp_path / "s" / "runs.jsonl") == str(victim)
+
+
+def _as_nobody(fn: Callable[[], str]) -> str:
+    """Run ``fn`` in a forked child that dropped to uid/gid 65534; return what it wrote."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            out = fn()
+        except BaseException as exc:
+            out = f"child failed: {type(exc).__name__}: {exc}"
+        os.write(w, out.encode())
+        os._exit(0)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 65536):
+        chunks.append(chunk)
+    os.close(r)
+    wait_pid(pid)
+    return b"".join(chunks).decode()
+
+
+@pytest.mark.parametrize("mode", [0o000, 0o200, 0o400])
+def test_no_permission_on_the_journal(tmp_path: pathlib.Path, mode: int) -> None:
+    """The journal is not readable and writable by its owner: UnsafeStoreError
+    ("permission denied"), the file unchanged. Runs as uid 65534 (root reads anything)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chown the store to another user and drop to it")
+    base = tmp_path / "base"
+    base.mkdir()
+    os.chmod(tmp_path, 0o755)
+    os.chmod(base, 0o755)
+    state = base / "s"
+    path = make_store(state)
+    for p in (state, path, state / "runs.lock"):
+        os.chown(p, 65534, 65534)
+    os.chmod(path, mode)
+    before = path.read_bytes()
+
+    def attempt() -> str:
+        try:
+            Store(state)
+        except UnsafeStoreError as exc:
+            return f"UnsafeStoreError: {exc}"
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "opened"
+
+    out = _as_nobody(attempt)
+    assert out.startswith("UnsafeStoreError"), out
+    assert "permission denied" in out
+    assert path.read_bytes() == before
+    assert stat.S_IMODE(os.stat(path).st_mode) == mode
+
+
+# -- the API -------------------------------------------------------------------------------
+
+
+def _unchanged(tmp_path: pathlib.Path) -> tuple[Store, Callable[[], None]]:
+    path = make_store(tmp_path / "s")
+    before = snapshot_dir(str(tmp_path / "s"))
+    s = Store(tmp_path / "s")
+
+    def check() -> None:
+        assert snapshot_dir(str(tmp_path / "s")) == before
+        assert path.exists()
+
+    return s, check
+
+
+@pytest.mark.parametrize("machine", ["", None, 5, b"m1", "m\x00"])
+def test_bad_machine(tmp_path: pathlib.Path, machine: Any) -> None:
+    """An empty, non-string or NUL-carrying machine: InvalidRunError, nothing written."""
+    s, unchanged = _unchanged(tmp_path)
+    with pytest.raises(InvalidRunError, match="machine"):
+        s.prepare_atomic(machine, "h", lambda: run_for("m1", "h"))
+    with pytest.raises(InvalidRunError, match="machine"):
+        s.create(Run(machine=machine, test_dir="/t", test_dir_hash="h"))
+    s.close()
+    unchanged()
+
+
+@pytest.mark.parametrize("digest", ["", None, 3])
+def test_bad_hash(tmp_path: pathlib.Path, digest: Any) -> None:
+    """An empty or non-string test_dir_hash: InvalidRunError, nothing written."""
+    s, unchanged = _unchanged(tmp_path)
+    with pytest.raises(InvalidRunError, match="test_dir_hash"):
+        s.prepare_atomic("m1", digest, lambda: run_for("m1", "h"))
+    s.close()
+    unchanged()
+
+
+@pytest.mark.parametrize("run_id", ["", None, 7])
+def test_bad_id(tmp_path: pathlib.Path, run_id: Any) -> None:
+    """An empty or non-string run id: InvalidRunError from every call taking one."""
+    s, unchanged = _unchanged(tmp_path)
+    for call in (s.get, s.start, s.heartbeat, lambda i: s.finish(i, Status.FAILED)):
+        with pytest.raises(InvalidRunError, match="run id"):
+            call(run_id)
+    s.close()
+    unchanged()
+
+
+@pytest.mark.parametrize("made", [run_for("other", "h"), run_for("m1", "other"), "a string"])
+def test_make_returning_the_wrong_run(tmp_path: pathlib.Path, made: Any) -> None:
+    """make() returns a run for another machine or hash, or not a run: InvalidRunError."""
+    s, unchanged = _unchanged(tmp_path)
+    with pytest.raises(InvalidRunError, match="make"):
+        s.prepare_atomic("m1", "h", lambda: made)
+    s.close()
+    unchanged()
+
+
+def test_make_raising(tmp_path: pathlib.Path) -> None:
+    """make() raises: the exception reaches the caller, nothing is written, and the lock is
+    released (another store gets it at once)."""
+    s, unchanged = _unchanged(tmp_path)
+
+    def boom() -> Run:
+        raise KeyError("no test dir")
+
+    with pytest.raises(KeyError, match="no test dir"):
+        s.prepare_atomic("m1", "h", boom)
+    unchanged()
+    started = time.monotonic()
+    with Store(tmp_path / "s", lock_timeout=0.3) as other:
+        other.list()
+    assert time.monotonic() - started < 0.3
+    _run, outcome = s.prepare_atomic("m1", "h", lambda: run_for("m1", "h"))
+    assert outcome.value == "created"
+    s.close()
+
+
+@pytest.mark.parametrize("status", [Status.PENDING, Status.RUNNING, "running"])
+def test_finish_with_a_non_terminal_status(tmp_path: pathlib.Path, status: Any) -> None:
+    """finish() with a non-terminal status: InvalidTransitionError, nothing written."""
+    s, unchanged = _unchanged(tmp_path)
+    active = s.active()[0]
+    with pytest.raises(InvalidTransitionError, match="terminal"):
+        s.finish(active.id, status)
+    with pytest.raises(InvalidRunError, match="unknown status"):
+        s.finish(active.id, "skipped")
+    s.close()
+    unchanged()
+
+
+def test_naive_datetime(tmp_path: pathlib.Path) -> None:
+    """A naive datetime in a run: InvalidRunError that says how to fix it, nothing written."""
+    s, unchanged = _unchanged(tmp_path)
+    naive = _dt.datetime(2026, 1, 1, 12, 0)
+    with pytest.raises(InvalidRunError, match="naive datetime"):
+        s.create(run_for("m5", "h", status=Status.COMPLETED, ended_at=naive))
+    active = s.active()[0]
+    import attrs
+    with pytest.raises(InvalidRunError, match="timezone-aware"):
+        s.update(attrs.evolve(active, heartbeat_at=naive))
+    s.close()
+    unchanged()
+
+
+# -- the environment -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("during", ["append", "compaction"])
+def test_disk_full(tmp_path: pathlib.Path, during: str) -> None:
+    """ENOSPC: StoreIOError (an OSError with errno ENOSPC) that says nothing was
+    acknowledged; the journal is byte-for-byte unchanged and no temp file is left."""
+    make_store(tmp_path / "s")
+    before = snapshot_dir(str(tmp_path / "s"))
+    fs = FailingFS("write", 1, errno.ENOSPC, persistent=True)
+    fs.armed = False
+    s = Store(tmp_path / "s", _fs=fs)
+    fs.armed = True
+    with pytest.raises(StoreIOError) as info:
+        if during == "append":
+            s.prepare_atomic("m7", "h", lambda: run_for("m7", "h"))
+        else:
+            s.compact()
+    assert info.value.errno == errno.ENOSPC
+    assert "not acknowledged" in str(info.value)
+    assert snapshot_dir(str(tmp_path / "s")) == before
+    fs.armed = False
+    s.close()
+
+
+def test_lock_held_by_a_stopped_process(tmp_path: pathlib.Path) -> None:
+    """A process takes the store lock and is stopped (SIGSTOP): LockTimeoutError after the
+    timeout, naming the lock file; once it is killed the store works again."""
+    make_store(tmp_path / "s")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            s = Store(tmp_path / "s")
+            s._lock.acquire(5)
+            os.write(w, b"locked")
+            os.kill(os.getpid(), signal.SIGSTOP)
+        finally:
+            os._exit(0)
+    try:
+        os.close(w)
+        assert os.read(r, 16) == b"locked"
+        started = time.monotonic()
+        with pytest.raises(LockTimeoutError) as info:
+            Store(tmp_path / "s", lock_timeout=0.3)
+        waited = time.monotonic() - started
+        assert 0.3 <= waited < 2.0
+        assert "runs.lock" in str(info.value) and info.value.timeout == 0.3
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGKILL)
+        wait_pid(pid)
+        os.close(r)
+    with Store(tmp_path / "s", lock_timeout=2) as s:
+        assert len(s.list()) == 4
+
+
+# -- planted files around compaction (security) --------------------------------------------
+
+
+def test_temp_files_are_created_exclusively_without_following_links(
+        tmp_path: pathlib.Path) -> None:
+    """Every temp file the store creates is opened O_CREAT|O_EXCL|O_NOFOLLOW (a planted
+    symlink at its random name makes the open fail instead of writing through it) and ends
+    up 0600 whatever the umask."""
+    rec = RecordingFS()
+    old = os.umask(0)
+    try:
+        with Store(tmp_path / "s", _fs=rec) as s:
+            s.create(run_for("m1", "h", status=Status.COMPLETED))
+            s.compact()
+    finally:
+        os.umask(old)
+    temps = [(n, f) for n, f in rec.opened if n.startswith(journal.TMP_PREFIX)]
+    assert len(temps) >= 2  # creation and compaction
+    want = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    assert all(f & want == want for _n, f in temps), temps
+    assert all(f & os.O_NOFOLLOW for _n, f in rec.opened)
+    assert stat.S_IMODE(os.stat(tmp_path / "s" / "runs.jsonl").st_mode) == 0o600
+
+
+def test_stale_temp_cleanup_removes_only_our_regular_files(tmp_path: pathlib.Path) -> None:
+    """Opening the store removes temp files a crashed compaction left, and nothing else:
+    not a symlink (nor its target), a directory, a FIFO, a file owned by someone else or a
+    file whose name only looks similar."""
+    make_store(tmp_path / "s")
+    d = tmp_path / "s"
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    ours = d / f"{journal.TMP_PREFIX}0123456789abcdef{journal.TMP_SUFFIX}"
+    ours.write_bytes(b"half a compaction")
+    link = d / f"{journal.TMP_PREFIX}link{journal.TMP_SUFFIX}"
+    os.symlink(victim, link)
+    folder = d / f"{journal.TMP_PREFIX}dir{journal.TMP_SUFFIX}"
+    folder.mkdir()
+    fifo = d / f"{journal.TMP_PREFIX}fifo{journal.TMP_SUFFIX}"
+    os.mkfifo(fifo)
+    similar = d / f"{journal.TMP_PREFIX}x.tmp.keep"
+    similar.write_text("not ours")
+    theirs = d / f"{journal.TMP_PREFIX}theirs{journal.TMP_SUFFIX}"
+    theirs.write_text("someone else's")
+    if os.geteuid() == 0:
+        os.chown(theirs, 65534, 65534)
+    with Store(d) as s:
+        assert len(s.list()) == 4
+    assert not ours.exists()
+    assert os.path.islink(link) and victim.read_text() == "precious"
+    assert folder.is_dir() and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert similar.read_text() == "not ours"
+    if os.geteuid() == 0:
+        assert theirs.read_text() == "someone else's"

@@ -1,0 +1,637 @@
+"""Concurrency: processes and threads racing prepare_atomic -> start -> finish never let two
+runs of one machine be active at once, never share an id and never break the journal's
+sequence; lock waits are bounded; a forked child neither shares nor releases its parent's lock.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import json
+import multiprocessing
+import os
+import pathlib
+import random
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import orjson
+import pytest
+
+from runstore import LockTimeoutError, PrepareOutcome, Run, Status, Store
+from runstore import lock as lock_module
+from runstore import store as store_module
+
+FORK = multiprocessing.get_context("fork")
+HASHES = ("h-a", "h-b")
+
+# -- the dispatcher cycle and its checks ----------------------------------------------------
+
+
+def _cycle(store: Store, machines: Sequence[str], attempts: int, seed: int,
+           make_delay: float = 0.0) -> dict[str, Any]:
+    """Run ``attempts`` dispatcher cycles; log (machine, id, t_active, t_end) per created run.
+
+    ``t_active`` is taken right after prepare_atomic returned CREATED and ``t_end`` right
+    before finish() is called, so [t_active, t_end] lies inside the time the run was really
+    non-terminal: two logged intervals of one machine may never overlap.
+    """
+    rng = random.Random(seed)
+    created: list[tuple[str, str, float, float]] = []
+    counts: collections.Counter[str] = collections.Counter()
+    errors: list[str] = []
+    for _ in range(attempts):
+        machine, h = rng.choice(machines), rng.choice(HASHES)
+
+        def make(machine: str = machine, h: str = h) -> Run:
+            if make_delay:
+                time.sleep(make_delay)
+            return Run(machine, f"/tests/{h}", h)
+
+        try:
+            run, outcome = store.prepare_atomic(machine, h, make)
+            counts[outcome.name] += 1
+            if outcome is not PrepareOutcome.CREATED:
+                if run.machine != machine or run.is_terminal:
+                    errors.append(f"{outcome.name} returned {run!r} for {machine}")
+                if (run.test_dir_hash == h) != (outcome is PrepareOutcome.REUSE):
+                    errors.append(f"{outcome.name} for hash {h} returned {run.test_dir_hash}")
+                continue
+            t_active = time.monotonic()
+            store.start(run.id)
+            if rng.random() < 0.2:
+                store.heartbeat(run.id)
+            t_end = time.monotonic()
+            store.finish(run.id, Status.COMPLETED, exit_code=0)
+            created.append((machine, run.id, t_active, t_end))
+        except Exception:
+            errors.append(traceback.format_exc())
+            break
+    return {"created": created, "counts": dict(counts), "errors": errors}
+
+
+def _merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {"created": [], "counts": collections.Counter(), "errors": []}
+    for result in results:
+        merged["created"] += [tuple(c) for c in result["created"]]
+        merged["counts"].update(result["counts"])
+        merged["errors"] += result["errors"]
+    return merged
+
+
+def _threads(store_for: Any, machines: Sequence[str], attempts: int, threads: int,
+             seed: int, make_delay: float = 0.0) -> dict[str, Any]:
+    results: list[dict[str, Any]] = [{} for _ in range(threads)]
+
+    def body(i: int) -> None:
+        results[i] = _cycle(store_for(i), machines, attempts, seed * 1000 + i, make_delay)
+
+    workers = [threading.Thread(target=body, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    return _merge(results)
+
+
+def _set_knobs(knobs: dict[str, Any]) -> None:
+    """Set ``"store.NAME"`` / ``"lock.Class.NAME"`` attributes (in a worker process only)."""
+    for name, value in knobs.items():
+        module, *path = name.split(".")
+        target: Any = {"store": store_module, "lock": lock_module}[module]
+        for part in path[:-1]:
+            target = getattr(target, part)
+        assert hasattr(target, path[-1]), f"{name} no longer exists; update this test"
+        setattr(target, path[-1], value)
+
+
+def _process(state_dir: str, machines: Sequence[str], attempts: int, threads: int, seed: int,
+             out: str, go: Any, knobs: dict[str, Any], make_delay: float = 0.0) -> None:
+    """A dispatcher process: ``threads`` threads sharing one Store; results as JSON."""
+    _set_knobs(knobs)
+    try:
+        store = Store(state_dir, lock_timeout=60)
+        go.wait(30)
+        result = _threads(lambda i: store, machines, attempts, threads, seed, make_delay)
+        store.close()
+    except Exception:
+        result = {"created": [], "counts": {}, "errors": [traceback.format_exc()]}
+    pathlib.Path(out).write_text(json.dumps(result))
+
+
+def _race_processes(state_dir: pathlib.Path, tmp: pathlib.Path, *, procs: int, threads: int,
+                    attempts: int, machines: Sequence[str], knobs: dict[str, Any] | None = None,
+                    make_delay: float = 0.0, timeout: float = 120) -> dict[str, Any]:
+    Store(state_dir).close()  # create the store before the race
+    go = FORK.Event()
+    outs = [tmp / f"worker-{i}.json" for i in range(procs)]
+    workers = [
+        FORK.Process(target=_process, args=(str(state_dir), machines, attempts, threads, i,
+                                            str(outs[i]), go, knobs or {}, make_delay))
+        for i in range(procs)
+    ]
+    try:
+        for p in workers:
+            p.start()
+        go.set()
+        deadline = time.monotonic() + timeout
+        for p in workers:
+            p.join(max(0.1, deadline - time.monotonic()))
+        hung = [p.pid for p in workers if p.is_alive()]
+    finally:
+        for p in workers:
+            if p.is_alive():
+                p.kill()
+            p.join()
+    assert not hung, f"workers {hung} did not finish within {timeout} s"
+    assert [p.exitcode for p in workers] == [0] * procs
+    return _merge([json.loads(out.read_text()) for out in outs])
+
+
+def _overlaps(created: Sequence[tuple[str, str, float, float]]) -> list[tuple[str, str]]:
+    """Pairs of runs of one machine whose logged active intervals overlap."""
+    by_machine: dict[str, list[tuple[float, float, str]]] = collections.defaultdict(list)
+    for machine, run_id, t_active, t_end in created:
+        by_machine[machine].append((t_active, t_end, run_id))
+    bad = []
+    for spans in by_machine.values():
+        spans.sort()
+        latest_end, latest_id = float("-inf"), ""
+        for t_active, t_end, run_id in spans:
+            if t_active < latest_end:
+                bad.append((latest_id, run_id))
+            if t_end > latest_end:
+                latest_end, latest_id = t_end, run_id
+    return bad
+
+
+def _journal(path: pathlib.Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    lines = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    return lines[0], [d for d in lines[1:] if "seq" in d]
+
+
+def _replay(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Problems found by replaying the records in seq order: two non-terminal runs of one
+    machine at once, ids out of creation order, versions out of revision order."""
+    problems = []
+    status: dict[str, str] = {}
+    revision: dict[str, int] = {}
+    active: dict[str, set[str]] = collections.defaultdict(set)
+    last_created = ""
+    for d in records:
+        run_id, machine = d["id"], d["machine"]
+        if d["change"] == "run_created":
+            if run_id in status:
+                problems.append(f"seq {d['seq']}: id {run_id} created twice")
+            if run_id <= last_created:
+                problems.append(f"seq {d['seq']}: id {run_id} sorts before {last_created}")
+            last_created = run_id
+        elif d["revision"] != revision.get(run_id, 0) + 1:
+            problems.append(f"seq {d['seq']}: {run_id} revision {d['revision']} after "
+                            f"{revision.get(run_id)}")
+        status[run_id], revision[run_id] = d["status"], d["revision"]
+        if d["status"] in ("pending", "running"):
+            active[machine].add(run_id)
+        else:
+            active[machine].discard(run_id)
+        if len(active[machine]) > 1:
+            problems.append(f"seq {d['seq']}: {machine} has active runs {sorted(active[machine])}")
+    return problems
+
+
+def _check_race(result: dict[str, Any], state_dir: pathlib.Path, *,
+                full_history: bool = True) -> dict[str, int]:
+    """Assert the race left no overlap, no duplicate id and a sound journal; return figures."""
+    assert not result["errors"], "\n".join(result["errors"][:3])
+    created = result["created"]
+    ids = [c[1] for c in created]
+    overlapping = _overlaps(created)
+    duplicates = len(ids) - len(set(ids))
+    assert duplicates == 0, f"{duplicates} duplicate ids"
+    assert not overlapping, f"{len(overlapping)} overlapping active runs: {overlapping[:5]}"
+
+    header, records = _journal(state_dir / "runs.jsonl")
+    seqs = [d["seq"] for d in records]
+    if full_history:
+        assert header["compacted_through"] == 0
+        assert seqs == list(range(1, len(seqs) + 1)), "sequence numbers are not gap-free"
+        assert len(records) == 3 * len(ids) + sum(1 for d in records
+                                                  if d["change"] == "heartbeat")
+        problems = _replay(records)
+        assert not problems, problems[:5]
+        assert {d["id"] for d in records if d["change"] == "run_created"} == set(ids)
+    else:
+        # after a compaction: the latest version of every run (base_bytes after the header),
+        # then the retained history and the new appends, gap-free from compacted_through + 1
+        raw = (state_dir / "runs.jsonl").read_bytes()
+        latest_end = raw.index(b"\n") + 1 + header["base_bytes"]
+        tail = [orjson.loads(line).get("seq") for line in raw[latest_end:].splitlines()]
+        tail = [n for n in tail if n is not None]
+        through = header["compacted_through"]
+        assert tail == list(range(through + 1, through + 1 + len(tail))), "seq gap after compaction"
+    with Store(state_dir) as s:
+        runs = s.list()
+        assert s.active() == []
+    assert sorted(r.id for r in runs) == sorted(ids)
+    assert all(r.status is Status.COMPLETED for r in runs)
+    return {"created": len(ids), "seqs": len(seqs), "overlapping": len(overlapping),
+            "duplicates": duplicates}
+
+
+@pytest.fixture
+def figures(capsys: pytest.CaptureFixture[str]) -> Iterator[Any]:
+    """print() for the figures CI must show, past pytest's capture."""
+    def show(line: str) -> None:
+        with capsys.disabled():
+            print(f"\n{line}", flush=True)
+    yield show
+
+
+# -- the checks catch what they must --------------------------------------------------------
+
+
+def test_overlap_check_flags_overlapping_intervals() -> None:
+    """The interval check reports two runs of one machine active at the same time."""
+    created = [("m1", "a", 1.0, 2.0), ("m1", "b", 1.5, 3.0), ("m2", "c", 1.2, 1.8),
+               ("m1", "c", 3.1, 4.0), ("m1", "d", 5.0, 9.0), ("m1", "e", 6.0, 6.5)]
+    assert _overlaps(created) == [("a", "b"), ("d", "e")]
+
+
+def test_replay_flags_two_active_runs_on_a_machine() -> None:
+    """The journal replay reports a second active run, a reused id and a skipped revision."""
+    def rec(seq: int, run_id: str, change: str, status: str, revision: int) -> dict[str, Any]:
+        return {"seq": seq, "id": run_id, "machine": "m1", "change": change,
+                "status": status, "revision": revision}
+    records = [rec(1, "a", "run_created", "pending", 1), rec(2, "b", "run_created", "pending", 1),
+               rec(3, "a", "run_created", "pending", 1), rec(4, "b", "run_finished", "failed", 3)]
+    problems = _replay(records)
+    assert any("active runs" in p for p in problems)
+    assert any("created twice" in p for p in problems)
+    assert any("revision 3" in p for p in problems)
+
+
+# -- races ----------------------------------------------------------------------------------
+
+SIZES = {
+    "default": {"procs": 8, "threads": 2, "attempts": 320},  # 5,120 attempts per race
+    "stress": {"procs": 8, "threads": 4, "attempts": 700},  # 22,400 attempts per race
+}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("machines", [1, 4], ids=["1-machine", "4-machines"])
+@pytest.mark.parametrize(
+    "size", ["default", pytest.param("stress", marks=pytest.mark.stress)])
+def test_processes_racing_prepare_never_overlap(
+    store_dir: pathlib.Path, tmp_path: pathlib.Path, figures: Any, machines: int, size: str
+) -> None:
+    """8 processes x 2 threads racing the dispatcher cycle: 0 overlapping active runs,
+    0 duplicate ids, gap-free sequence numbers in runs.jsonl."""
+    procs, threads, attempts = (SIZES[size][k] for k in ("procs", "threads", "attempts"))
+    started = time.monotonic()
+    result = _race_processes(
+        store_dir, tmp_path, procs=procs, threads=threads, attempts=attempts,
+        machines=[f"m{i}" for i in range(machines)],
+        knobs={"store.COMPACT_MIN_SUPERSEDED": 10**9})  # keep the whole history to replay
+    seconds = time.monotonic() - started
+    found = _check_race(result, store_dir)
+    total = procs * threads * attempts
+    assert sum(result["counts"].values()) == total >= 2000
+    figures(
+        f"race: {total} prepare attempts, {procs} procs x {threads} threads, {machines} "
+        f"machine(s), {found['created']} created / {result['counts'].get('REUSE', 0)} reuse / "
+        f"{result['counts'].get('BUSY', 0)} busy, {found['overlapping']} overlapping, "
+        f"{found['duplicates']} duplicate ids, {found['seqs']} gap-free seqs, {seconds:.1f} s")
+
+
+@pytest.mark.timeout(180)
+def test_processes_racing_through_frequent_compactions(
+    store_dir: pathlib.Path, tmp_path: pathlib.Path, figures: Any
+) -> None:
+    """The race stays sound while automatic compaction keeps replacing the file under it."""
+    knobs = {"store.COMPACT_MIN_SUPERSEDED": 64, "store.RETAIN_CHANGES": 16}
+    if not hasattr(store_module, "RETAIN_CHANGES"):
+        del knobs["store.RETAIN_CHANGES"]
+    result = _race_processes(store_dir, tmp_path, procs=4, threads=2, attempts=120,
+                             machines=["m0", "m1"], knobs=knobs)
+    found = _check_race(result, store_dir, full_history=False)
+    header, _ = _journal(store_dir / "runs.jsonl")
+    assert header["compacted_through"] > 0, "no compaction happened during the race"
+    figures(f"race with compaction: 960 attempts, 4 procs x 2 threads, {found['created']} "
+            f"created, compacted through seq {header['compacted_through']}, "
+            f"{found['overlapping']} overlapping, {found['duplicates']} duplicate ids")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sharing", ["one-store", "store-per-thread"])
+def test_threads_racing_prepare_never_overlap(
+    store_dir: pathlib.Path, figures: Any, sharing: str
+) -> None:
+    """8 threads of one process (sharing one Store, or one Store each) on 1 machine."""
+    Store(store_dir).close()
+    stores = [Store(store_dir, lock_timeout=60) for _ in range(1 if sharing == "one-store" else 8)]
+    try:
+        result = _threads(lambda i: stores[i % len(stores)], ["m0"], 150, 8, seed=1)
+    finally:
+        for s in stores:
+            s.close()
+    found = _check_race(result, store_dir)
+    figures(f"race: 1200 prepare attempts, 1 proc x 8 threads ({sharing}), 1 machine, "
+            f"{found['created']} created, {found['overlapping']} overlapping, "
+            f"{found['duplicates']} duplicate ids, {found['seqs']} gap-free seqs")
+
+
+@pytest.mark.timeout(120)
+def test_race_checks_fail_when_the_file_lock_is_broken(
+    store_dir: pathlib.Path, tmp_path: pathlib.Path, figures: Any
+) -> None:
+    """With the flock disabled (mutex only) the same race is caught: the checks are not blind."""
+    knobs = {"lock.StoreLock._lock_file": lambda self, fd, deadline, timeout: None,
+             "lock.StoreLock.release_file": lambda self: None,
+             "store.COMPACT_MIN_SUPERSEDED": 10**9}
+    for name in knobs:
+        module, *path = name.split(".")
+        if not hasattr(lock_module.StoreLock, path[-1]) and module == "lock":
+            pytest.skip(f"{name} no longer exists; update this sabotage")
+    try:
+        result = _race_processes(store_dir, tmp_path, procs=4, threads=1, attempts=60,
+                                 machines=["m0"], knobs=knobs, make_delay=0.001, timeout=60)
+    except AssertionError as exc:  # a worker crashed outright: caught as well
+        result = {"errors": [str(exc)], "created": [], "counts": {}}
+    with pytest.raises(AssertionError) as info:
+        _check_race(result, store_dir)
+    lines = [line for line in str(info.value).splitlines() if line.strip()]
+    caught = next((line for line in lines if "Error:" in line), lines[0])
+    figures(f"race with the flock disabled: caught, as it must be ({caught.strip()[:150]})")
+
+
+# -- lock timeouts --------------------------------------------------------------------------
+
+_HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def lock_held_elsewhere(store_dir: pathlib.Path) -> Iterator[subprocess.Popen[str]]:
+    """Another process holding an exclusive flock on the store's runs.lock."""
+    Store(store_dir).close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(store_dir / "runs.lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.timeout(60)
+def test_open_times_out_while_another_process_holds_the_lock(
+    store_dir: pathlib.Path, lock_held_elsewhere: subprocess.Popen[str]
+) -> None:
+    """Store() waits at most lock_timeout, then raises LockTimeoutError naming lock and time."""
+    started = time.monotonic()
+    with pytest.raises(LockTimeoutError) as info:
+        Store(store_dir, lock_timeout=0.2)
+    waited = time.monotonic() - started
+    assert 0.2 <= waited < 5, waited
+    assert isinstance(info.value, TimeoutError)
+    assert info.value.lock_path == str(store_dir / "runs.lock")
+    assert info.value.timeout == 0.2
+    assert str(store_dir / "runs.lock") in str(info.value) and "0.2" in str(info.value)
+
+
+@pytest.mark.timeout(60)
+def test_calls_time_out_and_recover_when_the_lock_comes_back(store_dir: pathlib.Path) -> None:
+    """An open store's calls raise LockTimeoutError while another process holds the lock,
+    and work again (mutex not leaked) once it is released."""
+    s = Store(store_dir, lock_timeout=0.2)
+    try:
+        run, _ = s.prepare_atomic("m1", "h", lambda: Run("m1", "/t", "h"))
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, str(store_dir / "runs.lock")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+            for call in (lambda: s.get(run.id), lambda: s.start(run.id), s.list):
+                started = time.monotonic()
+                with pytest.raises(LockTimeoutError):
+                    call()
+                assert time.monotonic() - started < 5
+        finally:
+            holder.kill()
+            holder.wait()
+        assert s.start(run.id).status is Status.RUNNING
+    finally:
+        s.close()
+
+
+# -- fork -----------------------------------------------------------------------------------
+
+
+def _flock_free(lock_path: pathlib.Path) -> bool:
+    """Whether a separate process can take the flock right now (non-blocking)."""
+    probe = subprocess.run(
+        [sys.executable, "-c",
+         "import fcntl, os, sys\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+         "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+         "except BlockingIOError:\n    sys.exit(3)\n"
+         "sys.exit(0)\n",
+         str(lock_path)], check=False, timeout=30)
+    assert probe.returncode in (0, 3), probe
+    return probe.returncode == 0
+
+
+class _HeldLock:
+    """A thread of this process inside prepare_atomic's make(), holding the store's lock."""
+
+    def __init__(self, store: Store) -> None:
+        self.inside = threading.Event()
+        self.leave = threading.Event()
+        self.outcome: list[Any] = []
+        self.thread = threading.Thread(target=self._run, args=(store,))
+
+    def _run(self, store: Store) -> None:
+        def make() -> Run:
+            self.inside.set()
+            self.leave.wait(30)
+            return Run("m-held", "/t", "h")
+        self.outcome.append(store.prepare_atomic("m-held", "h", make))
+
+    def __enter__(self) -> _HeldLock:
+        self.thread.start()
+        assert self.inside.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.leave.set()
+        self.thread.join(30)
+
+
+def _child_uses_inherited_store(store: Store, out: str) -> None:
+    try:
+        seen = [r.machine for r in store.list()]
+        run = store.create(Run("m-child", "/t", "h", status=Status.COMPLETED, exit_code=0))
+        store.close()
+        pathlib.Path(out).write_text(json.dumps({"seen": seen, "created": run.id}))
+    except Exception:
+        pathlib.Path(out).write_text(json.dumps({"error": traceback.format_exc()}))
+
+
+@pytest.mark.timeout(60)
+def test_child_forked_after_use_can_use_the_store(store: Store, tmp_path: pathlib.Path) -> None:
+    """A child forked after the parent used the store reads and writes through it; the parent
+    sees the child's run and keeps working."""
+    parent_run, _ = store.prepare_atomic("m-parent", "h", lambda: Run("m-parent", "/t", "h"))
+    out = tmp_path / "child.json"
+    child = FORK.Process(target=_child_uses_inherited_store, args=(store, str(out)))
+    try:
+        child.start()
+        child.join(30)
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
+    assert child.exitcode == 0
+    report = json.loads(out.read_text())
+    assert "error" not in report, report.get("error")
+    assert report["seen"] == ["m-parent"]
+    assert [r.id for r in store.list()] == [parent_run.id, report["created"]]
+    assert store.start(parent_run.id).status is Status.RUNNING
+
+
+def _child_under_parent_lock(store: Store, out: str) -> None:
+    try:
+        store.lock_timeout = 0.3
+        try:
+            store.list()
+            verdict = "the child got in while the parent held the lock"
+        except LockTimeoutError:
+            verdict = "blocked"
+        store.close()  # must not unlock the parent's open file description
+        pathlib.Path(out).write_text(json.dumps({"verdict": verdict}))
+    except Exception:
+        pathlib.Path(out).write_text(json.dumps({"verdict": traceback.format_exc()}))
+
+
+@pytest.mark.timeout(60)
+def test_forked_child_neither_shares_nor_releases_the_parents_lock(
+    store: Store, store_dir: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """A child forked while a parent thread holds the lock is kept out, and closing its store
+    does not release the parent's flock (a third process still cannot take it)."""
+    store.create(Run("m-before", "/t", "h", status=Status.FAILED))
+    lock_path = store_dir / "runs.lock"
+    out = tmp_path / "child.json"
+    with _HeldLock(store) as held:
+        assert not _flock_free(lock_path)
+        child = FORK.Process(target=_child_under_parent_lock, args=(store, str(out)))
+        try:
+            child.start()
+            child.join(30)
+        finally:
+            if child.is_alive():
+                child.kill()
+            child.join()
+        assert child.exitcode == 0
+        assert json.loads(out.read_text())["verdict"] == "blocked"
+        assert not _flock_free(lock_path), "the child's close() released the parent's flock"
+    assert held.outcome and held.outcome[0][1] is PrepareOutcome.CREATED
+    assert _flock_free(lock_path)
+    assert [r.machine for r in store.list()] == ["m-before", "m-held"]
+
+
+def _child_waits_then_writes(store: Store, go: Any, out: str) -> None:
+    try:
+        go.wait(30)
+        store.lock_timeout = 10
+        run = store.create(Run("m-child", "/t", "h"))
+        store.close()
+        pathlib.Path(out).write_text(json.dumps({"created": run.id}))
+    except Exception:
+        pathlib.Path(out).write_text(json.dumps({"error": traceback.format_exc()}))
+
+
+@pytest.mark.timeout(60)
+def test_child_forked_under_the_lock_can_use_the_store_once_released(
+    store: Store, tmp_path: pathlib.Path
+) -> None:
+    """A child forked while a parent thread held the mutex and flock gets its own mutex and
+    lock: it writes once the parent lets go."""
+    out = tmp_path / "child.json"
+    go = FORK.Event()
+    with _HeldLock(store):
+        child = FORK.Process(target=_child_waits_then_writes, args=(store, go, str(out)))
+        child.start()
+    try:
+        go.set()
+        child.join(30)
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
+    assert child.exitcode == 0
+    report = json.loads(out.read_text())
+    assert "error" not in report, report.get("error")
+    assert [r.machine for r in store.list()] == ["m-held", "m-child"]
+
+
+def _fork_worker(state_dir: str, n: int, out: str) -> None:
+    try:
+        with Store(state_dir, lock_timeout=30) as s:
+            for i in range(n):
+                run = s.create(Run(f"m-{os.getpid()}-{i}", "/t", "h"))
+                s.finish(run.id, Status.FAILED)
+        pathlib.Path(out).write_text("ok")
+    except Exception:
+        pathlib.Path(out).write_text(traceback.format_exc())
+
+
+@pytest.mark.timeout(60)
+def test_spawned_processes_share_the_store(store_dir: pathlib.Path,
+                                           tmp_path: pathlib.Path) -> None:
+    """Processes started with "spawn" (no inherited state) write to one store safely."""
+    Store(store_dir).close()
+    ctx = multiprocessing.get_context("spawn")
+    outs = [tmp_path / f"spawn-{i}.txt" for i in range(2)]
+    workers = [ctx.Process(target=_fork_worker, args=(str(store_dir), 20, str(o))) for o in outs]
+    try:
+        for p in workers:
+            p.start()
+        for p in workers:
+            p.join(45)
+    finally:
+        for p in workers:
+            if p.is_alive():
+                p.kill()
+            p.join()
+    assert [o.read_text() for o in outs] == ["ok", "ok"]
+    with Store(store_dir) as s:
+        assert len(s.list(status=Status.FAILED)) == 40
+    _, records = _journal(store_dir / "runs.jsonl")
+    assert [d["seq"] for d in records] == list(range(1, 81))
+
+
+def test_lock_file_is_separate_and_kept(store_dir: pathlib.Path) -> None:
+    """The flock is taken on runs.lock, not on the journal (which compaction replaces)."""
+    with Store(store_dir) as s, _HeldLock(s):
+        assert not _flock_free(store_dir / "runs.lock")
+        fd = os.open(store_dir / "runs.jsonl", os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the journal itself is not locked
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+    assert (store_dir / "runs.lock").exists()
