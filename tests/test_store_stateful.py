@@ -292,7 +292,7 @@ class StoreModel(RuleBasedStateMachine):
 
 
 StoreModel.TestCase.settings = settings(
-    max_examples=int(os.environ.get("RUNSTORE_STATEFUL_EXAMPLES", "40")),
+    max_examples=int(os.environ.get("RUNSTORE_STATEFUL_EXAMPLES", "60")),
     stateful_step_count=40,
     deadline=None,
     database=None,
