@@ -157,7 +157,7 @@ def summarize(name: str, n: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians of the repeated fresh processes (memory: the largest peak)."""
 
     def med(key: str) -> float:
-        return statistics.median(r[key] for r in runs)
+        return float(statistics.median(r[key] for r in runs))
 
     return {
         "impl": name, "n": n, "repeat": len(runs),

@@ -48,12 +48,9 @@ def available() -> bool:
     return postgres_bin_dir() is not None
 
 
-def _as_server_user(argv: list[str], root: Path, **kwargs: object) -> dict[str, object]:
-    """Popen arguments running ``argv`` in ``root``, as ``nobody`` when we are root."""
-    drop = os.geteuid() == 0
-    return {"args": argv, "cwd": root, "user": _NOBODY_UID if drop else None,
-            "group": _NOBODY_UID if drop else None, "extra_groups": [] if drop else None,
-            **kwargs}
+def _server_user() -> int | None:
+    """The uid (and gid) to run the server as: ``nobody`` when we are root, else ourselves."""
+    return _NOBODY_UID if os.geteuid() == 0 else None
 
 
 def _give_away(path: Path) -> None:
@@ -81,6 +78,7 @@ def throwaway_postgres(
         raise RuntimeError("PostgreSQL server binaries not found under /usr/lib/postgresql "
                            "(install postgresql-15 or set RUNSTORE_PG_BIN)")
     root = Path(tempfile.mkdtemp(prefix="runstore-pg-", dir=base_dir))
+    owner = os.getpid()
     server: subprocess.Popen[bytes] | None = None
     log_path = root / "server.log"
     try:
@@ -89,7 +87,10 @@ def throwaway_postgres(
         data = root / "data"
         initdb = [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
                   "-E", "UTF8", "--locale=C", "--no-sync"]  # a throwaway cluster: no sync
-        done = subprocess.run(**_as_server_user(initdb, root, capture_output=True))
+        uid = _server_user()
+        groups: list[int] | None = None if uid is None else []  # drop root's groups too
+        done = subprocess.run(initdb, cwd=root, capture_output=True, check=False, user=uid,
+                              group=uid, extra_groups=groups)
         if done.returncode != 0:
             raise RuntimeError(f"initdb failed ({done.returncode}):\n"
                                f"{done.stderr.decode(errors='replace')}")
@@ -105,14 +106,16 @@ def throwaway_postgres(
         for name, value in conf.items():
             argv += ["-c", f"{name}={value}"]
         with open(log_path, "wb") as log:
-            server = subprocess.Popen(**_as_server_user(
-                argv, root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            server = subprocess.Popen(argv, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True, user=uid, group=uid,
+                                      extra_groups=groups)
         _wait_ready(bin_dir, root, server, log_path)
         yield dsn_for(root)
     finally:
-        if server is not None:
-            _stop(server)
-        shutil.rmtree(root, ignore_errors=True)
+        if os.getpid() == owner:  # a forked child leaving the block must not stop it
+            if server is not None:
+                _stop(server)
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def _wait_ready(bin_dir: Path, root: Path, server: subprocess.Popen[bytes],

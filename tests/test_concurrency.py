@@ -113,8 +113,8 @@ def _set_knobs(knobs: dict[str, Any]) -> None:
 def _process(state_dir: str, machines: Sequence[str], attempts: int, threads: int, seed: int,
              out: str, go: Any, knobs: dict[str, Any], make_delay: float = 0.0) -> None:
     """A dispatcher process: ``threads`` threads sharing one Store; results as JSON."""
-    _set_knobs(knobs)
     try:
+        _set_knobs(knobs)
         store = Store(state_dir, lock_timeout=60)
         go.wait(30)
         result = _threads(lambda i: store, machines, attempts, threads, seed, make_delay)
