@@ -597,7 +597,8 @@ class History:
         done = [j for j, a in enumerate(self.acked) if a is not None and a <= k
                 and (self.barriers[j] if not self.durable else a > self.started[j])]
         low = max(done) if done else 0
-        high = max(j for j, s in enumerate(self.started) if s < k or j == 0)
+        high = max(j for j, s in enumerate(self.started)
+                   if s < k or j == 0 or (self.acked[j] is not None and self.acked[j] <= k))
         return low, high
 
 
