@@ -23,12 +23,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import attrs
-import portalocker
-import portalocker.exceptions
 
 from . import codec, failpoints
-from .errors import CorruptStoreError, LockTimeoutError, StoreIOError, UnsafeStoreError
+from .errors import CorruptStoreError, StoreIOError, UnsafeStoreError
 from .fsio import FileSystem
+from .lock import flock_until
 
 log = logging.getLogger("runstore")
 
@@ -554,7 +553,8 @@ def check(state_dir: str | os.PathLike[str], *, lock_timeout: float = 30.0) -> C
         except FileNotFoundError:
             pass
         if lock_fd >= 0:
-            _flock_within(lock_fd, os.path.join(state_dir, LOCK_NAME), lock_timeout)
+            flock_until(lock_fd, time.monotonic() + lock_timeout,
+                        os.path.join(state_dir, LOCK_NAME), lock_timeout)
         try:
             fd = os.open(DATA_NAME, os.O_RDONLY | _OPEN, dir_fd=dir_fd)
         except OSError as exc:
@@ -574,20 +574,6 @@ def check(state_dir: str | os.PathLike[str], *, lock_timeout: float = 30.0) -> C
             os.close(lock_fd)
         os.close(dir_fd)
     return _check_bytes(buf, path)
-
-
-def _flock_within(fd: int, lock_path: str, timeout: float) -> None:
-    locker = portalocker.portalocker.FlockLocker()
-    flags = portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            locker.lock(fd, flags)
-            return
-        except portalocker.exceptions.AlreadyLocked:
-            if time.monotonic() >= deadline:
-                raise LockTimeoutError(lock_path, timeout) from None
-            time.sleep(0.005)
 
 
 def _check_bytes(buf: bytes, path: str) -> CheckReport:

@@ -62,24 +62,7 @@ class StoreLock:
             raise
 
     def _lock_file(self, fd: int, deadline: float, timeout: float) -> None:
-        # Poll with a non-blocking flock: a blocking flock cannot be given a timeout. Spin
-        # briefly first (critical sections are tens of microseconds), then back off.
-        spin_until = time.monotonic() + _SPIN_SECONDS
-        delay = 0.00005
-        while True:
-            try:
-                _LOCKER.lock(fd, _EXCLUSIVE_NOW)
-                return
-            except portalocker.exceptions.AlreadyLocked:
-                pass
-            now = time.monotonic()
-            if now >= deadline:
-                raise LockTimeoutError(self.lock_path, timeout)
-            if now < spin_until:
-                os.sched_yield()
-            else:
-                time.sleep(min(delay, deadline - now))
-                delay = min(delay * 2, _MAX_SLEEP)
+        flock_until(fd, deadline, self.lock_path, timeout)
 
     def release(self) -> None:
         """Release the file lock, then the mutex."""
@@ -114,6 +97,29 @@ class StoreLock:
         if self._fd is not None and self._pid == os.getpid():
             os.close(self._fd)
         self._fd = None
+
+
+def flock_until(fd: int, deadline: float, lock_path: str, timeout: float) -> None:
+    """Take an exclusive flock on ``fd`` by ``deadline`` (monotonic), else raise
+    ``LockTimeoutError``. Polls with a non-blocking flock (a blocking one cannot be given a
+    timeout): spins briefly first, as critical sections take tens of microseconds, then backs
+    off."""
+    spin_until = time.monotonic() + _SPIN_SECONDS
+    delay = 0.00005
+    while True:
+        try:
+            _LOCKER.lock(fd, _EXCLUSIVE_NOW)
+            return
+        except portalocker.exceptions.AlreadyLocked:
+            pass
+        now = time.monotonic()
+        if now >= deadline:
+            raise LockTimeoutError(lock_path, timeout)
+        if now < spin_until:
+            os.sched_yield()
+        else:
+            time.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, _MAX_SLEEP)
 
 
 def _after_fork_in_child() -> None:
