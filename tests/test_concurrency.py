@@ -75,6 +75,22 @@ def _cycle(store: Store, machines: Sequence[str], attempts: int, seed: int,
     return {"created": created, "counts": dict(counts), "errors": errors}
 
 
+def _finish(child: Any, timeout: float = 30) -> None:
+    """Wait for a started child; kill it if it overruns, and always reap it."""
+    try:
+        child.join(timeout)
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
+
+
+def _run_to_end(child: Any, timeout: float = 30) -> None:
+    """Start a child and wait for it as ``_finish`` does."""
+    child.start()
+    _finish(child, timeout)
+
+
 def _merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {"created": [], "counts": collections.Counter(), "errors": []}
     for result in results:
@@ -497,13 +513,7 @@ def test_child_forked_after_use_can_use_the_store(store: Store, tmp_path: pathli
     parent_run, _ = store.prepare_atomic("m-parent", "h", lambda: Run("m-parent", "/t", "h"))
     out = tmp_path / "child.json"
     child = FORK.Process(target=_child_uses_inherited_store, args=(store, str(out)))
-    try:
-        child.start()
-        child.join(30)
-    finally:
-        if child.is_alive():
-            child.kill()
-        child.join()
+    _run_to_end(child)
     assert child.exitcode == 0
     report = json.loads(out.read_text())
     assert "error" not in report, report.get("error")
@@ -538,13 +548,7 @@ def test_forked_child_neither_shares_nor_releases_the_parents_lock(
     with _HeldLock(store) as held:
         assert not _flock_free(lock_path)
         child = FORK.Process(target=_child_under_parent_lock, args=(store, str(out)))
-        try:
-            child.start()
-            child.join(30)
-        finally:
-            if child.is_alive():
-                child.kill()
-            child.join()
+        _run_to_end(child)
         assert child.exitcode == 0
         assert json.loads(out.read_text())["verdict"] == "blocked"
         assert not _flock_free(lock_path), "the child's close() released the parent's flock"
@@ -575,13 +579,8 @@ def test_child_forked_under_the_lock_can_use_the_store_once_released(
     with _HeldLock(store):
         child = FORK.Process(target=_child_waits_then_writes, args=(store, go, str(out)))
         child.start()
-    try:
-        go.set()
-        child.join(30)
-    finally:
-        if child.is_alive():
-            child.kill()
-        child.join()
+    go.set()
+    _finish(child)
     assert child.exitcode == 0
     report = json.loads(out.read_text())
     assert "error" not in report, report.get("error")
