@@ -1,7 +1,10 @@
 """runstore: the state of test/job runs for dispatcher processes, in one crash-safe JSON-lines
-file shared safely by many processes and threads."""
+file shared safely by many processes and threads, or in PostgreSQL when dispatchers run on
+several hosts (``runstore.open(url_or_path)`` picks the backend)."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     ConflictError,
@@ -16,10 +19,26 @@ from .errors import (
     StoreIOError,
     UnsafeStoreError,
 )
-from .model import Change, ChangeType, PrepareOutcome, Run, Status
+from .model import BatchSummary, Change, ChangeType, PrepareOutcome, Run, Status, StoreStats
+from .opener import open_store as open  # runstore.open(url_or_path)
+from .protocol import RunStore
 from .store import Store
 
+if TYPE_CHECKING:
+    from .postgres import PostgresStore
+
+
+def __getattr__(name: str) -> Any:
+    # PostgresStore needs psycopg (the optional extra runstore[postgres]): import on first use
+    if name == "PostgresStore":
+        from .postgres import PostgresStore
+
+        return PostgresStore
+    raise AttributeError(f"module 'runstore' has no attribute {name!r}")
+
+
 __all__ = [
+    "BatchSummary",
     "Change",
     "ChangeType",
     "ConflictError",
@@ -29,12 +48,16 @@ __all__ = [
     "InvalidTransitionError",
     "LockTimeoutError",
     "MachineBusyError",
+    "PostgresStore",
     "PrepareOutcome",
     "Run",
     "RunNotFoundError",
+    "RunStore",
     "RunstoreError",
     "Status",
     "Store",
     "StoreIOError",
+    "StoreStats",
     "UnsafeStoreError",
+    "open",
 ]

@@ -99,3 +99,35 @@ class Change:
     time: _dt.datetime
     type: ChangeType
     run: Run
+
+
+@attrs.frozen
+class BatchSummary:
+    """A batch at a glance: ``entries`` maps each plan entry to its latest run."""
+
+    batch_id: str
+    counts: dict[Status, int]
+    entries: dict[str, Run]
+    runs: int
+
+    @property
+    def done(self) -> bool:
+        """True when the batch has runs and the latest run of every plan entry is terminal."""
+        return bool(self.entries) and all(r.status.is_terminal for r in self.entries.values())
+
+
+@attrs.frozen
+class StoreStats:
+    """What ``stats()`` reports. For a PostgreSQL store ``path`` is the DSN without its
+    password, ``file_size`` the table's size in bytes, and the line counts are rows."""
+
+    path: str
+    file_size: int
+    runs: int
+    runs_by_status: dict[str, int]
+    runs_by_machine: dict[str, int]
+    live_lines: int
+    superseded_lines: int
+    last_seq: int
+    oldest_seq: int
+    durable: bool

@@ -41,7 +41,7 @@ from .fsio import DEFAULT as DEFAULT_FS
 from .fsio import FileSystem
 from .journal import Cursor, Damage, Header, Journal, cursor_after_header, judge, scan
 from .lock import StoreLock
-from .model import Change, ChangeType, PrepareOutcome, Run, Status
+from .model import BatchSummary, Change, ChangeType, PrepareOutcome, Run, Status, StoreStats
 
 T = TypeVar("T")
 _Changes = list[tuple[ChangeType, Run]]
@@ -849,38 +849,6 @@ def _status_set(status: Status | str | Iterable[Status | str] | None) -> frozens
         return frozenset(Status(s) for s in items)
     except ValueError:
         raise InvalidRunError(f"unknown status in {status!r}") from None
-
-
-
-@attrs.frozen
-class BatchSummary:
-    """A batch at a glance: ``entries`` maps each plan entry to its latest run."""
-
-    batch_id: str
-    counts: dict[Status, int]
-    entries: dict[str, Run]
-    runs: int
-
-    @property
-    def done(self) -> bool:
-        """True when the batch has runs and the latest run of every plan entry is terminal."""
-        return bool(self.entries) and all(r.status.is_terminal for r in self.entries.values())
-
-
-@attrs.frozen
-class StoreStats:
-    """What ``Store.stats()`` reports."""
-
-    path: str
-    file_size: int
-    runs: int
-    runs_by_status: dict[str, int]
-    runs_by_machine: dict[str, int]
-    live_lines: int
-    superseded_lines: int
-    last_seq: int
-    oldest_seq: int
-    durable: bool
 
 
 def _changes_in(buf: bytes, since_seq: int, path: str) -> Iterator[Change]:
