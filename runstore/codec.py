@@ -21,6 +21,7 @@ are kept when a record is rewritten.
 from __future__ import annotations
 
 import datetime as _dt
+import re
 import zlib
 from typing import Any
 
@@ -171,21 +172,58 @@ def encode_record(
 
 
 def encode_header(
-    store_id: str, created: str, compacted_through: int, base_bytes: int, history_bytes: int
+    store_id: str,
+    created: str,
+    compacted_through: int,
+    base_bytes: int,
+    history_bytes: int,
+    summary: BaseSummary | None = None,
 ) -> bytes:
     """The first line of a journal: ``base_bytes`` of latest run versions follow it, then
-    ``history_bytes`` of retained changes from ``compacted_through + 1`` on."""
-    return _seal(
-        {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "store_id": store_id,
-            "created": created,
-            "compacted_through": compacted_through,
-            "base_bytes": base_bytes,
-            "history_bytes": history_bytes,
-        }
-    )
+    ``history_bytes`` of retained changes from ``compacted_through + 1`` on. A compaction
+    adds ``summary`` so that opening need not parse the base (see ``BaseSummary``)."""
+    body: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "store_id": store_id,
+        "created": created,
+        "compacted_through": compacted_through,
+        "base_bytes": base_bytes,
+        "history_bytes": history_bytes,
+    }
+    if summary is not None:
+        body.update(base_lines=summary.lines, base_crc=summary.crc, max_id=summary.max_id,
+                    active=list(summary.active))
+    return _seal(body)
+
+
+@attrs.frozen
+class BaseSummary:
+    """What a compaction knows about the base it wrote, kept in the header so that opening
+    reads the base once at checksum speed instead of parsing it: how many latest-version
+    lines it holds, the CRC-32 of all its bytes (latest versions and retained history), the
+    greatest run id, and where the non-terminal runs are (offsets from the header's end)."""
+
+    lines: int
+    crc: int
+    max_id: str
+    active: tuple[int, ...]
+
+    @classmethod
+    def from_header(cls, data: dict[str, Any]) -> BaseSummary | None:
+        """The summary in a decoded header, or None when absent or not well formed (then
+        the reader parses the base line by line, as for a header written before it)."""
+        lines, crc, max_id, active = (data.get(k) for k in ("base_lines", "base_crc",
+                                                             "max_id", "active"))
+        if (type(lines) is not int or lines < 0 or type(crc) is not int
+                or not isinstance(max_id, str) or not isinstance(active, list)
+                or not all(type(a) is int and a >= 0 for a in active)):
+            return None
+        return cls(lines=lines, crc=crc, max_id=max_id, active=tuple(active))
+
+
+#: the start of every record line up to its id: ``seq`` then ``id`` always come first
+RECORD_ID = re.compile(rb'^\{"seq":\d+,"id":"([^"\\\n]*)",', re.MULTILINE)
 
 
 def change_to_json(seq: int, time: _dt.datetime, change: ChangeType, run: Run) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import secrets
 import stat
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -60,6 +60,10 @@ class Header:
     compacted_through: int
     latest_end: int
     base_end: int
+    #: where the first record line starts (the header's length)
+    start: int = 0
+    #: written by compactions: lets a reader skip parsing the base (``codec.BaseSummary``)
+    summary: codec.BaseSummary | None = None
 
 
 @attrs.frozen
@@ -213,6 +217,8 @@ def parse_header(line: bytes, path: str) -> Header:
         compacted_through=through,
         latest_end=len(line) + 1 + base,
         base_end=len(line) + 1 + base + history,
+        start=len(line) + 1,
+        summary=codec.BaseSummary.from_header(data),
     )
 
 
@@ -411,6 +417,25 @@ class Journal:
             if len(chunk) < _READ_CHUNK:
                 break
         return b"".join(chunks)
+
+    def read_lines(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+        """The bytes from ``start`` to ``end`` as (offset, chunk) pairs of whole lines, about
+        ``_READ_CHUNK`` each, so a large region is never in memory at once. A short file
+        ends the iteration early (the caller's checksum then tells)."""
+        assert self.fd is not None
+        pos, carry = start, b""
+        while pos < end:
+            chunk = self.fs.pread(self.fd, min(_READ_CHUNK, end - pos), pos)
+            if not chunk:
+                break
+            pos += len(chunk)
+            data = carry + chunk if carry else chunk
+            cut = data.rfind(b"\n") + 1 if pos < end else len(data)
+            if cut:
+                yield pos - len(data), data[:cut]
+            carry = data[cut:]
+        if carry:
+            yield pos - len(carry), carry
 
     def read_line(self, offset: int) -> bytes:
         """The line starting at ``offset``, without its newline."""

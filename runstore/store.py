@@ -20,6 +20,7 @@ import datetime as _dt
 import io
 import os
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, TypeVar
 
@@ -57,6 +58,8 @@ COMPACT_MIN_SUPERSEDED = 1024
 #: changes than this follows across a compaction without a HistoryTruncatedError
 RETAIN_CHANGES = 4096
 _ACTIVE = frozenset({Status.PENDING.value, Status.RUNNING.value})
+_CREATED = ChangeType.RUN_CREATED.value
+_PRUNED = ChangeType.RUN_PRUNED.value
 
 
 def _utcnow() -> _dt.datetime:
@@ -111,12 +114,25 @@ class Store:
         self._changed_at: dict[str, _dt.datetime] = {}  # non-terminal id -> its last change
         self._synced = 0  # bytes of the current file this process knows to be synced
         self._stale = True
+        # Opened from a compaction's summary, the base is not indexed until a query needs
+        # it (``_ensure_index``): ``_index`` then holds only the runs written after the base,
+        # and the live count is kept from the summary and the changes since.
+        self._lazy = False
+        self._base_count = 0  # latest-version lines in the base
+        self._tail_created = 0  # runs created after the base
+        self._tail_pruned: set[str] = set()  # runs pruned after the base
 
     def _index_version(self, offset: int, run_id: str, active: Run | None,
-                       changed_at: _dt.datetime | None, pruned: bool = False) -> None:
+                       changed_at: _dt.datetime | None, change: str) -> None:
         """Record that the latest version of ``run_id`` is at ``offset``; ``active`` is the
-        run when it is non-terminal, else None; ``pruned`` drops the run from the view."""
+        run when it is non-terminal, else None; a ``run_pruned`` change drops the run."""
         self._lines += 1
+        pruned = change == _PRUNED
+        if self._lazy:
+            if change == _CREATED:  # a new id (create and import refuse existing ones)
+                self._tail_created += 1
+            elif pruned:
+                self._tail_pruned.add(run_id)
         if run_id > self._max_id:
             self._max_id = run_id
         if pruned:
@@ -161,11 +177,49 @@ class Store:
             self._extras[run_id] = extra
         else:
             self._extras.pop(run_id, None)
-        pruned = data["change"] == ChangeType.RUN_PRUNED.value
-        self._index_version(offset, run_id, active, changed_at, pruned)
+        self._index_version(offset, run_id, active, changed_at, data["change"])
 
     def _latest_end(self) -> int:
         return self._cur.latest_end if self._cur is not None else 0
+
+    def _live(self) -> int:
+        """How many runs the store holds."""
+        if self._lazy:
+            return self._base_count + self._tail_created - len(self._tail_pruned)
+        return len(self._index)
+
+    def _ensure_index(self) -> None:
+        """Index the base (id -> offset), when it was opened from a summary and a query
+        needs every run or one that is neither non-terminal nor written since the base."""
+        if not self._lazy:
+            return
+        header = self._header
+        assert header is not None
+        j = self._journal
+        base: dict[str, int] = {}
+        for chunk_at, chunk in j.read_lines(header.start, header.latest_end):
+            before = len(base)
+            for m in codec.RECORD_ID.finditer(chunk):
+                base[m.group(1).decode()] = chunk_at + m.start()
+            if len(base) - before != chunk.count(b"\n"):  # an id with escapes: parse lines
+                pos = 0
+                while pos < len(chunk):
+                    nl = chunk.index(b"\n", pos)
+                    data = self._decode_at(chunk_at + pos, chunk[pos:nl])
+                    base[data["id"]] = chunk_at + pos
+                    pos = nl + 1
+        assert header.summary is not None
+        if len(base) != header.summary.lines:
+            raise CorruptStoreError(j.path, header.start,
+                                    f"the compacted base holds {len(base)} runs where its "
+                                    f"header says {header.summary.lines}")
+        for run_id, offset in self._index.items():  # keeps base positions, appends new ids
+            base[run_id] = offset
+        for run_id in self._tail_pruned:
+            base.pop(run_id, None)
+        self._index = base
+        self._lazy = False
+        self._tail_pruned = set()
 
     # -- catching up with the file ------------------------------------------------------
 
@@ -185,18 +239,63 @@ class Store:
             self._ingest(buf, cur.end)
 
     def _load(self) -> None:
-        """(Re)build the view from the whole file, creating the journal when missing."""
+        """(Re)build the view from the file, creating the journal when missing. A base
+        with a summary in the header is checksummed, not parsed: only its non-terminal runs
+        are read; the rest is indexed when first needed (``_ensure_index``)."""
         self._reset_view()
         j = self._journal
         header = j.open() if j.exists() else j.create()
         j.remove_stale_temps()
         self._header = header
-        start = len(j.read_line(0)) + 1
+        start = header.start
         self._cur = cursor_after_header(header, start)
+        if header.summary is not None and self._load_summarised_base(header):
+            start = header.base_end
         buf = j.read_from(start)
         self._ingest(buf, start)
         self._synced = self._cur.durable
         self._stale = False
+
+    def _load_summarised_base(self, header: Header) -> bool:
+        """Take the base from the header's summary after checking its CRC-32; False (read
+        it line by line instead, which names any damaged line) when the bytes disagree."""
+        summary, cur, j = header.summary, self._cur, self._journal
+        assert summary is not None and cur is not None
+        crc, size, history = 0, 0, []
+        for chunk_at, chunk in j.read_lines(header.start, header.base_end):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+            if chunk_at + len(chunk) > header.latest_end:  # retained history: its offsets
+                pos = max(header.latest_end - chunk_at, 0)
+                while pos < len(chunk):
+                    history.append(chunk_at + pos)
+                    pos = chunk.index(b"\n", pos) + 1
+        if crc != summary.crc or size != header.base_end - header.start:
+            return False
+        for rel in summary.active:
+            offset = header.start + rel
+            data = self._decode_at(offset, j.read_line(offset))
+            if data["status"] not in _ACTIVE:
+                return False
+            self._ingest_record(offset, data)
+        self._lazy = True
+        self._base_count = summary.lines
+        self._index.clear()  # the active runs' base offsets are found again when indexing
+        self._lines = summary.lines + len(history)
+        self._recent.extend(history)
+        self._max_id = max(self._max_id, summary.max_id)
+        cur.end = header.base_end
+        cur.next_seq = header.compacted_through + 1 + len(history)
+        return True
+
+    def _decode_at(self, offset: int, line: bytes) -> dict[str, Any]:
+        try:
+            data = codec.decode_line(line)
+            codec.check_record(data)
+        except codec.BadLine as exc:
+            raise CorruptStoreError(self._journal.path, offset,
+                                    f"a stored run is unreadable: {exc.reason}") from None
+        return data
 
     def _ingest(self, buf: bytes, start: int) -> None:
         cur = self._cur
@@ -243,7 +342,7 @@ class Store:
             result, changes = decide()
             if changes:
                 wrote_to = self._commit(changes)
-                live = len(self._index)
+                live = self._live()
                 if self._lines - live > RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live):
                     self._compact()
                     # the new file is already synced, and wrote_to is an offset in the old
@@ -291,51 +390,70 @@ class Store:
         for (change, run), line in zip(changes, lines, strict=False):
             self._recent.append(offset)
             self._index_version(offset, run.id, None if run.status.is_terminal else run, now,
-                                change is ChangeType.RUN_PRUNED)
+                                change.value)
             offset += len(line)
         cur.end, cur.next_seq = offset, seq
         self._unmarked_writes = True
         return offset
 
     def _compact(self, retain: int = RETAIN_CHANGES) -> None:
-        """Rewrite the file (the lock is held): a header, the latest version of every run in
-        insertion order, then the last ``retain`` changes verbatim for lagging watchers."""
+        """Rewrite the file (the lock is held): a header with the base's summary, the latest
+        version of every run in insertion order, then the last ``retain`` changes verbatim
+        for lagging watchers. Written in chunks of about a megabyte."""
+        self._ensure_index()
         j, cur, header = self._journal, self._cur, self._header
         assert cur is not None and header is not None
         buf = j.read_from(0)
-        latest = [buf[offset:buf.index(b"\n", offset) + 1] for offset in self._index.values()]
+        ends = {}  # line start -> line end (with its newline), for the lines we keep
+        find = buf.index
+        for offset in self._index.values():
+            ends[offset] = find(b"\n", offset) + 1
         history = list(self._recent)[len(self._recent) - retain:] if retain else []
-        kept = [buf[offset:buf.index(b"\n", offset) + 1] for offset in history]
-        del buf
-        through = cur.next_seq - 1 - len(kept)
-        latest_bytes, history_bytes = sum(map(len, latest)), sum(map(len, kept))
+        for offset in history:
+            ends[offset] = find(b"\n", offset) + 1
+        kept = [*self._index.values(), *history]
+        latest_count = len(self._index)
+        crc, size, active = 0, 0, []
+        for run_id, offset in self._index.items():
+            if run_id in self._active:
+                active.append(size)
+            crc = zlib.crc32(buf[offset:ends[offset]], crc)
+            size += ends[offset] - offset
+        latest_bytes = size
+        for offset in history:
+            crc = zlib.crc32(buf[offset:ends[offset]], crc)
+            size += ends[offset] - offset
+        through = cur.next_seq - 1 - len(history)
+        summary = codec.BaseSummary(lines=latest_count, crc=crc, max_id=self._max_id,
+                                    active=tuple(active))
         head = codec.encode_header(header.store_id, header.created, through, latest_bytes,
-                                   history_bytes)
+                                   size - latest_bytes, summary)
         failpoints.hit("compact.before_rewrite")
         try:
-            j.replace_with([head, *latest, *kept])
+            j.replace_with(_chunked(head, buf, kept, ends))
             self._header = j.open()
         except BaseException:
             self._stale = True
             raise
-        offset = len(head)
-        before = dict(self._index)  # offsets in the old file (the loop below overwrites them)
-        for run_id, line in zip(list(self._index), latest, strict=False):
-            self._index[run_id] = offset
-            offset += len(line)
-        latest_end = offset
+        del buf
+        start = len(head)
+        offset = start + latest_bytes
         moved = {}
-        for old, line in zip(history, kept, strict=False):
+        for old in history:
             moved[old] = offset
-            offset += len(line)
-        for run_id, old in before.items():
-            if old in moved:  # the latest version is in the retained history: point there
-                self._index[run_id] = moved[old]
+            offset += ends[old] - old
+        offset = start
+        for run_id, old in self._index.items():
+            # the latest version is in the retained history: point there (as a reader would)
+            self._index[run_id] = moved.get(old, offset)
+            offset += ends[old] - old
+        end = start + size
         self._recent = collections.deque((moved[o] for o in history), maxlen=RETAIN_CHANGES)
-        self._cur = Cursor(end=offset, next_seq=cur.next_seq, durable=offset,
-                           latest_end=latest_end, base_end=offset, compacted_through=through)
-        self._synced = offset
-        self._lines = len(latest) + len(kept)
+        self._cur = Cursor(end=end, next_seq=cur.next_seq, durable=end,
+                           latest_end=start + latest_bytes, base_end=end,
+                           compacted_through=through)
+        self._synced = end
+        self._lines = len(kept)
 
     # -- reading runs -------------------------------------------------------------------
 
@@ -343,10 +461,14 @@ class Store:
         raw = self._journal.read_line(offset) if line is None else line
         try:
             data = codec.decode_line(raw)
-            return codec.run_from_dict(data)
+            run = codec.run_from_dict(data)
         except codec.BadLine as exc:
             raise CorruptStoreError(self._journal.path, offset,
                                     f"a stored run is unreadable: {exc.reason}") from None
+        extra = codec.extra_fields(data)
+        if extra:  # a base opened from its summary learns unknown fields as runs are read
+            self._extras[run.id] = extra
+        return run
 
     def _lookup(self, run_id: str) -> Run:
         transitions.require_text("run id", run_id)
@@ -354,11 +476,15 @@ class Store:
         if run is not None:
             return run
         offset = self._index.get(run_id)
+        if offset is None and self._lazy:
+            self._ensure_index()
+            offset = self._index.get(run_id)
         if offset is None:
             raise RunNotFoundError(run_id, self._journal.path)
         return self._run_at(offset)
 
     def _all_runs(self) -> Iterator[Run]:
+        self._ensure_index()
         buf = self._journal.read_from(0)
         for run_id, offset in self._index.items():
             run = self._active.get(run_id)
@@ -553,8 +679,7 @@ class Store:
 
     def active(self) -> _Runs:
         """Every non-terminal run, in insertion order."""
-        return self._transact(
-            lambda: ([self._active[i] for i in self._index if i in self._active], []))
+        return self._transact(lambda: (list(self._active.values()), []))
 
     def find_by_test_dir_hash_and_machine(self, test_dir_hash: str, machine: str) -> _Runs:
         """Every run of ``machine`` with this hash, in insertion order."""
@@ -600,8 +725,8 @@ class Store:
 
         def decide() -> _Decision[_Runs]:
             now = _utcnow()
-            reaped = [r for r in (self._reaped(self._active[i], now, stale_after)
-                                  for i in self._index if i in self._active) if r is not None]
+            reaped = [r for r in (self._reaped(run, now, stale_after)
+                                  for run in self._active.values()) if r is not None]
             if dry_run:
                 return reaped, []
             return reaped, [(ChangeType.RUN_REAPED, r) for r in reaped]
@@ -744,6 +869,7 @@ class Store:
         runs, extras = _parse_import(source)
 
         def decide() -> _Decision[int]:
+            self._ensure_index()  # every id, to refuse duplicates
             busy: dict[str, str] = {m: ids_[0] for m, ids_ in self._machines.items()}
             for n, run in enumerate(runs, 1):
                 if run.id in self._index:
@@ -818,6 +944,21 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self.state_dir!r}, durable={self.durable})"
+
+
+def _chunked(head: bytes, buf: bytes, offsets: list[int], ends: dict[int, int],
+             size: int = 1 << 20) -> Iterator[bytes]:
+    """``head`` then the lines of ``buf`` at ``offsets``, joined into chunks of ~``size``."""
+    parts, total = [head], len(head)
+    for offset in offsets:
+        line = buf[offset:ends[offset]]
+        parts.append(line)
+        total += len(line)
+        if total >= size:
+            yield b"".join(parts)
+            parts, total = [], 0
+    if parts:
+        yield b"".join(parts)
 
 
 def _change_type(old: Status, new: Status) -> ChangeType:

@@ -76,7 +76,9 @@ def test_every_crash_state_of_short_durable_histories(tmp_path: pathlib.Path, ca
                  limit=625, compact_every=4)
     _report(capsys, "exhaustive, short durable histories", ex, started)
     assert ex.violations == [], ex.violations[:5]
-    assert ex.states > 500
+    # a compaction writes its file in ~1 MB chunks (one write here), so these short
+    # histories have a few hundred crash states: enough to cover every point
+    assert ex.states > 200
 
 
 def test_every_crash_state_of_short_non_durable_histories(tmp_path: pathlib.Path,
