@@ -155,7 +155,6 @@ def encode_record(
     extra: dict[str, Any] | None = None,
 ) -> bytes:
     """One journal line for one version of a run."""
-    data = run_to_dict(run)
     body: dict[str, Any] = {
         "seq": seq,
         "id": run.id,
@@ -164,7 +163,10 @@ def encode_record(
         "time": time,
         "durable": durable,
     }
-    body.update(data)
+    body.update(converter.unstructure(run))  # "id" and "status" keep their places
+    for key, empty in _OMIT_WHEN.items():
+        if body[key] == empty:
+            del body[key]
     if extra:
         for key, value in extra.items():
             body.setdefault(key, value)

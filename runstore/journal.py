@@ -15,10 +15,10 @@ import datetime as _dt
 import errno
 import logging
 import os
-import secrets
 import stat
 import time
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -38,6 +38,7 @@ TMP_SUFFIX = ".tmp"
 #: a damaged tail larger than this is not treated as a torn write but reported as corruption
 TORN_TAIL_LIMIT = 64 * 1024 * 1024
 _READ_CHUNK = 1 << 20
+_CHECKSUM_CHUNK = 4 << 20
 _OPEN = os.O_NOFOLLOW | os.O_CLOEXEC
 #: open() failures that are I/O or resource errors (StoreIOError), not an unsafe file
 _IO_ERRNOS = frozenset({errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE,
@@ -387,7 +388,7 @@ class Journal:
     def create(self) -> Header:
         """Create a new journal holding only a header, atomically (temp file, rename)."""
         now = _dt.datetime.now(_dt.UTC).isoformat().replace("+00:00", "Z")
-        header = codec.encode_header(secrets.token_hex(8), now, 0, 0, 0)
+        header = codec.encode_header(os.urandom(8).hex(), now, 0, 0, 0)
         self.replace_with([header])
         return self.open()
 
@@ -417,6 +418,19 @@ class Journal:
             if len(chunk) < _READ_CHUNK:
                 break
         return b"".join(chunks)
+
+    def checksum(self, start: int, end: int) -> tuple[int, int]:
+        """(CRC-32, length) of the bytes from ``start`` to ``end``, read in large chunks
+        without keeping them (a short file gives a shorter length)."""
+        assert self.fd is not None
+        crc, pos = 0, start
+        while pos < end:
+            chunk = self.fs.pread(self.fd, min(_CHECKSUM_CHUNK, end - pos), pos)
+            if not chunk:
+                break
+            crc = zlib.crc32(chunk, crc)
+            pos += len(chunk)
+        return crc, pos - start
 
     def read_lines(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
         """The bytes from ``start`` to ``end`` as (offset, chunk) pairs of whole lines, about
@@ -493,7 +507,7 @@ class Journal:
     def replace_with(self, chunks: Iterable[bytes]) -> None:
         """Write a new file through a temp file and rename it over the journal (always
         fsynced: a replaced journal must never come back empty)."""
-        tmp = f"{TMP_PREFIX}{secrets.token_hex(8)}{TMP_SUFFIX}"
+        tmp = f"{TMP_PREFIX}{os.urandom(8).hex()}{TMP_SUFFIX}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN
         try:
             fd = self.fs.open(tmp, flags, 0o600, self.dir_fd)

@@ -198,16 +198,15 @@ class Store:
         j = self._journal
         base: dict[str, int] = {}
         for chunk_at, chunk in j.read_lines(header.start, header.latest_end):
-            before = len(base)
-            for m in codec.RECORD_ID.finditer(chunk):
-                base[m.group(1).decode()] = chunk_at + m.start()
-            if len(base) - before != chunk.count(b"\n"):  # an id with escapes: parse lines
-                pos = 0
+            part = {m.group(1).decode(): chunk_at + m.start()
+                    for m in codec.RECORD_ID.finditer(chunk)}
+            if len(part) != chunk.count(b"\n"):  # an id with escapes: parse these lines
+                part, pos = {}, 0
                 while pos < len(chunk):
                     nl = chunk.index(b"\n", pos)
-                    data = self._decode_at(chunk_at + pos, chunk[pos:nl])
-                    base[data["id"]] = chunk_at + pos
+                    part[self._decode_at(chunk_at + pos, chunk[pos:nl])["id"]] = chunk_at + pos
                     pos = nl + 1
+            base.update(part)
         assert header.summary is not None
         if len(base) != header.summary.lines:
             raise CorruptStoreError(j.path, header.start,
@@ -229,14 +228,18 @@ class Store:
             self._pid = os.getpid()
             j.after_fork()
             self._stale = True
-        if self._stale or j.fd is None or j.disk_ident() != j.ident:
+        if self._stale or j.fd is None:
             self._load()
             return
         cur = self._cur
         assert cur is not None
-        buf = j.read_from(cur.end)
-        if buf:
-            self._ingest(buf, cur.end)
+        # one fstat tells both: a compaction elsewhere renamed a new file over ours (ours
+        # is then unlinked), or other processes appended (it grew)
+        st = os.fstat(j.fd)
+        if st.st_nlink == 0 or st.st_size < cur.end:
+            self._load()
+        elif st.st_size > cur.end:
+            self._ingest(j.read_from(cur.end), cur.end)
 
     def _load(self) -> None:
         """(Re)build the view from the file, creating the journal when missing. A base
@@ -261,17 +264,15 @@ class Store:
         it line by line instead, which names any damaged line) when the bytes disagree."""
         summary, cur, j = header.summary, self._cur, self._journal
         assert summary is not None and cur is not None
-        crc, size, history = 0, 0, []
-        for chunk_at, chunk in j.read_lines(header.start, header.base_end):
-            crc = zlib.crc32(chunk, crc)
-            size += len(chunk)
-            if chunk_at + len(chunk) > header.latest_end:  # retained history: its offsets
-                pos = max(header.latest_end - chunk_at, 0)
-                while pos < len(chunk):
-                    history.append(chunk_at + pos)
-                    pos = chunk.index(b"\n", pos) + 1
+        crc, size = j.checksum(header.start, header.base_end)
         if crc != summary.crc or size != header.base_end - header.start:
             return False
+        history = []  # the retained history's line offsets
+        for chunk_at, chunk in j.read_lines(header.latest_end, header.base_end):
+            pos = 0
+            while pos < len(chunk):
+                history.append(chunk_at + pos)
+                pos = chunk.index(b"\n", pos) + 1
         for rel in summary.active:
             offset = header.start + rel
             data = self._decode_at(offset, j.read_line(offset))
