@@ -8,8 +8,8 @@ back (the prefix is then taken one microsecond after the previous one).
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import re
-import secrets
 
 _PREFIX_LEN = len("20260101T000000.000000Z")
 _FORMAT = "%Y%m%dT%H%M%S.%fZ"
@@ -30,6 +30,6 @@ def new_run_id(after: str = "", now: _dt.datetime | None = None) -> str:
             # it (suffixing each new id to the previous one made ids grow with every run)
             match = _FOREIGN.fullmatch(after)
             stem, count = (match[1], int(match[2], 16) + 1) if match else (after, 0)
-            return f"{stem}.~{count:016x}-{secrets.token_hex(4)}"
+            return f"{stem}.~{count:016x}-{os.urandom(4).hex()}"
         prefix = (previous + _dt.timedelta(microseconds=1)).strftime(_FORMAT)
-    return f"{prefix}-{secrets.token_hex(8)}"
+    return f"{prefix}-{os.urandom(8).hex()}"

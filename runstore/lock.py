@@ -1,12 +1,16 @@
 """The store's lock: an in-process mutex plus an exclusive flock on a separate lock file.
 
-The only module that touches the lock library. Why each piece (shared/RELIABILITY.md):
+The only module that takes file locks. Why each piece (shared/RELIABILITY.md):
 
 * ``flock`` belongs to an open file description, so two threads sharing one descriptor do
   not exclude each other: the thread mutex is taken first.
 * ``lockf`` (POSIX record locks) drops the lock when *any* descriptor of the file is closed
-  and lets a second thread in, so portalocker's ``FlockLocker`` is used explicitly, never
-  its module-wide default, which a program could switch to lockf.
+  and lets a second thread in, so ``flock`` is called directly (stdlib ``fcntl.flock``).
+  runstore started on portalocker's ``FlockLocker``, which makes this same call; it was
+  dropped because on these machines importing portalocker costs ~30 ms (it reads package
+  metadata at import), a third of the budget of a fresh CLI process, and each lock/unlock
+  through it ~3 us more than ``fcntl.flock`` (shared/FACTS.md). runstore is POSIX-only
+  (``O_NOFOLLOW``, ``dir_fd``), so portalocker's Windows layer bought nothing.
 * The lock file is separate from the data file (which compaction replaces by rename) and is
   never deleted: waiters would otherwise split across two inodes (filelock #27, #574).
 * Fork: a child shares the parent's open file description, so its unlock would release the
@@ -21,16 +25,13 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-
-import portalocker
-import portalocker.exceptions
+from fcntl import LOCK_EX, LOCK_NB, LOCK_UN, flock
 
 from .errors import LockTimeoutError
 
-_LOCKER = portalocker.portalocker.FlockLocker()
-_EXCLUSIVE_NOW = portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
-_SPIN_SECONDS = 0.0005
-_MAX_SLEEP = 0.002
+_EXCLUSIVE_NOW = LOCK_EX | LOCK_NB
+_SPIN_SECONDS = 0.002
+_MAX_SLEEP = 0.001
 
 _live: weakref.WeakSet[StoreLock] = weakref.WeakSet()
 
@@ -75,7 +76,7 @@ class StoreLock:
         """Release only the file lock: other processes may go on while this thread, still
         holding the mutex, finishes (the store syncs here: group commit)."""
         if self._fd is not None:
-            _LOCKER.unlock(self._fd)
+            flock(self._fd, LOCK_UN)
 
     def release_mutex(self) -> None:
         """Release the mutex after ``release_file``."""
@@ -108,9 +109,9 @@ def flock_until(fd: int, deadline: float, lock_path: str, timeout: float) -> Non
     delay = 0.00005
     while True:
         try:
-            _LOCKER.lock(fd, _EXCLUSIVE_NOW)
+            flock(fd, _EXCLUSIVE_NOW)
             return
-        except portalocker.exceptions.AlreadyLocked:
+        except BlockingIOError:  # EWOULDBLOCK: another process holds it
             pass
         now = time.monotonic()
         if now >= deadline:

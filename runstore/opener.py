@@ -8,7 +8,6 @@ host to several is a change of URL, not of code.
 from __future__ import annotations
 
 import os
-import urllib.parse
 from typing import Any
 
 from .errors import RunstoreError
@@ -32,6 +31,8 @@ def open_store(location: str | os.PathLike[str], **options: Any) -> RunStore:
 
         return PostgresStore(text, **options)
     if "://" in text:
+        import urllib.parse  # only for URLs: keeps ``import runstore`` light
+
         parsed = urllib.parse.urlsplit(text)
         if parsed.scheme.lower() != "file":
             raise RunstoreError(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 
 
 @functools.cache
@@ -41,14 +40,14 @@ def current() -> tuple[str, int, str]:
     global _me
     pid = os.getpid()
     if _me is None or _me[0] != pid:
-        _me = (pid, (socket.gethostname(), pid, process_start(pid)))
+        _me = (pid, (os.uname().nodename, pid, process_start(pid)))
     return _me[1]
 
 
 def is_gone(host: str, pid: int | None, start: str) -> bool:
     """True only when the owner provably no longer runs: same host, and its pid is free or
     now belongs to a process started at another time."""
-    if not host or pid is None or host != socket.gethostname():
+    if not host or pid is None or host != os.uname().nodename:
         return False
     now = process_start(pid)
     if now:
