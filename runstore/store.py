@@ -28,6 +28,7 @@ import attrs
 import orjson
 
 from . import codec, failpoints, ids, owner, transitions
+from .active import ActiveRuns
 from .errors import (
     ConflictError,
     CorruptStoreError,
@@ -105,7 +106,7 @@ class Store:
         self._header: Header | None = None
         self._cur: Cursor | None = None
         self._index: dict[str, int] = {}  # id -> offset of its latest version (insertion order)
-        self._active: dict[str, Run] = {}  # the non-terminal runs
+        self._active = ActiveRuns(self._journal.path)  # the non-terminal runs
         self._machines: dict[str, _Ids] = {}  # machine -> its non-terminal run ids
         self._extras: dict[str, dict[str, Any]] = {}  # fields we do not know, per run id
         self._max_id = ""
@@ -122,10 +123,11 @@ class Store:
         self._tail_created = 0  # runs created after the base
         self._tail_pruned: set[str] = set()  # runs pruned after the base
 
-    def _index_version(self, offset: int, run_id: str, active: Run | None,
+    def _index_version(self, offset: int, run_id: str, active: Run | dict[str, Any] | None,
                        changed_at: _dt.datetime | None, change: str) -> None:
         """Record that the latest version of ``run_id`` is at ``offset``; ``active`` is the
-        run when it is non-terminal, else None; a ``run_pruned`` change drops the run."""
+        run (or its record, structured when first read) when it is non-terminal, else None;
+        a ``run_pruned`` change drops the run."""
         self._lines += 1
         pruned = change == _PRUNED
         if self._lazy:
@@ -140,38 +142,48 @@ class Store:
             self._extras.pop(run_id, None)
         else:
             self._index[run_id] = offset
-        before = self._active.get(run_id)
+        before = self._active.machine(run_id)
         if active is not None:
-            self._active[run_id] = active
+            if isinstance(active, Run):
+                self._active.put(run_id, active)
+                machine = active.machine
+            else:
+                self._active.put_unread(run_id, offset, active)
+                machine = active["machine"]
             if changed_at is not None:
                 self._changed_at[run_id] = changed_at
             if before is None:
-                self._machines.setdefault(active.machine, []).append(run_id)
+                self._machines.setdefault(machine, []).append(run_id)
         elif before is not None:
-            del self._active[run_id]
+            self._active.discard(run_id)
             self._changed_at.pop(run_id, None)
-            peers = self._machines[before.machine]
+            peers = self._machines[before]
             peers.remove(run_id)
             if not peers:
-                del self._machines[before.machine]
+                del self._machines[before]
 
-    def _ingest_record(self, offset: int, data: dict[str, Any]) -> None:
+    def _ingest_record(self, offset: int, data: dict[str, Any], defer: bool = False) -> None:
+        """Take one record into the view; with ``defer`` a non-terminal run is structured
+        only when first read (catching up with other processes' writes)."""
         run_id = data["id"]
         if offset >= self._latest_end():
             self._recent.append(offset)
-        active = None
+        active: Run | dict[str, Any] | None = None
         changed_at = None
         if data["status"] in _ACTIVE:
             try:
                 changed_at = _dt.datetime.fromisoformat(data["time"])
             except (TypeError, ValueError):
                 changed_at = None
-            try:
-                active = codec.run_from_dict(data)
-            except codec.BadLine as exc:
-                raise CorruptStoreError(self._journal.path, offset,
-                                        f"run {run_id!r} has a malformed field: {exc.reason}"
-                                        ) from None
+            if defer and type(data.get("machine")) is str:
+                active = data
+            else:
+                try:
+                    active = codec.run_from_dict(data)
+                except codec.BadLine as exc:
+                    raise CorruptStoreError(self._journal.path, offset,
+                                            f"run {run_id!r} has a malformed field: "
+                                            f"{exc.reason}") from None
         extra = codec.extra_fields(data)
         if extra:
             self._extras[run_id] = extra
@@ -239,7 +251,7 @@ class Store:
         if st.st_nlink == 0 or st.st_size < cur.end:
             self._load()
         elif st.st_size > cur.end:
-            self._ingest(j.read_from(cur.end), cur.end)
+            self._ingest(j.read_from(cur.end), cur.end, defer=True)
 
     def _load(self) -> None:
         """(Re)build the view from the file, creating the journal when missing. A base
@@ -298,13 +310,13 @@ class Store:
                                     f"a stored run is unreadable: {exc.reason}") from None
         return data
 
-    def _ingest(self, buf: bytes, start: int) -> None:
+    def _ingest(self, buf: bytes, start: int, defer: bool = False) -> None:
         cur = self._cur
         assert cur is not None
         result = scan(buf, start, cur)
         try:
             for offset, data in result.records:
-                self._ingest_record(offset, data)
+                self._ingest_record(offset, data, defer)
         except BaseException:
             self._stale = True
             raise
@@ -402,6 +414,7 @@ class Store:
         version of every run in insertion order, then the last ``retain`` changes verbatim
         for lagging watchers. Written in chunks of about a megabyte."""
         self._ensure_index()
+        self._active.values()  # structure deferred records now: refuse a malformed one
         j, cur, header = self._journal, self._cur, self._header
         assert cur is not None and header is not None
         buf = j.read_from(0)

@@ -1,0 +1,43 @@
+"""Catching up with other processes' writes: a non-terminal run they wrote is structured only
+when this process first reads it, and a malformed one is refused then, naming the run."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from runstore import CorruptStoreError, Run, Status, Store, codec
+
+
+def _append_record(journal: pathlib.Path, **fields: object) -> None:
+    """Append a record another writer made: the last record, changed, with the next seq."""
+    lines = journal.read_bytes().splitlines()
+    last = next(codec.decode_line(line) for line in reversed(lines) if b'"seq"' in line)
+    last.update(seq=last["seq"] + 1, **fields)
+    with journal.open("ab") as f:
+        f.write(codec.reseal(last))
+
+
+def test_runs_written_elsewhere_are_read_when_needed(store_dir: pathlib.Path) -> None:
+    with Store(store_dir, durable=False) as me, Store(store_dir, durable=False) as other:
+        me.last_seq()
+        made = [other.prepare_atomic(f"m{i}", "h", lambda i=i: Run(f"m{i}", "/t", "h"))[0]
+                for i in range(3)]
+        other.start(made[0].id)
+        other.finish(made[1].id, Status.FAILED)
+        assert me.active_by_machine("m0") == other.get(made[0].id)
+        assert me.active() == other.active()
+        assert me.get(made[1].id).status is Status.FAILED
+
+
+def test_a_malformed_run_written_elsewhere_is_refused_when_read(store_dir: pathlib.Path) -> None:
+    with Store(store_dir, durable=False) as me:
+        me.prepare_atomic("m1", "h", lambda: Run("m1", "/t", "h"))
+        _append_record(store_dir / "runs.jsonl", id="bad-run", machine="m9",
+                       status="pending", change="run_created", test_dir=5)
+        assert me.last_seq() == 2  # caught up: the record is sound as a journal line
+        with pytest.raises(CorruptStoreError, match="run 'bad-run' has a malformed field"):
+            me.active_by_machine("m9")
+        with pytest.raises(CorruptStoreError, match="bad-run"):
+            me.compact()  # never rewritten into a new base unread
