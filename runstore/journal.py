@@ -419,11 +419,11 @@ class Journal:
                 break
         return b"".join(chunks)
 
-    def checksum(self, start: int, end: int) -> tuple[int, int]:
-        """(CRC-32, length) of the bytes from ``start`` to ``end``, read in large chunks
-        without keeping them (a short file gives a shorter length)."""
+    def checksum(self, start: int, end: int, crc: int = 0) -> tuple[int, int]:
+        """(CRC-32 continuing ``crc``, length) of the bytes from ``start`` to ``end``, read
+        in large chunks without keeping them (a short file gives a shorter length)."""
         assert self.fd is not None
-        crc, pos = 0, start
+        pos = start
         while pos < end:
             chunk = self.fs.pread(self.fd, min(_CHECKSUM_CHUNK, end - pos), pos)
             if not chunk:

@@ -202,14 +202,17 @@ class Store:
 
     def _ensure_index(self) -> None:
         """Index the base (id -> offset), when it was opened from a summary and a query
-        needs every run or one that is neither non-terminal nor written since the base."""
+        needs every run or one that is neither non-terminal nor written since the base.
+        The base's bytes are checked against the summary's CRC-32 on the way."""
         if not self._lazy:
             return
         header = self._header
-        assert header is not None
+        assert header is not None and header.summary is not None
         j = self._journal
         base: dict[str, int] = {}
+        crc = 0
         for chunk_at, chunk in j.read_lines(header.start, header.latest_end):
+            crc = zlib.crc32(chunk, crc)
             part = {m.group(1).decode(): chunk_at + m.start()
                     for m in codec.RECORD_ID.finditer(chunk)}
             if len(part) != chunk.count(b"\n"):  # an id with escapes: parse these lines
@@ -219,7 +222,9 @@ class Store:
                     part[self._decode_at(chunk_at + pos, chunk[pos:nl])["id"]] = chunk_at + pos
                     pos = nl + 1
             base.update(part)
-        assert header.summary is not None
+        crc, size = j.checksum(header.latest_end, header.base_end, crc)
+        if crc != header.summary.crc or size != header.base_end - header.latest_end:
+            self._refuse_damaged_base(header)
         if len(base) != header.summary.lines:
             raise CorruptStoreError(j.path, header.start,
                                     f"the compacted base holds {len(base)} runs where its "
@@ -272,12 +277,13 @@ class Store:
         self._stale = False
 
     def _load_summarised_base(self, header: Header) -> bool:
-        """Take the base from the header's summary after checking its CRC-32; False (read
-        it line by line instead, which names any damaged line) when the bytes disagree."""
+        """Take the base from the header's summary: read only its non-terminal runs and
+        the offsets of its retained history; the rest is indexed, and its CRC-32 checked,
+        when first needed. False (read it line by line instead) when the file is shorter
+        than the base or the summary's runs are not non-terminal records."""
         summary, cur, j = header.summary, self._cur, self._journal
-        assert summary is not None and cur is not None
-        crc, size = j.checksum(header.start, header.base_end)
-        if crc != summary.crc or size != header.base_end - header.start:
+        assert summary is not None and cur is not None and j.fd is not None
+        if os.fstat(j.fd).st_size < header.base_end:
             return False
         history = []  # the retained history's line offsets
         for chunk_at, chunk in j.read_lines(header.latest_end, header.base_end):
@@ -300,6 +306,19 @@ class Store:
         cur.end = header.base_end
         cur.next_seq = header.compacted_through + 1 + len(history)
         return True
+
+    def _refuse_damaged_base(self, header: Header) -> None:
+        """The base fails its CRC-32: raise ``CorruptStoreError`` at its first bad line."""
+        for chunk_at, chunk in self._journal.read_lines(header.start, header.base_end):
+            pos = 0
+            while pos < len(chunk):
+                nl = chunk.find(b"\n", pos)
+                end = len(chunk) if nl < 0 else nl
+                self._decode_at(chunk_at + pos, chunk[pos:end])  # raises at a damaged line
+                pos = end + 1
+        raise CorruptStoreError(self._journal.path, header.start,
+                                "the compacted base does not match the checksum in its "
+                                "header (lines were removed, reordered or edited)")
 
     def _decode_at(self, offset: int, line: bytes) -> dict[str, Any]:
         try:

@@ -132,22 +132,63 @@ def _rewrite_header(journal: pathlib.Path, change: dict[str, object], drop: tupl
     journal.write_bytes(new + b"".join(lines[1:]))
 
 
-def test_damage_inside_a_summarised_base_is_refused_with_its_offset(
+def _flip_bit(journal: pathlib.Path, line: int, at: int = 30) -> int:
+    """Flip one bit ``at`` bytes into ``line`` (0 is the header); return the line's offset."""
+    offset = sum(map(len, _lines(journal)[:line]))
+    data = bytearray(journal.read_bytes())
+    data[offset + at] ^= 0x01
+    journal.write_bytes(bytes(data))
+    return offset
+
+
+def test_damage_in_a_finished_run_of_the_base_is_refused_when_the_base_is_read(
         store_dir: pathlib.Path) -> None:
+    """Opening reads only the non-terminal runs; the first query that reads the base checks
+    its CRC-32 and names the damaged line; a compaction never rewrites past it."""
+    with Store(store_dir, durable=False) as s:
+        _fill(s, 10)
+        s.compact()
+        assert s.list()[3].is_terminal  # line 4 of the base
+    journal = store_dir / "runs.jsonl"
+    offset = _flip_bit(journal, 4)
+    before = journal.read_bytes()
+    with _reopen(store_dir) as s:
+        assert len(s.active()) == 4  # no need to read the damaged line
+        for query in (s.list, s.compact, s.stats):
+            with pytest.raises(CorruptStoreError) as err:
+                query()
+            assert err.value.offset == offset
+            assert "checksum mismatch" in str(err.value)
+    assert journal.read_bytes() == before  # untouched
+
+
+def test_damage_in_a_non_terminal_run_of_the_base_is_refused_at_open(
+        store_dir: pathlib.Path) -> None:
+    with Store(store_dir, durable=False) as s:
+        _fill(s, 10)
+        s.compact()
+        assert s.list()[1].status is Status.PENDING  # line 2 of the base
+    journal = store_dir / "runs.jsonl"
+    offset = _flip_bit(journal, 2)
+    with pytest.raises(CorruptStoreError) as err:
+        _reopen(store_dir)
+    assert err.value.offset == offset
+
+
+def test_reordered_base_lines_fail_the_base_checksum(store_dir: pathlib.Path) -> None:
+    """Every line still passes its own checksum; the base's CRC-32 catches the swap."""
     with Store(store_dir, durable=False) as s:
         _fill(s, 10)
         s.compact()
     journal = store_dir / "runs.jsonl"
     lines = _lines(journal)
-    offset = sum(map(len, lines[:4]))
-    data = bytearray(journal.read_bytes())
-    data[offset + 30] ^= 0x01  # one flipped bit in the fourth run of the base
-    journal.write_bytes(bytes(data))
-    before = journal.read_bytes()
-    with pytest.raises(CorruptStoreError) as err:
-        _reopen(store_dir)
-    assert err.value.offset == offset
-    assert journal.read_bytes() == before  # untouched
+    finished = [i for i in range(1, 11) if orjson.loads(lines[i])["status"] == "completed"]
+    a, b = next((a, b) for a in finished for b in finished
+                if a < b and len(lines[a]) == len(lines[b]))
+    lines[a], lines[b] = lines[b], lines[a]  # no offset moves
+    journal.write_bytes(b"".join(lines))
+    with _reopen(store_dir) as s, pytest.raises(CorruptStoreError, match="does not match"):
+        s.list()
 
 
 @pytest.mark.parametrize("summary", [None, {"base_lines": "many"}, {"active": [1, "x"]}],
