@@ -256,7 +256,7 @@ class Store:
         if st.st_nlink == 0 or st.st_size < cur.end:
             self._load()
         elif st.st_size > cur.end:
-            self._ingest(j.read_from(cur.end), cur.end, defer=True)
+            self._ingest_from(cur.end, st.st_size, defer=True)
 
     def _load(self) -> None:
         """(Re)build the view from the file, creating the journal when missing. A base
@@ -271,8 +271,7 @@ class Store:
         self._cur = cursor_after_header(header, start)
         if header.summary is not None and self._load_summarised_base(header):
             start = header.base_end
-        buf = j.read_from(start)
-        self._ingest(buf, start)
+        self._ingest_from(start)
         self._synced = self._cur.durable
         self._stale = False
 
@@ -329,18 +328,26 @@ class Store:
                                     f"a stored run is unreadable: {exc.reason}") from None
         return data
 
-    def _ingest(self, buf: bytes, start: int, defer: bool = False) -> None:
+    def _ingest_from(self, start: int, end: int | None = None, defer: bool = False) -> None:
+        """Take the file from ``start`` to its end into the view, about a megabyte at a
+        time, so that a long history is never held in memory at once."""
+        j = self._journal
+        assert j.fd is not None
+        if end is None:
+            end = os.fstat(j.fd).st_size
         cur = self._cur
         assert cur is not None
-        result = scan(buf, start, cur)
-        try:
-            for offset, data in result.records:
-                self._ingest_record(offset, data, defer)
-        except BaseException:
-            self._stale = True
-            raise
-        if result.damage is not None:
-            self._recover(buf, start, result.damage)
+        for chunk_at, chunk in j.read_lines(start, end):
+            result = scan(chunk, chunk_at, cur)
+            try:
+                for offset, data in result.records:
+                    self._ingest_record(offset, data, defer)
+            except BaseException:
+                self._stale = True
+                raise
+            if result.damage is not None:  # judged against everything after it
+                self._recover(j.read_from(chunk_at), chunk_at, result.damage)
+                return
 
     def _recover(self, buf: bytes, start: int, damage: Damage) -> None:
         """A damaged line: cut it off when it can only be a torn, unsynced write; raise,

@@ -41,3 +41,22 @@ def test_a_malformed_run_written_elsewhere_is_refused_when_read(store_dir: pathl
             me.active_by_machine("m9")
         with pytest.raises(CorruptStoreError, match="bad-run"):
             me.compact()  # never rewritten into a new base unread
+
+
+def test_a_history_longer_than_a_read_chunk_reopens_the_same(store_dir: pathlib.Path) -> None:
+    """The file is read about a megabyte at a time: lines across chunk ends, a line longer
+    than a chunk and a torn last line are all handled as in one piece."""
+    with Store(store_dir, durable=False) as s:
+        for i in range(2500):  # ~1.2 MB of history, never compacted
+            s.create(Run(f"m{i % 7}", "/t", f"h{i}", status=Status.COMPLETED))
+        big = s.create(Run("big", "/t", "h", status=Status.FAILED, error_msg="x" * (3 << 20)))
+        s.create(Run("after", "/t", "h", status=Status.COMPLETED))
+        expected = s.list()
+    journal = store_dir / "runs.jsonl"
+    assert journal.stat().st_size > 3 << 20
+    with journal.open("ab") as f:
+        f.write(b'{"seq":99999,"id":"torn')  # a write cut short by a crash
+    with Store(store_dir, durable=False) as s:
+        assert s.list() == expected
+        assert s.get(big.id).error_msg == "x" * (3 << 20)
+    assert not journal.read_bytes().endswith(b"torn")
