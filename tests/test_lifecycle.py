@@ -1,4 +1,7 @@
-"""Run lifecycle: owners and reaping, retention, batches, the change feed, export/import."""
+"""Run lifecycle: owners and reaping, retention, batches, the change feed, export/import.
+
+A contract module: the tests run on the file store and on PostgreSQL (see conftest.py),
+except the one about the journal file's size."""
 
 from __future__ import annotations
 
@@ -11,11 +14,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
 import orjson
 import pytest
+from backends import Backend
 
 import runstore
 from runstore import (
@@ -24,20 +29,24 @@ from runstore import (
     InvalidRunError,
     PrepareOutcome,
     Run,
+    RunStore,
     Status,
     Store,
 )
 from runstore.store import RETAIN_CHANGES
 
+pytestmark = pytest.mark.contract
+
 UTC = dt.UTC
+OpenStore = Callable[..., RunStore]
 
 
 def make(machine: str, h: str = "h1", **kw: object) -> Run:
     return Run(machine, f"/tests/{machine}", h, **kw)  # type: ignore[arg-type]
 
 
-def _start_and_die(state_dir: str, machine: str, ready: str) -> None:
-    with Store(state_dir) as store:
+def _start_and_die(backend: Backend, machine: str, ready: str) -> None:
+    with backend.open() as store:
         run, _ = store.prepare_atomic(machine, "h1", lambda: make(machine))
         store.start(run.id)
         Path(ready).write_text(run.id)
@@ -47,29 +56,30 @@ def _start_and_die(state_dir: str, machine: str, ready: str) -> None:
 # -- owners and reaping ----------------------------------------------------------------
 
 
-def test_created_and_started_runs_record_this_process_as_owner(tmp_path: Path) -> None:
-    """create and start set owner host, pid and start time; older records without them load."""
-    with Store(tmp_path / "s") as store:
-        run, _ = store.prepare_atomic("m1", "h1", lambda: make("m1"))
-        assert run.owner_pid == os.getpid() and run.owner_host and run.owner_start
-        started = store.start(run.id)
-        assert started.owner_pid == os.getpid()
-        line = json.loads((tmp_path / "s" / "runs.jsonl").read_text().splitlines()[-1])
-        assert line["owner_pid"] == os.getpid()
+def test_created_and_started_runs_record_this_process_as_owner(open_store: OpenStore) -> None:
+    """create and start set owner host, pid and start time, and they are stored."""
+    store = open_store()
+    run, _ = store.prepare_atomic("m1", "h1", lambda: make("m1"))
+    assert run.owner_pid == os.getpid() and run.owner_host and run.owner_start
+    started = store.start(run.id)
+    assert started.owner_pid == os.getpid()
+    stored = open_store().get(run.id)
+    assert (stored.owner_host, stored.owner_pid, stored.owner_start) == (
+        run.owner_host, os.getpid(), run.owner_start)
 
 
-def test_sigkilled_owner_is_reaped_and_machine_freed(tmp_path: Path) -> None:
+def test_sigkilled_owner_is_reaped_and_machine_freed(backend: Backend, tmp_path: Path) -> None:
     """A process that starts a run and is SIGKILLed is reaped (owner_gone) and frees its machine."""
-    state, ready = str(tmp_path / "s"), str(tmp_path / "ready")
+    ready = str(tmp_path / "ready")
     proc = multiprocessing.get_context("fork").Process(
-        target=_start_and_die, args=(state, "m1", ready))
+        target=_start_and_die, args=(backend, "m1", ready))
     proc.start()
     try:
         deadline = time.monotonic() + 20
         while not os.path.exists(ready) and time.monotonic() < deadline:
             time.sleep(0.01)
         run_id = Path(ready).read_text()
-        with Store(state) as store:
+        with backend.open() as store:
             assert store.reap(stale_after=dt.timedelta(hours=1)) == []  # owner alive
             assert store.prepare_atomic("m1", "h2", lambda: make("m1", "h2"))[1] is \
                 PrepareOutcome.BUSY
@@ -88,18 +98,20 @@ def test_sigkilled_owner_is_reaped_and_machine_freed(tmp_path: Path) -> None:
         proc.join()
 
 
-def test_prepare_atomic_reap_frees_machine_of_dead_predecessor(tmp_path: Path) -> None:
+def test_prepare_atomic_reap_frees_machine_of_dead_predecessor(
+    backend: Backend, tmp_path: Path
+) -> None:
     """prepare_atomic(reap=True) reaps a run whose owner is gone in the same critical section."""
-    state, ready = str(tmp_path / "s"), str(tmp_path / "ready")
+    ready = str(tmp_path / "ready")
     proc = multiprocessing.get_context("fork").Process(
-        target=_start_and_die, args=(state, "m1", ready))
+        target=_start_and_die, args=(backend, "m1", ready))
     proc.start()
     deadline = time.monotonic() + 20
     while not os.path.exists(ready) and time.monotonic() < deadline:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.join()
-    with Store(state) as store:
+    with backend.open() as store:
         assert store.prepare_atomic("m1", "h2", lambda: make("m1", "h2"))[1] is \
             PrepareOutcome.BUSY  # off by default
         _, outcome = store.prepare_atomic("m1", "h2", lambda: make("m1", "h2"), reap=True)
@@ -110,11 +122,11 @@ def test_prepare_atomic_reap_frees_machine_of_dead_predecessor(tmp_path: Path) -
         assert kinds == [ChangeType.RUN_REAPED, ChangeType.RUN_CREATED]
 
 
-def test_reused_pid_is_not_mistaken_for_the_owner(tmp_path: Path) -> None:
+def test_reused_pid_is_not_mistaken_for_the_owner(backend: Backend) -> None:
     """A live process with the owner's pid but another start time is not the owner."""
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        with Store(tmp_path / "s") as store:
+        with backend.open() as store:
             host, _, _ = runstore.owner.current()
             real = runstore.owner.process_start(sleeper.pid)
             assert real
@@ -134,9 +146,9 @@ def test_reused_pid_is_not_mistaken_for_the_owner(tmp_path: Path) -> None:
         sleeper.wait()
 
 
-def test_stale_heartbeat_is_reaped_and_fresh_one_is_not(tmp_path: Path) -> None:
+def test_stale_heartbeat_is_reaped_and_fresh_one_is_not(backend: Backend) -> None:
     """reap(stale_after) interrupts runs whose heartbeat (or last change) is too old."""
-    with Store(tmp_path / "s") as store:
+    with backend.open() as store:
         a = store.start(store.create(make("m1")).id)
         b = store.create(make("m2"))
         time.sleep(0.3)
@@ -147,9 +159,9 @@ def test_stale_heartbeat_is_reaped_and_fresh_one_is_not(tmp_path: Path) -> None:
         assert store.get(b.id).status is Status.PENDING
 
 
-def test_reap_dry_run_changes_nothing(tmp_path: Path) -> None:
+def test_reap_dry_run_changes_nothing(backend: Backend) -> None:
     """reap(dry_run=True) reports what it would reap and writes nothing."""
-    with Store(tmp_path / "s") as store:
+    with backend.open() as store:
         run = store.create(make("m1"))
         before = store.last_seq()
         assert [r.id for r in store.reap(stale_after=dt.timedelta(0), dry_run=True)] == [run.id]
@@ -157,9 +169,9 @@ def test_reap_dry_run_changes_nothing(tmp_path: Path) -> None:
         assert store.get(run.id).status is Status.PENDING
 
 
-def test_heartbeat_refreshes_and_counts_as_a_change(tmp_path: Path) -> None:
+def test_heartbeat_refreshes_and_counts_as_a_change(backend: Backend) -> None:
     """heartbeat() sets heartbeat_at, bumps revision and is refused on terminal runs."""
-    with Store(tmp_path / "s") as store:
+    with backend.open() as store:
         run = store.create(make("m1"))
         beat = store.heartbeat(run.id)
         assert beat.heartbeat_at is not None and beat.revision == run.revision + 1
@@ -171,10 +183,12 @@ def test_heartbeat_refreshes_and_counts_as_a_change(tmp_path: Path) -> None:
 # -- retention ---------------------------------------------------------------------------
 
 
-def test_prune_keeps_non_terminal_runs_and_archives_exactly_the_pruned(tmp_path: Path) -> None:
+def test_prune_keeps_non_terminal_runs_and_archives_exactly_the_pruned(
+    backend: Backend, tmp_path: Path
+) -> None:
     """prune never drops a non-terminal run, and the archive holds exactly what was pruned."""
     archive = tmp_path / "archive.jsonl"
-    with Store(tmp_path / "s") as store:
+    with backend.open() as store:
         done = []
         for i in range(6):
             r = store.create(make(f"m{i}"))
@@ -190,15 +204,15 @@ def test_prune_keeps_non_terminal_runs_and_archives_exactly_the_pruned(tmp_path:
         assert [a["id"] for a in archived] == [r.id for r in done[:4]]
         assert archived[0]["status"] == "completed" and archived[0]["exit_code"] == 0
         assert oct(archive.stat().st_mode & 0o777) == "0o600"
-    with Store(tmp_path / "s") as store:  # reopened: the pruned runs stay gone
+    with backend.open() as store:  # reopened: the pruned runs stay gone
         assert len(store.list()) == 4
         with pytest.raises(runstore.RunNotFoundError):
             store.get(done[0].id)
 
 
-def test_prune_older_than_uses_ended_at(tmp_path: Path) -> None:
+def test_prune_older_than_uses_ended_at(backend: Backend) -> None:
     """prune(older_than) removes terminal runs that ended before the cutoff only."""
-    with Store(tmp_path / "s") as store:
+    with backend.open() as store:
         old = store.finish(store.create(make("m1")).id, Status.FAILED)
         time.sleep(0.2)
         new = store.finish(store.create(make("m2")).id, Status.FAILED)
@@ -207,18 +221,18 @@ def test_prune_older_than_uses_ended_at(tmp_path: Path) -> None:
         assert old.id not in {r.id for r in store.list()}
 
 
-def test_prune_needs_exactly_one_criterion(tmp_path: Path) -> None:
+def test_prune_needs_exactly_one_criterion(backend: Backend) -> None:
     """prune() with neither or both criteria is refused."""
-    with Store(tmp_path / "s") as store:
+    with backend.open() as store:
         with pytest.raises(InvalidRunError):
             store.prune()
         with pytest.raises(InvalidRunError):
             store.prune(keep_last=1, older_than=dt.timedelta(days=1))
 
 
-def test_pruned_changes_appear_in_the_feed(tmp_path: Path) -> None:
+def test_pruned_changes_appear_in_the_feed(backend: Backend) -> None:
     """prune() writes run_pruned changes that a follower sees."""
-    with Store(tmp_path / "s") as store:
+    with backend.open() as store:
         run = store.finish(store.create(make("m1")).id, Status.FAILED)
         seq = store.last_seq()
         store.prune(keep_last=0)
@@ -241,9 +255,9 @@ def test_compaction_bounds_the_file(tmp_path: Path) -> None:
 # -- batches -------------------------------------------------------------------------------
 
 
-def test_batch_summary_counts_latest_run_per_plan_entry(tmp_path: Path) -> None:
+def test_batch_summary_counts_latest_run_per_plan_entry(backend: Backend) -> None:
     """batch_summary gives counts by status and the latest run of each plan entry."""
-    with Store(tmp_path / "s") as store:
+    with backend.open() as store:
         a1 = store.create(make("m1", batch_id="b", plan_entry="a"))
         store.finish(a1.id, Status.FAILED)
         a2 = store.create(make("m1", batch_id="b", plan_entry="a"))  # retry of entry a
@@ -264,9 +278,9 @@ def test_batch_summary_counts_latest_run_per_plan_entry(tmp_path: Path) -> None:
 # -- the change feed -----------------------------------------------------------------------
 
 
-def test_changes_have_gap_free_seqs_and_types(tmp_path: Path) -> None:
+def test_changes_have_gap_free_seqs_and_types(backend: Backend) -> None:
     """changes() yields every stored change with strictly increasing gap-free seqs."""
-    with Store(tmp_path / "s") as store:
+    with backend.open() as store:
         run, _ = store.prepare_atomic("m1", "h1", lambda: make("m1"))
         store.start(run.id)
         store.heartbeat(run.id)
@@ -281,9 +295,9 @@ def test_changes_have_gap_free_seqs_and_types(tmp_path: Path) -> None:
         assert [c.seq for c in store.changes(4)] == [5, 6]
 
 
-def test_history_before_compaction_point_raises(tmp_path: Path) -> None:
+def test_history_before_compaction_point_raises(backend: Backend) -> None:
     """Asking for compacted-away history raises HistoryTruncatedError with the oldest seq."""
-    with Store(tmp_path / "s", durable=False) as store:
+    with backend.open(durable=False) as store:
         run = store.create(make("m1"))
         for _ in range(RETAIN_CHANGES + 10):
             store.heartbeat(run.id)
@@ -297,9 +311,9 @@ def test_history_before_compaction_point_raises(tmp_path: Path) -> None:
         assert list(store.changes(last)) == []
 
 
-def test_change_json_shape_is_snake_case_with_string_enums(tmp_path: Path) -> None:
+def test_change_json_shape_is_snake_case_with_string_enums(backend: Backend) -> None:
     """The JSON shape of a change: seq, time (RFC 3339 Z), type, run with seed field names."""
-    with Store(tmp_path / "s") as store:
+    with backend.open() as store:
         store.create(make("m1"))
         change = next(iter(store.changes()))
     data = runstore.codec.change_to_json(change.seq, change.time, change.type, change.run)
@@ -309,10 +323,10 @@ def test_change_json_shape_is_snake_case_with_string_enums(tmp_path: Path) -> No
     orjson.dumps(data)
 
 
-def _writer(state_dir: str, name: str, count: int, go: str) -> None:
+def _writer(backend: Backend, name: str, count: int, go: str) -> None:
     while not os.path.exists(go):
         time.sleep(0.001)
-    with Store(state_dir, durable=False) as store:
+    with backend.open(durable=False) as store:
         for i in range(count):
             machine = f"{name}-{i}"
             run, outcome = store.prepare_atomic(machine, "h", lambda m=machine: make(m, "h"))
@@ -321,18 +335,18 @@ def _writer(state_dir: str, name: str, count: int, go: str) -> None:
             store.finish(run.id, Status.COMPLETED, exit_code=0)
 
 
-def _compactor(state_dir: str, go: str, stop: str) -> None:
+def _compactor(backend: Backend, go: str, stop: str) -> None:
     while not os.path.exists(go):
         time.sleep(0.001)
-    with Store(state_dir, durable=False) as store:
+    with backend.open(durable=False) as store:
         while not os.path.exists(stop):
             store.compact()
             time.sleep(0.02)
 
 
-def _watcher(state_dir: str, out: str, expected: int) -> None:
+def _watcher(backend: Backend, out: str, expected: int) -> None:
     got = []
-    with Store(state_dir, durable=False) as store:
+    with backend.open(durable=False) as store:
         for change in store.watch(0, timeout=60):
             got.append((change.seq, change.run.id, change.type.value))
             if len(got) == expected:
@@ -341,19 +355,20 @@ def _watcher(state_dir: str, out: str, expected: int) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_watch_sees_three_writers_in_order_exactly_once_across_compaction(tmp_path: Path) -> None:
+def test_watch_sees_three_writers_in_order_exactly_once_across_compaction(
+    backend: Backend, tmp_path: Path
+) -> None:
     """watch in one process sees the changes of three others in order, exactly once, while a
     fourth compacts."""
-    state = str(tmp_path / "s")
-    Store(state).close()
+    backend.open().close()  # create the store before the race
     go, stop, out = str(tmp_path / "go"), str(tmp_path / "stop"), str(tmp_path / "out")
     per_writer = 60
     expected = 3 * per_writer * 3
     ctx = multiprocessing.get_context("fork")
-    watcher = ctx.Process(target=_watcher, args=(state, out, expected))
-    writers = [ctx.Process(target=_writer, args=(state, f"w{k}", per_writer, go))
+    watcher = ctx.Process(target=_watcher, args=(backend, out, expected))
+    writers = [ctx.Process(target=_writer, args=(backend, f"w{k}", per_writer, go))
                for k in range(3)]
-    compactor = ctx.Process(target=_compactor, args=(state, go, stop))
+    compactor = ctx.Process(target=_compactor, args=(backend, go, stop))
     procs = [watcher, *writers, compactor]
     for p in procs:
         p.start()
@@ -377,7 +392,7 @@ def test_watch_sees_three_writers_in_order_exactly_once_across_compaction(tmp_pa
         per_run.setdefault(run_id, []).append(kind)
     assert len(per_run) == 3 * per_writer
     assert all(k == ["run_created", "run_started", "run_finished"] for k in per_run.values())
-    with Store(state) as store:
+    with backend.open() as store:
         compacted = store.stats().oldest_seq > 1
     print(f"watch: {expected} changes from 3 writers seen in order exactly once; "
           f"compactions happened: {compacted}")
@@ -386,10 +401,10 @@ def test_watch_sees_three_writers_in_order_exactly_once_across_compaction(tmp_pa
 # -- export and import ---------------------------------------------------------------------
 
 
-def test_export_import_round_trips_every_field(tmp_path: Path) -> None:
+def test_export_import_round_trips_every_field(backend: Backend) -> None:
     """export -> import into an empty store round-trips every field, ids included."""
     now = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
-    with Store(tmp_path / "a") as src:
+    with backend.open() as src:
         full = src.create(Run("m1", "/t", "h", exit_code=3, started_at=now, ended_at=now,
                               artifacts_path="/a", logs_path="/l", error_code="E",
                               error_msg="boom \u2603", batch_id="b", plan_entry="p",
@@ -402,15 +417,15 @@ def test_export_import_round_trips_every_field(tmp_path: Path) -> None:
     assert [d["id"] for d in doc] == [r.id for r in original]
     assert doc[0]["exit_code"] == 3 and doc[0]["started_at"] == "2026-01-02T03:04:05.678901Z"
     assert "batch_id" not in doc[1] and doc[1]["exit_code"] is None
-    with Store(tmp_path / "b") as dst:
+    with backend.sibling("b").open() as dst:
         assert dst.import_runs(io.StringIO(buf.getvalue())) == 2
         assert dst.list() == original
         assert dst.get(full.id) == full
 
 
-def test_import_is_all_or_nothing(tmp_path: Path) -> None:
+def test_import_is_all_or_nothing(backend: Backend) -> None:
     """A duplicate or invalid record is refused naming it, and nothing is imported."""
-    with Store(tmp_path / "s") as store:
+    with backend.open() as store:
         existing = store.create(make("m1"))
         good = {"id": "r-1", "machine": "m9", "test_dir": "/t", "test_dir_hash": "h",
                 "status": "completed"}
@@ -426,12 +441,12 @@ def test_import_is_all_or_nothing(tmp_path: Path) -> None:
             assert [r.id for r in store.list()] == [existing.id]
 
 
-def test_import_accepts_json_lines_and_keeps_unknown_fields(tmp_path: Path) -> None:
+def test_import_accepts_json_lines_and_keeps_unknown_fields(backend: Backend) -> None:
     """import_runs reads JSON lines too and keeps fields this library does not know."""
     lines = b"\n".join(orjson.dumps({"id": f"x{i}", "machine": f"m{i}", "test_dir": "/t",
                                      "test_dir_hash": "h", "status": "completed",
                                      "x_custom": i}) for i in range(3))
-    with Store(tmp_path / "s") as store:
+    with backend.open() as store:
         assert store.import_runs(io.BytesIO(lines)) == 3
         store.compact()
         out = io.BytesIO()
@@ -439,9 +454,9 @@ def test_import_accepts_json_lines_and_keeps_unknown_fields(tmp_path: Path) -> N
     assert [d["x_custom"] for d in json.loads(out.getvalue())] == [0, 1, 2]
 
 
-def test_new_ids_sort_after_imported_ones(tmp_path: Path) -> None:
+def test_new_ids_sort_after_imported_ones(backend: Backend) -> None:
     """Ids created after an import sort after the imported ids."""
     future = "29991231T235959.999999Z-ffffffffffffffff"
-    with Store(tmp_path / "s") as store:
+    with backend.open() as store:
         store.import_runs([Run("m1", "/t", "h", id=future, status=Status.COMPLETED)])
         assert store.create(make("m2")).id > future

@@ -1,6 +1,10 @@
-"""The Store contract, method by method: prepare_atomic, create, get, update, list,
+"""The store contract, method by method: prepare_atomic, create, get, update, list,
 active_by_machine, find_by_test_dir_hash_and_machine, start, finish, heartbeat, active,
-compact, the life cycle, and what survives a reopen or a compaction."""
+compact, the life cycle, and what survives a reopen or a compaction.
+
+A contract module: every test using ``store``/``open_store``/``backend`` runs on the file
+store and on PostgreSQL (see conftest.py); the tests of the journal file itself use
+``store_dir`` and ``Store`` directly."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from typing import Any
 import attrs
 import orjson
 import pytest
+from backends import Backend
 
 from runstore import (
     ConflictError,
@@ -24,13 +29,17 @@ from runstore import (
     PrepareOutcome,
     Run,
     RunNotFoundError,
+    RunStore,
     Status,
     Store,
     codec,
 )
 from runstore import store as store_module
 
+pytestmark = pytest.mark.contract
+
 MakeRun = Callable[..., Run]
+OpenStore = Callable[..., RunStore]
 TERMINAL = [s for s in Status if s.is_terminal]
 
 
@@ -42,7 +51,7 @@ def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC)
 
 
-def _prepare(store: Store, machine: str = "m1", test_dir_hash: str = "h-a") -> Run:
+def _prepare(store: RunStore, machine: str = "m1", test_dir_hash: str = "h-a") -> Run:
     run, outcome = store.prepare_atomic(
         machine, test_dir_hash, lambda: Run(machine, f"/tests/{test_dir_hash}", test_dir_hash))
     assert outcome is PrepareOutcome.CREATED
@@ -73,7 +82,7 @@ def test_store_creates_missing_parents(tmp_path: pathlib.Path) -> None:
     assert stat.S_IMODE(target.stat().st_mode) == 0o700
 
 
-def test_store_defaults_are_durable_with_a_30_s_lock_timeout(store: Store) -> None:
+def test_store_defaults_are_durable_with_a_30_s_lock_timeout(store: RunStore) -> None:
     """Store(dir) is durable and waits up to 30 s for the lock by default."""
     assert store.durable is True
     assert store.lock_timeout == 30.0
@@ -85,22 +94,22 @@ def test_store_accepts_str_paths(store_dir: pathlib.Path) -> None:
         assert s.state_dir == str(store_dir)
 
 
-def test_context_manager_closes_the_store(store_dir: pathlib.Path) -> None:
+def test_context_manager_closes_the_store(backend: Backend) -> None:
     """Leaving the with block closes the store; a closed store refuses further use."""
-    with Store(store_dir) as s:
+    with backend.open() as s:
         s.create(Run("m1", "/t", "h"))
     with pytest.raises(ValueError, match="closed"):
         s.list()
 
 
-def test_close_is_idempotent(store_dir: pathlib.Path) -> None:
+def test_close_is_idempotent(backend: Backend) -> None:
     """close() twice is harmless."""
-    s = Store(store_dir)
+    s = backend.open()
     s.close()
     s.close()
 
 
-def test_new_store_is_empty(store: Store) -> None:
+def test_new_store_is_empty(store: RunStore) -> None:
     """A fresh store lists nothing and has no active runs."""
     assert store.list() == []
     assert store.active() == []
@@ -110,7 +119,7 @@ def test_new_store_is_empty(store: Store) -> None:
 # -- prepare_atomic -------------------------------------------------------------------------
 
 
-def test_prepare_creates_a_pending_run_with_a_fresh_id(store: Store) -> None:
+def test_prepare_creates_a_pending_run_with_a_fresh_id(store: RunStore) -> None:
     """With no active run on the machine, make() is called once and its run stored pending."""
     calls = []
 
@@ -129,7 +138,7 @@ def test_prepare_creates_a_pending_run_with_a_fresh_id(store: Store) -> None:
     assert store.list() == [run]
 
 
-def test_prepare_overrides_id_status_and_revision_from_make(store: Store) -> None:
+def test_prepare_overrides_id_status_and_revision_from_make(store: RunStore) -> None:
     """Whatever id, status and revision make() sets, the stored run is fresh and pending."""
     run, outcome = store.prepare_atomic(
         "m1", "h-a",
@@ -139,7 +148,7 @@ def test_prepare_overrides_id_status_and_revision_from_make(store: Store) -> Non
 
 
 @pytest.mark.parametrize("started", [False, True], ids=["pending", "running"])
-def test_prepare_reuses_the_active_run_with_the_same_hash(store: Store, started: bool) -> None:
+def test_prepare_reuses_the_active_run_with_the_same_hash(store: RunStore, started: bool) -> None:
     """A non-terminal run with the same hash is returned with REUSE; make() is not called."""
     first = _prepare(store)
     if started:
@@ -155,7 +164,7 @@ def test_prepare_reuses_the_active_run_with_the_same_hash(store: Store, started:
 
 
 @pytest.mark.parametrize("started", [False, True], ids=["pending", "running"])
-def test_prepare_reports_busy_for_another_hash(store: Store, started: bool) -> None:
+def test_prepare_reports_busy_for_another_hash(store: RunStore, started: bool) -> None:
     """A non-terminal run with another hash is returned with BUSY; nothing is stored."""
     first = _prepare(store)
     if started:
@@ -173,7 +182,7 @@ def test_prepare_reports_busy_for_another_hash(store: Store, started: bool) -> N
 @pytest.mark.parametrize("status", TERMINAL)
 @pytest.mark.parametrize("same_hash", [True, False], ids=["same-hash", "other-hash"])
 def test_prepare_after_a_terminal_run_creates_a_fresh_run(
-    store: Store, status: Status, same_hash: bool
+    store: RunStore, status: Status, same_hash: bool
 ) -> None:
     """Terminal runs never block: a re-dispatch creates a new run with a new, greater id."""
     first = store.start(_prepare(store).id)
@@ -186,7 +195,7 @@ def test_prepare_after_a_terminal_run_creates_a_fresh_run(
     assert [r.id for r in store.list()] == [first.id, run.id]
 
 
-def test_prepare_on_other_machines_is_independent(store: Store) -> None:
+def test_prepare_on_other_machines_is_independent(store: RunStore) -> None:
     """An active run on one machine does not block another machine."""
     a = _prepare(store, "m1")
     b = _prepare(store, "m2", "h-b")
@@ -195,21 +204,21 @@ def test_prepare_on_other_machines_is_independent(store: Store) -> None:
 
 
 def test_prepare_when_make_raises_leaves_store_unchanged(
-    store: Store, store_dir: pathlib.Path
+    store: RunStore, open_store: OpenStore
 ) -> None:
     """An exception from make() propagates, nothing is stored and the lock is released."""
-    before = (store_dir / "runs.jsonl").read_bytes()
+    before = store.last_seq()
 
     def make() -> Run:
         raise KeyError("no free slot")
 
     with pytest.raises(KeyError, match="no free slot"):
         store.prepare_atomic("m1", "h-a", make)
-    assert (store_dir / "runs.jsonl").read_bytes() == before
+    assert store.last_seq() == before
     assert store.list() == []
-    with Store(store_dir, lock_timeout=0.5) as other:  # the flock is free again
-        assert other.list() == []
-    assert _prepare(store).status is Status.PENDING  # and so is the mutex
+    other = open_store(lock_timeout=0.5)  # the lock (flock, row lock) is free again
+    assert _prepare(other, "m1").status is Status.PENDING
+    assert _prepare(store, "m2").status is Status.PENDING  # and so is the mutex
 
 
 @pytest.mark.parametrize(
@@ -222,19 +231,17 @@ def test_prepare_when_make_raises_leaves_store_unchanged(
     ],
     ids=["other-machine", "other-hash", "dict", "none"],
 )
-def test_prepare_refuses_a_wrong_run_from_make(
-    store: Store, store_dir: pathlib.Path, made: object
-) -> None:
+def test_prepare_refuses_a_wrong_run_from_make(store: RunStore, made: object) -> None:
     """make() returning a run for another machine or hash, or no Run, is an InvalidRunError."""
-    before = (store_dir / "runs.jsonl").read_bytes()
+    before = store.last_seq()
     with pytest.raises(InvalidRunError):
         store.prepare_atomic("m1", "h-a", lambda: made)  # type: ignore[arg-type, return-value]  # the point of the test
-    assert (store_dir / "runs.jsonl").read_bytes() == before
+    assert store.last_seq() == before
     assert store.list() == []
     assert _prepare(store).machine == "m1"
 
 
-def test_prepare_refuses_an_invalid_run_from_make(store: Store) -> None:
+def test_prepare_refuses_an_invalid_run_from_make(store: RunStore) -> None:
     """make() returning a run with a naive datetime is refused; nothing is stored."""
     naive = _dt.datetime(2026, 1, 1)
     with pytest.raises(InvalidRunError):
@@ -244,7 +251,7 @@ def test_prepare_refuses_an_invalid_run_from_make(store: Store) -> None:
 
 @pytest.mark.parametrize(("machine", "test_dir_hash"), [("", "h"), ("m1", "")])
 def test_prepare_refuses_empty_machine_or_hash(
-    store: Store, machine: str, test_dir_hash: str
+    store: RunStore, machine: str, test_dir_hash: str
 ) -> None:
     """An empty machine or hash is an InvalidRunError before anything else happens."""
     with pytest.raises(InvalidRunError):
@@ -254,7 +261,7 @@ def test_prepare_refuses_empty_machine_or_hash(
 # -- create ---------------------------------------------------------------------------------
 
 
-def test_create_assigns_a_new_id_over_any_given(store: Store, make_run: MakeRun) -> None:
+def test_create_assigns_a_new_id_over_any_given(store: RunStore, make_run: MakeRun) -> None:
     """create() overwrites a given id, sets revision 1 and returns what it stored."""
     run = store.create(make_run(id="caller-chosen", revision=5, logs_path="/l"))
     assert run.id and run.id != "caller-chosen"
@@ -262,14 +269,14 @@ def test_create_assigns_a_new_id_over_any_given(store: Store, make_run: MakeRun)
     assert store.get(run.id) == run
 
 
-def test_create_ids_are_unique_and_increasing(store: Store, make_run: MakeRun) -> None:
+def test_create_ids_are_unique_and_increasing(store: RunStore, make_run: MakeRun) -> None:
     """Ids of created runs are distinct and sort in creation order."""
     made = [store.create(make_run(machine=f"m{i}", id="same")).id for i in range(20)]
     assert len(set(made)) == 20
     assert made == sorted(made)
 
 
-def test_create_keeps_the_given_fields(store: Store) -> None:
+def test_create_keeps_the_given_fields(store: RunStore) -> None:
     """Every caller field but id and revision is stored as given."""
     ended = _dt.datetime(2026, 1, 1, 1, 2, 3, 4, tzinfo=_dt.UTC)
     given = Run("m1", "/tests/x", "h-x", status=Status.FAILED, exit_code=2, ended_at=ended,
@@ -279,7 +286,9 @@ def test_create_keeps_the_given_fields(store: Store) -> None:
     assert run == attrs.evolve(given, id=run.id, revision=1)
 
 
-def test_create_refuses_a_second_active_run_on_a_machine(store: Store, make_run: MakeRun) -> None:
+def test_create_refuses_a_second_active_run_on_a_machine(
+    store: RunStore, make_run: MakeRun
+) -> None:
     """A second non-terminal run for a machine is a MachineBusyError naming the occupant."""
     first = store.create(make_run())
     with pytest.raises(MachineBusyError) as info:
@@ -290,7 +299,7 @@ def test_create_refuses_a_second_active_run_on_a_machine(store: Store, make_run:
 
 
 def test_create_allows_terminal_runs_beside_an_active_one(
-    store: Store, make_run: MakeRun
+    store: RunStore, make_run: MakeRun
 ) -> None:
     """Terminal runs (history, imports) can be created on a busy machine."""
     active = store.create(make_run())
@@ -299,7 +308,7 @@ def test_create_allows_terminal_runs_beside_an_active_one(
     assert store.active_by_machine("m1") == active
 
 
-def test_create_refuses_invalid_runs(store: Store, make_run: MakeRun) -> None:
+def test_create_refuses_invalid_runs(store: RunStore, make_run: MakeRun) -> None:
     """A naive datetime or an empty machine is an InvalidRunError; nothing is stored."""
     with pytest.raises(InvalidRunError):
         store.create(make_run(started_at=_dt.datetime(2026, 1, 1)))
@@ -311,7 +320,7 @@ def test_create_refuses_invalid_runs(store: Store, make_run: MakeRun) -> None:
 # -- get ------------------------------------------------------------------------------------
 
 
-def test_get_returns_the_latest_version(store: Store) -> None:
+def test_get_returns_the_latest_version(store: RunStore) -> None:
     """get() returns the stored run as of its latest change."""
     run = _prepare(store)
     running = store.start(run.id)
@@ -320,7 +329,7 @@ def test_get_returns_the_latest_version(store: Store) -> None:
     assert store.get(run.id) == done
 
 
-def test_get_unknown_id_raises_run_not_found(store: Store) -> None:
+def test_get_unknown_id_raises_run_not_found(store: RunStore) -> None:
     """get() of an id the store does not hold raises RunNotFoundError (a LookupError)."""
     _prepare(store)
     with pytest.raises(RunNotFoundError) as info:
@@ -332,7 +341,7 @@ def test_get_unknown_id_raises_run_not_found(store: Store) -> None:
 # -- update ---------------------------------------------------------------------------------
 
 
-def test_update_stores_changes_and_increments_revision(store: Store) -> None:
+def test_update_stores_changes_and_increments_revision(store: RunStore) -> None:
     """update() stores the caller's changes with revision + 1 and returns the stored run."""
     run = _prepare(store)
     new = store.update(attrs.evolve(run, logs_path="/logs/1", batch_id="b1"))
@@ -343,14 +352,14 @@ def test_update_stores_changes_and_increments_revision(store: Store) -> None:
     assert newer.revision == 3
 
 
-def test_update_unknown_run_raises_run_not_found(store: Store, make_run: MakeRun) -> None:
+def test_update_unknown_run_raises_run_not_found(store: RunStore, make_run: MakeRun) -> None:
     """update() of a run the store does not hold raises RunNotFoundError."""
     with pytest.raises(RunNotFoundError):
         store.update(make_run(id="20260101T000000.000000Z-0000000000000000", revision=1))
 
 
 @pytest.mark.parametrize("delta", [-1, 1, 5])
-def test_update_with_stale_revision_raises_conflict(store: Store, delta: int) -> None:
+def test_update_with_stale_revision_raises_conflict(store: RunStore, delta: int) -> None:
     """A copy whose revision is not the stored one raises ConflictError; nothing changes."""
     run = _prepare(store)
     current = store.update(attrs.evolve(run, logs_path="/l1"))
@@ -361,19 +370,19 @@ def test_update_with_stale_revision_raises_conflict(store: Store, delta: int) ->
     assert store.get(run.id) == current
 
 
-def test_update_loser_of_a_race_gets_conflict(store: Store, store_dir: pathlib.Path) -> None:
+def test_update_loser_of_a_race_gets_conflict(store: RunStore, open_store: OpenStore) -> None:
     """Two writers with the same copy: the first update wins, the second gets ConflictError."""
     run = _prepare(store)
-    with Store(store_dir) as other:
-        copy = other.get(run.id)
-        store.update(attrs.evolve(run, logs_path="/first"))
-        with pytest.raises(ConflictError):
-            other.update(attrs.evolve(copy, logs_path="/second"))
+    other = open_store()
+    copy = other.get(run.id)
+    store.update(attrs.evolve(run, logs_path="/first"))
+    with pytest.raises(ConflictError):
+        other.update(attrs.evolve(copy, logs_path="/second"))
     assert store.get(run.id).logs_path == "/first"
 
 
 @pytest.mark.parametrize("field", ["machine", "test_dir_hash"])
-def test_update_refuses_identity_change(store: Store, field: str) -> None:
+def test_update_refuses_identity_change(store: RunStore, field: str) -> None:
     """Changing machine or test_dir_hash is an InvalidRunError; nothing changes."""
     run = _prepare(store)
     with pytest.raises(InvalidRunError):
@@ -386,7 +395,7 @@ def test_update_refuses_identity_change(store: Store, field: str) -> None:
     [(Status.PENDING, Status.COMPLETED), (Status.RUNNING, Status.PENDING)],
 )
 def test_update_refuses_forbidden_transitions(
-    store: Store, start: Status, target: Status
+    store: RunStore, start: Status, target: Status
 ) -> None:
     """A status change the state machine forbids raises InvalidTransitionError."""
     run = _prepare(store)
@@ -398,22 +407,20 @@ def test_update_refuses_forbidden_transitions(
 
 
 @pytest.mark.parametrize("target", [Status.RUNNING, Status.FAILED, Status.TIMEOUT])
-def test_update_allows_permitted_transitions(store: Store, target: Status) -> None:
+def test_update_allows_permitted_transitions(store: RunStore, target: Status) -> None:
     """update() may move a pending run along an allowed edge."""
     run = _prepare(store)
     new = store.update(attrs.evolve(run, status=target))
     assert new.status is target and new.revision == 2
 
 
-def test_update_unchanged_terminal_copy_is_a_no_op(
-    store: Store, store_dir: pathlib.Path
-) -> None:
-    """An unchanged copy of a terminal run returns the stored run; the file is not written."""
+def test_update_unchanged_terminal_copy_is_a_no_op(store: RunStore) -> None:
+    """An unchanged copy of a terminal run returns the stored run; nothing is stored."""
     run = store.finish(store.start(_prepare(store).id).id, Status.COMPLETED, exit_code=0)
-    before = (store_dir / "runs.jsonl").read_bytes()
+    before = store.last_seq()
     again = store.update(run)
     assert again == run and again.revision == run.revision
-    assert (store_dir / "runs.jsonl").read_bytes() == before
+    assert store.last_seq() == before
 
 
 @pytest.mark.parametrize(
@@ -422,7 +429,7 @@ def test_update_unchanged_terminal_copy_is_a_no_op(
      {"exit_code": 9}],
     ids=["field", "other-terminal", "back-to-running", "exit-code"],
 )
-def test_update_of_a_terminal_run_is_refused(store: Store, change: dict[str, Any]) -> None:
+def test_update_of_a_terminal_run_is_refused(store: RunStore, change: dict[str, Any]) -> None:
     """Any real change to a terminal run raises InvalidTransitionError."""
     run = store.finish(store.start(_prepare(store).id).id, Status.COMPLETED, exit_code=0)
     with pytest.raises(InvalidTransitionError):
@@ -433,7 +440,7 @@ def test_update_of_a_terminal_run_is_refused(store: Store, change: dict[str, Any
 # -- start ----------------------------------------------------------------------------------
 
 
-def test_start_moves_pending_to_running_and_sets_started_at(store: Store) -> None:
+def test_start_moves_pending_to_running_and_sets_started_at(store: RunStore) -> None:
     """start() sets status running, an aware UTC started_at and revision + 1."""
     run = _prepare(store)
     before = _now()
@@ -448,7 +455,7 @@ def test_start_moves_pending_to_running_and_sets_started_at(store: Store) -> Non
 
 
 @pytest.mark.parametrize("status", [Status.RUNNING, *TERMINAL])
-def test_start_refuses_a_run_that_is_not_pending(store: Store, status: Status) -> None:
+def test_start_refuses_a_run_that_is_not_pending(store: RunStore, status: Status) -> None:
     """start() of a running or terminal run raises InvalidTransitionError."""
     run = store.start(_prepare(store).id)
     if status.is_terminal:
@@ -458,7 +465,7 @@ def test_start_refuses_a_run_that_is_not_pending(store: Store, status: Status) -
     assert store.get(run.id) == run
 
 
-def test_start_unknown_id_raises_run_not_found(store: Store) -> None:
+def test_start_unknown_id_raises_run_not_found(store: RunStore) -> None:
     """start() of an unknown id raises RunNotFoundError."""
     with pytest.raises(RunNotFoundError):
         store.start("20260101T000000.000000Z-0000000000000000")
@@ -468,7 +475,7 @@ def test_start_unknown_id_raises_run_not_found(store: Store) -> None:
 
 
 @pytest.mark.parametrize("status", TERMINAL)
-def test_finish_from_running_sets_ended_at_and_details(store: Store, status: Status) -> None:
+def test_finish_from_running_sets_ended_at_and_details(store: RunStore, status: Status) -> None:
     """finish() of a running run stores the terminal status, ended_at and the details."""
     run = store.start(_prepare(store).id)
     before = _now()
@@ -482,14 +489,14 @@ def test_finish_from_running_sets_ended_at_and_details(store: Store, status: Sta
 
 
 @pytest.mark.parametrize("status", [Status.FAILED, Status.INTERRUPTED, Status.TIMEOUT])
-def test_finish_from_pending_to_non_completed(store: Store, status: Status) -> None:
+def test_finish_from_pending_to_non_completed(store: RunStore, status: Status) -> None:
     """A pending run may fail, be interrupted or time out without running."""
     run = _prepare(store)
     done = store.finish(run.id, status)
     assert done.status is status and done.started_at is None and _utc(done.ended_at)
 
 
-def test_finish_pending_as_completed_is_refused(store: Store) -> None:
+def test_finish_pending_as_completed_is_refused(store: RunStore) -> None:
     """A pending run cannot complete without running: InvalidTransitionError."""
     run = _prepare(store)
     with pytest.raises(InvalidTransitionError):
@@ -497,7 +504,7 @@ def test_finish_pending_as_completed_is_refused(store: Store) -> None:
     assert store.get(run.id) == run
 
 
-def test_finish_accepts_the_status_as_a_string(store: Store) -> None:
+def test_finish_accepts_the_status_as_a_string(store: RunStore) -> None:
     """finish(id, "completed") works like finish(id, Status.COMPLETED)."""
     run = store.start(_prepare(store).id)
     assert store.finish(run.id, "completed").status is Status.COMPLETED
@@ -505,19 +512,19 @@ def test_finish_accepts_the_status_as_a_string(store: Store) -> None:
 
 @pytest.mark.parametrize("status", TERMINAL)
 def test_finish_again_with_the_same_status_returns_run_unchanged(
-    store: Store, store_dir: pathlib.Path, status: Status
+    store: RunStore, status: Status
 ) -> None:
-    """Repeating the terminal status returns the stored run unchanged; nothing is written."""
+    """Repeating the terminal status returns the stored run unchanged; nothing is stored."""
     run = store.start(_prepare(store).id)
     done = store.finish(run.id, status, exit_code=1, error_msg="first")
-    before = (store_dir / "runs.jsonl").read_bytes()
+    before = store.last_seq()
     again = store.finish(run.id, status, exit_code=2, error_msg="second")
     assert again == done
-    assert (store_dir / "runs.jsonl").read_bytes() == before
+    assert store.last_seq() == before
 
 
 @pytest.mark.parametrize("first", TERMINAL)
-def test_finish_with_another_terminal_status_is_refused(store: Store, first: Status) -> None:
+def test_finish_with_another_terminal_status_is_refused(store: RunStore, first: Status) -> None:
     """A terminal run cannot switch to another terminal status."""
     run = store.start(_prepare(store).id)
     done = store.finish(run.id, first)
@@ -530,7 +537,7 @@ def test_finish_with_another_terminal_status_is_refused(store: Store, first: Sta
 
 @pytest.mark.parametrize("target", [Status.PENDING, Status.RUNNING, "running"])
 def test_finish_with_a_non_terminal_status_is_refused(
-    store: Store, target: Status | str
+    store: RunStore, target: Status | str
 ) -> None:
     """finish() to pending or running raises InvalidTransitionError."""
     run = store.start(_prepare(store).id)
@@ -539,14 +546,14 @@ def test_finish_with_a_non_terminal_status_is_refused(
     assert store.get(run.id) == run
 
 
-def test_finish_with_an_unknown_status_is_refused(store: Store) -> None:
+def test_finish_with_an_unknown_status_is_refused(store: RunStore) -> None:
     """finish() with a status that does not exist is an InvalidRunError."""
     run = store.start(_prepare(store).id)
     with pytest.raises(InvalidRunError):
         store.finish(run.id, "exploded")
 
 
-def test_finish_unknown_id_raises_run_not_found(store: Store) -> None:
+def test_finish_unknown_id_raises_run_not_found(store: RunStore) -> None:
     """finish() of an unknown id raises RunNotFoundError."""
     with pytest.raises(RunNotFoundError):
         store.finish("20260101T000000.000000Z-0000000000000000", Status.FAILED)
@@ -556,7 +563,7 @@ def test_finish_unknown_id_raises_run_not_found(store: Store) -> None:
 
 
 @pytest.mark.parametrize("started", [False, True], ids=["pending", "running"])
-def test_heartbeat_sets_heartbeat_at(store: Store, started: bool) -> None:
+def test_heartbeat_sets_heartbeat_at(store: RunStore, started: bool) -> None:
     """heartbeat() of a non-terminal run sets an aware UTC heartbeat_at and revision + 1."""
     run = _prepare(store)
     if started:
@@ -569,20 +576,20 @@ def test_heartbeat_sets_heartbeat_at(store: Store, started: bool) -> None:
     assert store.get(run.id) == beat
 
 
-def test_heartbeat_of_a_terminal_run_is_refused(store: Store) -> None:
+def test_heartbeat_of_a_terminal_run_is_refused(store: RunStore) -> None:
     """A finished run takes no heartbeat: InvalidTransitionError."""
     run = store.finish(_prepare(store).id, Status.FAILED)
     with pytest.raises(InvalidTransitionError):
         store.heartbeat(run.id)
 
 
-def test_heartbeat_unknown_id_raises_run_not_found(store: Store) -> None:
+def test_heartbeat_unknown_id_raises_run_not_found(store: RunStore) -> None:
     """heartbeat() of an unknown id raises RunNotFoundError."""
     with pytest.raises(RunNotFoundError):
         store.heartbeat("20260101T000000.000000Z-0000000000000000")
 
 
-def test_stale_copy_after_heartbeat_conflicts(store: Store) -> None:
+def test_stale_copy_after_heartbeat_conflicts(store: RunStore) -> None:
     """A heartbeat is a stored change: a copy taken before it is stale."""
     run = _prepare(store)
     store.heartbeat(run.id)
@@ -594,7 +601,7 @@ def test_stale_copy_after_heartbeat_conflicts(store: Store) -> None:
 
 
 @pytest.fixture
-def populated(store: Store) -> dict[str, Run]:
+def populated(store: RunStore) -> dict[str, Run]:
     """Five runs on two machines in every status family, batches b1/b2."""
     a = store.create(Run("m1", "/t/a", "h-a", status=Status.COMPLETED, batch_id="b1"))
     b = store.create(Run("m2", "/t/b", "h-b", status=Status.FAILED, batch_id="b2"))
@@ -607,7 +614,7 @@ def populated(store: Store) -> dict[str, Run]:
 
 
 def test_list_returns_every_run_in_insertion_order(
-    store: Store, populated: dict[str, Run]
+    store: RunStore, populated: dict[str, Run]
 ) -> None:
     """list() returns the latest version of every run, in the order they were created."""
     assert store.list() == [populated[k] for k in "abcde"]
@@ -629,26 +636,26 @@ def test_list_returns_every_run_in_insertion_order(
     ],
 )
 def test_list_filters(
-    store: Store, populated: dict[str, Run], filters: dict[str, Any], expected: str
+    store: RunStore, populated: dict[str, Run], filters: dict[str, Any], expected: str
 ) -> None:
     """list() filters by machine, status (one or several) and batch_id, combined with AND."""
     assert store.list(**filters) == [populated[k] for k in expected]
 
 
-def test_list_refuses_unknown_status(store: Store) -> None:
+def test_list_refuses_unknown_status(store: RunStore) -> None:
     """A status filter naming no status is an InvalidRunError."""
     with pytest.raises(InvalidRunError):
         store.list(status="exploded")
 
 
 def test_active_returns_non_terminal_runs_in_insertion_order(
-    store: Store, populated: dict[str, Run]
+    store: RunStore, populated: dict[str, Run]
 ) -> None:
     """active() lists pending and running runs, oldest first."""
     assert store.active() == [populated["d"], populated["e"]]
 
 
-def test_active_by_machine(store: Store, populated: dict[str, Run]) -> None:
+def test_active_by_machine(store: RunStore, populated: dict[str, Run]) -> None:
     """active_by_machine() returns the machine's non-terminal run, or None."""
     assert store.active_by_machine("m1") == populated["d"]
     assert store.active_by_machine("m2") == populated["e"]
@@ -658,7 +665,7 @@ def test_active_by_machine(store: Store, populated: dict[str, Run]) -> None:
 
 
 def test_find_by_hash_and_machine_returns_every_match(
-    store: Store, populated: dict[str, Run]
+    store: RunStore, populated: dict[str, Run]
 ) -> None:
     """find_by_test_dir_hash_and_machine() returns every run (any status) of that pair."""
     assert store.find_by_test_dir_hash_and_machine("h-a", "m1") == [
@@ -670,27 +677,27 @@ def test_find_by_hash_and_machine_returns_every_match(
 # -- several handles, reopen, compaction ----------------------------------------------------
 
 
-def test_two_handles_see_each_others_writes(store: Store, store_dir: pathlib.Path) -> None:
-    """A second Store on the same directory sees the first one's changes and vice versa."""
-    with Store(store_dir) as other:
-        a = _prepare(store)
-        assert other.get(a.id) == a
-        b, outcome = other.prepare_atomic("m1", "h-b", lambda: Run("m1", "/t", "h-b"))
-        assert outcome is PrepareOutcome.BUSY and b == a
-        started = other.start(a.id)
-        assert store.get(a.id) == started
-        assert store.list() == other.list() == [started]
+def test_two_handles_see_each_others_writes(store: RunStore, open_store: OpenStore) -> None:
+    """A second handle on the same store sees the first one's changes and vice versa."""
+    other = open_store()
+    a = _prepare(store)
+    assert other.get(a.id) == a
+    b, outcome = other.prepare_atomic("m1", "h-b", lambda: Run("m1", "/t", "h-b"))
+    assert outcome is PrepareOutcome.BUSY and b == a
+    started = other.start(a.id)
+    assert store.get(a.id) == started
+    assert store.list() == other.list() == [started]
 
 
-def test_reopen_after_close_keeps_every_run(store_dir: pathlib.Path) -> None:
-    """Runs, revisions, details and the active set survive close() and a new Store."""
-    with Store(store_dir) as s:
+def test_reopen_after_close_keeps_every_run(backend: Backend) -> None:
+    """Runs, revisions, details and the active set survive close() and a new handle."""
+    with backend.open() as s:
         a = s.finish(s.start(_prepare(s, "m1").id).id, Status.COMPLETED, exit_code=0)
         b = s.heartbeat(s.start(_prepare(s, "m2").id).id)
         c = s.update(attrs.evolve(_prepare(s, "m3"), batch_id="b", plan_entry="p"))
         runs = s.list()
     assert runs == [a, b, c]
-    with Store(store_dir) as s:
+    with backend.open() as s:
         assert s.list() == runs
         assert s.active() == [b, c]
         assert s.get(a.id) == a
@@ -700,20 +707,18 @@ def test_reopen_after_close_keeps_every_run(store_dir: pathlib.Path) -> None:
         assert e.id > c.id
 
 
-def test_reopen_without_close_keeps_acknowledged_runs(store_dir: pathlib.Path) -> None:
+def test_reopen_without_close_keeps_acknowledged_runs(open_store: OpenStore) -> None:
     """A store that was never closed (a crashed process) reopens with every change."""
-    s = Store(store_dir)
+    s = open_store()
     run = s.start(_prepare(s).id)
-    other = Store(store_dir)
-    try:
-        assert other.list() == [run]
-    finally:
-        other.close()
-        s.close()
+    assert open_store().list() == [run]
 
 
-def test_compact_keeps_every_run_and_the_order(store: Store, store_dir: pathlib.Path) -> None:
-    """compact() rewrites the file without changing what list() returns."""
+def test_compact_keeps_every_run_and_the_order(
+    store: RunStore, open_store: OpenStore, backend: Backend, store_dir: pathlib.Path
+) -> None:
+    """compact() changes nothing list() returns; on the file store it replaces the journal
+    by rename and keeps the lock file."""
     runs = []
     for i in range(6):
         run = store.start(_prepare(store, f"m{i}").id)
@@ -722,35 +727,42 @@ def test_compact_keeps_every_run_and_the_order(store: Store, store_dir: pathlib.
         if i % 2:
             run = store.finish(run.id, Status.COMPLETED, exit_code=0)
         runs.append(run)
-    lock_inode = (store_dir / "runs.lock").stat().st_ino
-    journal_inode = (store_dir / "runs.jsonl").stat().st_ino
+    on_file = backend.kind == "file"
+    if on_file:
+        lock_inode = (store_dir / "runs.lock").stat().st_ino
+        journal_inode = (store_dir / "runs.jsonl").stat().st_ino
     store.compact()
     assert store.list() == runs
-    assert (store_dir / "runs.jsonl").stat().st_ino != journal_inode  # replaced by rename
-    assert (store_dir / "runs.lock").stat().st_ino == lock_inode
-    with Store(store_dir) as again:
-        assert again.list() == runs
-        assert again.active() == [r for r in runs if not r.is_terminal]
+    if on_file:
+        assert (store_dir / "runs.jsonl").stat().st_ino != journal_inode  # replaced by rename
+        assert (store_dir / "runs.lock").stat().st_ino == lock_inode
+    again = open_store()
+    assert again.list() == runs
+    assert again.active() == [r for r in runs if not r.is_terminal]
 
 
-def test_seqs_continue_gap_free_after_compact(store: Store, store_dir: pathlib.Path) -> None:
+def test_seqs_continue_gap_free_after_compact(store: RunStore) -> None:
     """After a compaction the next change gets the next sequence number."""
     run = _prepare(store)
     store.heartbeat(run.id)
     store.heartbeat(run.id)
-    last = max(d["seq"] for d in _records(store_dir / "runs.jsonl"))
+    last = store.last_seq()
+    assert last == 3
     store.compact()
     store.heartbeat(run.id)
-    assert max(d["seq"] for d in _records(store_dir / "runs.jsonl")) == last + 1
+    assert store.last_seq() == last + 1
+    assert [c.seq for c in store.changes(last)] == [last + 1]
 
 
-def test_compaction_by_another_handle_is_followed(store: Store, store_dir: pathlib.Path) -> None:
-    """A handle keeps working after another handle replaced the file by compaction."""
+def test_compaction_by_another_handle_is_followed(
+    store: RunStore, open_store: OpenStore
+) -> None:
+    """A handle keeps working after another handle compacted (replaced the file)."""
     run = _prepare(store)
-    with Store(store_dir) as other:
-        other.heartbeat(run.id)
-        other.compact()
-        beat = other.heartbeat(run.id)
+    other = open_store()
+    other.heartbeat(run.id)
+    other.compact()
+    beat = other.heartbeat(run.id)
     assert store.get(run.id) == beat
     assert store.finish(run.id, Status.FAILED).revision == beat.revision + 1
 
@@ -849,18 +861,20 @@ def test_lock_file_is_never_deleted(store_dir: pathlib.Path) -> None:
     assert (store_dir / "runs.lock").stat().st_ino == inode
 
 
-def test_non_durable_store_keeps_the_contract(store_dir: pathlib.Path) -> None:
+def test_non_durable_store_keeps_the_contract(backend: Backend) -> None:
     """durable=False changes only syncing: runs are stored and reopen the same."""
-    with Store(store_dir, durable=False) as s:
+    with backend.open(durable=False) as s:
+        assert s.durable is False
         run = s.finish(s.start(_prepare(s).id).id, Status.COMPLETED, exit_code=0)
-    with Store(store_dir, durable=False) as s:
+    with backend.open(durable=False) as s:
         assert s.list() == [run]
 
 
-def test_lock_timeout_zero_works_without_contention(store_dir: pathlib.Path) -> None:
+def test_lock_timeout_zero_works_without_contention(open_store: OpenStore) -> None:
     """lock_timeout=0 still lets an uncontended store work."""
-    with Store(store_dir, lock_timeout=0) as s:
-        assert _prepare(s).status is Status.PENDING
+    s = open_store(lock_timeout=0)
+    assert _prepare(s).status is Status.PENDING
+    assert s.finish(s.start(_prepare(s, "m2").id).id, Status.COMPLETED).revision == 3
 
 
 def test_lock_is_not_reentrant_from_make(store_dir: pathlib.Path) -> None:

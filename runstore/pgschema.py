@@ -1,0 +1,288 @@
+"""The PostgreSQL schema of a ``PostgresStore`` and its migrations, versioned per table.
+
+Every object is named after the store's table (``runs`` by default), so several stores, and
+tests, can share one database::
+
+    runs            one row per run: the ``Run`` fields, ``inserted`` (insertion order),
+                    ``changed_at`` (time of the latest change, for reaping), ``extra`` (fields
+                    this library does not know, kept from an import)
+    runs_one_active the partial unique index: one pending/running run per machine, enforced
+                    by PostgreSQL whoever writes (even raw SQL)
+    runs_seq        the change feed's sequence
+    runs_changes    the retained changes (seq, time, change, run as JSON)
+    runs_feed       one row: ``compacted_through``, the greatest seq trimmed away
+    runs_schema     one row per applied migration (version, applied_at)
+
+``Statements`` holds every query ``PostgresStore`` runs, rendered once per table.
+
+``migrate`` brings a table to ``SCHEMA_VERSION`` in one transaction under an advisory lock,
+so concurrent first opens from several hosts create it exactly once. Schemas written by a
+newer runstore are refused instead of being used half-understood.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import psycopg
+from psycopg import sql
+
+from .codec import RUN_FIELDS
+from .errors import CorruptStoreError, InvalidRunError
+from .model import ChangeType, Status
+
+#: the schema this runstore writes and understands
+SCHEMA_VERSION = 2
+#: a plain lower-case identifier, short enough that every derived name fits in 63 bytes
+_TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")
+
+
+def _quoted_list(values: list[str]) -> sql.Composable:
+    return sql.SQL(", ").join(sql.Literal(v) for v in values)
+
+
+@attrs.frozen
+class Names:
+    """The identifiers of every object of one store, derived from its table name."""
+
+    table: str
+
+    @classmethod
+    def of(cls, table: str) -> Names:
+        """Validate ``table`` and return its names; ``InvalidRunError`` if it is not a plain
+        identifier (names are never interpolated as text, but a strict rule keeps the
+        derived names within PostgreSQL's 63-byte limit and free of surprises)."""
+        if not isinstance(table, str) or not _TABLE_NAME.fullmatch(table):
+            raise InvalidRunError(
+                f"table name {table!r} is not a plain identifier: use 1 to 40 lower-case "
+                "letters, digits and underscores, not starting with a digit")
+        return cls(table)
+
+    def ident(self, suffix: str = "") -> sql.Identifier:
+        """The identifier ``<table><suffix>``."""
+        return sql.Identifier(self.table + suffix)
+
+    @property
+    def runs(self) -> sql.Identifier:
+        return self.ident()
+
+    @property
+    def changes(self) -> sql.Identifier:
+        return self.ident("_changes")
+
+    @property
+    def seq(self) -> sql.Identifier:
+        return self.ident("_seq")
+
+    @property
+    def feed(self) -> sql.Identifier:
+        return self.ident("_feed")
+
+    @property
+    def schema(self) -> sql.Identifier:
+        return self.ident("_schema")
+
+    @property
+    def one_active(self) -> str:
+        """The name of the partial unique index (as PostgreSQL reports it in errors)."""
+        return self.table + "_one_active"
+
+    @property
+    def channel(self) -> str:
+        """The LISTEN/NOTIFY channel of the change feed."""
+        return self.table + "_changes"
+
+
+_ACTIVE = _quoted_list([Status.PENDING.value, Status.RUNNING.value])
+_STATUSES = _quoted_list([s.value for s in Status])
+_CHANGES = _quoted_list([c.value for c in ChangeType])
+
+
+def _v1_runs(n: Names) -> list[sql.Composed]:
+    """Version 1: the runs table, its one-active-run-per-machine index, the version table."""
+    return [
+        sql.SQL("""CREATE TABLE {schema} (
+            version integer PRIMARY KEY,
+            applied_at timestamptz NOT NULL DEFAULT now())""").format(schema=n.schema),
+        sql.SQL("""CREATE TABLE {runs} (
+            id text COLLATE "C" PRIMARY KEY CHECK (id <> ''),
+            inserted bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
+            machine text NOT NULL CHECK (machine <> ''),
+            test_dir text NOT NULL,
+            test_dir_hash text NOT NULL CHECK (test_dir_hash <> ''),
+            status text NOT NULL CHECK (status IN ({statuses})),
+            exit_code bigint,
+            started_at timestamptz,
+            ended_at timestamptz,
+            artifacts_path text NOT NULL DEFAULT '',
+            logs_path text NOT NULL DEFAULT '',
+            error_code text NOT NULL DEFAULT '',
+            error_msg text NOT NULL DEFAULT '',
+            batch_id text NOT NULL DEFAULT '',
+            plan_entry text NOT NULL DEFAULT '',
+            revision bigint NOT NULL CHECK (revision >= 1),
+            owner_host text NOT NULL DEFAULT '',
+            owner_pid bigint,
+            owner_start text NOT NULL DEFAULT '',
+            heartbeat_at timestamptz,
+            changed_at timestamptz NOT NULL DEFAULT now(),
+            extra jsonb)""").format(runs=n.runs, statuses=_STATUSES),
+        sql.SQL("CREATE UNIQUE INDEX {name} ON {runs} (machine) WHERE status IN ({active})")
+        .format(name=sql.Identifier(n.one_active), runs=n.runs, active=_ACTIVE),
+        sql.SQL("CREATE INDEX {name} ON {runs} (machine, inserted)")
+        .format(name=n.ident("_machine"), runs=n.runs),
+        sql.SQL("CREATE INDEX {name} ON {runs} (batch_id, inserted) WHERE batch_id <> ''")
+        .format(name=n.ident("_batch"), runs=n.runs),
+    ]
+
+
+def _v2_feed(n: Names) -> list[sql.Composed]:
+    """Version 2: the change feed (sequence, retained changes, trim point)."""
+    return [
+        sql.SQL("CREATE SEQUENCE {seq} AS bigint").format(seq=n.seq),
+        sql.SQL("""CREATE TABLE {changes} (
+            seq bigint PRIMARY KEY,
+            time timestamptz NOT NULL,
+            change text NOT NULL CHECK (change IN ({kinds})),
+            run jsonb NOT NULL)""").format(changes=n.changes, kinds=_CHANGES),
+        sql.SQL("""CREATE TABLE {feed} (
+            one boolean PRIMARY KEY DEFAULT true CHECK (one),
+            compacted_through bigint NOT NULL DEFAULT 0)""").format(feed=n.feed),
+        sql.SQL("INSERT INTO {feed} DEFAULT VALUES").format(feed=n.feed),
+    ]
+
+
+#: version -> the statements that bring version - 1 to it
+MIGRATIONS: dict[int, Callable[[Names], list[sql.Composed]]] = {1: _v1_runs, 2: _v2_feed}
+
+
+def current_version(conn: psycopg.Connection[Any], names: Names) -> int:
+    """The schema version of the table (0 when the store does not exist yet)."""
+    qualified = names.schema.as_string(conn)
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [qualified]).fetchone()
+    if row is None or not row[0]:
+        return 0
+    found = conn.execute(sql.SQL("SELECT coalesce(max(version), 0) FROM {}")
+                         .format(names.schema)).fetchone()
+    return int(found[0]) if found else 0
+
+
+def _refuse_newer(version: int, names: Names, where: str) -> None:
+    if version > SCHEMA_VERSION:
+        raise CorruptStoreError(
+            f"{where} table {names.table}", None,
+            f"schema version {version} is newer than this runstore understands "
+            f"(version {SCHEMA_VERSION})",
+            "upgrade runstore to use this store; nothing was changed")
+
+
+def migrate(conn: psycopg.Connection[Any], table: str, where: str = "",
+            target: int = SCHEMA_VERSION) -> tuple[int, int]:
+    """Bring ``table``'s schema to ``target`` (default: the latest) on an autocommit
+    connection; return (version before, version after). Idempotent and safe to run from
+    several processes at once: the steps run in one transaction under an advisory lock."""
+    names = Names.of(table)
+    before = current_version(conn, names)
+    _refuse_newer(before, names, where)
+    if before >= target:
+        return before, before
+    # Serialise concurrent creators: the second one waits, then finds the work done. A
+    # session lock taken *before* the transaction: a transaction that waited for a lock
+    # inside itself would keep reading the catalog as it was before the wait.
+    key = f"runstore.schema.{names.table}"
+    conn.execute("SELECT pg_advisory_lock(hashtext(%s))", [key])
+    try:
+        with conn.transaction():
+            before = current_version(conn, names)
+            _refuse_newer(before, names, where)
+            for version in range(before + 1, target + 1):
+                for statement in MIGRATIONS[version](names):
+                    conn.execute(statement)
+                conn.execute(sql.SQL("INSERT INTO {} (version) VALUES (%s)")
+                             .format(names.schema), [version])
+    finally:
+        if not conn.broken:
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [key])
+    return before, max(before, target)
+
+
+def _render(template: str, **parts: sql.Composable) -> str:
+    return sql.SQL(template).format(**parts).as_string()
+
+
+def _columns(names: list[str]) -> sql.Composable:
+    return sql.SQL(", ").join(map(sql.Identifier, names))
+
+
+class Statements:
+    """Every statement of one store, rendered to text once: composing a statement on every
+    call would cost more than the round trip. Run columns come in ``Run``'s field order."""
+
+    def __init__(self, n: Names) -> None:
+        fields = list(RUN_FIELDS)
+        q = {"runs": n.runs, "changes": n.changes, "feed": n.feed, "cols": _columns(fields),
+             "active": sql.SQL("status IN ({})").format(_ACTIVE)}
+        self.select = _render("SELECT {cols} FROM {runs}", **q)
+        sel = self.select
+        self.get = f"{sel} WHERE id = %s"
+        self.active = _render("SELECT {cols} FROM {runs} WHERE {active} ORDER BY inserted", **q)
+        self.active_of = _render("SELECT {cols} FROM {runs} WHERE machine = %s AND {active} "
+                                 "ORDER BY inserted LIMIT 1", **q)
+        self.active_for_update = f"{self.active_of} FOR UPDATE"
+        self.active_of_machine_now = _render(
+            "SELECT id FROM {runs} WHERE machine = %s AND {active} LIMIT 1", **q)
+        self.active_of_machines = _render(
+            "SELECT machine, id FROM {runs} WHERE machine = ANY(%s) AND {active} "
+            "ORDER BY inserted", **q)
+        self.active_with_changed_at = _render(
+            "SELECT {cols}, changed_at FROM {runs} WHERE {active} ORDER BY inserted", **q)
+        self.terminal_with_extra = _render(
+            "SELECT {cols}, extra FROM {runs} WHERE NOT {active} ORDER BY inserted", **q)
+        self.all_with_extra = _render("SELECT {cols}, extra FROM {runs} ORDER BY inserted", **q)
+        self.existing_ids = _render("SELECT id FROM {runs} WHERE id = ANY(%s)", **q)
+        self.max_id = _render("SELECT max(id) FROM {runs}", **q)
+        self.delete = _render("DELETE FROM {runs} WHERE id = ANY(%s)", **q)
+        self.counts = _render(
+            "SELECT status, machine, count(*) FROM {runs} GROUP BY status, machine", **q)
+        inserted = [*fields, "changed_at", "extra"]
+        self.insert = _render("INSERT INTO {runs} ({names}) VALUES ({values})", runs=n.runs,
+                              names=_columns(inserted),
+                              values=sql.SQL(", ").join(map(sql.Placeholder, inserted)))
+        settable = [f for f in fields if f != "id"] + ["changed_at"]
+        self.update = _render(
+            "UPDATE {runs} SET ({names}) = ({values}) "
+            "WHERE id = %(id)s AND revision = %(expected)s RETURNING revision",
+            runs=n.runs, names=_columns(settable),
+            values=sql.SQL(", ").join(map(sql.Placeholder, settable)))
+        # EXCLUSIVE: conflicts with every writer of the feed and with itself, never with
+        # readers; taken at the end of a writing transaction, so seqs follow commit order
+        self.lock_feed = _render("LOCK TABLE {changes} IN EXCLUSIVE MODE", **q)
+        # NOTIFY is delivered at commit, once per distinct payload: watchers wake up once
+        self.append = _render(
+            "WITH c AS (INSERT INTO {changes} (seq, time, change, run) "
+            "VALUES (nextval({seq}), %s, %s, %s) RETURNING seq) "
+            "SELECT seq, pg_notify({channel}, 'changed') FROM c",
+            changes=n.changes, seq=sql.Literal(n.seq.as_string()),
+            channel=sql.Literal(n.channel))
+        self.trim = _render("DELETE FROM {changes} WHERE seq <= %s", **q)
+        self.set_compacted = _render(
+            "UPDATE {feed} SET compacted_through = greatest(compacted_through, %s)", **q)
+        self.last_seq = _render(
+            "SELECT greatest((SELECT max(seq) FROM {changes}), "
+            "(SELECT compacted_through FROM {feed}), 0)", **q)
+        self.changes = _render(
+            "SELECT f.compacted_through, c.seq, c.time, c.change, c.run FROM {feed} f "
+            "LEFT JOIN {changes} c ON c.seq > %s ORDER BY c.seq", **q)
+        self.sizes = _render(
+            "SELECT pg_total_relation_size({runs_name}) + pg_total_relation_size({ch_name}), "
+            "(SELECT count(*) FROM {changes}), ({last}), (SELECT compacted_through FROM {feed})",
+            runs_name=sql.Literal(n.runs.as_string()), ch_name=sql.Literal(n.changes.as_string()),
+            last=sql.SQL(self.last_seq), **q)
+
+    def select_where(self, where: list[str]) -> str:
+        """The run columns of the rows matching every condition, in insertion order."""
+        cond = " WHERE " + " AND ".join(where) if where else ""
+        return f"{self.select}{cond} ORDER BY inserted"

@@ -1,0 +1,941 @@
+"""``PostgresStore``: the run-store contract on PostgreSQL, for dispatchers on several hosts.
+
+Same methods, return values and errors as ``Store`` (both satisfy ``RunStore``); what differs
+is documented on the class. How the guarantees are kept:
+
+- **One active run per machine** is enforced by PostgreSQL itself: a partial unique index on
+  ``machine`` for pending/running rows refuses a second one whoever writes it. ``prepare_atomic``
+  is one transaction: ``SELECT ... FOR UPDATE`` of the machine's non-terminal run, then either
+  REUSE/BUSY or an ``INSERT``; when a concurrent creator wins the race, the insert fails on the
+  index, the transaction rolls back and is retried, and the retry sees the winner's run.
+- **No lost updates**: every write is ``UPDATE ... WHERE id = %s AND revision = %s``; zero rows
+  means another writer got there first (``ConflictError`` for ``update()``, a fresh read and
+  another try for ``start``/``finish``/``heartbeat``, which take an id, not a copy).
+- **The change feed** (``<table>_changes``, ``seq`` from the sequence ``<table>_seq``) is written
+  in the same transaction as the change, under a short exclusive lock on the changes table
+  taken at the end of the transaction: seqs are handed out in commit order, so a follower that
+  has read seq N never later finds a committed change below N. ``watch`` is woken by
+  ``LISTEN/NOTIFY`` and reads the feed; it falls back to polling if the listening connection
+  fails.
+- **Connection loss** mid-operation raises ``DatabaseConnectionError`` naming the server (never
+  the password) and whether the change was rolled back (always, unless the connection died
+  during COMMIT itself, when the outcome is unknown and the message says so). Connections come
+  from a ``psycopg_pool.ConnectionPool`` that checks each one before handing it out, so the next
+  call reconnects; threads share one store; a forked child builds its own pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import io
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import IO, Any, TypeVar
+
+import attrs
+import psycopg
+import psycopg.errors
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from . import codec, ids, owner, pgschema, transitions
+from .errors import (
+    ConflictError,
+    CorruptStoreError,
+    HistoryTruncatedError,
+    InvalidRunError,
+    InvalidTransitionError,
+    LockTimeoutError,
+    MachineBusyError,
+    RunNotFoundError,
+    RunstoreError,
+    StoreIOError,
+)
+from .model import BatchSummary, Change, ChangeType, PrepareOutcome, Run, Status, StoreStats
+
+# The file store's helpers for the parts both backends share byte for byte (the import parser,
+# the archive writer, status arguments). TODO(lead): move them to a shared module.
+from .store import (
+    RETAIN_CHANGES,
+    _append_archive,
+    _change_type,
+    _parse_import,
+    _status_set,
+    _terminal_status,
+)
+
+T = TypeVar("T")
+_Conn = psycopg.Connection[Any]
+_Runs = list[Run]  # inside PostgresStore, ``list`` names the method
+_Changes = list[tuple[ChangeType, Run]]
+
+#: the changes table is trimmed to the last RETAIN_CHANGES whenever the seq crosses a multiple
+#: of this, so it holds between RETAIN_CHANGES and RETAIN_CHANGES + TRIM_EVERY rows
+TRIM_EVERY = 1024
+#: how often a transaction is retried after losing a race (unique index, revision check,
+#: deadlock); each retry means another writer made progress, so this is never reached in
+#: practice
+MAX_ATTEMPTS = 50
+#: the longest ``watch`` sleeps on LISTEN before reading the feed anyway
+_WATCH_WAKEUP = 1.0
+_FIELDS = codec.RUN_FIELDS
+
+
+def _utcnow() -> _dt.datetime:
+    return _dt.datetime.now(_dt.UTC)
+
+
+def _aware_utc(value: Any, _type: Any) -> _dt.datetime:
+    if not isinstance(value, _dt.datetime) or value.tzinfo is None:
+        raise TypeError(f"expected an aware datetime, got {value!r}")
+    return value.astimezone(_dt.UTC)
+
+
+#: the codec's converter (strict types), taught that rows carry datetimes rather than strings
+_ROWS = codec.make_converter()
+_ROWS.register_structure_hook(_dt.datetime, _aware_utc)
+
+
+def safe_dsn(dsn: str) -> str:
+    """The connection string without its password, fit for messages and ``stats()``."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "<unparsable DSN>"
+    params.pop("password", None)
+    return make_conninfo("", **params)
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+class DatabaseError(StoreIOError):
+    """PostgreSQL failed an operation (disk full, server error); it was rolled back unless
+    ``applied`` is None (the outcome of a COMMIT that failed is unknown)."""
+
+    def __init__(self, server: str, action: str, reason: str, applied: bool | None = False,
+                 code: int = errno.EIO) -> None:
+        self.server = server
+        self.reason = reason
+        self.applied = applied
+        super().__init__(server, action, OSError(code, reason))
+
+    def __str__(self) -> str:
+        if self.applied is None:
+            outcome = ("the failure hit the COMMIT, so the change may or may not have been "
+                       "applied: get() the run to see which")
+        else:
+            outcome = "the transaction was rolled back: nothing of this call was applied"
+        return f"{self.action} on PostgreSQL {self.server} failed ({self.reason}); {outcome}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.server, self.action, self.reason, self.applied))
+
+
+class DatabaseConnectionError(DatabaseError, ConnectionError):
+    """The connection to PostgreSQL failed or was lost; the next call reconnects."""
+
+    def __init__(self, server: str, action: str, reason: str,
+                 applied: bool | None = False) -> None:
+        super().__init__(server, action, reason, applied, errno.ECONNRESET)
+
+    def __str__(self) -> str:
+        return (f"{super().__str__()}; the next call reconnects (check that the server is up "
+                "if this repeats)")
+
+
+class TableLockTimeoutError(LockTimeoutError):
+    """A PostgreSQL lock (a run's row, the change feed) was not granted within lock_timeout."""
+
+    def __init__(self, lock_path: str, timeout: float) -> None:
+        super().__init__(lock_path, timeout)
+        RunstoreError.__init__(
+            self, f"could not lock {lock_path} within {timeout:g} s: another session holds "
+            "the lock; find it in pg_locks / pg_stat_activity, or raise lock_timeout")
+
+
+class _Retry(Exception):
+    """Internal: the transaction lost a race; roll back and run it again."""
+
+
+# -- the store -------------------------------------------------------------------------------
+
+
+class PostgresStore:
+    """Run records in the PostgreSQL table ``table`` (created or migrated on first use);
+    safe across threads, processes and hosts. ``dsn`` is a libpq connection string or
+    ``postgresql://`` URL.
+
+    ``durable=False`` sets ``synchronous_commit = off`` (a server crash may lose the latest
+    acknowledged changes, never corrupt older ones). ``lock_timeout`` bounds every wait for a
+    lock, like the file store's (``LockTimeoutError``, naming the table), and for a pooled
+    connection. ``pool_size`` is the most connections the store's threads use at once. The
+    schema is created or migrated when the store is opened (``pgschema``; ``migrate()`` does
+    it alone); a schema written by a newer runstore is refused (``CorruptStoreError``).
+
+    Where it differs from ``Store``:
+
+    - ``seq`` comes from a PostgreSQL sequence. Changes are numbered in commit order and
+      ``changes()``/``watch()`` never skip or repeat one, but the numbers can have *gaps*:
+      a transaction that loses its connection after drawing its seq, and a server crash
+      (sequences are not rolled back), leave numbers unused. The file store's seqs are
+      gap-free. ``last_seq()`` is the latest committed seq.
+    - ``compact()`` trims the change feed to the last ``RETAIN_CHANGES`` changes (the file
+      store also rewrites its file); the table itself is left to autovacuum. The feed is also
+      trimmed automatically every ``TRIM_EVERY`` changes. ``stats()`` reports
+      ``file_size`` as the bytes of the tables and indexes, ``live_lines`` as runs and
+      ``superseded_lines`` as retained changes; ``path`` is the DSN without its password.
+    - Insertion order (``list()``) and new ids are assigned under the same lock as seqs, so
+      ids still increase in insertion order across hosts, but a new id is based on the
+      client's clock like the file store's: hosts should keep their clocks in sync (an id
+      after a clock step back is still greater, just not a true time).
+    - ``prepare_atomic`` calls ``make()`` inside its transaction but, since the machine had
+      no active run, without any lock on the machine: if a concurrent creator for the same
+      machine commits first, ``make()``'s run is discarded and the call returns that
+      creator's run (REUSE/BUSY), so ``make()`` may have been called for nothing. Calling
+      the store from inside ``make()`` uses another pooled connection (with ``pool_size=1``
+      it waits for ``lock_timeout`` and fails) instead of timing out on the lock.
+    - Timestamps (``started_at``, ``heartbeat_at``, change times) come from each client's
+      clock, as in the file store; reaping by heartbeat compares them with the reaper's
+      clock. ``owner_gone`` reaping only judges runs owned by a process on the reaper's host.
+    - A lost connection raises ``DatabaseConnectionError`` (an ``OSError`` and a
+      ``StoreIOError``): the call's change was rolled back, except when the connection died
+      during COMMIT (the error then says the outcome is unknown).
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        table: str = "runs",
+        durable: bool = True,
+        lock_timeout: float = 30.0,
+        pool_size: int = 4,
+    ) -> None:
+        self._names = pgschema.Names.of(table)
+        if not isinstance(lock_timeout, int | float) or lock_timeout < 0:
+            raise InvalidRunError(f"lock_timeout must be a non-negative number of seconds, "
+                                  f"got {lock_timeout!r}")
+        if type(pool_size) is not int or pool_size < 1:
+            raise InvalidRunError(f"pool_size must be a positive int, got {pool_size!r}")
+        self.dsn = dsn
+        self.table = table
+        self.durable = durable
+        self.lock_timeout = float(lock_timeout)
+        self.pool_size = pool_size
+        self.server = safe_dsn(dsn)
+        self._where = f"table {table!r} on {self.server}"
+        self._sql = pgschema.Statements(self._names)
+        self._closed = False
+        self._pid = os.getpid()
+        self._pool_lock = threading.Lock()
+        #: test-only: called as hook(point, connection) at "before_feed" (the run rows are
+        #: written, the change feed not yet) and "before_commit"
+        self._test_hook: Callable[[str, _Conn], None] | None = None
+        self.schema_version = self._migrate()
+        self._pool = self._new_pool()
+
+    # -- connections ----------------------------------------------------------------------
+
+    def _connect(self, action: str) -> _Conn:
+        try:
+            return psycopg.connect(self.dsn, autocommit=True, application_name="runstore")
+        except psycopg.Error as exc:
+            raise DatabaseConnectionError(self.server, action, _reason(exc)) from None
+
+    def _migrate(self) -> int:
+        with self._connect("connecting to") as conn:
+            try:
+                return pgschema.migrate(conn, self.table, self.server)[1]
+            except psycopg.errors.LockNotAvailable:
+                raise TableLockTimeoutError(self._where, self.lock_timeout) from None
+            except psycopg.Error as exc:
+                raise self._translate(exc, conn, "creating or migrating the schema of",
+                                      False) from None
+
+    def _configure(self, conn: _Conn) -> None:
+        """Per-connection settings: UTC, lock_timeout, and synchronous_commit when not
+        durable (PostgreSQL's 0 means "wait forever", so 0 s becomes 1 ms)."""
+        millis = max(1, round(self.lock_timeout * 1000))
+        conn.execute(
+            "SELECT set_config('TimeZone', 'UTC', false), set_config('lock_timeout', %s, false),"
+            " set_config('synchronous_commit', %s, false)",
+            [f"{millis}ms", "on" if self.durable else "off"])
+
+    def _new_pool(self) -> ConnectionPool[_Conn]:
+        return ConnectionPool(
+            self.dsn, min_size=1, max_size=self.pool_size, open=True,
+            kwargs={"autocommit": True, "application_name": "runstore"},
+            configure=self._configure, check=ConnectionPool.check_connection,
+            timeout=max(self.lock_timeout, 1.0), name=f"runstore-{self.table}", num_workers=1)
+
+    def _pool_here(self) -> ConnectionPool[_Conn]:
+        if self._closed:
+            raise ValueError(f"the store for {self._where} is closed")
+        if self._pid != os.getpid():
+            with self._pool_lock:
+                if self._pid != os.getpid():
+                    # forked: the parent's pooled connections are the parent's; leave them
+                    # untouched (closing them here would end the parent's sessions)
+                    self._pool = self._new_pool()
+                    self._pid = os.getpid()
+        return self._pool
+
+    @contextlib.contextmanager
+    def _connection(self, action: str) -> Iterator[_Conn]:
+        pool = self._pool_here()
+        try:
+            with pool.connection() as conn:
+                yield conn
+        except PoolTimeout as exc:
+            raise DatabaseConnectionError(
+                self.server, action, f"no connection within {pool.timeout:g} s: the server "
+                f"is unreachable or all {self.pool_size} pooled connections stayed busy "
+                f"({exc})") from None
+
+    def _hit(self, point: str, conn: _Conn) -> None:
+        if self._test_hook is not None:
+            with conn.pipeline() as pipeline:
+                pipeline.sync()  # what was queued so far has reached the server
+            self._test_hook(point, conn)
+
+    def _translate(self, exc: psycopg.Error, conn: _Conn, action: str,
+                   applied: bool | None) -> Exception:
+        """The runstore error for a psycopg error raised during ``action``."""
+        reason = _reason(exc)
+        if isinstance(exc, psycopg.errors.LockNotAvailable):
+            return TableLockTimeoutError(self._where, self.lock_timeout)
+        if isinstance(exc, psycopg.DataError | psycopg.errors.IntegrityError):
+            return InvalidRunError(f"{self._where} refused the run: {reason}; nothing was "
+                                   "stored")
+        if conn.closed or conn.broken or isinstance(exc, psycopg.errors.AdminShutdown):
+            return DatabaseConnectionError(self.server, action, reason, applied)
+        return DatabaseError(self.server, action, reason, applied)
+
+    def _transact(self, body: Callable[[_Conn], T], action: str) -> T:
+        """Run ``body`` in one transaction and commit; retry when it lost a race."""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            with self._connection(action) as conn:
+                committing = False
+                try:
+                    # pipeline mode: BEGIN travels with the first statement, and statements
+                    # whose results nobody reads (COMMIT, the feed's trim) with the next sync
+                    with conn.pipeline(), conn.transaction():
+                        result = body(conn)
+                        self._hit("before_commit", conn)
+                        committing = True
+                    return result
+                except _Retry:
+                    pass
+                except psycopg.errors.UniqueViolation as exc:
+                    # a concurrent creator took the machine first: the retry sees its run
+                    if exc.diag.constraint_name != self._names.one_active:
+                        raise self._translate(exc, conn, action, False) from None
+                except (psycopg.errors.DeadlockDetected,
+                        psycopg.errors.SerializationFailure) as exc:
+                    if attempt == MAX_ATTEMPTS:
+                        raise self._translate(exc, conn, action, False) from None
+                except psycopg.Error as exc:
+                    raise self._translate(exc, conn, action,
+                                          None if committing else False) from None
+        raise RunstoreError(f"{action} {self._where} lost {MAX_ATTEMPTS} races in a row to "
+                            "other writers; nothing was applied; try again")
+
+    def _read(self, body: Callable[[_Conn], T], action: str) -> T:
+        """Run a read-only ``body`` (one statement, or a consistent set of them)."""
+        with self._connection(action) as conn:
+            try:
+                return body(conn)
+            except psycopg.Error as exc:
+                raise self._translate(exc, conn, action, False) from None
+
+    # -- rows -----------------------------------------------------------------------------
+
+    def _run(self, row: Sequence[Any]) -> Run:
+        try:
+            return _ROWS.structure(dict(zip(_FIELDS, row, strict=False)), Run)
+        except Exception as exc:  # cattrs raises an ExceptionGroup of per-field errors
+            raise CorruptStoreError(self._where, None, f"a stored run is unreadable ({exc})",
+                                    "fix or delete the row by hand") from None
+
+    def _runs(self, conn: _Conn, query: str, params: Sequence[Any] = ()) -> _Runs:
+        return [self._run(row) for row in conn.execute(query, params)]
+
+    def _get(self, conn: _Conn, run_id: str) -> Run:
+        row = conn.execute(self._sql.get, [run_id]).fetchone()
+        if row is None:
+            raise RunNotFoundError(run_id, self._where)
+        return self._run(row)
+
+    def _lock_feed(self, conn: _Conn) -> None:
+        conn.execute(self._sql.lock_feed)
+
+    def _insert_new(self, conn: _Conn, run: Run, now: _dt.datetime) -> Run:
+        """Store a fresh run: a new id after every existing one, revision 1, this process as
+        owner when non-terminal. Takes the feed lock first, so ids, insertion order and
+        seqs are all handed out in commit order."""
+        self._lock_feed(conn)
+        if not run.status.is_terminal and conn.execute(
+                self._sql.active_of_machine_now, [run.machine]).fetchone() is not None:
+            # A run of this machine committed since our SELECT ... FOR UPDATE. Never wait for
+            # it while holding the feed lock (its writer may be waiting for that lock, a
+            # deadlock): roll back and start again, and that SELECT sees the run.
+            raise _Retry
+        row = conn.execute(self._sql.max_id).fetchone()
+        fields: dict[str, Any] = {"id": ids.new_run_id(row[0] if row and row[0] else ""),
+                                  "revision": 1}
+        if not run.status.is_terminal:
+            host, pid, started = owner.current()
+            fields.update(owner_host=host, owner_pid=pid, owner_start=started)
+        new = attrs.evolve(run, **fields)
+        conn.execute(self._sql.insert, _params(new, now, None))
+        return new
+
+    def _write(self, conn: _Conn, expected: int, new: Run, now: _dt.datetime) -> bool:
+        """Store ``new`` over the version with revision ``expected``; False when that is no
+        longer the stored version (another writer got there first)."""
+        params = _params(new, now, None)
+        params["expected"] = expected
+        return conn.execute(self._sql.update, params).fetchone() is not None
+
+    def _feed(self, conn: _Conn, changes: _Changes, now: _dt.datetime) -> None:
+        """Append ``changes`` to the change feed (in this transaction) and notify watchers."""
+        self._hit("before_feed", conn)
+        with conn.pipeline():  # one round trip for the lock and every change
+            self._lock_feed(conn)
+            cursors = [conn.execute(self._sql.append,
+                                    [now, change.value, Jsonb(codec.run_to_json(run))])
+                       for change, run in changes]
+        seqs = [int(row[0]) for row in (cur.fetchone() for cur in cursors) if row is not None]
+        if seqs[0] // TRIM_EVERY != seqs[-1] // TRIM_EVERY or seqs[-1] % TRIM_EVERY == 0:
+            self._trim(conn, seqs[-1] - RETAIN_CHANGES)
+
+    def _trim(self, conn: _Conn, through: int) -> None:
+        if through > 0:
+            conn.execute(self._sql.trim, [through])
+            conn.execute(self._sql.set_compacted, [through])
+
+    def _modify(self, run_id: str, decide: Callable[[Run], tuple[Run, ChangeType] | None],
+                action: str) -> Run:
+        """The read-decide-write path of start/finish/heartbeat/update: ``decide`` returns
+        the new version and its change type, or None to return the stored run unchanged."""
+
+        def body(conn: _Conn) -> Run:
+            stored = self._get(conn, run_id)
+            decided = decide(stored)
+            if decided is None:
+                return stored
+            new, change = decided
+            now = _utcnow()
+            if not self._write(conn, stored.revision, new, now):
+                raise _Retry  # changed since we read it: decide again on the new version
+            self._feed(conn, [(change, new)], now)
+            return new
+
+        return self._transact(body, action)
+
+    # -- the public contract ------------------------------------------------------------
+
+    def prepare_atomic(
+        self, machine: str, test_dir_hash: str, make: Callable[[], Run], *, reap: bool = False
+    ) -> tuple[Run, PrepareOutcome]:
+        """In one transaction: return the machine's non-terminal run (REUSE when its hash
+        matches, else BUSY), or call ``make()`` and store its run as pending (CREATED).
+        With ``reap=True`` a non-terminal run whose owner process is provably gone is first
+        interrupted (``error_code="owner_gone"``) in the same transaction."""
+        transitions.require_text("machine", machine)
+        transitions.require_text("test_dir_hash", test_dir_hash)
+
+        def body(conn: _Conn) -> tuple[Run, PrepareOutcome]:
+            now = _utcnow()
+            changes: _Changes = []
+            row = conn.execute(self._sql.active_for_update, [machine]).fetchone()
+            active = None if row is None else self._run(row)
+            if active is not None and reap:
+                dead = _reaped(active, None, now, None)
+                if dead is not None:
+                    if not self._write(conn, active.revision, dead, now):
+                        raise _Retry
+                    changes.append((ChangeType.RUN_REAPED, dead))
+                    active = None
+            if active is not None:
+                same = active.test_dir_hash == test_dir_hash
+                return active, PrepareOutcome.REUSE if same else PrepareOutcome.BUSY
+            made = make()
+            if not isinstance(made, Run):
+                raise InvalidRunError(f"make() must return a runstore.Run, got {made!r}")
+            if made.machine != machine or made.test_dir_hash != test_dir_hash:
+                raise InvalidRunError(
+                    f"make() returned a run for machine {made.machine!r} and hash "
+                    f"{made.test_dir_hash!r}; prepare_atomic was asked for machine "
+                    f"{machine!r} and hash {test_dir_hash!r}")
+            fresh = transitions.validate(attrs.evolve(made, status=Status.PENDING))
+            run = self._insert_new(conn, fresh, now)
+            changes.append((ChangeType.RUN_CREATED, run))
+            self._feed(conn, changes, now)
+            return run, PrepareOutcome.CREATED
+
+        return self._transact(body, "prepare_atomic in")
+
+    def create(self, run: Run) -> Run:
+        """Store ``run`` under a new unique id (any id it has is overwritten)."""
+        run = transitions.validate(run)
+
+        def body(conn: _Conn) -> Run:
+            if not run.status.is_terminal:
+                row = conn.execute(self._sql.active_for_update, [run.machine]).fetchone()
+                if row is not None:
+                    raise MachineBusyError(run.machine, self._run(row).id)
+            now = _utcnow()
+            new = self._insert_new(conn, run, now)
+            self._feed(conn, [(ChangeType.RUN_CREATED, new)], now)
+            return new
+
+        return self._transact(body, "creating a run in")
+
+    def get(self, run_id: str) -> Run:
+        """The run with this id; ``RunNotFoundError`` if there is none."""
+        return self._read(lambda conn: self._get(conn, run_id), "reading a run from")
+
+    def update(self, run: Run) -> Run:
+        """Replace the stored run with the same id; returns what was stored. Refuses a
+        stale copy (``ConflictError``), a forbidden status change (``InvalidTransitionError``)
+        and a change of machine or hash (``InvalidRunError``). An unchanged copy of a
+        terminal run is an idempotent no-op."""
+        run = transitions.validate(run)
+
+        def decide(stored: Run) -> tuple[Run, ChangeType] | None:
+            if run.revision != stored.revision:
+                raise ConflictError(run.id, run.revision, stored.revision)
+            transitions.check_update(stored, run)
+            if stored.status.is_terminal:
+                if transitions.same_content(stored, run):
+                    return None
+                raise InvalidTransitionError(run.id, stored.status.value, run.status.value,
+                                             "terminal runs are final")
+            new = attrs.evolve(run, revision=stored.revision + 1)
+            return new, _change_type(stored.status, new.status)
+
+        return self._modify(run.id, decide, "updating a run in")
+
+    def start(self, run_id: str) -> Run:
+        """pending -> running: sets ``started_at`` and makes this process the owner."""
+
+        def decide(stored: Run) -> tuple[Run, ChangeType]:
+            if stored.status is not Status.PENDING:
+                raise InvalidTransitionError(run_id, stored.status.value, Status.RUNNING.value,
+                                             "only a pending run can be started")
+            host, pid, started = owner.current()
+            new = attrs.evolve(stored, status=Status.RUNNING, started_at=_utcnow(),
+                               owner_host=host, owner_pid=pid, owner_start=started,
+                               revision=stored.revision + 1)
+            return new, ChangeType.RUN_STARTED
+
+        return self._modify(run_id, decide, "starting a run in")
+
+    def finish(
+        self,
+        run_id: str,
+        status: Status | str,
+        *,
+        exit_code: int | None = None,
+        error_code: str = "",
+        error_msg: str = "",
+    ) -> Run:
+        """Move a run to a terminal status and set ``ended_at``. Repeating the run's current
+        terminal status returns it unchanged; any other change of a terminal run is refused."""
+        target = _terminal_status(run_id, status)
+        if exit_code is not None and (type(exit_code) is not int):
+            raise InvalidRunError(f"exit_code must be an int or None, got {exit_code!r}")
+        if not isinstance(error_code, str) or not isinstance(error_msg, str):
+            raise InvalidRunError("error_code and error_msg must be strings")
+
+        def decide(stored: Run) -> tuple[Run, ChangeType] | None:
+            if stored.status is target:
+                return None
+            transitions.check_transition(run_id, stored.status, target)
+            new = attrs.evolve(stored, status=target, ended_at=_utcnow(), exit_code=exit_code,
+                               error_code=error_code, error_msg=error_msg,
+                               revision=stored.revision + 1)
+            return new, ChangeType.RUN_FINISHED
+
+        return self._modify(run_id, decide, "finishing a run in")
+
+    def heartbeat(self, run_id: str) -> Run:
+        """Refresh ``heartbeat_at`` of a non-terminal run (as cheap as any update)."""
+
+        def decide(stored: Run) -> tuple[Run, ChangeType]:
+            if stored.status.is_terminal:
+                raise InvalidTransitionError(run_id, stored.status.value, stored.status.value,
+                                             "a finished run takes no heartbeat")
+            new = attrs.evolve(stored, heartbeat_at=_utcnow(), revision=stored.revision + 1)
+            return new, ChangeType.HEARTBEAT
+
+        return self._modify(run_id, decide, "recording a heartbeat in")
+
+    def list(
+        self,
+        *,
+        machine: str | None = None,
+        status: Status | str | Iterable[Status | str] | None = None,
+        batch_id: str | None = None,
+    ) -> _Runs:
+        """Every run matching the filters, in insertion order."""
+        wanted = _status_set(status)
+        where: list[str] = []
+        params: list[Any] = []
+        if machine is not None:
+            where.append("machine = %s")
+            params.append(machine)
+        if wanted is not None:
+            where.append("status = ANY(%s)")
+            params.append([s.value for s in wanted])
+        if batch_id is not None:
+            where.append("batch_id = %s")
+            params.append(batch_id)
+        query = self._sql.select_where(where)
+        return self._read(lambda conn: self._runs(conn, query, params), "listing runs in")
+
+    def active_by_machine(self, machine: str) -> Run | None:
+        """The non-terminal run of ``machine``, or None."""
+        runs = self._read(lambda conn: self._runs(conn, self._sql.active_of, [machine]),
+                          "reading the active run from")
+        return runs[0] if runs else None
+
+    def active(self) -> _Runs:
+        """Every non-terminal run, in insertion order."""
+        return self._read(lambda conn: self._runs(conn, self._sql.active),
+                          "listing active runs in")
+
+    def find_by_test_dir_hash_and_machine(self, test_dir_hash: str, machine: str) -> _Runs:
+        """Every run of ``machine`` with this hash, in insertion order."""
+        query = self._sql.select_where(["machine = %s", "test_dir_hash = %s"])
+        return self._read(lambda conn: self._runs(conn, query, [machine, test_dir_hash]),
+                          "listing runs in")
+
+    def compact(self) -> None:
+        """Trim the change feed to the last ``RETAIN_CHANGES`` changes (PostgreSQL's
+        autovacuum reclaims the space of superseded row versions on its own)."""
+
+        def body(conn: _Conn) -> None:
+            self._lock_feed(conn)
+            row = conn.execute(self._sql.last_seq).fetchone()
+            self._trim(conn, (int(row[0]) if row else 0) - RETAIN_CHANGES)
+
+        self._transact(body, "trimming the change feed of")
+
+    # -- owners and reaping -------------------------------------------------------------
+
+    def reap(self, *, stale_after: _dt.timedelta, dry_run: bool = False) -> _Runs:
+        """Interrupt every non-terminal run whose owner process on this host is gone
+        (``error_code="owner_gone"``) or whose last heartbeat (or change) is older than
+        ``stale_after`` (``"heartbeat_stale"``); return the reaped runs. A run changed by
+        its owner while being judged is left alone (its owner is alive)."""
+        if not isinstance(stale_after, _dt.timedelta) or stale_after < _dt.timedelta(0):
+            raise InvalidRunError(f"stale_after must be a non-negative timedelta, "
+                                  f"got {stale_after!r}")
+
+        def body(conn: _Conn) -> _Runs:
+            now = _utcnow()
+            judged = []
+            for row in conn.execute(self._sql.active_with_changed_at):
+                run = self._run(row)
+                dead = _reaped(run, row[-1], now, stale_after)
+                if dead is not None:
+                    judged.append((run.revision, dead))
+            if dry_run:
+                return [dead for _, dead in judged]
+            reaped = [dead for revision, dead in judged
+                      if self._write(conn, revision, dead, now)]
+            if reaped:
+                self._feed(conn, [(ChangeType.RUN_REAPED, r) for r in reaped], now)
+            return reaped
+
+        return self._transact(body, "reaping runs in")
+
+    # -- retention ----------------------------------------------------------------------
+
+    def prune(
+        self,
+        *,
+        older_than: _dt.timedelta | None = None,
+        keep_last: int | None = None,
+        archive: str | os.PathLike[str] | None = None,
+        dry_run: bool = False,
+    ) -> int:
+        """Remove terminal runs that ended more than ``older_than`` ago, or all but the newest
+        ``keep_last`` terminal runs (non-terminal runs are never pruned). With ``archive``
+        the pruned runs are first appended, durably, to that JSON-lines file (the same format
+        as the file store's). Returns the number of runs removed."""
+        if (older_than is None) == (keep_last is None):
+            raise InvalidRunError("prune() needs exactly one of older_than or keep_last")
+        if keep_last is not None and (type(keep_last) is not int or keep_last < 0):
+            raise InvalidRunError(f"keep_last must be a non-negative int, got {keep_last!r}")
+        if older_than is not None and not isinstance(older_than, _dt.timedelta):
+            raise InvalidRunError(f"older_than must be a timedelta, got {older_than!r}")
+
+        def body(conn: _Conn) -> int:
+            self._lock_feed(conn)  # one pruner at a time; terminal runs change no more
+            terminal: list[tuple[Run, Any]] = [
+                (self._run(row), row[-1]) for row in conn.execute(self._sql.terminal_with_extra)]
+            if keep_last is not None:
+                doomed = terminal[:max(len(terminal) - keep_last, 0)]
+            else:
+                assert older_than is not None
+                cutoff = _utcnow() - older_than
+                doomed = [(r, x) for r, x in terminal
+                          if r.ended_at is not None and r.ended_at < cutoff]
+            if dry_run or not doomed:
+                return len(doomed)
+            runs = [r for r, _ in doomed]
+            if archive is not None:
+                _append_archive(os.fspath(archive), runs, {r.id: x for r, x in doomed if x})
+            conn.execute(self._sql.delete, [[r.id for r in runs]])
+            self._feed(conn, [(ChangeType.RUN_PRUNED, r) for r in runs], _utcnow())
+            return len(runs)
+
+        removed = self._transact(body, "pruning runs in")
+        if removed and not dry_run:
+            self.compact()
+        return removed
+
+    # -- batches ------------------------------------------------------------------------
+
+    def batch_summary(self, batch_id: str) -> BatchSummary:
+        """Counts by status and the latest run of each plan entry of a batch."""
+        transitions.require_text("batch_id", batch_id)
+        runs = self.list(batch_id=batch_id)
+        entries: dict[str, Run] = {}
+        for run in runs:
+            entries[run.plan_entry] = run  # insertion order: the last one is the latest
+        counts = {status: 0 for status in Status}
+        for run in entries.values():
+            counts[run.status] += 1
+        return BatchSummary(batch_id=batch_id, counts=counts, entries=entries, runs=len(runs))
+
+    # -- the change feed ----------------------------------------------------------------
+
+    def changes(self, since_seq: int = 0) -> Iterator[Change]:
+        """The retained changes after ``since_seq``, in order. ``HistoryTruncatedError`` when
+        changes after ``since_seq`` were trimmed away (resynchronise from ``list()``)."""
+        if type(since_seq) is not int or since_seq < 0:
+            raise InvalidRunError(f"since_seq must be a non-negative int, got {since_seq!r}")
+        rows = self._read(lambda conn: conn.execute(self._sql.changes, [since_seq]).fetchall(),
+                          "reading the change feed of")
+        compacted = int(rows[0][0]) if rows else 0
+        if since_seq < compacted:
+            raise HistoryTruncatedError(since_seq, compacted + 1)
+        out = []
+        for _, seq, when, kind, data in rows:
+            if seq is None:
+                continue
+            try:
+                run = codec.run_from_dict(data)
+            except codec.BadLine as exc:
+                raise CorruptStoreError(self._where, None, f"change {seq} is unreadable "
+                                        f"({exc.reason})", "fix or delete the row by hand"
+                                        ) from None
+            out.append(Change(seq=int(seq), time=when.astimezone(_dt.UTC),
+                              type=ChangeType(kind), run=run))
+        return iter(out)
+
+    def last_seq(self) -> int:
+        """The sequence number of the latest committed change (0 for an empty store)."""
+        row = self._read(lambda conn: conn.execute(self._sql.last_seq).fetchone(),
+                         "reading the change feed of")
+        return int(row[0]) if row else 0
+
+    def watch(
+        self,
+        since_seq: int | None = None,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = 0.005,
+    ) -> Iterator[Change]:
+        """Follow changes written by any process on any host, live, until ``timeout``
+        seconds have passed (None: forever). ``since_seq=None`` starts from now. Woken by
+        LISTEN/NOTIFY on a connection of its own; if that connection cannot be opened or
+        fails, it polls the feed every ``poll_interval`` seconds instead."""
+        seq = self.last_seq() if since_seq is None else since_seq
+        deadline = None if timeout is None else time.monotonic() + timeout
+        listener = self._listen()
+        try:
+            while True:
+                for change in self.changes(seq):
+                    seq = change.seq
+                    yield change
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                if listener is not None:
+                    wait = _WATCH_WAKEUP if left is None else min(left, _WATCH_WAKEUP)
+                    try:
+                        for _ in listener.notifies(timeout=wait, stop_after=1):
+                            pass
+                    except psycopg.Error:
+                        listener.close()
+                        listener = None  # poll from now on; a new watch() listens again
+                else:
+                    time.sleep(poll_interval if left is None else min(poll_interval, left))
+        finally:
+            if listener is not None:
+                listener.close()
+
+    def _listen(self) -> _Conn | None:
+        self._pool_here()  # refuse when closed, like every other call
+        try:
+            conn = psycopg.connect(self.dsn, autocommit=True, application_name="runstore")
+        except psycopg.Error:
+            return None
+        try:
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._names.channel)))
+        except psycopg.Error:
+            conn.close()
+            return None
+        return conn
+
+    # -- export and import --------------------------------------------------------------
+
+    def export(self, fp: IO[str] | IO[bytes]) -> int:
+        """Write every run, in insertion order, as one JSON array (the seed's field names,
+        plus the fields this library does not know); returns the number of runs written."""
+        rows = self._read(lambda conn: conn.execute(self._sql.all_with_extra).fetchall(),
+                          "exporting runs from")
+        out = [b"[\n"]
+        for i, row in enumerate(rows):
+            data = codec.run_to_dict(self._run(row))
+            for key, value in (row[-1] or {}).items():
+                data.setdefault(key, value)
+            out.append((b",\n" if i else b"") + codec.dumps(data))
+        out.append(b"\n]\n" if rows else b"]\n")
+        blob = b"".join(out)
+        if isinstance(fp, io.TextIOBase):
+            fp.write(blob.decode())
+        else:
+            fp.write(blob)  # type: ignore[arg-type]  # not a text file: a binary one
+        return len(rows)
+
+    def import_runs(self, source: IO[str] | IO[bytes] | Iterable[Run | dict[str, Any]]) -> int:
+        """Add runs keeping their ids, from a JSON array document or JSON lines (a file), or
+        from an iterable of ``Run``/dicts. All or nothing (one transaction): a duplicate or
+        invalid record is refused with ``InvalidRunError`` naming it."""
+        runs, extras = _parse_import(source)
+        machines = sorted({r.machine for r in runs if not r.status.is_terminal})
+
+        def body(conn: _Conn) -> int:
+            now = _utcnow()
+            self._lock_feed(conn)  # no other run is created until we commit
+            busy = dict(conn.execute(self._sql.active_of_machines, [machines]).fetchall())
+            exists = {row[0] for row in conn.execute(self._sql.existing_ids,
+                                                     [[r.id for r in runs]])}
+            for n, run in enumerate(runs, 1):
+                if run.id in exists:
+                    raise InvalidRunError(
+                        f"record {n}: run {run.id!r} already exists in {self._where}; "
+                        "nothing was imported")
+                if not run.status.is_terminal:
+                    if run.machine in busy:
+                        raise InvalidRunError(
+                            f"record {n}: run {run.id!r} is {run.status.value} on machine "
+                            f"{run.machine!r}, which already has the non-terminal run "
+                            f"{busy[run.machine]!r}; nothing was imported")
+                    busy[run.machine] = run.id
+            if not runs:
+                return 0
+            with conn.cursor() as cur:
+                cur.executemany(self._sql.insert,
+                                [_params(r, now, extras.get(r.id)) for r in runs])
+            self._feed(conn, [(ChangeType.RUN_CREATED, r) for r in runs], now)
+            return len(runs)
+
+        return self._transact(body, "importing runs into")
+
+    # -- statistics ---------------------------------------------------------------------
+
+    def stats(self) -> StoreStats:
+        """Counts and sizes for operators (``python -m runstore stats``)."""
+
+        def body(conn: _Conn) -> StoreStats:
+            by_status: dict[str, int] = {s.value: 0 for s in Status}
+            by_machine: dict[str, int] = {}
+            total = 0
+            for status, machine, count in conn.execute(self._sql.counts):
+                by_status[status] += count
+                by_machine[machine] = by_machine.get(machine, 0) + count
+                total += count
+            row = conn.execute(self._sql.sizes).fetchone()
+            assert row is not None
+            size, retained, last, compacted = (int(v) for v in row)
+            return StoreStats(
+                path=self.server, file_size=size, runs=total, runs_by_status=by_status,
+                runs_by_machine=by_machine, live_lines=total, superseded_lines=retained,
+                last_seq=last, oldest_seq=compacted + 1, durable=self.durable)
+
+        return self._transact(body, "reading statistics of")
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the pooled connections (a forked child leaves its parent's alone)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pid == os.getpid():
+            self._pool.close()
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.server!r}, table={self.table!r}, durable={self.durable})"
+
+
+def migrate(dsn: str, table: str = "runs") -> tuple[int, int]:
+    """Create or migrate the schema of ``table`` without opening a store; returns the
+    schema version before and after (``runstore migrate`` and deployment scripts)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return pgschema.migrate(conn, table, safe_dsn(dsn))
+
+
+def _reason(exc: psycopg.Error) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _params(run: Run, now: _dt.datetime, extra: dict[str, Any] | None) -> dict[str, Any]:
+    params: dict[str, Any] = codec.converter.unstructure(run)
+    params["status"] = run.status.value
+    params["changed_at"] = now
+    params["extra"] = Jsonb(extra) if extra else None
+    return params
+
+
+def _reaped(run: Run, changed_at: _dt.datetime | None, now: _dt.datetime,
+            stale_after: _dt.timedelta | None) -> Run | None:
+    """The interrupted version of ``run`` if its owner is provably gone or (with
+    ``stale_after``) it has not beaten nor changed for that long; else None. The same rule
+    and messages as ``Store``'s."""
+    if owner.is_gone(run.owner_host, run.owner_pid, run.owner_start):
+        code = "owner_gone"
+        msg = f"reaped: owner process {run.owner_pid} on {run.owner_host} is gone"
+    elif stale_after is not None:
+        last = run.heartbeat_at or changed_at
+        if last is None or now - last <= stale_after:
+            return None
+        code = "heartbeat_stale"
+        since = last.astimezone(_dt.UTC).isoformat().replace("+00:00", "Z")
+        msg = (f"reaped: no heartbeat or change since {since} "
+               f"(more than {stale_after.total_seconds():g} s)")
+    else:
+        return None
+    return attrs.evolve(run, status=Status.INTERRUPTED, ended_at=now, error_code=code,
+                        error_msg=msg, revision=run.revision + 1)
