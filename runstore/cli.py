@@ -2,16 +2,22 @@
 
 ::
 
-    runstore [--state-dir DIR] [--lock-timeout SECONDS] [--color WHEN] COMMAND [ARGS]
+    runstore [--store URL | --state-dir DIR] [--lock-timeout SECONDS] [--color WHEN] COMMAND
 
     reading   list, show RUN_ID, active [MACHINE], stats, watch, check, export [FILE]
     writing   mark RUN_ID STATUS, reap, prune, compact, import FILE
-    other     stress [ARGS...]   (runstore.stress.main, arguments passed through)
+    other     migrate --from STORE --to STORE   (runstore.migrate)
+              stress [ARGS...]   (runstore.stress.main, arguments passed through)
 
-The store is ``--state-dir DIR``, else ``$RUNSTORE_DIR``, else the user's state directory
+The store is the first of: ``--store URL`` (a directory, ``file:///dir`` or
+``postgresql://...``) or ``--state-dir DIR`` (both together is a usage error), then
+``$RUNSTORE_URL``, then ``$RUNSTORE_DIR``, then the user's state directory
 (``platformdirs.user_state_dir("runstore")``; without platformdirs, ``$XDG_STATE_HOME/runstore``
-or ``~/.local/state/runstore``). Reading commands never create a store: with no journal at DIR
-they report ``no store at DIR`` (exit 3). Writing commands create it, as ``Store`` does.
+or ``~/.local/state/runstore``). Every command goes through ``runstore.open``, so it works on
+either backend, except the ones about the journal file (``check``, ``compact``), which refuse a
+PostgreSQL store (exit 2). A password in a URL is never printed. Reading commands never create
+a file store: with no journal at DIR they report ``no store at DIR`` (exit 3). Writing commands
+create it, as ``Store`` does.
 
 Exit codes (``main`` is the one place that turns errors into them and into one line on
 stderr, ``runstore: error: <what went wrong>; <what to do>``, never a traceback):
@@ -19,14 +25,17 @@ stderr, ``runstore: error: <what went wrong>; <what to do>``, never a traceback)
 ====  =====================================================================================
 0     success; ``check``: the file is healthy
 1     failure: the store refused the operation (a forbidden transition, an invalid record on
-      import, an unsafe directory, an I/O error), a file could not be read or written, or
-      ``check`` found the file damaged
-2     usage: unknown command or option, bad option value
+      import, an unsafe directory, an I/O error; ``migrate``: a conflicting run), a file
+      could not be read or written, the PostgreSQL server failed or refused us, or ``check``
+      found the file damaged
+2     usage: unknown command or option, bad option value (an unsupported store URL,
+      ``--store`` with ``--state-dir``), a file-only command on a PostgreSQL store
 3     not found: no run with that id, no store at the state directory, or (``watch --since``)
       changes that compaction already dropped
 4     the store's lock was not acquired within ``--lock-timeout`` seconds
 5     damaged store: a command other than ``check`` hit ``CorruptStoreError`` (the file was
-      left untouched; run ``runstore check`` for the report)
+      left untouched; run ``runstore check`` for the report); ``migrate``: the copy failed
+      its verification (count or checksum)
 130   interrupted (Ctrl-C); ``watch`` exits 0 instead, Ctrl-C being how it is meant to end
 ====  =====================================================================================
 
@@ -45,16 +54,18 @@ import datetime as _dt
 import importlib
 import io
 import os
+import re
 import sys
 import tempfile
+import urllib.parse
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn, TextIO
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple, NoReturn, TextIO
 
 import orjson
 
 from . import _clifmt as fmt
-from . import codec, journal, transitions
+from . import codec, journal, opener, transitions
 from .errors import (
     CorruptStoreError,
     HistoryTruncatedError,
@@ -62,8 +73,9 @@ from .errors import (
     RunNotFoundError,
     RunstoreError,
 )
+from .migrate import MigrationReport, MigrationVerifyError, migrate
 from .model import Change, Run, Status
-from .store import Store
+from .protocol import RunStore
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -78,6 +90,8 @@ SHOW_FIELDS = ("id", *(name for name in codec.RUN_FIELDS if name != "id"))
 #: the keys of ``stats --json`` that come from ``Store.stats()``
 STATS_FIELDS = ("path", "file_size", "runs_by_status", "runs_by_machine", "live_lines",
                 "superseded_lines", "last_seq", "oldest_seq")
+#: the table the CLI uses in a PostgreSQL database (``PostgresStore``'s default)
+POSTGRES_TABLE = "runs"
 _ID_TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"  # the time prefix of ids made by runstore.ids
 _ID_TIME_LEN = len("20260101T000000.000000Z")
 
@@ -96,7 +110,8 @@ class NoStoreError(LookupError):
         self.reason = reason
         super().__init__(
             f"no store at {state_dir} ({reason}); pass --state-dir DIR or set RUNSTORE_DIR "
-            "to the directory of an existing store (writing commands such as `import` create one)")
+            "to the directory of an existing store, or --store URL / RUNSTORE_URL (writing "
+            "commands such as `import` create one)")
 
 
 #: the one table from error classes to exit codes (first match wins)
@@ -107,6 +122,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (NoStoreError, EXIT_NOT_FOUND),
     (LockTimeoutError, EXIT_LOCKED),
     (CorruptStoreError, EXIT_DAMAGED),
+    (MigrationVerifyError, EXIT_DAMAGED),
     (RunstoreError, EXIT_FAILURE),
     (OSError, EXIT_FAILURE),
 )
@@ -158,6 +174,99 @@ def resolve_state_dir(option: str | None) -> tuple[str, str]:
     else:
         found, source = default_state_dir(), "default"
     return os.path.abspath(os.path.expanduser(found)), source
+
+
+class Location(NamedTuple):
+    """Where a store is: ``target`` is an absolute directory or a PostgreSQL URL (passed to
+    ``runstore.open`` as it is); ``source`` is the option or variable that named it."""
+
+    target: str
+    source: str
+    postgres: bool
+
+    @property
+    def display(self) -> str:
+        """``target`` fit to print: a URL's password replaced by ``***``."""
+        return redact(self.target)
+
+
+def parse_location(text: str, source: str) -> Location:
+    """A location as ``runstore.open`` understands it: a path, ``file://`` URL or
+    ``postgresql://`` URL; ``UsageError`` (exit 2) for any other scheme."""
+    if opener.is_postgres_url(text):
+        return Location(text, source, True)
+    if "://" in text:
+        try:
+            parsed = urllib.parse.urlsplit(text)
+        except ValueError as exc:
+            raise UsageError(f"{source}: {redact(text)!r} is not a valid URL ({exc})") from None
+        if parsed.scheme.lower() != "file":
+            raise UsageError(
+                f"{source}: unsupported store URL {redact(text)!r} (scheme {parsed.scheme!r}); "
+                "use a directory path, file:///path/to/dir or postgresql://user@host/dbname")
+        if parsed.netloc not in ("", "localhost"):
+            raise UsageError(
+                f"{source}: file URL {text!r} names host {parsed.netloc!r}; a file store must "
+                "be on this host (use postgresql://... to share one between hosts)")
+        text = urllib.parse.unquote(parsed.path)
+        if not text:
+            raise UsageError(f"{source}: file URL names no directory; use file:///path/to/dir")
+    return Location(os.path.abspath(os.path.expanduser(text)), source, False)
+
+
+def resolve_location(store: str | None, state_dir: str | None) -> Location:
+    """The store the global options and the environment name, first of: ``--store``,
+    ``--state-dir`` (not both: a usage error), ``RUNSTORE_URL``, ``RUNSTORE_DIR``, default."""
+    if store and state_dir:
+        raise UsageError("--store and --state-dir both name the store; pass only one")
+    if store:
+        return parse_location(store, "--store")
+    if not state_dir and os.environ.get("RUNSTORE_URL"):
+        return parse_location(os.environ["RUNSTORE_URL"], "RUNSTORE_URL")
+    found, source = resolve_state_dir(state_dir)  # always a directory, never a URL
+    return Location(found, source, False)
+
+
+_URL_PASSWORD = re.compile(r"(?i)([?&]password=)[^&#]*")
+_DSN_PASSWORD = re.compile(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+_USERINFO_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^:/?#@]*):[^@/?#]*@", re.IGNORECASE)
+
+
+def redact(location: str) -> str:
+    """``location`` without its password (in the user info of a URL, a ``password=`` query
+    parameter or a ``password=`` key of a libpq key/value DSN), replaced by ``***``."""
+    if "://" in location:
+        text = _USERINFO_PASSWORD.sub(r"\1:***@", location)
+        return _URL_PASSWORD.sub(r"\1***", text)
+    return _DSN_PASSWORD.sub(r"\1***", location)
+
+
+def passwords_in(location: str | None) -> list[str]:
+    """The passwords written in ``location`` (to scrub them from any message)."""
+    if not location:
+        return []
+    found: list[str] = []
+    if "://" in location:
+        try:
+            parsed = urllib.parse.urlsplit(location)
+            if parsed.password:  # as written (percent-encoded) and as the server sees it
+                found.append(parsed.password)
+                found.append(urllib.parse.unquote(parsed.password))
+            for key, value in urllib.parse.parse_qsl(parsed.query):
+                if key.lower() == "password" and value:
+                    found.append(value)
+        except ValueError:
+            pass
+    else:
+        found += [m.group(2).strip("'") for m in _DSN_PASSWORD.finditer(location)]
+    return [p for p in found if p]
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every one of ``secrets`` replaced by ``***``."""
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 # -- argument types ----------------------------------------------------------------------------
@@ -237,9 +346,17 @@ def build_parser(prog: str = "runstore") -> argparse.ArgumentParser:
     """The whole command line; each sub-command sets ``func`` to its implementation."""
     parser = _Parser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Inspect and operate a runstore journal (the state of test/job runs).",
+        description="Inspect and operate a runstore store (the state of test/job runs):\n"
+                    "a journal file or a PostgreSQL database.\n\n"
+                    "Which store: --store URL or --state-dir DIR (not both), else "
+                    "$RUNSTORE_URL,\nelse $RUNSTORE_DIR, else the user's state directory; "
+                    "`stats` says which one.",
         epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 not found (run or store), "
                "4 lock timeout, 5 damaged store, 130 interrupted")
+    parser.add_argument("--store", metavar="URL",
+                        help="the store: a directory, file:///dir or "
+                             "postgresql://user@host/dbname (default: $RUNSTORE_URL); "
+                             "not together with --state-dir")
     parser.add_argument("--state-dir", metavar="DIR",
                         help="the store's directory (default: $RUNSTORE_DIR, else the user's "
                              "state directory, e.g. ~/.local/state/runstore)")
@@ -310,10 +427,11 @@ def build_parser(prog: str = "runstore") -> argparse.ArgumentParser:
                    help="first append the removed runs to FILE (JSON lines)")
     p.add_argument("--dry-run", action="store_true", help="only count what would be removed")
 
-    command("compact", _cmd_compact, "rewrite the file with only the latest version of each run")
+    command("compact", _cmd_compact,
+            "rewrite the file with only the latest version of each run (file stores)")
 
-    p = command("check", _cmd_check,
-                "verify the whole file without modifying it (exit 0 healthy, 1 damaged)")
+    p = command("check", _cmd_check, "verify the whole file without modifying it (exit 0 "
+                "healthy, 1 damaged; file stores)")
     json_flag(p, "the report as one JSON object")
 
     p = command("export", _cmd_export, "write every run as one JSON array document")
@@ -336,6 +454,16 @@ def build_parser(prog: str = "runstore") -> argparse.ArgumentParser:
                    help="a human-readable error message (terminal only)")
     json_flag(p, "the run after the change as one JSON object")
 
+    p = command("migrate", _cmd_migrate,
+                "copy every run of one store into another (e.g. a directory into PostgreSQL),"
+                " skipping runs already there, then verify count and checksum")
+    p.add_argument("--from", dest="source", metavar="STORE", required=True,
+                   help="the store to copy: a directory, file:///dir or postgresql://... "
+                        "(it must exist)")
+    p.add_argument("--to", dest="target", metavar="STORE", required=True,
+                   help="where to copy it (created when missing)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
     # prefix_chars that no argument uses: every argument after `stress`, options included,
     # lands in the remainder (argparse.REMAINDER alone stops at the first option, bpo-17050)
     p = command("stress", _cmd_stress, "the concurrency stress run (runstore.stress)",
@@ -350,13 +478,30 @@ class Context:
     """What every command needs: the store's location, the streams, colour and progress."""
 
     def __init__(self, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
-        self.state_dir, self.source = resolve_state_dir(args.state_dir)
+        self._args = args
+        self._location: Location | None = None
         self.lock_timeout: float = args.lock_timeout
         self.out = out
         self.err = err
         self.paint = fmt.Painter(fmt.colour_wanted(out, args.color))
         self.now = fmt.utcnow()
         self.progress_enabled = fmt.is_terminal(err)
+
+    @property
+    def location(self) -> Location:
+        """The store named by the global options or the environment (resolved on first use:
+        ``migrate`` and ``stress`` never need it)."""
+        if self._location is None:
+            self._location = resolve_location(self._args.store, self._args.state_dir)
+        return self._location
+
+    @property
+    def state_dir(self) -> str:
+        return self.location.target
+
+    @property
+    def source(self) -> str:
+        return self.location.source
 
     @property
     def journal_path(self) -> str:
@@ -368,23 +513,69 @@ class Context:
     def print_lines(self, lines: Sequence[str]) -> None:
         self.out.write("".join(line + "\n" for line in lines))
 
-    def require_store(self) -> None:
-        """Raise ``NoStoreError`` unless the state directory holds a journal."""
-        if not os.path.exists(self.state_dir):
-            raise NoStoreError(self.state_dir, "the directory does not exist")
-        if not os.path.isdir(self.state_dir):
-            raise NoStoreError(self.state_dir, "it is not a directory")
-        if not os.path.lexists(self.journal_path):
-            raise NoStoreError(self.state_dir, f"the directory holds no {journal.DATA_NAME}")
+    def require_store(self, location: Location | None = None) -> None:
+        """Raise ``NoStoreError`` unless the location holds a store: a journal file, or a
+        runstore table in the database (opening a ``PostgresStore`` would create it)."""
+        where = location or self.location
+        if where.postgres:
+            if not self._postgres_store_exists(where):
+                raise NoStoreError(where.display, f"the database holds no runstore table "
+                                                  f"{POSTGRES_TABLE!r}")
+            return
+        state_dir = where.target
+        if not os.path.exists(state_dir):
+            raise NoStoreError(state_dir, "the directory does not exist")
+        if not os.path.isdir(state_dir):
+            raise NoStoreError(state_dir, "it is not a directory")
+        if not os.path.lexists(os.path.join(state_dir, journal.DATA_NAME)):
+            raise NoStoreError(state_dir, f"the directory holds no {journal.DATA_NAME}")
 
-    def store(self, *, existing: bool) -> Store:
-        """Open the store; with ``existing`` refuse (exit 3) rather than create one."""
+    def require_file_store(self, command: str, why: str) -> None:
+        """Refuse (usage error, exit 2) a command that only makes sense for a journal file."""
+        if self.location.postgres:
+            raise UsageError(f"`{command}` works on a file store only, and "
+                             f"{self.location.display} (from {self.location.source}) is a "
+                             f"PostgreSQL store: {why}")
+
+    def store(self, *, existing: bool) -> RunStore:
+        """Open the store; with ``existing`` refuse (exit 3) rather than create a file store."""
         if existing:
             self.require_store()
-        return Store(self.state_dir, lock_timeout=self.lock_timeout)
+        return self.open(self.location)
+
+    def open(self, location: Location) -> RunStore:
+        """``runstore.open`` on ``location``, with a missing PostgreSQL driver explained."""
+        try:
+            return opener.open_store(location.target, lock_timeout=self.lock_timeout)
+        except ModuleNotFoundError as exc:
+            if not location.postgres:
+                raise
+            raise _no_driver(location, exc) from None
+
+    def _postgres_store_exists(self, location: Location) -> bool:
+        """Whether the database at ``location`` holds runstore's table (read-only check)."""
+        try:
+            import psycopg
+
+            from . import pgschema
+        except ModuleNotFoundError as exc:
+            raise _no_driver(location, exc) from None
+        timeout = max(1, round(self.lock_timeout))
+        with psycopg.connect(location.target, autocommit=True, connect_timeout=timeout,
+                             application_name="runstore-cli") as conn:
+            return pgschema.current_version(conn, pgschema.Names.of(POSTGRES_TABLE)) > 0
 
     def progress(self, label: str) -> fmt.Progress:
         return fmt.Progress(self.err, label, enabled=self.progress_enabled)
+
+
+def _no_driver(location: Location, exc: ModuleNotFoundError) -> RunstoreError:
+    if exc.name == "runstore.postgres":
+        return RunstoreError(f"{location.display} is a PostgreSQL store, but this installation "
+                             "of runstore has no PostgreSQL backend (runstore.postgres); "
+                             "upgrade runstore")
+    return RunstoreError(f"{location.display} is a PostgreSQL store, which needs psycopg 3 "
+                         f"(missing module {exc.name!r}): pip install 'runstore[postgres]'")
 
 
 def _dumps(data: Any, *, indent: bool = False) -> str:
@@ -492,20 +683,34 @@ def _cmd_active(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
+    where = ctx.location
     with ctx.store(existing=True) as store:
         stats = store.stats()
-    data: dict[str, Any] = {"state_dir": ctx.state_dir, "source": ctx.source}
+    data: dict[str, Any] = {
+        "store": where.display, "backend": "postgresql" if where.postgres else "file",
+        "state_dir": None if where.postgres else where.target, "source": where.source}
     data.update((name, getattr(stats, name)) for name in STATS_FIELDS)
+    data["path"] = redact(stats.path)  # the backend leaves the password out; make sure
     data["runs"] = sum(stats.runs_by_status.values())
     if args.json:
         ctx.print(_dumps(data, indent=True))
         return EXIT_OK
     p = ctx.paint
+    if where.postgres:
+        where_lines = [
+            ("database", data["path"]),
+            ("table size", f"{fmt.size(stats.file_size)} ({stats.file_size:,} bytes)"),
+            ("rows", f"{stats.live_lines:,} runs, {stats.superseded_lines:,} retained changes"),
+        ]
+    else:
+        where_lines = [
+            ("file", stats.path),
+            ("file size", f"{fmt.size(stats.file_size)} ({stats.file_size:,} bytes)"),
+            ("lines", f"{stats.live_lines:,} live, {stats.superseded_lines:,} superseded"),
+        ]
     ctx.print_lines(fmt.key_values([
-        ("store", f"{ctx.state_dir} {p.dim(f'(from {ctx.source})')}"),
-        ("file", stats.path),
-        ("file size", f"{fmt.size(stats.file_size)} ({stats.file_size:,} bytes)"),
-        ("lines", f"{stats.live_lines:,} live, {stats.superseded_lines:,} superseded"),
+        ("store", f"{where.display} {p.dim(f'(from {where.source})')}"),
+        *where_lines,
         ("last seq", str(stats.last_seq)),
         ("oldest seq", f"{stats.oldest_seq} (the oldest change kept for `watch --since`)"),
         ("runs", f"{data['runs']:,}"),
@@ -537,7 +742,8 @@ def _change_line(ctx: Context, change: Change) -> str:
 def _cmd_watch(ctx: Context, args: argparse.Namespace) -> int:
     with ctx.store(existing=True) as store:
         if not args.json and fmt.is_terminal(ctx.err):
-            ctx.err.write(f"watching {ctx.journal_path} (Ctrl-C to stop)\n")
+            what = ctx.location.display if ctx.location.postgres else ctx.journal_path
+            ctx.err.write(f"watching {what} (Ctrl-C to stop)\n")
         for change in store.watch(args.since, timeout=args.timeout):
             if args.json:
                 data = codec.change_to_json(change.seq, change.time, change.type, change.run)
@@ -550,6 +756,9 @@ def _cmd_watch(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _cmd_check(ctx: Context, args: argparse.Namespace) -> int:
+    ctx.require_file_store("check", "it verifies the bytes of a journal file; PostgreSQL "
+                           "checks its own pages and constraints (for a copy, run `migrate` "
+                           "again: it verifies count and checksum)")
     ctx.require_store()
     with ctx.progress(f"checking {ctx.journal_path}"):
         report = journal.check(ctx.state_dir, lock_timeout=ctx.lock_timeout)
@@ -588,7 +797,7 @@ def _cmd_export(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _export_to_file(store: Store, path: str) -> int:
+def _export_to_file(store: RunStore, path: str) -> int:
     """Export through a temp file renamed over ``path``: a failed export leaves no half
     file, and an existing one is replaced whole or not at all."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -625,7 +834,8 @@ def _cmd_import(ctx: Context, args: argparse.Namespace) -> int:
     finally:
         if not from_stdin:
             source.close()
-    ctx.print(f"imported {_plural(count, 'run')} from {args.file} into {ctx.state_dir}")
+    ctx.print(f"imported {_plural(count, 'run')} from {args.file} into "
+              f"{ctx.location.display}")
     return EXIT_OK
 
 
@@ -661,6 +871,9 @@ def _cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _cmd_compact(ctx: Context, args: argparse.Namespace) -> int:
+    ctx.require_file_store("compact", "it rewrites a journal file; a PostgreSQL store updates "
+                           "each run's row in place and the server reclaims space (VACUUM); "
+                           "use `prune` to remove old runs")
     with ctx.store(existing=False) as store:
         before = os.stat(ctx.journal_path).st_size
         with ctx.progress(f"compacting {ctx.journal_path}"):
@@ -700,9 +913,10 @@ def _cmd_mark(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _cmd_stress(ctx: Context, args: argparse.Namespace) -> int:
-    if args.state_dir and "--state-dir" not in args.args:
+    if (args.state_dir or args.store) and "--state-dir" not in args.args:
         ctx.err.write("runstore: note: stress makes a fresh temporary store unless you pass "
-                      "`stress --state-dir DIR`; the global --state-dir does not apply\n")
+                      "`stress --state-dir DIR`; the global --state-dir/--store does not "
+                      "apply\n")
     try:
         stress = importlib.import_module("runstore.stress")
     except ModuleNotFoundError as exc:
@@ -711,6 +925,54 @@ def _cmd_stress(ctx: Context, args: argparse.Namespace) -> int:
         raise RunstoreError("the stress command is not available: this installation of "
                             "runstore has no runstore.stress module") from None
     return int(stress.main(list(args.args)))
+
+
+def _cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
+    source = parse_location(args.source, "--from")
+    target = parse_location(args.target, "--to")
+    if source.target == target.target:
+        raise UsageError(f"--from and --to are the same store ({source.display}); "
+                         "name the store to copy into with --to")
+    if args.store or args.state_dir:
+        ctx.err.write("runstore: note: migrate copies --from into --to; the global "
+                      "--store/--state-dir does not apply\n")
+    ctx.require_store(source)  # never create an empty source to copy from
+
+    def step(label: str) -> fmt.Progress:
+        return ctx.progress(f"migrating: {label}")
+
+    with ctx.open(source) as src, ctx.open(target) as dst:
+        report = migrate(src, dst, target_name=target.display, progress=step)
+    if report.source_changed:
+        ctx.err.write(f"runstore: warning: {source.display} changed while it was copied, so "
+                      f"{target.display} may lack its latest changes; stop the dispatchers "
+                      "that use it before migrating (a run changed since shows as a conflict "
+                      "on the next migrate)\n")
+    if args.json:
+        ctx.print(_dumps(_migration_json(report, source, target), indent=True))
+        return EXIT_OK
+    p = ctx.paint
+    ctx.print(f"migrated {source.display} -> {target.display}")
+    ctx.print_lines(fmt.key_values([
+        ("source runs", f"{report.source_runs:,}"),
+        ("copied", f"{report.copied:,}"),
+        ("already there", f"{report.skipped:,} (identical, skipped)"),
+        ("target runs", f"{report.target_runs:,}"),
+        ("checksum", f"sha256:{report.checksum}"),
+    ], p))
+    ctx.print(f"{p.good('verified')}: {report.verified:,} of {_plural(report.source_runs, 'run')}"
+              " in the target, identical checksum on both sides")
+    return EXIT_OK
+
+
+def _migration_json(report: MigrationReport, source: Location,
+                    target: Location) -> dict[str, Any]:
+    return {"source": source.display, "target": target.display, "ok": report.ok,
+            "source_runs": report.source_runs, "copied": report.copied,
+            "skipped": report.skipped, "target_runs": report.target_runs,
+            "verified": report.verified, "checksum": f"sha256:{report.checksum}",
+            "target_checksum": f"sha256:{report.target_checksum}",
+            "source_changed": report.source_changed}
 
 
 # -- the entry point ---------------------------------------------------------------------------
@@ -723,6 +985,25 @@ def _default_prog() -> str:
 def _report(err: TextIO, paint: fmt.Painter, prog: str, message: str) -> None:
     err.write(f"{prog}: {paint.error('error:')} {message}\n")
     err.flush()
+
+
+def _from_database_driver(exc: BaseException) -> bool:
+    """True for an error of the PostgreSQL driver (psycopg), without importing it."""
+    return any(kind.__module__.split(".")[0] in ("psycopg", "psycopg_pool")
+               for kind in type(exc).__mro__)
+
+
+def _database_message(exc: BaseException) -> str:
+    first = message_for(exc) or type(exc).__name__
+    return (f"PostgreSQL: {first}; check the store URL, that the server is up and that it "
+            "accepts this user and database")
+
+
+def _secrets(args: argparse.Namespace) -> list[str]:
+    """Every password the command line or the environment holds, never to be printed."""
+    places = [getattr(args, name, None) for name in ("store", "state_dir", "source", "target")]
+    places.append(os.environ.get("RUNSTORE_URL"))
+    return [secret for place in places for secret in passwords_in(place)]
 
 
 def _silence_stdout() -> None:
@@ -750,6 +1031,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     err_paint = fmt.Painter(fmt.colour_wanted(err, args.color))
+    secrets = _secrets(args)
+    if args.store and args.state_dir:
+        _report(err, err_paint, prog, "--store and --state-dir both name the store; pass only "
+                f"one (see `{prog} --help`)")
+        return EXIT_USAGE
 
     def show_warning(message: Warning | str, category: type[Warning], filename: str,
                      lineno: int, file: TextIO | None = None, line: str | None = None) -> None:
@@ -768,5 +1054,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             _silence_stdout()
             return EXIT_OK
         except (UsageError, NoStoreError, RunstoreError, OSError) as exc:
-            _report(err, err_paint, prog, message_for(exc))
+            _report(err, err_paint, prog, scrub(message_for(exc), secrets))
             return exit_code_for(exc)
+        except Exception as exc:
+            if not _from_database_driver(exc):
+                raise
+            _report(err, err_paint, prog, scrub(_database_message(exc), secrets))
+            return EXIT_FAILURE

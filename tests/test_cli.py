@@ -42,7 +42,7 @@ Cli = Callable[..., tuple[int, str, str]]
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No store or colour settings leak in from the environment running the tests."""
-    for name in ("RUNSTORE_DIR", "NO_COLOR"):
+    for name in ("RUNSTORE_DIR", "RUNSTORE_URL", "NO_COLOR"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -102,7 +102,8 @@ def _one_line(err: str) -> str:
 
 
 def _subprocess_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "RUNSTORE_DIR")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NO_COLOR", "RUNSTORE_DIR", "RUNSTORE_URL")}
     env["TERM"] = "xterm-256color"
     env.update(extra)
     return env
@@ -773,7 +774,7 @@ def test_help_and_version_exit_0(run_cli: Cli) -> None:
     assert code == 0
     assert "exit codes: 0 ok, 1 failure, 2 usage, 3 not found" in out
     for command in ("list", "show", "active", "stats", "watch", "reap", "prune", "compact",
-                    "check", "export", "import", "stress", "mark"):
+                    "check", "export", "import", "stress", "mark", "migrate"):
         assert f"    {command} " in out
     code, out, _ = run_cli("--version")
     assert (code, out.split()[0]) == (0, "runstore")
