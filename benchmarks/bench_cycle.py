@@ -370,9 +370,11 @@ def _sites(names: Sequence[str], args: argparse.Namespace) -> Iterator[dict[str,
     with contextlib.ExitStack() as stack:
         work = tempfile.mkdtemp(prefix="runstore-bench-", dir=args.workdir)
         stack.callback(shutil.rmtree, work, True)
-        sites = {name: work for name in names if name != "postgres"}
-        if "postgres" in names:
-            sites["postgres"] = stack.enter_context(pg_server.throwaway_postgres())
+        sites = {name: work for name in names if impls.IMPLS[name].file_based}
+        servers = [name for name in names if not impls.IMPLS[name].file_based]
+        if servers:  # one server for postgres and runstore-pg: one database per case
+            dsn = stack.enter_context(pg_server.throwaway_postgres())
+            sites.update((name, dsn) for name in servers)
         yield sites
 
 
@@ -453,7 +455,7 @@ def _meta(args: argparse.Namespace, seconds: float) -> dict[str, Any]:
 def _print_progress(case: dict[str, Any]) -> None:
     mode = "durable" if case["durable"] else "not durable"
     status = "ok" if not case["problems"] else f"FAILED: {case['problems'][:3]}"
-    print(f"  N={case['n']:>9,} {mode:<11} {case['impl']:<9} {case['ops_per_s']:>10,.0f} ops/s"
+    print(f"  N={case['n']:>9,} {mode:<11} {case['impl']:<11} {case['ops_per_s']:>10,.0f} ops/s"
           f"  (open {case.get('open_s', 0):.2f} s)  checks {status}", flush=True)
 
 
@@ -581,7 +583,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(10, 5.5))
     colors = {"runstore": "tab:blue", "sqlite": "tab:orange", "postgres": "tab:green",
-              "wholefile": "tab:red"}
+              "wholefile": "tab:red", "runstore-pg": "tab:purple"}
     series: dict[tuple[str, bool], list[tuple[int, float]]] = defaultdict(list)
     failed: list[tuple[int, float]] = []
     for c in results["cases"]:
@@ -631,7 +633,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="durable and not durable (the default)")
     parser.add_argument("--impls", default=",".join(impls.IMPLS),
                         help="implementations, comma separated (default: %(default)s; "
-                             "postgres is skipped when its server is not installed)")
+                             "postgres and runstore-pg are skipped when the server is not "
+                             "installed)")
     parser.add_argument("--wholefile-max", type=parse_size, default=WHOLEFILE_MAX,
                         help="largest N for the whole-file store (default: 100k)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,

@@ -13,6 +13,9 @@ survives a power loss.
                  all to a temp file, fsync (durable only), rename
 * ``postgres``   PostgreSQL (see ``pg_server``), the same table and partial unique index,
                  ``INSERT .. ON CONFLICT DO NOTHING``; ``synchronous_commit`` on / off
+* ``runstore-pg`` this library's PostgreSQL backend, ``runstore.PostgresStore`` (the same
+                 contract as ``runstore``: change feed, revisions, owner fields), on the same
+                 server as ``postgres``; ``durable=True`` / ``False``
 
 A location is a directory path for the file stores and a libpq DSN for PostgreSQL.
 """
@@ -594,8 +597,87 @@ class PostgresImpl(Impl):
         self._db.close()
 
 
+# -- runstore on PostgreSQL ---------------------------------------------------------------
+
+
+class RunstorePgImpl(Impl):
+    """The dispatcher cycle through ``runstore.PostgresStore``: the same calls as
+    ``RunstoreImpl``, one database per store (like ``postgres``), the default table."""
+
+    name = "runstore-pg"
+    file_based = False
+
+    def __init__(self, where: str, durable: bool) -> None:
+        from runstore.postgres import PostgresStore
+
+        self._store = PostgresStore(where, durable=durable)
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        reason = PostgresImpl.unavailable()
+        if reason:
+            return reason
+        try:
+            import runstore.postgres  # noqa: F401  (only checking that the backend exists)
+        except ImportError as exc:
+            return f"runstore's PostgreSQL backend cannot be imported ({exc})"
+        return None
+
+    # a store is a database on the benchmark's server, built and copied like `postgres`'s
+    @classmethod
+    def locate(cls, base: str, tag: str) -> str:
+        return PostgresImpl.locate(base, tag)
+
+    @classmethod
+    def clone(cls, src: str, dst: str) -> None:
+        PostgresImpl.clone(src, dst)
+
+    @classmethod
+    def discard(cls, where: str) -> None:
+        PostgresImpl.discard(where)
+
+    @classmethod
+    def preload(cls, where: str, n: int) -> None:
+        # One import_runs (a bulk load, like the other impls' COPY / executemany) of the same
+        # history with runstore-style ids; the store's schema is made by its first opening.
+        from runstore.postgres import PostgresStore
+
+        _, dbname = _pg_admin_dsn(where)
+        PostgresImpl._admin(where, f'CREATE DATABASE "{dbname}"')
+        with PostgresStore(where, durable=False) as store:
+            chunk = 10_000
+            for start in range(0, n, chunk):
+                store.import_runs(attrs.evolve(history_run(i), id=f"h{i:09d}", revision=1)
+                                  for i in range(start, min(n, start + chunk)))
+        import psycopg
+
+        with psycopg.connect(where, autocommit=True) as db:
+            db.execute(b"VACUUM ANALYZE")
+
+    def prepare_atomic(self, machine: str, test_dir_hash: str,
+                       make: Make) -> tuple[str, PrepareOutcome]:
+        run, outcome = self._store.prepare_atomic(machine, test_dir_hash, make)
+        return run.id, outcome
+
+    def start(self, run_id: str) -> None:
+        self._store.start(run_id)
+
+    def get(self, run_id: str) -> Run:
+        return self._store.get(run_id)
+
+    def finish(self, run_id: str) -> None:
+        self._store.finish(run_id, Status.COMPLETED, exit_code=0)
+
+    def runs(self) -> Iterator[Run]:
+        return iter(self._store.list())
+
+    def close(self) -> None:
+        self._store.close()
+
+
 IMPLS: dict[str, type[Impl]] = {
-    impl.name: impl for impl in (RunstoreImpl, SqliteImpl, WholeFileImpl, PostgresImpl)
+    impl.name: impl
+    for impl in (RunstoreImpl, SqliteImpl, WholeFileImpl, PostgresImpl, RunstorePgImpl)
 }
 
 

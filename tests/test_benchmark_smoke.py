@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +24,9 @@ def bench() -> ModuleType:
     return importlib.import_module("benchmarks.bench_cycle")
 
 
-def _run(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _run(module: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, check=False)
+                          text=True, timeout=timeout, check=False)
 
 
 @pytest.mark.timeout(60)
@@ -44,6 +45,40 @@ def test_cycle_benchmark_runs_and_its_checks_pass(tmp_path: Path) -> None:
         assert case["ops"] > 0 and case["outcomes"].get("created", 0) > 0, case
     assert {r["versus"] for r in results["ratios"]} == {"sqlite", "wholefile"}
     assert (tmp_path / "results.md").exists()
+
+
+def test_default_impls_include_runstore_on_postgres(bench: ModuleType) -> None:
+    """Without --impls every implementation is asked for, runstore-pg included (it is then
+    skipped, with its reason, when no PostgreSQL server can be started)."""
+    assert bench.parse_args([]).impls == ["runstore", "sqlite", "wholefile", "postgres",
+                                          "runstore-pg"]
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(180)
+def test_cycle_benchmark_runstore_pg(bench: ModuleType, tmp_path: Path) -> None:
+    """bench_cycle with runstore-pg at N=100: both modes measured, checks pass, and the
+    table carries runstore's ratio against it (skipped without PostgreSQL, failed instead
+    when RUNSTORE_REQUIRE_POSTGRES=1)."""
+    reason = importlib.import_module("benchmarks.impls").RunstorePgImpl.unavailable()
+    if reason:
+        if os.environ.get("RUNSTORE_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"RUNSTORE_REQUIRE_POSTGRES=1 but {reason}")
+        pytest.skip(reason)
+    done = _run("benchmarks.bench_cycle", "--sizes", "100", "--seconds", "1",
+                "--impls", "runstore,runstore-pg", "--out", str(tmp_path),
+                "--workdir", str(tmp_path), "--no-plot", timeout=170)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    cases = {(c["impl"], c["durable"]): c for c in results["cases"]}
+    assert set(cases) == {(i, d) for i in ("runstore", "runstore-pg") for d in (True, False)}
+    for case in cases.values():
+        assert case["problems"] == [], case
+        assert case["ops"] > 0 and case["outcomes"].get("created", 0) > 0, case
+    assert {(r["versus"], r["durable"]) for r in results["ratios"]} == {
+        ("runstore-pg", True), ("runstore-pg", False)}
+    table = (tmp_path / "results.md").read_text()
+    assert sum(line.startswith("| runstore-pg |") for line in table.splitlines()) == 2
 
 
 @pytest.mark.timeout(60)
