@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 from .errors import (
     ConflictError,
     CorruptStoreError,
+    DatabaseConnectionError,
+    DatabaseError,
     HistoryTruncatedError,
     InvalidRunError,
     InvalidTransitionError,
@@ -17,6 +19,7 @@ from .errors import (
     RunNotFoundError,
     RunstoreError,
     StoreIOError,
+    TableLockTimeoutError,
     UnsafeStoreError,
 )
 from .model import BatchSummary, Change, ChangeType, PrepareOutcome, Run, Status, StoreStats
@@ -43,6 +46,8 @@ __all__ = [
     "ChangeType",
     "ConflictError",
     "CorruptStoreError",
+    "DatabaseConnectionError",
+    "DatabaseError",
     "HistoryTruncatedError",
     "InvalidRunError",
     "InvalidTransitionError",
@@ -58,6 +63,7 @@ __all__ = [
     "Store",
     "StoreIOError",
     "StoreStats",
+    "TableLockTimeoutError",
     "UnsafeStoreError",
     "open",
 ]

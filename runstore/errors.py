@@ -7,12 +7,15 @@
      +-- InvalidTransitionError  (also ValueError)     a status change the state machine forbids
      +-- InvalidRunError         (also ValueError)     an argument or record that is not a valid run
      +-- ConflictError                                 the caller's copy of a run is stale
- |    +-- MachineBusyError                           a second non-terminal run for a machine
+     |    +-- MachineBusyError                         a second non-terminal run for a machine
      +-- LockTimeoutError        (also TimeoutError)   the store's lock was not acquired in time
+     |    +-- TableLockTimeoutError                    a PostgreSQL lock was not granted in time
      +-- CorruptStoreError       (also ValueError)     the journal file is damaged or unreadable
      +-- UnsafeStoreError        (also PermissionError) the state directory or a file is unsafe
      +-- HistoryTruncatedError   (also LookupError)    changes asked for were compacted away
      +-- StoreIOError            (also OSError)        a write or sync failed; nothing acknowledged
+          +-- DatabaseError                            PostgreSQL failed an operation (server error)
+               +-- DatabaseConnectionError             (also ConnectionError) connection lost
 
 Every error keeps the data that explains it as attributes, and ``str()`` is a sentence a person
 can act on. All are picklable, so they cross process boundaries (multiprocessing, tests).
@@ -179,3 +182,56 @@ class StoreIOError(RunstoreError, OSError):
 
     def __reduce__(self) -> tuple[type[StoreIOError], tuple[str, str, OSError]]:
         return (type(self), (self.path, self.action, self.cause))
+
+
+class TableLockTimeoutError(LockTimeoutError):
+    """A PostgreSQL lock (a run's row, the change feed) was not granted within lock_timeout."""
+
+    def __init__(self, lock_path: str, timeout: float) -> None:
+        super().__init__(lock_path, timeout)
+        RunstoreError.__init__(
+            self, f"could not lock {lock_path} within {timeout:g} s: another session holds "
+            "the lock; find it in pg_locks / pg_stat_activity, or raise lock_timeout")
+
+
+class DatabaseError(StoreIOError):
+    """PostgreSQL failed an operation (disk full, server error); it was rolled back unless
+    ``applied`` is None (the outcome of a COMMIT that failed is unknown)."""
+
+    def __init__(self, server: str, action: str, reason: str, applied: bool | None = False,
+                 code: int = _errno.EIO) -> None:
+        self.server = server
+        self.reason = reason
+        self.applied = applied
+        super().__init__(server, action, OSError(code, reason))
+
+    def __str__(self) -> str:
+        if self.applied is None:
+            outcome = ("the failure hit the COMMIT, so the change may or may not have been "
+                       "applied: get() the run to see which")
+        else:
+            outcome = "the transaction was rolled back: nothing of this call was applied"
+        return f"{self.action} on PostgreSQL {self.server} failed ({self.reason}); {outcome}"
+
+    def __reduce__(  # type: ignore[override]  # different constructor
+        self,
+    ) -> tuple[type[DatabaseError], tuple[str, str, str, bool | None, int]]:
+        code = self.cause.errno if self.cause.errno is not None else _errno.EIO
+        return (type(self), (self.server, self.action, self.reason, self.applied, code))
+
+
+class DatabaseConnectionError(DatabaseError, ConnectionError):
+    """The connection to PostgreSQL failed or was lost; the next call reconnects."""
+
+    def __init__(self, server: str, action: str, reason: str,
+                 applied: bool | None = False) -> None:
+        super().__init__(server, action, reason, applied, _errno.ECONNRESET)
+
+    def __str__(self) -> str:
+        return (f"{super().__str__()}; the next call reconnects (check that the server is up "
+                "if this repeats)")
+
+    def __reduce__(  # type: ignore[override]  # its errno is fixed: no code argument
+        self,
+    ) -> tuple[type[DatabaseConnectionError], tuple[str, str, str, bool | None]]:
+        return (type(self), (self.server, self.action, self.reason, self.applied))

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import errno
 import io
 import os
 import threading
@@ -44,31 +43,33 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from . import codec, ids, owner, pgschema, transitions
+from . import codec, ids, interchange, owner, pgschema, reaping, transitions
 from .errors import (
     ConflictError,
     CorruptStoreError,
+    DatabaseConnectionError,
+    DatabaseError,
     HistoryTruncatedError,
     InvalidRunError,
     InvalidTransitionError,
-    LockTimeoutError,
     MachineBusyError,
     RunNotFoundError,
     RunstoreError,
-    StoreIOError,
+    TableLockTimeoutError,
 )
 from .model import BatchSummary, Change, ChangeType, PrepareOutcome, Run, Status, StoreStats
+from .store import RETAIN_CHANGES
 
-# The file store's helpers for the parts both backends share byte for byte (the import parser,
-# the archive writer, status arguments). TODO(lead): move them to a shared module.
-from .store import (
-    RETAIN_CHANGES,
-    _append_archive,
-    _change_type,
-    _parse_import,
-    _status_set,
-    _terminal_status,
-)
+# The backend's errors are defined in runstore.errors (importing runstore must not import
+# psycopg); they stay importable from here.
+__all__ = [
+    "DatabaseConnectionError",
+    "DatabaseError",
+    "PostgresStore",
+    "TableLockTimeoutError",
+    "migrate",
+    "safe_dsn",
+]
 
 T = TypeVar("T")
 _Conn = psycopg.Connection[Any]
@@ -110,54 +111,6 @@ def safe_dsn(dsn: str) -> str:
         return "<unparsable DSN>"
     params.pop("password", None)
     return make_conninfo("", **params)
-
-
-# -- errors ----------------------------------------------------------------------------------
-
-
-class DatabaseError(StoreIOError):
-    """PostgreSQL failed an operation (disk full, server error); it was rolled back unless
-    ``applied`` is None (the outcome of a COMMIT that failed is unknown)."""
-
-    def __init__(self, server: str, action: str, reason: str, applied: bool | None = False,
-                 code: int = errno.EIO) -> None:
-        self.server = server
-        self.reason = reason
-        self.applied = applied
-        super().__init__(server, action, OSError(code, reason))
-
-    def __str__(self) -> str:
-        if self.applied is None:
-            outcome = ("the failure hit the COMMIT, so the change may or may not have been "
-                       "applied: get() the run to see which")
-        else:
-            outcome = "the transaction was rolled back: nothing of this call was applied"
-        return f"{self.action} on PostgreSQL {self.server} failed ({self.reason}); {outcome}"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.server, self.action, self.reason, self.applied))
-
-
-class DatabaseConnectionError(DatabaseError, ConnectionError):
-    """The connection to PostgreSQL failed or was lost; the next call reconnects."""
-
-    def __init__(self, server: str, action: str, reason: str,
-                 applied: bool | None = False) -> None:
-        super().__init__(server, action, reason, applied, errno.ECONNRESET)
-
-    def __str__(self) -> str:
-        return (f"{super().__str__()}; the next call reconnects (check that the server is up "
-                "if this repeats)")
-
-
-class TableLockTimeoutError(LockTimeoutError):
-    """A PostgreSQL lock (a run's row, the change feed) was not granted within lock_timeout."""
-
-    def __init__(self, lock_path: str, timeout: float) -> None:
-        super().__init__(lock_path, timeout)
-        RunstoreError.__init__(
-            self, f"could not lock {lock_path} within {timeout:g} s: another session holds "
-            "the lock; find it in pg_locks / pg_stat_activity, or raise lock_timeout")
 
 
 class _Retry(Exception):
@@ -458,7 +411,7 @@ class PostgresStore:
             row = conn.execute(self._sql.active_for_update, [machine]).fetchone()
             active = None if row is None else self._run(row)
             if active is not None and reap:
-                dead = _reaped(active, None, now, None)
+                dead = reaping.reaped(active, None, now, None)
                 if dead is not None:
                     if not self._write(conn, active.revision, dead, now):
                         raise _Retry
@@ -520,7 +473,7 @@ class PostgresStore:
                 raise InvalidTransitionError(run.id, stored.status.value, run.status.value,
                                              "terminal runs are final")
             new = attrs.evolve(run, revision=stored.revision + 1)
-            return new, _change_type(stored.status, new.status)
+            return new, transitions.change_type(stored.status, new.status)
 
         return self._modify(run.id, decide, "updating a run in")
 
@@ -550,7 +503,7 @@ class PostgresStore:
     ) -> Run:
         """Move a run to a terminal status and set ``ended_at``. Repeating the run's current
         terminal status returns it unchanged; any other change of a terminal run is refused."""
-        target = _terminal_status(run_id, status)
+        target = transitions.terminal_status(run_id, status)
         if exit_code is not None and (type(exit_code) is not int):
             raise InvalidRunError(f"exit_code must be an int or None, got {exit_code!r}")
         if not isinstance(error_code, str) or not isinstance(error_msg, str):
@@ -587,7 +540,7 @@ class PostgresStore:
         batch_id: str | None = None,
     ) -> _Runs:
         """Every run matching the filters, in insertion order."""
-        wanted = _status_set(status)
+        wanted = transitions.status_set(status)
         where: list[str] = []
         params: list[Any] = []
         if machine is not None:
@@ -646,7 +599,7 @@ class PostgresStore:
             judged = []
             for row in conn.execute(self._sql.active_with_changed_at):
                 run = self._run(row)
-                dead = _reaped(run, row[-1], now, stale_after)
+                dead = reaping.reaped(run, row[-1], now, stale_after)
                 if dead is not None:
                     judged.append((run.revision, dead))
             if dry_run:
@@ -695,7 +648,8 @@ class PostgresStore:
                 return len(doomed)
             runs = [r for r, _ in doomed]
             if archive is not None:
-                _append_archive(os.fspath(archive), runs, {r.id: x for r, x in doomed if x})
+                interchange.append_archive(os.fspath(archive), runs,
+                                           {r.id: x for r, x in doomed if x})
             conn.execute(self._sql.delete, [[r.id for r in runs]])
             self._feed(conn, [(ChangeType.RUN_PRUNED, r) for r in runs], _utcnow())
             return len(runs)
@@ -825,7 +779,7 @@ class PostgresStore:
         """Add runs keeping their ids, from a JSON array document or JSON lines (a file), or
         from an iterable of ``Run``/dicts. All or nothing (one transaction): a duplicate or
         invalid record is refused with ``InvalidRunError`` naming it."""
-        runs, extras = _parse_import(source)
+        runs, extras = interchange.parse_import(source)
         machines = sorted({r.machine for r in runs if not r.status.is_terminal})
 
         def body(conn: _Conn) -> int:
@@ -917,25 +871,3 @@ def _params(run: Run, now: _dt.datetime, extra: dict[str, Any] | None) -> dict[s
     params["changed_at"] = now
     params["extra"] = Jsonb(extra) if extra else None
     return params
-
-
-def _reaped(run: Run, changed_at: _dt.datetime | None, now: _dt.datetime,
-            stale_after: _dt.timedelta | None) -> Run | None:
-    """The interrupted version of ``run`` if its owner is provably gone or (with
-    ``stale_after``) it has not beaten nor changed for that long; else None. The same rule
-    and messages as ``Store``'s."""
-    if owner.is_gone(run.owner_host, run.owner_pid, run.owner_start):
-        code = "owner_gone"
-        msg = f"reaped: owner process {run.owner_pid} on {run.owner_host} is gone"
-    elif stale_after is not None:
-        last = run.heartbeat_at or changed_at
-        if last is None or now - last <= stale_after:
-            return None
-        code = "heartbeat_stale"
-        since = last.astimezone(_dt.UTC).isoformat().replace("+00:00", "Z")
-        msg = (f"reaped: no heartbeat or change since {since} "
-               f"(more than {stale_after.total_seconds():g} s)")
-    else:
-        return None
-    return attrs.evolve(run, status=Status.INTERRUPTED, ended_at=now, error_code=code,
-                        error_msg=msg, revision=run.revision + 1)

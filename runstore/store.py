@@ -25,9 +25,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, TypeVar
 
 import attrs
-import orjson
 
-from . import codec, failpoints, ids, owner, transitions
+from . import codec, failpoints, ids, interchange, owner, reaping, transitions
 from .active import ActiveRuns
 from .errors import (
     ConflictError,
@@ -549,7 +548,7 @@ class Store:
             if reap:
                 now = _utcnow()
                 for run_id in list(self._machines.get(machine, ())):
-                    dead = self._reaped(self._active[run_id], now, None)
+                    dead = reaping.reaped(self._active[run_id], None, now, None)
                     if dead is not None:
                         reaped.append((ChangeType.RUN_REAPED, dead))
             if reaped:
@@ -625,7 +624,7 @@ class Store:
                 raise InvalidTransitionError(run.id, stored.status.value, run.status.value,
                                              "terminal runs are final")
             new = attrs.evolve(run, revision=stored.revision + 1)
-            return new, [(_change_type(stored.status, new.status), new)]
+            return new, [(transitions.change_type(stored.status, new.status), new)]
 
         return self._transact(decide)
 
@@ -656,7 +655,7 @@ class Store:
     ) -> Run:
         """Move a run to a terminal status and set ``ended_at``. Repeating the run's current
         terminal status returns it unchanged; any other change of a terminal run is refused."""
-        target = _terminal_status(run_id, status)
+        target = transitions.terminal_status(run_id, status)
         if exit_code is not None and (type(exit_code) is not int):
             raise InvalidRunError(f"exit_code must be an int or None, got {exit_code!r}")
         if not isinstance(error_code, str) or not isinstance(error_msg, str):
@@ -695,7 +694,7 @@ class Store:
         batch_id: str | None = None,
     ) -> _Runs:
         """Every run (the latest version of each) matching the filters, in insertion order."""
-        wanted = _status_set(status)
+        wanted = transitions.status_set(status)
 
         def decide() -> _Decision[_Runs]:
             runs = [
@@ -736,25 +735,6 @@ class Store:
 
     # -- owners and reaping -------------------------------------------------------------
 
-    def _reaped(self, run: Run, now: _dt.datetime, stale_after: _dt.timedelta | None) -> Run | None:
-        """The interrupted version of ``run`` if its owner is provably gone or (with
-        ``stale_after``) it has not beaten for that long; else None."""
-        if owner.is_gone(run.owner_host, run.owner_pid, run.owner_start):
-            code = "owner_gone"
-            msg = (f"reaped: owner process {run.owner_pid} on {run.owner_host} is gone")
-        elif stale_after is not None:
-            last = run.heartbeat_at or self._changed_at.get(run.id)
-            if last is None or now - last <= stale_after:
-                return None
-            code = "heartbeat_stale"
-            since = last.isoformat().replace("+00:00", "Z")
-            msg = (f"reaped: no heartbeat or change since {since} "
-                   f"(more than {stale_after.total_seconds():g} s)")
-        else:
-            return None
-        return attrs.evolve(run, status=Status.INTERRUPTED, ended_at=now, error_code=code,
-                            error_msg=msg, revision=run.revision + 1)
-
     def reap(self, *, stale_after: _dt.timedelta, dry_run: bool = False) -> _Runs:
         """Interrupt every non-terminal run whose owner process on this host is gone
         (``error_code="owner_gone"``) or whose last heartbeat (or change) is older than
@@ -765,7 +745,8 @@ class Store:
 
         def decide() -> _Decision[_Runs]:
             now = _utcnow()
-            reaped = [r for r in (self._reaped(run, now, stale_after)
+            reaped = [r for r in (reaping.reaped(run, self._changed_at.get(run.id), now,
+                                                 stale_after)
                                   for run in self._active.values()) if r is not None]
             if dry_run:
                 return reaped, []
@@ -805,7 +786,7 @@ class Store:
             if dry_run or not doomed:
                 return len(doomed), []
             if archive is not None:
-                _append_archive(os.fspath(archive), doomed, self._extras)
+                interchange.append_archive(os.fspath(archive), doomed, self._extras)
                 failpoints.hit("prune.after_archive")
             return len(doomed), [(ChangeType.RUN_PRUNED, r) for r in doomed]
 
@@ -906,7 +887,7 @@ class Store:
         """Add runs keeping their ids, from a JSON array document or JSON lines (a file), or
         from an iterable of ``Run``/dicts. All or nothing: a duplicate or invalid record is
         refused with ``InvalidRunError`` naming it, and then nothing is imported."""
-        runs, extras = _parse_import(source)
+        runs, extras = interchange.parse_import(source)
 
         def decide() -> _Decision[int]:
             self._ensure_index()  # every id, to refuse duplicates
@@ -1001,37 +982,6 @@ def _chunked(head: bytes, buf: bytes, offsets: list[int], ends: dict[int, int],
         yield b"".join(parts)
 
 
-def _change_type(old: Status, new: Status) -> ChangeType:
-    if new is old:
-        return ChangeType.RUN_UPDATED
-    if new is Status.RUNNING:
-        return ChangeType.RUN_STARTED
-    return ChangeType.RUN_FINISHED if new.is_terminal else ChangeType.RUN_UPDATED
-
-
-def _terminal_status(run_id: str, status: Status | str) -> Status:
-    try:
-        target = Status(status)
-    except ValueError:
-        raise InvalidRunError(f"unknown status {status!r}; use one of "
-                              + ", ".join(s.value for s in Status)) from None
-    if not target.is_terminal:
-        raise InvalidTransitionError(run_id, "?", target.value,
-                                     "finish() needs a terminal status "
-                                     "(completed, failed, interrupted or timeout)")
-    return target
-
-
-def _status_set(status: Status | str | Iterable[Status | str] | None) -> frozenset[Status] | None:
-    if status is None:
-        return None
-    items = [status] if isinstance(status, str) else list(status)
-    try:
-        return frozenset(Status(s) for s in items)
-    except ValueError:
-        raise InvalidRunError(f"unknown status in {status!r}") from None
-
-
 def _changes_in(buf: bytes, since_seq: int, path: str) -> Iterator[Change]:
     pos = 0
     while pos < len(buf):
@@ -1048,74 +998,3 @@ def _changes_in(buf: bytes, since_seq: int, path: str) -> Iterator[Change]:
             raise CorruptStoreError(path, None,
                                     f"a retained change is unreadable ({exc})") from None
         yield Change(seq=data["seq"], time=when, type=ChangeType(data["change"]), run=run)
-
-
-def _append_archive(path: str, runs: list[Run], extras: dict[str, dict[str, Any]]) -> None:
-    lines = []
-    for run in runs:
-        data = codec.run_to_dict(run)
-        for key, value in extras.get(run.id, {}).items():
-            data.setdefault(key, value)
-        lines.append(codec.dumps(data) + b"\n")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags, 0o600)
-        try:
-            blob = b"".join(lines)
-            view = memoryview(blob)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise StoreIOError(path, "appending pruned runs to the archive", exc) from None
-
-
-def _parse_import(
-    source: IO[str] | IO[bytes] | Iterable[Run | dict[str, Any]],
-) -> tuple[list[Run], dict[str, dict[str, Any]]]:
-    items: list[Any]
-    if hasattr(source, "read"):
-        raw = source.read()
-        blob = raw.encode() if isinstance(raw, str) else raw
-        stripped = blob.lstrip()
-        try:
-            if stripped.startswith(b"["):
-                items = orjson.loads(blob)
-            else:
-                items = [orjson.loads(line) for line in blob.splitlines() if line.strip()]
-        except orjson.JSONDecodeError as exc:
-            raise InvalidRunError(f"the import is not JSON or JSON lines ({exc}); "
-                                  "nothing was imported") from None
-    else:
-        items = list(source)
-    runs: list[Run] = []
-    extras: dict[str, dict[str, Any]] = {}
-    seen: set[str] = set()
-    for n, item in enumerate(items, 1):
-        if isinstance(item, Run):
-            run = item
-        elif isinstance(item, dict):
-            try:
-                run = codec.run_from_dict(item)
-            except codec.BadLine as exc:
-                raise InvalidRunError(f"record {n} ({item.get('id', '?')!r}): {exc.reason}; "
-                                      "nothing was imported") from None
-            extra = codec.extra_fields(item)
-            if extra:
-                extras[run.id] = extra
-        else:
-            raise InvalidRunError(f"record {n} is not a run object: {item!r}; "
-                                  "nothing was imported")
-        try:
-            transitions.require_text("id", run.id)
-            run = transitions.validate(run)
-        except InvalidRunError as exc:
-            raise InvalidRunError(f"record {n}: {exc}; nothing was imported") from None
-        if run.id in seen:
-            raise InvalidRunError(f"record {n}: run {run.id!r} appears twice; "
-                                  "nothing was imported")
-        seen.add(run.id)
-        runs.append(attrs.evolve(run, revision=max(run.revision, 1)))
-    return runs, extras

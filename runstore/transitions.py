@@ -3,17 +3,19 @@
 Allowed moves: pending -> running | failed | interrupted | timeout; running -> any terminal
 status. Staying in a non-terminal status while other fields change is an update. Terminal
 states are final: repeating the same terminal transition is an idempotent no-op, anything else
-is refused.
+is refused. Also here: which change-feed type a move is, and how the status arguments of
+``finish()`` and ``list()`` are read. Both backends use these rules.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Iterable
 
 import attrs
 
 from .errors import InvalidRunError, InvalidTransitionError
-from .model import Run, Status
+from .model import ChangeType, Run, Status
 
 ALLOWED: dict[Status, frozenset[Status]] = {
     Status.PENDING: frozenset(
@@ -106,3 +108,39 @@ def check_update(stored: Run, new: Run) -> None:
 def same_content(a: Run, b: Run) -> bool:
     """True when two versions differ at most in ``revision``."""
     return attrs.evolve(a, revision=0) == attrs.evolve(b, revision=0)
+
+
+def change_type(old: Status, new: Status) -> ChangeType:
+    """The kind of change a run's move from ``old`` to ``new`` is, for the change feed."""
+    if new is old:
+        return ChangeType.RUN_UPDATED
+    if new is Status.RUNNING:
+        return ChangeType.RUN_STARTED
+    return ChangeType.RUN_FINISHED if new.is_terminal else ChangeType.RUN_UPDATED
+
+
+def terminal_status(run_id: str, status: Status | str) -> Status:
+    """``status`` as a terminal ``Status`` for ``finish()``; ``InvalidRunError`` when it is no
+    status, ``InvalidTransitionError`` when it is not a terminal one."""
+    try:
+        target = Status(status)
+    except ValueError:
+        raise InvalidRunError(f"unknown status {status!r}; use one of "
+                              + ", ".join(s.value for s in Status)) from None
+    if not target.is_terminal:
+        raise InvalidTransitionError(run_id, "?", target.value,
+                                     "finish() needs a terminal status "
+                                     "(completed, failed, interrupted or timeout)")
+    return target
+
+
+def status_set(status: Status | str | Iterable[Status | str] | None) -> frozenset[Status] | None:
+    """The ``status=`` filter of ``list()`` as a set of statuses (None: no filter);
+    ``InvalidRunError`` names an unknown one."""
+    if status is None:
+        return None
+    items = [status] if isinstance(status, str) else list(status)
+    try:
+        return frozenset(Status(s) for s in items)
+    except ValueError:
+        raise InvalidRunError(f"unknown status in {status!r}") from None

@@ -15,6 +15,8 @@ import runstore
 from runstore import (
     ConflictError,
     CorruptStoreError,
+    DatabaseConnectionError,
+    DatabaseError,
     HistoryTruncatedError,
     InvalidRunError,
     InvalidTransitionError,
@@ -26,6 +28,7 @@ from runstore import (
     RunstoreError,
     Status,
     StoreIOError,
+    TableLockTimeoutError,
     UnsafeStoreError,
 )
 
@@ -132,6 +135,14 @@ ERRORS = [
     (HistoryTruncatedError(5, 10), LookupError, {"since_seq": 5, "oldest_seq": 10}),
     (StoreIOError("/s/runs.jsonl", "syncing", OSError(errno.EIO, "I/O error")), OSError,
      {"path": "/s/runs.jsonl", "action": "syncing"}),
+    (TableLockTimeoutError("table runs on db", 0.5), LockTimeoutError,
+     {"lock_path": "table runs on db", "timeout": 0.5}),
+    (DatabaseError("db:5432", "updating", "disk full", None, errno.ENOSPC), StoreIOError,
+     {"server": "db:5432", "action": "updating", "reason": "disk full", "applied": None,
+      "errno": errno.ENOSPC}),
+    (DatabaseConnectionError("db:5432", "reading", "server closed the connection"),
+     ConnectionError, {"server": "db:5432", "reason": "server closed the connection",
+                       "applied": False, "errno": errno.ECONNRESET}),
 ]
 ERROR_IDS = [type(e).__name__ for e, _, _ in ERRORS]
 
@@ -181,6 +192,21 @@ def test_corrupt_store_error_names_file_offset_problem_and_remedy() -> None:
     assert "4242" in message
     assert "checksum mismatch" in message
     assert "restore" in message or "backup" in message
+
+
+def test_table_lock_timeout_error_points_at_pg_locks() -> None:
+    """TableLockTimeoutError names the table and the timeout and says where to look."""
+    message = str(TableLockTimeoutError("table runs on db:5432", 0.25))
+    assert "table runs on db:5432" in message and "0.25" in message
+    assert "pg_locks" in message
+
+
+def test_database_error_says_whether_the_change_was_applied() -> None:
+    """DatabaseError's message says rolled back, or unknown when the COMMIT failed."""
+    assert "rolled back" in str(DatabaseError("db", "updating", "disk full"))
+    assert "may or may not" in str(DatabaseError("db", "updating", "disk full", None))
+    lost = str(DatabaseConnectionError("db", "reading", "server closed the connection"))
+    assert "rolled back" in lost and "reconnects" in lost
 
 
 def test_errors_are_exported_from_the_package() -> None:

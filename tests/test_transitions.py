@@ -11,12 +11,15 @@ import pytest
 from hypothesis import given
 from strategies import aware_datetimes, runs, statuses
 
-from runstore import InvalidRunError, InvalidTransitionError, Run, Status
+from runstore import ChangeType, InvalidRunError, InvalidTransitionError, Run, Status
 from runstore.transitions import (
+    change_type,
     check_transition,
     check_update,
     require_text,
     same_content,
+    status_set,
+    terminal_status,
     validate,
 )
 
@@ -176,3 +179,57 @@ def test_same_content_ignores_only_the_revision(run: Run) -> None:
     """Two versions differing only in revision have the same content; any other field not."""
     assert same_content(run, attrs.evolve(run, revision=run.revision + 3))
     assert not same_content(run, attrs.evolve(run, logs_path=run.logs_path + "x"))
+
+
+# -- change_type / terminal_status / status_set -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (P, P, ChangeType.RUN_UPDATED),
+        (R, R, ChangeType.RUN_UPDATED),
+        (Status.FAILED, Status.FAILED, ChangeType.RUN_UPDATED),
+        (P, R, ChangeType.RUN_STARTED),
+        *((P, t, ChangeType.RUN_FINISHED) for t in (Status.FAILED, Status.INTERRUPTED)),
+        *((R, t, ChangeType.RUN_FINISHED) for t in TERMINAL),
+    ],
+)
+def test_change_type_names_the_move(old: Status, new: Status, expected: ChangeType) -> None:
+    """Same status: updated; to running: started; to a terminal status: finished."""
+    assert change_type(old, new) is expected
+
+
+@pytest.mark.parametrize("status", [*TERMINAL, *(t.value for t in TERMINAL)])
+def test_terminal_status_accepts_terminal_statuses(status: Status | str) -> None:
+    """A terminal Status, or its string value, comes back as the Status member."""
+    assert terminal_status("r1", status) is Status(status)
+
+
+@pytest.mark.parametrize("status", [P, R, "pending", "running"])
+def test_terminal_status_refuses_non_terminal_ones(status: Status | str) -> None:
+    """pending or running is an InvalidTransitionError naming the run and the status."""
+    with pytest.raises(InvalidTransitionError, match="needs a terminal status") as info:
+        terminal_status("r1", status)
+    assert (info.value.run_id, info.value.to_status) == ("r1", Status(status).value)
+
+
+def test_terminal_status_refuses_unknown_ones() -> None:
+    """An unknown status is an InvalidRunError listing the known ones."""
+    with pytest.raises(InvalidRunError, match="unknown status 'done'; use one of pending"):
+        terminal_status("r1", "done")
+
+
+def test_status_set_reads_every_form() -> None:
+    """None means no filter; one status or any iterable of them becomes a frozenset."""
+    assert status_set(None) is None
+    assert status_set("running") == frozenset({R})
+    assert status_set(Status.FAILED) == frozenset({Status.FAILED})
+    assert status_set(["pending", R]) == frozenset({P, R})
+    assert status_set(()) == frozenset()
+
+
+def test_status_set_refuses_unknown_statuses() -> None:
+    """An unknown status in the filter is an InvalidRunError quoting the argument."""
+    with pytest.raises(InvalidRunError, match=r"unknown status in \['running', 'done'\]"):
+        status_set(["running", "done"])

@@ -1,0 +1,100 @@
+"""The export/import/archive formats shared by both backends.
+
+``parse_import`` reads what ``import_runs()`` accepts (a JSON array document, JSON lines, or an
+iterable of ``Run``/dicts) into validated runs plus the unknown fields each record carried;
+``append_archive`` appends pruned runs, durably, to the JSON-lines archive of ``prune()``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import IO, Any
+
+import attrs
+import orjson
+
+from . import codec, transitions
+from .errors import InvalidRunError, StoreIOError
+from .model import Run
+
+
+def archive_lines(runs: list[Run], extras: dict[str, dict[str, Any]]) -> bytes:
+    """``runs`` as JSON lines, each with the extra fields ``extras`` holds for its id."""
+    lines = []
+    for run in runs:
+        data = codec.run_to_dict(run)
+        for key, value in extras.get(run.id, {}).items():
+            data.setdefault(key, value)
+        lines.append(codec.dumps(data) + b"\n")
+    return b"".join(lines)
+
+
+def append_archive(path: str, runs: list[Run], extras: dict[str, dict[str, Any]]) -> None:
+    """Append ``runs`` (JSON lines, see ``archive_lines``) to the file ``path`` and fsync it;
+    the file is created mode 0600 and a symlink is refused. ``StoreIOError`` on failure."""
+    blob = archive_lines(runs, extras)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+        try:
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise StoreIOError(path, "appending pruned runs to the archive", exc) from None
+
+
+def parse_import(
+    source: IO[str] | IO[bytes] | Iterable[Run | dict[str, Any]],
+) -> tuple[list[Run], dict[str, dict[str, Any]]]:
+    """The runs of an import (revision at least 1) and the extra fields of each by id.
+    All or nothing: an unreadable, invalid or repeated record raises ``InvalidRunError``
+    naming it (``record N``)."""
+    items: list[Any]
+    if hasattr(source, "read"):
+        raw = source.read()
+        blob = raw.encode() if isinstance(raw, str) else raw
+        stripped = blob.lstrip()
+        try:
+            if stripped.startswith(b"["):
+                items = orjson.loads(blob)
+            else:
+                items = [orjson.loads(line) for line in blob.splitlines() if line.strip()]
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRunError(f"the import is not JSON or JSON lines ({exc}); "
+                                  "nothing was imported") from None
+    else:
+        items = list(source)
+    runs: list[Run] = []
+    extras: dict[str, dict[str, Any]] = {}
+    seen: set[str] = set()
+    for n, item in enumerate(items, 1):
+        if isinstance(item, Run):
+            run = item
+        elif isinstance(item, dict):
+            try:
+                run = codec.run_from_dict(item)
+            except codec.BadLine as exc:
+                raise InvalidRunError(f"record {n} ({item.get('id', '?')!r}): {exc.reason}; "
+                                      "nothing was imported") from None
+            extra = codec.extra_fields(item)
+            if extra:
+                extras[run.id] = extra
+        else:
+            raise InvalidRunError(f"record {n} is not a run object: {item!r}; "
+                                  "nothing was imported")
+        try:
+            transitions.require_text("id", run.id)
+            run = transitions.validate(run)
+        except InvalidRunError as exc:
+            raise InvalidRunError(f"record {n}: {exc}; nothing was imported") from None
+        if run.id in seen:
+            raise InvalidRunError(f"record {n}: run {run.id!r} appears twice; "
+                                  "nothing was imported")
+        seen.add(run.id)
+        runs.append(attrs.evolve(run, revision=max(run.revision, 1)))
+    return runs, extras

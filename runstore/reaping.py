@@ -1,0 +1,45 @@
+"""When a non-terminal run is abandoned, and the interrupted version that replaces it.
+
+One rule for both backends: a run is reaped when its owner process on this host is provably
+gone (``error_code="owner_gone"``) or, when a ``stale_after`` is given, when neither a
+heartbeat nor a change came for longer than that (``"heartbeat_stale"``). Pure apart from
+asking the operating system whether the owner still runs (``owner.is_gone``, replaceable).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Callable
+
+import attrs
+
+from . import owner
+from .model import Run, Status
+
+
+def reaped(
+    run: Run,
+    last_change: _dt.datetime | None,
+    now: _dt.datetime,
+    stale_after: _dt.timedelta | None,
+    *,
+    is_gone: Callable[[str, int | None, str], bool] = owner.is_gone,
+) -> Run | None:
+    """The interrupted version of ``run`` (ended at ``now``, next revision) if its owner is
+    gone or (with ``stale_after``) its last heartbeat, else ``last_change``, is more than
+    ``stale_after`` before ``now``; else None."""
+    if is_gone(run.owner_host, run.owner_pid, run.owner_start):
+        code = "owner_gone"
+        msg = f"reaped: owner process {run.owner_pid} on {run.owner_host} is gone"
+    elif stale_after is not None:
+        last = run.heartbeat_at or last_change
+        if last is None or now - last <= stale_after:
+            return None
+        code = "heartbeat_stale"
+        since = last.astimezone(_dt.UTC).isoformat().replace("+00:00", "Z")
+        msg = (f"reaped: no heartbeat or change since {since} "
+               f"(more than {stale_after.total_seconds():g} s)")
+    else:
+        return None
+    return attrs.evolve(run, status=Status.INTERRUPTED, ended_at=now, error_code=code,
+                        error_msg=msg, revision=run.revision + 1)
