@@ -48,7 +48,7 @@ import attrs
 import orjson
 
 from . import codec, owner
-from .errors import RunstoreError
+from .errors import InvalidTransitionError, RunstoreError
 from .model import PrepareOutcome, Run, Status
 from .store import Store
 
@@ -259,12 +259,22 @@ def _cycle(cfg: Config, store: Store, hist_dir: str, slot: int, gen: int, t: int
                 time.sleep(rng.uniform(0, 2 * cfg.backoff))
             elif cfg.kill and owner.is_gone(run.owner_host, run.owner_pid, run.owner_start):
                 # its worker was killed: finish it for it, as a dispatcher's reaper would
-                done = call("finish", run.id,
-                            functools.partial(store.finish, run.id, Status.INTERRUPTED))
+                done = call("finish", run.id, functools.partial(_reap_finish, store, run.id))
                 if done is not None:
                     ack("finish", done)
     finally:
         hist.close()
+
+
+def _reap_finish(store: Store, run_id: str) -> Run | None:
+    """Interrupt a run whose owner is gone; None when the owner had finished it just before
+    it was killed (after this worker's prepare saw it active): a race, not an error."""
+    try:
+        return store.finish(run_id, Status.INTERRUPTED)
+    except InvalidTransitionError:
+        if store.get(run_id).is_terminal:
+            return None
+        raise
 
 
 # -- running and checking -------------------------------------------------------------------
