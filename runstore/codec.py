@@ -224,8 +224,10 @@ class BaseSummary:
         return cls(lines=lines, crc=crc, max_id=max_id, active=tuple(active))
 
 
-#: the start of every record line up to its id: ``seq`` then ``id`` always come first
-RECORD_ID = re.compile(rb'^\{"seq":\d+,"id":"([^"\\\n]*)",', re.MULTILINE)
+#: a newline and the start of a record line up to its id (``seq`` then ``id`` always come
+#: first); search ``b"\n" + chunk``: a literal prefix lets the regex engine skip ahead, where
+#: ``^`` with MULTILINE would try every byte. ``m.start()`` is then the line's offset in chunk.
+RECORD_ID = re.compile(rb'\n\{"seq":\d+,"id":"([^"\\\n]*)",')
 
 
 def change_to_json(seq: int, time: _dt.datetime, change: ChangeType, run: Run) -> dict[str, Any]:

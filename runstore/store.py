@@ -213,7 +213,7 @@ class Store:
         for chunk_at, chunk in j.read_lines(header.start, header.latest_end):
             crc = zlib.crc32(chunk, crc)
             part = {m.group(1).decode(): chunk_at + m.start()
-                    for m in codec.RECORD_ID.finditer(chunk)}
+                    for m in codec.RECORD_ID.finditer(b"\n" + chunk)}
             if len(part) != chunk.count(b"\n"):  # an id with escapes: parse these lines
                 part, pos = {}, 0
                 while pos < len(chunk):
