@@ -72,6 +72,7 @@ from .errors import (
     LockTimeoutError,
     RunNotFoundError,
     RunstoreError,
+    TableLockTimeoutError,
 )
 from .migrate import MigrationReport, MigrationVerifyError, migrate
 from .model import Change, Run, Status
@@ -138,7 +139,9 @@ def exit_code_for(exc: BaseException) -> int:
 
 def message_for(exc: BaseException) -> str:
     """One line saying what went wrong and what to do, in the CLI's own terms."""
-    if isinstance(exc, LockTimeoutError):
+    if isinstance(exc, TableLockTimeoutError):  # its own hint: pg_locks, not fuser
+        text = f"{exc}; or retry with a larger --lock-timeout"
+    elif isinstance(exc, LockTimeoutError):
         text = (f"could not lock {exc.lock_path} within {exc.timeout:g} s: another process "
                 f"holds it; find it with `fuser {exc.lock_path}`, or retry with a larger "
                 "--lock-timeout")

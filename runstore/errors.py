@@ -211,7 +211,8 @@ class DatabaseError(StoreIOError):
                        "applied: get() the run to see which")
         else:
             outcome = "the transaction was rolled back: nothing of this call was applied"
-        return f"{self.action} on PostgreSQL {self.server} failed ({self.reason}); {outcome}"
+        action = self.action.removesuffix(" in")  # "listing runs in" names a file elsewhere
+        return f"{action} on PostgreSQL {self.server} failed ({self.reason}); {outcome}"
 
     def __reduce__(  # type: ignore[override]  # different constructor
         self,

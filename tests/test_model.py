@@ -214,3 +214,18 @@ def test_errors_are_exported_from_the_package() -> None:
     for name in [*ERROR_IDS, "RunstoreError"]:
         assert name in runstore.__all__
         assert isinstance(getattr(runstore, name), type)
+
+
+def test_a_database_error_names_the_action_without_a_dangling_preposition() -> None:
+    from runstore import DatabaseError
+
+    text = str(DatabaseError("host=/tmp dbname=ci", "listing runs in", "disk full"))
+    assert text.startswith("listing runs on PostgreSQL host=/tmp dbname=ci failed (disk full)")
+
+
+def test_the_cli_gives_a_table_lock_timeout_its_own_hint() -> None:
+    from runstore import TableLockTimeoutError
+    from runstore.cli import message_for
+
+    text = message_for(TableLockTimeoutError("table 'runs' on dbname=ci", 2.0))
+    assert "pg_locks" in text and "fuser" not in text and "--lock-timeout" in text
