@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import psycopg
 import pytest
 from backends import Backend, fresh_table
@@ -373,6 +374,25 @@ def test_connection_killed_inside_update_applies_nothing(
     started = store.start(run.id)
     assert started.revision == run.revision + 1 and started.status is Status.RUNNING
     assert [c.seq for c in store.changes()] == [1, 2]
+
+
+def test_connection_killed_inside_a_plain_update_applies_nothing(
+    secret_store: PostgresStore, admin: psycopg.Connection[Any]
+) -> None:
+    """The same through ``update()`` itself: the new field is not stored, the revision is
+    unchanged, and the same stale-free copy is accepted on the next call."""
+    store, wrote = secret_store, []
+    run = store.prepare_atomic("m1", "h", _make("m1"))[0]
+    edited = attrs.evolve(run, logs_path="/logs/m1")
+    store._test_hook = _kill_at("before_feed", admin, store.table, wrote)
+    with pytest.raises(DatabaseConnectionError) as info:
+        store.update(edited)
+    assert wrote == [True], "the UPDATE had not run when the connection was killed"
+    _check_clear(info.value, applied=False)
+    store._test_hook = None
+    assert store.get(run.id) == run and store.last_seq() == 1
+    stored = store.update(edited)
+    assert stored.logs_path == "/logs/m1" and stored.revision == run.revision + 1
 
 
 def test_all_pooled_connections_killed_then_next_call_reconnects(
