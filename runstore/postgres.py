@@ -45,13 +45,11 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import codec, ids, interchange, owner, pgschema, reaping, transitions
 from .errors import (
-    ConflictError,
     CorruptStoreError,
     DatabaseConnectionError,
     DatabaseError,
     HistoryTruncatedError,
     InvalidRunError,
-    InvalidTransitionError,
     MachineBusyError,
     RunNotFoundError,
     RunstoreError,
@@ -420,14 +418,7 @@ class PostgresStore:
             if active is not None:
                 same = active.test_dir_hash == test_dir_hash
                 return active, PrepareOutcome.REUSE if same else PrepareOutcome.BUSY
-            made = make()
-            if not isinstance(made, Run):
-                raise InvalidRunError(f"make() must return a runstore.Run, got {made!r}")
-            if made.machine != machine or made.test_dir_hash != test_dir_hash:
-                raise InvalidRunError(
-                    f"make() returned a run for machine {made.machine!r} and hash "
-                    f"{made.test_dir_hash!r}; prepare_atomic was asked for machine "
-                    f"{machine!r} and hash {test_dir_hash!r}")
+            made = transitions.check_made(make(), machine, test_dir_hash)
             fresh = transitions.validate(attrs.evolve(made, status=Status.PENDING))
             run = self._insert_new(conn, fresh, now)
             changes.append((ChangeType.RUN_CREATED, run))
@@ -462,35 +453,13 @@ class PostgresStore:
         and a change of machine or hash (``InvalidRunError``). An unchanged copy of a
         terminal run is an idempotent no-op."""
         run = transitions.validate(run)
-
-        def decide(stored: Run) -> tuple[Run, ChangeType] | None:
-            if run.revision != stored.revision:
-                raise ConflictError(run.id, run.revision, stored.revision)
-            transitions.check_update(stored, run)
-            if stored.status.is_terminal:
-                if transitions.same_content(stored, run):
-                    return None
-                raise InvalidTransitionError(run.id, stored.status.value, run.status.value,
-                                             "terminal runs are final")
-            new = attrs.evolve(run, revision=stored.revision + 1)
-            return new, transitions.change_type(stored.status, new.status)
-
-        return self._modify(run.id, decide, "updating a run in")
+        return self._modify(run.id, lambda stored: transitions.updated(stored, run),
+                            "updating a run in")
 
     def start(self, run_id: str) -> Run:
         """pending -> running: sets ``started_at`` and makes this process the owner."""
-
-        def decide(stored: Run) -> tuple[Run, ChangeType]:
-            if stored.status is not Status.PENDING:
-                raise InvalidTransitionError(run_id, stored.status.value, Status.RUNNING.value,
-                                             "only a pending run can be started")
-            host, pid, started = owner.current()
-            new = attrs.evolve(stored, status=Status.RUNNING, started_at=_utcnow(),
-                               owner_host=host, owner_pid=pid, owner_start=started,
-                               revision=stored.revision + 1)
-            return new, ChangeType.RUN_STARTED
-
-        return self._modify(run_id, decide, "starting a run in")
+        return self._modify(run_id, lambda stored: transitions.started(
+            stored, _utcnow(), owner.current()), "starting a run in")
 
     def finish(
         self,
@@ -504,33 +473,14 @@ class PostgresStore:
         """Move a run to a terminal status and set ``ended_at``. Repeating the run's current
         terminal status returns it unchanged; any other change of a terminal run is refused."""
         target = transitions.terminal_status(run_id, status)
-        if exit_code is not None and (type(exit_code) is not int):
-            raise InvalidRunError(f"exit_code must be an int or None, got {exit_code!r}")
-        if not isinstance(error_code, str) or not isinstance(error_msg, str):
-            raise InvalidRunError("error_code and error_msg must be strings")
-
-        def decide(stored: Run) -> tuple[Run, ChangeType] | None:
-            if stored.status is target:
-                return None
-            transitions.check_transition(run_id, stored.status, target)
-            new = attrs.evolve(stored, status=target, ended_at=_utcnow(), exit_code=exit_code,
-                               error_code=error_code, error_msg=error_msg,
-                               revision=stored.revision + 1)
-            return new, ChangeType.RUN_FINISHED
-
-        return self._modify(run_id, decide, "finishing a run in")
+        transitions.check_finish(exit_code, error_code, error_msg)
+        return self._modify(run_id, lambda stored: transitions.finished(
+            stored, target, _utcnow(), exit_code, error_code, error_msg), "finishing a run in")
 
     def heartbeat(self, run_id: str) -> Run:
         """Refresh ``heartbeat_at`` of a non-terminal run (as cheap as any update)."""
-
-        def decide(stored: Run) -> tuple[Run, ChangeType]:
-            if stored.status.is_terminal:
-                raise InvalidTransitionError(run_id, stored.status.value, stored.status.value,
-                                             "a finished run takes no heartbeat")
-            new = attrs.evolve(stored, heartbeat_at=_utcnow(), revision=stored.revision + 1)
-            return new, ChangeType.HEARTBEAT
-
-        return self._modify(run_id, decide, "recording a heartbeat in")
+        return self._modify(run_id, lambda stored: transitions.beat(stored, _utcnow()),
+                            "recording a heartbeat in")
 
     def list(
         self,

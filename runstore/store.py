@@ -29,11 +29,9 @@ import attrs
 from . import codec, failpoints, ids, interchange, owner, reaping, transitions
 from .active import ActiveRuns
 from .errors import (
-    ConflictError,
     CorruptStoreError,
     HistoryTruncatedError,
     InvalidRunError,
-    InvalidTransitionError,
     MachineBusyError,
     RunNotFoundError,
     StoreIOError,
@@ -566,14 +564,7 @@ class Store:
         self, before: _Changes, machine: str, test_dir_hash: str,
         make: Callable[[], Run],
     ) -> _Decision[tuple[Run, PrepareOutcome]]:
-        made = make()
-        if not isinstance(made, Run):
-            raise InvalidRunError(f"make() must return a runstore.Run, got {made!r}")
-        if made.machine != machine or made.test_dir_hash != test_dir_hash:
-            raise InvalidRunError(
-                f"make() returned a run for machine {made.machine!r} and hash "
-                f"{made.test_dir_hash!r}; prepare_atomic was asked for machine "
-                f"{machine!r} and hash {test_dir_hash!r}")
+        made = transitions.check_made(make(), machine, test_dir_hash)
         run = self._new(made, Status.PENDING)
         return (run, PrepareOutcome.CREATED), [*before, (ChangeType.RUN_CREATED, run)]
 
@@ -612,37 +603,13 @@ class Store:
         An unchanged copy of a terminal run is an idempotent no-op.
         """
         run = transitions.validate(run)
-
-        def decide() -> _Decision[Run]:
-            stored = self._lookup(run.id)
-            if run.revision != stored.revision:
-                raise ConflictError(run.id, run.revision, stored.revision)
-            transitions.check_update(stored, run)
-            if stored.status.is_terminal:
-                if transitions.same_content(stored, run):
-                    return stored, []
-                raise InvalidTransitionError(run.id, stored.status.value, run.status.value,
-                                             "terminal runs are final")
-            new = attrs.evolve(run, revision=stored.revision + 1)
-            return new, [(transitions.change_type(stored.status, new.status), new)]
-
-        return self._transact(decide)
+        return self._transact(lambda: self._step(run.id, lambda stored: transitions.updated(
+            stored, run)))
 
     def start(self, run_id: str) -> Run:
         """pending -> running: sets ``started_at`` and makes this process the owner."""
-
-        def decide() -> _Decision[Run]:
-            stored = self._lookup(run_id)
-            if stored.status is not Status.PENDING:
-                raise InvalidTransitionError(run_id, stored.status.value, Status.RUNNING.value,
-                                             "only a pending run can be started")
-            host, pid, started = owner.current()
-            new = attrs.evolve(stored, status=Status.RUNNING, started_at=_utcnow(),
-                               owner_host=host, owner_pid=pid, owner_start=started,
-                               revision=stored.revision + 1)
-            return new, [(ChangeType.RUN_STARTED, new)]
-
-        return self._transact(decide)
+        return self._transact(lambda: self._step(run_id, lambda stored: transitions.started(
+            stored, _utcnow(), owner.current())))
 
     def finish(
         self,
@@ -656,35 +623,24 @@ class Store:
         """Move a run to a terminal status and set ``ended_at``. Repeating the run's current
         terminal status returns it unchanged; any other change of a terminal run is refused."""
         target = transitions.terminal_status(run_id, status)
-        if exit_code is not None and (type(exit_code) is not int):
-            raise InvalidRunError(f"exit_code must be an int or None, got {exit_code!r}")
-        if not isinstance(error_code, str) or not isinstance(error_msg, str):
-            raise InvalidRunError("error_code and error_msg must be strings")
-
-        def decide() -> _Decision[Run]:
-            stored = self._lookup(run_id)
-            if stored.status is target:
-                return stored, []
-            transitions.check_transition(run_id, stored.status, target)
-            new = attrs.evolve(stored, status=target, ended_at=_utcnow(), exit_code=exit_code,
-                               error_code=error_code, error_msg=error_msg,
-                               revision=stored.revision + 1)
-            return new, [(ChangeType.RUN_FINISHED, new)]
-
-        return self._transact(decide)
+        transitions.check_finish(exit_code, error_code, error_msg)
+        return self._transact(lambda: self._step(run_id, lambda stored: transitions.finished(
+            stored, target, _utcnow(), exit_code, error_code, error_msg)))
 
     def heartbeat(self, run_id: str) -> Run:
         """Refresh ``heartbeat_at`` of a non-terminal run (as cheap as any update)."""
+        return self._transact(lambda: self._step(run_id, lambda stored: transitions.beat(
+            stored, _utcnow())))
 
-        def decide() -> _Decision[Run]:
-            stored = self._lookup(run_id)
-            if stored.status.is_terminal:
-                raise InvalidTransitionError(run_id, stored.status.value, stored.status.value,
-                                             "a finished run takes no heartbeat")
-            new = attrs.evolve(stored, heartbeat_at=_utcnow(), revision=stored.revision + 1)
-            return new, [(ChangeType.HEARTBEAT, new)]
-
-        return self._transact(decide)
+    def _step(self, run_id: str,
+              decide: Callable[[Run], transitions.Step | None]) -> _Decision[Run]:
+        """The stored run's next version by ``decide`` (None: unchanged, nothing written)."""
+        stored = self._lookup(run_id)
+        step = decide(stored)
+        if step is None:
+            return stored, []
+        new, change = step
+        return new, [(change, new)]
 
     def list(
         self,

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from .errors import InvalidRunError, InvalidTransitionError
+from .errors import ConflictError, InvalidRunError, InvalidTransitionError
 from .model import ChangeType, Run, Status
 
 ALLOWED: dict[Status, frozenset[Status]] = {
@@ -144,3 +144,79 @@ def status_set(status: Status | str | Iterable[Status | str] | None) -> frozense
         return frozenset(Status(s) for s in items)
     except ValueError:
         raise InvalidRunError(f"unknown status in {status!r}") from None
+
+
+# -- the next version of a stored run: the decision each write method makes, for both backends
+
+#: a stored change: the run's new version and the kind of change; None means "no change"
+Step = tuple[Run, ChangeType]
+#: (host, pid, process start) of the process that owns a non-terminal run
+Owner = tuple[str, int, str]
+
+
+def check_made(made: object, machine: str, test_dir_hash: str) -> Run:
+    """The run ``make()`` returned to ``prepare_atomic``, refused unless it is a ``Run`` for
+    that machine and hash."""
+    if not isinstance(made, Run):
+        raise InvalidRunError(f"make() must return a runstore.Run, got {made!r}")
+    if made.machine != machine or made.test_dir_hash != test_dir_hash:
+        raise InvalidRunError(
+            f"make() returned a run for machine {made.machine!r} and hash "
+            f"{made.test_dir_hash!r}; prepare_atomic was asked for machine "
+            f"{machine!r} and hash {test_dir_hash!r}")
+    return made
+
+
+def updated(stored: Run, run: Run) -> Step | None:
+    """``update(run)``: refuse a stale copy, a forbidden move or an identity change; None
+    for an unchanged copy of a terminal run."""
+    if run.revision != stored.revision:
+        raise ConflictError(run.id, run.revision, stored.revision)
+    check_update(stored, run)
+    if stored.status.is_terminal:
+        if same_content(stored, run):
+            return None
+        raise InvalidTransitionError(run.id, stored.status.value, run.status.value,
+                                     "terminal runs are final")
+    new = attrs.evolve(run, revision=stored.revision + 1)
+    return new, change_type(stored.status, new.status)
+
+
+def started(stored: Run, now: _dt.datetime, owner: Owner) -> Step:
+    """``start()``: pending -> running, owned by ``owner`` from ``now``."""
+    if stored.status is not Status.PENDING:
+        raise InvalidTransitionError(stored.id, stored.status.value, Status.RUNNING.value,
+                                     "only a pending run can be started")
+    host, pid, since = owner
+    new = attrs.evolve(stored, status=Status.RUNNING, started_at=now, owner_host=host,
+                       owner_pid=pid, owner_start=since, revision=stored.revision + 1)
+    return new, ChangeType.RUN_STARTED
+
+
+def check_finish(exit_code: object, error_code: object, error_msg: object) -> None:
+    """Refuse ``finish()`` arguments of the wrong type before any lock is taken."""
+    if exit_code is not None and type(exit_code) is not int:
+        raise InvalidRunError(f"exit_code must be an int or None, got {exit_code!r}")
+    if not isinstance(error_code, str) or not isinstance(error_msg, str):
+        raise InvalidRunError("error_code and error_msg must be strings")
+
+
+def finished(stored: Run, target: Status, now: _dt.datetime, exit_code: int | None,
+             error_code: str, error_msg: str) -> Step | None:
+    """``finish()``: to the terminal ``target`` at ``now``; None when already there."""
+    if stored.status is target:
+        return None
+    check_transition(stored.id, stored.status, target)
+    new = attrs.evolve(stored, status=target, ended_at=now, exit_code=exit_code,
+                       error_code=error_code, error_msg=error_msg,
+                       revision=stored.revision + 1)
+    return new, ChangeType.RUN_FINISHED
+
+
+def beat(stored: Run, now: _dt.datetime) -> Step:
+    """``heartbeat()``: a non-terminal run's ``heartbeat_at`` set to ``now``."""
+    if stored.status.is_terminal:
+        raise InvalidTransitionError(stored.id, stored.status.value, stored.status.value,
+                                     "a finished run takes no heartbeat")
+    new = attrs.evolve(stored, heartbeat_at=now, revision=stored.revision + 1)
+    return new, ChangeType.HEARTBEAT

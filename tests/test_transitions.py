@@ -11,7 +11,15 @@ import pytest
 from hypothesis import given
 from strategies import aware_datetimes, runs, statuses
 
-from runstore import ChangeType, InvalidRunError, InvalidTransitionError, Run, Status
+from runstore import (
+    ChangeType,
+    ConflictError,
+    InvalidRunError,
+    InvalidTransitionError,
+    Run,
+    Status,
+    transitions,
+)
 from runstore.transitions import (
     change_type,
     check_transition,
@@ -233,3 +241,29 @@ def test_status_set_refuses_unknown_statuses() -> None:
     """An unknown status in the filter is an InvalidRunError quoting the argument."""
     with pytest.raises(InvalidRunError, match=r"unknown status in \['running', 'done'\]"):
         status_set(["running", "done"])
+
+
+def test_the_next_version_rules_are_pure_and_shared() -> None:
+    """What each write method stores, decided without a store (both backends call these)."""
+    now = _dt.datetime(2026, 1, 1, tzinfo=_dt.UTC)
+    pending = Run("m", "/t", "h", id="r1", revision=1)
+    running, change = transitions.started(pending, now, ("host", 7, "s"))
+    assert change is ChangeType.RUN_STARTED and running.revision == 2
+    assert (running.owner_host, running.owner_pid, running.started_at) == ("host", 7, now)
+    with pytest.raises(InvalidTransitionError):
+        transitions.started(running, now, ("host", 7, "s"))
+    step = transitions.finished(running, Status.FAILED, now, 3, "e", "m")
+    assert step is not None and step[1] is ChangeType.RUN_FINISHED
+    done = step[0]
+    assert done.exit_code == 3 and done.ended_at == now
+    assert transitions.finished(done, Status.FAILED, now, 3, "e", "m") is None  # idempotent
+    assert transitions.updated(done, done) is None
+    with pytest.raises(ConflictError):
+        transitions.updated(running, pending)
+    assert transitions.beat(running, now)[0].heartbeat_at == now
+    with pytest.raises(InvalidTransitionError):
+        transitions.beat(done, now)
+    with pytest.raises(InvalidRunError):
+        transitions.check_finish("0", "", "")
+    with pytest.raises(InvalidRunError, match="asked for machine 'other'"):
+        transitions.check_made(pending, "other", "h")
