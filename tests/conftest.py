@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from backends import Backend, fresh_table, pg_server, postgres_required, postgres_unavailable
 
-from runstore import Run, RunStore
+from runstore import Run, RunStore, cli
 
 BACKENDS = ("file", "postgres")
 
@@ -102,3 +102,23 @@ def store(open_store: Callable[..., RunStore]) -> RunStore:
 def make_run_fixture() -> Callable[..., Run]:
     """The ``make_run`` factory."""
     return make_run
+
+
+@pytest.fixture
+def clean_cli_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No store or colour settings leak in from the environment running the tests."""
+    for name in ("RUNSTORE_DIR", "RUNSTORE_URL", "NO_COLOR"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+    """Call ``cli.main(argv)`` and return (exit code, stdout, stderr)."""
+
+    def call(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = cli.main(list(argv), prog="runstore")
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call

@@ -22,29 +22,11 @@ from runstore import Run, RunStore, Status, Store, cli, migrate, opener
 from runstore.migrate import MigrationConflictError, MigrationVerifyError
 
 Cli = Callable[..., tuple[int, str, str]]
+#: every test runs without RUNSTORE_DIR, RUNSTORE_URL or NO_COLOR from the environment
+pytestmark = pytest.mark.usefixtures("clean_cli_env")
 
 
 # -- fixtures and helpers --------------------------------------------------------------------
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No store or colour settings leak in from the environment running the tests."""
-    for name in ("RUNSTORE_DIR", "RUNSTORE_URL", "NO_COLOR"):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def run_cli(capsys: pytest.CaptureFixture[str]) -> Cli:
-    """Call ``cli.main(argv)`` and return (exit code, stdout, stderr)."""
-
-    def call(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = cli.main(list(argv), prog="runstore")
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return call
-
 
 def _one_line(err: str) -> str:
     lines = err.splitlines()
