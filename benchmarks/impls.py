@@ -158,7 +158,7 @@ class RunstoreImpl(Impl):
     name = "runstore"
 
     def __init__(self, where: str, durable: bool) -> None:
-        self._store = runstore.Store(where, durable=durable)
+        self._store: runstore.RunStore = runstore.Store(where, durable=durable)
 
     @classmethod
     def preload(cls, where: str, n: int) -> None:
@@ -600,9 +600,10 @@ class PostgresImpl(Impl):
 # -- runstore on PostgreSQL ---------------------------------------------------------------
 
 
-class RunstorePgImpl(Impl):
+class RunstorePgImpl(RunstoreImpl):
     """The dispatcher cycle through ``runstore.PostgresStore``: the same calls as
-    ``RunstoreImpl``, one database per store (like ``postgres``), the default table."""
+    ``RunstoreImpl`` (inherited: both backends keep one contract), one database per store
+    (like ``postgres``), the default table."""
 
     name = "runstore-pg"
     file_based = False
@@ -653,26 +654,6 @@ class RunstorePgImpl(Impl):
 
         with psycopg.connect(where, autocommit=True) as db:
             db.execute(b"VACUUM ANALYZE")
-
-    def prepare_atomic(self, machine: str, test_dir_hash: str,
-                       make: Make) -> tuple[str, PrepareOutcome]:
-        run, outcome = self._store.prepare_atomic(machine, test_dir_hash, make)
-        return run.id, outcome
-
-    def start(self, run_id: str) -> None:
-        self._store.start(run_id)
-
-    def get(self, run_id: str) -> Run:
-        return self._store.get(run_id)
-
-    def finish(self, run_id: str) -> None:
-        self._store.finish(run_id, Status.COMPLETED, exit_code=0)
-
-    def runs(self) -> Iterator[Run]:
-        return iter(self._store.list())
-
-    def close(self) -> None:
-        self._store.close()
 
 
 IMPLS: dict[str, type[Impl]] = {
