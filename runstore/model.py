@@ -110,6 +110,18 @@ class BatchSummary:
     entries: dict[str, Run]
     runs: int
 
+    @classmethod
+    def of(cls, batch_id: str, runs: list[Run]) -> BatchSummary:
+        """The summary of a batch's ``runs``, given in insertion order (so the last run of a
+        plan entry is its latest)."""
+        entries: dict[str, Run] = {}
+        for run in runs:
+            entries[run.plan_entry] = run
+        counts = {status: 0 for status in Status}
+        for run in entries.values():
+            counts[run.status] += 1
+        return cls(batch_id=batch_id, counts=counts, entries=entries, runs=len(runs))
+
     @property
     def done(self) -> bool:
         """True when the batch has runs and the latest run of every plan entry is terminal."""

@@ -43,7 +43,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from . import codec, ids, interchange, owner, pgschema, reaping, transitions
+from . import codec, ids, interchange, owner, pgschema, reaping, retention, transitions
 from .errors import (
     CorruptStoreError,
     DatabaseConnectionError,
@@ -540,9 +540,7 @@ class PostgresStore:
         (``error_code="owner_gone"``) or whose last heartbeat (or change) is older than
         ``stale_after`` (``"heartbeat_stale"``); return the reaped runs. A run changed by
         its owner while being judged is left alone (its owner is alive)."""
-        if not isinstance(stale_after, _dt.timedelta) or stale_after < _dt.timedelta(0):
-            raise InvalidRunError(f"stale_after must be a non-negative timedelta, "
-                                  f"got {stale_after!r}")
+        reaping.check_stale_after(stale_after)
 
         def body(conn: _Conn) -> _Runs:
             now = _utcnow()
@@ -576,24 +574,14 @@ class PostgresStore:
         ``keep_last`` terminal runs (non-terminal runs are never pruned). With ``archive``
         the pruned runs are first appended, durably, to that JSON-lines file (the same format
         as the file store's). Returns the number of runs removed."""
-        if (older_than is None) == (keep_last is None):
-            raise InvalidRunError("prune() needs exactly one of older_than or keep_last")
-        if keep_last is not None and (type(keep_last) is not int or keep_last < 0):
-            raise InvalidRunError(f"keep_last must be a non-negative int, got {keep_last!r}")
-        if older_than is not None and not isinstance(older_than, _dt.timedelta):
-            raise InvalidRunError(f"older_than must be a timedelta, got {older_than!r}")
+        retention.check_prune(older_than, keep_last)
 
         def body(conn: _Conn) -> int:
             self._lock_feed(conn)  # one pruner at a time; terminal runs change no more
             terminal: list[tuple[Run, Any]] = [
                 (self._run(row), row[-1]) for row in conn.execute(self._sql.terminal_with_extra)]
-            if keep_last is not None:
-                doomed = terminal[:max(len(terminal) - keep_last, 0)]
-            else:
-                assert older_than is not None
-                cutoff = _utcnow() - older_than
-                doomed = [(r, x) for r, x in terminal
-                          if r.ended_at is not None and r.ended_at < cutoff]
+            doomed = retention.doomed(terminal, lambda item: item[0], older_than=older_than,
+                                      keep_last=keep_last, now=_utcnow())
             if dry_run or not doomed:
                 return len(doomed)
             runs = [r for r, _ in doomed]
@@ -614,22 +602,14 @@ class PostgresStore:
     def batch_summary(self, batch_id: str) -> BatchSummary:
         """Counts by status and the latest run of each plan entry of a batch."""
         transitions.require_text("batch_id", batch_id)
-        runs = self.list(batch_id=batch_id)
-        entries: dict[str, Run] = {}
-        for run in runs:
-            entries[run.plan_entry] = run  # insertion order: the last one is the latest
-        counts = {status: 0 for status in Status}
-        for run in entries.values():
-            counts[run.status] += 1
-        return BatchSummary(batch_id=batch_id, counts=counts, entries=entries, runs=len(runs))
+        return BatchSummary.of(batch_id, self.list(batch_id=batch_id))
 
     # -- the change feed ----------------------------------------------------------------
 
     def changes(self, since_seq: int = 0) -> Iterator[Change]:
         """The retained changes after ``since_seq``, in order. ``HistoryTruncatedError`` when
         changes after ``since_seq`` were trimmed away (resynchronise from ``list()``)."""
-        if type(since_seq) is not int or since_seq < 0:
-            raise InvalidRunError(f"since_seq must be a non-negative int, got {since_seq!r}")
+        transitions.require_seq("since_seq", since_seq)
         rows = self._read(lambda conn: conn.execute(self._sql.changes, [since_seq]).fetchall(),
                           "reading the change feed of")
         compacted = int(rows[0][0]) if rows else 0

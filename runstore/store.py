@@ -26,7 +26,7 @@ from typing import IO, Any, TypeVar
 
 import attrs
 
-from . import codec, failpoints, ids, interchange, owner, reaping, transitions
+from . import codec, failpoints, ids, interchange, owner, reaping, retention, transitions
 from .active import ActiveRuns
 from .errors import (
     CorruptStoreError,
@@ -695,9 +695,7 @@ class Store:
         """Interrupt every non-terminal run whose owner process on this host is gone
         (``error_code="owner_gone"``) or whose last heartbeat (or change) is older than
         ``stale_after`` (``"heartbeat_stale"``); return the reaped runs."""
-        if not isinstance(stale_after, _dt.timedelta) or stale_after < _dt.timedelta(0):
-            raise InvalidRunError(f"stale_after must be a non-negative timedelta, "
-                                  f"got {stale_after!r}")
+        reaping.check_stale_after(stale_after)
 
         def decide() -> _Decision[_Runs]:
             now = _utcnow()
@@ -724,21 +722,12 @@ class Store:
         ``keep_last`` terminal runs (non-terminal runs are never pruned). With ``archive``
         the pruned runs are first appended, durably, to that JSON-lines file. The journal is
         compacted afterwards. Returns the number of runs removed."""
-        if (older_than is None) == (keep_last is None):
-            raise InvalidRunError("prune() needs exactly one of older_than or keep_last")
-        if keep_last is not None and (type(keep_last) is not int or keep_last < 0):
-            raise InvalidRunError(f"keep_last must be a non-negative int, got {keep_last!r}")
-        if older_than is not None and not isinstance(older_than, _dt.timedelta):
-            raise InvalidRunError(f"older_than must be a timedelta, got {older_than!r}")
+        retention.check_prune(older_than, keep_last)
 
         def decide() -> _Decision[int]:
             terminal = [r for r in self._all_runs() if r.status.is_terminal]
-            if keep_last is not None:
-                doomed = terminal[:max(len(terminal) - keep_last, 0)]
-            else:
-                assert older_than is not None
-                cutoff = _utcnow() - older_than
-                doomed = [r for r in terminal if r.ended_at is not None and r.ended_at < cutoff]
+            doomed = retention.doomed(terminal, lambda r: r, older_than=older_than,
+                                      keep_last=keep_last, now=_utcnow())
             if dry_run or not doomed:
                 return len(doomed), []
             if archive is not None:
@@ -756,23 +745,14 @@ class Store:
     def batch_summary(self, batch_id: str) -> BatchSummary:
         """Counts by status and the latest run of each plan entry of a batch."""
         transitions.require_text("batch_id", batch_id)
-        runs = self.list(batch_id=batch_id)
-        entries: dict[str, Run] = {}
-        for run in runs:
-            entries[run.plan_entry] = run  # insertion order: the last one is the latest
-        counts = {status: 0 for status in Status}
-        for run in entries.values():
-            counts[run.status] += 1
-        return BatchSummary(batch_id=batch_id, counts=counts, entries=entries,
-                            runs=len(runs))
+        return BatchSummary.of(batch_id, self.list(batch_id=batch_id))
 
     # -- the change feed ----------------------------------------------------------------
 
     def changes(self, since_seq: int = 0) -> Iterator[Change]:
         """The retained changes after ``since_seq``, in order. ``HistoryTruncatedError`` when
         changes after ``since_seq`` were compacted away (resynchronise from ``list()``)."""
-        if type(since_seq) is not int or since_seq < 0:
-            raise InvalidRunError(f"since_seq must be a non-negative int, got {since_seq!r}")
+        transitions.require_seq("since_seq", since_seq)
 
         def decide() -> _Decision[bytes]:
             cur = self._cur

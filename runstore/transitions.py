@@ -44,6 +44,13 @@ def check_transition(run_id: str, old: Status, new: Status) -> None:
         )
 
 
+def require_seq(name: str, value: object) -> int:
+    """A change-feed sequence number: a non-negative int."""
+    if type(value) is not int or value < 0:
+        raise InvalidRunError(f"{name} must be a non-negative int, got {value!r}")
+    return value
+
+
 def require_text(name: str, value: object) -> str:
     """Return ``value`` when it is a non-empty string, else raise ``InvalidRunError``."""
     if not isinstance(value, str) or not value:

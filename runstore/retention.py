@@ -1,0 +1,43 @@
+"""Which finished runs ``prune()`` removes. One rule for both backends; no I/O here.
+
+Either all but the newest ``keep_last`` terminal runs, or those that ended more than
+``older_than`` before now. Non-terminal runs are never pruned (callers pass terminal runs).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from .errors import InvalidRunError
+from .model import Run
+
+T = TypeVar("T")
+
+
+def check_prune(older_than: object, keep_last: object) -> None:
+    """Refuse ``prune()`` arguments before any lock is taken."""
+    if (older_than is None) == (keep_last is None):
+        raise InvalidRunError("prune() needs exactly one of older_than or keep_last")
+    if keep_last is not None and (type(keep_last) is not int or keep_last < 0):
+        raise InvalidRunError(f"keep_last must be a non-negative int, got {keep_last!r}")
+    if older_than is not None and not isinstance(older_than, _dt.timedelta):
+        raise InvalidRunError(f"older_than must be a timedelta, got {older_than!r}")
+
+
+def doomed(
+    terminal: Sequence[T],
+    run_of: Callable[[T], Run],
+    *,
+    older_than: _dt.timedelta | None,
+    keep_last: int | None,
+    now: _dt.datetime,
+) -> list[T]:
+    """The items of ``terminal`` (in insertion order) whose runs ``prune()`` removes."""
+    if keep_last is not None:
+        return list(terminal[:max(len(terminal) - keep_last, 0)])
+    assert older_than is not None
+    cutoff = now - older_than
+    return [item for item in terminal
+            if (ended := run_of(item).ended_at) is not None and ended < cutoff]
