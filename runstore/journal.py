@@ -309,7 +309,6 @@ class Journal:
         self.fs = fs
         self.dir_fd = open_state_dir(state_dir, create=create)
         self.fd: int | None = None
-        self.ident: tuple[int, int] | None = None
         self._pid = os.getpid()
 
     # -- descriptors --------------------------------------------------------------------
@@ -343,16 +342,8 @@ class Journal:
         if self.fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
-        self.fd, self.ident = None, None
+        self.fd = None
         self._pid = os.getpid()
-
-    def disk_ident(self) -> tuple[int, int] | None:
-        """(device, inode) of the file now at the journal's path, or None when missing."""
-        try:
-            st = os.stat(DATA_NAME, dir_fd=self.dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-        return (st.st_dev, st.st_ino)
 
     def exists(self) -> bool:
         try:
@@ -373,7 +364,7 @@ class Journal:
             raise _unsafe(self.path, exc, "journal file") from None
         self._check_regular(fd, self.path, "journal file")
         st = os.fstat(fd)
-        self.fd, self.ident = fd, (st.st_dev, st.st_ino)
+        self.fd = fd
         if st.st_size == 0:
             raise CorruptStoreError(
                 self.path, 0, "the file is empty (runstore never leaves an empty journal)",
@@ -395,7 +386,7 @@ class Journal:
     def close_data(self) -> None:
         if self.fd is not None:
             self.fs.close(self.fd)
-        self.fd, self.ident = None, None
+        self.fd = None
 
     def close(self) -> None:
         self.close_data()
