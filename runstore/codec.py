@@ -28,6 +28,7 @@ from typing import Any
 import attrs
 import cattrs
 import orjson
+from cattrs.gen import make_dict_unstructure_fn, override
 
 from .model import ChangeType, Run, Status
 
@@ -105,6 +106,12 @@ def make_converter() -> cattrs.Converter:
 converter = make_converter()
 
 
+#: a run's fields for its journal line, the ``_OMIT_WHEN`` ones left out when empty (they are
+#: the fields' defaults); cattrs generates the code that skips them
+_unstructure_record = make_dict_unstructure_fn(
+    Run, converter, **{name: override(omit_if_default=True) for name in _OMIT_WHEN})
+
+
 def run_to_dict(run: Run) -> dict[str, Any]:
     """The JSON-ready record of a run: seed field names, empty optional fields omitted."""
     raw: dict[str, Any] = converter.unstructure(run)
@@ -163,10 +170,7 @@ def encode_record(
         "time": time,
         "durable": durable,
     }
-    body.update(converter.unstructure(run))  # "id" and "status" keep their places
-    for key, empty in _OMIT_WHEN.items():
-        if body[key] == empty:
-            del body[key]
+    body.update(_unstructure_record(run))  # "id" and "status" keep their places
     if extra:
         for key, value in extra.items():
             body.setdefault(key, value)

@@ -19,8 +19,8 @@ _FOREIGN = re.compile(r"(.*)\.~([0-9a-f]{16})-[0-9a-f]{8}", re.DOTALL)
 
 def new_run_id(after: str = "", now: _dt.datetime | None = None) -> str:
     """Return a new id that sorts after ``after`` (the greatest id the store holds)."""
-    moment = now if now is not None else _dt.datetime.now(_dt.UTC)
-    prefix = moment.astimezone(_dt.UTC).strftime(_FORMAT)
+    moment = now.astimezone(_dt.UTC) if now is not None else _dt.datetime.now(_dt.UTC)
+    prefix = _prefix(moment)
     last = after[:_PREFIX_LEN]
     if prefix <= last:
         try:
@@ -31,5 +31,11 @@ def new_run_id(after: str = "", now: _dt.datetime | None = None) -> str:
             match = _FOREIGN.fullmatch(after)
             stem, count = (match[1], int(match[2], 16) + 1) if match else (after, 0)
             return f"{stem}.~{count:016x}-{os.urandom(4).hex()}"
-        prefix = (previous + _dt.timedelta(microseconds=1)).strftime(_FORMAT)
+        prefix = _prefix(previous + _dt.timedelta(microseconds=1))
     return f"{prefix}-{os.urandom(8).hex()}"
+
+
+def _prefix(m: _dt.datetime) -> str:
+    """``m.strftime(_FORMAT)`` at twice its speed (ids are made inside the store's lock)."""
+    return "%04d%02d%02dT%02d%02d%02d.%06dZ" % (m.year, m.month, m.day, m.hour, m.minute,
+                                               m.second, m.microsecond)

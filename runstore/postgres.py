@@ -35,7 +35,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any, TypeVar
 
-import attrs
 import psycopg
 import psycopg.errors
 from psycopg import sql
@@ -339,12 +338,8 @@ class PostgresStore:
             # deadlock): roll back and start again, and that SELECT sees the run.
             raise _Retry
         row = conn.execute(self._sql.max_id).fetchone()
-        fields: dict[str, Any] = {"id": ids.new_run_id(row[0] if row and row[0] else ""),
-                                  "revision": 1}
-        if not run.status.is_terminal:
-            host, pid, started = owner.current()
-            fields.update(owner_host=host, owner_pid=pid, owner_start=started)
-        new = attrs.evolve(run, **fields)
+        new = transitions.fresh(run, ids.new_run_id(row[0] if row and row[0] else ""),
+                                None if run.status.is_terminal else owner.current())
         conn.execute(self._sql.insert, _params(new, now, None))
         return new
 
@@ -419,8 +414,7 @@ class PostgresStore:
                 same = active.test_dir_hash == test_dir_hash
                 return active, PrepareOutcome.REUSE if same else PrepareOutcome.BUSY
             made = transitions.check_made(make(), machine, test_dir_hash)
-            fresh = transitions.validate(attrs.evolve(made, status=Status.PENDING))
-            run = self._insert_new(conn, fresh, now)
+            run = self._insert_new(conn, transitions.validate(transitions.as_pending(made)), now)
             changes.append((ChangeType.RUN_CREATED, run))
             self._feed(conn, changes, now)
             return run, PrepareOutcome.CREATED

@@ -24,8 +24,6 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, TypeVar
 
-import attrs
-
 from . import codec, failpoints, ids, interchange, owner, reaping, retention, transitions
 from .active import ActiveRuns
 from .errors import (
@@ -565,18 +563,14 @@ class Store:
         make: Callable[[], Run],
     ) -> _Decision[tuple[Run, PrepareOutcome]]:
         made = transitions.check_made(make(), machine, test_dir_hash)
-        run = self._new(made, Status.PENDING)
+        run = self._new(transitions.validate(transitions.as_pending(made)))
         return (run, PrepareOutcome.CREATED), [*before, (ChangeType.RUN_CREATED, run)]
 
-    def _new(self, run: Run, status: Status) -> Run:
-        """A validated fresh version of ``run`` with a new id, revision 1 and, when
+    def _new(self, run: Run) -> Run:
+        """The first stored version of a validated ``run``: a new id, revision 1 and, when
         non-terminal, this process as owner."""
-        run = transitions.validate(attrs.evolve(run, status=status))
-        fields: dict[str, Any] = {"id": ids.new_run_id(self._max_id), "revision": 1}
-        if not status.is_terminal:
-            host, pid, started = owner.current()
-            fields.update(owner_host=host, owner_pid=pid, owner_start=started)
-        return attrs.evolve(run, **fields)
+        return transitions.fresh(run, ids.new_run_id(self._max_id),
+                                 None if run.status.is_terminal else owner.current())
 
     def create(self, run: Run) -> Run:
         """Store ``run`` under a new unique id (any id it has is overwritten)."""
@@ -586,7 +580,7 @@ class Store:
             if not run.status.is_terminal and run.machine in self._machines:
                 occupant = self._active[self._machines[run.machine][0]]
                 raise MachineBusyError(run.machine, occupant.id)
-            new = self._new(run, run.status)
+            new = self._new(run)
             return new, [(ChangeType.RUN_CREATED, new)]
 
         return self._transact(decide)

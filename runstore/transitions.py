@@ -174,6 +174,22 @@ def check_made(made: object, machine: str, test_dir_hash: str) -> Run:
     return made
 
 
+def as_pending(made: Run) -> Run:
+    """The run ``make()`` returned, as the pending run ``prepare_atomic`` stores (its own
+    status, whatever it was, is replaced)."""
+    return made if made.status is Status.PENDING else attrs.evolve(made, status=Status.PENDING)
+
+
+def fresh(run: Run, run_id: str, owner: Owner | None) -> Run:
+    """The first stored version of a validated ``run``: ``run_id``, revision 1 and, when it
+    is non-terminal, ``owner`` (pass None for a terminal run)."""
+    if owner is None or run.status.is_terminal:
+        return attrs.evolve(run, id=run_id, revision=1)
+    host, pid, since = owner
+    return attrs.evolve(run, id=run_id, revision=1, owner_host=host, owner_pid=pid,
+                        owner_start=since)
+
+
 def updated(stored: Run, run: Run) -> Step | None:
     """``update(run)``: refuse a stale copy, a forbidden move or an identity change; None
     for an unchanged copy of a terminal run."""

@@ -141,3 +141,9 @@ def test_store_ids_increase_across_reopen_when_the_clock_steps_back(
         second = s.create(Run("m2", "/t", "h")).id
         third, _ = s.prepare_atomic("m3", "h", lambda: Run("m3", "/t", "h"))
     assert first < second < third.id
+
+
+@given(st.datetimes(min_value=_dt.datetime(1000, 1, 1), timezones=st.just(_dt.UTC)))
+def test_prefix_formats_like_strftime(moment: _dt.datetime) -> None:
+    """The id prefix is written without strftime (for speed) but reads exactly like it."""
+    assert ids._prefix(moment) == moment.strftime(ids._FORMAT)
