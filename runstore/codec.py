@@ -106,10 +106,17 @@ def make_converter() -> cattrs.Converter:
 converter = make_converter()
 
 
-#: a run's fields for its journal line, the ``_OMIT_WHEN`` ones left out when empty (they are
-#: the fields' defaults); cattrs generates the code that skips them
-_unstructure_record = make_dict_unstructure_fn(
-    Run, converter, **{name: override(omit_if_default=True) for name in _OMIT_WHEN})
+#: the ``_OMIT_WHEN`` fields that come last in a run: cattrs's generated code can leave them
+#: out (it adds the fields it may omit after the others, so the order stays the seed's)
+_OMIT_LAST = ("owner_host", "owner_pid", "owner_start", "heartbeat_at")
+#: ... and those before ``revision``, left out by ``record_fields`` itself
+_OMIT_INNER = tuple(name for name in _OMIT_WHEN if name not in _OMIT_LAST)
+#: a run's fields for its journal line but ``id`` and ``status`` (they come first, with the
+#: meta fields)
+_unstructure_fields = make_dict_unstructure_fn(
+    Run, converter, id=override(omit=True), status=override(omit=True),
+    owner_host=override(omit_if_default=True), owner_pid=override(omit_if_default=True),
+    owner_start=override(omit_if_default=True), heartbeat_at=override(omit_if_default=True))
 
 
 def run_to_dict(run: Run) -> dict[str, Any]:
@@ -153,6 +160,20 @@ def _seal(body: dict[str, Any]) -> bytes:
     return b"%s%s%d}\n" % (head, _CRC_SEP, zlib.crc32(head))
 
 
+def record_fields(run: Run, extra: dict[str, Any] | None = None) -> bytes:
+    """The fields of a run's journal line after its meta fields (``"machine":...``, without
+    braces); ``extra`` are fields of the stored record this library does not know. Made
+    apart from the meta fields so that a store can make it before it takes the lock."""
+    fields = _unstructure_fields(run)
+    for name in _OMIT_INNER:
+        if not fields[name]:
+            del fields[name]
+    if extra:
+        for key, value in extra.items():
+            fields.setdefault(key, value)
+    return orjson.dumps(fields, option=_DUMPS_OPTS)[1:-1]
+
+
 def encode_record(
     seq: int,
     change: ChangeType,
@@ -160,21 +181,17 @@ def encode_record(
     durable: int,
     run: Run,
     extra: dict[str, Any] | None = None,
+    fields: bytes | None = None,
 ) -> bytes:
-    """One journal line for one version of a run."""
-    body: dict[str, Any] = {
-        "seq": seq,
-        "id": run.id,
-        "status": run.status,
-        "change": change,
-        "time": time,
-        "durable": durable,
-    }
-    body.update(_unstructure_record(run))  # "id" and "status" keep their places
-    if extra:
-        for key, value in extra.items():
-            body.setdefault(key, value)
-    return _seal(body)
+    """One journal line for one version of a run: the meta fields (``seq``, ``id``,
+    ``status``, ``change``, ``time``, ``durable``), the run's other fields (``fields`` when
+    made beforehand by ``record_fields``), and the CRC-32 of all that."""
+    if fields is None:
+        fields = record_fields(run, extra)
+    meta = orjson.dumps({"seq": seq, "id": run.id, "status": run.status, "change": change,
+                         "time": time, "durable": durable}, option=_DUMPS_OPTS)
+    head = b"%s,%s" % (meta[:-1], fields)
+    return b"%s%s%d}\n" % (head, _CRC_SEP, zlib.crc32(head))
 
 
 def encode_header(

@@ -47,14 +47,17 @@ class StoreLock:
         self._pid = os.getpid()
         _live.add(self)
 
-    def acquire(self, timeout: float) -> None:
-        """Take the mutex, then the file lock; ``LockTimeoutError`` after ``timeout`` seconds."""
+    def acquire(self, timeout: float, between: Callable[[], None] | None = None) -> None:
+        """Take the mutex, then the file lock; ``LockTimeoutError`` after ``timeout`` seconds.
+        ``between`` runs with the mutex held, before the file lock is taken."""
         if self._pid != os.getpid():
             self.after_fork()
         deadline = time.monotonic() + timeout
         if not self._mutex.acquire(timeout=max(timeout, 0.0)):
             raise LockTimeoutError(self.lock_path, timeout)
         try:
+            if between is not None:
+                between()
             if self._fd is None:
                 self._fd = self._open_lock_file()
             self._lock_file(self._fd, deadline, timeout)

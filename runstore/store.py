@@ -32,6 +32,7 @@ from .errors import (
     InvalidRunError,
     MachineBusyError,
     RunNotFoundError,
+    RunstoreError,
     StoreIOError,
 )
 from .fsio import DEFAULT as DEFAULT_FS
@@ -87,6 +88,9 @@ class Store:
         self._closed = False
         self._unmarked_writes = False
         self._resync = False  # set when a sync failed: rewrite the file before going on
+        #: run id -> (its next version, that line's run fields), made by ``_write_step``
+        #: before the flock was taken; used by ``_commit`` for that very version only
+        self._made: dict[str, tuple[Run, bytes]] = {}
         self._reset_view()
         try:
             self._transact(lambda: (None, []))  # open (or create) now: fail fast on a bad store
@@ -358,11 +362,18 @@ class Store:
 
     # -- the one read-modify-write path -------------------------------------------------
 
-    def _transact(self, decide: Callable[[], _Decision[T]]) -> T:
+    def _transact(self, decide: Callable[[], _Decision[T]],
+                  early: Callable[[], None] | None = None) -> T:
+        """Run ``decide`` under the lock on an up-to-date view and store what it returns.
+        ``early`` runs before, with only the mutex held (see ``_write_step``)."""
         if self._closed:
             raise ValueError(f"the store at {self.state_dir} is closed")
         lock = self._lock
-        lock.acquire(self.lock_timeout)
+        try:
+            lock.acquire(self.lock_timeout, early)
+        except BaseException:
+            self._made.clear()
+            raise
         wrote_to = -1
         try:
             self._catch_up()
@@ -386,8 +397,10 @@ class Store:
         except BaseException as exc:
             if isinstance(exc, StoreIOError) and exc.action.startswith(("syncing", "truncating")):
                 self._resync = True
+            self._made.clear()
             lock.release()
             raise
+        self._made.clear()
         lock.release_file()
         try:
             if wrote_to >= 0 and self.durable and self._synced < wrote_to:
@@ -411,8 +424,10 @@ class Store:
         seq = cur.next_seq
         lines = []
         for change, run in changes:
+            made = self._made.get(run.id)
+            fields = made[1] if made is not None and made[0] is run else None
             lines.append(codec.encode_record(seq, change, now, durable, run,
-                                             self._extras.get(run.id)))
+                                             self._extras.get(run.id), fields))
             seq += 1
         start = cur.end
         try:
@@ -597,13 +612,12 @@ class Store:
         An unchanged copy of a terminal run is an idempotent no-op.
         """
         run = transitions.validate(run)
-        return self._transact(lambda: self._step(run.id, lambda stored: transitions.updated(
-            stored, run)))
+        return self._write_step(run.id, lambda stored: transitions.updated(stored, run))
 
     def start(self, run_id: str) -> Run:
         """pending -> running: sets ``started_at`` and makes this process the owner."""
-        return self._transact(lambda: self._step(run_id, lambda stored: transitions.started(
-            stored, _utcnow(), owner.current())))
+        return self._write_step(run_id, lambda stored: transitions.started(
+            stored, _utcnow(), owner.current()))
 
     def finish(
         self,
@@ -618,23 +632,51 @@ class Store:
         terminal status returns it unchanged; any other change of a terminal run is refused."""
         target = transitions.terminal_status(run_id, status)
         transitions.check_finish(exit_code, error_code, error_msg)
-        return self._transact(lambda: self._step(run_id, lambda stored: transitions.finished(
-            stored, target, _utcnow(), exit_code, error_code, error_msg)))
+        return self._write_step(run_id, lambda stored: transitions.finished(
+            stored, target, _utcnow(), exit_code, error_code, error_msg))
 
     def heartbeat(self, run_id: str) -> Run:
         """Refresh ``heartbeat_at`` of a non-terminal run (as cheap as any update)."""
-        return self._transact(lambda: self._step(run_id, lambda stored: transitions.beat(
-            stored, _utcnow())))
+        return self._write_step(run_id, lambda stored: transitions.beat(stored, _utcnow()))
 
-    def _step(self, run_id: str,
-              decide: Callable[[Run], transitions.Step | None]) -> _Decision[Run]:
-        """The stored run's next version by ``decide`` (None: unchanged, nothing written)."""
-        stored = self._lookup(run_id)
-        step = decide(stored)
-        if step is None:
-            return stored, []
-        new, change = step
-        return new, [(change, new)]
+    def _write_step(self, run_id: str,
+                    step_of: Callable[[Run], transitions.Step | None]) -> Run:
+        """Store the run's next version by ``step_of`` (None: unchanged, nothing written).
+
+        The next version and its line's run fields are first made from this process's view,
+        with the mutex held but before the flock (where this process may wait for another
+        one's critical section); under the flock they are used only if catching up brought
+        no newer version of the run (the view still holds the very ``Run`` they were made
+        from), else made again from the stored run. The critical section then holds only
+        the checks and the append."""
+        early: list[tuple[Run, transitions.Step | None]] = []
+
+        def guess() -> None:
+            stored = None if self._stale else self._active.get(run_id)
+            if stored is None:
+                return
+            try:
+                step = step_of(stored)
+            except RunstoreError:
+                return  # decided again under the flock, where it raises for real
+            early.append((stored, step))
+            if step is not None:
+                self._made[run_id] = (step[0], codec.record_fields(
+                    step[0], self._extras.get(run_id)))
+
+        def decide() -> _Decision[Run]:
+            if early and self._active.get(run_id) is early[0][0]:
+                stored, step = early[0]
+            else:
+                self._made.pop(run_id, None)
+                stored = self._lookup(run_id)
+                step = step_of(stored)
+            if step is None:
+                return stored, []
+            new, change = step
+            return new, [(change, new)]
+
+        return self._transact(decide, guess)
 
     def list(
         self,

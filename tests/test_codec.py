@@ -48,6 +48,31 @@ def test_record_line_round_trips(run: Run) -> None:
     assert codec.run_from_dict(data) == run
 
 
+_EXTRA = st.dictionaries(st.text(min_size=1).filter(lambda k: k not in codec._KNOWN_KEYS),
+                         st.integers(-(2**63), 2**63 - 1) | st.text(), max_size=3)
+
+
+@given(runs(), _EXTRA, st.integers(1, 2**40), st.integers(0, 2**40))
+def test_record_line_is_one_object_in_field_order(run: Run, extra: dict[str, Any], seq: int,
+                                                   durable: int) -> None:
+    """A line is the meta fields, the run's fields in the seed's order (empty optional ones
+    left out), the unknown fields, then the crc: the same bytes whether its run fields were
+    made beforehand (``record_fields``) or with the line."""
+    line = codec.encode_record(seq, ChangeType.RUN_UPDATED, NOW, durable, run, extra)
+    early = codec.encode_record(seq, ChangeType.RUN_UPDATED, NOW, durable, run,
+                                fields=codec.record_fields(run, extra))
+    assert early == line
+    expected: dict[str, Any] = {"seq": seq, "id": run.id, "status": run.status.value,
+                                "change": "run_updated", "time": "2026-01-02T03:04:05.678901Z",
+                                "durable": durable}
+    expected.update(codec.run_to_json(run))
+    expected.update(extra)
+    data = orjson.loads(line)
+    crc = data.pop("crc")
+    assert list(data.items()) == list(expected.items())
+    assert crc == zlib.crc32(line[:line.rindex(b',"crc":')])
+
+
 def test_timestamps_are_rfc3339_utc_with_z() -> None:
     """Timestamps are written as RFC 3339 UTC strings ending in Z."""
     run = Run("m1", "/t", "h", id="r1", started_at=NOW, ended_at=NOW, heartbeat_at=NOW)
