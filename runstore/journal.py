@@ -15,6 +15,7 @@ import datetime as _dt
 import errno
 import logging
 import os
+import re
 import stat
 import time
 import warnings
@@ -138,27 +139,27 @@ def scan(buf: bytes, start: int, cur: Cursor) -> ScanResult:
     return ScanResult(records, None)
 
 
+#: how every line runstore writes after the header begins (a record, or a clean-close mark)
+_LINE_START = re.compile(rb'\{"(?:seq|mark)":')
+
+
 def durable_beyond(buf: bytes, start: int, damage: Damage) -> int | None:
     """After damage at ``damage.offset``: the offset of a later valid line that proves the
-    damaged bytes had been synced (its durable mark lies past them), else None."""
-    pos = damage.offset - start
-    first = buf.find(b"\n", pos)
-    if first < 0:
-        return None
-    pos = first + 1
-    while pos < len(buf):
+    damaged bytes had been synced (its durable mark lies past them), else None. A line is
+    looked for wherever one can begin, not only after a newline: a flipped newline merges
+    the damaged line with the next, which must still count as proof."""
+    for m in _LINE_START.finditer(buf, damage.offset - start + 1):
+        pos = m.start()
         nl = buf.find(b"\n", pos)
         if nl < 0:
             return None
         try:
             data = codec.decode_line(buf[pos:nl])
         except codec.BadLine:
-            pos = nl + 1
             continue
         mark = data.get("durable")
         if type(mark) is int and mark > damage.offset:
             return start + pos
-        pos = nl + 1
     return None
 
 

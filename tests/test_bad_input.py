@@ -247,6 +247,21 @@ def test_bit_flips_in_the_durable_part_raise_untouched(tmp_path: pathlib.Path) -
     assert flips > 100
 
 
+def test_a_flipped_newline_before_the_clean_close_mark_raises_untouched(
+        tmp_path: pathlib.Path) -> None:
+    """The newline ending the last record flipped: that record and the mark line read as one
+    damaged line. The mark inside it still proves the record was synced: CorruptStoreError,
+    not a torn tail cut off (the strided flips above hit this byte only now and then)."""
+    path = make_store(tmp_path / "s", closed=True)
+    data = path.read_bytes()
+    pos = data[:-1].rfind(b"\n")
+    flipped = data[:pos] + bytes([data[pos] ^ 0x10]) + data[pos + 1:]
+    path.write_bytes(flipped)
+    with pytest.raises(CorruptStoreError, match="shows this part had been synced"):
+        Store(tmp_path / "s")
+    assert path.read_bytes() == flipped
+
+
 # -- the file system: a directory, a symlink, no permission ---------------------------------
 
 
