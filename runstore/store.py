@@ -88,6 +88,8 @@ class Store:
         self._closed = False
         self._unmarked_writes = False
         self._resync = False  # set when a sync failed: rewrite the file before going on
+        #: what ``_append`` wrote and the view has yet to take in (``_index_appended``)
+        self._appended: tuple[_Changes, list[bytes], int, _dt.datetime] | None = None
         #: run id -> (its next version, that line's run fields), made by ``_write_step``
         #: before the flock was taken; used by ``_commit`` for that very version only
         self._made: dict[str, tuple[Run, bytes]] = {}
@@ -386,23 +388,39 @@ class Store:
                 self._resync = False
             result, changes = decide()
             if changes:
-                wrote_to = self._commit(changes)
+                wrote_to = self._append(changes)
                 live = self._live()
-                if self._lines - live > RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live):
-                    self._compact()
-                    # the new file is already synced, and wrote_to is an offset in the old
-                    # one: keeping it would set _synced past the new file's end, and the
-                    # next line's durable mark would point past itself (CorruptStoreError)
-                    wrote_to = -1
+                if (self._lines + len(changes) - live
+                        > RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live)):
+                    self._index_appended()  # compaction writes the view: complete it first
+                    live = self._live()
+                    if self._lines - live > RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live):
+                        self._compact()
+                        # the new file is already synced, and wrote_to is an offset in the
+                        # old one: keeping it would set _synced past the new file's end, and
+                        # the next line's durable mark would point past itself
+                        wrote_to = -1
         except BaseException as exc:
             if isinstance(exc, StoreIOError) and exc.action.startswith(("syncing", "truncating")):
                 self._resync = True
+            if self._appended is not None:  # written but not in the view: reload next time
+                self._appended = None
+                self._stale = True
             self._made.clear()
             lock.release()
             raise
         self._made.clear()
         lock.release_file()
         try:
+            if self._appended is not None:
+                # the lines are in the file; the view is this process's own, so it is
+                # brought up to date with the mutex alone while other processes go on
+                try:
+                    self._index_appended()
+                except BaseException:
+                    self._appended = None
+                    self._stale = True
+                    raise
             if wrote_to >= 0 and self.durable and self._synced < wrote_to:
                 try:
                     self._journal.sync()
@@ -415,8 +433,9 @@ class Store:
             lock.release_mutex()
         return result
 
-    def _commit(self, changes: _Changes) -> int:
-        """Append one line per change and index them; return the new end of the file."""
+    def _append(self, changes: _Changes) -> int:
+        """Append one line per change; return the new end of the file. The view learns of
+        them in ``_index_appended`` (which may run after the flock is released)."""
         cur = self._cur
         assert cur is not None
         now = _utcnow()
@@ -435,15 +454,23 @@ class Store:
         except StoreIOError:
             self._stale = True
             raise
-        offset = start
-        for (change, run), line in zip(changes, lines, strict=False):
+        end = start + sum(map(len, lines))
+        cur.end, cur.next_seq = end, seq
+        self._unmarked_writes = True
+        self._appended = (changes, lines, start, now)
+        return end
+
+    def _index_appended(self) -> None:
+        """Take the lines ``_append`` wrote into the view."""
+        appended, self._appended = self._appended, None
+        if appended is None:
+            return
+        changes, lines, offset, now = appended
+        for (change, run), line in zip(changes, lines, strict=True):
             self._recent.append(offset)
             self._index_version(offset, run.id, None if run.status.is_terminal else run, now,
                                 change.value)
             offset += len(line)
-        cur.end, cur.next_seq = offset, seq
-        self._unmarked_writes = True
-        return offset
 
     def _compact(self, retain: int = RETAIN_CHANGES) -> None:
         """Rewrite the file (the lock is held): a header with the base's summary, the latest
