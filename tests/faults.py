@@ -243,18 +243,19 @@ def lock_the_data_file() -> None:
             self._data_fd = None
             os.close(data_fd)  # closing drops the flock
 
-    original_commit = runstore.store.Store._commit
+    original_append = runstore.store.Store._append
     rng = random.Random()
 
-    def commit(self: Any, changes: Any) -> int:
-        end: int = original_commit(self, changes)
+    def append(self: Any, changes: Any) -> int:
+        end: int = original_append(self, changes)
         if rng.random() < 0.3:
+            self._index_appended()  # compaction works on a complete view
             self._compact(retain=0)
         return end
 
     runstore.lock.StoreLock._lock_file = lock_file  # type: ignore[method-assign]  # the bug
     runstore.lock.StoreLock.release_file = release_file  # type: ignore[method-assign]
-    runstore.store.Store._commit = commit  # type: ignore[method-assign]
+    runstore.store.Store._append = append  # type: ignore[method-assign]
 
 
 # -- a failing file system ------------------------------------------------------------------
