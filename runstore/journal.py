@@ -429,6 +429,11 @@ class Journal:
         ``_READ_CHUNK`` each, so a large region is never in memory at once. A short file
         ends the iteration early (the caller's checksum then tells)."""
         assert self.fd is not None
+        if end - start <= _READ_CHUNK:  # the usual catch-up: a few lines, one read
+            chunk = self.fs.pread(self.fd, end - start, start)
+            if chunk:
+                yield start, chunk
+            return
         pos, carry = start, b""
         while pos < end:
             chunk = self.fs.pread(self.fd, min(_READ_CHUNK, end - pos), pos)

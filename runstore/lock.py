@@ -108,6 +108,11 @@ def flock_until(fd: int, deadline: float, lock_path: str, timeout: float) -> Non
     ``LockTimeoutError``. Polls with a non-blocking flock (a blocking one cannot be given a
     timeout): spins briefly first, as critical sections take tens of microseconds, then backs
     off."""
+    try:
+        flock(fd, _EXCLUSIVE_NOW)  # free: the usual case, without reading the clock
+        return
+    except BlockingIOError:
+        pass
     spin_until = time.monotonic() + _SPIN_SECONDS
     delay = 0.00005
     while True:

@@ -167,7 +167,7 @@ class Store:
         """Take one record into the view; with ``defer`` a non-terminal run is structured
         only when first read (catching up with other processes' writes)."""
         run_id = data["id"]
-        if offset >= self._latest_end():
+        if self._cur is None or offset >= self._cur.latest_end:
             self._recent.append(offset)
         active: Run | dict[str, Any] | None = None
         changed_at = None
@@ -191,9 +191,6 @@ class Store:
         else:
             self._extras.pop(run_id, None)
         self._index_version(offset, run_id, active, changed_at, data["change"])
-
-    def _latest_end(self) -> int:
-        return self._cur.latest_end if self._cur is not None else 0
 
     def _live(self) -> int:
         """How many runs the store holds."""
