@@ -3,7 +3,10 @@
 Every public method runs ``_transact(decide)``: take the lock (mutex, then flock), bring the
 in-memory view up to date with what other processes appended (or reload when the file was
 replaced), let ``decide`` look at the view and return its result plus the new run versions to
-store, append those as one write, update the view, and release the lock. In durable mode the
+store, append those as one write, release the flock, take the new lines into the view (it is
+this process's own: the mutex guards it), and release the mutex. Methods that change one run
+prepare its next version before the flock and keep it if the run did not change meanwhile
+(``_write_step``). In durable mode the
 ``fdatasync`` happens after the flock is released and before the call returns (group commit:
 one sync can cover the writes of several processes), so other processes may *read* a change a
 moment before it is durable; a change is acknowledged only once it is.
@@ -91,7 +94,7 @@ class Store:
         #: what ``_append`` wrote and the view has yet to take in (``_index_appended``)
         self._appended: tuple[_Changes, list[bytes], int, _dt.datetime] | None = None
         #: run id -> (its next version, that line's run fields), made by ``_write_step``
-        #: before the flock was taken; used by ``_commit`` for that very version only
+        #: before the flock was taken; used by ``_append`` for that very version only
         self._made: dict[str, tuple[Run, bytes]] = {}
         self._reset_view()
         try:
