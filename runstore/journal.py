@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
-import logging
 import os
 import re
 import stat
@@ -29,8 +28,6 @@ from . import codec, failpoints
 from .errors import CorruptStoreError, StoreIOError, UnsafeStoreError
 from .fsio import FileSystem
 from .lock import flock_until
-
-log = logging.getLogger("runstore")
 
 DATA_NAME = "runs.jsonl"
 LOCK_NAME = "runs.lock"
@@ -493,8 +490,11 @@ class Journal:
         assert self.fd is not None
         failpoints.hit("recover.before_truncate")
         size = os.fstat(self.fd).st_size
-        log.warning("runstore: recovering %s: dropping %d bytes from offset %d (%s)",
-                    self.path, size - length, length, reason)
+        import logging  # here, not at the top: it costs a fresh process ~4 ms to import
+
+        logging.getLogger("runstore").warning(
+            "runstore: recovering %s: dropping %d bytes from offset %d (%s)",
+            self.path, size - length, length, reason)
         try:
             self.fs.ftruncate(self.fd, length)
             self.fs.fdatasync(self.fd)

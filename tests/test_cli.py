@@ -204,9 +204,10 @@ def test_reading_command_in_a_directory_without_journal(
 
 
 def test_import_does_not_import_the_cli() -> None:
-    """`import runstore` loads neither the CLI modules nor platformdirs."""
+    """`import runstore` loads neither the CLI modules nor platformdirs, nor logging (only a
+    recovery logs; a fresh process should not pay for it)."""
     probe = ("import sys, runstore; print(sorted(m for m in ('runstore.cli', "
-             "'runstore._clifmt', 'platformdirs') if m in sys.modules))")
+             "'runstore._clifmt', 'platformdirs', 'logging') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"

@@ -209,6 +209,21 @@ def test_garbage_after_the_last_record_is_cut(
     assert journal.read_bytes() == crashed.data
 
 
+def test_a_cut_is_logged_as_a_warning(store_dir: pathlib.Path, victim: pathlib.Path,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Recovery says what it dropped: a warning on the "runstore" logger naming the file,
+    the byte count and the offset."""
+    crashed = _crashed_history(store_dir)
+    journal = victim / "runs.jsonl"
+    _write(journal, crashed.data + b"\0" * 300)
+    with caplog.at_level("WARNING", logger="runstore"):
+        assert _open_list(victim) == crashed.states[-1]
+    [record] = [r for r in caplog.records if r.name == "runstore"]
+    assert record.levelname == "WARNING"
+    assert str(journal) in record.getMessage()
+    assert f"dropping 300 bytes from offset {len(crashed.data)}" in record.getMessage()
+
+
 @pytest.mark.parametrize("fill", ["zeros", "garbage", "flip"])
 def test_damaged_last_record_of_a_crashed_store_is_cut(
     store_dir: pathlib.Path, victim: pathlib.Path, fill: str
