@@ -368,6 +368,8 @@ def _preload(impl_name: str, where: str, n: int) -> float:
 def _sites(names: Sequence[str], args: argparse.Namespace) -> Iterator[dict[str, str]]:
     """The base location per implementation: a work directory, or a PostgreSQL server."""
     with contextlib.ExitStack() as stack:
+        if args.workdir:  # a directory that is not there yet is made, not an error
+            os.makedirs(args.workdir, exist_ok=True)
         work = tempfile.mkdtemp(prefix="runstore-bench-", dir=args.workdir)
         stack.callback(shutil.rmtree, work, True)
         sites = {name: work for name in names if impls.IMPLS[name].file_based}

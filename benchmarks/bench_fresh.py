@@ -123,6 +123,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     # under PYTHONDONTWRITEBYTECODE=1 (set on these machines) would recompile every module in
     # every child, ~40 ms that no user pays: compile it once, as an install would.
     compileall.compile_dir(os.path.dirname(impls.runstore.__file__), quiet=1)
+    if args.workdir:  # a directory that is not there yet is made, not an error
+        os.makedirs(args.workdir, exist_ok=True)
     work = tempfile.mkdtemp(prefix="runstore-fresh-", dir=args.workdir)
     rows: list[dict[str, Any]] = []
     problems: list[str] = []

@@ -31,10 +31,11 @@ def _run(module: str, *args: str, timeout: float = 60) -> subprocess.CompletedPr
 
 @pytest.mark.timeout(60)
 def test_cycle_benchmark_runs_and_its_checks_pass(tmp_path: Path) -> None:
-    """bench_cycle at N=100, 1 s per case: every case measured and no correctness problem."""
+    """bench_cycle at N=100, 1 s per case: every case measured and no correctness problem
+    (its --workdir does not exist yet: it is made)."""
     done = _run("benchmarks.bench_cycle", "--sizes", "100", "--seconds", "1",
                 "--impls", "runstore,sqlite,wholefile", "--out", str(tmp_path),
-                "--workdir", str(tmp_path), "--no-plot")
+                "--workdir", str(tmp_path / "not" / "yet"), "--no-plot")
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     cases = {(c["impl"], c["durable"]): c for c in results["cases"]}
@@ -83,9 +84,10 @@ def test_cycle_benchmark_runstore_pg(bench: ModuleType, tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_fresh_benchmark_runs(tmp_path: Path) -> None:
-    """bench_fresh at N=100: both fresh processes create their run and report memory."""
+    """bench_fresh at N=100: both fresh processes create their run and report memory (its
+    --workdir does not exist yet: it is made)."""
     done = _run("benchmarks.bench_fresh", "--sizes", "100", "--repeat", "1",
-                "--out", str(tmp_path), "--workdir", str(tmp_path))
+                "--out", str(tmp_path), "--workdir", str(tmp_path / "not" / "yet"))
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((tmp_path / "fresh.json").read_text())
     assert results["problems"] == []
