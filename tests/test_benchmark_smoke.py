@@ -148,3 +148,16 @@ def test_verify_store_finds_lost_runs(bench: ModuleType, tmp_path: Path) -> None
     problems = bench.verify_store("runstore", where, 3, ["no-such-run"])
     assert any("missing" in p for p in problems), problems
     assert bench.verify_store("runstore", where, 3, []) == []
+
+
+def test_sync_benchmark_runs(tmp_path: Path) -> None:
+    """bench_sync, a fraction of a second per way: every way commits and reports its syncs
+    (the gate may skip some, the others sync once per commit)."""
+    done = _run("benchmarks.bench_sync", "--seconds", "0.2", "--workdir", str(tmp_path / "w"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| way")}
+    assert set(rows) == {"inside", "after", "gate", "prealloc"}
+    for way, line in rows.items():
+        commits, syncs = (float(x.replace(",", "")) for x in line.split("|")[2:4])
+        assert commits > 0 and 0 < syncs <= commits, (way, line)
