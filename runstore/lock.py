@@ -65,6 +65,14 @@ class StoreLock:
             self._mutex.release()
             raise
 
+    def acquire_mutex(self, timeout: float) -> None:
+        """Take the mutex alone (a read that may not need the file lock); release it with
+        ``release_mutex``. ``LockTimeoutError`` after ``timeout`` seconds."""
+        if self._pid != os.getpid():
+            self.after_fork()
+        if not self._mutex.acquire(timeout=max(timeout, 0.0)):
+            raise LockTimeoutError(self.lock_path, timeout)
+
     def _lock_file(self, fd: int, deadline: float, timeout: float) -> None:
         flock_until(fd, deadline, self.lock_path, timeout)
 

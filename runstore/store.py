@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import datetime as _dt
 import io
+import itertools
 import os
 import time
 import zlib
@@ -285,12 +286,12 @@ class Store:
         assert summary is not None and cur is not None and j.fd is not None
         if os.fstat(j.fd).st_size < header.base_end:
             return False
-        history = []  # the retained history's line offsets
+        history: list[int] = []  # the retained history's line offsets
         for chunk_at, chunk in j.read_lines(header.latest_end, header.base_end):
-            pos = 0
-            while pos < len(chunk):
-                history.append(chunk_at + pos)
-                pos = chunk.index(b"\n", pos) + 1
+            lines = chunk.split(b"\n")[:chunk.count(b"\n")]  # complete lines only: a torn
+            # one is found by the base's checksum when the base is first read in full
+            history.extend(itertools.accumulate((len(line) + 1 for line in lines[:-1]),
+                                                initial=chunk_at) if lines else ())
         for rel in summary.active:
             offset = header.start + rel
             data = self._decode_at(offset, j.read_line(offset))
@@ -481,25 +482,20 @@ class Store:
         j, cur, header = self._journal, self._cur, self._header
         assert cur is not None and header is not None
         buf = j.read_from(0)
-        ends = {}  # line start -> line end (with its newline), for the lines we keep
         find = buf.index
-        for offset in self._index.values():
-            ends[offset] = find(b"\n", offset) + 1
         history = list(self._recent)[len(self._recent) - retain:] if retain else []
-        for offset in history:
-            ends[offset] = find(b"\n", offset) + 1
         kept = [*self._index.values(), *history]
+        lengths = [find(b"\n", offset) + 1 - offset for offset in kept]
+        at = list(itertools.accumulate(lengths, initial=0))  # where each kept line will be
         latest_count = len(self._index)
-        crc, size, active = 0, 0, []
-        for run_id, offset in self._index.items():
-            if run_id in self._active:
-                active.append(size)
-            crc = zlib.crc32(buf[offset:ends[offset]], crc)
-            size += ends[offset] - offset
-        latest_bytes = size
-        for offset in history:
-            crc = zlib.crc32(buf[offset:ends[offset]], crc)
-            size += ends[offset] - offset
+        latest_bytes, size = at[latest_count], at[-1]
+        act = self._active
+        active = [at[i] for i, run_id in enumerate(self._index) if run_id in act]
+        spans = _spans(kept, lengths)
+        view = memoryview(buf)
+        crc = 0
+        for a, b in spans:
+            crc = zlib.crc32(view[a:b], crc)
         through = cur.next_seq - 1 - len(history)
         summary = codec.BaseSummary(lines=latest_count, crc=crc, max_id=self._max_id,
                                     active=tuple(active))
@@ -507,23 +503,18 @@ class Store:
                                    size - latest_bytes, summary)
         failpoints.hit("compact.before_rewrite")
         try:
-            j.replace_with(_chunked(head, buf, kept, ends))
+            j.replace_with(_chunked(head, view, spans))
             self._header = j.open()
         except BaseException:
             self._stale = True
             raise
+        view.release()
         del buf
         start = len(head)
-        offset = start + latest_bytes
-        moved = {}
-        for old in history:
-            moved[old] = offset
-            offset += ends[old] - old
-        offset = start
-        for run_id, old in self._index.items():
-            # the latest version is in the retained history: point there (as a reader would)
-            self._index[run_id] = moved.get(old, offset)
-            offset += ends[old] - old
+        moved = {old: start + at[latest_count + k] for k, old in enumerate(history)}
+        # a run whose latest version is in the retained history points there (as a reader's)
+        self._index = {run_id: moved.get(old, start + at[i])
+                       for i, (run_id, old) in enumerate(self._index.items())}
         end = start + size
         self._recent = collections.deque((moved[o] for o in history), maxlen=RETAIN_CHANGES)
         self._cur = Cursor(end=end, next_seq=cur.next_seq, durable=end,
@@ -629,7 +620,35 @@ class Store:
 
     def get(self, run_id: str) -> Run:
         """The run with this id; ``RunNotFoundError`` if there is none."""
-        return self._transact(lambda: (self._lookup(run_id), []))
+        return self._read(lambda: self._lookup(run_id))
+
+    def _read(self, answer: Callable[[], T]) -> T:
+        """A read-only ``answer`` from the view. When the journal has not changed since this
+        process last caught up, the view is current and the flock is not needed: one
+        ``fstat`` shows the same size and the file still linked (a compaction elsewhere
+        unlinks it). A change completes its ``write`` before it is acknowledged, so any
+        change acknowledged before this call would show as growth; one still being made is
+        not acknowledged yet and may be ordered after this read. Otherwise, as a write:
+        under the flock, after catching up."""
+        if self._closed:
+            raise ValueError(f"the store at {self.state_dir} is closed")
+        lock = self._lock
+        lock.acquire_mutex(self.lock_timeout)
+        try:
+            if self._current():
+                return answer()
+        finally:
+            lock.release_mutex()
+        return self._transact(lambda: (answer(), []))
+
+    def _current(self) -> bool:
+        """True when the view holds everything in the journal (see ``_read``)."""
+        j, cur = self._journal, self._cur
+        if (self._stale or self._resync or cur is None or j.fd is None
+                or self._pid != os.getpid()):
+            return False
+        st = os.fstat(j.fd)
+        return st.st_nlink > 0 and st.st_size == cur.end
 
     def update(self, run: Run) -> Run:
         """Replace the stored run with the same id; returns what was stored.
@@ -729,11 +748,11 @@ class Store:
     def active_by_machine(self, machine: str) -> Run | None:
         """The earliest-inserted non-terminal run of ``machine``, or None."""
 
-        def decide() -> _Decision[Run | None]:
+        def answer() -> Run | None:
             peers = self._machines.get(machine)
-            return (self._active[peers[0]] if peers else None), []
+            return self._active[peers[0]] if peers else None
 
-        return self._transact(decide)
+        return self._read(answer)
 
     def active(self) -> _Runs:
         """Every non-terminal run, in insertion order."""
@@ -966,17 +985,36 @@ class Store:
         return f"Store({self.state_dir!r}, durable={self.durable})"
 
 
-def _chunked(head: bytes, buf: bytes, offsets: list[int], ends: dict[int, int],
+def _spans(offsets: list[int], lengths: list[int]) -> list[tuple[int, int]]:
+    """The byte ranges of the lines at ``offsets`` (of ``lengths``), adjacent ones merged: a
+    compaction's kept lines are mostly contiguous (the retained history always is)."""
+    spans: list[tuple[int, int]] = []
+    start = end = -1
+    for offset, length in zip(offsets, lengths, strict=True):
+        if offset != end:
+            if end >= 0:
+                spans.append((start, end))
+            start = offset
+        end = offset + length
+    if end >= 0:
+        spans.append((start, end))
+    return spans
+
+
+def _chunked(head: bytes, view: memoryview, spans: list[tuple[int, int]],
              size: int = 1 << 20) -> Iterator[bytes]:
-    """``head`` then the lines of ``buf`` at ``offsets``, joined into chunks of ~``size``."""
-    parts, total = [head], len(head)
-    for offset in offsets:
-        line = buf[offset:ends[offset]]
-        parts.append(line)
-        total += len(line)
-        if total >= size:
-            yield b"".join(parts)
-            parts, total = [], 0
+    """``head`` then the bytes of ``view`` in ``spans``, joined into chunks of ~``size``."""
+    parts: list[bytes | memoryview] = [head]
+    total = len(head)
+    for a, b in spans:
+        while a < b:
+            piece = view[a:min(b, a + size - total)]
+            parts.append(piece)
+            total += len(piece)
+            a += len(piece)
+            if total >= size:
+                yield b"".join(parts)
+                parts, total = [], 0
     if parts:
         yield b"".join(parts)
 

@@ -60,3 +60,18 @@ def test_a_history_longer_than_a_read_chunk_reopens_the_same(store_dir: pathlib.
         assert s.list() == expected
         assert s.get(big.id).error_msg == "x" * (3 << 20)
     assert not journal.read_bytes().endswith(b"torn")
+
+
+def test_get_sees_a_change_made_elsewhere_then_compacted(tmp_path: pathlib.Path) -> None:
+    """``get`` answers from the view without the lock only while the journal is unchanged;
+    a change made and compacted by another store (a new file, the old one unlinked) is
+    seen, as is a plain append."""
+    with Store(tmp_path, durable=False) as a, Store(tmp_path, durable=False) as b:
+        run = a.start(a.create(Run(machine="m", test_dir="/t", test_dir_hash="h")).id)
+        assert b.get(run.id) == run
+        beat = b.heartbeat(run.id)
+        assert a.get(run.id) == beat  # appended: the file grew
+        done = b.finish(run.id, Status.COMPLETED, exit_code=0)
+        b.compact()
+        assert a.get(run.id) == done  # replaced: a's file is unlinked
+        assert a.get(run.id) == done  # and now current again

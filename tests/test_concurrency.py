@@ -431,16 +431,21 @@ def test_open_times_out_while_another_process_holds_the_lock(
 @pytest.mark.timeout(60)
 def test_calls_time_out_and_recover_when_the_lock_comes_back(store_dir: pathlib.Path) -> None:
     """An open store's calls raise LockTimeoutError while another process holds the lock,
-    and work again (mutex not leaked) once it is released."""
+    and work again (mutex not leaked) once it is released. ``get`` answers without the
+    lock while the file is unchanged since the store last looked, and waits for it (here:
+    times out) once another writer has appended."""
     s = Store(store_dir, lock_timeout=0.2)
+    other = Store(store_dir, lock_timeout=0.2)
     try:
         run, _ = s.prepare_atomic("m1", "h", lambda: Run("m1", "/t", "h"))
+        second, _ = s.prepare_atomic("m2", "h", lambda: Run("m2", "/t", "h"))
         holder = subprocess.Popen(
             [sys.executable, "-c", _HOLDER, str(store_dir / "runs.lock")],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-            for call in (lambda: s.get(run.id), lambda: s.start(run.id), s.list):
+            assert s.get(run.id) == run  # nothing changed: no lock needed
+            for call in (lambda: s.start(run.id), s.list):
                 started = time.monotonic()
                 with pytest.raises(LockTimeoutError):
                     call()
@@ -449,7 +454,20 @@ def test_calls_time_out_and_recover_when_the_lock_comes_back(store_dir: pathlib.
             holder.kill()
             holder.wait()
         assert s.start(run.id).status is Status.RUNNING
+        other.start(second.id)  # s has not seen this one
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, str(store_dir / "runs.lock")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+            with pytest.raises(LockTimeoutError):
+                s.get(second.id)  # the file grew: it must catch up, under the lock
+        finally:
+            holder.kill()
+            holder.wait()
+        assert s.get(second.id).status is Status.RUNNING
     finally:
+        other.close()
         s.close()
 
 

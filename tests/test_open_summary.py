@@ -240,3 +240,16 @@ def test_writes_after_a_lazy_open_compact_correctly(store_dir: pathlib.Path) -> 
         assert s._lazy and s.list() == expected
         assert all(r.is_terminal for r in s.list())
         assert attrs.asdict(s.stats())["runs"] == 30
+
+
+def test_reopening_finds_the_retained_history_where_compaction_put_it(
+        store_dir: pathlib.Path) -> None:
+    """The offsets of the retained changes, as the compacting process knows them, are what a
+    process opening the compacted file finds (they serve ``changes()`` after a reopen)."""
+    with Store(store_dir, durable=False) as s:
+        _fill(s, 30)
+        s.compact()
+        written = list(s._recent)
+        with _reopen(store_dir) as again:
+            assert list(again._recent) == written
+            assert [c.seq for c in again.changes(0)] == [c.seq for c in s.changes(0)]
