@@ -50,11 +50,8 @@ class StoreLock:
     def acquire(self, timeout: float, between: Callable[[], None] | None = None) -> None:
         """Take the mutex, then the file lock; ``LockTimeoutError`` after ``timeout`` seconds.
         ``between`` runs with the mutex held, before the file lock is taken."""
-        if self._pid != os.getpid():
-            self.after_fork()
         deadline = time.monotonic() + timeout
-        if not self._mutex.acquire(timeout=max(timeout, 0.0)):
-            raise LockTimeoutError(self.lock_path, timeout)
+        self.acquire_mutex(timeout)
         try:
             if between is not None:
                 between()
