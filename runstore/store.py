@@ -95,7 +95,8 @@ class Store:
         #: what ``_append`` wrote and the view has yet to take in (``_index_appended``)
         self._appended: tuple[_Changes, list[bytes], int, _dt.datetime] | None = None
         #: run id -> (its next version, that line's run fields), made by ``_write_step``
-        #: before the flock was taken; used by ``_append`` for that very version only
+        #: before the flock was taken and kept by its decision; ``_append`` takes it out and
+        #: uses it for that very version only
         self._made: dict[str, tuple[Run, bytes]] = {}
         self._reset_view()
         try:
@@ -372,11 +373,7 @@ class Store:
         if self._closed:
             raise ValueError(f"the store at {self.state_dir} is closed")
         lock = self._lock
-        try:
-            lock.acquire(self.lock_timeout, early)
-        except BaseException:
-            self._made.clear()
-            raise
+        lock.acquire(self.lock_timeout, early)
         wrote_to = -1
         try:
             self._catch_up()
@@ -390,12 +387,9 @@ class Store:
             result, changes = decide()
             if changes:
                 wrote_to = self._append(changes)
-                live = self._live()
-                if (self._lines + len(changes) - live
-                        > RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live)):
+                if self._compaction_due(len(changes)):
                     self._index_appended()  # compaction writes the view: complete it first
-                    live = self._live()
-                    if self._lines - live > RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live):
+                    if self._compaction_due():
                         self._compact()
                         # the new file is already synced, and wrote_to is an offset in the
                         # old one: keeping it would set _synced past the new file's end, and
@@ -410,18 +404,11 @@ class Store:
             self._made.clear()
             lock.release()
             raise
-        self._made.clear()
         lock.release_file()
         try:
-            if self._appended is not None:
-                # the lines are in the file; the view is this process's own, so it is
-                # brought up to date with the mutex alone while other processes go on
-                try:
-                    self._index_appended()
-                except BaseException:
-                    self._appended = None
-                    self._stale = True
-                    raise
+            # the lines are in the file; the view is this process's own, so it is brought up
+            # to date with the mutex alone while other processes go on
+            self._index_appended()
             if wrote_to >= 0 and self.durable and self._synced < wrote_to:
                 try:
                     self._journal.sync()
@@ -444,7 +431,7 @@ class Store:
         seq = cur.next_seq
         lines = []
         for change, run in changes:
-            made = self._made.get(run.id)
+            made = self._made.pop(run.id, None)
             fields = made[1] if made is not None and made[0] is run else None
             lines.append(codec.encode_record(seq, change, now, durable, run,
                                              self._extras.get(run.id), fields))
@@ -462,16 +449,26 @@ class Store:
         return end
 
     def _index_appended(self) -> None:
-        """Take the lines ``_append`` wrote into the view."""
+        """Take the lines ``_append`` wrote into the view (on failure: reload next time)."""
         appended, self._appended = self._appended, None
         if appended is None:
             return
         changes, lines, offset, now = appended
-        for (change, run), line in zip(changes, lines, strict=True):
-            self._recent.append(offset)
-            self._index_version(offset, run.id, None if run.status.is_terminal else run, now,
-                                change.value)
-            offset += len(line)
+        try:
+            for (change, run), line in zip(changes, lines, strict=True):
+                self._recent.append(offset)
+                self._index_version(offset, run.id, None if run.status.is_terminal else run,
+                                    now, change.value)
+                offset += len(line)
+        except BaseException:
+            self._stale = True
+            raise
+
+    def _compaction_due(self, unindexed: int = 0) -> bool:
+        """Whether the lines that are not a run's latest version (with ``unindexed`` lines
+        just appended counted as such) exceed what the file may hold beyond its live runs."""
+        live = self._live()
+        return self._lines + unindexed - live > RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live)
 
     def _compact(self, retain: int = RETAIN_CHANGES) -> None:
         """Rewrite the file (the lock is held): a header with the base's summary, the latest
@@ -695,7 +692,7 @@ class Store:
         no newer version of the run (the view still holds the very ``Run`` they were made
         from), else made again from the stored run. The critical section then holds only
         the checks and the append."""
-        early: list[tuple[Run, transitions.Step | None]] = []
+        early: list[tuple[Run, transitions.Step | None, bytes]] = []
 
         def guess() -> None:
             stored = None if self._stale else self._active.get(run_id)
@@ -705,16 +702,16 @@ class Store:
                 step = step_of(stored)
             except RunstoreError:
                 return  # decided again under the flock, where it raises for real
-            early.append((stored, step))
-            if step is not None:
-                self._made[run_id] = (step[0], codec.record_fields(
-                    step[0], self._extras.get(run_id)))
+            fields = b"" if step is None else codec.record_fields(step[0],
+                                                                  self._extras.get(run_id))
+            early.append((stored, step, fields))
 
         def decide() -> _Decision[Run]:
             if early and self._active.get(run_id) is early[0][0]:
-                stored, step = early[0]
+                stored, step, fields = early[0]
+                if step is not None:
+                    self._made[run_id] = (step[0], fields)
             else:
-                self._made.pop(run_id, None)
                 stored = self._lookup(run_id)
                 step = step_of(stored)
             if step is None:
