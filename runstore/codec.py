@@ -113,10 +113,10 @@ _OMIT_LAST = ("owner_host", "owner_pid", "owner_start", "heartbeat_at")
 _OMIT_INNER = tuple(name for name in _OMIT_WHEN if name not in _OMIT_LAST)
 #: a run's fields for its journal line but ``id`` and ``status`` (they come first, with the
 #: meta fields)
-_unstructure_fields = make_dict_unstructure_fn(
-    Run, converter, id=override(omit=True), status=override(omit=True),
-    owner_host=override(omit_if_default=True), owner_pid=override(omit_if_default=True),
-    owner_start=override(omit_if_default=True), heartbeat_at=override(omit_if_default=True))
+_FIELD_OVERRIDES: dict[str, Any] = {
+    "id": override(omit=True), "status": override(omit=True),
+    **{name: override(omit_if_default=True) for name in _OMIT_LAST}}
+_unstructure_fields = make_dict_unstructure_fn(Run, converter, **_FIELD_OVERRIDES)
 
 
 def run_to_dict(run: Run) -> dict[str, Any]:
