@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
+from demo_runs import four_runs, run_for
 
 from runstore import (
     CorruptStoreError,
@@ -31,7 +32,6 @@ from runstore import (
     cli,
     codec,
 )
-from runstore.model import Run
 
 UTC = dt.UTC
 Cli = Callable[..., tuple[int, str, str]]
@@ -41,26 +41,14 @@ pytestmark = pytest.mark.usefixtures("clean_cli_env")
 
 # -- fixtures and helpers --------------------------------------------------------------------
 
-def _run(machine: str, h: str, **fields: Any) -> Run:
-    return Run(machine=machine, test_dir=f"/tests/{machine}", test_dir_hash=h, **fields)
-
-
 @pytest.fixture
 def demo(store_dir: pathlib.Path) -> dict[str, str]:
     """A closed store with four runs: ``done`` (m1, completed, exit 0, batch b1), ``failed``
     (m1, exit 2), ``running`` (m2) and ``pending`` (m3); returns their ids and ``dir``."""
     with Store(store_dir, durable=False) as store:
-        done = store.create(_run("m1", "aaaaaaaaaaaaaaaa1111", batch_id="b1", plan_entry="e1"))
-        store.start(done.id)
-        store.finish(done.id, Status.COMPLETED, exit_code=0)
-        failed = store.create(_run("m1", "bbbbbbbbbbbbbbbb2222"))
-        store.start(failed.id)
-        store.finish(failed.id, Status.FAILED, exit_code=2, error_code="E", error_msg="boom")
-        running = store.create(_run("m2", "cccccccccccccccc3333"))
-        store.start(running.id)
-        pending = store.create(_run("m3", "dddddddddddddddd4444"))
-    return {"dir": str(store_dir), "done": done.id, "failed": failed.id,
-            "running": running.id, "pending": pending.id}
+        ids = four_runs(store, ("aaaaaaaaaaaaaaaa1111", "bbbbbbbbbbbbbbbb2222",
+                                "cccccccccccccccc3333", "dddddddddddddddd4444"))
+    return {"dir": str(store_dir), **ids}
 
 
 def _file_records(state_dir: str) -> dict[str, dict[str, Any]]:
@@ -427,7 +415,7 @@ def test_watch_follows_live_and_ctrl_c_exits_0(demo: dict[str, str]) -> None:
         line = ""
         with Store(demo["dir"]) as store:
             for _ in range(200):  # until the watcher is up; each finish is a new change
-                run = store.create(_run(f"w{_}", "eeee"))
+                run = store.create(run_for(f"w{_}", "eeee"))
                 store.finish(run.id, Status.FAILED)
                 ready, _w, _x = select.select([proc.stdout], [], [], 0.05)
                 if ready:

@@ -17,8 +17,9 @@ from typing import Any
 
 import attrs
 import pytest
+from demo_runs import four_runs
 
-from runstore import Run, RunStore, Status, Store, cli, migrate, opener
+from runstore import Run, RunStore, Store, cli, migrate, opener
 from runstore.migrate import MigrationConflictError, MigrationVerifyError
 
 Cli = Callable[..., tuple[int, str, str]]
@@ -37,20 +38,7 @@ def _one_line(err: str) -> str:
 
 def _fill(store: RunStore) -> dict[str, str]:
     """Four runs: completed (m1, batch b1), failed (m1), running (m2), pending (m3)."""
-    def run(machine: str, h: str, **fields: Any) -> Run:
-        return Run(machine=machine, test_dir=f"/tests/{machine}", test_dir_hash=h, **fields)
-
-    done = store.create(run("m1", "hash-done", batch_id="b1", plan_entry="e1"))
-    store.start(done.id)
-    store.finish(done.id, Status.COMPLETED, exit_code=0)
-    failed = store.create(run("m1", "hash-failed"))
-    store.start(failed.id)
-    store.finish(failed.id, Status.FAILED, exit_code=2, error_code="E", error_msg="boom")
-    running = store.create(run("m2", "hash-running"))
-    store.start(running.id)
-    pending = store.create(run("m3", "hash-pending"))
-    return {"done": done.id, "failed": failed.id, "running": running.id,
-            "pending": pending.id}
+    return four_runs(store, ("hash-done", "hash-failed", "hash-running", "hash-pending"))
 
 
 @pytest.fixture
