@@ -2,13 +2,16 @@
 
 ``parse_import`` reads what ``import_runs()`` accepts (a JSON array document, JSON lines, or an
 iterable of ``Run``/dicts) into validated runs plus the unknown fields each record carried;
-``append_archive`` appends pruned runs, durably, to the JSON-lines archive of ``prune()``.
+``append_archive`` appends pruned runs, durably, to the JSON-lines archive of ``prune()``;
+``write_export`` writes the document of ``export()``; ``check_import`` refuses a duplicate id
+or a second non-terminal run on a machine.
 """
 
 from __future__ import annotations
 
+import io
 import os
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from typing import IO, Any
 
 import attrs
@@ -19,15 +22,48 @@ from .errors import InvalidRunError, StoreIOError
 from .model import Run
 
 
+def _exported(run: Run, extra: dict[str, Any]) -> bytes:
+    """One run as exported and archived: the seed's field names, then ``extra`` (the fields
+    this library does not know), as one JSON object."""
+    data = codec.run_to_dict(run)
+    for key, value in extra.items():
+        data.setdefault(key, value)
+    return codec.dumps(data)
+
+
 def archive_lines(runs: list[Run], extras: dict[str, dict[str, Any]]) -> bytes:
     """``runs`` as JSON lines, each with the extra fields ``extras`` holds for its id."""
-    lines = []
-    for run in runs:
-        data = codec.run_to_dict(run)
-        for key, value in extras.get(run.id, {}).items():
-            data.setdefault(key, value)
-        lines.append(codec.dumps(data) + b"\n")
-    return b"".join(lines)
+    return b"".join(_exported(run, extras.get(run.id, {})) + b"\n" for run in runs)
+
+
+def write_export(fp: IO[str] | IO[bytes], runs: Iterable[tuple[Run, dict[str, Any]]]) -> int:
+    """Write ``runs`` (each with its extra fields) to ``fp``, text or binary, as the one JSON
+    array document of ``export()``; return how many were written."""
+    items = [_exported(run, extra) for run, extra in runs]
+    blob = b"[\n" + b",\n".join(items) + b"\n]\n" if items else b"[]\n"
+    if isinstance(fp, io.TextIOBase):
+        fp.write(blob.decode())
+    else:
+        fp.write(blob)  # type: ignore[arg-type]  # not a text file: a binary one
+    return len(items)
+
+
+def check_import(runs: list[Run], exists: Container[str], busy: dict[str, str],
+                 where: str) -> None:
+    """Refuse (``InvalidRunError`` naming the record) an import of ``runs`` where an id
+    ``exists`` already or a non-terminal run would join one on a machine that is ``busy``
+    (machine -> its non-terminal run id; updated with the imported ones)."""
+    for n, run in enumerate(runs, 1):
+        if run.id in exists:
+            raise InvalidRunError(
+                f"record {n}: run {run.id!r} already exists in {where}; nothing was imported")
+        if not run.status.is_terminal:
+            if run.machine in busy:
+                raise InvalidRunError(
+                    f"record {n}: run {run.id!r} is {run.status.value} on machine "
+                    f"{run.machine!r}, which already has the non-terminal run "
+                    f"{busy[run.machine]!r}; nothing was imported")
+            busy[run.machine] = run.id
 
 
 def append_archive(path: str, runs: list[Run], extras: dict[str, dict[str, Any]]) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import io
 import os
 import threading
 import time
@@ -685,19 +684,7 @@ class PostgresStore:
         plus the fields this library does not know); returns the number of runs written."""
         rows = self._read(lambda conn: conn.execute(self._sql.all_with_extra).fetchall(),
                           "exporting runs from")
-        out = [b"[\n"]
-        for i, row in enumerate(rows):
-            data = codec.run_to_dict(self._run(row))
-            for key, value in (row[-1] or {}).items():
-                data.setdefault(key, value)
-            out.append((b",\n" if i else b"") + codec.dumps(data))
-        out.append(b"\n]\n" if rows else b"]\n")
-        blob = b"".join(out)
-        if isinstance(fp, io.TextIOBase):
-            fp.write(blob.decode())
-        else:
-            fp.write(blob)  # type: ignore[arg-type]  # not a text file: a binary one
-        return len(rows)
+        return interchange.write_export(fp, ((self._run(row), row[-1] or {}) for row in rows))
 
     def import_runs(self, source: IO[str] | IO[bytes] | Iterable[Run | dict[str, Any]]) -> int:
         """Add runs keeping their ids, from a JSON array document or JSON lines (a file), or
@@ -712,18 +699,7 @@ class PostgresStore:
             busy = dict(conn.execute(self._sql.active_of_machines, [machines]).fetchall())
             exists = {row[0] for row in conn.execute(self._sql.existing_ids,
                                                      [[r.id for r in runs]])}
-            for n, run in enumerate(runs, 1):
-                if run.id in exists:
-                    raise InvalidRunError(
-                        f"record {n}: run {run.id!r} already exists in {self._where}; "
-                        "nothing was imported")
-                if not run.status.is_terminal:
-                    if run.machine in busy:
-                        raise InvalidRunError(
-                            f"record {n}: run {run.id!r} is {run.status.value} on machine "
-                            f"{run.machine!r}, which already has the non-terminal run "
-                            f"{busy[run.machine]!r}; nothing was imported")
-                    busy[run.machine] = run.id
+            interchange.check_import(runs, exists, busy, self._where)
             if not runs:
                 return 0
             with conn.cursor() as cur:

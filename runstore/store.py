@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import datetime as _dt
-import io
 import itertools
 import os
 import time
@@ -33,7 +32,6 @@ from .active import ActiveRuns
 from .errors import (
     CorruptStoreError,
     HistoryTruncatedError,
-    InvalidRunError,
     MachineBusyError,
     RunNotFoundError,
     RunstoreError,
@@ -883,20 +881,8 @@ class Store:
     def export(self, fp: IO[str] | IO[bytes]) -> int:
         """Write every run, in insertion order, as one JSON array (the seed's field names);
         returns the number of runs written."""
-        runs = self.list()
-        out = [b"[\n"]
-        for i, run in enumerate(runs):
-            data = codec.run_to_dict(run)
-            for key, value in self._extras.get(run.id, {}).items():
-                data.setdefault(key, value)
-            out.append((b",\n" if i else b"") + codec.dumps(data))
-        out.append(b"\n]\n" if runs else b"]\n")
-        blob = b"".join(out)
-        if isinstance(fp, io.TextIOBase):
-            fp.write(blob.decode())
-        else:
-            fp.write(blob)  # type: ignore[arg-type]  # not a text file: a binary one
-        return len(runs)
+        return interchange.write_export(fp, ((run, self._extras.get(run.id, {}))
+                                             for run in self.list()))
 
     def import_runs(self, source: IO[str] | IO[bytes] | Iterable[Run | dict[str, Any]]) -> int:
         """Add runs keeping their ids, from a JSON array document or JSON lines (a file), or
@@ -906,19 +892,8 @@ class Store:
 
         def decide() -> _Decision[int]:
             self._ensure_index()  # every id, to refuse duplicates
-            busy: dict[str, str] = {m: ids_[0] for m, ids_ in self._machines.items()}
-            for n, run in enumerate(runs, 1):
-                if run.id in self._index:
-                    raise InvalidRunError(
-                        f"record {n}: run {run.id!r} already exists in {self._journal.path}; "
-                        "nothing was imported")
-                if not run.status.is_terminal:
-                    if run.machine in busy:
-                        raise InvalidRunError(
-                            f"record {n}: run {run.id!r} is {run.status.value} on machine "
-                            f"{run.machine!r}, which already has the non-terminal run "
-                            f"{busy[run.machine]!r}; nothing was imported")
-                    busy[run.machine] = run.id
+            busy = {machine: peers[0] for machine, peers in self._machines.items()}
+            interchange.check_import(runs, self._index, busy, self._journal.path)
             for run_id, extra in extras.items():
                 self._extras[run_id] = extra
             return len(runs), [(ChangeType.RUN_CREATED, r) for r in runs]
