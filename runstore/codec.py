@@ -149,6 +149,11 @@ def extra_fields(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in _KNOWN_KEYS}
 
 
+def json_string(text: str) -> bytes:
+    """``text`` as a JSON string, quotes included, as a record line holds it."""
+    return orjson.dumps(text)
+
+
 def dumps(data: dict[str, Any]) -> bytes:
     """One JSON object in runstore's style (RFC 3339 UTC timestamps with Z)."""
     return orjson.dumps(data, option=_DUMPS_OPTS)

@@ -1,6 +1,7 @@
 """``Store``: the run-store contract on a JSON-lines journal, with one read-modify-write path.
 
-Every public method runs ``_transact(decide)``: take the lock (mutex, then flock), bring the
+Every public method runs ``_transact(decide)`` (``get`` and ``active_by_machine`` first try
+to answer without the flock: ``_read``): take the lock (mutex, then flock), bring the
 in-memory view up to date with what other processes appended (or reload when the file was
 replaced), let ``decide`` look at the view and return its result plus the new run versions to
 store, append those as one write, release the flock, take the new lines into the view (it is
@@ -59,6 +60,9 @@ RETAIN_CHANGES = 4096
 _ACTIVE = frozenset({Status.PENDING.value, Status.RUNNING.value})
 _CREATED = ChangeType.RUN_CREATED.value
 _PRUNED = ChangeType.RUN_PRUNED.value
+#: the most bytes appended since the view was brought up to date that a read looks through
+#: for the run it is about before answering without the flock (``Store._current_for``)
+_UNREAD_LIMIT = 64 * 1024
 
 
 def _utcnow() -> _dt.datetime:
@@ -615,35 +619,42 @@ class Store:
 
     def get(self, run_id: str) -> Run:
         """The run with this id; ``RunNotFoundError`` if there is none."""
-        return self._read(lambda: self._lookup(run_id))
+        return self._read(lambda: self._lookup(run_id), codec.json_string(run_id))
 
-    def _read(self, answer: Callable[[], T]) -> T:
-        """A read-only ``answer`` from the view. When the journal has not changed since this
-        process last caught up, the view is current and the flock is not needed: one
-        ``fstat`` shows the same size and the file still linked (a compaction elsewhere
-        unlinks it). A change completes its ``write`` before it is acknowledged, so any
-        change acknowledged before this call would show as growth; one still being made is
-        not acknowledged yet and may be ordered after this read. Otherwise, as a write:
-        under the flock, after catching up."""
+    def _read(self, answer: Callable[[], T], about: bytes) -> T:
+        """A read-only ``answer`` about one run or machine (``about``: its id or name as a
+        JSON string, quotes included, as every line of it holds it) from the view, without
+        the flock when the view is current for it (``_current_for``); otherwise as a
+        write: under the flock, after catching up."""
         if self._closed:
             raise ValueError(f"the store at {self.state_dir} is closed")
         lock = self._lock
         lock.acquire_mutex(self.lock_timeout)
         try:
-            if self._current():
+            if self._current_for(about):
                 return answer()
         finally:
             lock.release_mutex()
         return self._transact(lambda: (answer(), []))
 
-    def _current(self) -> bool:
-        """True when the view holds everything in the journal (see ``_read``)."""
+    def _current_for(self, about: bytes) -> bool:
+        """True when the view answers for ``about`` as the journal would now: the file is
+        still linked (a compaction elsewhere unlinks it) and none of the lines appended
+        since the view was brought up to date (if any, and at most ``_UNREAD_LIMIT``
+        bytes) mentions it. Those lines are left for the next catch-up.
+
+        Linearizable: a change completes its ``write`` before it is acknowledged, so a
+        change acknowledged before this call shows, in full, in the bytes read here; one
+        still being made is not acknowledged yet and may be ordered after this read."""
         j, cur = self._journal, self._cur
         if (self._stale or self._resync or cur is None or j.fd is None
                 or self._pid != os.getpid()):
             return False
         st = os.fstat(j.fd)
-        return st.st_nlink > 0 and st.st_size == cur.end
+        unread = st.st_size - cur.end
+        if st.st_nlink == 0 or not 0 <= unread <= _UNREAD_LIMIT:
+            return False
+        return unread == 0 or about not in j.fs.pread(j.fd, unread, cur.end)
 
     def update(self, run: Run) -> Run:
         """Replace the stored run with the same id; returns what was stored.
@@ -747,7 +758,7 @@ class Store:
             peers = self._machines.get(machine)
             return self._active[peers[0]] if peers else None
 
-        return self._read(answer)
+        return self._read(answer, codec.json_string(machine))
 
     def active(self) -> _Runs:
         """Every non-terminal run, in insertion order."""

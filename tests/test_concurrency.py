@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -469,6 +469,63 @@ def test_calls_time_out_and_recover_when_the_lock_comes_back(store_dir: pathlib.
     finally:
         other.close()
         s.close()
+
+
+def _hold_lock(store_dir: pathlib.Path) -> subprocess.Popen[str]:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(store_dir / "runs.lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+@pytest.mark.timeout(60)
+def test_reads_about_a_run_others_did_not_touch_need_no_lock(store_dir: pathlib.Path) -> None:
+    """After other processes appended lines about other runs and machines, ``get`` and
+    ``active_by_machine`` answer from the view without waiting for the lock (a writer's
+    critical section); a read about a run or machine those lines mention waits for it and
+    catches up. The lines read past are taken in by the next call under the lock."""
+    with Store(store_dir, lock_timeout=0.2) as s, Store(store_dir) as other:
+        mine, _ = s.prepare_atomic("m1", "h", lambda: Run("m1", "/t", "h"))
+        theirs, _ = s.prepare_atomic("m2", "h", lambda: Run("m2", "/t", "h"))
+        other.start(theirs.id)
+        made, _ = other.prepare_atomic("m3", "h", lambda: Run("m3", "/t", "h"))
+        holder = _hold_lock(store_dir)
+        try:
+            assert s.get(mine.id) == mine
+            assert s.active_by_machine("m1") == mine
+            assert s.active_by_machine("m9") is None
+            about_theirs: list[Callable[[], object]] = [
+                lambda: s.get(theirs.id), lambda: s.active_by_machine("m2"),
+                lambda: s.get(made.id), lambda: s.active_by_machine("m3")]
+            for read in about_theirs:
+                with pytest.raises(LockTimeoutError):
+                    read()
+        finally:
+            holder.kill()
+            holder.wait()
+        assert s.get(theirs.id).status is Status.RUNNING
+        assert s.active_by_machine("m3") == made
+        assert s.active() == other.active()
+
+
+@pytest.mark.timeout(60)
+def test_reads_past_too_many_unread_lines_take_the_lock(store_dir: pathlib.Path) -> None:
+    """More than ``_UNREAD_LIMIT`` bytes appended since the view was brought up to date: a
+    read catches up under the lock instead of looking through them."""
+    with Store(store_dir, lock_timeout=0.2) as s, Store(store_dir, durable=False) as other:
+        mine, _ = s.prepare_atomic("m1", "h", lambda: Run("m1", "/t", "h"))
+        size = (store_dir / "runs.jsonl").stat().st_size
+        while (store_dir / "runs.jsonl").stat().st_size - size <= store_module._UNREAD_LIMIT:
+            other.create(Run("elsewhere", "/t", "h", status=Status.COMPLETED))
+        holder = _hold_lock(store_dir)
+        try:
+            with pytest.raises(LockTimeoutError):
+                s.get(mine.id)
+        finally:
+            holder.kill()
+            holder.wait()
+        assert s.get(mine.id) == mine
 
 
 # -- fork -----------------------------------------------------------------------------------
