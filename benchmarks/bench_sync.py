@@ -9,7 +9,11 @@ P processes each append a 534-byte line under an exclusive flock, then make it d
 * ``gate``: after, but through a second lock, skipping the sync when another process's sync
   already covered the line (a leader/follower group commit);
 * ``prealloc``: like ``after``, but overwriting space written with zeros beforehand, so a
-  sync has no file-size change to commit (what SQLite's and PostgreSQL's logs do).
+  sync has no file-size change to commit (what SQLite's and PostgreSQL's logs do);
+* ``sidelog``: the journal appended without a sync, each line also written into a zeroed
+  side file at the same offset, and only the side file synced (a redo log beside a journal
+  that stays plain JSON lines). It gains nothing over ``after``: the journal's own growth
+  still has to reach ext4's journal, and the side file's sync waits for that commit.
 
 ``--cs-us`` busy-waits that long inside the lock and again outside, like a critical section
 and a caller's own work. Run: ``python -m benchmarks.bench_sync [--procs 2] [--seconds 2]``.
@@ -26,7 +30,7 @@ import tempfile
 import time
 
 LINE = b"x" * 533 + b"\n"
-MODES = ("inside", "after", "gate", "prealloc")
+MODES = ("inside", "after", "gate", "prealloc", "sidelog")
 PREALLOC = 64 << 20  # enough for ~10 s at 11,000 commits/s; beyond it writes append
 
 
@@ -40,6 +44,7 @@ def _worker(work: str, mode: str, seconds: float, cs_us: float) -> tuple[float, 
     """(commits/s, syncs/s) of one process."""
     flags = os.O_RDWR if mode == "prealloc" else os.O_RDWR | os.O_APPEND
     fd = os.open(os.path.join(work, "data"), flags)
+    side = os.open(os.path.join(work, "side"), os.O_RDWR)
     lock = os.open(os.path.join(work, "lock"), os.O_RDWR)
     gate = os.open(os.path.join(work, "gate"), os.O_RDWR)
     commits = syncs = 0
@@ -55,12 +60,14 @@ def _worker(work: str, mode: str, seconds: float, cs_us: float) -> tuple[float, 
         else:
             os.write(fd, LINE)
             end = os.fstat(fd).st_size
+            if mode == "sidelog":
+                os.pwrite(side, LINE, end - len(LINE))
         if mode == "inside":
             os.fdatasync(fd)
             syncs += 1
         fcntl.flock(lock, fcntl.LOCK_UN)
-        if mode in ("after", "prealloc"):
-            os.fdatasync(fd)
+        if mode in ("after", "prealloc", "sidelog"):
+            os.fdatasync(side if mode == "sidelog" else fd)
             syncs += 1
         elif mode == "gate":
             fcntl.flock(gate, fcntl.LOCK_EX)
@@ -82,10 +89,11 @@ def measure(mode: str, procs: int, seconds: float, cs_us: float, base: str | Non
     """Total (commits/s, syncs/s) of ``procs`` processes in a fresh directory."""
     work = tempfile.mkdtemp(prefix="runstore-sync-", dir=base)
     try:
-        for name in ("data", "lock", "gate"):
+        for name in ("data", "lock", "gate", "side"):
             os.close(os.open(os.path.join(work, name), os.O_RDWR | os.O_CREAT, 0o600))
-        if mode == "prealloc":
-            fd = os.open(os.path.join(work, "data"), os.O_WRONLY)
+        if mode in ("prealloc", "sidelog"):
+            fd = os.open(os.path.join(work, "data" if mode == "prealloc" else "side"),
+                         os.O_WRONLY)
             zeros = bytes(1 << 20)
             for _ in range(PREALLOC >> 20):
                 os.write(fd, zeros)

@@ -157,7 +157,7 @@ def test_sync_benchmark_runs(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| way")}
-    assert set(rows) == {"inside", "after", "gate", "prealloc"}
+    assert set(rows) == {"inside", "after", "gate", "prealloc", "sidelog"}
     for way, line in rows.items():
         commits, syncs = (float(x.replace(",", "")) for x in line.split("|")[2:4])
         assert commits > 0 and 0 < syncs <= commits, (way, line)
