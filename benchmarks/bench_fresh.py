@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import runstore
+
 from . import impls
 from .bench_cycle import DEFAULT_OUT, in_child, parse_size, size_label
 
@@ -122,7 +124,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     # An installed runstore has bytecode (pip compiles it at install). A source checkout run
     # under PYTHONDONTWRITEBYTECODE=1 (set on these machines) would recompile every module in
     # every child, ~40 ms that no user pays: compile it once, as an install would.
-    compileall.compile_dir(os.path.dirname(impls.runstore.__file__), quiet=1)
+    compileall.compile_dir(os.path.dirname(runstore.__file__ or "."), quiet=1)
     if args.workdir:  # a directory that is not there yet is made, not an error
         os.makedirs(args.workdir, exist_ok=True)
     work = tempfile.mkdtemp(prefix="runstore-fresh-", dir=args.workdir)
