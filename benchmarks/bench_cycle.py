@@ -3,8 +3,11 @@ alternatives (``impls``), with correctness checked while it measures.
 
 One cycle: ``prepare_atomic`` on a random machine out of M; when it CREATED a run, ``start``,
 ``get`` and ``finish`` it. Every call is one operation (a created cycle is 4, a REUSE/BUSY
-prepare is 1). Workers start together at a barrier, run for ``--seconds``, and report their
-per-operation latencies; operations per second = all workers' operations / wall time.
+prepare is 1). A case's ``--seconds`` are split into ``--rounds``: in each round every
+implementation runs once (the order rotating from round to round, so that the machine's
+drift weighs on all alike); its workers open the store, start together at a barrier, run
+cycles for their share of the time and report their per-operation latencies. Operations
+per second = all workers' operations / the rounds' summed wall time.
 
 Checks (a fast but wrong implementation must not win): no worker error; ``get`` returns the
 run just started; run ids are unique; per machine the intervals [prepare returned CREATED,
@@ -278,14 +281,15 @@ def in_child(fn: Callable[..., T], *args: Any) -> T:
         return pool.submit(fn, *args).result()
 
 
-def run_case(impl_name: str, where: str, n: int, durable: bool, args: argparse.Namespace,
-             seed: int) -> dict[str, Any]:
-    """Measure one (implementation, N, durability) case and check it."""
+def run_round(impl_name: str, where: str, durable: bool, seconds: float,
+              args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
+    """One round of one implementation: ``args.procs`` workers open the store, start
+    together and run cycles for ``seconds``; their reports."""
     barrier = _CTX.Barrier(args.procs)
     results: multiprocessing.Queue[dict[str, Any]] = _CTX.Queue()
     procs = [
         _CTX.Process(target=worker, name=f"bench-{impl_name}-{i}",
-                     args=(impl_name, where, durable, args.machines, args.seconds,
+                     args=(impl_name, where, durable, args.machines, seconds,
                            seed * 1000 + i, barrier, results))
         for i in range(args.procs)
     ]
@@ -310,20 +314,41 @@ def run_case(impl_name: str, where: str, n: int, durable: bool, args: argparse.N
             if p.is_alive():
                 p.kill()
                 p.join()
-    return summarize(impl_name, n, durable, reports)
+    return reports
+
+
+def run_rounds(names: Sequence[str], wheres: dict[str, str], n: int, durable: bool,
+               args: argparse.Namespace) -> dict[str, list[list[dict[str, Any]]]]:
+    """``args.rounds`` rounds of ``args.seconds / args.rounds`` each: in every round each
+    implementation runs once, the order rotating from round to round, so that a drift in
+    the machine's speed (a third within minutes here) weighs on all of them alike. The
+    reports of each implementation, round by round."""
+    rounds: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in names}
+    seconds = args.seconds / args.rounds
+    for r in range(args.rounds):
+        turn = r % len(names)
+        for name in [*names[turn:], *names[:turn]]:
+            seed = n + 100 * r + names.index(name)
+            rounds[name].append(run_round(name, wheres[name], durable, seconds, args, seed))
+    return rounds
 
 
 def summarize(impl_name: str, n: int, durable: bool,
-              reports: list[dict[str, Any]]) -> dict[str, Any]:
+              rounds: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """One case from its rounds' reports: operations per second over the rounds' summed
+    wall time (first start to last end in each round), latencies over every operation."""
+    reports = [r for round_reports in rounds for r in round_reports]
     errors = [e for r in reports for e in r["errors"]]
     measured = [r for r in reports if "t_start" in r]
-    case: dict[str, Any] = {"impl": impl_name, "n": n, "durable": durable, "errors": errors[:20]}
+    case: dict[str, Any] = {"impl": impl_name, "n": n, "durable": durable,
+                            "rounds": len(rounds), "errors": errors[:20]}
     if len(measured) != len(reports):
         case.update(ops=0, ops_per_s=0.0, wall_s=0.0, latency_us={}, outcomes={},
                     problems=errors or ["a worker did not measure"], created_ids=[],
                     incomplete_ids=[])
         return case
-    wall_ns = max(r["t_end"] for r in measured) - min(r["t_start"] for r in measured)
+    wall_ns = sum(max(r["t_end"] for r in each) - min(r["t_start"] for r in each)
+                  for each in rounds)
     ops = sum(r["ops"] for r in measured)
     latency: dict[str, dict[str, float]] = {}
     for kind in KINDS:
@@ -409,25 +434,29 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 preload_s[name][str(n)] = seconds
                 print(f"preloaded {name} with {n:,} runs in {seconds:.1f} s", flush=True)
             for durable in args.modes:
-                for k, name in enumerate(here):
-                    cls = impls.IMPLS[name]
-                    mode = "durable" if durable else "nodurable"
-                    where = cls.locate(sites[name], f"{name}-{size_label(n)}-{mode}")
-                    cls.clone(templates[name], where)
-                    try:
-                        case = run_case(name, where, n, durable, args, seed=n + k)
+                mode = "durable" if durable else "nodurable"
+                wheres: dict[str, str] = {}
+                try:
+                    for name in here:
+                        cls = impls.IMPLS[name]
+                        wheres[name] = cls.locate(sites[name], f"{name}-{size_label(n)}-{mode}")
+                        cls.clone(templates[name], wheres[name])
+                    rounds = run_rounds(here, wheres, n, durable, args)
+                    for name in here:
+                        case = summarize(name, n, durable, rounds[name])
                         if case["ops"]:
-                            case["problems"] += in_child(verify_store, name, where, n,
+                            case["problems"] += in_child(verify_store, name, wheres[name], n,
                                                          case["created_ids"],
                                                          case["incomplete_ids"])
-                    finally:
-                        cls.discard(where)
-                    case["preload_s"] = preload_s[name][str(n)]
-                    case["problem_count"] = len(case["problems"])
-                    case["problems"] = case["problems"][:50]  # keep results.json readable
-                    del case["created_ids"], case["incomplete_ids"]
-                    cases.append(case)
-                    _print_progress(case)
+                        case["preload_s"] = preload_s[name][str(n)]
+                        case["problem_count"] = len(case["problems"])
+                        case["problems"] = case["problems"][:50]  # keep results.json readable
+                        del case["created_ids"], case["incomplete_ids"]
+                        cases.append(case)
+                        _print_progress(case)
+                finally:
+                    for name, where in wheres.items():
+                        impls.IMPLS[name].discard(where)
             for name, where in templates.items():
                 impls.IMPLS[name].discard(where)
     return {
@@ -449,6 +478,7 @@ def _meta(args: argparse.Namespace, seconds: float) -> dict[str, Any]:
         "procs": args.procs,
         "machines": args.machines,
         "seconds_per_case": args.seconds,
+        "rounds": args.rounds,
         "sizes": args.sizes,
         "total_s": round(seconds, 1),
     }
@@ -538,7 +568,9 @@ def render_tables(results: dict[str, Any]) -> str:
     """Markdown tables, one per (N, durability), plus the targets."""
     meta = results["meta"]
     lines = [f"Dispatcher cycle: {meta['procs']} processes, {meta['machines']} machines, "
-             f"{meta['seconds_per_case']} s per case; latencies in microseconds (p50 / p99).",
+             f"{meta['seconds_per_case']} s per case in {meta.get('rounds', 1)} rounds "
+             "(every implementation once per round, in rotating order); latencies in "
+             "microseconds (p50 / p99).",
              f"Command: `{meta['command']}`", ""]
     idx = _index(results["cases"])
     groups = sorted({(c["n"], c["durable"]) for c in results["cases"]},
@@ -628,6 +660,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--machines", type=int, default=50, help="machines (default: 50)")
     parser.add_argument("--seconds", type=float, default=10.0,
                         help="measured seconds per case (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds each case's seconds are split into; every implementation "
+                             "runs once per round, in rotating order, so that the machine's "
+                             "drift weighs on all alike (default: %(default)s)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--durable", dest="mode", action="store_const", const="durable")
     mode.add_argument("--no-durable", dest="mode", action="store_const", const="nodurable")
@@ -652,6 +688,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.impls) - set(impls.IMPLS))
     if unknown:
         parser.error(f"unknown implementation(s) {unknown}; choose from {sorted(impls.IMPLS)}")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     args.modes = {"durable": [True], "nodurable": [False]}.get(args.mode or "both",
                                                                [True, False])
     return args

@@ -44,6 +44,7 @@ def test_cycle_benchmark_runs_and_its_checks_pass(tmp_path: Path) -> None:
     for case in cases.values():
         assert case["problems"] == [], case
         assert case["ops"] > 0 and case["outcomes"].get("created", 0) > 0, case
+        assert case["rounds"] == 5
     assert {r["versus"] for r in results["ratios"]} == {"sqlite", "wholefile"}
     assert (tmp_path / "results.md").exists()
 
@@ -93,6 +94,40 @@ def test_fresh_benchmark_runs(tmp_path: Path) -> None:
     assert results["problems"] == []
     assert {r["impl"] for r in results["rows"]} == {"runstore", "sqlite"}
     assert all(r["vmhwm_mb"] > 0 and r["process_s"] > 0 for r in results["rows"])
+
+
+def test_rounds_rotate_the_implementations(bench: ModuleType,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A case's seconds are split into rounds; every implementation runs once per round,
+    the order rotating, so none always runs first (or last) while the machine drifts."""
+    calls: list[tuple[str, float]] = []
+
+    def fake_round(name: str, where: str, durable: bool, seconds: float, args: Any,
+                   seed: int) -> list[dict[str, Any]]:
+        calls.append((name, seconds))
+        return [{"impl": name}]
+
+    monkeypatch.setattr(bench, "run_round", fake_round)
+    args = bench.parse_args(["--seconds", "3", "--rounds", "3"])
+    rounds = bench.run_rounds(["a", "b", "c"], dict.fromkeys("abc", ""), 10, True, args)
+    assert [name for name, _ in calls] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert {seconds for _, seconds in calls} == {1.0}
+    assert {name: len(each) for name, each in rounds.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_a_case_counts_only_the_rounds_wall_time(bench: ModuleType) -> None:
+    """Operations per second over the rounds: the time between rounds (other
+    implementations running) is not counted."""
+    def report(start: int, end: int, ops: int) -> dict[str, Any]:
+        return {"errors": [], "t_start": start, "t_end": end, "ops": ops, "outcomes": {},
+                "lat": {kind: b"" for kind in bench.KINDS}, "open_s": 0.0, "created": [],
+                "others": [], "incomplete": []}
+
+    rounds = [[report(0, 10**9, 100), report(10**8, 9 * 10**8, 50)],
+              [report(5 * 10**9, 6 * 10**9, 150)]]
+    case = bench.summarize("runstore", 10, True, rounds)
+    assert case["rounds"] == 2 and case["ops"] == 300
+    assert case["wall_s"] == 2.0 and case["ops_per_s"] == 150.0
 
 
 def _report(created: list[tuple[Any, ...]], others: list[tuple[Any, ...]]) -> dict[str, Any]:
