@@ -1,7 +1,7 @@
 """``Store``: the run-store contract on a JSON-lines journal, with one read-modify-write path.
 
-Every public method runs ``_transact(decide)`` (``get`` and ``active_by_machine`` first try
-to answer without the flock: ``_read``): take the lock (mutex, then flock), bring the
+Every public method runs ``_transact(decide)`` (the reads first try to answer without the
+flock: ``_read``): take the lock (mutex, then flock), bring the
 in-memory view up to date with what other processes appended (or reload when the file was
 replaced), let ``decide`` look at the view and return its result plus the new run versions to
 store, append those as one write, release the flock, take the new lines into the view (it is
@@ -621,11 +621,12 @@ class Store:
         """The run with this id; ``RunNotFoundError`` if there is none."""
         return self._read(lambda: self._lookup(run_id), codec.json_string(run_id))
 
-    def _read(self, answer: Callable[[], T], about: bytes) -> T:
-        """A read-only ``answer`` about one run or machine (``about``: its id or name as a
-        JSON string, quotes included, as every line of it holds it) from the view, without
-        the flock when the view is current for it (``_current_for``); otherwise as a
-        write: under the flock, after catching up."""
+    def _read(self, answer: Callable[[], T], about: bytes | None = None) -> T:
+        """A read-only ``answer`` from the view, without the flock when the view is current
+        for it (``_current_for``); otherwise as a write: under the flock, after catching up.
+        ``about``: the one run or machine the answer depends on (its id or name as a JSON
+        string, quotes included, as every line of it holds it); None when it may depend on
+        any run."""
         if self._closed:
             raise ValueError(f"the store at {self.state_dir} is closed")
         lock = self._lock
@@ -637,11 +638,12 @@ class Store:
             lock.release_mutex()
         return self._transact(lambda: (answer(), []))
 
-    def _current_for(self, about: bytes) -> bool:
+    def _current_for(self, about: bytes | None) -> bool:
         """True when the view answers for ``about`` as the journal would now: the file is
         still linked (a compaction elsewhere unlinks it) and none of the lines appended
         since the view was brought up to date (if any, and at most ``_UNREAD_LIMIT``
-        bytes) mentions it. Those lines are left for the next catch-up.
+        bytes) mentions it; with ``about`` None, when nothing was appended. Those lines
+        are left for the next catch-up.
 
         Linearizable: a change completes its ``write`` before it is acknowledged, so a
         change acknowledged before this call shows, in full, in the bytes read here; one
@@ -654,7 +656,8 @@ class Store:
         unread = st.st_size - cur.end
         if st.st_nlink == 0 or not 0 <= unread <= _UNREAD_LIMIT:
             return False
-        return unread == 0 or about not in j.fs.pread(j.fd, unread, cur.end)
+        return unread == 0 or (about is not None
+                               and about not in j.fs.pread(j.fd, unread, cur.end))
 
     def update(self, run: Run) -> Run:
         """Replace the stored run with the same id; returns what was stored.
@@ -740,16 +743,15 @@ class Store:
         """Every run (the latest version of each) matching the filters, in insertion order."""
         wanted = transitions.status_set(status)
 
-        def decide() -> _Decision[_Runs]:
-            runs = [
+        def answer() -> _Runs:
+            return [
                 run for run in self._all_runs()
                 if (machine is None or run.machine == machine)
                 and (wanted is None or run.status in wanted)
                 and (batch_id is None or run.batch_id == batch_id)
             ]
-            return runs, []
 
-        return self._transact(decide)
+        return self._read(answer)
 
     def active_by_machine(self, machine: str) -> Run | None:
         """The earliest-inserted non-terminal run of ``machine``, or None."""
@@ -762,7 +764,7 @@ class Store:
 
     def active(self) -> _Runs:
         """Every non-terminal run, in insertion order."""
-        return self._transact(lambda: (list(self._active.values()), []))
+        return self._read(lambda: self._active.values())  # the view's, after any reload
 
     def find_by_test_dir_hash_and_machine(self, test_dir_hash: str, machine: str) -> _Runs:
         """Every run of ``machine`` with this hash, in insertion order."""
@@ -856,7 +858,7 @@ class Store:
 
     def last_seq(self) -> int:
         """The sequence number of the latest stored change (0 for an empty store)."""
-        return self._transact(lambda: (self._cur.next_seq - 1 if self._cur else 0, []))
+        return self._read(lambda: self._cur.next_seq - 1 if self._cur else 0)
 
     def watch(
         self,
@@ -916,7 +918,7 @@ class Store:
     def stats(self) -> StoreStats:
         """Counts and sizes for operators (``python -m runstore stats``)."""
 
-        def decide() -> _Decision[StoreStats]:
+        def answer() -> StoreStats:
             by_status: dict[str, int] = {s.value: 0 for s in Status}
             by_machine: dict[str, int] = {}
             for run in self._all_runs():
@@ -929,9 +931,9 @@ class Store:
                 path=self._journal.path, file_size=cur.end, runs=live,
                 runs_by_status=by_status, runs_by_machine=by_machine, live_lines=live,
                 superseded_lines=self._lines - live, last_seq=cur.next_seq - 1,
-                oldest_seq=cur.compacted_through + 1, durable=self.durable), []
+                oldest_seq=cur.compacted_through + 1, durable=self.durable)
 
-        return self._transact(decide)
+        return self._read(answer)
 
     # -- life cycle ---------------------------------------------------------------------
 

@@ -431,9 +431,10 @@ def test_open_times_out_while_another_process_holds_the_lock(
 @pytest.mark.timeout(60)
 def test_calls_time_out_and_recover_when_the_lock_comes_back(store_dir: pathlib.Path) -> None:
     """An open store's calls raise LockTimeoutError while another process holds the lock,
-    and work again (mutex not leaked) once it is released. ``get`` answers without the
-    lock while the file is unchanged since the store last looked, and waits for it (here:
-    times out) once another writer has appended."""
+    and work again (mutex not leaked) once it is released. The reads (``get``, ``list``,
+    ``active``, ``last_seq``, ``stats``) answer without the lock while the file is
+    unchanged since the store last looked, and wait for it (here: time out) once another
+    writer has appended."""
     s = Store(store_dir, lock_timeout=0.2)
     other = Store(store_dir, lock_timeout=0.2)
     try:
@@ -445,7 +446,9 @@ def test_calls_time_out_and_recover_when_the_lock_comes_back(store_dir: pathlib.
         try:
             assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
             assert s.get(run.id) == run  # nothing changed: no lock needed
-            for call in (lambda: s.start(run.id), s.list):
+            assert s.list() == [run, second] and s.active() == [run, second]
+            assert s.last_seq() == 2 and s.stats().runs == 2
+            for call in (lambda: s.start(run.id), s.compact):
                 started = time.monotonic()
                 with pytest.raises(LockTimeoutError):
                     call()
@@ -460,8 +463,11 @@ def test_calls_time_out_and_recover_when_the_lock_comes_back(store_dir: pathlib.
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-            with pytest.raises(LockTimeoutError):
-                s.get(second.id)  # the file grew: it must catch up, under the lock
+            reads: list[Callable[[], object]] = [
+                lambda: s.get(second.id), s.list, s.active, s.last_seq, s.stats]
+            for read in reads:  # the file grew: they must catch up, under the lock
+                with pytest.raises(LockTimeoutError):
+                    read()
         finally:
             holder.kill()
             holder.wait()
