@@ -6,6 +6,7 @@ sequence; lock waits are bounded; a forked child neither shares nor releases its
 from __future__ import annotations
 
 import collections
+import contextlib
 import fcntl
 import json
 import multiprocessing
@@ -397,24 +398,39 @@ sys.stdin.read()
 """
 
 
-@pytest.fixture
-def lock_held_elsewhere(store_dir: pathlib.Path) -> Iterator[subprocess.Popen[str]]:
+@contextlib.contextmanager
+def _lock_held(store_dir: pathlib.Path) -> Iterator[None]:
     """Another process holding an exclusive flock on the store's runs.lock."""
-    Store(store_dir).close()
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLDER, str(store_dir / "runs.lock")],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        yield holder
+        yield
     finally:
         holder.kill()
         holder.wait()
 
 
+def _all_time_out(calls: Sequence[Callable[[], object]]) -> None:
+    for call in calls:
+        started = time.monotonic()
+        with pytest.raises(LockTimeoutError):
+            call()
+        assert time.monotonic() - started < 5
+
+
+@pytest.fixture
+def lock_held_elsewhere(store_dir: pathlib.Path) -> Iterator[None]:
+    """Another process holding an exclusive flock on the store's runs.lock."""
+    Store(store_dir).close()
+    with _lock_held(store_dir):
+        yield
+
+
 @pytest.mark.timeout(60)
 def test_open_times_out_while_another_process_holds_the_lock(
-    store_dir: pathlib.Path, lock_held_elsewhere: subprocess.Popen[str]
+    store_dir: pathlib.Path, lock_held_elsewhere: None
 ) -> None:
     """Store() waits at most lock_timeout, then raises LockTimeoutError naming lock and time."""
     started = time.monotonic()
@@ -440,49 +456,19 @@ def test_calls_time_out_and_recover_when_the_lock_comes_back(store_dir: pathlib.
     try:
         run, _ = s.prepare_atomic("m1", "h", lambda: Run("m1", "/t", "h"))
         second, _ = s.prepare_atomic("m2", "h", lambda: Run("m2", "/t", "h"))
-        holder = subprocess.Popen(
-            [sys.executable, "-c", _HOLDER, str(store_dir / "runs.lock")],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
-            assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with _lock_held(store_dir):
             assert s.get(run.id) == run  # nothing changed: no lock needed
             assert s.list() == [run, second] and s.active() == [run, second]
             assert s.last_seq() == 2 and s.stats().runs == 2
-            for call in (lambda: s.start(run.id), s.compact):
-                started = time.monotonic()
-                with pytest.raises(LockTimeoutError):
-                    call()
-                assert time.monotonic() - started < 5
-        finally:
-            holder.kill()
-            holder.wait()
+            _all_time_out([lambda: s.start(run.id), s.compact])
         assert s.start(run.id).status is Status.RUNNING
         other.start(second.id)  # s has not seen this one
-        holder = subprocess.Popen(
-            [sys.executable, "-c", _HOLDER, str(store_dir / "runs.lock")],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
-            assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-            reads: list[Callable[[], object]] = [
-                lambda: s.get(second.id), s.list, s.active, s.last_seq, s.stats]
-            for read in reads:  # the file grew: they must catch up, under the lock
-                with pytest.raises(LockTimeoutError):
-                    read()
-        finally:
-            holder.kill()
-            holder.wait()
+        with _lock_held(store_dir):  # the file grew: the reads catch up, under the lock
+            _all_time_out([lambda: s.get(second.id), s.list, s.active, s.last_seq, s.stats])
         assert s.get(second.id).status is Status.RUNNING
     finally:
         other.close()
         s.close()
-
-
-def _hold_lock(store_dir: pathlib.Path) -> subprocess.Popen[str]:
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, str(store_dir / "runs.lock")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-    return holder
 
 
 @pytest.mark.timeout(60)
@@ -496,20 +482,12 @@ def test_reads_about_a_run_others_did_not_touch_need_no_lock(store_dir: pathlib.
         theirs, _ = s.prepare_atomic("m2", "h", lambda: Run("m2", "/t", "h"))
         other.start(theirs.id)
         made, _ = other.prepare_atomic("m3", "h", lambda: Run("m3", "/t", "h"))
-        holder = _hold_lock(store_dir)
-        try:
+        with _lock_held(store_dir):
             assert s.get(mine.id) == mine
             assert s.active_by_machine("m1") == mine
             assert s.active_by_machine("m9") is None
-            about_theirs: list[Callable[[], object]] = [
-                lambda: s.get(theirs.id), lambda: s.active_by_machine("m2"),
-                lambda: s.get(made.id), lambda: s.active_by_machine("m3")]
-            for read in about_theirs:
-                with pytest.raises(LockTimeoutError):
-                    read()
-        finally:
-            holder.kill()
-            holder.wait()
+            _all_time_out([lambda: s.get(theirs.id), lambda: s.active_by_machine("m2"),
+                           lambda: s.get(made.id), lambda: s.active_by_machine("m3")])
         assert s.get(theirs.id).status is Status.RUNNING
         assert s.active_by_machine("m3") == made
         assert s.active() == other.active()
@@ -524,13 +502,8 @@ def test_reads_past_too_many_unread_lines_take_the_lock(store_dir: pathlib.Path)
         size = (store_dir / "runs.jsonl").stat().st_size
         while (store_dir / "runs.jsonl").stat().st_size - size <= store_module._UNREAD_LIMIT:
             other.create(Run("elsewhere", "/t", "h", status=Status.COMPLETED))
-        holder = _hold_lock(store_dir)
-        try:
-            with pytest.raises(LockTimeoutError):
-                s.get(mine.id)
-        finally:
-            holder.kill()
-            holder.wait()
+        with _lock_held(store_dir):
+            _all_time_out([lambda: s.get(mine.id)])
         assert s.get(mine.id) == mine
 
 
