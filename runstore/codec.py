@@ -160,8 +160,12 @@ def dumps(data: dict[str, Any]) -> bytes:
 
 
 def _seal(body: dict[str, Any]) -> bytes:
-    raw = orjson.dumps(body, option=_DUMPS_OPTS)
-    head = raw[:-1]
+    return _sealed(orjson.dumps(body, option=_DUMPS_OPTS)[:-1])
+
+
+def _sealed(head: bytes) -> bytes:
+    """A journal line from ``head``, a JSON object without its closing brace: the CRC-32 of
+    ``head`` as its last field, the brace and the newline."""
     return b"%s%s%d}\n" % (head, _CRC_SEP, zlib.crc32(head))
 
 
@@ -195,8 +199,7 @@ def encode_record(
         fields = record_fields(run, extra)
     meta = orjson.dumps({"seq": seq, "id": run.id, "status": run.status, "change": change,
                          "time": time, "durable": durable}, option=_DUMPS_OPTS)
-    head = b"%s,%s" % (meta[:-1], fields)
-    return b"%s%s%d}\n" % (head, _CRC_SEP, zlib.crc32(head))
+    return _sealed(b"%s,%s" % (meta[:-1], fields))
 
 
 def encode_header(
