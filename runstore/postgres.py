@@ -338,7 +338,7 @@ class PostgresStore:
             raise _Retry
         row = conn.execute(self._sql.max_id).fetchone()
         new = transitions.fresh(run, ids.new_run_id(row[0] if row and row[0] else ""),
-                                None if run.status.is_terminal else owner.current())
+                                owner.current())
         conn.execute(self._sql.insert, _params(new, now, None))
         return new
 

@@ -601,8 +601,7 @@ class Store:
     def _new(self, run: Run) -> Run:
         """The first stored version of a validated ``run``: a new id, revision 1 and, when
         non-terminal, this process as owner."""
-        return transitions.fresh(run, ids.new_run_id(self._max_id),
-                                 None if run.status.is_terminal else owner.current())
+        return transitions.fresh(run, ids.new_run_id(self._max_id), owner.current())
 
     def create(self, run: Run) -> Run:
         """Store ``run`` under a new unique id (any id it has is overwritten)."""

@@ -180,10 +180,10 @@ def as_pending(made: Run) -> Run:
     return made if made.status is Status.PENDING else attrs.evolve(made, status=Status.PENDING)
 
 
-def fresh(run: Run, run_id: str, owner: Owner | None) -> Run:
+def fresh(run: Run, run_id: str, owner: Owner) -> Run:
     """The first stored version of a validated ``run``: ``run_id``, revision 1 and, when it
-    is non-terminal, ``owner`` (pass None for a terminal run)."""
-    if owner is None or run.status.is_terminal:
+    is non-terminal, ``owner`` (a terminal run has none)."""
+    if run.status.is_terminal:
         return attrs.evolve(run, id=run_id, revision=1)
     host, pid, since = owner
     return attrs.evolve(run, id=run_id, revision=1, owner_host=host, owner_pid=pid,
