@@ -618,14 +618,13 @@ class Store:
 
     def get(self, run_id: str) -> Run:
         """The run with this id; ``RunNotFoundError`` if there is none."""
-        return self._read(lambda: self._lookup(run_id), codec.json_string(run_id))
+        return self._read(lambda: self._lookup(run_id), run_id)
 
-    def _read(self, answer: Callable[[], T], about: bytes | None = None) -> T:
+    def _read(self, answer: Callable[[], T], about: str | None = None) -> T:
         """A read-only ``answer`` from the view, without the flock when the view is current
         for it (``_current_for``); otherwise as a write: under the flock, after catching up.
-        ``about``: the one run or machine the answer depends on (its id or name as a JSON
-        string, quotes included, as every line of it holds it); None when it may depend on
-        any run."""
+        ``about``: the one run id or machine the answer depends on; None when it may depend
+        on any run."""
         if self._closed:
             raise ValueError(f"the store at {self.state_dir} is closed")
         lock = self._lock
@@ -637,11 +636,12 @@ class Store:
             lock.release_mutex()
         return self._transact(lambda: (answer(), []))
 
-    def _current_for(self, about: bytes | None) -> bool:
+    def _current_for(self, about: str | None) -> bool:
         """True when the view answers for ``about`` as the journal would now: the file is
         still linked (a compaction elsewhere unlinks it) and none of the lines appended
         since the view was brought up to date (if any, and at most ``_UNREAD_LIMIT``
-        bytes) mentions it; with ``about`` None, when nothing was appended. Those lines
+        bytes) mentions it (as a JSON string, quotes included: every line of that run or
+        machine holds it so); with ``about`` None, when nothing was appended. Those lines
         are left for the next catch-up.
 
         Linearizable: a change completes its ``write`` before it is acknowledged, so a
@@ -655,8 +655,8 @@ class Store:
         unread = st.st_size - cur.end
         if st.st_nlink == 0 or not 0 <= unread <= _UNREAD_LIMIT:
             return False
-        return unread == 0 or (about is not None
-                               and about not in j.fs.pread(j.fd, unread, cur.end))
+        return unread == 0 or (about is not None and codec.json_string(about)
+                               not in j.fs.pread(j.fd, unread, cur.end))
 
     def update(self, run: Run) -> Run:
         """Replace the stored run with the same id; returns what was stored.
@@ -759,7 +759,7 @@ class Store:
             peers = self._machines.get(machine)
             return self._active[peers[0]] if peers else None
 
-        return self._read(answer, codec.json_string(machine))
+        return self._read(answer, machine)
 
     def active(self) -> _Runs:
         """Every non-terminal run, in insertion order."""
