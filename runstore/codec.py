@@ -55,6 +55,7 @@ _KEEP = object()
 #: the seed's field order (id first), then ours
 _SEED_ORDER = ("id", *(name for name in RUN_FIELDS if name != "id"))
 _CRC_SEP = b',"crc":'
+_DURABLE_FIELD = re.compile(rb'"durable":\d+')
 _DUMPS_OPTS = orjson.OPT_UTC_Z
 
 
@@ -167,6 +168,18 @@ def _sealed(head: bytes) -> bytes:
     """A journal line from ``head``, a JSON object without its closing brace: the CRC-32 of
     ``head`` as its last field, the brace and the newline."""
     return b"%s%s%d}\n" % (head, _CRC_SEP, zlib.crc32(head))
+
+
+def restamp(line: bytes, durable: int) -> bytes:
+    """A record line (without its newline) with its durable mark set to ``durable`` and
+    sealed again, for its place in a rewritten file (``compaction.reseal_tail``). Raises
+    ``BadLine`` when it has no durable mark. A key is found by its quotes: inside a string
+    value a quote is escaped, so ``"durable":`` cannot occur there."""
+    cut = line.rfind(_CRC_SEP)
+    head, found = _DURABLE_FIELD.subn(b'"durable":%d' % durable, line[:max(cut, 0)], count=1)
+    if not found:
+        raise BadLine("no durable mark to restamp")
+    return _sealed(head)
 
 
 def record_fields(run: Run, extra: dict[str, Any] | None = None) -> bytes:

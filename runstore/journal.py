@@ -27,12 +27,14 @@ import attrs
 from . import codec, failpoints
 from .errors import CorruptStoreError, StoreIOError, UnsafeStoreError
 from .fsio import FileSystem
-from .lock import flock_until
+from .lock import flock_until, try_flock
 
 DATA_NAME = "runs.jsonl"
 LOCK_NAME = "runs.lock"
 TMP_PREFIX = ".runs.jsonl."
 TMP_SUFFIX = ".tmp"
+#: the temp file of a compaction beside the lock (flocked while written; see Store)
+COMPACTING_NAME = f"{TMP_PREFIX}compacting{TMP_SUFFIX}"
 #: a damaged tail larger than this is not treated as a torn write but reported as corruption
 TORN_TAIL_LIMIT = 64 * 1024 * 1024
 _READ_CHUNK = 1 << 20
@@ -504,34 +506,106 @@ class Journal:
     def replace_with(self, chunks: Iterable[bytes]) -> None:
         """Write a new file through a temp file and rename it over the journal (always
         fsynced: a replaced journal must never come back empty)."""
-        tmp = f"{TMP_PREFIX}{os.urandom(8).hex()}{TMP_SUFFIX}"
+        name, fd = self.new_temp()
+        try:
+            self.write_temp(fd, chunks)
+        except BaseException:
+            self.abandon_temp(name, fd)
+            raise
+        self.install_temp(name, fd)
+
+    def new_temp(self) -> tuple[str, int]:
+        """Create a temp file (a random name, ``O_EXCL``, 0600) for a new journal."""
+        name = f"{TMP_PREFIX}{os.urandom(8).hex()}{TMP_SUFFIX}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN
         try:
-            fd = self.fs.open(tmp, flags, 0o600, self.dir_fd)
+            fd = self.fs.open(name, flags, 0o600, self.dir_fd)
         except OSError as exc:
-            raise StoreIOError(os.path.join(self.state_dir, tmp), "creating", exc) from None
+            raise StoreIOError(os.path.join(self.state_dir, name), "creating", exc) from None
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+        except OSError as exc:
+            self.abandon_temp(name, fd)
+            raise StoreIOError(os.path.join(self.state_dir, name), "creating", exc) from None
+        return name, fd
+
+    def claim_compaction_temp(self) -> int | None:
+        """Open and flock the one temp file of a compaction that runs beside the store lock
+        (``COMPACTING_NAME``), emptied; None when another process is writing it. Its flock
+        tells ``remove_stale_temps`` that it is in use, and a crashed writer's is released."""
+        path = os.path.join(self.state_dir, COMPACTING_NAME)
+        try:
+            fd = self.fs.open(COMPACTING_NAME, os.O_RDWR | os.O_CREAT | _OPEN, 0o600,
+                              self.dir_fd)
+        except OSError as exc:
+            if exc.errno in _IO_ERRNOS:
+                raise StoreIOError(path, "creating", exc) from None
+            raise _unsafe(path, exc, "compaction temp file") from None
+        try:
+            if not try_flock(fd):
+                self.fs.close(fd)
+                return None
+            # removed between our open and our flock (by remove_stale_temps)? then the
+            # name is not ours: leave the compaction to a later write
+            st = os.fstat(fd)
+            now = os.stat(COMPACTING_NAME, dir_fd=self.dir_fd, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
+                self.fs.close(fd)
+                return None
+            self._check_regular(fd, path, "compaction temp file")
+            self.fs.ftruncate(fd, 0)
+        except FileNotFoundError:
+            self.fs.close(fd)
+            return None
+        except OSError as exc:
+            self.abandon_temp(COMPACTING_NAME, fd)
+            raise StoreIOError(path, "preparing", exc) from None
+        return fd
+
+    def write_temp(self, fd: int, chunks: Iterable[bytes]) -> None:
+        """Write ``chunks`` to a temp file and fsync it."""
+        try:
+            for chunk in chunks:
+                self._write_all(fd, chunk)
+            failpoints.hit("compact.after_tmp_write")
+            self.fs.fsync(fd)
+            failpoints.hit("compact.after_tmp_sync")
+        except OSError as exc:
+            raise StoreIOError(self.path, "rewriting", exc) from None
+
+    def install_temp(self, name: str, fd: int, tail: bytes = b"") -> None:
+        """Append ``tail`` to a written temp file (fsynced when not empty), close it and
+        rename it over the journal, then fsync the directory. Call with the lock held."""
         try:
             try:
-                os.fchmod(fd, 0o600)
-                for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[self.fs.write(fd, view):]
-                failpoints.hit("compact.after_tmp_write")
-                self.fs.fsync(fd)
-                failpoints.hit("compact.after_tmp_sync")
+                if tail:
+                    self._write_all(fd, tail)
+                    self.fs.fsync(fd)
             finally:
                 self.fs.close(fd)
-            self.fs.replace(tmp, DATA_NAME, self.dir_fd)
+            self.fs.replace(name, DATA_NAME, self.dir_fd)
         except OSError as exc:
             with contextlib.suppress(OSError):
-                self.fs.unlink(tmp, self.dir_fd)
+                self.fs.unlink(name, self.dir_fd)
             raise StoreIOError(self.path, "rewriting", exc) from None
         failpoints.hit("compact.after_replace")
         try:
             self.fs.fsync(self.dir_fd)
         except OSError as exc:
             raise StoreIOError(self.state_dir, "syncing the directory", exc) from None
+
+    def abandon_temp(self, name: str, fd: int | None) -> None:
+        """Close and remove a temp file that will not be installed."""
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                self.fs.close(fd)
+        with contextlib.suppress(OSError):
+            self.fs.unlink(name, self.dir_fd)
+
+    def _write_all(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self.fs.write(fd, view):]
 
     def remove_stale_temps(self) -> None:
         """Remove temp files a crashed compaction left (call with the lock held)."""
@@ -541,12 +615,20 @@ class Journal:
             return
         for name in names:
             if name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX):
-                try:
-                    st = os.stat(name, dir_fd=self.dir_fd, follow_symlinks=False)
-                    if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
-                        self.fs.unlink(name, self.dir_fd)
-                except OSError:
-                    pass
+                with contextlib.suppress(OSError):
+                    self._remove_stale_temp(name)
+
+    def _remove_stale_temp(self, name: str) -> None:
+        """Remove one temp file if it is a regular file of ours that nobody holds."""
+        st = os.stat(name, dir_fd=self.dir_fd, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            return
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _OPEN, dir_fd=self.dir_fd)
+        try:  # one that a compaction beside the lock is writing is flocked: in use
+            if os.fstat(fd).st_ino == st.st_ino and try_flock(fd):
+                self.fs.unlink(name, self.dir_fd)
+        finally:
+            os.close(fd)
 
 
 @attrs.frozen

@@ -73,6 +73,12 @@ class StoreLock:
     def _lock_file(self, fd: int, deadline: float, timeout: float) -> None:
         flock_until(fd, deadline, self.lock_path, timeout)
 
+    def acquire_file(self, timeout: float) -> None:
+        """Take the file lock again while still holding the mutex (after ``release_file``);
+        ``LockTimeoutError`` after ``timeout`` seconds."""
+        assert self._fd is not None
+        self._lock_file(self._fd, time.monotonic() + timeout, timeout)
+
     def release(self) -> None:
         """Release the file lock, then the mutex."""
         try:
@@ -134,6 +140,15 @@ def flock_until(fd: int, deadline: float, lock_path: str, timeout: float) -> Non
         else:
             time.sleep(min(delay, deadline - now))
             delay = min(delay * 2, _MAX_SLEEP)
+
+
+def try_flock(fd: int) -> bool:
+    """Take an exclusive flock on ``fd`` if it is free now (a temp file in use)."""
+    try:
+        flock(fd, _EXCLUSIVE_NOW)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _after_fork_in_child() -> None:

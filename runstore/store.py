@@ -28,11 +28,22 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, TypeVar
 
-from . import codec, failpoints, ids, interchange, owner, reaping, retention, transitions
+from . import (
+    codec,
+    compaction,
+    failpoints,
+    ids,
+    interchange,
+    owner,
+    reaping,
+    retention,
+    transitions,
+)
 from .active import ActiveRuns
 from .errors import (
     CorruptStoreError,
     HistoryTruncatedError,
+    LockTimeoutError,
     MachineBusyError,
     RunNotFoundError,
     RunstoreError,
@@ -40,7 +51,16 @@ from .errors import (
 )
 from .fsio import DEFAULT as DEFAULT_FS
 from .fsio import FileSystem
-from .journal import Cursor, Damage, Header, Journal, cursor_after_header, judge, scan
+from .journal import (
+    COMPACTING_NAME,
+    Cursor,
+    Damage,
+    Header,
+    Journal,
+    cursor_after_header,
+    judge,
+    scan,
+)
 from .lock import StoreLock
 from .model import BatchSummary, Change, ChangeType, PrepareOutcome, Run, Status, StoreStats
 
@@ -60,6 +80,8 @@ RETAIN_CHANGES = 4096
 _ACTIVE = frozenset({Status.PENDING.value, Status.RUNNING.value})
 _CREATED = ChangeType.RUN_CREATED.value
 _PRUNED = ChangeType.RUN_PRUNED.value
+#: lines a process waits for before it tries again to compact when another one was at it
+_COMPACT_RETRY_LINES = 256
 #: the most bytes appended since the view was brought up to date that a read looks through
 #: for the run it is about before answering without the flock (``Store._current_for``)
 _UNREAD_LIMIT = 64 * 1024
@@ -130,6 +152,7 @@ class Store:
         self._base_count = 0  # latest-version lines in the base
         self._tail_created = 0  # runs created after the base
         self._tail_pruned: set[str] = set()  # runs pruned after the base
+        self._compact_retry_at = 0  # lines: until then automatic compaction is not tried
 
     def _index_version(self, offset: int, run_id: str, active: Run | dict[str, Any] | None,
                        changed_at: _dt.datetime | None, change: str) -> None:
@@ -377,6 +400,7 @@ class Store:
         lock = self._lock
         lock.acquire(self.lock_timeout, early)
         wrote_to = -1
+        compact = False
         try:
             self._catch_up()
             if self._resync:
@@ -389,14 +413,7 @@ class Store:
             result, changes = decide()
             if changes:
                 wrote_to = self._append(changes)
-                if self._compaction_due(len(changes)):
-                    self._index_appended()  # compaction writes the view: complete it first
-                    if self._compaction_due():
-                        self._compact()
-                        # the new file is already synced, and wrote_to is an offset in the
-                        # old one: keeping it would set _synced past the new file's end, and
-                        # the next line's durable mark would point past itself
-                        wrote_to = -1
+                compact = self._compaction_due(len(changes))
         except BaseException as exc:
             if isinstance(exc, StoreIOError) and exc.action.startswith(("syncing", "truncating")):
                 self._resync = True
@@ -419,6 +436,8 @@ class Store:
                     self._resync = True
                     raise
                 self._synced = max(self._synced, wrote_to)
+            if compact and self._compaction_due():
+                self._compact_beside()
         finally:
             lock.release_mutex()
         return result
@@ -473,54 +492,95 @@ class Store:
         return self._lines + unindexed - live > RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live)
 
     def _compact(self, retain: int = RETAIN_CHANGES) -> None:
-        """Rewrite the file (the lock is held): a header with the base's summary, the latest
-        version of every run in insertion order, then the last ``retain`` changes verbatim
-        for lagging watchers. Written in chunks of about a megabyte."""
-        self._ensure_index()
-        self._active.values()  # structure deferred records now: refuse a malformed one
-        j, cur, header = self._journal, self._cur, self._header
-        assert cur is not None and header is not None
-        buf = j.read_from(0)
-        find = buf.index
-        history = list(self._recent)[len(self._recent) - retain:] if retain else []
-        kept = [*self._index.values(), *history]
-        lengths = [find(b"\n", offset) + 1 - offset for offset in kept]
-        at = list(itertools.accumulate(lengths, initial=0))  # where each kept line will be
-        latest_count = len(self._index)
-        latest_bytes, size = at[latest_count], at[-1]
-        act = self._active
-        active = [at[i] for i, run_id in enumerate(self._index) if run_id in act]
-        spans = _spans(kept, lengths)
-        view = memoryview(buf)
-        crc = 0
-        for a, b in spans:
-            crc = zlib.crc32(view[a:b], crc)
-        through = cur.next_seq - 1 - len(history)
-        summary = codec.BaseSummary(lines=latest_count, crc=crc, max_id=self._max_id,
-                                    active=tuple(active))
-        head = codec.encode_header(header.store_id, header.created, through, latest_bytes,
-                                   size - latest_bytes, summary)
+        """Rewrite the file now, the lock held (``compact()``, and after a failed sync):
+        see ``compaction.plan``."""
+        plan = self._plan_compaction(retain)
         failpoints.hit("compact.before_rewrite")
         try:
-            j.replace_with(_chunked(head, view, spans))
-            self._header = j.open()
+            self._journal.replace_with(plan.chunks())
+            self._header = self._journal.open()
         except BaseException:
             self._stale = True
             raise
-        view.release()
-        del buf
-        start = len(head)
-        moved = {old: start + at[latest_count + k] for k, old in enumerate(history)}
-        # a run whose latest version is in the retained history points there (as a reader's)
-        self._index = {run_id: moved.get(old, start + at[i])
-                       for i, (run_id, old) in enumerate(self._index.items())}
-        end = start + size
-        self._recent = collections.deque((moved[o] for o in history), maxlen=RETAIN_CHANGES)
+        self._adopt(plan, {}, plan.base_end)
+
+    def _plan_compaction(self, retain: int = RETAIN_CHANGES) -> compaction.Plan:
+        """Lay out the compaction of the file as far as the view has read it, keeping the
+        last ``retain`` changes verbatim for lagging watchers."""
+        self._ensure_index()
+        self._active.values()  # structure deferred records now: refuse a malformed one
+        cur, header = self._cur, self._header
+        assert cur is not None and header is not None
+        history = list(self._recent)[len(self._recent) - retain:] if retain else []
+        return compaction.plan(self._journal.read_from(0), self._index, self._active, history,
+                               store_id=header.store_id, created=header.created,
+                               next_seq=cur.next_seq, max_id=self._max_id, old_end=cur.end)
+
+    def _adopt(self, plan: compaction.Plan, tail: dict[int, int], end: int) -> None:
+        """Point the view at the new file ``plan`` laid out (now in place, synced to
+        ``end``); ``tail`` maps the lines copied after its base (old -> new offsets)."""
+        plan.buf = b""  # the old file's bytes: not needed any more
+        moves = plan.moves
+        moves.update(tail)
+        self._index = {run_id: moves[old] for run_id, old in self._index.items()}
+        self._recent = collections.deque([*plan.history, *tail.values()],
+                                         maxlen=RETAIN_CHANGES)
+        cur = self._cur
+        assert cur is not None
         self._cur = Cursor(end=end, next_seq=cur.next_seq, durable=end,
-                           latest_end=start + latest_bytes, base_end=end,
-                           compacted_through=through)
+                           latest_end=plan.latest_end, base_end=plan.base_end,
+                           compacted_through=plan.compacted_through)
         self._synced = end
-        self._lines = len(kept)
+        self._lines = plan.lines + len(tail)
+
+    def _compact_beside(self) -> None:
+        """Automatic compaction without stopping other processes for it: with only the mutex
+        held, write the compacted file as far as the view has read it to a temp file and
+        sync it; then, under the flock again, copy what others appended meanwhile after it
+        (``compaction.reseal_tail``) and rename it into place. Skipped when another process
+        is doing it (its temp file is flocked), given up (a later write tries again) when the
+        file was replaced meanwhile or the flock cannot be had in ``lock_timeout``."""
+        j = self._journal
+        if self._lines < self._compact_retry_at:
+            return
+        fd: int | None = j.claim_compaction_temp()
+        if fd is None:  # another process is compacting: let it, and ask again later
+            self._compact_retry_at = self._lines + _COMPACT_RETRY_LINES
+            return
+        installed: tuple[compaction.Plan, dict[int, int], int] | None = None
+        try:
+            plan = self._plan_compaction()
+            failpoints.hit("compact.before_rewrite")
+            j.write_temp(fd, plan.chunks())
+            try:
+                self._lock.acquire_file(self.lock_timeout)
+            except LockTimeoutError:
+                return
+            try:
+                st = os.fstat(j.fd) if j.fd is not None else None
+                if st is None or st.st_nlink == 0 or st.st_size < plan.old_end:
+                    return  # replaced or cut meanwhile: the next operation reloads
+                self._catch_up()
+                cur = self._cur
+                if self._stale or self._lazy or cur is None or cur.end < plan.old_end:
+                    return
+                self._active.values()  # structure what the catch-up deferred, as _plan does
+                appended = b"".join(chunk for _, chunk in j.read_lines(plan.old_end, cur.end))
+                tail, moves = compaction.reseal_tail(appended, plan.old_end, plan.base_end,
+                                                     plan.base_end, j.path)
+                installing, fd = fd, None
+                self._stale = True  # until the view is adopted
+                j.install_temp(COMPACTING_NAME, installing, tail)
+                self._header = j.open()
+                installed = plan, moves, plan.base_end + len(tail)
+            finally:
+                self._lock.release_file()
+        finally:
+            if fd is not None:
+                j.abandon_temp(COMPACTING_NAME, fd)
+        if installed is not None:  # the view is this process's own: the mutex is enough
+            self._adopt(*installed)
+            self._stale = False
 
     # -- reading runs -------------------------------------------------------------------
 
@@ -967,40 +1027,6 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self.state_dir!r}, durable={self.durable})"
-
-
-def _spans(offsets: list[int], lengths: list[int]) -> list[tuple[int, int]]:
-    """The byte ranges of the lines at ``offsets`` (of ``lengths``), adjacent ones merged: a
-    compaction's kept lines are mostly contiguous (the retained history always is)."""
-    spans: list[tuple[int, int]] = []
-    start = end = -1
-    for offset, length in zip(offsets, lengths, strict=True):
-        if offset != end:
-            if end >= 0:
-                spans.append((start, end))
-            start = offset
-        end = offset + length
-    if end >= 0:
-        spans.append((start, end))
-    return spans
-
-
-def _chunked(head: bytes, view: memoryview, spans: list[tuple[int, int]],
-             size: int = 1 << 20) -> Iterator[bytes]:
-    """``head`` then the bytes of ``view`` in ``spans``, joined into chunks of ~``size``."""
-    parts: list[bytes | memoryview] = [head]
-    total = len(head)
-    for a, b in spans:
-        while a < b:
-            piece = view[a:min(b, a + size - total)]
-            parts.append(piece)
-            total += len(piece)
-            a += len(piece)
-            if total >= size:
-                yield b"".join(parts)
-                parts, total = [], 0
-    if parts:
-        yield b"".join(parts)
 
 
 def _changes_in(buf: bytes, since_seq: int, path: str) -> Iterator[Change]:

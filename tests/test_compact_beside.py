@@ -1,0 +1,297 @@
+"""Automatic compaction beside the lock: the compacted copy is written and synced while other
+processes go on writing; only copying what they appended meanwhile and the rename take the
+lock. A compaction another process is running is left alone (its temp file too), and one that
+cannot finish (the file was replaced, the lock is busy) is given up quietly and retried."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import functools
+import os
+import pathlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+import runstore.store as store_module
+from runstore import ChangeType, Run, Status, Store, codec, compaction, journal, lock
+from runstore.errors import CorruptStoreError, UnsafeStoreError
+from runstore.fsio import FileSystem
+
+_NOW = _dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=_dt.UTC)
+
+_WRITER = """
+import sys
+from runstore import Run, Status, Store
+s = Store(sys.argv[1], lock_timeout=5)
+for i in range(5):
+    run, _ = s.prepare_atomic(f"c{i}", "h", lambda i=i: Run(f"c{i}", "/t/c", "h"))
+    s.start(run.id)
+    s.finish(run.id, Status.COMPLETED)
+    print(run.id)
+s.close()
+"""
+
+_HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def often(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Automatic compaction after a few dozen superseded lines."""
+    monkeypatch.setattr(store_module, "COMPACT_MIN_SUPERSEDED", 8)
+    monkeypatch.setattr(store_module, "RETAIN_CHANGES", 4)
+
+
+def _cycle(s: Store, machine: str) -> str:
+    run, _ = s.prepare_atomic(machine, "h", lambda: Run(machine, "/t", "h"))
+    s.start(run.id)
+    s.finish(run.id, Status.COMPLETED, exit_code=0)
+    return run.id
+
+
+def _lines(path: pathlib.Path) -> tuple[dict[str, Any], int, list[tuple[int, dict[str, Any]]]]:
+    """The header, where the compacted base ends, and every record line with its offset."""
+    data = path.read_bytes()
+    nl = data.index(b"\n")
+    header = orjson.loads(data[:nl])
+    records, pos = [], nl + 1
+    while pos < len(data):
+        end = data.index(b"\n", pos)
+        records.append((pos, orjson.loads(data[pos:end])))
+        pos = end + 1
+    return header, nl + 1 + header["base_bytes"] + header["history_bytes"], records
+
+
+def _compacted_through(store_dir: pathlib.Path) -> int:
+    through: int = _lines(store_dir / "runs.jsonl")[0]["compacted_through"]
+    return through
+
+
+def _hook_write_temp(monkeypatch: pytest.MonkeyPatch, after: Any) -> list[int]:
+    """Call ``after()`` once, right after the first compacted copy is written and synced;
+    the returned list counts the copies written."""
+    original = journal.Journal.write_temp
+    copies: list[int] = []
+
+    def write_temp(self: journal.Journal, fd: int, chunks: Any) -> None:
+        original(self, fd, chunks)
+        copies.append(fd)
+        if len(copies) == 1:
+            after()
+
+    monkeypatch.setattr(journal.Journal, "write_temp", write_temp)
+    return copies
+
+
+@contextlib.contextmanager
+def _lock_held(store_dir: pathlib.Path) -> Iterator[None]:
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(store_dir / "runs.lock")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.timeout(120)
+def test_other_processes_write_while_the_compacted_copy_is_written(
+        store_dir: pathlib.Path, often: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process takes the lock and writes five runs while the compaction writes its
+    copy; those runs end up after the new file's base, re-marked durable up to the base, and
+    every run is there for this process, a fresh one and ``check``."""
+    Store(store_dir).close()
+    theirs: list[str] = []
+
+    def other_process_writes() -> None:
+        out = subprocess.run([sys.executable, "-c", _WRITER, str(store_dir)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr  # it got the lock in time (lock_timeout=5)
+        theirs.extend(out.stdout.split())
+
+    copies = _hook_write_temp(monkeypatch, other_process_writes)
+    with Store(store_dir) as s:
+        ours: list[str] = []
+        while not copies:
+            ours.append(_cycle(s, f"m{len(ours) % 3}"))
+        assert len(ours) < 30 and len(theirs) == 5
+        header, base_end, records = _lines(store_dir / "runs.jsonl")
+        assert header["compacted_through"] > 0
+        tail = [(offset, d) for offset, d in records if d["id"] in theirs]
+        assert tail and all(offset >= base_end for offset, _ in tail)
+        assert all(d["durable"] >= base_end for _, d in tail)
+        assert {r.id for r in s.list()} == {*ours, *theirs}
+        assert all(s.get(rid).status is Status.COMPLETED for rid in theirs)
+        _cycle(s, "m0")  # the view points into the new file: writing on works
+    with Store(store_dir) as fresh:
+        assert len(fresh.list()) == len(ours) + len(theirs) + 1
+    assert journal.check(store_dir).ok
+    assert not (store_dir / journal.COMPACTING_NAME).exists()
+
+
+def test_a_compaction_another_process_is_running_is_left_alone(
+        store_dir: pathlib.Path, often: None) -> None:
+    """While another open file description holds the compaction temp file's flock, writes
+    neither compact nor remove that file (opening the store neither); once it is free, the
+    next open removes it as stale and compaction resumes."""
+    Store(store_dir).close()
+    temp = store_dir / journal.COMPACTING_NAME
+    fd = os.open(temp, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with Store(store_dir) as s:
+            for i in range(30):
+                _cycle(s, f"m{i % 3}")
+        with Store(store_dir) as s:
+            assert len(s.list()) == 30
+        assert temp.exists()
+        assert _compacted_through(store_dir) == 0
+    finally:
+        os.close(fd)
+    with Store(store_dir) as s:
+        assert not temp.exists()
+        for i in range(30):
+            _cycle(s, f"m{i % 3}")
+        assert len(s.list()) == 60
+    assert _compacted_through(store_dir) > 0
+
+
+def test_compaction_gives_up_when_the_file_is_replaced_meanwhile(
+        store_dir: pathlib.Path, often: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An explicit compaction elsewhere replaces the file while the copy is written: the
+    copy is dropped (no error, no temp file left) and the store reads on from the new file."""
+    Store(store_dir).close()
+    other = Store(store_dir)
+    copies = _hook_write_temp(monkeypatch, other.compact)
+    try:
+        with Store(store_dir) as s:
+            ids = [_cycle(s, f"m{i % 3}") for i in range(30)]
+            assert len(copies) >= 2  # ours, then the other's
+            assert not (store_dir / journal.COMPACTING_NAME).exists()
+            assert [r.id for r in s.list()] == ids
+    finally:
+        other.close()
+    with Store(store_dir) as fresh:
+        assert [r.id for r in fresh.list()] == ids
+    assert journal.check(store_dir).ok
+
+
+@pytest.mark.timeout(60)
+def test_compaction_gives_up_when_the_lock_stays_busy(
+        store_dir: pathlib.Path, often: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock is held elsewhere past ``lock_timeout`` when the copy is ready: the call that
+    compacted returns normally (its own change was written before), the copy is dropped, and
+    a later write compacts."""
+    Store(store_dir).close()
+    holding = contextlib.ExitStack()
+    copies = _hook_write_temp(monkeypatch, lambda: holding.enter_context(_lock_held(store_dir)))
+    with Store(store_dir, lock_timeout=0.3) as s, holding:
+        calls = 0
+        while not copies:  # one call at a time: the one that compacts returns normally
+            machine = f"m{calls % 3}"
+            run, _ = s.prepare_atomic(machine, "h", functools.partial(Run, machine, "/t", "h"))
+            for status in (Status.RUNNING, Status.COMPLETED):
+                calls += 1
+                if copies:
+                    break
+                if status is Status.RUNNING:
+                    s.start(run.id)
+                else:
+                    s.finish(run.id, status)
+        assert calls < 60
+        assert not (store_dir / journal.COMPACTING_NAME).exists()
+        assert _compacted_through(store_dir) == 0
+        holding.close()
+    with Store(store_dir) as s:
+        before = len(s.list())
+        for i in range(30):
+            _cycle(s, f"n{i % 3}")
+        assert len(s.list()) == before + 30
+    assert _compacted_through(store_dir) > 0
+
+
+def test_restamp_changes_only_the_durable_mark() -> None:
+    """The mark is found by its quoted key, never inside a string value; the line stays
+    sound and decodes to the same record."""
+    run = Run("m1", '/t/"durable":7', "h")
+    line = codec.encode_record(3, ChangeType.RUN_CREATED, _NOW, 120, run)[:-1]
+    again = codec.restamp(line, 4096)
+    data, before = codec.decode_line(again[:-1]), codec.decode_line(line)
+    assert data["durable"] == 4096 and data["test_dir"] == '/t/"durable":7'
+    assert {k: v for k, v in data.items() if k not in ("durable", "crc")} == \
+        {k: v for k, v in before.items() if k not in ("durable", "crc")}
+    with pytest.raises(codec.BadLine):
+        codec.restamp(b'{"seq":1,"crc":5}', 9)
+
+
+def test_reseal_tail_maps_records_and_drops_marks() -> None:
+    """Records follow the new base with its durable mark; clean-close marks are dropped; a
+    line that no longer passes is corruption, named by its offset in the old file."""
+    run = Run("m1", "/t", "h")
+    a = codec.encode_record(7, ChangeType.RUN_CREATED, _NOW, 500, run)
+    mark = codec.encode_mark(600)
+    b = codec.encode_record(8, ChangeType.RUN_UPDATED, _NOW, 500, run)
+    tail, moves = compaction.reseal_tail(a + mark + b, 1000, 200, 200, "/x/runs.jsonl")
+    assert list(moves) == [1000, 1000 + len(a) + len(mark)]
+    first = moves[1000] - 200
+    second = moves[1000 + len(a) + len(mark)] - 200
+    assert first == 0 and tail.count(b"\n") == 2
+    assert [codec.decode_line(line)["durable"] for line in tail.splitlines()] == [200, 200]
+    assert codec.decode_line(tail[second:-1])["seq"] == 8
+    with pytest.raises(CorruptStoreError, match="changed while compacting"):
+        compaction.reseal_tail(b'{"seq":1}\n', 1000, 200, 200, "/x/runs.jsonl")
+
+
+def test_a_temp_file_removed_under_the_claim_is_not_used(
+        store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the claim's open and its flock, a cleanup removed the temp file: the claim
+    sees that the name is no longer its file and backs off (RELIABILITY: lock-file deletion)."""
+    Store(store_dir).close()
+    j = journal.Journal(str(store_dir), FileSystem())
+    real = lock.try_flock
+
+    def removed_first(fd: int) -> bool:
+        os.unlink(store_dir / journal.COMPACTING_NAME)
+        return real(fd)
+
+    monkeypatch.setattr(journal, "try_flock", removed_first)
+    try:
+        assert j.claim_compaction_temp() is None
+        monkeypatch.setattr(journal, "try_flock", real)
+        fd = j.claim_compaction_temp()
+        assert fd is not None
+        j.abandon_temp(journal.COMPACTING_NAME, fd)
+    finally:
+        j.close()
+    assert not (store_dir / journal.COMPACTING_NAME).exists()
+
+
+def test_a_symlink_planted_as_the_temp_file_is_refused(
+        store_dir: pathlib.Path, tmp_path: pathlib.Path, often: None) -> None:
+    """A symlink at the temp file's name is never followed: the write that would compact
+    raises UnsafeStoreError naming it (its own change is stored), the target is untouched."""
+    Store(store_dir).close()
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    os.symlink(victim, store_dir / journal.COMPACTING_NAME)
+    with Store(store_dir) as s, pytest.raises(UnsafeStoreError, match="symbolic link") as info:
+        for i in range(30):
+            _cycle(s, f"m{i % 3}")
+    assert journal.COMPACTING_NAME in str(info.value)
+    assert victim.read_text() == "precious"
+    os.unlink(store_dir / journal.COMPACTING_NAME)
+    with Store(store_dir) as s:
+        assert len(s.list()) >= 5
