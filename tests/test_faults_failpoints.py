@@ -25,6 +25,9 @@ EXPECTED = {"append.before_write", "append.after_write", "append.after_sync",
 
 _CHILD = """
 import faults
+import runstore.store
+if {often}:  # compacting on its own (beside the lock) instead of by compact()
+    runstore.store.COMPACT_MIN_SUPERSEDED, runstore.store.RETAIN_CHANGES = 4, 2
 faults.writer({state!r}, {log!r}, {seed}, ops={ops}, durable={durable}, compact_every={ce},
               prune_every={pe}, archive={archive!r})
 """
@@ -55,7 +58,7 @@ def _kill_at(point: str, kills: int, base: pathlib.Path) -> dict[str, Any]:
             if not (state / "runs.jsonl").exists():
                 spawn_python(_CHILD.format(state=str(state), log=str(base / "seed"), seed=0,
                                            ops=12, durable=True, ce=0, pe=0,
-                                           archive="")).wait(60)
+                                           archive="", often=False)).wait(60)
             _plant_torn_tail(state, rng)
             hit = 1
         elif point.startswith("append"):
@@ -65,9 +68,10 @@ def _kill_at(point: str, kills: int, base: pathlib.Path) -> dict[str, Any]:
         child = spawn_python(
             _CHILD.format(state=str(state), log=log, seed=rng.randrange(1 << 30), ops=60,
                           durable=point != "append.after_write" or n % 2 == 0,
-                          ce=7 if point.startswith("compact") else 0,
+                          ce=7 if point.startswith("compact") and n % 2 == 0 else 0,
                           pe=9 if point.startswith("prune") else 0,
-                          archive=str(base / "archive.jsonl")),
+                          archive=str(base / "archive.jsonl"),
+                          often=point.startswith("compact") and n % 2 == 1),
             env={"RUNSTORE_FAILPOINT": f"{point}:{hit}"})
         _out, err = child.communicate(timeout=120)
         if child.returncode == -signal.SIGKILL:
@@ -119,7 +123,7 @@ def test_failpoint_full(point: str, tmp_path: pathlib.Path, capsys: Any) -> None
 def test_failpoint_child_really_dies_at_the_point(tmp_path: pathlib.Path) -> None:
     """Sanity: an armed child is killed by SIGKILL, an unarmed one exits 0."""
     code = _CHILD.format(state=str(tmp_path / "s"), log=str(tmp_path / "l"), seed=1, ops=5,
-                         durable=True, ce=0, pe=0, archive="")
+                         durable=True, ce=0, pe=0, archive="", often=False)
     armed = spawn_python(code, env={"RUNSTORE_FAILPOINT": "append.after_write:2"})
     plain = spawn_python(code)
     assert armed.wait(60) == -signal.SIGKILL

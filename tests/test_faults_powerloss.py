@@ -25,6 +25,7 @@ from faults import (
     sized,
 )
 
+import runstore.store as store_module
 from runstore import Status, Store
 
 pytestmark = pytest.mark.timeout(600)
@@ -78,6 +79,21 @@ def test_every_crash_state_of_short_durable_histories(tmp_path: pathlib.Path, ca
     assert ex.violations == [], ex.violations[:5]
     # a compaction writes its file in ~1 MB chunks (one write here), so these short
     # histories have a few hundred crash states: enough to cover every point
+    assert ex.states > 200
+
+
+def test_every_crash_state_around_automatic_compactions(tmp_path: pathlib.Path, capsys: Any,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exhaustive, with every write that leaves a superseded line compacting on its own
+    (beside the lock: the temp file claimed and emptied, written and synced, renamed over
+    the journal): 0 violations."""
+    monkeypatch.setattr(store_module.Store, "_compaction_due",
+                        lambda self, unindexed=0: self._lines + unindexed > self._live())
+    started = time.monotonic()
+    ex = explore(tmp_path, seeds=range(200, 200 + sized(3, 30)), steps=6, durable=True,
+                 exhaustive=True, limit=400)
+    _report(capsys, "exhaustive, automatic compactions", ex, started)
+    assert ex.violations == [], ex.violations[:5]
     assert ex.states > 200
 
 

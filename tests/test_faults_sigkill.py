@@ -13,9 +13,11 @@ import signal
 import time
 from typing import Any
 
+import orjson
 import pytest
 from faults import Acked, audit_store, figure, lost_acks, read_acks, sized, wait_pid, writer
 
+import runstore.store as store_module
 from runstore import Store
 
 pytestmark = pytest.mark.timeout(900)
@@ -96,6 +98,18 @@ def _check(capsys: Any, base: pathlib.Path, rounds: int) -> None:
 def test_sigkill_loop(tmp_path: pathlib.Path, capsys: Any) -> None:
     """>= 200 rounds of 3 writers killed at random moments (CI size)."""
     _check(capsys, tmp_path, sized(200, 1000))
+
+
+def test_sigkill_loop_compacting_often(tmp_path: pathlib.Path, capsys: Any,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with thresholds so low that the writers keep compacting on their own, beside
+    the lock, while the others write: kills land in the middle of compactions and of the
+    copying of what was appended meanwhile (CI size)."""
+    monkeypatch.setattr(store_module, "COMPACT_MIN_SUPERSEDED", 16)
+    monkeypatch.setattr(store_module, "RETAIN_CHANGES", 8)
+    _check(capsys, tmp_path, sized(60, 300))
+    header = orjson.loads((tmp_path / "state" / "runs.jsonl").read_bytes().split(b"\n")[0])
+    assert header["compacted_through"] > 0
 
 
 @pytest.mark.stress
