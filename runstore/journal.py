@@ -7,8 +7,9 @@ file created ``O_EXCL|O_NOFOLLOW`` 0600, fsyncs it, renames it over the journal 
 directory. A compaction beside the lock uses one fixed temp name instead, flocked while it is
 written and checked to still be the file at that name after the flock (a cleanup may have
 removed it in between), so that stale-temp cleanup and other processes leave it alone; what
-is appended to it under the lock is fsynced before the rename. Every open uses ``O_NOFOLLOW|O_CLOEXEC`` relative to a descriptor of the state
-directory, so a swapped path component cannot redirect it.
+is appended to it under the lock is fsynced before the rename. Every open uses
+``O_NOFOLLOW|O_CLOEXEC`` relative to a descriptor of the state directory, so a swapped path
+component cannot redirect it.
 """
 
 from __future__ import annotations
