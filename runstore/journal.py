@@ -245,6 +245,14 @@ def _unsafe(path: str, exc: OSError, what: str) -> UnsafeStoreError:
                             "check the path and its permissions")
 
 
+def log_warning(message: str, *args: object) -> None:
+    """Log on the ``runstore`` logger (``logging`` is imported here, not at the top: it
+    costs a fresh process ~4 ms, and only recovery and failed housekeeping log)."""
+    import logging
+
+    logging.getLogger("runstore").warning(message, *args)
+
+
 def open_state_dir(state_dir: str, *, create: bool = True) -> int:
     """Create the state directory (0700) when missing and return a descriptor of it after
     checking it belongs to us and is not writable by group or others."""
@@ -496,11 +504,8 @@ class Journal:
         assert self.fd is not None
         failpoints.hit("recover.before_truncate")
         size = os.fstat(self.fd).st_size
-        import logging  # here, not at the top: it costs a fresh process ~4 ms to import
-
-        logging.getLogger("runstore").warning(
-            "runstore: recovering %s: dropping %d bytes from offset %d (%s)",
-            self.path, size - length, length, reason)
+        log_warning("runstore: recovering %s: dropping %d bytes from offset %d (%s)",
+                    self.path, size - length, length, reason)
         try:
             self.fs.ftruncate(self.fd, length)
             self.fs.fdatasync(self.fd)

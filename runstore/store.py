@@ -59,6 +59,7 @@ from .journal import (
     Journal,
     cursor_after_header,
     judge,
+    log_warning,
     scan,
 )
 from .lock import StoreLock
@@ -437,7 +438,13 @@ class Store:
                     raise
                 self._synced = max(self._synced, wrote_to)
             if compact and self._compaction_due():
-                self._compact_beside()
+                try:
+                    self._compact_beside()
+                except StoreIOError as exc:  # housekeeping: the change itself is stored
+                    self._compact_retry_at = self._lines + _COMPACT_RETRY_LINES
+                    log_warning("runstore: automatic compaction of %s failed (%s); the "
+                                "change was stored; trying again after %d more lines",
+                                self._journal.path, exc, _COMPACT_RETRY_LINES)
         finally:
             lock.release_mutex()
         return result
@@ -539,7 +546,8 @@ class Store:
         sync it; then, under the flock again, copy what others appended meanwhile after it
         (``compaction.reseal_tail``) and rename it into place. Skipped when another process
         is doing it (its temp file is flocked), given up (a later write tries again) when the
-        file was replaced meanwhile or the flock cannot be had in ``lock_timeout``."""
+        file was replaced meanwhile or the flock cannot be had in ``lock_timeout``, and on an
+        I/O error (the caller logs it: the write that found compaction due was stored)."""
         j = self._journal
         if self._lines < self._compact_retry_at:
             return

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import functools
+import logging
 import os
 import pathlib
 import subprocess
@@ -18,6 +20,7 @@ from typing import Any
 
 import orjson
 import pytest
+from faults import FailingFS
 
 import runstore.store as store_module
 from runstore import ChangeType, Run, Status, Store, codec, compaction, journal, lock
@@ -295,3 +298,24 @@ def test_a_symlink_planted_as_the_temp_file_is_refused(
     os.unlink(store_dir / journal.COMPACTING_NAME)
     with Store(store_dir) as s:
         assert len(s.list()) >= 5
+
+
+def test_an_io_error_while_compacting_fails_no_write(
+        store_dir: pathlib.Path, often: None, caplog: pytest.LogCaptureFixture) -> None:
+    """ENOSPC while syncing the compacted copy: the write that found compaction due returns
+    (its change is stored), the failure is logged naming the file, no temp file is left, and
+    compaction is tried again a few hundred lines later."""
+    Store(store_dir).close()
+    fs = FailingFS("fsync", 1, errno.ENOSPC)  # not durable: compaction makes the only fsyncs
+    with (caplog.at_level(logging.WARNING, logger="runstore"),
+          Store(store_dir, durable=False, _fs=fs) as s):
+        ids = [_cycle(s, f"m{i % 3}") for i in range(120)]
+        assert fs.failed == 1
+        assert [r.id for r in s.list()] == ids
+    assert f"automatic compaction of {store_dir / 'runs.jsonl'} failed" in caplog.text
+    assert "No space left on device" in caplog.text
+    assert not (store_dir / journal.COMPACTING_NAME).exists()
+    assert _compacted_through(store_dir) > 0  # tried again, and done
+    with Store(store_dir) as fresh:
+        assert [r.id for r in fresh.list()] == ids
+    assert journal.check(store_dir).ok
