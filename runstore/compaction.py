@@ -1,82 +1,107 @@
 """Compaction's layout: what a rewritten journal holds and where each kept line lands.
 
-Pure functions over bytes and offsets (no I/O, no locks; ``Store`` does those). ``plan`` lays
-out the new file from the old file's bytes and the view's offsets: a header with the base's
-summary, the latest version of every run in insertion order, then the retained history
+Pure functions over offsets and a ``Read`` callable for the old file's bytes (no file
+handles, no locks; ``Store`` does those). ``plan`` lays out the new file: a header with the
+base's summary, the latest version of every run in insertion order, then the retained history
 verbatim. ``reseal_tail`` re-stamps the lines other processes appended while a compaction
 beside the lock was being written, for their place at the end of the new file.
+
+The old file is never held in memory whole (a million runs are ~550 MB of it): line lengths
+are found in one forward pass, then the kept bytes are read twice in the new file's order,
+once for the header's CRC-32 and once to write them (``runstore.gather``). A plan's own
+bookkeeping is a few arrays of machine integers plus the new id index.
 """
 
 from __future__ import annotations
 
+import array
 import itertools
 import zlib
 from collections.abc import Container, Iterator
 
 import attrs
 
-from . import codec
+from . import codec, gather
 from .errors import CorruptStoreError
+from .gather import Read
 
 _MARK = b'{"mark":'  # how a clean-close mark line begins (``codec.encode_mark``)
+#: about how much ``Plan.chunks`` hands to each write
+_CHUNK = 1 << 20
 
 
 @attrs.define
 class Plan:
-    """A compacted file: ``chunks()`` are its bytes; ``moves`` maps the offset of every kept
-    line in the old file to its offset in the new one."""
+    """A compacted file: ``chunks()`` are its bytes; ``index`` is the new id index (the
+    offset of every run's latest version in the new file, insertion order kept)."""
 
     head: bytes
-    buf: bytes  # the old file's bytes from offset 0
-    spans: list[tuple[int, int]]
-    moves: dict[int, int]
+    read: Read
+    #: the byte ranges of the old file that make the new file's body, in its order
+    starts: array.array[int]
+    ends: array.array[int]
+    index: dict[str, int]
     #: the new offsets of the retained history's lines, in order
     history: list[int]
+    #: old offset -> new offset of the retained history's lines
+    history_moves: dict[int, int]
     #: how far the old file had been read when the plan was made
     old_end: int
     latest_end: int
     base_end: int
     compacted_through: int
     lines: int
+    path: str
 
     def chunks(self) -> Iterator[bytes]:
         """The new file, in chunks of about a megabyte."""
-        return _chunked(self.head, memoryview(self.buf), self.spans)
+        yield self.head
+        parts: list[bytes | memoryview] = []
+        total = 0
+        for piece in gather.ranges(self.read, self.starts, self.ends, self.path):
+            parts.append(piece)
+            total += len(piece)
+            if total >= _CHUNK:
+                yield b"".join(parts)
+                parts, total = [], 0
+        if parts:
+            yield b"".join(parts)
 
 
-def plan(buf: bytes, index: dict[str, int], active: Container[str], history: list[int], *,
-         store_id: str, created: str, next_seq: int, max_id: str, old_end: int) -> Plan:
-    """Lay out the compaction of ``buf`` (the old file from offset 0, read to at least
-    ``old_end``): ``index`` maps each run id to the offset of its latest version (insertion
-    order), ``active`` holds the non-terminal run ids, ``history`` the offsets of the
-    retained changes."""
-    find = buf.index
-    kept = [*index.values(), *history]
-    lengths = [find(b"\n", offset) + 1 - offset for offset in kept]
-    at = list(itertools.accumulate(lengths, initial=0))  # where each kept line will be
+def plan(read: Read, index: dict[str, int], active: Container[str], history: list[int], *,
+         store_id: str, created: str, next_seq: int, max_id: str, old_end: int,
+         path: str) -> Plan:
+    """Lay out the compaction of the old file (``read``, validated up to ``old_end``):
+    ``index`` maps each run id to the offset of its latest version (insertion order),
+    ``active`` holds the non-terminal run ids, ``history`` the offsets of the retained
+    changes. ``path`` names the old file in errors."""
+    kept = array.array("q", index.values())
+    kept.extend(history)
+    lengths = gather.line_lengths(read, kept, path)
+    at = array.array("q", itertools.accumulate(lengths, initial=0))  # where each line lands
     latest_count = len(index)
     latest_bytes, size = at[latest_count], at[-1]
     summary_active = tuple(at[i] for i, run_id in enumerate(index) if run_id in active)
-    spans = _spans(kept, lengths)
-    view = memoryview(buf)
+    starts, ends = _spans(kept, lengths)
+    del lengths
     crc = 0
-    for a, b in spans:
-        crc = zlib.crc32(view[a:b], crc)
-    view.release()
+    for piece in gather.ranges(read, starts, ends, path):
+        crc = zlib.crc32(piece, crc)
     through = next_seq - 1 - len(history)
     summary = codec.BaseSummary(lines=latest_count, crc=crc, max_id=max_id,
                                 active=summary_active)
     head = codec.encode_header(store_id, created, through, latest_bytes, size - latest_bytes,
                                summary)
     start = len(head)
-    moves = {old: start + at[i] for i, old in enumerate(index.values())}
-    # a run whose latest version is in the retained history points there (as a reader's)
     new_history = [start + at[latest_count + k] for k in range(len(history))]
-    moves.update(zip(history, new_history, strict=True))
-    return Plan(head=head, buf=buf, spans=spans, moves=moves, history=new_history,
-                old_end=old_end,
+    history_moves = dict(zip(history, new_history, strict=True))
+    # a run whose latest version is in the retained history points there (as a reader's)
+    new_index = {run_id: history_moves.get(old, start + at[i])
+                 for i, (run_id, old) in enumerate(index.items())}
+    return Plan(head=head, read=read, starts=starts, ends=ends, index=new_index,
+                history=new_history, history_moves=history_moves, old_end=old_end,
                 latest_end=start + latest_bytes, base_end=start + size,
-                compacted_through=through, lines=len(kept))
+                compacted_through=through, lines=len(kept), path=path)
 
 
 def reseal_tail(lines: bytes, old_at: int, new_at: int, durable: int,
@@ -104,35 +129,20 @@ def reseal_tail(lines: bytes, old_at: int, new_at: int, durable: int,
     return b"".join(out), moves
 
 
-def _spans(offsets: list[int], lengths: list[int]) -> list[tuple[int, int]]:
-    """The byte ranges of the lines at ``offsets`` (of ``lengths``), adjacent ones merged: a
-    compaction's kept lines are mostly contiguous (the retained history always is)."""
-    spans: list[tuple[int, int]] = []
-    start = end = -1
+def _spans(offsets: array.array[int],
+           lengths: array.array[int]) -> tuple[array.array[int], array.array[int]]:
+    """The byte ranges (starts, ends) of the lines at ``offsets`` (of ``lengths``), adjacent
+    ones merged: a compaction's kept lines are mostly contiguous (the retained history always
+    is)."""
+    starts: array.array[int] = array.array("q")
+    ends: array.array[int] = array.array("q")
+    end = -1
     for offset, length in zip(offsets, lengths, strict=True):
-        if offset != end:
-            if end >= 0:
-                spans.append((start, end))
-            start = offset
-        end = offset + length
-    if end >= 0:
-        spans.append((start, end))
-    return spans
-
-
-def _chunked(head: bytes, view: memoryview, spans: list[tuple[int, int]],
-             size: int = 1 << 20) -> Iterator[bytes]:
-    """``head`` then the bytes of ``view`` in ``spans``, joined into chunks of ~``size``."""
-    parts: list[bytes | memoryview] = [head]
-    total = len(head)
-    for a, b in spans:
-        while a < b:
-            piece = view[a:min(b, a + size - total)]
-            parts.append(piece)
-            total += len(piece)
-            a += len(piece)
-            if total >= size:
-                yield b"".join(parts)
-                parts, total = [], 0
-    if parts:
-        yield b"".join(parts)
+        if offset == end:
+            end += length
+            ends[-1] = end
+        else:
+            end = offset + length
+            starts.append(offset)
+            ends.append(end)
+    return starts, ends

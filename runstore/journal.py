@@ -23,7 +23,7 @@ import stat
 import time
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -458,6 +458,20 @@ class Journal:
             carry = data[cut:]
         if carry:
             yield pos - len(carry), carry
+
+    def reader(self) -> Callable[[int, int], bytes]:
+        """``read(offset, size)`` of the file open now (kept even after it is replaced):
+        for a compaction, which reads it in pieces (``compaction.Read``)."""
+        fd, pread, path = self.fd, self.fs.pread, self.path
+        assert fd is not None
+
+        def read(offset: int, size: int) -> bytes:
+            try:
+                return pread(fd, size, offset)
+            except OSError as exc:
+                raise StoreIOError(path, "reading", exc) from None
+
+        return read
 
     def read_line(self, offset: int) -> bytes:
         """The line starting at ``offset``, without its newline."""

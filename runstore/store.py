@@ -519,17 +519,26 @@ class Store:
         cur, header = self._cur, self._header
         assert cur is not None and header is not None
         history = list(self._recent)[len(self._recent) - retain:] if retain else []
-        return compaction.plan(self._journal.read_from(0), self._index, self._active, history,
+        j = self._journal
+        return compaction.plan(j.reader(), self._index, self._active, history,
                                store_id=header.store_id, created=header.created,
-                               next_seq=cur.next_seq, max_id=self._max_id, old_end=cur.end)
+                               next_seq=cur.next_seq, max_id=self._max_id, old_end=cur.end,
+                               path=j.path)
 
     def _adopt(self, plan: compaction.Plan, tail: dict[int, int], end: int) -> None:
         """Point the view at the new file ``plan`` laid out (now in place, synced to
-        ``end``); ``tail`` maps the lines copied after its base (old -> new offsets)."""
-        plan.buf = b""  # the old file's bytes: not needed any more
-        moves = plan.moves
-        moves.update(tail)
-        self._index = {run_id: moves[old] for run_id, old in self._index.items()}
+        ``end``); ``tail`` maps the lines copied after its base (old -> new offsets): the
+        versions others wrote while it was being written, which the view has taken in."""
+        index = plan.index
+        if tail:
+            old_end = plan.old_end
+            for run_id, old in self._index.items():  # new runs go last, as in the view
+                if old >= old_end:
+                    index[run_id] = tail[old]
+            if len(index) != len(self._index):  # runs pruned in those lines
+                for run_id in [r for r in index if r not in self._index]:
+                    del index[run_id]
+        self._index = index
         self._recent = collections.deque([*plan.history, *tail.values()],
                                          maxlen=RETAIN_CHANGES)
         cur = self._cur
