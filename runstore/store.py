@@ -19,6 +19,7 @@ from the file on demand, so the cost of an operation does not grow with the hist
 
 from __future__ import annotations
 
+import array
 import collections
 import datetime as _dt
 import itertools
@@ -32,6 +33,7 @@ from . import (
     codec,
     compaction,
     failpoints,
+    gather,
     ids,
     interchange,
     owner,
@@ -628,13 +630,13 @@ class Store:
         return self._run_at(offset)
 
     def _all_runs(self) -> Iterator[Run]:
+        """Every run, in insertion order; the file is read in pieces, never whole."""
         self._ensure_index()
-        buf = self._journal.read_from(0)
-        for run_id, offset in self._index.items():
+        j, index = self._journal, self._index
+        lines = gather.lines(j.reader(), array.array("q", index.values()), j.path)
+        for (run_id, offset), line in zip(index.items(), lines, strict=True):
             run = self._active.get(run_id)
-            if run is None:
-                run = self._run_at(offset, buf[offset:buf.index(b"\n", offset)])
-            yield run
+            yield self._run_at(offset, line) if run is None else run
 
     # -- the public contract ------------------------------------------------------------
 
