@@ -85,8 +85,9 @@ def test_cycle_benchmark_runstore_pg(bench: ModuleType, tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_fresh_benchmark_runs(tmp_path: Path) -> None:
-    """bench_fresh at N=100: both fresh processes create their run and report memory (its
-    --workdir does not exist yet: it is made)."""
+    """bench_fresh at N=100: both fresh processes create their run and report memory, and
+    the process kept open through cycles, a full index and a compaction reports its own
+    (its --workdir does not exist yet: it is made)."""
     done = _run("benchmarks.bench_fresh", "--sizes", "100", "--repeat", "1",
                 "--out", str(tmp_path), "--workdir", str(tmp_path / "not" / "yet"))
     assert done.returncode == 0, done.stdout + done.stderr
@@ -94,6 +95,12 @@ def test_fresh_benchmark_runs(tmp_path: Path) -> None:
     assert results["problems"] == []
     assert {r["impl"] for r in results["rows"]} == {"runstore", "sqlite"}
     assert all(r["vmhwm_mb"] > 0 and r["process_s"] > 0 for r in results["rows"])
+    [life] = results["lifetime"]
+    assert life["n"] == 100
+    assert 0 < life["open_vmrss_mb"] <= life["vmhwm_mb"]
+    assert life["index_vmrss_mb"] <= life["vmhwm_mb"]
+    assert life["compact_s"] > 0
+    assert "RSS indexed" in (tmp_path / "fresh.md").read_text()
 
 
 def test_rounds_rotate_the_implementations(bench: ModuleType,
