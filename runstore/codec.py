@@ -283,6 +283,53 @@ def encode_mark(durable: int) -> bytes:
     return _seal({"mark": "clean_close", "durable": durable})
 
 
+#: how a checkpoint line begins (``encode_checkpoint``)
+CHECKPOINT_START = b'{"mark":"checkpoint",'
+
+
+@attrs.frozen
+class Checkpoint:
+    """What a checkpoint line says of the view of every line before it, so that opening
+    need not read them: the seq of the next record, how many record lines and runs there
+    are, the greatest run id and where the non-terminal runs' latest versions are (absolute
+    offsets, in insertion order). Its ``durable`` mark is a mark's: everything before it was
+    synced when the line was written; ``boot`` names the machine's boot it was written in
+    (``owner.boot_id``): until a reboot, what was written and not synced is intact too."""
+
+    durable: int
+    next_seq: int
+    lines: int
+    runs: int
+    max_id: str
+    active: tuple[int, ...]
+    boot: str = ""
+
+    @classmethod
+    def from_mark(cls, data: dict[str, Any]) -> Checkpoint | None:
+        """The checkpoint in a decoded mark line, or None when it is not a well-formed one."""
+        if data.get("mark") != "checkpoint":
+            return None
+        durable, next_seq, lines, runs, max_id, active, boot = (
+            data.get(k) for k in ("durable", "next_seq", "lines", "runs", "max_id", "active",
+                                  "boot"))
+        if (type(durable) is not int or durable < 0 or type(next_seq) is not int
+                or next_seq < 1 or type(lines) is not int or lines < 0
+                or type(runs) is not int or runs < 0 or not isinstance(max_id, str)
+                or not isinstance(active, list)
+                or not all(type(a) is int and a >= 0 for a in active)
+                or not isinstance(boot, str | None)):
+            return None
+        return cls(durable=durable, next_seq=next_seq, lines=lines, runs=runs,
+                   max_id=max_id, active=tuple(active), boot=boot or "")
+
+
+def encode_checkpoint(point: Checkpoint) -> bytes:
+    """A checkpoint line (``Checkpoint``); readers that do not know it take it as a mark."""
+    return _seal({"mark": "checkpoint", "durable": point.durable, "next_seq": point.next_seq,
+                  "lines": point.lines, "runs": point.runs, "max_id": point.max_id,
+                  "boot": point.boot, "active": list(point.active)})
+
+
 def decode_line(line: bytes) -> dict[str, Any]:
     """Parse and verify one line (without its newline); raise ``BadLine`` if it is not sound."""
     cut = line.rfind(_CRC_SEP)

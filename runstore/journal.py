@@ -39,9 +39,12 @@ TMP_PREFIX = ".runs.jsonl."
 TMP_SUFFIX = ".tmp"
 #: the temp file of a compaction beside the lock (flocked while written; see Store)
 COMPACTING_NAME = f"{TMP_PREFIX}compacting{TMP_SUFFIX}"
+#: how far back from the end of the journal opening looks for the last checkpoint line
+CHECKPOINT_SEARCH = 16 * 1024 * 1024
 #: a damaged tail larger than this is not treated as a torn write but reported as corruption
 TORN_TAIL_LIMIT = 64 * 1024 * 1024
 _READ_CHUNK = 1 << 20
+_BACK_CHUNK = 64 * 1024  # looking back for a checkpoint, which is usually near the end
 _CHECKSUM_CHUNK = 4 << 20
 _OPEN = os.O_NOFOLLOW | os.O_CLOEXEC
 #: open() failures that are I/O or resource errors (StoreIOError), not an unsafe file
@@ -90,6 +93,8 @@ class Cursor:
     latest_end: int
     base_end: int
     compacted_through: int
+    #: the seq of the record after the last checkpoint line read (or after the base)
+    checkpoint_seq: int = 0
 
 
 @attrs.define
@@ -116,6 +121,12 @@ def scan(buf: bytes, start: int, cur: Cursor) -> ScanResult:
                 mark = data.get("durable")
                 if type(mark) is not int or not 0 <= mark <= offset or offset < cur.base_end:
                     raise codec.BadLine(f"bad durable mark {mark!r}")
+                if data["mark"] == "checkpoint":
+                    if data.get("next_seq") != cur.next_seq:
+                        raise codec.BadLine(f"a checkpoint says the next seq is "
+                                            f"{data.get('next_seq')!r} where it is "
+                                            f"{cur.next_seq}")
+                    cur.checkpoint_seq = cur.next_seq
                 cur.durable = max(cur.durable, mark)
                 pos = nl + 1
                 cur.end = start + pos
@@ -170,7 +181,8 @@ def cursor_after_header(header: Header, start: int) -> Cursor:
     """Where a reader stands after the header line (which ends at ``start``)."""
     return Cursor(end=start, next_seq=header.compacted_through + 1, durable=header.base_end,
                   latest_end=header.latest_end, base_end=header.base_end,
-                  compacted_through=header.compacted_through)
+                  compacted_through=header.compacted_through,
+                  checkpoint_seq=header.compacted_through + 1)
 
 
 def judge(buf: bytes, start: int, cur: Cursor, damage: Damage) -> str | None:
@@ -472,6 +484,64 @@ class Journal:
                 raise StoreIOError(path, "reading", exc) from None
 
         return read
+
+    def last_checkpoint(self, lo: int, hi: int) -> tuple[int, int, codec.Checkpoint] | None:
+        """The last sound checkpoint line that lies in ``lo:hi`` (``lo`` a line start),
+        looked for backwards from ``hi`` over at most ``CHECKPOINT_SEARCH`` bytes: (its
+        offset, the offset after it, what it says), or None."""
+        assert self.fd is not None
+        floor = max(lo, hi - CHECKPOINT_SEARCH)
+        needle = b"\n" + codec.CHECKPOINT_START  # found by the newline before it
+        top = hi  # newlines at top or later were looked at
+        while top > floor:
+            at = max(floor - 1, top - _BACK_CHUNK)
+            chunk = self.fs.pread(self.fd, top - at + len(needle), at)
+            pos = chunk.rfind(needle, 0, top - at - 1 + len(needle))
+            while pos >= 0:
+                found = self._checkpoint_at(at + pos + 1, lo, hi)
+                if found is not None:
+                    return found
+                pos = chunk.rfind(needle, 0, pos - 1 + len(needle))
+            top = at
+        return None
+
+    def _checkpoint_at(self, offset: int, lo: int,
+                       hi: int) -> tuple[int, int, codec.Checkpoint] | None:
+        if not lo <= offset < hi:
+            return None
+        try:
+            line = self.read_line(offset)
+            point = codec.Checkpoint.from_mark(codec.decode_line(line))
+        except (CorruptStoreError, codec.BadLine):  # torn, or not one
+            return None
+        end = offset + len(line) + 1
+        if (point is None or end > hi or point.durable > offset
+                or any(a >= offset for a in point.active)):
+            return None
+        return offset, end, point
+
+    def lines_follow(self, lo: int, hi: int, next_seq: int) -> bool:
+        """Whether the lines in ``lo:hi`` are all sound, their records in seq order up to
+        ``next_seq - 1`` (what a checkpoint at ``hi`` says comes next): the check that the
+        unsynced lines before a checkpoint were not torn or lost in a power loss."""
+        last = None
+        for _, chunk in self.read_lines(lo, hi):
+            pos = 0
+            while pos < len(chunk):
+                nl = chunk.find(b"\n", pos)
+                if nl < 0:
+                    return False
+                try:
+                    data = codec.decode_line(chunk[pos:nl])
+                    if "mark" not in data:
+                        codec.check_record(data)
+                        if last is not None and data["seq"] != last + 1:
+                            return False
+                        last = data["seq"]
+                except codec.BadLine:
+                    return False
+                pos = nl + 1
+        return last is None or last + 1 == next_seq
 
     def read_line(self, offset: int) -> bytes:
         """The line starting at ``offset``, without its newline."""

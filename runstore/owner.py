@@ -9,7 +9,9 @@ import os
 
 
 @functools.cache
-def _boot_id() -> str:
+def boot_id() -> str:
+    """This boot of the machine (Linux: a random id the kernel makes at boot), or "": data
+    written since a boot but never synced is intact as long as that boot lasts."""
     try:
         with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
             return f.read().strip()
@@ -29,7 +31,7 @@ def process_start(pid: int) -> str:
     if fields[:1] == [b"Z"]:
         return ""  # a zombie has exited: only its exit status is left to collect
     # field 22 of /proc/PID/stat is starttime; fields[0] is field 3 (state)
-    return f"{_boot_id()}:{fields[19].decode()}" if len(fields) > 19 else ""
+    return f"{boot_id()}:{fields[19].decode()}" if len(fields) > 19 else ""
 
 
 _me: tuple[int, tuple[str, int, str]] | None = None

@@ -80,6 +80,9 @@ COMPACT_MIN_SUPERSEDED = 1024
 #: how many of the latest changes a compaction keeps, so a watcher that lags by fewer
 #: changes than this follows across a compaction without a HistoryTruncatedError
 RETAIN_CHANGES = 4096
+#: a checkpoint line goes before the first record written after this many records since
+#: the last one (or the base): opening reads from the last checkpoint, not the whole tail
+CHECKPOINT_EVERY = 1024
 _ACTIVE = frozenset({Status.PENDING.value, Status.RUNNING.value})
 _CREATED = ChangeType.RUN_CREATED.value
 _PRUNED = ChangeType.RUN_PRUNED.value
@@ -146,15 +149,21 @@ class Store:
         self._lines = 0  # record lines in the file
         self._recent: collections.deque[int] = collections.deque(maxlen=RETAIN_CHANGES)
         self._changed_at: dict[str, _dt.datetime] = {}  # non-terminal id -> its last change
+        #: non-terminal id -> the offset of its latest version, in insertion order (what a
+        #: checkpoint line lists)
+        self._active_at: dict[str, int] = {}
         self._synced = 0  # bytes of the current file this process knows to be synced
         self._stale = True
         # Opened from a compaction's summary, the base is not indexed until a query needs
         # it (``_ensure_index``): ``_index`` then holds only the runs written after the base,
         # and the live count is kept from the summary and the changes since.
         self._lazy = False
-        self._base_count = 0  # latest-version lines in the base
-        self._tail_created = 0  # runs created after the base
-        self._tail_pruned: set[str] = set()  # runs pruned after the base
+        self._base_count = 0  # runs in the part not indexed yet
+        self._tail_created = 0  # runs created after it
+        self._tail_pruned: set[str] = set()  # runs pruned after it
+        #: with ``_lazy``, when opening began at a checkpoint: its offset and what it says
+        #: (the lines between the base and it are indexed with the base)
+        self._opened_at: tuple[int, codec.Checkpoint] | None = None
         self._compact_retry_at = 0  # lines: until then automatic compaction is not tried
 
     def _index_version(self, offset: int, run_id: str, active: Run | dict[str, Any] | None,
@@ -178,6 +187,7 @@ class Store:
             self._index[run_id] = offset
         before = self._active.machine(run_id)
         if active is not None:
+            self._active_at[run_id] = offset
             if isinstance(active, Run):
                 self._active.put(run_id, active)
                 machine = active.machine
@@ -190,6 +200,7 @@ class Store:
                 self._machines.setdefault(machine, []).append(run_id)
         elif before is not None:
             self._active.discard(run_id)
+            del self._active_at[run_id]
             self._changed_at.pop(run_id, None)
             peers = self._machines[before]
             peers.remove(run_id)
@@ -232,14 +243,58 @@ class Store:
         return len(self._index)
 
     def _ensure_index(self) -> None:
-        """Index the base (id -> offset), when it was opened from a summary and a query
-        needs every run or one that is neither non-terminal nor written since the base.
-        The base's bytes are checked against the summary's CRC-32 on the way."""
+        """Index the part opening did not read (id -> offset), when a query needs every run
+        or one that is neither non-terminal nor written since: the base opened from its
+        summary (its bytes checked against the summary's CRC-32), then, when opening began
+        at a checkpoint, the lines between the base and it (parsed and checked line by
+        line, and against what the checkpoint says)."""
         if not self._lazy:
             return
-        header = self._header
-        assert header is not None and header.summary is not None
-        j = self._journal
+        header, j = self._header, self._journal
+        assert header is not None
+        if header.summary is not None:
+            base = self._index_base(header)
+            cur = Cursor(end=header.base_end,
+                         next_seq=header.compacted_through + 1 + len(self._history_at(header)),
+                         durable=header.base_end, latest_end=header.latest_end,
+                         base_end=header.base_end, compacted_through=header.compacted_through)
+        else:
+            base, cur = {}, cursor_after_header(header, header.start)
+        if self._opened_at is not None:  # opened at a checkpoint: the lines before it
+            at, point = self._opened_at
+            recent = self._history_at(header) if header.summary is not None else []
+            for chunk_at, chunk in j.read_lines(cur.end, at):
+                result = scan(chunk, chunk_at, cur)
+                if result.damage is not None:
+                    raise CorruptStoreError(j.path, result.damage.offset,
+                                            f"{result.damage.reason} (before the checkpoint "
+                                            f"at byte {at}, where this process opened)")
+                for offset, data in result.records:
+                    if offset >= header.latest_end:
+                        recent.append(offset)
+                    if data["change"] == _PRUNED:
+                        base.pop(data["id"], None)
+                    else:
+                        base[data["id"]] = offset
+            if (cur.end, cur.next_seq, len(base)) != (at, point.next_seq, point.runs):
+                raise CorruptStoreError(j.path, at, "a checkpoint does not match the lines "
+                                        f"before it ({len(base)} runs, next seq "
+                                        f"{cur.next_seq})")
+            self._recent = collections.deque([*recent, *self._recent], maxlen=RETAIN_CHANGES)
+        for run_id, offset in self._index.items():  # keeps earlier positions, appends new ids
+            base[run_id] = offset
+        for run_id in self._tail_pruned:
+            base.pop(run_id, None)
+        self._index = base
+        self._lazy = False
+        self._opened_at = None
+        self._tail_pruned = set()
+
+    def _index_base(self, header: Header) -> dict[str, int]:
+        """The base's id -> offset, from the ids at the start of its lines; its bytes are
+        checked against the summary's CRC-32 and run count."""
+        summary, j = header.summary, self._journal
+        assert summary is not None
         base: dict[str, int] = {}
         crc = 0
         for chunk_at, chunk in j.read_lines(header.start, header.latest_end):
@@ -254,19 +309,23 @@ class Store:
                     pos = nl + 1
             base.update(part)
         crc, size = j.checksum(header.latest_end, header.base_end, crc)
-        if crc != header.summary.crc or size != header.base_end - header.latest_end:
+        if crc != summary.crc or size != header.base_end - header.latest_end:
             self._refuse_damaged_base(header)
-        if len(base) != header.summary.lines:
+        if len(base) != summary.lines:
             raise CorruptStoreError(j.path, header.start,
                                     f"the compacted base holds {len(base)} runs where its "
-                                    f"header says {header.summary.lines}")
-        for run_id, offset in self._index.items():  # keeps base positions, appends new ids
-            base[run_id] = offset
-        for run_id in self._tail_pruned:
-            base.pop(run_id, None)
-        self._index = base
-        self._lazy = False
-        self._tail_pruned = set()
+                                    f"header says {summary.lines}")
+        return base
+
+    def _history_at(self, header: Header) -> list[int]:
+        """The offsets of the retained history's lines (the base's complete lines after its
+        latest versions: a torn one is found by the base's checksum)."""
+        history: list[int] = []
+        for chunk_at, chunk in self._journal.read_lines(header.latest_end, header.base_end):
+            lines = chunk.split(b"\n")[:chunk.count(b"\n")]
+            history.extend(itertools.accumulate((len(line) + 1 for line in lines[:-1]),
+                                                initial=chunk_at) if lines else ())
+        return history
 
     # -- catching up with the file ------------------------------------------------------
 
@@ -300,11 +359,54 @@ class Store:
         self._header = header
         start = header.start
         self._cur = cursor_after_header(header, start)
-        if header.summary is not None and self._load_summarised_base(header):
+        if self._load_checkpoint(header):
+            start = self._cur.end
+        elif header.summary is not None and self._load_summarised_base(header):
             start = header.base_end
         self._ingest_from(start)
         self._synced = self._cur.durable
         self._stale = False
+
+    def _load_checkpoint(self, header: Header) -> bool:
+        """Open at the last checkpoint line after the base: take the view it describes
+        (reading only its non-terminal runs); the lines before it are indexed, and parsed,
+        when first needed. What a power loss may have torn must be seen, and recovered, at
+        opening: a checkpoint written in an earlier boot of the machine is taken only when
+        the lines before it that were not yet synced are sound (``Journal.lines_follow``).
+        False (no such checkpoint): open as before."""
+        j, cur = self._journal, self._cur
+        assert j.fd is not None and cur is not None
+        tail = header.base_end if header.summary is not None else header.start
+        found = j.last_checkpoint(tail, os.fstat(j.fd).st_size)
+        if found is None:
+            return False
+        at, end, point = found
+        if point.next_seq < cur.next_seq:
+            return False
+        if ((not point.boot or point.boot != owner.boot_id())
+                and not j.lines_follow(max(tail, point.durable), at, point.next_seq)):
+            return False
+        active = []
+        for offset in point.active:
+            try:
+                data = self._decode_at(offset, j.read_line(offset))
+            except CorruptStoreError:
+                return False  # opened line by line, which says what is wrong
+            if data["status"] not in _ACTIVE:
+                return False
+            active.append((offset, data))
+        for offset, data in active:
+            self._ingest_record(offset, data)
+        self._index.clear()  # the non-terminal runs are found again when indexing
+        self._recent.clear()  # the offsets of the changes before it are found then too
+        self._lines = point.lines
+        self._max_id = max(self._max_id, point.max_id)
+        self._base_count = point.runs
+        self._lazy = True
+        self._opened_at = at, point
+        cur.end, cur.next_seq, cur.checkpoint_seq = end, point.next_seq, point.next_seq
+        cur.durable = max(cur.durable, point.durable)
+        return True
 
     def _load_summarised_base(self, header: Header) -> bool:
         """Take the base from the header's summary: read only its non-terminal runs and
@@ -315,12 +417,7 @@ class Store:
         assert summary is not None and cur is not None and j.fd is not None
         if os.fstat(j.fd).st_size < header.base_end:
             return False
-        history: list[int] = []  # the retained history's line offsets
-        for chunk_at, chunk in j.read_lines(header.latest_end, header.base_end):
-            lines = chunk.split(b"\n")[:chunk.count(b"\n")]  # complete lines only: a torn
-            # one is found by the base's checksum when the base is first read in full
-            history.extend(itertools.accumulate((len(line) + 1 for line in lines[:-1]),
-                                                initial=chunk_at) if lines else ())
+        history = self._history_at(header)
         for rel in summary.active:
             offset = header.start + rel
             data = self._decode_at(offset, j.read_line(offset))
@@ -459,6 +556,12 @@ class Store:
         now = _utcnow()
         durable = max(self._synced, cur.durable)
         seq = cur.next_seq
+        head = b""
+        if seq - cur.checkpoint_seq >= CHECKPOINT_EVERY:  # the view is complete here
+            head = codec.encode_checkpoint(codec.Checkpoint(
+                durable=durable, next_seq=seq, lines=self._lines, runs=self._live(),
+                max_id=self._max_id, active=tuple(self._active_at.values()),
+                boot=owner.boot_id()))
         lines = []
         for change, run in changes:
             made = self._made.pop(run.id, None)
@@ -468,10 +571,13 @@ class Store:
             seq += 1
         start = cur.end
         try:
-            self._journal.append(b"".join(lines), start)
+            self._journal.append(head + b"".join(lines), start)
         except StoreIOError:
             self._stale = True
             raise
+        if head:
+            cur.checkpoint_seq = cur.next_seq
+            start += len(head)
         end = start + sum(map(len, lines))
         cur.end, cur.next_seq = end, seq
         self._unmarked_writes = True
@@ -541,13 +647,15 @@ class Store:
                 for run_id in [r for r in index if r not in self._index]:
                     del index[run_id]
         self._index = index
+        self._active_at = {run_id: index[run_id] for run_id in self._active_at}
         self._recent = collections.deque([*plan.history, *tail.values()],
                                          maxlen=RETAIN_CHANGES)
         cur = self._cur
         assert cur is not None
         self._cur = Cursor(end=end, next_seq=cur.next_seq, durable=end,
                            latest_end=plan.latest_end, base_end=plan.base_end,
-                           compacted_through=plan.compacted_through)
+                           compacted_through=plan.compacted_through,
+                           checkpoint_seq=plan.compacted_through + 1)
         self._synced = end
         self._lines = plan.lines + len(tail)
 

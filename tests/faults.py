@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -36,7 +37,7 @@ import orjson
 
 import runstore.lock
 import runstore.store
-from runstore import CorruptStoreError, Run, Status, Store, StoreIOError, journal
+from runstore import CorruptStoreError, Run, Status, Store, StoreIOError, journal, owner
 from runstore.errors import RunstoreError
 from runstore.fsio import FileSystem
 from runstore.stress import check_journal
@@ -703,7 +704,7 @@ def check_crash_state(scratch: Scratch, files: dict[str, bytes], h: History, k: 
     path = scratch.write(files)
     low, high = h.allowed(k)
     try:
-        with Store(path, lock_timeout=5) as store:
+        with _rebooted(), Store(path, lock_timeout=5) as store:
             got = {r.id: r for r in store.list()}
             if write_after:
                 store.create(run_for("after-crash", "h", status=Status.COMPLETED))
@@ -725,6 +726,18 @@ def check_crash_state(scratch: Scratch, files: dict[str, bytes], h: History, k: 
     detail = _diff(h.snaps[low], got)
     return (f"crash point {k}: the store shows none of the states {low}..{high} "
             f"(after {h.names[low]!r} .. {h.names[high]!r}); vs state {low}: {detail}")
+
+
+@contextlib.contextmanager
+def _rebooted() -> Iterator[None]:
+    """Open a crash state as after the reboot a power loss is: another boot id, so that no
+    checkpoint is taken on the word of the boot that wrote it."""
+    real = owner.boot_id
+    owner.boot_id = lambda: "after-the-power-loss"  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        owner.boot_id = real  # type: ignore[assignment]
 
 
 def _diff(want: dict[str, Run], got: dict[str, Run]) -> str:

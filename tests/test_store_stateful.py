@@ -34,6 +34,7 @@ from strategies import (
     update_changes,
 )
 
+import runstore.store as store_module
 from runstore import (
     ConflictError,
     InvalidRunError,
@@ -68,6 +69,9 @@ class StoreModel(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
+        # checkpoints every few records, so that reopening begins at one
+        self._checkpoint_every = store_module.CHECKPOINT_EVERY
+        store_module.CHECKPOINT_EVERY = 3
         self.dir = tempfile.mkdtemp(prefix="runstore-stateful-")
         self.stores = [Store(self.dir, durable=False), Store(self.dir, durable=False)]
         self.model: dict[str, Run] = {}  # id -> latest version, in insertion order
@@ -78,6 +82,7 @@ class StoreModel(RuleBasedStateMachine):
             for s in self.stores:
                 s.close()
         finally:
+            store_module.CHECKPOINT_EVERY = self._checkpoint_every
             shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- model helpers -----------------------------------------------------------------
@@ -261,8 +266,14 @@ class StoreModel(RuleBasedStateMachine):
 
     @rule(which=handles, durable=st.booleans())
     def reopen(self, which: int, durable: bool) -> None:
+        """Reopen one handle; before anything reads every run, its non-terminal runs (from
+        a checkpoint, when the file has one since the base) already match the model."""
         self.stores[which].close()
         self.stores[which] = Store(self.dir, durable=durable)
+        fresh = self.stores[which]
+        assert fresh.active() == [r for r in self.model.values() if not r.is_terminal]
+        for machine in ("m1", "m2", "m3"):
+            assert fresh.active_by_machine(machine) == self._active_on(machine)
 
     @rule(run_id=consumes(runs), status=terminal_statuses)
     def retire(self, run_id: str, status: Status) -> None:
