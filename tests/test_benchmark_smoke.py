@@ -85,15 +85,17 @@ def test_cycle_benchmark_runstore_pg(bench: ModuleType, tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_fresh_benchmark_runs(tmp_path: Path) -> None:
-    """bench_fresh at N=100: both fresh processes create their run and report memory, and
-    the process kept open through cycles, a full index and a compaction reports its own
-    (its --workdir does not exist yet: it is made)."""
+    """bench_fresh at N=100: both fresh processes create their run and report memory, so
+    does runstore's on the store given a tail of 100 cycles, and the process kept open
+    through cycles, a full index and a compaction reports its own (its --workdir does not
+    exist yet: it is made)."""
     done = _run("benchmarks.bench_fresh", "--sizes", "100", "--repeat", "1",
                 "--out", str(tmp_path), "--workdir", str(tmp_path / "not" / "yet"))
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((tmp_path / "fresh.json").read_text())
     assert results["problems"] == []
-    assert {r["impl"] for r in results["rows"]} == {"runstore", "sqlite"}
+    assert {(r["impl"], r["tail_lines"]) for r in results["rows"]} == {
+        ("runstore", 0), ("sqlite", 0), ("runstore", 300)}
     assert all(r["vmhwm_mb"] > 0 and r["process_s"] > 0 for r in results["rows"])
     [life] = results["lifetime"]
     assert life["n"] == 100
