@@ -27,6 +27,8 @@ import os
 import random
 import shutil
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -260,6 +262,43 @@ def lock_the_data_file() -> None:
 
 
 # -- a failing file system ------------------------------------------------------------------
+
+
+class ReadLog(FileSystem):
+    """Plain I/O that counts what is read: ``sizes`` asked for, ``read`` bytes returned."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.read = 0
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        data = super().pread(fd, size, offset)
+        self.sizes.append(size)
+        self.read += len(data)
+        return data
+
+
+_HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def lock_held(state_dir: str | os.PathLike[str]) -> Iterator[None]:
+    """Another process holding an exclusive flock on the store's runs.lock."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, os.path.join(state_dir, "runs.lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 class FailingFS(FileSystem):

@@ -5,18 +5,9 @@ from __future__ import annotations
 
 import pathlib
 
+from faults import ReadLog
+
 from runstore import Run, Status, Store
-from runstore.fsio import FileSystem
-
-
-class _ReadLog(FileSystem):
-    def __init__(self) -> None:
-        self.read = 0
-
-    def pread(self, fd: int, size: int, offset: int) -> bytes:
-        data = super().pread(fd, size, offset)
-        self.read += len(data)
-        return data
 
 
 def _busy(store: Store, cycles: int) -> None:
@@ -29,7 +20,7 @@ def _busy(store: Store, cycles: int) -> None:
 
 def test_changes_since_a_recent_seq_read_only_the_new_lines(store_dir: pathlib.Path) -> None:
     """3,000 changes in the file; asking for the last three reads about three lines."""
-    fs = _ReadLog()
+    fs = ReadLog()
     with Store(store_dir, durable=False, _fs=fs) as s:
         _busy(s, 1000)
         last = s.last_seq()

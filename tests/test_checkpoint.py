@@ -14,11 +14,11 @@ from collections.abc import Iterator
 
 import orjson
 import pytest
+from faults import ReadLog
 
 import runstore.store as store_module
 from runstore import Run, Status, Store, codec, journal, owner
 from runstore.errors import CorruptStoreError
-from runstore.fsio import FileSystem
 from runstore.journal import Journal
 
 EVERY = 10
@@ -43,16 +43,6 @@ def full_reading() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Journal, "last_checkpoint", lambda self, lo, hi: None)
         yield
-
-
-class _ReadLog(FileSystem):
-    def __init__(self) -> None:
-        self.read = 0
-
-    def pread(self, fd: int, size: int, offset: int) -> bytes:
-        data = super().pread(fd, size, offset)
-        self.read += len(data)
-        return data
 
 
 def _work(store: Store, cycles: int, *, start: int = 0) -> list[str]:
@@ -118,7 +108,7 @@ def test_opening_reads_from_the_last_checkpoint_and_sees_the_same(
         s.compact()
         _work(s, 700, start=300)
     size = (store_dir / "runs.jsonl").stat().st_size
-    fs = _ReadLog()
+    fs = ReadLog()
     with Store(store_dir, durable=False, _fs=fs) as s:
         assert fs.read < size / 5
         assert s._opened_at is not None
@@ -221,11 +211,11 @@ def test_in_the_same_boot_a_checkpoint_is_taken_without_rereading(
     with Store(store_dir, durable=False) as s:
         _work(s, 1000)
     size = (store_dir / "runs.jsonl").stat().st_size
-    fs = _ReadLog()
+    fs = ReadLog()
     with Store(store_dir, durable=False, _fs=fs) as s:
         assert s._opened_at is not None
         assert fs.read < size / 5
-    fs = _ReadLog()
+    fs = ReadLog()
     with rebooted(), Store(store_dir, durable=False, _fs=fs) as s:
         assert s._opened_at is not None  # taken, after reading the unsynced lines
         assert fs.read > size / 2

@@ -15,12 +15,11 @@ import os
 import pathlib
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
-from faults import FailingFS
+from faults import FailingFS, lock_held
 
 import runstore.store as store_module
 from runstore import ChangeType, Run, Status, Store, codec, compaction, journal, lock
@@ -40,15 +39,6 @@ for i in range(5):
     print(run.id)
 s.close()
 """
-
-_HOLDER = """
-import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDWR)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("locked", flush=True)
-sys.stdin.read()
-"""
-
 
 @pytest.fixture
 def often(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -96,18 +86,6 @@ def _hook_write_temp(monkeypatch: pytest.MonkeyPatch, after: Any) -> list[int]:
 
     monkeypatch.setattr(journal.Journal, "write_temp", write_temp)
     return copies
-
-
-@contextlib.contextmanager
-def _lock_held(store_dir: pathlib.Path) -> Iterator[None]:
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(store_dir / "runs.lock")],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        yield
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 @pytest.mark.timeout(120)
@@ -200,7 +178,7 @@ def test_compaction_gives_up_when_the_lock_stays_busy(
     a later write compacts."""
     Store(store_dir).close()
     holding = contextlib.ExitStack()
-    copies = _hook_write_temp(monkeypatch, lambda: holding.enter_context(_lock_held(store_dir)))
+    copies = _hook_write_temp(monkeypatch, lambda: holding.enter_context(lock_held(store_dir)))
     with Store(store_dir, lock_timeout=0.3) as s, holding:
         calls = 0
         while not copies:  # one call at a time: the one that compacts returns normally

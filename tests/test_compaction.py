@@ -11,37 +11,20 @@ import random
 import zlib
 
 import pytest
+from faults import ReadLog
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pieces import lines_file, reader
 
 from runstore import Run, Status, Store, compaction, gather, journal
 from runstore.errors import CorruptStoreError
-from runstore.fsio import FileSystem
 
 _PATH = "/x/runs.jsonl"
 
 
-def _old_file(count: int, rng: random.Random) -> tuple[bytes, list[int]]:
-    """An old journal's bytes (lines of varied lengths after a header line) and the offset
-    of each of its ``count`` record lines."""
-    parts = [b'{"format":"old"}\n']
-    offsets = []
-    at = len(parts[0])
-    for i in range(count):
-        line = b'{"seq":%d,"pad":"%s"}\n' % (i + 1, b"x" * rng.randrange(0, 120))
-        offsets.append(at)
-        parts.append(line)
-        at += len(line)
-    return b"".join(parts), offsets
-
-
-def _reader(buf: bytes, log: list[tuple[int, int]] | None = None) -> compaction.Read:
-    def read(offset: int, size: int) -> bytes:
-        if log is not None:
-            log.append((offset, size))
-        return buf[offset:offset + size]
-
-    return read
+def _old(count: int, rng: random.Random) -> tuple[bytes, list[int]]:
+    """An old journal's bytes (a header line, then record-like lines) and their offsets."""
+    return lines_file(count, rng, head=b'{"format":"old"}\n')
 
 
 def _line(buf: bytes, offset: int) -> bytes:
@@ -50,7 +33,7 @@ def _line(buf: bytes, offset: int) -> bytes:
 
 def _plan(buf: bytes, index: dict[str, int], history: list[int], active: set[str],
           read: compaction.Read | None = None) -> compaction.Plan:
-    return compaction.plan(read or _reader(buf), index, active, history, store_id="s1",
+    return compaction.plan(read or reader(buf), index, active, history, store_id="s1",
                            created="2026-01-01T00:00:00Z", next_seq=10_000, max_id="zz",
                            old_end=len(buf), path=_PATH)
 
@@ -86,7 +69,7 @@ def test_plan_gives_the_plain_layout_in_any_order(count: int, rng: random.Random
     """Latest versions scattered in any order, a history that repeats some of them, reads
     cut at any size (lines across read boundaries, lines longer than a read): the plan's
     bytes, CRC, summary, index and history are those of the plain layout."""
-    buf, offsets = _old_file(count, rng)
+    buf, offsets = _old(count, rng)
     chosen = rng.sample(offsets, rng.randrange(1, count + 1))
     index = {f"r{i:04d}": o for i, o in enumerate(chosen)}
     history = sorted(rng.sample(offsets, rng.randrange(0, min(count, 40) + 1)))
@@ -99,7 +82,7 @@ def test_plan_gives_the_plain_layout_in_any_order(count: int, rng: random.Random
 
 def test_a_run_whose_latest_version_is_in_the_history_points_there() -> None:
     """As a reader of the new file would index it: the retained copy comes later."""
-    buf, offsets = _old_file(10, random.Random(1))
+    buf, offsets = _old(10, random.Random(1))
     index = {"a": offsets[2], "b": offsets[9]}
     plan = _plan(buf, index, offsets[7:], set())
     assert plan.index["b"] == plan.history[-1]
@@ -110,30 +93,21 @@ def test_a_run_whose_latest_version_is_in_the_history_points_there() -> None:
 def test_a_line_without_an_end_is_corruption() -> None:
     """The old file cut inside a kept line (it cannot be: the view validated it): a
     ``CorruptStoreError`` naming the line, not a short compacted file."""
-    buf, offsets = _old_file(20, random.Random(2))
+    buf, offsets = _old(20, random.Random(2))
     cut = buf[:offsets[10] + 5]
     with pytest.raises(CorruptStoreError) as err:
-        _plan(buf, {"a": offsets[10]}, [], set(), _reader(cut))
+        _plan(buf, {"a": offsets[10]}, [], set(), reader(cut))
     assert err.value.offset == offsets[10]
     assert "no end" in str(err.value)
 
 
 def test_a_file_cut_between_the_passes_is_corruption() -> None:
     """Lines found in the first pass but gone when copied: ``CorruptStoreError``."""
-    buf, offsets = _old_file(20, random.Random(3))
+    buf, offsets = _old(20, random.Random(3))
     plan = _plan(buf, {"a": offsets[3], "b": offsets[15]}, [], set())
-    plan.read = _reader(buf[:offsets[15]])
+    plan.read = reader(buf[:offsets[15]])
     with pytest.raises(CorruptStoreError, match="ended before"):
         b"".join(plan.chunks())
-
-
-class _ReadLog(FileSystem):
-    def __init__(self) -> None:
-        self.sizes: list[int] = []
-
-    def pread(self, fd: int, size: int, offset: int) -> bytes:
-        self.sizes.append(size)
-        return super().pread(fd, size, offset)
 
 
 def test_compaction_and_list_never_read_the_journal_whole(tmp_path: pathlib.Path) -> None:
@@ -152,7 +126,7 @@ def test_compaction_and_list_never_read_the_journal_whole(tmp_path: pathlib.Path
             else:
                 s.finish(run.id, Status.FAILED, exit_code=1)
             ids.append(run.id)
-    fs = _ReadLog()
+    fs = ReadLog()
     with Store(state, durable=False, _fs=fs) as s:
         before = s.list()
         assert max(fs.sizes) <= gather.READ_AHEAD

@@ -6,7 +6,6 @@ sequence; lock waits are bounded; a forked child neither shares nor releases its
 from __future__ import annotations
 
 import collections
-import contextlib
 import fcntl
 import json
 import multiprocessing
@@ -23,6 +22,7 @@ from typing import Any
 
 import orjson
 import pytest
+from faults import lock_held
 
 from runstore import LockTimeoutError, PrepareOutcome, Run, Status, Store
 from runstore import lock as lock_module
@@ -389,29 +389,6 @@ def test_race_checks_fail_when_the_file_lock_is_broken(
 
 # -- lock timeouts --------------------------------------------------------------------------
 
-_HOLDER = """
-import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDWR)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("locked", flush=True)
-sys.stdin.read()
-"""
-
-
-@contextlib.contextmanager
-def _lock_held(store_dir: pathlib.Path) -> Iterator[None]:
-    """Another process holding an exclusive flock on the store's runs.lock."""
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, str(store_dir / "runs.lock")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        yield
-    finally:
-        holder.kill()
-        holder.wait()
-
-
 def _all_time_out(calls: Sequence[Callable[[], object]]) -> None:
     for call in calls:
         started = time.monotonic()
@@ -424,7 +401,7 @@ def _all_time_out(calls: Sequence[Callable[[], object]]) -> None:
 def lock_held_elsewhere(store_dir: pathlib.Path) -> Iterator[None]:
     """Another process holding an exclusive flock on the store's runs.lock."""
     Store(store_dir).close()
-    with _lock_held(store_dir):
+    with lock_held(store_dir):
         yield
 
 
@@ -456,14 +433,14 @@ def test_calls_time_out_and_recover_when_the_lock_comes_back(store_dir: pathlib.
     try:
         run, _ = s.prepare_atomic("m1", "h", lambda: Run("m1", "/t", "h"))
         second, _ = s.prepare_atomic("m2", "h", lambda: Run("m2", "/t", "h"))
-        with _lock_held(store_dir):
+        with lock_held(store_dir):
             assert s.get(run.id) == run  # nothing changed: no lock needed
             assert s.list() == [run, second] and s.active() == [run, second]
             assert s.last_seq() == 2 and s.stats().runs == 2
             _all_time_out([lambda: s.start(run.id), s.compact])
         assert s.start(run.id).status is Status.RUNNING
         other.start(second.id)  # s has not seen this one
-        with _lock_held(store_dir):  # the file grew: the reads catch up, under the lock
+        with lock_held(store_dir):  # the file grew: the reads catch up, under the lock
             _all_time_out([lambda: s.get(second.id), s.list, s.active, s.last_seq, s.stats])
         assert s.get(second.id).status is Status.RUNNING
     finally:
@@ -482,7 +459,7 @@ def test_reads_about_a_run_others_did_not_touch_need_no_lock(store_dir: pathlib.
         theirs, _ = s.prepare_atomic("m2", "h", lambda: Run("m2", "/t", "h"))
         other.start(theirs.id)
         made, _ = other.prepare_atomic("m3", "h", lambda: Run("m3", "/t", "h"))
-        with _lock_held(store_dir):
+        with lock_held(store_dir):
             assert s.get(mine.id) == mine
             assert s.active_by_machine("m1") == mine
             assert s.active_by_machine("m9") is None
@@ -502,7 +479,7 @@ def test_reads_past_too_many_unread_lines_take_the_lock(store_dir: pathlib.Path)
         size = (store_dir / "runs.jsonl").stat().st_size
         while (store_dir / "runs.jsonl").stat().st_size - size <= store_module._UNREAD_LIMIT:
             other.create(Run("elsewhere", "/t", "h", status=Status.COMPLETED))
-        with _lock_held(store_dir):
+        with lock_held(store_dir):
             _all_time_out([lambda: s.get(mine.id)])
         assert s.get(mine.id) == mine
 

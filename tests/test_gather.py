@@ -10,31 +10,12 @@ from collections.abc import Callable
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pieces import lines_file, reader
 
 from runstore import gather
 from runstore.errors import CorruptStoreError
 
 _PATH = "/x/runs.jsonl"
-
-
-def _file(count: int, rng: random.Random, longest: int = 120) -> tuple[bytes, list[int]]:
-    """Lines of varied lengths and the offset of each."""
-    parts, offsets, at = [], [], 0
-    for i in range(count):
-        line = b'{"seq":%d,"pad":"%s"}\n' % (i + 1, b"x" * rng.randrange(0, longest))
-        offsets.append(at)
-        parts.append(line)
-        at += len(line)
-    return b"".join(parts), offsets
-
-
-def _reader(buf: bytes, log: list[tuple[int, int]] | None = None) -> gather.Read:
-    def read(offset: int, size: int) -> bytes:
-        if log is not None:
-            log.append((offset, size))
-        return buf[offset:offset + size]
-
-    return read
 
 
 def _line(buf: bytes, offset: int) -> bytes:
@@ -47,12 +28,12 @@ def test_lines_come_back_in_the_order_asked(count: int, rng: random.Random,
                                             read_ahead: int) -> None:
     """Offsets in any order, repeated ones too, lines longer than a read: each line whole,
     in order, and the lengths with their newline."""
-    buf, offsets = _file(count, rng)
+    buf, offsets = lines_file(count, rng)
     asked = array.array("q", (rng.choice(offsets) for _ in range(rng.randrange(1, 2 * count))))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gather, "READ_AHEAD", read_ahead)
-        assert list(gather.lines(_reader(buf), asked, _PATH)) == [_line(buf, o) for o in asked]
-        assert list(gather.line_lengths(_reader(buf), asked, _PATH)) == [
+        assert list(gather.lines(reader(buf), asked, _PATH)) == [_line(buf, o) for o in asked]
+        assert list(gather.line_lengths(reader(buf), asked, _PATH)) == [
             len(_line(buf, o)) + 1 for o in asked]
         starts = array.array("q", sorted(rng.sample(range(len(buf)), min(len(buf), 10))))
         ends = array.array("q", (rng.randrange(a, len(buf) + 1) for a in starts))
@@ -60,22 +41,22 @@ def test_lines_come_back_in_the_order_asked(count: int, rng: random.Random,
         rng.shuffle(order)
         starts = array.array("q", (starts[k] for k in order))
         ends = array.array("q", (ends[k] for k in order))
-        got = [b"".join(gather.ranges(_reader(buf), starts[k:k + 1], ends[k:k + 1], _PATH))
+        got = [b"".join(gather.ranges(reader(buf), starts[k:k + 1], ends[k:k + 1], _PATH))
                for k in range(len(starts))]
         assert got == [buf[a:b] for a, b in zip(starts, ends, strict=True)]
-        together = b"".join(gather.ranges(_reader(buf), starts, ends, _PATH))
+        together = b"".join(gather.ranges(reader(buf), starts, ends, _PATH))
         assert together == b"".join(buf[a:b] for a, b in zip(starts, ends, strict=True))
 
 
 def _read_volume(order: Callable[[list[int]], list[int]]) -> tuple[int, int, int, int]:
     """(largest read, bytes read, bytes asked for, file size) of ``lines`` over a ~120 KB
     file with 256-byte reads, a third of its lines asked for in ``order``."""
-    buf, offsets = _file(1500, random.Random(5))
+    buf, offsets = lines_file(1500, random.Random(5))
     asked = order(offsets[::3])
     log: list[tuple[int, int]] = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gather, "READ_AHEAD", 256)
-        for _ in gather.lines(_reader(buf, log), array.array("q", asked), _PATH):
+        for _ in gather.lines(reader(buf, log), array.array("q", asked), _PATH):
             pass
     wanted = sum(len(_line(buf, o)) + 1 for o in asked)
     return max(size for _, size in log), sum(size for _, size in log), wanted, len(buf)
@@ -95,9 +76,9 @@ def test_reads_stay_small_and_follow_the_lines_asked_for() -> None:
 
 def test_a_line_without_an_end_is_corruption() -> None:
     """The file ends inside an asked-for line: ``CorruptStoreError`` naming its offset."""
-    buf, offsets = _file(20, random.Random(2))
+    buf, offsets = lines_file(20, random.Random(2))
     with pytest.raises(CorruptStoreError) as err:
-        list(gather.lines(_reader(buf[:offsets[10] + 5]), array.array("q", [offsets[10]]),
+        list(gather.lines(reader(buf[:offsets[10] + 5]), array.array("q", [offsets[10]]),
                           _PATH))
     assert err.value.offset == offsets[10]
     assert "no end" in str(err.value)
@@ -106,7 +87,7 @@ def test_a_line_without_an_end_is_corruption() -> None:
 def test_a_file_cut_under_a_range_is_corruption() -> None:
     """A range past the end of the file (it was cut meanwhile): ``CorruptStoreError``,
     never a short result."""
-    buf, _ = _file(20, random.Random(3))
+    buf, _ = lines_file(20, random.Random(3))
     starts, ends = array.array("q", [10]), array.array("q", [len(buf) + 50])
     with pytest.raises(CorruptStoreError, match="ended before"):
-        b"".join(gather.ranges(_reader(buf), starts, ends, _PATH))
+        b"".join(gather.ranges(reader(buf), starts, ends, _PATH))
