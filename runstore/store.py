@@ -252,17 +252,19 @@ class Store:
             return
         header, j = self._header, self._journal
         assert header is not None
+        recent: list[int] = []  # the offsets of the changes before the checkpoint
         if header.summary is not None:
             base = self._index_base(header)
+            if self._opened_at is not None:
+                recent = self._history_at(header)
             cur = Cursor(end=header.base_end,
-                         next_seq=header.compacted_through + 1 + len(self._history_at(header)),
+                         next_seq=header.compacted_through + 1 + len(recent),
                          durable=header.base_end, latest_end=header.latest_end,
                          base_end=header.base_end, compacted_through=header.compacted_through)
         else:
             base, cur = {}, cursor_after_header(header, header.start)
         if self._opened_at is not None:  # opened at a checkpoint: the lines before it
             at, point = self._opened_at
-            recent = self._history_at(header) if header.summary is not None else []
             for chunk_at, chunk in j.read_lines(cur.end, at):
                 result = scan(chunk, chunk_at, cur)
                 if result.damage is not None:
