@@ -11,6 +11,7 @@ import pathlib
 import random
 import signal
 import time
+import traceback
 from typing import Any
 
 import orjson
@@ -32,6 +33,8 @@ def _fork_writer(state: str, log: str, seed: int, inherited: Store | None, durab
                 [0, 0, 25, 60]), store=inherited)
         except BaseException:
             code = 1
+            with open(f"{log}.error", "w") as f:  # for the report: why it failed
+                f.write(traceback.format_exc())
         os._exit(code)
     return pid
 
@@ -59,7 +62,8 @@ def _sigkill_loop(base: pathlib.Path, rounds: int, writers: int) -> dict[str, An
                     killed += 1
                 elif os.WEXITSTATUS(status) != 0:
                     problems += 1
-                    examples.append(f"round {r}: a writer failed before it was killed")
+                    examples.append(f"round {r}: a writer failed before it was killed: "
+                                    f"{_error_of(logs[pids.index(pid)])}")
             round_acks = read_acks(logs)
             merged.acks += round_acks.acks
             for rid, (rev, st) in round_acks.runs.items():
@@ -74,14 +78,24 @@ def _sigkill_loop(base: pathlib.Path, rounds: int, writers: int) -> dict[str, An
             lost += len(missing)
             examples += [f"round {r}: {x}" for x in found + missing][:3]
             for log in logs:
-                if os.path.exists(log):
-                    os.unlink(log)
+                for name in (log, f"{log}.error"):
+                    if os.path.exists(name):
+                        os.unlink(name)
     finally:
         shared.close()
     return {"rounds": rounds, "writers_killed": killed, "acknowledged_calls": merged.acks,
             "runs": len(merged.runs), "unreadable_stores": unreadable,
             "lost_acknowledged_updates": lost, "other_problems": problems,
             "examples": examples[:5]}
+
+
+def _error_of(log: str) -> str:
+    """What a writer that failed wrote of its exception (its traceback, last lines)."""
+    try:
+        with open(f"{log}.error") as f:
+            return " | ".join(f.read().strip().splitlines()[-6:])
+    except OSError:
+        return "(it left no traceback)"
 
 
 def _check(capsys: Any, base: pathlib.Path, rounds: int) -> None:
