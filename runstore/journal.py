@@ -667,20 +667,22 @@ class Journal:
             raise StoreIOError(self.path, "rewriting", exc) from None
 
     def install_temp(self, name: str, fd: int, tail: bytes = b"") -> None:
-        """Append ``tail`` to a written temp file (fsynced when not empty), close it and
-        rename it over the journal, then fsync the directory. Call with the lock held."""
+        """Append ``tail`` to a written temp file (fsynced when not empty), rename it over
+        the journal, close it, then fsync the directory. Call with the lock held. The temp
+        file is closed only once it is the journal: the temp file of a compaction beside the
+        lock is flocked until it is closed, and another process that claimed it between a
+        close and the rename would empty it (``claim_compaction_temp``), and the rename would
+        then put an empty journal in place."""
         try:
-            try:
-                if tail:
-                    self._write_all(fd, tail)
-                    self.fs.fsync(fd)
-            finally:
-                self.fs.close(fd)
+            if tail:
+                self._write_all(fd, tail)
+                self.fs.fsync(fd)
             self.fs.replace(name, DATA_NAME, self.dir_fd)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                self.fs.unlink(name, self.dir_fd)
+            self.abandon_temp(name, fd)
             raise StoreIOError(self.path, "rewriting", exc) from None
+        with contextlib.suppress(OSError):  # written, synced and in place: nothing to lose
+            self.fs.close(fd)
         failpoints.hit("compact.after_replace")
         try:
             self.fs.fsync(self.dir_fd)
@@ -688,12 +690,14 @@ class Journal:
             raise StoreIOError(self.state_dir, "syncing the directory", exc) from None
 
     def abandon_temp(self, name: str, fd: int | None) -> None:
-        """Close and remove a temp file that will not be installed."""
+        """Remove and close a temp file that will not be installed; removed first, while a
+        compaction's temp file is still flocked, so that the name cannot be another
+        process's claim by then."""
+        with contextlib.suppress(OSError):
+            self.fs.unlink(name, self.dir_fd)
         if fd is not None:
             with contextlib.suppress(OSError):
                 self.fs.close(fd)
-        with contextlib.suppress(OSError):
-            self.fs.unlink(name, self.dir_fd)
 
     def _write_all(self, fd: int, data: bytes) -> None:
         view = memoryview(data)

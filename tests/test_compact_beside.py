@@ -297,3 +297,72 @@ def test_an_io_error_while_compacting_fails_no_write(
     with Store(store_dir) as fresh:
         assert [r.id for r in fresh.list()] == ids
     assert journal.check(store_dir).ok
+
+
+class _ClaimMeanwhile(FileSystem):
+    """Right before the compaction's temp file is renamed over the journal or removed (and,
+    with the old order, after it was closed), another process tries to claim that temp
+    file, as a compaction starting elsewhere at that moment would: it must find it taken.
+    ``lost`` counts claims whose file was then taken from under them."""
+
+    def __init__(self, state_dir: pathlib.Path) -> None:
+        self.other = journal.Journal(str(state_dir), FileSystem())
+        self.claims: list[int | None] = []
+        self.lost = 0
+
+    def _claim(self) -> int | None:
+        fd = self.other.claim_compaction_temp()  # empties the file when it gets it
+        self.claims.append(fd)
+        return fd
+
+    def replace(self, src: str, dst: str, dir_fd: int) -> None:
+        fd = self._claim() if src == journal.COMPACTING_NAME else None
+        super().replace(src, dst, dir_fd)
+        if fd is not None:
+            os.close(fd)
+
+    def unlink(self, name: str, dir_fd: int) -> None:
+        fd = self._claim() if name == journal.COMPACTING_NAME else None
+        super().unlink(name, dir_fd)
+        if fd is not None:
+            self.lost += os.fstat(fd).st_nlink == 0  # the other's claim was removed
+            os.close(fd)
+
+
+def test_a_compaction_starting_elsewhere_cannot_empty_the_copy_being_installed(
+        store_dir: pathlib.Path, often: None) -> None:
+    """Regression (the SIGKILL loop found it in CI: a store opened to an empty journal): the
+    temp file was closed, so its flock released, before the rename; a compaction starting in
+    another process in between claimed it and emptied it, and the rename put an empty
+    journal in place. It is now closed after the rename."""
+    Store(store_dir).close()
+    fs = _ClaimMeanwhile(store_dir)
+    with Store(store_dir, durable=False, _fs=fs) as s:
+        ids = [_cycle(s, f"m{i % 3}") for i in range(60)]
+    assert fs.claims and all(fd is None for fd in fs.claims)
+    assert _compacted_through(store_dir) > 0
+    with Store(store_dir) as fresh:
+        assert [r.id for r in fresh.list()] == ids
+    assert journal.check(store_dir).ok
+
+
+def test_a_compaction_given_up_cannot_remove_a_copy_another_one_claimed(
+        store_dir: pathlib.Path, often: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compaction that gives up (the file was replaced meanwhile) removes its temp file
+    while it still holds it, then closes it: a compaction starting elsewhere cannot have
+    claimed that name in between (it would have lost its copy, or a third one's would have
+    been renamed over the journal half written)."""
+    Store(store_dir).close()
+    other = Store(store_dir)
+    copies = _hook_write_temp(monkeypatch, other.compact)
+    fs = _ClaimMeanwhile(store_dir)
+    try:
+        with Store(store_dir, _fs=fs) as s:
+            ids = [_cycle(s, f"m{i % 3}") for i in range(30)]
+            assert len(copies) >= 2
+    finally:
+        other.close()
+    assert fs.claims and all(fd is None for fd in fs.claims)
+    assert fs.lost == 0
+    with Store(store_dir) as fresh:
+        assert [r.id for r in fresh.list()] == ids
