@@ -127,6 +127,8 @@ def test_sigkill_loop_compacting_often(tmp_path: pathlib.Path, capsys: Any,
 
 
 @pytest.mark.stress
+@pytest.mark.timeout(3600)
 def test_sigkill_loop_full(tmp_path: pathlib.Path, capsys: Any) -> None:
-    """1,000 rounds (stress size)."""
+    """1,000 rounds (stress size). Each round's audit reads the whole store, which grows by
+    the runs of every round: over 900 s on these machines."""
     _check(capsys, tmp_path, sized(1000, 1000, True))
