@@ -45,8 +45,7 @@ def lines(read: Read, offsets: array.array[int], path: str) -> Iterator[bytes]:
     for k, (a, b) in enumerate(zip(offsets, ends, strict=True)):
         if not window.holds(a, b):
             window.fill(a, _reach(offsets, ends, k) - a)
-        pieces = list(window.pieces(a, b))
-        yield bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
+        yield b"".join(window.pieces(a, b))
 
 
 def ranges(read: Read, starts: array.array[int], ends: array.array[int],

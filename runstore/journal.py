@@ -105,7 +105,9 @@ class ScanResult:
 
 def scan(buf: bytes, start: int, cur: Cursor) -> ScanResult:
     """Validate the complete lines of ``buf`` (file bytes from offset ``start``) and advance
-    ``cur`` past the valid ones; stop at the first line that is not sound."""
+    ``cur`` past the valid ones; stop at the first line that is not sound. A ``cur`` whose
+    ``next_seq`` is 0 takes the first seq it meets as it is (a reader that starts in the
+    middle of the records: ``Journal.lines_follow``)."""
     records: list[tuple[int, dict[str, Any]]] = []
     pos = 0
     size = len(buf)
@@ -122,10 +124,12 @@ def scan(buf: bytes, start: int, cur: Cursor) -> ScanResult:
                 if type(mark) is not int or not 0 <= mark <= offset or offset < cur.base_end:
                     raise codec.BadLine(f"bad durable mark {mark!r}")
                 if data["mark"] == "checkpoint":
-                    if data.get("next_seq") != cur.next_seq:
-                        raise codec.BadLine(f"a checkpoint says the next seq is "
-                                            f"{data.get('next_seq')!r} where it is "
-                                            f"{cur.next_seq}")
+                    says = data.get("next_seq")
+                    if cur.next_seq == 0 and type(says) is int:
+                        cur.next_seq = says
+                    if says != cur.next_seq:
+                        raise codec.BadLine(f"a checkpoint says the next seq is {says!r} "
+                                            f"where it is {cur.next_seq}")
                     cur.checkpoint_seq = cur.next_seq
                 cur.durable = max(cur.durable, mark)
                 pos = nl + 1
@@ -136,7 +140,7 @@ def scan(buf: bytes, start: int, cur: Cursor) -> ScanResult:
                 seq = data["seq"]
                 if offset < cur.latest_end:
                     pass  # the compacted base: latest versions, in insertion order
-                elif seq != cur.next_seq:
+                elif seq != cur.next_seq and cur.next_seq:
                     raise codec.BadLine(f"seq {seq} where {cur.next_seq} was expected")
                 elif offset < cur.base_end:
                     cur.next_seq = seq + 1  # retained history copied by compaction
@@ -524,24 +528,12 @@ class Journal:
         """Whether the lines in ``lo:hi`` are all sound, their records in seq order up to
         ``next_seq - 1`` (what a checkpoint at ``hi`` says comes next): the check that the
         unsynced lines before a checkpoint were not torn or lost in a power loss."""
-        last = None
-        for _, chunk in self.read_lines(lo, hi):
-            pos = 0
-            while pos < len(chunk):
-                nl = chunk.find(b"\n", pos)
-                if nl < 0:
-                    return False
-                try:
-                    data = codec.decode_line(chunk[pos:nl])
-                    if "mark" not in data:
-                        codec.check_record(data)
-                        if last is not None and data["seq"] != last + 1:
-                            return False
-                        last = data["seq"]
-                except codec.BadLine:
-                    return False
-                pos = nl + 1
-        return last is None or last + 1 == next_seq
+        cur = Cursor(end=lo, next_seq=0, durable=0, latest_end=0, base_end=0,
+                     compacted_through=0)
+        for chunk_at, chunk in self.read_lines(lo, hi):
+            if scan(chunk, chunk_at, cur).damage is not None:
+                return False
+        return cur.end == hi and cur.next_seq in (0, next_seq)
 
     def read_line(self, offset: int) -> bytes:
         """The line starting at ``offset``, without its newline."""
