@@ -388,19 +388,12 @@ class Store:
         if ((not point.boot or point.boot != owner.boot_id())
                 and not j.lines_follow(max(tail, point.durable), at, point.next_seq)):
             return False
-        active = []
-        for offset in point.active:
-            try:
-                data = self._decode_at(offset, j.read_line(offset))
-            except CorruptStoreError:
-                return False  # opened line by line, which says what is wrong
-            if data["status"] not in _ACTIVE:
+        try:
+            if not self._take_active(point.active):
                 return False
-            active.append((offset, data))
-        for offset, data in active:
-            self._ingest_record(offset, data)
-        self._index.clear()  # the non-terminal runs are found again when indexing
-        self._recent.clear()  # the offsets of the changes before it are found then too
+        except CorruptStoreError:
+            return False  # opened line by line, which says what is wrong
+        self._recent.clear()  # the offsets of the changes before it are found when indexing
         self._lines = point.lines
         self._max_id = max(self._max_id, point.max_id)
         self._base_count = point.runs
@@ -408,6 +401,23 @@ class Store:
         self._opened_at = at, point
         cur.end, cur.next_seq, cur.checkpoint_seq = end, point.next_seq, point.next_seq
         cur.durable = max(cur.durable, point.durable)
+        return True
+
+    def _take_active(self, offsets: Iterable[int]) -> bool:
+        """Take in the non-terminal runs whose latest versions a summary or a checkpoint
+        lists (the rest of what it describes is indexed when first needed, and these runs'
+        offsets found again then); False, taking in nothing, when one of the lines is not
+        a non-terminal run's."""
+        j = self._journal
+        records = []
+        for offset in offsets:
+            data = self._decode_at(offset, j.read_line(offset))
+            if data["status"] not in _ACTIVE:
+                return False
+            records.append((offset, data))
+        for offset, data in records:
+            self._ingest_record(offset, data)
+        self._index.clear()
         return True
 
     def _load_summarised_base(self, header: Header) -> bool:
@@ -420,15 +430,10 @@ class Store:
         if os.fstat(j.fd).st_size < header.base_end:
             return False
         history = self._history_at(header)
-        for rel in summary.active:
-            offset = header.start + rel
-            data = self._decode_at(offset, j.read_line(offset))
-            if data["status"] not in _ACTIVE:
-                return False
-            self._ingest_record(offset, data)
+        if not self._take_active(header.start + rel for rel in summary.active):
+            return False
         self._lazy = True
         self._base_count = summary.lines
-        self._index.clear()  # the active runs' base offsets are found again when indexing
         self._lines = summary.lines + len(history)
         self._recent.extend(history)
         self._max_id = max(self._max_id, summary.max_id)
