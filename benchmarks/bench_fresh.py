@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import compileall
 import datetime as _dt
-import functools
 import json
 import os
 import platform
@@ -80,18 +79,31 @@ print(json.dumps({"import_s": t1 - t0, "open_s": t2 - t1, "prepare_s": t3 - t2,
 # A process that keeps the store open through the heaviest things it may do: take in a
 # thousand dispatcher cycles, index every run (a get of the oldest one), then compact (what
 # an automatic compaction does, under the lock here).
-LIFETIME_CHILD = _MEMORY_PROBE + '''
-import json, sys, time
+_CYCLES = '''
 import runstore
+def cycles(store, count, prefix):
+    for i in range(count):
+        machine = f"{prefix}-{i % 50}"
+        run, _ = store.prepare_atomic(machine, "h",
+                                      lambda m=machine: runstore.Run(m, "/srv/ci", "h"))
+        store.start(run.id)
+        store.finish(run.id, runstore.Status.COMPLETED, exit_code=0)
+'''
+
+# ``count`` dispatcher cycles on the store, not durable: the lines a busy store has written
+# since its last compaction (``add_tail``)
+TAIL_CHILD = _CYCLES + '''
+import sys
+with runstore.Store(sys.argv[1], durable=False) as store:
+    cycles(store, int(sys.argv[2]), "tail")
+'''
+
+LIFETIME_CHILD = _MEMORY_PROBE + _CYCLES + '''
+import json, sys, time
 where = sys.argv[1]
 store = runstore.Store(where, durable=False)
-oldest = None
 after_open = _memory()
-for i in range(1000):
-    machine = f"lifetime-{i % 50}"
-    run, _ = store.prepare_atomic(machine, "h", lambda: runstore.Run(machine, "/srv/ci", "h"))
-    store.start(run.id)
-    store.finish(run.id, runstore.Status.COMPLETED, exit_code=0)
+cycles(store, 1000, "lifetime")
 t0 = time.perf_counter()
 with open(f"{where}/runs.jsonl", "rb") as f:  # the first run of the compacted base
     f.readline()
@@ -157,15 +169,8 @@ def fresh_process(impl_name: str, where: str, machine: str) -> dict[str, Any]:
 
 
 def add_tail(where: str, cycles: int) -> None:
-    """``cycles`` dispatcher cycles on the store (not durable, then closed): the lines a busy
-    store has written since its last compaction."""
-    with runstore.Store(where, durable=False) as store:
-        for i in range(cycles):
-            machine = f"tail-{i % 50}"
-            run, _ = store.prepare_atomic(machine, "h", functools.partial(
-                runstore.Run, machine, "/srv/ci", "h"))
-            store.start(run.id)
-            store.finish(run.id, runstore.Status.COMPLETED, exit_code=0)
+    """``cycles`` dispatcher cycles on the store in a child process (``TAIL_CHILD``)."""
+    subprocess.run([sys.executable, "-c", TAIL_CHILD, where, str(cycles)], check=True)
 
 
 def lifetime(where: str) -> dict[str, Any]:
@@ -217,7 +222,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             cycles = min(n, args.tail_max)
             if cycles:
                 t = time.perf_counter()
-                in_child(add_tail, stores["runstore"], cycles)
+                add_tail(stores["runstore"], cycles)
                 print(f"added a tail of {cycles:,} cycles in {time.perf_counter() - t:.1f} s",
                       flush=True)
                 runs = []
