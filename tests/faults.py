@@ -264,6 +264,14 @@ def lock_the_data_file() -> None:
 # -- a failing file system ------------------------------------------------------------------
 
 
+def cycle(store: Store, machine: str, test_dir: str = "/t") -> str:
+    """One dispatcher cycle (prepare, start, finish completed) on ``machine``; the run id."""
+    run, _ = store.prepare_atomic(machine, "h", lambda: Run(machine, test_dir, "h"))
+    store.start(run.id)
+    store.finish(run.id, Status.COMPLETED, exit_code=0)
+    return run.id
+
+
 class ReadLog(FileSystem):
     """Plain I/O that counts what is read: ``sizes`` asked for, ``read`` bytes returned."""
 

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import pathlib
 
-from faults import ReadLog
+from faults import ReadLog, cycle
 
-from runstore import Run, Status, Store
+from runstore import Store
 
 
 def _busy(store: Store, cycles: int) -> None:
     for i in range(cycles):
-        machine = f"m{i % 7}"
-        run, _ = store.prepare_atomic(machine, "h", lambda m=machine: Run(m, "/t", "h"))
-        store.start(run.id)
-        store.finish(run.id, Status.COMPLETED, exit_code=0)
+        cycle(store, f"m{i % 7}")
 
 
 def test_changes_since_a_recent_seq_read_only_the_new_lines(store_dir: pathlib.Path) -> None:

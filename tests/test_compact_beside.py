@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 import pytest
-from faults import FailingFS, lock_held
+from faults import FailingFS, cycle, lock_held
 
 import runstore.store as store_module
 from runstore import ChangeType, Run, Status, Store, codec, compaction, journal, lock
@@ -45,13 +45,6 @@ def often(monkeypatch: pytest.MonkeyPatch) -> None:
     """Automatic compaction after a few dozen superseded lines."""
     monkeypatch.setattr(store_module, "COMPACT_MIN_SUPERSEDED", 8)
     monkeypatch.setattr(store_module, "RETAIN_CHANGES", 4)
-
-
-def _cycle(s: Store, machine: str) -> str:
-    run, _ = s.prepare_atomic(machine, "h", lambda: Run(machine, "/t", "h"))
-    s.start(run.id)
-    s.finish(run.id, Status.COMPLETED, exit_code=0)
-    return run.id
 
 
 def _lines(path: pathlib.Path) -> tuple[dict[str, Any], int, list[tuple[int, dict[str, Any]]]]:
@@ -107,7 +100,7 @@ def test_other_processes_write_while_the_compacted_copy_is_written(
     with Store(store_dir) as s:
         ours: list[str] = []
         while not copies:
-            ours.append(_cycle(s, f"m{len(ours) % 3}"))
+            ours.append(cycle(s, f"m{len(ours) % 3}"))
         assert len(ours) < 30 and len(theirs) == 5
         header, base_end, records = _lines(store_dir / "runs.jsonl")
         assert header["compacted_through"] > 0
@@ -116,7 +109,7 @@ def test_other_processes_write_while_the_compacted_copy_is_written(
         assert all(d["durable"] >= base_end for _, d in tail)
         assert {r.id for r in s.list()} == {*ours, *theirs}
         assert all(s.get(rid).status is Status.COMPLETED for rid in theirs)
-        _cycle(s, "m0")  # the view points into the new file: writing on works
+        cycle(s, "m0")  # the view points into the new file: writing on works
     with Store(store_dir) as fresh:
         assert len(fresh.list()) == len(ours) + len(theirs) + 1
     assert journal.check(store_dir).ok
@@ -135,7 +128,7 @@ def test_a_compaction_another_process_is_running_is_left_alone(
         fcntl.flock(fd, fcntl.LOCK_EX)
         with Store(store_dir) as s:
             for i in range(30):
-                _cycle(s, f"m{i % 3}")
+                cycle(s, f"m{i % 3}")
         with Store(store_dir) as s:
             assert len(s.list()) == 30
         assert temp.exists()
@@ -145,7 +138,7 @@ def test_a_compaction_another_process_is_running_is_left_alone(
     with Store(store_dir) as s:
         assert not temp.exists()
         for i in range(30):
-            _cycle(s, f"m{i % 3}")
+            cycle(s, f"m{i % 3}")
         assert len(s.list()) == 60
     assert _compacted_through(store_dir) > 0
 
@@ -159,7 +152,7 @@ def test_compaction_gives_up_when_the_file_is_replaced_meanwhile(
     copies = _hook_write_temp(monkeypatch, other.compact)
     try:
         with Store(store_dir) as s:
-            ids = [_cycle(s, f"m{i % 3}") for i in range(30)]
+            ids = [cycle(s, f"m{i % 3}") for i in range(30)]
             assert len(copies) >= 2  # ours, then the other's
             assert not (store_dir / journal.COMPACTING_NAME).exists()
             assert [r.id for r in s.list()] == ids
@@ -199,7 +192,7 @@ def test_compaction_gives_up_when_the_lock_stays_busy(
     with Store(store_dir) as s:
         before = len(s.list())
         for i in range(30):
-            _cycle(s, f"n{i % 3}")
+            cycle(s, f"n{i % 3}")
         assert len(s.list()) == before + 30
     assert _compacted_through(store_dir) > 0
 
@@ -270,7 +263,7 @@ def test_a_symlink_planted_as_the_temp_file_is_refused(
     os.symlink(victim, store_dir / journal.COMPACTING_NAME)
     with Store(store_dir) as s, pytest.raises(UnsafeStoreError, match="symbolic link") as info:
         for i in range(30):
-            _cycle(s, f"m{i % 3}")
+            cycle(s, f"m{i % 3}")
     assert journal.COMPACTING_NAME in str(info.value)
     assert victim.read_text() == "precious"
     os.unlink(store_dir / journal.COMPACTING_NAME)
@@ -287,7 +280,7 @@ def test_an_io_error_while_compacting_fails_no_write(
     fs = FailingFS("fsync", 1, errno.ENOSPC)  # not durable: compaction makes the only fsyncs
     with (caplog.at_level(logging.WARNING, logger="runstore"),
           Store(store_dir, durable=False, _fs=fs) as s):
-        ids = [_cycle(s, f"m{i % 3}") for i in range(120)]
+        ids = [cycle(s, f"m{i % 3}") for i in range(120)]
         assert fs.failed == 1
         assert [r.id for r in s.list()] == ids
     assert f"automatic compaction of {store_dir / 'runs.jsonl'} failed" in caplog.text
@@ -338,7 +331,7 @@ def test_a_compaction_starting_elsewhere_cannot_empty_the_copy_being_installed(
     Store(store_dir).close()
     fs = _ClaimMeanwhile(store_dir)
     with Store(store_dir, durable=False, _fs=fs) as s:
-        ids = [_cycle(s, f"m{i % 3}") for i in range(60)]
+        ids = [cycle(s, f"m{i % 3}") for i in range(60)]
     assert fs.claims and all(fd is None for fd in fs.claims)
     assert _compacted_through(store_dir) > 0
     with Store(store_dir) as fresh:
@@ -358,7 +351,7 @@ def test_a_compaction_given_up_cannot_remove_a_copy_another_one_claimed(
     fs = _ClaimMeanwhile(store_dir)
     try:
         with Store(store_dir, _fs=fs) as s:
-            ids = [_cycle(s, f"m{i % 3}") for i in range(30)]
+            ids = [cycle(s, f"m{i % 3}") for i in range(30)]
             assert len(copies) >= 2
     finally:
         other.close()
