@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import enum
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 
@@ -90,6 +92,30 @@ class Run:
         """True when the run is in a final state."""
         return self.status.is_terminal
 
+
+
+def _make_replace_run() -> Callable[..., Run]:
+    """Build ``replace_run(run, **changes)``: ``attrs.evolve`` for ``Run``, in a third of its
+    time. Each write makes a run's next version, some of them inside the store's lock, and
+    ``evolve`` there cost ~9 us of a ~60 us write on these machines: it collects every field
+    into keyword arguments for ``__init__``, whose frozen-class setattr looks each name up
+    again. This sets the slots directly, as the generated ``__init__`` does (``Run`` has no
+    validators or converters to bypass). Generated once, like attrs' own methods; a field
+    that ``Run`` does not have is a ``TypeError``, as with ``evolve``."""
+    names = [field.name for field in attrs.fields(Run)]
+    scope: dict[str, Any] = {"_new": object.__new__, "_Run": Run, "_unset": object()}
+    scope.update({f"_set_{name}": getattr(Run, name).__set__ for name in names})
+    source = "def replace_run(run, *, {}):\n    new = _new(_Run)\n{}    return new\n".format(
+        ", ".join(f"{name}=_unset" for name in names),
+        "".join(f"    _set_{name}(new, run.{name} if {name} is _unset else {name})\n"
+                for name in names))
+    exec(source, scope)  # made from Run's own field names, nothing else
+    replace: Callable[..., Run] = scope["replace_run"]
+    return replace
+
+
+#: ``attrs.evolve(run, **changes)`` for a ``Run``, faster (see ``_make_replace_run``)
+replace_run = _make_replace_run()
 
 @attrs.frozen
 class Change:

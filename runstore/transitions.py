@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import attrs
 
 from .errors import ConflictError, InvalidRunError, InvalidTransitionError
-from .model import ChangeType, Run, Status
+from .model import ChangeType, Run, Status, replace_run
 
 ALLOWED: dict[Status, frozenset[Status]] = {
     Status.PENDING: frozenset(
@@ -177,16 +177,16 @@ def check_made(made: object, machine: str, test_dir_hash: str) -> Run:
 def as_pending(made: Run) -> Run:
     """The run ``make()`` returned, as the pending run ``prepare_atomic`` stores (its own
     status, whatever it was, is replaced)."""
-    return made if made.status is Status.PENDING else attrs.evolve(made, status=Status.PENDING)
+    return made if made.status is Status.PENDING else replace_run(made, status=Status.PENDING)
 
 
 def fresh(run: Run, run_id: str, owner: Owner) -> Run:
     """The first stored version of a validated ``run``: ``run_id``, revision 1 and, when it
     is non-terminal, ``owner`` (a terminal run has none)."""
     if run.status.is_terminal:
-        return attrs.evolve(run, id=run_id, revision=1)
+        return replace_run(run, id=run_id, revision=1)
     host, pid, since = owner
-    return attrs.evolve(run, id=run_id, revision=1, owner_host=host, owner_pid=pid,
+    return replace_run(run, id=run_id, revision=1, owner_host=host, owner_pid=pid,
                         owner_start=since)
 
 
@@ -201,7 +201,7 @@ def updated(stored: Run, run: Run) -> Step | None:
             return None
         raise InvalidTransitionError(run.id, stored.status.value, run.status.value,
                                      "terminal runs are final")
-    new = attrs.evolve(run, revision=stored.revision + 1)
+    new = replace_run(run, revision=stored.revision + 1)
     return new, change_type(stored.status, new.status)
 
 
@@ -211,7 +211,7 @@ def started(stored: Run, now: _dt.datetime, owner: Owner) -> Step:
         raise InvalidTransitionError(stored.id, stored.status.value, Status.RUNNING.value,
                                      "only a pending run can be started")
     host, pid, since = owner
-    new = attrs.evolve(stored, status=Status.RUNNING, started_at=now, owner_host=host,
+    new = replace_run(stored, status=Status.RUNNING, started_at=now, owner_host=host,
                        owner_pid=pid, owner_start=since, revision=stored.revision + 1)
     return new, ChangeType.RUN_STARTED
 
@@ -230,7 +230,7 @@ def finished(stored: Run, target: Status, now: _dt.datetime, exit_code: int | No
     if stored.status is target:
         return None
     check_transition(stored.id, stored.status, target)
-    new = attrs.evolve(stored, status=target, ended_at=now, exit_code=exit_code,
+    new = replace_run(stored, status=target, ended_at=now, exit_code=exit_code,
                        error_code=error_code, error_msg=error_msg,
                        revision=stored.revision + 1)
     return new, ChangeType.RUN_FINISHED
@@ -241,5 +241,5 @@ def beat(stored: Run, now: _dt.datetime) -> Step:
     if stored.status.is_terminal:
         raise InvalidTransitionError(stored.id, stored.status.value, stored.status.value,
                                      "a finished run takes no heartbeat")
-    new = attrs.evolve(stored, heartbeat_at=now, revision=stored.revision + 1)
+    new = replace_run(stored, heartbeat_at=now, revision=stored.revision + 1)
     return new, ChangeType.HEARTBEAT

@@ -9,6 +9,7 @@ import pickle
 import attrs
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 from strategies import runs
 
 import runstore
@@ -31,6 +32,8 @@ from runstore import (
     TableLockTimeoutError,
     UnsafeStoreError,
 )
+from runstore.codec import RUN_FIELDS
+from runstore.model import replace_run
 
 # -- Run ------------------------------------------------------------------------------------
 
@@ -81,6 +84,27 @@ def test_run_equality_and_hash_follow_the_fields(run: Run) -> None:
 def test_run_is_terminal_follows_status(run: Run) -> None:
     """Run.is_terminal is its status' is_terminal."""
     assert run.is_terminal is run.status.is_terminal
+
+
+@given(runs(), runs(), st.sets(st.sampled_from(RUN_FIELDS)))
+def test_replace_run_is_attrs_evolve(run: Run, other: Run, changed: set[str]) -> None:
+    """``replace_run`` (the write path's ``evolve``) gives what ``attrs.evolve`` gives, for
+    any fields changed, and a frozen ``Run`` like any other."""
+    changes = {name: getattr(other, name) for name in changed}
+    before = attrs.astuple(run)
+    new = replace_run(run, **changes)
+    assert new == attrs.evolve(run, **changes)
+    assert type(new) is Run
+    assert attrs.astuple(new) == attrs.astuple(attrs.evolve(run, **changes))
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        new.status = Status.FAILED  # type: ignore[misc]
+    assert attrs.astuple(run) == before  # the original is untouched
+
+
+def test_replace_run_refuses_an_unknown_field() -> None:
+    """Like ``attrs.evolve``: a name that is not a field of ``Run`` is a ``TypeError``."""
+    with pytest.raises(TypeError, match="statu"):
+        replace_run(Run("m1", "/t", "h"), statu=Status.RUNNING)
 
 
 @given(runs())
