@@ -27,6 +27,7 @@ import weakref
 from collections.abc import Callable
 from fcntl import LOCK_EX, LOCK_NB, LOCK_UN, flock
 
+from . import owner
 from .errors import LockTimeoutError
 
 _EXCLUSIVE_NOW = LOCK_EX | LOCK_NB
@@ -65,7 +66,7 @@ class StoreLock:
     def acquire_mutex(self, timeout: float) -> None:
         """Take the mutex alone (a read that may not need the file lock); release it with
         ``release_mutex``. ``LockTimeoutError`` after ``timeout`` seconds."""
-        if self._pid != os.getpid():
+        if self._pid != owner.pid():
             self.after_fork()
         if not self._mutex.acquire(timeout=max(timeout, 0.0)):
             raise LockTimeoutError(self.lock_path, timeout)

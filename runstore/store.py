@@ -333,8 +333,8 @@ class Store:
 
     def _catch_up(self) -> None:
         j = self._journal
-        if self._pid != os.getpid():  # forked: the parent's view and descriptors are not ours
-            self._pid = os.getpid()
+        if self._pid != owner.pid():  # forked: the parent's view and descriptors are not ours
+            self._pid = owner.pid()
             j.after_fork()
             self._stale = True
         if self._stale or j.fd is None:
@@ -843,7 +843,7 @@ class Store:
         still being made is not acknowledged yet and may be ordered after this read."""
         j, cur = self._journal, self._cur
         if (self._stale or self._resync or cur is None or j.fd is None
-                or self._pid != os.getpid()):
+                or self._pid != owner.pid()):
             return False
         st = os.fstat(j.fd)
         unread = st.st_size - cur.end
