@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import collections
+import contextlib
 import datetime as _dt
 import itertools
 import os
@@ -165,6 +166,10 @@ class Store:
         #: (the lines between the base and it are indexed with the base)
         self._opened_at: tuple[int, codec.Checkpoint] | None = None
         self._compact_retry_at = 0  # lines: until then automatic compaction is not tried
+        #: records other processes appended, read and checked under the flock but taken
+        #: into the view only after it is released (``_catch_up`` with ``about``), in file
+        #: order; always empty when the mutex is free
+        self._held: list[tuple[int, dict[str, Any]]] = []
 
     def _index_version(self, offset: int, run_id: str, active: Run | dict[str, Any] | None,
                        changed_at: _dt.datetime | None, change: str) -> None:
@@ -250,6 +255,7 @@ class Store:
         line, and against what the checkpoint says)."""
         if not self._lazy:
             return
+        self._take_held()  # they follow the part indexed here
         header, j = self._header, self._journal
         assert header is not None
         recent: list[int] = []  # the offsets of the changes before the checkpoint
@@ -331,7 +337,14 @@ class Store:
 
     # -- catching up with the file ------------------------------------------------------
 
-    def _catch_up(self) -> None:
+    def _catch_up(self, about: str | None = None) -> None:
+        """Bring the view up to date with the file (under the flock). With ``about`` (the
+        one run id or machine the coming decision depends on), other processes' records
+        that are not about it are checked now but held (``_hold``) and taken into the view
+        after the flock is released: the lock changes hands on nearly every write when
+        processes share a store, and taking in the other one's line was a third of the
+        time it was held."""
+        assert not self._held
         j = self._journal
         if self._pid != owner.pid():  # forked: the parent's view and descriptors are not ours
             self._pid = owner.pid()
@@ -348,7 +361,7 @@ class Store:
         if st.st_nlink == 0 or st.st_size < cur.end:
             self._load()
         elif st.st_size > cur.end:
-            self._ingest_from(cur.end, st.st_size, defer=True)
+            self._ingest_from(cur.end, st.st_size, defer=True, about=about)
 
     def _load(self) -> None:
         """(Re)build the view from the file, creating the journal when missing. A base
@@ -463,9 +476,11 @@ class Store:
                                     f"a stored run is unreadable: {exc.reason}") from None
         return data
 
-    def _ingest_from(self, start: int, end: int | None = None, defer: bool = False) -> None:
+    def _ingest_from(self, start: int, end: int | None = None, defer: bool = False,
+                     about: str | None = None) -> None:
         """Take the file from ``start`` to its end into the view, about a megabyte at a
-        time, so that a long history is never held in memory at once."""
+        time, so that a long history is never held in memory at once. With ``about``,
+        records that are not about it are held instead (``_hold``)."""
         j = self._journal
         assert j.fd is not None
         if end is None:
@@ -474,7 +489,11 @@ class Store:
         assert cur is not None
         for chunk_at, chunk in j.read_lines(start, end):
             result = scan(chunk, chunk_at, cur)
+            if about is not None and result.damage is None and self._hold(result.records,
+                                                                          about):
+                continue
             try:
+                self._take_held()  # the records before these first
                 for offset, data in result.records:
                     self._ingest_record(offset, data, defer)
             except BaseException:
@@ -483,6 +502,34 @@ class Store:
             if result.damage is not None:  # judged against everything after it
                 self._recover(j.read_from(chunk_at), chunk_at, result.damage)
                 return
+
+    def _hold(self, records: list[tuple[int, dict[str, Any]]], about: str) -> bool:
+        """Hold ``records`` when none of them is about ``about`` (its id or machine) and
+        each can be taken in without structuring it (so taking them in later cannot
+        fail); the greatest id among them counts at once (new ids sort after it)."""
+        top = self._max_id
+        for _offset, data in records:
+            run_id, machine = data["id"], data.get("machine")
+            if run_id == about or machine == about or type(machine) is not str:
+                return False
+            if run_id > top:
+                top = run_id
+        self._max_id = top
+        self._held += records
+        return True
+
+    def _take_held(self) -> None:
+        """Take the held records into the view (before this process's own lines, which
+        follow them in the file); on failure the view is reloaded next time."""
+        if not self._held:
+            return
+        held, self._held = self._held, []
+        try:
+            for offset, data in held:
+                self._ingest_record(offset, data, defer=True)
+        except BaseException:
+            self._stale = True
+            raise
 
     def _recover(self, buf: bytes, start: int, damage: Damage) -> None:
         """A damaged line: cut it off when it can only be a torn, unsynced write; raise,
@@ -499,34 +546,38 @@ class Store:
     # -- the one read-modify-write path -------------------------------------------------
 
     def _transact(self, decide: Callable[[], _Decision[T]],
-                  early: Callable[[], None] | None = None) -> T:
+                  early: Callable[[], None] | None = None, about: str | None = None) -> T:
         """Run ``decide`` under the lock on an up-to-date view and store what it returns.
-        ``early`` runs before, with only the mutex held (see ``_write_step``)."""
+        ``early`` runs before, with only the mutex held (see ``_write_step``). ``about``:
+        the one run id or machine ``decide`` looks at, when it looks at no other run and
+        creates no run on another machine (see ``_catch_up``); None when it may look at
+        any."""
         if self._closed:
             raise ValueError(f"the store at {self.state_dir} is closed")
         lock = self._lock
         lock.acquire(self.lock_timeout, early)
         wrote_to = -1
-        compact = False
         try:
-            self._catch_up()
+            self._catch_up(about)
             if self._resync:
                 # a sync failed earlier: Linux may have marked those pages clean without
                 # writing them ("fsyncgate"), so a later sync would not cover them and a
                 # later acknowledged line could sit behind a hole after a power loss.
                 # Rewrite the whole file (temp, fsync, rename, fsync dir) before going on.
+                self._take_held()
                 self._compact()
                 self._resync = False
             result, changes = decide()
             if changes:
                 wrote_to = self._append(changes)
-                compact = self._compaction_due(len(changes))
         except BaseException as exc:
             if isinstance(exc, StoreIOError) and exc.action.startswith(("syncing", "truncating")):
                 self._resync = True
             if self._appended is not None:  # written but not in the view: reload next time
                 self._appended = None
                 self._stale = True
+            with contextlib.suppress(Exception):  # on failure it leaves the view stale
+                self._take_held()
             self._made.clear()
             lock.release()
             raise
@@ -543,7 +594,7 @@ class Store:
                     self._resync = True
                     raise
                 self._synced = max(self._synced, wrote_to)
-            if compact and self._compaction_due():
+            if wrote_to >= 0 and self._compaction_due():
                 try:
                     self._compact_beside()
                 except StoreIOError as exc:  # housekeeping: the change itself is stored
@@ -564,7 +615,8 @@ class Store:
         durable = max(self._synced, cur.durable)
         seq = cur.next_seq
         head = b""
-        if seq - cur.checkpoint_seq >= CHECKPOINT_EVERY:  # the view is complete here
+        if seq - cur.checkpoint_seq >= CHECKPOINT_EVERY:
+            self._take_held()  # the view is complete here
             head = codec.encode_checkpoint(codec.Checkpoint(
                 durable=durable, next_seq=seq, lines=self._lines, runs=self._live(),
                 max_id=self._max_id, active=tuple(self._active_at.values()),
@@ -592,8 +644,10 @@ class Store:
         return end
 
     def _index_appended(self) -> None:
-        """Take the lines ``_append`` wrote into the view (on failure: reload next time)."""
+        """Take the held records, then the lines ``_append`` wrote (which follow them) into
+        the view (on failure: reload next time)."""
         appended, self._appended = self._appended, None
+        self._take_held()
         if appended is None:
             return
         changes, lines, offset, now = appended
@@ -607,11 +661,11 @@ class Store:
             self._stale = True
             raise
 
-    def _compaction_due(self, unindexed: int = 0) -> bool:
-        """Whether the lines that are not a run's latest version (with ``unindexed`` lines
-        just appended counted as such) exceed what the file may hold beyond its live runs."""
+    def _compaction_due(self) -> bool:
+        """Whether the lines that are not a run's latest version exceed what the file may
+        hold beyond its live runs."""
         live = self._live()
-        return self._lines + unindexed - live > RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live)
+        return self._lines - live > RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live)
 
     def _compact(self, retain: int = RETAIN_CHANGES) -> None:
         """Rewrite the file now, the lock held (``compact()``, and after a failed sync):
@@ -782,7 +836,7 @@ class Store:
                 return (active, PrepareOutcome.REUSE if same else PrepareOutcome.BUSY), []
             return self._create_after([], machine, test_dir_hash, make)
 
-        return self._transact(decide)
+        return self._transact(decide, about=machine)
 
     def _create_after(
         self, before: _Changes, machine: str, test_dir_hash: str,
@@ -808,7 +862,7 @@ class Store:
             new = self._new(run)
             return new, [(ChangeType.RUN_CREATED, new)]
 
-        return self._transact(decide)
+        return self._transact(decide, about=run.machine)
 
     def get(self, run_id: str) -> Run:
         """The run with this id; ``RunNotFoundError`` if there is none."""
@@ -924,7 +978,7 @@ class Store:
             new, change = step
             return new, [(change, new)]
 
-        return self._transact(decide, guess)
+        return self._transact(decide, guess, run_id)
 
     def list(
         self,
