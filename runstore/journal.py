@@ -554,11 +554,11 @@ class Journal:
         """Write complete lines at the end (``start``); on failure cut back to ``start``."""
         assert self.fd is not None
         failpoints.hit("append.before_write")
-        view = memoryview(data)
         try:
+            written = self.fs.write(self.fd, data)  # all of it, unless the disk is full
+            view = memoryview(data)[written:]
             while view:
-                written = self.fs.write(self.fd, view)
-                view = view[written:]
+                view = view[self.fs.write(self.fd, view):]
         except OSError as exc:
             try:
                 self.fs.ftruncate(self.fd, start)

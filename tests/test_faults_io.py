@@ -31,7 +31,8 @@ from faults import (
     sized,
 )
 
-from runstore import Run, Status, Store, StoreIOError
+from runstore import Run, Status, Store, StoreIOError, journal
+from runstore.fsio import FileSystem
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -206,6 +207,25 @@ def test_enospc_during_append_is_clean(tmp_path: pathlib.Path) -> None:
         run, _ = s.prepare_atomic("m", "h", lambda: run_for("m", "h"))  # space is back
     with Store(state) as s:
         assert s.get(run.id) == run
+
+
+def test_short_writes_are_written_on_until_complete(tmp_path: pathlib.Path) -> None:
+    """A file system that takes at most 7 bytes a write call: every line still lands whole,
+    in order (the append goes on from where each short write stopped)."""
+    class Trickle(FileSystem):
+        def write(self, fd: int, data: bytes | memoryview) -> int:
+            return super().write(fd, bytes(data[:7]))
+
+    state = tmp_path / "s"
+    with Store(state, _fs=Trickle()) as s:
+        run, _ = s.prepare_atomic("m", "h", lambda: run_for("m", "h"))
+        s.start(run.id)
+        done = s.finish(run.id, Status.FAILED, error_msg="x" * 100)
+    with Store(state) as s:
+        assert s.get(run.id) == done
+        assert [c.type.value for c in s.changes()] == ["run_created", "run_started",
+                                                        "run_finished"]
+    assert journal.check(state).ok
 
 
 def test_enospc_during_compaction_is_clean(tmp_path: pathlib.Path) -> None:
