@@ -32,7 +32,10 @@ def line_lengths(read: Read, offsets: array.array[int], path: str) -> array.arra
     window = _Window(read, path)
     for i in sorted(range(len(offsets)), key=offsets.__getitem__):
         offset = offsets[i]
-        lengths[i] = window.line_end(offset) + 1 - offset
+        rel = offset - window.at  # the usual case, inline: the line ends inside the window
+        nl = window.buf.find(b"\n", rel) if 0 <= rel < len(window.buf) else -1
+        end = window.at + nl if nl >= 0 else window.line_end(offset)
+        lengths[i] = end + 1 - offset
     return lengths
 
 
@@ -54,9 +57,14 @@ def ranges(read: Read, starts: array.array[int], ends: array.array[int],
     a range is not joined)."""
     window = _Window(read, path)
     for k, (a, b) in enumerate(zip(starts, ends, strict=True)):
-        if not window.holds(a, b):
+        at = window.at
+        if not (at <= a and b <= window.end):
             window.fill(a, _reach(starts, ends, k) - a)
-        yield from window.pieces(a, b)
+            at = window.at
+            if b > window.end:  # longer than one read: in pieces
+                yield from window.pieces(a, b)
+                continue
+        yield window.view[a - at:b - at]  # the usual case: inside the window, no copy
 
 
 def _reach(starts: array.array[int], ends: array.array[int], k: int) -> int:
@@ -74,49 +82,50 @@ class _Window:
     """The bytes of the file last read (``fill``), and reads of lines or ranges that
     fall inside them without another read."""
 
-    __slots__ = ("_at", "_buf", "_path", "_read")
+    __slots__ = ("_path", "_read", "at", "buf", "end", "view")
 
     def __init__(self, read: Read, path: str) -> None:
         self._read = read
         self._path = path
-        self._at = 0
-        self._buf = b""
+        self._take(0, b"")
+
+    def _take(self, offset: int, buf: bytes) -> None:
+        #: the bytes read, from offset ``at`` to ``end``, and a view of them to slice
+        self.at, self.buf, self.end, self.view = offset, buf, offset + len(buf), memoryview(buf)
 
     def holds(self, a: int, b: int) -> bool:
-        return self._at <= a and b <= self._at + len(self._buf)
+        return self.at <= a and b <= self.end
 
     def fill(self, offset: int, size: int) -> None:
         """Read ``size`` bytes from ``offset`` (at most ``READ_AHEAD`` at a time: a
         larger range is read by ``pieces`` as it goes)."""
-        self._at = offset
-        self._buf = self._read(offset, min(size, READ_AHEAD))
+        self._take(offset, self._read(offset, min(size, READ_AHEAD)))
 
     def pieces(self, a: int, b: int) -> Iterator[bytes | memoryview]:
         """The bytes ``a:b``, starting inside the window; read on past it as needed."""
         while a < b:
-            if not self._at <= a < self._at + len(self._buf):
+            if not self.at <= a < self.end:
                 self.fill(a, b - a)
-                if not self._buf:
+                if not self.buf:
                     raise CorruptStoreError(self._path, a, "the file ended before a line it "
                                             "had held (was it truncated meanwhile?)")
-            rel = a - self._at
-            piece = memoryview(self._buf)[rel:min(len(self._buf), b - self._at)]
+            piece = self.view[a - self.at:min(self.end, b) - self.at]
             yield piece
             a += len(piece)
 
     def line_end(self, offset: int) -> int:
         """The offset of the newline that ends the line at ``offset``."""
-        rel = offset - self._at
-        if 0 <= rel < len(self._buf):
-            nl = self._buf.find(b"\n", rel)
+        rel = offset - self.at
+        if 0 <= rel < len(self.buf):
+            nl = self.buf.find(b"\n", rel)
             if nl >= 0:
-                return self._at + nl
+                return self.at + nl
         size = READ_AHEAD
         while True:
-            self._at, self._buf = offset, self._read(offset, size)
-            nl = self._buf.find(b"\n")
+            self._take(offset, self._read(offset, size))
+            nl = self.buf.find(b"\n")
             if nl >= 0:
                 return offset + nl
-            if len(self._buf) < size:
+            if len(self.buf) < size:
                 raise CorruptStoreError(self._path, offset, "a record line has no end")
             size *= 4
