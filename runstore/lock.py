@@ -15,7 +15,8 @@ The only module that takes file locks. Why each piece (shared/RELIABILITY.md):
   never deleted: waiters would otherwise split across two inodes (filelock #27, #574).
 * Fork: a child shares the parent's open file description, so its unlock would release the
   parent's lock. After fork the child closes the inherited descriptor without unlocking,
-  opens its own, and gets a fresh mutex (``os.register_at_fork`` plus a pid check).
+  opens its own, and gets a fresh mutex (``os.register_at_fork``, plus a check on every
+  acquire against ``owner.pid()``, the pid another at-fork hook keeps without a system call).
 """
 
 from __future__ import annotations
