@@ -451,19 +451,22 @@ class Journal:
             pos += len(chunk)
         return crc, pos - start
 
-    def read_lines(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+    def read_lines(self, start: int, end: int,
+                   fd: int | None = None) -> Iterator[tuple[int, bytes]]:
         """The bytes from ``start`` to ``end`` as (offset, chunk) pairs of whole lines, about
         ``_READ_CHUNK`` each, so a large region is never in memory at once. A short file
-        ends the iteration early (the caller's checksum then tells)."""
-        assert self.fd is not None
+        ends the iteration early (the caller's checksum then tells). ``fd``: another
+        descriptor of the file to read (``hold``) instead of the one open now."""
+        fd = self.fd if fd is None else fd
+        assert fd is not None
         if end - start <= _READ_CHUNK:  # the usual catch-up: a few lines, one read
-            chunk = self.fs.pread(self.fd, end - start, start)
+            chunk = self.fs.pread(fd, end - start, start)
             if chunk:
                 yield start, chunk
             return
         pos, carry = start, b""
         while pos < end:
-            chunk = self.fs.pread(self.fd, min(_READ_CHUNK, end - pos), pos)
+            chunk = self.fs.pread(fd, min(_READ_CHUNK, end - pos), pos)
             if not chunk:
                 break
             pos += len(chunk)
@@ -474,6 +477,18 @@ class Journal:
             carry = data[cut:]
         if carry:
             yield pos - len(carry), carry
+
+    def hold(self) -> int:
+        """A descriptor of the file open now, for a caller to read later and close
+        (``close_held``): it stays this file even after a compaction replaces it."""
+        assert self.fd is not None
+        try:
+            return os.dup(self.fd)
+        except OSError as exc:
+            raise StoreIOError(self.path, "opening", exc) from None
+
+    def close_held(self, fd: int) -> None:
+        self.fs.close(fd)
 
     def reader(self) -> Callable[[int, int], bytes]:
         """``read(offset, size)`` of the file open now (kept even after it is replaced):

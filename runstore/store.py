@@ -26,6 +26,7 @@ import datetime as _dt
 import itertools
 import os
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, TypeVar
@@ -1088,29 +1089,32 @@ class Store:
 
     def changes(self, since_seq: int = 0) -> Iterator[Change]:
         """The retained changes after ``since_seq``, in order. ``HistoryTruncatedError`` when
-        changes after ``since_seq`` were compacted away (resynchronise from ``list()``)."""
+        changes after ``since_seq`` were compacted away (resynchronise from ``list()``).
+        They are read as the iteration goes, about a megabyte at a time, from the file as it
+        was at the call (a descriptor of it is kept until the iteration ends)."""
         transitions.require_seq("since_seq", since_seq)
 
-        def decide() -> _Decision[bytes]:
+        def decide() -> _Decision[tuple[int, int, int] | None]:
             cur = self._cur
             assert cur is not None
             if since_seq < cur.compacted_through:
                 raise HistoryTruncatedError(since_seq, cur.compacted_through + 1)
             if since_seq >= cur.next_seq - 1:
-                return b"", []
+                return None, []
             # from change since_seq + 1 when it is among the last ones the view knows the
             # offsets of (a watcher's usual case: not the whole retained history each poll)
-            read = self._journal.reader()
+            j, start = self._journal, cur.latest_end
             k = since_seq + 1 - (cur.next_seq - len(self._recent))
             if k >= 0:
-                start = self._recent[k]
-                buf = read(start, cur.end - start)
-                if buf.startswith(b'{"seq":%d,' % (since_seq + 1)):
-                    return buf, []
-            return read(cur.latest_end, cur.end - cur.latest_end), []
+                head = b'{"seq":%d,' % (since_seq + 1)
+                if j.reader()(self._recent[k], len(head)) == head:
+                    start = self._recent[k]
+            return (j.hold(), start, cur.end), []
 
-        buf = self._transact(decide)
-        return _changes_in(buf, since_seq, self._journal.path)
+        held = self._transact(decide)
+        if held is None:
+            return iter(())
+        return _HeldChanges(self._journal, *held, since_seq)
 
     def last_seq(self) -> int:
         """The sequence number of the latest stored change (0 for an empty store)."""
@@ -1224,6 +1228,38 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self.state_dir!r}, durable={self.durable})"
+
+
+class _HeldChanges:
+    """The changes in bytes ``start:end`` of the journal held open as ``fd``, read as they
+    are iterated, a megabyte at a time; ``fd`` is closed when the iteration ends or fails,
+    or when the iterator is dropped unfinished."""
+
+    def __init__(self, journal: Journal, fd: int, start: int, end: int,
+                 since_seq: int) -> None:
+        self._close = weakref.finalize(self, journal.close_held, fd)
+        self._changes = _changes_read(journal, fd, start, end, since_seq)
+
+    def __iter__(self) -> Iterator[Change]:
+        return self
+
+    def __next__(self) -> Change:
+        try:
+            return next(self._changes)
+        except BaseException:  # StopIteration included: done with the descriptor
+            self._close()
+            raise
+
+
+def _changes_read(journal: Journal, fd: int, start: int, end: int,
+                  since_seq: int) -> Iterator[Change]:
+    pos = start
+    for at, chunk in journal.read_lines(start, end, fd):
+        yield from _changes_in(chunk, since_seq, journal.path)
+        pos = at + len(chunk)
+    if pos < end:
+        raise CorruptStoreError(journal.path, pos, "the file was cut short while its "
+                                "retained changes were being read")
 
 
 def _changes_in(buf: bytes, since_seq: int, path: str) -> Iterator[Change]:

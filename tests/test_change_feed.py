@@ -3,10 +3,15 @@ retained history: a watcher polling a busy store reads what is new, not every ch
 
 from __future__ import annotations
 
+import gc
+import itertools
+import os
 import pathlib
 
+import pytest
 from faults import ReadLog, cycle
 
+import runstore.store as store_module
 from runstore import Store
 
 
@@ -43,3 +48,52 @@ def test_every_starting_point_gives_the_same_feed(store_dir: pathlib.Path) -> No
     with Store(store_dir, durable=False) as fresh:  # a view that opened from the summary
         for since in (seqs[0], seqs[-300], seqs[-1]):
             assert list(fresh.changes(since)) == [c for c in everything if c.seq > since]
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_long_feed_is_read_in_pieces_as_it_is_iterated(
+        store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """~5 MB of retained changes: no read over a megabyte, the first changes cost one read,
+    and the whole feed is every change once, in order."""
+    monkeypatch.setattr(store_module, "COMPACT_MIN_SUPERSEDED", 10**9)
+    fs = ReadLog()
+    with Store(store_dir, durable=False, _fs=fs) as s:
+        _busy(s, 3500)
+        last = s.last_seq()
+        assert (store_dir / "runs.jsonl").stat().st_size > 4 << 20
+        fs.sizes.clear()
+        fs.read = 0
+        first = list(itertools.islice(s.changes(0), 10))
+        assert [c.seq for c in first] == list(range(1, 11))
+        assert fs.read <= 1 << 20
+        fs.sizes.clear()
+        assert [c.seq for c in s.changes(0)] == list(range(1, last + 1))
+        assert max(fs.sizes) <= 1 << 20 and len(fs.sizes) >= 4
+
+
+def test_the_feed_holds_its_file_and_lets_it_go(store_dir: pathlib.Path) -> None:
+    """A feed taken before a compaction elsewhere goes on reading the file as it was at the
+    call; its descriptor is closed when it ends, fails or is dropped unfinished."""
+    with Store(store_dir, durable=False) as s, Store(store_dir, durable=False) as other:
+        _busy(s, 400)
+        expected = list(s.changes(0))
+        before = _open_fds()
+        feed = s.changes(0)
+        assert _open_fds() == before + 1
+        half = list(itertools.islice(feed, 600))
+        other.compact()
+        _busy(other, 50)
+        assert half + list(feed) == expected
+        assert _open_fds() == before
+        dropped = s.changes(0)
+        next(dropped)
+        del dropped
+        gc.collect()
+        assert _open_fds() == before
+        unstarted = s.changes(0)
+        del unstarted
+        gc.collect()
+        assert _open_fds() == before
