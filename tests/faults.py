@@ -36,10 +36,11 @@ from typing import Any
 
 import attrs
 import orjson
+import pytest
 
 import runstore.lock
 import runstore.store
-from runstore import CorruptStoreError, Run, Status, Store, StoreIOError, journal, owner
+from runstore import CorruptStoreError, Run, Status, Store, StoreIOError, codec, journal, owner
 from runstore.errors import RunstoreError
 from runstore.fsio import FileSystem
 from runstore.stress import check_journal
@@ -271,6 +272,33 @@ def cycle(store: Store, machine: str, test_dir: str = "/t") -> str:
     store.finish(run.id, Status.COMPLETED, exit_code=0)
     return run.id
 
+
+
+def view(store: Store) -> tuple[object, ...]:
+    """Everything a caller can see of a store's view, the change feed included."""
+    stats = store.stats()
+    return (store.list(), store.active(), store.last_seq(), list(store.changes(0)),
+            stats.runs, stats.superseded_lines, stats.oldest_seq,
+            [store.active_by_machine(f"m{i}") for i in range(6)])
+
+
+@contextlib.contextmanager
+def full_reading() -> Iterator[None]:
+    """Opening as before checkpoints: every line since the base read."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(journal.Journal, "last_checkpoint", lambda self, lo, hi: None)
+        yield
+
+
+def checkpoints(path: str | os.PathLike[str]) -> list[tuple[int, bytes]]:
+    """The checkpoint lines of a journal, each with its offset."""
+    out, offset = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            if line.startswith(codec.CHECKPOINT_START):
+                out.append((offset, line))
+            offset += len(line)
+    return out
 
 class ReadLog(FileSystem):
     """Plain I/O that counts what is read: ``sizes`` asked for, ``read`` bytes returned."""

@@ -7,6 +7,7 @@ import pathlib
 from typing import Any
 
 import pytest
+from faults import checkpoints, full_reading, view
 
 import runstore.store as store_module
 from runstore import (
@@ -19,7 +20,6 @@ from runstore import (
     Store,
     codec,
 )
-from runstore.journal import Journal
 
 
 def _append_record(journal: pathlib.Path, **fields: object) -> None:
@@ -109,16 +109,9 @@ def holds(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return seen
 
 
-def _view(store: Store) -> tuple[object, ...]:
-    stats = store.stats()
-    return (store.list(), store.active(), store.last_seq(), list(store.changes(0)),
-            stats.runs, stats.superseded_lines, [store.active_by_machine(f"m{i}")
-                                                 for i in range(4)])
-
-
 def _fresh_view(store_dir: pathlib.Path) -> tuple[object, ...]:
     with Store(store_dir, durable=False) as fresh:
-        return _view(fresh)
+        return view(fresh)
 
 
 def _others_work(other: Store, n: int = 0) -> list[Run]:
@@ -146,7 +139,7 @@ def test_records_about_other_runs_are_held_and_in_the_view_on_return(
         again = me.prepare_atomic("m3", "h", lambda: Run("m3", "/t", "h"))[0]
         assert len(holds) >= 3 and all(holds)  # this and the other process's catch-ups
         assert me._held == []
-        assert _view(me) == _fresh_view(store_dir)
+        assert view(me) == _fresh_view(store_dir)
         assert [r.id for r in me.list()][-1] == again.id
         assert again.id > max(r.id for r in other.list() if r.id != again.id)
 
@@ -165,7 +158,7 @@ def test_a_record_about_the_run_itself_is_taken_in_before_deciding(
         _others_work(other, 2)
         assert me.finish(mine.id, Status.COMPLETED).exit_code == 0  # the same: a no-op
         assert holds[-2:] == [False, True]
-        assert _view(me) == _fresh_view(store_dir)
+        assert view(me) == _fresh_view(store_dir)
 
 
 def test_prepare_atomic_sees_a_run_created_elsewhere_on_its_machine(
@@ -202,7 +195,7 @@ def test_held_records_are_taken_in_when_the_call_fails(
             me.start("no-such-run")
         assert holds == [True]
         assert me._held == []
-        assert _view(me) == _fresh_view(store_dir)
+        assert view(me) == _fresh_view(store_dir)
 
 
 def test_a_checkpoint_written_while_records_are_held_counts_them(
@@ -221,26 +214,16 @@ def test_a_checkpoint_written_while_records_are_held_counts_them(
             me.finish(mine.id, Status.COMPLETED)
     assert holds.count(True) >= 24
     data = (store_dir / "runs.jsonl").read_bytes()
-    ends = [offset + len(line) for offset, line in _lines_at(data)
-            if line.startswith(codec.CHECKPOINT_START)]
-    assert len(ends) >= 10
-    for end in ends:
+    marks = checkpoints(store_dir / "runs.jsonl")
+    assert len(marks) >= 10
+    for at, line in marks:
+        end = at + len(line)
         cut = tmp_path / f"cut-{end}"
         cut.mkdir()
         (cut / "runs.jsonl").write_bytes(data[:end])
         with Store(cut, durable=False) as s:
-            assert s._opened_at is not None and s._opened_at[0] == end - len(
-                data[:end].splitlines(keepends=True)[-1])
-            quick = _view(s)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(Journal, "last_checkpoint", lambda self, lo, hi: None)
+            assert s._opened_at is not None and s._opened_at[0] == at
+            quick = view(s)
+        with full_reading():
             slow = _fresh_view(cut)
         assert quick == slow, f"the checkpoint ending at byte {end}"
-
-
-def _lines_at(data: bytes) -> list[tuple[int, bytes]]:
-    out, offset = [], 0
-    for line in data.splitlines(keepends=True):
-        out.append((offset, line))
-        offset += len(line)
-    return out

@@ -14,12 +14,11 @@ from collections.abc import Iterator
 
 import orjson
 import pytest
-from faults import ReadLog
+from faults import ReadLog, checkpoints, full_reading, view
 
 import runstore.store as store_module
 from runstore import Run, Status, Store, codec, journal, owner
 from runstore.errors import CorruptStoreError
-from runstore.journal import Journal
 
 EVERY = 10
 
@@ -34,14 +33,6 @@ def rebooted() -> Iterator[None]:
     """As after a reboot: the machine's boot id is another one."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(owner, "boot_id", lambda: "a-later-boot")
-        yield
-
-
-@contextlib.contextmanager
-def full_reading() -> Iterator[None]:
-    """Opening as before checkpoints: every line since the base read."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Journal, "last_checkpoint", lambda self, lo, hi: None)
         yield
 
 
@@ -61,21 +52,7 @@ def _work(store: Store, cycles: int, *, start: int = 0) -> list[str]:
 
 
 def _checkpoints(path: pathlib.Path) -> list[tuple[int, dict[str, object]]]:
-    out = []
-    offset = 0
-    for line in path.read_bytes().splitlines(keepends=True):
-        if line.startswith(codec.CHECKPOINT_START):
-            out.append((offset, orjson.loads(line)))
-        offset += len(line)
-    return out
-
-
-def _view(store: Store) -> tuple[object, ...]:
-    """Everything a caller can see of a view, the change feed included."""
-    stats = store.stats()
-    return (store.list(), store.active(), store.last_seq(), list(store.changes(0)),
-            stats.runs, stats.superseded_lines, stats.oldest_seq,
-            [store.active_by_machine(f"m{i}") for i in range(6)])
+    return [(offset, orjson.loads(line)) for offset, line in checkpoints(path)]
 
 
 def test_a_checkpoint_goes_down_every_so_many_records(store_dir: pathlib.Path) -> None:
@@ -113,10 +90,10 @@ def test_opening_reads_from_the_last_checkpoint_and_sees_the_same(
         assert fs.read < size / 5
         assert s._opened_at is not None
         lazy = (s.active(), [s.active_by_machine(f"m{i}") for i in range(6)], s.last_seq())
-        quick = _view(s)
+        quick = view(s)
     with full_reading(), Store(store_dir, durable=False) as s:
         assert s._opened_at is None
-        slow = _view(s)
+        slow = view(s)
     assert quick == slow
     assert lazy == (quick[1], quick[7], quick[2])
     copies = []
