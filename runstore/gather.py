@@ -32,10 +32,7 @@ def line_lengths(read: Read, offsets: array.array[int], path: str) -> array.arra
     window = _Window(read, path)
     for i in sorted(range(len(offsets)), key=offsets.__getitem__):
         offset = offsets[i]
-        rel = offset - window.at  # the usual case, inline: the line ends inside the window
-        nl = window.buf.find(b"\n", rel) if 0 <= rel < len(window.buf) else -1
-        end = window.at + nl if nl >= 0 else window.line_end(offset)
-        lengths[i] = end + 1 - offset
+        lengths[i] = window.line_end(offset) + 1 - offset
     return lengths
 
 
@@ -57,14 +54,12 @@ def ranges(read: Read, starts: array.array[int], ends: array.array[int],
     a range is not joined)."""
     window = _Window(read, path)
     for k, (a, b) in enumerate(zip(starts, ends, strict=True)):
-        at = window.at
-        if not (at <= a and b <= window.end):
+        if not window.holds(a, b):
             window.fill(a, _reach(starts, ends, k) - a)
-            at = window.at
-            if b > window.end:  # longer than one read: in pieces
+            if not window.holds(a, b):  # longer than one read: in pieces
                 yield from window.pieces(a, b)
                 continue
-        yield window.view[a - at:b - at]  # the usual case: inside the window, no copy
+        yield window.view[a - window.at:b - window.at]  # inside the window: one slice
 
 
 def _reach(starts: array.array[int], ends: array.array[int], k: int) -> int:

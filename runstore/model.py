@@ -93,7 +93,6 @@ class Run:
         return self.status.is_terminal
 
 
-
 def _make_replace_run() -> Callable[..., Run]:
     """Build ``replace_run(run, **changes)``: ``attrs.evolve`` for ``Run``, in a third of its
     time. Each write makes a run's next version, some of them inside the store's lock, and
@@ -116,6 +115,7 @@ def _make_replace_run() -> Callable[..., Run]:
 
 #: ``attrs.evolve(run, **changes)`` for a ``Run``, faster (see ``_make_replace_run``)
 replace_run = _make_replace_run()
+
 
 @attrs.frozen
 class Change:
