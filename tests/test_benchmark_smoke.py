@@ -205,3 +205,19 @@ def test_sync_benchmark_runs(tmp_path: Path) -> None:
     for way, line in rows.items():
         commits, syncs = (float(x.replace(",", "")) for x in line.split("|")[2:4])
         assert commits > 0 and 0 < syncs <= commits, (way, line)
+
+
+@pytest.mark.timeout(60)
+def test_inlock_benchmark_runs() -> None:
+    """bench_inlock: the timed two-process cycle reports every call with time under the flock
+    no longer than the call, and the two-store turns count their operations."""
+    done = _run("benchmarks.bench_inlock", "--seconds", "0.5")
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if "under the flock" in line]
+    assert [row[0] for row in rows] == ["prepare_atomic", "start", "finish"]
+    for row in rows:
+        held, whole = float(row[4]), float(row[8])
+        assert 0 < held <= whole, row
+    turns = _run("benchmarks.bench_inlock", "--turns", "5")
+    assert turns.returncode == 0, turns.stdout + turns.stderr
+    assert 10 <= int(turns.stdout.split()[0]) <= 40
