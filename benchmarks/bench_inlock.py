@@ -1,11 +1,13 @@
 """Where the dispatcher cycle's time goes inside runstore, and one code version against another.
 
-Three measurements, each of the cycle on a fresh store, not durable (prepare_atomic on one of
-50 machines; when created, start, get and finish):
+Three measurements, each of the cycle on a fresh store, not durable unless ``--durable``
+(prepare_atomic on one of 50 machines; when created, start, get and finish):
 
 * ``--procs 2`` (default): P processes for ``--seconds``; operations/s, and per call the mean
   time under the flock and in all (the flock's taking and release are timed from inside
-  ``runstore.lock``, so the figures include that instrumentation);
+  ``runstore.lock``, so the figures include that instrumentation); with ``--durable`` also
+  the time in ``fdatasync`` (after the flock is released: group commit), which tells how
+  much of a durable write the disk's cache flush is and how much is runstore's own work;
 * ``--against DIR``: the same without timing, alternating rounds between the runstore under
   ``DIR`` (a checkout of another commit: ``git worktree add /tmp/before COMMIT``) and this
   one; operations/s of each and their ratio;
@@ -15,6 +17,7 @@ Three measurements, each of the cycle on a fresh store, not durable (prepare_ato
   count of ``--turns 1``, divided by the operations printed.
 
     python -m benchmarks.bench_inlock --seconds 8
+    python -m benchmarks.bench_inlock --seconds 8 --durable
     python -m benchmarks.bench_inlock --against /tmp/before --rounds 5 --seconds 5
 """
 
@@ -56,10 +59,11 @@ def _cycles(store: Any, run_cls: Any, created: Any, seconds: float, seed: int) -
 
 
 def _timed() -> dict[str, list[int]]:
-    """Wrap runstore's lock and Store calls: {call: [ns under the flock, ns in all, count]}."""
-    from runstore import lock, store
+    """Wrap runstore's lock, sync and Store calls: {call: [ns under the flock, ns in all,
+    count, ns in fdatasync]}."""
+    from runstore import journal, lock, store
 
-    spent: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
+    spent: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0, 0])
     now = time.perf_counter_ns
     state = {"call": "", "taken": 0}
     take, release = lock.flock_until, lock.StoreLock.release_file
@@ -74,8 +78,18 @@ def _timed() -> dict[str, list[int]]:
             state["taken"] = 0
         release(self)
 
+    sync = journal.Journal.sync
+
+    def timed_sync(self: Any) -> None:
+        started = now()
+        try:
+            sync(self)
+        finally:
+            spent[state["call"]][3] += now() - started
+
     lock.flock_until = flock_until  # type: ignore[assignment]
     lock.StoreLock.release_file = release_file  # type: ignore[method-assign]
+    journal.Journal.sync = timed_sync  # type: ignore[method-assign]
     for name in _CALLS:
         method = getattr(store.Store, name)
 
@@ -92,30 +106,32 @@ def _timed() -> dict[str, list[int]]:
     return spent
 
 
-def _worker(where: str, seconds: float, seed: int, timed: bool, out: Any) -> None:
+def _worker(where: str, seconds: float, seed: int, timed: bool, durable: bool,
+            out: Any) -> None:
     import runstore
 
     spent = _timed() if timed else {}
-    with runstore.Store(where, durable=False) as store:
+    with runstore.Store(where, durable=durable) as store:
         ops = _cycles(store, runstore.Run, runstore.PrepareOutcome.CREATED, seconds, seed)
     out.put((ops, {k: list(v) for k, v in spent.items()}))
 
 
-def _processes(procs: int, seconds: float, timed: bool) -> tuple[float, dict[str, list[int]]]:
+def _processes(procs: int, seconds: float, timed: bool,
+               durable: bool = False) -> tuple[float, dict[str, list[int]]]:
     ctx = multiprocessing.get_context("fork")
     with tempfile.TemporaryDirectory() as where:
         import runstore
 
         runstore.Store(where, durable=False).close()
         out = ctx.Queue()
-        workers = [ctx.Process(target=_worker, args=(where, seconds, i, timed, out))
+        workers = [ctx.Process(target=_worker, args=(where, seconds, i, timed, durable, out))
                    for i in range(procs)]
         for w in workers:
             w.start()
         results = [out.get() for _ in workers]
         for w in workers:
             w.join()
-    total: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
+    total: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0, 0])
     for _, spent in results:
         for name, figures in spent.items():
             total[name] = [a + b for a, b in zip(total[name], figures, strict=True)]
@@ -168,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--against", metavar="DIR", help="a checkout of another commit")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--turns", type=int, help="one process, two stores taking turns")
+    parser.add_argument("--durable", action="store_true",
+                        help="durable stores; also time fdatasync (not with --against)")
     parser.add_argument("--untimed", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sys.path.insert(0, os.environ.get("BENCH_RUNSTORE", _HERE))  # which runstore to measure
@@ -190,12 +208,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mean: {args.against} {before:,.0f}, this {after:,.0f} ops/s, "
               f"this / that {after / before:.3f}")
         return 0
-    rate, spent = _processes(args.procs, args.seconds, True)
-    print(f"{args.procs} processes, not durable: {rate:,.0f} ops/s (timed from inside)")
+    rate, spent = _processes(args.procs, args.seconds, True, args.durable)
+    kind = "durable" if args.durable else "not durable"
+    print(f"{args.procs} processes, {kind}: {rate:,.0f} ops/s (timed from inside)")
     for name in _CALLS:
-        held, whole, count = spent.get(name, [0, 0, 0])
+        held, whole, count, synced = spent.get(name, [0, 0, 0, 0])
         if count:
-            print(f"  {name:15s} under the flock {held / count / 1000:6.1f} us, "
+            sync = f", in fdatasync {synced / count / 1000:6.1f} us" if args.durable else ""
+            print(f"  {name:15s} under the flock {held / count / 1000:6.1f} us{sync}, "
                   f"in all {whole / count / 1000:6.1f} us  ({count:,} calls)")
     return 0
 

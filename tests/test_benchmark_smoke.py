@@ -210,7 +210,8 @@ def test_sync_benchmark_runs(tmp_path: Path) -> None:
 @pytest.mark.timeout(60)
 def test_inlock_benchmark_runs() -> None:
     """bench_inlock: the timed two-process cycle reports every call with time under the flock
-    no longer than the call, and the two-store turns count their operations."""
+    no longer than the call (and, durable, time in fdatasync within it), and the two-store
+    turns count their operations."""
     done = _run("benchmarks.bench_inlock", "--seconds", "0.5")
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line.split() for line in done.stdout.splitlines() if "under the flock" in line]
@@ -218,6 +219,14 @@ def test_inlock_benchmark_runs() -> None:
     for row in rows:
         held, whole = float(row[4]), float(row[8])
         assert 0 < held <= whole, row
+    durable = _run("benchmarks.bench_inlock", "--seconds", "0.5", "--durable")
+    assert durable.returncode == 0, durable.stdout + durable.stderr
+    assert "2 processes, durable:" in durable.stdout
+    rows = [line.split() for line in durable.stdout.splitlines() if "in fdatasync" in line]
+    assert [row[0] for row in rows] == ["prepare_atomic", "start", "finish"]
+    for row in rows:
+        synced, whole = float(row[8]), float(row[12])
+        assert 0 < synced < whole, row  # every write syncs, after the flock, within the call
     turns = _run("benchmarks.bench_inlock", "--turns", "5")
     assert turns.returncode == 0, turns.stdout + turns.stderr
     assert 10 <= int(turns.stdout.split()[0]) <= 40
