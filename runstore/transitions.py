@@ -187,7 +187,7 @@ def fresh(run: Run, run_id: str, owner: Owner) -> Run:
         return replace_run(run, id=run_id, revision=1)
     host, pid, since = owner
     return replace_run(run, id=run_id, revision=1, owner_host=host, owner_pid=pid,
-                        owner_start=since)
+                       owner_start=since)
 
 
 def updated(stored: Run, run: Run) -> Step | None:
@@ -212,7 +212,7 @@ def started(stored: Run, now: _dt.datetime, owner: Owner) -> Step:
                                      "only a pending run can be started")
     host, pid, since = owner
     new = replace_run(stored, status=Status.RUNNING, started_at=now, owner_host=host,
-                       owner_pid=pid, owner_start=since, revision=stored.revision + 1)
+                      owner_pid=pid, owner_start=since, revision=stored.revision + 1)
     return new, ChangeType.RUN_STARTED
 
 
@@ -231,8 +231,8 @@ def finished(stored: Run, target: Status, now: _dt.datetime, exit_code: int | No
         return None
     check_transition(stored.id, stored.status, target)
     new = replace_run(stored, status=target, ended_at=now, exit_code=exit_code,
-                       error_code=error_code, error_msg=error_msg,
-                       revision=stored.revision + 1)
+                      error_code=error_code, error_msg=error_msg,
+                      revision=stored.revision + 1)
     return new, ChangeType.RUN_FINISHED
 
 

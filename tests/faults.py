@@ -262,7 +262,7 @@ def lock_the_data_file() -> None:
     runstore.store.Store._append = append  # type: ignore[method-assign]
 
 
-# -- a failing file system ------------------------------------------------------------------
+# -- store helpers: a cycle, the whole view, checkpoint lines -------------------------------
 
 
 def cycle(store: Store, machine: str, test_dir: str = "/t") -> str:
@@ -271,7 +271,6 @@ def cycle(store: Store, machine: str, test_dir: str = "/t") -> str:
     store.start(run.id)
     store.finish(run.id, Status.COMPLETED, exit_code=0)
     return run.id
-
 
 
 def view(store: Store) -> tuple[object, ...]:
@@ -299,6 +298,10 @@ def checkpoints(path: str | os.PathLike[str]) -> list[tuple[int, bytes]]:
                 out.append((offset, line))
             offset += len(line)
     return out
+
+
+# -- a failing file system ------------------------------------------------------------------
+
 
 class ReadLog(FileSystem):
     """Plain I/O that counts what is read: ``sizes`` asked for, ``read`` bytes returned."""
