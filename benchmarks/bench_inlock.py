@@ -138,11 +138,11 @@ def _processes(procs: int, seconds: float, timed: bool,
     return sum(ops for ops, _ in results) / seconds, dict(total)
 
 
-def _turns(rounds: int) -> int:
+def _turns(rounds: int, durable: bool = False) -> int:
     import runstore
 
     with tempfile.TemporaryDirectory() as where:
-        stores = [runstore.Store(where, durable=False), runstore.Store(where, durable=False)]
+        stores = [runstore.Store(where, durable=durable), runstore.Store(where, durable=durable)]
         rng, ops = random.Random(1), 0
         for _ in range(rounds):
             made = []
@@ -166,13 +166,13 @@ def _turns(rounds: int) -> int:
     return ops
 
 
-def _one_round(checkout: str | None, procs: int, seconds: float) -> float:
+def _one_round(checkout: str | None, procs: int, seconds: float, durable: bool) -> float:
     """Operations/s of one untimed run in a new interpreter importing runstore from
     ``checkout`` (None: the checkout this file is in)."""
     env = dict(os.environ, BENCH_RUNSTORE=checkout or _HERE)
-    done = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--procs", str(procs), "--seconds",
-         str(seconds), "--untimed"], env=env, capture_output=True, text=True, check=True)
+    argv = [sys.executable, os.path.abspath(__file__), "--procs", str(procs), "--seconds",
+            str(seconds), "--untimed", *(["--durable"] if durable else [])]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
     return float(done.stdout.split()[0])
 
 
@@ -185,21 +185,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--turns", type=int, help="one process, two stores taking turns")
     parser.add_argument("--durable", action="store_true",
-                        help="durable stores; also time fdatasync (not with --against)")
+                        help="durable stores (timed: also the time in fdatasync)")
     parser.add_argument("--untimed", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sys.path.insert(0, os.environ.get("BENCH_RUNSTORE", _HERE))  # which runstore to measure
     if args.turns is not None:
-        print(f"{_turns(args.turns)} operations")
+        print(f"{_turns(args.turns, args.durable)} operations")
         return 0
     if args.untimed:
-        print(f"{_processes(args.procs, args.seconds, False)[0]:.0f} ops/s")
+        print(f"{_processes(args.procs, args.seconds, False, args.durable)[0]:.0f} ops/s")
         return 0
     if args.against:
         pairs = []
         for r in range(args.rounds):
             order = [args.against, None] if r % 2 == 0 else [None, args.against]
-            got = {str(c): _one_round(c, args.procs, args.seconds) for c in order}
+            got = {str(c): _one_round(c, args.procs, args.seconds, args.durable)
+                   for c in order}
             pairs.append((got[str(args.against)], got["None"]))
             print(f"round {r + 1}: {args.against} {pairs[-1][0]:,.0f}, "
                   f"this {pairs[-1][1]:,.0f} ops/s")
