@@ -10,6 +10,14 @@ removed it in between), so that stale-temp cleanup and other processes leave it 
 is appended to it under the lock is fsynced before the rename. Every open uses
 ``O_NOFOLLOW|O_CLOEXEC`` relative to a descriptor of the state directory, so a swapped path
 component cannot redirect it.
+
+The journal a process has open may be deleted or renamed under it (by hand, by a cleaner):
+``Journal`` remembers the identity (st_dev, st_ino) and the store id of the file it opened,
+the store compares that identity with the path's at every catch-up (``stat_path``), and
+``check_replacement`` tells a compaction's rename (the same store at the path, the open file
+unlinked) from everything else, which is refused: a store is never reset to empty, nor
+switched to another file, without being asked, and once a journal was opened it is never
+created again (``create``).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from typing import Any
 import attrs
 
 from . import codec, failpoints
-from .errors import CorruptStoreError, StoreIOError, UnsafeStoreError
+from .errors import CorruptStoreError, LockTimeoutError, StoreIOError, UnsafeStoreError
 from .fsio import FileSystem
 from .lock import flock_until, try_flock
 
@@ -338,6 +346,11 @@ class Journal:
         self.dir_fd = open_state_dir(state_dir, create=create)
         self.fd: int | None = None
         self._pid = os.getpid()
+        #: (st_dev, st_ino) of the file ``fd`` was opened on
+        self.identity: tuple[int, int] | None = None
+        #: the store id of the first journal opened: every later open must find the same
+        #: store, and ``create`` is refused ("" until a journal was opened)
+        self.store_id = ""
 
     # -- descriptors --------------------------------------------------------------------
 
@@ -349,6 +362,91 @@ class Journal:
             raise _unsafe(self.lock_path, exc, "lock file") from None
         self._check_regular(fd, self.lock_path, "lock file")
         return fd
+
+    def stat_lock_file(self) -> os.stat_result:
+        """The lock file at its path, not following a symlink (``FileNotFoundError``)."""
+        return os.stat(LOCK_NAME, dir_fd=self.dir_fd, follow_symlinks=False)
+
+    def stat_path(self) -> os.stat_result | None:
+        """What is at the journal's path now (not following a symlink), None when nothing
+        is: compared with ``identity``, it tells whether the open file is still the
+        journal (one system call)."""
+        try:
+            return os.stat(DATA_NAME, dir_fd=self.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def gone_error(self) -> CorruptStoreError:
+        """The journal this process had open is no longer at its path and nothing is."""
+        where = ""
+        if self.fd is not None:
+            where = f" (the file this process had open is {self._whereabouts()})"
+        return CorruptStoreError(
+            self.path, None,
+            "the journal was deleted or renamed while this process had it open"
+            f"{where}; runstore never recreates it",
+            "move it back or restore it from a backup; to start a new store on purpose, "
+            "stop every process that uses it and remove the files of the state directory")
+
+    def check_replacement(self) -> None:
+        """The journal's path names a file other than the one open (``identity``): return
+        when a compaction replaced it (the path holds a journal of the same store and the
+        open file is unlinked); otherwise raise, naming both files: the path holds another
+        store's journal or something that is not a journal, or the open file was renamed
+        away and another one put at its path."""
+        assert self.fd is not None
+        try:
+            fd = os.open(DATA_NAME, os.O_RDONLY | os.O_NONBLOCK | _OPEN, dir_fd=self.dir_fd)
+        except FileNotFoundError:
+            raise self.gone_error() from None
+        except OSError as exc:
+            if exc.errno in _IO_ERRNOS:
+                raise StoreIOError(self.path, "opening", exc) from None
+            raise _unsafe(self.path, exc, "journal file") from None
+        try:
+            first = os.pread(fd, 65536, 0) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+        except OSError as exc:
+            raise StoreIOError(self.path, "reading", exc) from None
+        finally:
+            os.close(fd)
+        nl = first.find(b"\n")
+        found = ""
+        if not first:
+            found = "an empty file or one that is not a regular file"
+        else:
+            try:
+                if nl < 0:
+                    raise CorruptStoreError(self.path, 0, "the header line is truncated")
+                store_id = parse_header(first[:nl], self.path).store_id
+            except CorruptStoreError as exc:
+                found = f"a file that is not a runstore journal ({exc.problem})"
+            else:
+                if store_id != self.store_id:
+                    found = (f"the journal of another store (store id {store_id!r}, where "
+                             f"this process opened store id {self.store_id!r})")
+        renamed = os.fstat(self.fd).st_nlink > 0
+        if not found and not renamed:
+            return  # a compaction elsewhere renamed its new file over ours
+        if not found:
+            found = "another journal of the same store"
+        raise CorruptStoreError(
+            self.path, None,
+            f"the journal was replaced by {found} while this process had it open; the file "
+            f"this process has open is {self._whereabouts()}; runstore follows neither",
+            "put the right journal back at this path (or restore it from a backup) and "
+            "restart the processes that use the store; to start a new store on purpose, "
+            "stop every process that uses it and remove the files of the state directory")
+
+    def _whereabouts(self) -> str:
+        """What became of the file open now: deleted, or its path now (for an error)."""
+        if self.fd is None:
+            return "closed"
+        try:
+            if os.fstat(self.fd).st_nlink == 0:
+                return "deleted"
+            return f"now {os.readlink(f'/proc/self/fd/{self.fd}')}"
+        except OSError:
+            return f"still linked somewhere (inode {self.identity[1] if self.identity else '?'})"
 
     def _check_regular(self, fd: int, path: str, what: str) -> None:
         st = os.fstat(fd)
@@ -387,12 +485,15 @@ class Journal:
         try:
             fd = self.fs.open(DATA_NAME, flags, 0o600, self.dir_fd)
         except OSError as exc:
+            if exc.errno == errno.ENOENT and self.store_id:
+                raise self.gone_error() from None
             if exc.errno in _IO_ERRNOS:  # the disk or the system failed, not the file's safety
                 raise StoreIOError(self.path, "opening", exc) from None
             raise _unsafe(self.path, exc, "journal file") from None
         self._check_regular(fd, self.path, "journal file")
         st = os.fstat(fd)
         self.fd = fd
+        self.identity = (st.st_dev, st.st_ino)
         if st.st_size == 0:
             raise CorruptStoreError(
                 self.path, 0, "the file is empty (runstore never leaves an empty journal)",
@@ -402,10 +503,26 @@ class Journal:
         nl = first.find(b"\n")
         if nl < 0:
             raise CorruptStoreError(self.path, 0, "the header line is truncated")
-        return parse_header(first[:nl], self.path)
+        header = parse_header(first[:nl], self.path)
+        if not self.store_id:
+            self.store_id = header.store_id
+        elif header.store_id != self.store_id:
+            self.close_data()  # never written to: it is not this store's
+            raise CorruptStoreError(
+                self.path, 0,
+                f"the journal is now another store's (store id {header.store_id!r}, where "
+                f"this process opened store id {self.store_id!r}): it was replaced while "
+                "this process had the store open; runstore does not follow it",
+                "put the right journal back at this path (or restore it from a backup) and "
+                "restart the processes that use the store")
+        return header
 
     def create(self) -> Header:
-        """Create a new journal holding only a header, atomically (temp file, rename)."""
+        """Create a new journal holding only a header, atomically (temp file, rename).
+        Only the first open of a state directory creates one: once this ``Journal`` has
+        opened a journal, a missing one is an error (``gone_error``), never a new store."""
+        if self.store_id:
+            raise self.gone_error()
         now = _dt.datetime.now(_dt.UTC).isoformat().replace("+00:00", "Z")
         header = codec.encode_header(os.urandom(8).hex(), now, 0, 0, 0)
         self.replace_with([header])
@@ -775,8 +892,9 @@ def check(state_dir: str | os.PathLike[str], *, lock_timeout: float = 30.0) -> C
         except FileNotFoundError:
             pass
         if lock_fd >= 0:
-            flock_until(lock_fd, time.monotonic() + lock_timeout,
-                        os.path.join(state_dir, LOCK_NAME), lock_timeout)
+            opened, lock_fd = lock_fd, -1
+            lock_fd = _lock_at_path(opened, dir_fd, os.path.join(state_dir, LOCK_NAME),
+                                    lock_timeout)
         try:
             fd = os.open(DATA_NAME, os.O_RDONLY | _OPEN, dir_fd=dir_fd)
         except OSError as exc:
@@ -796,6 +914,40 @@ def check(state_dir: str | os.PathLike[str], *, lock_timeout: float = 30.0) -> C
             os.close(lock_fd)
         os.close(dir_fd)
     return _check_bytes(buf, path)
+
+
+def _lock_at_path(fd: int, dir_fd: int, lock_path: str, timeout: float) -> int:
+    """flock the lock file open as ``fd`` (closed on failure), then check, with one
+    ``stat``, that it is still the file at its path: one deleted or replaced meanwhile
+    excludes no store that opens it now, so the file at the path is opened (created 0600
+    when missing, as a store does) and locked instead, within the same ``timeout``.
+    Returns the locked descriptor."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            opened = os.fstat(fd)
+            flock_until(fd, deadline, lock_path, timeout)
+            now: os.stat_result | None = os.stat(LOCK_NAME, dir_fd=dir_fd,
+                                                 follow_symlinks=False)
+        except FileNotFoundError:
+            now = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if now is not None and (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino):
+            return fd
+        os.close(fd)
+        if time.monotonic() >= deadline:
+            raise LockTimeoutError(lock_path, timeout)
+        try:
+            fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | _OPEN, 0o600, dir_fd=dir_fd)
+        except OSError as exc:
+            raise _unsafe(lock_path, exc, "lock file") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            os.close(fd)
+            raise UnsafeStoreError(lock_path, "the lock file is not a regular file of yours",
+                                   "move it away and retry")
 
 
 def _check_bytes(buf: bytes, path: str) -> CheckReport:

@@ -13,6 +13,10 @@ The only module that takes file locks. Why each piece (shared/RELIABILITY.md):
   (``O_NOFOLLOW``, ``dir_fd``), so portalocker's Windows layer bought nothing.
 * The lock file is separate from the data file (which compaction replaces by rename) and is
   never deleted: waiters would otherwise split across two inodes (filelock #27, #574).
+  Something else may delete or replace it all the same (a cleaner of /tmp removes files by
+  mtime, which flock never touches): after each flock one ``stat`` of the path checks that
+  the locked descriptor is still the file there; if not, the lock is taken again on the file
+  now at the path, within the same deadline, so that every process locks the same inode.
 * Fork: a child shares the parent's open file description, so its unlock would release the
   parent's lock. After fork the child closes the inherited descriptor without unlocking,
   opens its own, and gets a fresh mutex (``os.register_at_fork``, plus a check on every
@@ -41,11 +45,16 @@ _live: weakref.WeakSet[StoreLock] = weakref.WeakSet()
 class StoreLock:
     """Mutex + flock. ``acquire(timeout)`` / ``release()``; not reentrant."""
 
-    def __init__(self, open_lock_file: Callable[[], int], lock_path: str) -> None:
+    def __init__(self, open_lock_file: Callable[[], int], lock_path: str,
+                 stat_lock_path: Callable[[], os.stat_result] | None = None) -> None:
         self._open_lock_file = open_lock_file
         self.lock_path = lock_path
+        #: one ``stat`` of the lock file's path (not following a symlink), to check after
+        #: each flock that the locked descriptor is still that file; None: not checked
+        self._stat_lock_path = stat_lock_path
         self._mutex = threading.Lock()
         self._fd: int | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of ``_fd``
         self._pid = os.getpid()
         _live.add(self)
 
@@ -58,7 +67,8 @@ class StoreLock:
             if between is not None:
                 between()
             if self._fd is None:
-                self._fd = self._open_lock_file()
+                self._open()
+            assert self._fd is not None
             self._lock_file(self._fd, deadline, timeout)
         except BaseException:
             self._mutex.release()
@@ -72,12 +82,51 @@ class StoreLock:
         if not self._mutex.acquire(timeout=max(timeout, 0.0)):
             raise LockTimeoutError(self.lock_path, timeout)
 
+    def _open(self) -> None:
+        fd = self._open_lock_file()
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        self._fd, self._identity = fd, (st.st_dev, st.st_ino)
+
     def _lock_file(self, fd: int, deadline: float, timeout: float) -> None:
         flock_until(fd, deadline, self.lock_path, timeout)
+        while not self._still_at_path():
+            # deleted or replaced since it was opened: processes that open it now lock the
+            # file at the path, so holding this one excludes none of them. Drop it (closing
+            # releases its flock) and lock the file at the path, as they do.
+            self._drop_fd()
+            if time.monotonic() >= deadline:
+                raise LockTimeoutError(self.lock_path, timeout)
+            self._open()
+            assert self._fd is not None
+            flock_until(self._fd, deadline, self.lock_path, timeout)
+
+    def _still_at_path(self) -> bool:
+        """Whether the descriptor is still the file at the lock file's path (one ``stat``)."""
+        if self._stat_lock_path is None:
+            return True
+        try:
+            st = self._stat_lock_path()
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == self._identity
+
+    def _drop_fd(self) -> None:
+        fd, self._fd, self._identity = self._fd, None, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def acquire_file(self, timeout: float) -> None:
         """Take the file lock again while still holding the mutex (after ``release_file``);
         ``LockTimeoutError`` after ``timeout`` seconds."""
+        if self._fd is None:  # dropped by a failed re-lock: open the file at the path
+            self._open()
         assert self._fd is not None
         self._lock_file(self._fd, time.monotonic() + timeout, timeout)
 
@@ -107,6 +156,7 @@ class StoreLock:
             except OSError:
                 pass
             self._fd = None
+        self._identity = None
         self._pid = os.getpid()
 
     def close(self) -> None:
@@ -114,6 +164,7 @@ class StoreLock:
         if self._fd is not None and self._pid == os.getpid():
             os.close(self._fd)
         self._fd = None
+        self._identity = None
 
 
 def flock_until(fd: int, deadline: float, lock_path: str, timeout: float) -> None:

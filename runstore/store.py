@@ -119,7 +119,8 @@ class Store:
         self.durable = durable
         self.lock_timeout = lock_timeout
         self._journal = Journal(self.state_dir, _fs or DEFAULT_FS)
-        self._lock = StoreLock(self._journal.open_lock_file, self._journal.lock_path)
+        self._lock = StoreLock(self._journal.open_lock_file, self._journal.lock_path,
+                               self._journal.stat_lock_file)
         self._pid = os.getpid()
         self._closed = False
         self._unmarked_writes = False
@@ -351,15 +352,22 @@ class Store:
             self._pid = owner.pid()
             j.after_fork()
             self._stale = True
-        if self._stale or j.fd is None:
+        if j.fd is None:
+            self._load()
+            return
+        # one stat of the path tells all: the journal is still the file open (and grew when
+        # other processes appended), or it was replaced (a compaction elsewhere renames its
+        # new file over ours; anything else is refused), or it is gone (refused: a store is
+        # never reset to empty without being asked)
+        st = j.stat_path()
+        if st is None:
+            raise j.gone_error()
+        if (st.st_dev, st.st_ino) != j.identity:
+            j.check_replacement()
             self._load()
             return
         cur = self._cur
-        assert cur is not None
-        # one fstat tells both: a compaction elsewhere renamed a new file over ours (ours
-        # is then unlinked), or other processes appended (it grew)
-        st = os.fstat(j.fd)
-        if st.st_nlink == 0 or st.st_size < cur.end:
+        if self._stale or cur is None or st.st_size < cur.end:
             self._load()
         elif st.st_size > cur.end:
             self._ingest_from(cur.end, st.st_size, defer=True, about=about)
@@ -900,9 +908,11 @@ class Store:
         if (self._stale or self._resync or cur is None or j.fd is None
                 or self._pid != owner.pid()):
             return False
-        st = os.fstat(j.fd)
+        st = j.stat_path()  # the path's: a renamed or deleted journal is not read from
+        if st is None or (st.st_dev, st.st_ino) != j.identity:
+            return False
         unread = st.st_size - cur.end
-        if st.st_nlink == 0 or not 0 <= unread <= _UNREAD_LIMIT:
+        if not 0 <= unread <= _UNREAD_LIMIT:
             return False
         return unread == 0 or (about is not None and codec.json_string(about)
                                not in j.fs.pread(j.fd, unread, cur.end))
