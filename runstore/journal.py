@@ -510,9 +510,10 @@ class Journal:
             self.close_data()  # never written to: it is not this store's
             raise CorruptStoreError(
                 self.path, 0,
-                f"the journal is now another store's (store id {header.store_id!r}, where "
-                f"this process opened store id {self.store_id!r}): it was replaced while "
-                "this process had the store open; runstore does not follow it",
+                f"the journal was replaced by the journal of another store (store id "
+                f"{header.store_id!r}, where this process opened store id "
+                f"{self.store_id!r}) while this process had it open; runstore does not "
+                "follow it",
                 "put the right journal back at this path (or restore it from a backup) and "
                 "restart the processes that use the store")
         return header
