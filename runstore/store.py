@@ -894,8 +894,9 @@ class Store:
         return self._transact(lambda: (answer(), []))
 
     def _current_for(self, about: str | None) -> bool:
-        """True when the view answers for ``about`` as the journal would now: the file is
-        still linked (a compaction elsewhere unlinks it) and none of the lines appended
+        """True when the view answers for ``about`` as the journal would now: the file open
+        is still the one at the journal's path (a compaction elsewhere replaces it; a
+        deleted or renamed journal is refused under the lock) and none of the lines appended
         since the view was brought up to date (if any, and at most ``_UNREAD_LIMIT``
         bytes) mentions it (as a JSON string, quotes included: every line of that run or
         machine holds it so); with ``about`` None, when nothing was appended. Those lines
