@@ -104,6 +104,24 @@ def plan(read: Read, index: dict[str, int], active: Container[str], history: lis
                 compacted_through=through, lines=len(kept), path=path)
 
 
+def with_tail(read: Read, old_end: int, tail: bytes) -> Read:
+    """``read`` of the old file up to ``old_end``, followed by ``tail``: the file as if
+    ``tail`` had been appended at ``old_end``. A prune lays out its compaction over this, with
+    its ``run_pruned`` lines in the retained history, without ever appending them to the old
+    file (a failed prune then leaves it exactly as it was)."""
+
+    def joined(offset: int, size: int) -> bytes:
+        if offset >= old_end:
+            return tail[offset - old_end:offset - old_end + size]
+        want = min(size, old_end - offset)
+        head = read(offset, want)
+        if len(head) < want or want == size:
+            return head
+        return head + tail[:size - want]
+
+    return joined
+
+
 def reseal_tail(lines: bytes, old_at: int, new_at: int, durable: int,
                 path: str) -> tuple[bytes, dict[int, int]]:
     """The complete lines ``lines`` (old file bytes from ``old_at``, checked when they were

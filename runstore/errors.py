@@ -13,7 +13,7 @@
      +-- CorruptStoreError       (also ValueError)     the journal file is damaged or unreadable
      +-- UnsafeStoreError        (also PermissionError) the state directory or a file is unsafe
      +-- HistoryTruncatedError   (also LookupError)    changes asked for were compacted away
-     +-- StoreIOError            (also OSError)        a write or sync failed; nothing acknowledged
+     +-- StoreIOError            (also OSError)        reading, writing or syncing failed (``kind``)
           +-- DatabaseError                            PostgreSQL failed an operation (server error)
                +-- DatabaseConnectionError             (also ConnectionError) connection lost
 
@@ -23,6 +23,7 @@ can act on. All are picklable, so they cross process boundaries (multiprocessing
 
 from __future__ import annotations
 
+import enum
 import errno as _errno
 
 
@@ -162,26 +163,74 @@ class HistoryTruncatedError(RunstoreError, LookupError):
         return (type(self), (self.since_seq, self.oldest_seq))
 
 
-class StoreIOError(RunstoreError, OSError):
-    """Writing or syncing the journal failed; the operation was not acknowledged."""
+class IOKind(enum.Enum):
+    """What a ``StoreIOError`` was doing, and so what its failure means for the store
+    (``StoreIOError.kind``)."""
 
-    def __init__(self, path: str, action: str, cause: OSError) -> None:
+    #: reading the journal: nothing was changed
+    READ = "read"
+    #: opening the journal (or another descriptor of it): nothing was changed
+    OPEN = "open"
+    #: appending a change: not acknowledged, and it may or may not be in the file
+    WRITE = "write"
+    #: syncing appended lines: they are in the file but not known to be durable
+    SYNC = "sync"
+    #: cutting off a torn tail: nothing acknowledged was affected
+    RECOVER = "recover"
+    #: writing, syncing or renaming a rewritten journal: the journal is as it was
+    REWRITE = "rewrite"
+    #: syncing the directory after a rewritten journal was renamed into place
+    SYNC_DIR = "sync_dir"
+    #: appending pruned runs to ``prune()``'s archive: nothing was pruned
+    ARCHIVE = "archive"
+
+
+#: what each kind of failure means, after "ACTION PATH failed (REASON); "
+_OUTCOMES = {
+    IOKind.READ: "nothing was changed; retry, and check the disk (dmesg) if it fails again",
+    IOKind.OPEN: "nothing was changed; check the disk (dmesg), free space and the limit on "
+                 "open files, then retry",
+    IOKind.WRITE: "the change was not acknowledged and may or may not be in the file: get() "
+                  "the run to see which",
+    IOKind.SYNC: "the change was written but is not known to be durable, so it was not "
+                 "acknowledged: this store's reads leave it out, and its next write rewrites "
+                 "the file first, keeping the change only if another process wrote after it",
+    IOKind.RECOVER: "nothing acknowledged was affected (the torn tail holds only unsynced "
+                    "writes); retry once the disk is healthy",
+    IOKind.REWRITE: "the call was not acknowledged and changed nothing: the journal is as "
+                    "it was; free space or fix the directory's permissions, then retry",
+    IOKind.SYNC_DIR: "the rewritten journal is in place, but a power loss may bring back the "
+                     "one before it; run `compact` once the disk is healthy",
+    IOKind.ARCHIVE: "nothing was pruned (a partial write to the archive is cut off); fix "
+                    "the archive's path or free space, then retry",
+}
+
+
+class StoreIOError(RunstoreError, OSError):
+    """Reading, writing or syncing the journal failed; ``kind`` (an ``IOKind``) says what
+    was being done and so what it means: a failed read or open changed nothing, a failed
+    append or sync was not acknowledged, a failed rewrite left the journal as it was.
+    ``action`` is the same in words (kept for compatibility); ``outcome``, when given,
+    replaces the sentence ``kind`` implies (``Store.prune`` says how many runs were
+    pruned)."""
+
+    def __init__(self, path: str, action: str, cause: OSError, kind: IOKind = IOKind.WRITE,
+                 outcome: str = "") -> None:
         self.path = path
         self.action = action
         self.cause = cause
+        self.kind = kind
+        self.outcome = outcome or _OUTCOMES[kind]
         code = cause.errno if cause.errno is not None else _errno.EIO
         super().__init__(code, f"{action} {path} failed: {cause.strerror or cause}")
         self.filename = path
 
     def __str__(self) -> str:
         reason = self.cause.strerror or str(self.cause)
-        return (
-            f"{self.action} {self.path} failed ({reason}); the change was not acknowledged "
-            f"and may or may not be in the file: get() the run to see which"
-        )
+        return f"{self.action} {self.path} failed ({reason}); {self.outcome}"
 
-    def __reduce__(self) -> tuple[type[StoreIOError], tuple[str, str, OSError]]:
-        return (type(self), (self.path, self.action, self.cause))
+    def __reduce__(self) -> tuple[type[StoreIOError], tuple[str, str, OSError, IOKind, str]]:
+        return (type(self), (self.path, self.action, self.cause, self.kind, self.outcome))
 
 
 class TableLockTimeoutError(LockTimeoutError):

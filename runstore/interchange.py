@@ -9,6 +9,7 @@ or a second non-terminal run on a machine.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Container, Iterable
@@ -18,7 +19,7 @@ import attrs
 import orjson
 
 from . import codec, transitions
-from .errors import InvalidRunError, StoreIOError
+from .errors import InvalidRunError, IOKind, StoreIOError
 from .model import Run
 
 
@@ -66,22 +67,46 @@ def check_import(runs: list[Run], exists: Container[str], busy: dict[str, str],
             busy[run.machine] = run.id
 
 
-def append_archive(path: str, runs: list[Run], extras: dict[str, dict[str, Any]]) -> None:
+def append_archive(path: str, runs: list[Run], extras: dict[str, dict[str, Any]]) -> int:
     """Append ``runs`` (JSON lines, see ``archive_lines``) to the file ``path`` and fsync it;
-    the file is created mode 0600 and a symlink is refused. ``StoreIOError`` on failure."""
+    the file is created mode 0600 and a symlink is refused. Returns its size before (for
+    ``cut_archive``). ``StoreIOError`` on failure, after cutting off what was written."""
     blob = archive_lines(runs, extras)
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, 0o600)
         try:
-            view = memoryview(blob)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):  # no partial lines left at its end
+                    os.ftruncate(fd, size)
+                raise
         finally:
             os.close(fd)
     except OSError as exc:
-        raise StoreIOError(path, "appending pruned runs to the archive", exc) from None
+        raise StoreIOError(path, "appending pruned runs to the archive", exc,
+                           IOKind.ARCHIVE) from None
+    return size
+
+
+def cut_archive(path: str, size: int) -> bool:
+    """Cut the archive ``path`` back to ``size`` bytes and fsync it (a prune that failed
+    after ``append_archive``); False when that failed too."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    return True
 
 
 def parse_import(

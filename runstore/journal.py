@@ -37,7 +37,7 @@ from typing import Any
 import attrs
 
 from . import codec, failpoints
-from .errors import CorruptStoreError, LockTimeoutError, StoreIOError, UnsafeStoreError
+from .errors import CorruptStoreError, IOKind, LockTimeoutError, StoreIOError, UnsafeStoreError
 from .fsio import FileSystem
 from .lock import flock_until, try_flock
 
@@ -488,7 +488,7 @@ class Journal:
             if exc.errno == errno.ENOENT and self.store_id:
                 raise self.gone_error() from None
             if exc.errno in _IO_ERRNOS:  # the disk or the system failed, not the file's safety
-                raise StoreIOError(self.path, "opening", exc) from None
+                raise StoreIOError(self.path, "opening", exc, IOKind.OPEN) from None
             raise _unsafe(self.path, exc, "journal file") from None
         self._check_regular(fd, self.path, "journal file")
         st = os.fstat(fd)
@@ -499,7 +499,7 @@ class Journal:
                 self.path, 0, "the file is empty (runstore never leaves an empty journal)",
                 "it was truncated or not written by runstore; move it away to start a new "
                 "store, or restore it from a backup")
-        first = self.fs.pread(fd, 65536, 0)
+        first = self.pread(fd, 65536, 0)
         nl = first.find(b"\n")
         if nl < 0:
             raise CorruptStoreError(self.path, 0, "the header line is truncated")
@@ -547,7 +547,7 @@ class Journal:
         assert self.fd is not None
         chunks = []
         while True:
-            chunk = self.fs.pread(self.fd, _READ_CHUNK, offset)
+            chunk = self.pread(self.fd, _READ_CHUNK, offset)
             if not chunk:
                 break
             chunks.append(chunk)
@@ -562,7 +562,7 @@ class Journal:
         assert self.fd is not None
         pos = start
         while pos < end:
-            chunk = self.fs.pread(self.fd, min(_CHECKSUM_CHUNK, end - pos), pos)
+            chunk = self.pread(self.fd, min(_CHECKSUM_CHUNK, end - pos), pos)
             if not chunk:
                 break
             crc = zlib.crc32(chunk, crc)
@@ -578,13 +578,16 @@ class Journal:
         fd = self.fd if fd is None else fd
         assert fd is not None
         if end - start <= _READ_CHUNK:  # the usual catch-up: a few lines, one read
-            chunk = self.fs.pread(fd, end - start, start)
+            try:
+                chunk = self.fs.pread(fd, end - start, start)
+            except OSError as exc:
+                raise StoreIOError(self.path, "reading", exc, IOKind.READ) from None
             if chunk:
                 yield start, chunk
             return
         pos, carry = start, b""
         while pos < end:
-            chunk = self.fs.pread(fd, min(_READ_CHUNK, end - pos), pos)
+            chunk = self.pread(fd, min(_READ_CHUNK, end - pos), pos)
             if not chunk:
                 break
             pos += len(chunk)
@@ -596,6 +599,14 @@ class Journal:
         if carry:
             yield pos - len(carry), carry
 
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        """Up to ``size`` bytes from ``offset`` of ``fd`` (a descriptor of the journal);
+        ``StoreIOError`` (``IOKind.READ``) when the read fails."""
+        try:
+            return self.fs.pread(fd, size, offset)
+        except OSError as exc:
+            raise StoreIOError(self.path, "reading", exc, IOKind.READ) from None
+
     def hold(self) -> int:
         """A descriptor of the file open now, for a caller to read later and close
         (``close_held``): it stays this file even after a compaction replaces it."""
@@ -603,7 +614,7 @@ class Journal:
         try:
             return os.dup(self.fd)
         except OSError as exc:
-            raise StoreIOError(self.path, "opening", exc) from None
+            raise StoreIOError(self.path, "opening", exc, IOKind.OPEN) from None
 
     def close_held(self, fd: int) -> None:
         self.fs.close(fd)
@@ -618,7 +629,7 @@ class Journal:
             try:
                 return pread(fd, size, offset)
             except OSError as exc:
-                raise StoreIOError(path, "reading", exc) from None
+                raise StoreIOError(path, "reading", exc, IOKind.READ) from None
 
         return read
 
@@ -632,7 +643,7 @@ class Journal:
         top = hi  # newlines at top or later were looked at
         while top > floor:
             at = max(floor - 1, top - _BACK_CHUNK)
-            chunk = self.fs.pread(self.fd, top - at + len(needle), at)
+            chunk = self.pread(self.fd, top - at + len(needle), at)
             pos = chunk.rfind(needle, 0, top - at - 1 + len(needle))
             while pos >= 0:
                 found = self._checkpoint_at(at + pos + 1, lo, hi)
@@ -673,7 +684,7 @@ class Journal:
         assert self.fd is not None
         size = 2048
         while True:
-            data = self.fs.pread(self.fd, size, offset)
+            data = self.pread(self.fd, size, offset)
             nl = data.find(b"\n")
             if nl >= 0:
                 return data[:nl]
@@ -697,7 +708,7 @@ class Journal:
                 self.fs.ftruncate(self.fd, start)
             except OSError:
                 pass  # a torn tail: the next reader recovers it (it lies past the durable mark)
-            raise StoreIOError(self.path, "appending to", exc) from None
+            raise StoreIOError(self.path, "appending to", exc, IOKind.WRITE) from None
         failpoints.hit("append.after_write")
 
     def sync(self) -> None:
@@ -705,7 +716,7 @@ class Journal:
         try:
             self.fs.fdatasync(self.fd)
         except OSError as exc:
-            raise StoreIOError(self.path, "syncing", exc) from None
+            raise StoreIOError(self.path, "syncing", exc, IOKind.SYNC) from None
         failpoints.hit("append.after_sync")
 
     def truncate(self, length: int, reason: str) -> None:
@@ -719,7 +730,8 @@ class Journal:
             self.fs.ftruncate(self.fd, length)
             self.fs.fdatasync(self.fd)
         except OSError as exc:
-            raise StoreIOError(self.path, "truncating the torn tail of", exc) from None
+            raise StoreIOError(self.path, "truncating the torn tail of", exc,
+                               IOKind.RECOVER) from None
 
     def replace_with(self, chunks: Iterable[bytes]) -> None:
         """Write a new file through a temp file and rename it over the journal (always
@@ -739,12 +751,14 @@ class Journal:
         try:
             fd = self.fs.open(name, flags, 0o600, self.dir_fd)
         except OSError as exc:
-            raise StoreIOError(os.path.join(self.state_dir, name), "creating", exc) from None
+            raise StoreIOError(os.path.join(self.state_dir, name), "creating", exc,
+                               IOKind.REWRITE) from None
         try:
             os.fchmod(fd, 0o600)  # whatever the umask
         except OSError as exc:
             self.abandon_temp(name, fd)
-            raise StoreIOError(os.path.join(self.state_dir, name), "creating", exc) from None
+            raise StoreIOError(os.path.join(self.state_dir, name), "creating", exc,
+                               IOKind.REWRITE) from None
         return name, fd
 
     def claim_compaction_temp(self) -> int | None:
@@ -757,7 +771,7 @@ class Journal:
                               self.dir_fd)
         except OSError as exc:
             if exc.errno in _IO_ERRNOS:
-                raise StoreIOError(path, "creating", exc) from None
+                raise StoreIOError(path, "creating", exc, IOKind.REWRITE) from None
             raise _unsafe(path, exc, "compaction temp file") from None
         try:
             if not try_flock(fd):
@@ -777,7 +791,7 @@ class Journal:
             return None
         except OSError as exc:
             self.abandon_temp(COMPACTING_NAME, fd)
-            raise StoreIOError(path, "preparing", exc) from None
+            raise StoreIOError(path, "preparing", exc, IOKind.REWRITE) from None
         return fd
 
     def write_temp(self, fd: int, chunks: Iterable[bytes]) -> None:
@@ -789,7 +803,7 @@ class Journal:
             self.fs.fsync(fd)
             failpoints.hit("compact.after_tmp_sync")
         except OSError as exc:
-            raise StoreIOError(self.path, "rewriting", exc) from None
+            raise StoreIOError(self.path, "rewriting", exc, IOKind.REWRITE) from None
 
     def install_temp(self, name: str, fd: int, tail: bytes = b"") -> None:
         """Append ``tail`` to a written temp file (fsynced when not empty), rename it over
@@ -805,14 +819,15 @@ class Journal:
             self.fs.replace(name, DATA_NAME, self.dir_fd)
         except OSError as exc:
             self.abandon_temp(name, fd)
-            raise StoreIOError(self.path, "rewriting", exc) from None
+            raise StoreIOError(self.path, "rewriting", exc, IOKind.REWRITE) from None
         with contextlib.suppress(OSError):  # written, synced and in place: nothing to lose
             self.fs.close(fd)
         failpoints.hit("compact.after_replace")
         try:
             self.fs.fsync(self.dir_fd)
         except OSError as exc:
-            raise StoreIOError(self.state_dir, "syncing the directory", exc) from None
+            raise StoreIOError(self.state_dir, "syncing the directory", exc,
+                               IOKind.SYNC_DIR) from None
 
     def abandon_temp(self, name: str, fd: int | None) -> None:
         """Remove and close a temp file that will not be installed; removed first, while a

@@ -10,7 +10,9 @@ prepare its next version before the flock and keep it if the run did not change 
 (``_write_step``). In durable mode the
 ``fdatasync`` happens after the flock is released and before the call returns (group commit:
 one sync can cover the writes of several processes), so other processes may *read* a change a
-moment before it is durable; a change is acknowledged only once it is.
+moment before it is durable; a change is acknowledged only once it is. After a failed sync
+this ``Store`` reads from what was synced before it (``_answer_intact``), and its next write
+first rewrites the file, leaving the unsynced lines out when nothing was written after them.
 
 The view keeps what queries need and no more: the offset of every run's latest version, the
 non-terminal runs themselves (by id and by machine), and counters. Terminal runs are read back
@@ -47,6 +49,7 @@ from .active import ActiveRuns
 from .errors import (
     CorruptStoreError,
     HistoryTruncatedError,
+    IOKind,
     LockTimeoutError,
     MachineBusyError,
     RunNotFoundError,
@@ -57,6 +60,7 @@ from .fsio import DEFAULT as DEFAULT_FS
 from .fsio import FileSystem
 from .journal import (
     COMPACTING_NAME,
+    DATA_NAME,
     Cursor,
     Damage,
     Header,
@@ -64,6 +68,7 @@ from .journal import (
     cursor_after_header,
     judge,
     log_warning,
+    parse_header,
     scan,
 )
 from .lock import StoreLock
@@ -93,6 +98,8 @@ _COMPACT_RETRY_LINES = 256
 #: the most bytes appended since the view was brought up to date that a read looks through
 #: for the run it is about before answering without the flock (``Store._current_for``)
 _UNREAD_LIMIT = 64 * 1024
+#: the failures after which the file is rewritten before the next write (``Store._resync``)
+_RESYNC_KINDS = frozenset({IOKind.SYNC, IOKind.RECOVER, IOKind.SYNC_DIR})
 
 
 def _utcnow() -> _dt.datetime:
@@ -125,6 +132,11 @@ class Store:
         self._closed = False
         self._unmarked_writes = False
         self._resync = False  # set when a sync failed: rewrite the file before going on
+        #: after a failed sync of appended lines, until the rewrite: the journal open then
+        #: (device, inode), how many of its bytes were known synced (reads answer from
+        #: those bytes alone: ``_answer_intact``) and where the lines this process failed
+        #: to sync begin and end (-1, -1 when not known)
+        self._intact: tuple[int, int, int, int, int] | None = None
         #: what ``_append`` wrote and the view has yet to take in (``_index_appended``)
         self._appended: tuple[_Changes, list[bytes], int, _dt.datetime] | None = None
         #: run id -> (its next version, that line's run fields), made by ``_write_step``
@@ -391,17 +403,18 @@ class Store:
         self._synced = self._cur.durable
         self._stale = False
 
-    def _load_checkpoint(self, header: Header) -> bool:
+    def _load_checkpoint(self, header: Header, end: int | None = None) -> bool:
         """Open at the last checkpoint line after the base: take the view it describes
         (reading only its non-terminal runs); the lines before it are indexed, and parsed,
         when first needed. What a power loss may have torn must be seen, and recovered, at
         opening: a checkpoint written in an earlier boot of the machine is taken only when
         the lines before it that were not yet synced are sound (``Journal.lines_follow``).
-        False (no such checkpoint): open as before."""
+        ``end``: look only before it (default: the end of the file). False (no such
+        checkpoint): open as before."""
         j, cur = self._journal, self._cur
         assert j.fd is not None and cur is not None
         tail = header.base_end if header.summary is not None else header.start
-        found = j.last_checkpoint(tail, os.fstat(j.fd).st_size)
+        found = j.last_checkpoint(tail, os.fstat(j.fd).st_size if end is None else end)
         if found is None:
             return False
         at, end, point = found
@@ -574,13 +587,17 @@ class Store:
                 # later acknowledged line could sit behind a hole after a power loss.
                 # Rewrite the whole file (temp, fsync, rename, fsync dir) before going on.
                 self._take_held()
+                self._leave_out_unsynced()
                 self._compact()
                 self._resync = False
+                self._intact = None
             result, changes = decide()
             if changes:
                 wrote_to = self._append(changes)
         except BaseException as exc:
-            if isinstance(exc, StoreIOError) and exc.action.startswith(("syncing", "truncating")):
+            if isinstance(exc, StoreIOError) and exc.kind in _RESYNC_KINDS:
+                if exc.kind is IOKind.SYNC:  # syncing what it had written (close)
+                    self._keep_intact()
                 self._resync = True
             if self._appended is not None:  # written but not in the view: reload next time
                 self._appended = None
@@ -594,12 +611,14 @@ class Store:
         try:
             # the lines are in the file; the view is this process's own, so it is brought up
             # to date with the mutex alone while other processes go on
+            appended = self._appended
             self._index_appended()
             if wrote_to >= 0 and self.durable and self._synced < wrote_to:
                 try:
                     self._journal.sync()
                 except StoreIOError:
-                    self._stale = True  # after a failed sync, trust only what a re-read shows
+                    # after a failed sync, trust only what was synced before
+                    self._keep_intact(appended[2] if appended else -1, wrote_to)
                     self._resync = True
                     raise
                 self._synced = max(self._synced, wrote_to)
@@ -676,10 +695,12 @@ class Store:
         live = self._live()
         return self._lines - live > RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live)
 
-    def _compact(self, retain: int = RETAIN_CHANGES) -> None:
+    def _compact(self, retain: int = RETAIN_CHANGES, pruned: _Runs | None = None) -> None:
         """Rewrite the file now, the lock held (``compact()``, and after a failed sync):
-        see ``compaction.plan``."""
-        plan = self._plan_compaction(retain)
+        see ``compaction.plan``. ``pruned``: runs to leave out, their ``run_pruned``
+        changes written into the retained history of the new file (``prune()``: one
+        rename, so that a failure leaves the file as it was)."""
+        plan = self._plan_compaction(retain, pruned)
         failpoints.hit("compact.before_rewrite")
         try:
             self._journal.replace_with(plan.chunks())
@@ -687,20 +708,45 @@ class Store:
         except BaseException:
             self._stale = True
             raise
+        cur = self._cur
+        assert cur is not None
+        for run in pruned or ():
+            self._extras.pop(run.id, None)
+        cur.next_seq = plan.compacted_through + 1 + len(plan.history)
         self._adopt(plan, {}, plan.base_end)
+        self._unmarked_writes = False  # all this process wrote is in the synced new file
 
-    def _plan_compaction(self, retain: int = RETAIN_CHANGES) -> compaction.Plan:
+    def _plan_compaction(self, retain: int = RETAIN_CHANGES,
+                         pruned: _Runs | None = None) -> compaction.Plan:
         """Lay out the compaction of the file as far as the view has read it, keeping the
-        last ``retain`` changes verbatim for lagging watchers."""
+        last ``retain`` changes verbatim for lagging watchers. ``pruned``: runs left out,
+        laid out as if their ``run_pruned`` lines had been appended first
+        (``compaction.with_tail``); the view is not changed."""
         self._ensure_index()
         self._active.values()  # structure deferred records now: refuse a malformed one
         cur, header = self._cur, self._header
         assert cur is not None and header is not None
-        history = list(self._recent)[len(self._recent) - retain:] if retain else []
         j = self._journal
-        return compaction.plan(j.reader(), self._index, self._active, history,
+        read, index, next_seq = j.reader(), self._index, cur.next_seq
+        recent = collections.deque(self._recent, maxlen=self._recent.maxlen)
+        if pruned:
+            now, durable = _utcnow(), max(self._synced, cur.durable)
+            gone = {run.id for run in pruned}
+            index = {run_id: at for run_id, at in index.items() if run_id not in gone}
+            lines = []
+            at = cur.end
+            for run in pruned:
+                line = codec.encode_record(next_seq, ChangeType.RUN_PRUNED, now, durable, run,
+                                           self._extras.get(run.id))
+                recent.append(at)
+                at += len(line)
+                next_seq += 1
+                lines.append(line)
+            read = compaction.with_tail(read, cur.end, b"".join(lines))
+        history = list(recent)[len(recent) - retain:] if retain else []
+        return compaction.plan(read, index, self._active, history,
                                store_id=header.store_id, created=header.created,
-                               next_seq=cur.next_seq, max_id=self._max_id, old_end=cur.end,
+                               next_seq=next_seq, max_id=self._max_id, old_end=cur.end,
                                path=j.path)
 
     def _adopt(self, plan: compaction.Plan, tail: dict[int, int], end: int) -> None:
@@ -887,11 +933,89 @@ class Store:
         lock = self._lock
         lock.acquire_mutex(self.lock_timeout)
         try:
+            if self._intact is not None and self._answer_intact():
+                return answer()
             if self._current_for(about):
                 return answer()
         finally:
             lock.release_mutex()
         return self._transact(lambda: (answer(), []))
+
+    def _keep_intact(self, start: int = -1, end: int = -1) -> None:
+        """A sync of appended lines (this process's own at ``start:end``, when known)
+        failed: Linux may have dropped the pages it could not write, and a retried sync
+        that succeeds would not prove them written. Until the file is rewritten (the next
+        write does it first), reads answer from the bytes of this journal that were known
+        synced before the failure (``_answer_intact``); the view is rebuilt from them when
+        first read."""
+        self._stale = True
+        j = self._journal
+        if j.fd is None:
+            return
+        try:
+            st = os.fstat(j.fd)
+        except OSError:
+            return
+        if self._intact is None or self._intact[:2] != (st.st_dev, st.st_ino):
+            self._intact = (st.st_dev, st.st_ino, self._synced, start, end)
+
+    def _leave_out_unsynced(self) -> None:
+        """Before the rewrite after a failed sync, under the flock: when the lines this
+        process failed to sync are still the last of the file (no process wrote after
+        them, so no change depends on them), rebuild the view up to where they begin, so
+        that the rewrite leaves them out and the failed change is not in the store, as
+        reads have shown since the failure. Otherwise the rewrite keeps them with what
+        others wrote after them."""
+        j, intact = self._journal, self._intact
+        if intact is None or j.fd is None:
+            return
+        dev, ino, _synced, start, end = intact
+        st = os.fstat(j.fd)
+        if start >= 0 and (st.st_dev, st.st_ino, st.st_size) == (dev, ino, end):
+            self._load_intact(start)
+
+    def _answer_intact(self) -> bool:
+        """After a failed sync, until the rewrite (``_intact``), with the mutex held: bring
+        the view to the bytes known synced before the failure, which never change, and
+        answer from it without the flock and without catching up, so that the lines whose
+        sync failed are not shown. False (answer as usual) when this process forked or the
+        journal open now is not that file."""
+        j, intact = self._journal, self._intact
+        if intact is None or j.fd is None or self._pid != owner.pid():
+            return False
+        dev, ino, limit, _start, _end = intact
+        st = os.fstat(j.fd)
+        if (st.st_dev, st.st_ino) != (dev, ino) or st.st_size < limit:
+            return False
+        cur = self._cur
+        if self._stale or cur is None or cur.end != limit:
+            self._load_intact(limit)
+        return True
+
+    def _load_intact(self, limit: int) -> None:
+        """Rebuild the view from the first ``limit`` bytes of the journal open now (all of
+        them synced: damage there is reported, never cut off), as ``_load`` does from the
+        whole file, without reopening it or taking the flock."""
+        j = self._journal
+        assert j.fd is not None
+        self._stale = True
+        first = j.pread(j.fd, 65536, 0)
+        nl = first.find(b"\n")
+        if nl < 0:
+            raise CorruptStoreError(j.path, 0, "the header line is truncated")
+        header = parse_header(first[:nl], j.path)
+        self._reset_view()
+        self._header = header
+        cur = self._cur = cursor_after_header(header, header.start)
+        cur.durable = max(cur.durable, limit)
+        start = header.start
+        if self._load_checkpoint(header, limit):
+            start = cur.end
+        elif header.summary is not None and self._load_summarised_base(header):
+            start = header.base_end
+        self._ingest_from(start, limit)
+        self._synced = limit
+        self._stale = False
 
     def _current_for(self, about: str | None) -> bool:
         """True when the view answers for ``about`` as the journal would now: the file open
@@ -1069,8 +1193,16 @@ class Store:
     ) -> int:
         """Remove terminal runs that ended more than ``older_than`` ago, or all but the newest
         ``keep_last`` terminal runs (non-terminal runs are never pruned). With ``archive``
-        the pruned runs are first appended, durably, to that JSON-lines file. The journal is
-        compacted afterwards. Returns the number of runs removed."""
+        the pruned runs are first appended, durably, to that JSON-lines file. Returns the
+        number of runs removed.
+
+        One step: the journal is rewritten without them (their ``run_pruned`` changes in
+        its retained history, for watchers) through a temp file renamed into place, so a
+        failure (a full disk, a read-only directory) leaves the store as it was and raises
+        ``StoreIOError`` saying that nothing was pruned; it needs no more free space than
+        the smaller file. The archive is written (and synced) first; after a failure it is
+        cut back to what it held before, and when even that fails the error says that it
+        holds the runs, which a retry then appends again."""
         retention.check_prune(older_than, keep_last)
 
         def decide() -> _Decision[int]:
@@ -1079,15 +1211,53 @@ class Store:
                                       keep_last=keep_last, now=_utcnow())
             if dry_run or not doomed:
                 return len(doomed), []
-            if archive is not None:
-                interchange.append_archive(os.fspath(archive), doomed, self._extras)
-                failpoints.hit("prune.after_archive")
-            return len(doomed), [(ChangeType.RUN_PRUNED, r) for r in doomed]
+            j = self._journal
+            assert j.fd is not None
+            st = os.fstat(j.fd)
+            archived = -1  # the archive's size before, once the runs are in it
+            try:
+                if archive is not None:
+                    archived = interchange.append_archive(os.fspath(archive), doomed,
+                                                          self._extras)
+                    failpoints.hit("prune.after_archive")
+                self._compact(pruned=doomed)
+            except StoreIOError as exc:
+                raise self._prune_failed(exc, len(doomed), archive, archived,
+                                         (st.st_dev, st.st_ino)) from None
+            return len(doomed), []
 
-        removed = self._transact(decide)
-        if removed and not dry_run:
-            self.compact()
-        return removed
+        return self._transact(decide)
+
+    def _prune_failed(self, exc: StoreIOError, count: int,
+                      archive: str | os.PathLike[str] | None, archived: int,
+                      old: tuple[int, int]) -> StoreIOError:
+        """``exc`` (a failed prune of ``count`` runs) saying what became of them: nothing
+        was pruned unless the new file had been renamed over the journal ``old`` (device,
+        inode); then the archive (its size before: ``archived``) is cut back."""
+        runs = f"{count} run{'s' if count != 1 else ''}"
+        replaced = False
+        with contextlib.suppress(OSError):
+            now = os.stat(DATA_NAME, dir_fd=self._journal.dir_fd, follow_symlinks=False)
+            replaced = (now.st_dev, now.st_ino) != old
+        if replaced and exc.kind is IOKind.SYNC_DIR:
+            outcome = (f"the {runs} were pruned, but a power loss may bring them back (the "
+                       "directory could not be synced); run `compact` once the disk is "
+                       "healthy")
+        elif replaced:
+            outcome = (f"the {runs} were pruned (the rewritten journal is in place), but it "
+                       "could not be reopened; the next call reopens it")
+        else:
+            outcome = f"nothing was pruned ({runs} were to be removed; the journal is as it was"
+            if exc.kind is IOKind.ARCHIVE:
+                outcome += "); fix the archive's path or free space, then retry"
+            else:
+                if archive is not None and archived >= 0:
+                    if interchange.cut_archive(os.fspath(archive), archived):
+                        outcome += ", and so is the archive"
+                    else:
+                        outcome += ", but the archive holds them too: a retry appends them again"
+                outcome += "); free space or fix the directory's permissions, then retry"
+        return StoreIOError(exc.path, exc.action, exc.cause, exc.kind, outcome)
 
     # -- batches ------------------------------------------------------------------------
 
@@ -1122,7 +1292,7 @@ class Store:
                     start = self._recent[k]
             return (j.hold(), start, cur.end), []
 
-        held = self._transact(decide)
+        held = self._read(lambda: decide()[0])
         if held is None:
             return iter(())
         return _HeldChanges(self._journal, *held, since_seq)
