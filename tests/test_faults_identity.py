@@ -185,10 +185,13 @@ def test_processes_racing_after_the_lock_file_changed_create_one_run(
 def test_broken_variant_processes_racing_create_two_runs(
     store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    """Broken variant: without the identity check two processes both create a run for m0."""
+    """Broken variant: without the identity check the processes lock different files, and
+    the race goes wrong: two of them create a run for m0, or their interleaved appends
+    damage the journal (a worker then fails on it)."""
     _no_lock_identity_check(monkeypatch)  # inherited by the forked workers
     problems = _lock_race(store_dir, how)
-    assert any("2 processes got CREATED" in problem for problem in problems), problems
+    assert any("processes got CREATED" in problem or "journal:" in problem
+               or "Corrupt" in problem for problem in problems), problems
 
 
 @contextlib.contextmanager
