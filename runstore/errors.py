@@ -175,6 +175,8 @@ class IOKind(enum.Enum):
     WRITE = "write"
     #: syncing appended lines: they are in the file but not known to be durable
     SYNC = "sync"
+    #: syncing changes of other processes before a read shows them: nothing was shown
+    SYNC_READ = "sync_read"
     #: cutting off a torn tail: nothing acknowledged was affected
     RECOVER = "recover"
     #: writing, syncing or renaming a rewritten journal: the journal is as it was
@@ -195,6 +197,9 @@ _OUTCOMES = {
     IOKind.SYNC: "the change was written but is not known to be durable, so it was not "
                  "acknowledged: this store's reads leave it out, and its next write rewrites "
                  "the file first, keeping the change only if another process wrote after it",
+    IOKind.SYNC_READ: "nothing was shown: the latest changes are not known to be durable; "
+                      "the next call on this store rewrites the file first (keeping every "
+                      "change in it) and answers from it; check the disk (dmesg)",
     IOKind.RECOVER: "nothing acknowledged was affected (the torn tail holds only unsynced "
                     "writes); retry once the disk is healthy",
     IOKind.REWRITE: "the call was not acknowledged and changed nothing: the journal is as "

@@ -139,7 +139,9 @@ def scan(buf: bytes, start: int, cur: Cursor) -> ScanResult:
                         raise codec.BadLine(f"a checkpoint says the next seq is {says!r} "
                                             f"where it is {cur.next_seq}")
                     cur.checkpoint_seq = cur.next_seq
-                cur.durable = max(cur.durable, mark)
+                # a mark that vouches for every byte before it vouches for itself too: it
+                # shows no change, so a reader need not sync it (``Store._make_visible``)
+                cur.durable = max(cur.durable, mark if mark < offset else start + nl + 1)
                 pos = nl + 1
                 cur.end = start + pos
                 continue

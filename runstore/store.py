@@ -9,8 +9,10 @@ this process's own: the mutex guards it), and release the mutex. Methods that ch
 prepare its next version before the flock and keep it if the run did not change meanwhile
 (``_write_step``). In durable mode the
 ``fdatasync`` happens after the flock is released and before the call returns (group commit:
-one sync can cover the writes of several processes), so other processes may *read* a change a
-moment before it is durable; a change is acknowledged only once it is. After a failed sync
+one sync can cover the writes of several processes), so the view of another process may hold a
+change a moment before it is durable; that process makes it durable before any answer from it
+leaves the call (``_make_visible``), so what a call shows, like what it acknowledges, survives
+a power loss. After a failed sync
 this ``Store`` reads from what was synced before it (``_answer_intact``), and its next write
 first rewrites the file, leaving the unsynced lines out when nothing was written after them.
 
@@ -145,7 +147,8 @@ class Store:
         self._made: dict[str, tuple[Run, bytes]] = {}
         self._reset_view()
         try:
-            self._transact(lambda: (None, []))  # open (or create) now: fail fast on a bad store
+            # open (or create) now: fail fast on a bad store
+            self._transact(lambda: (None, []), shows=False)
         except BaseException:
             self._lock.close()
             self._journal.close()
@@ -568,12 +571,15 @@ class Store:
     # -- the one read-modify-write path -------------------------------------------------
 
     def _transact(self, decide: Callable[[], _Decision[T]],
-                  early: Callable[[], None] | None = None, about: str | None = None) -> T:
+                  early: Callable[[], None] | None = None, about: str | None = None,
+                  shows: bool = True) -> T:
         """Run ``decide`` under the lock on an up-to-date view and store what it returns.
         ``early`` runs before, with only the mutex held (see ``_write_step``). ``about``:
         the one run id or machine ``decide`` looks at, when it looks at no other run and
         creates no run on another machine (see ``_catch_up``); None when it may look at
-        any."""
+        any. ``shows``: the result may show what the view holds, so in durable mode the
+        view is made durable before it is returned (``_make_visible``); False for calls
+        that return nothing of it (opening, closing)."""
         if self._closed:
             raise ValueError(f"the store at {self.state_dir} is closed")
         lock = self._lock
@@ -622,6 +628,8 @@ class Store:
                     self._resync = True
                     raise
                 self._synced = max(self._synced, wrote_to)
+            elif wrote_to < 0 and shows:
+                self._make_visible()
             if wrote_to >= 0 and self._compaction_due():
                 try:
                     self._compact_beside()
@@ -936,10 +944,34 @@ class Store:
             if self._intact is not None and self._answer_intact():
                 return answer()
             if self._current_for(about):
+                self._make_visible()
                 return answer()
         finally:
             lock.release_mutex()
         return self._transact(lambda: (answer(), []))
+
+    def _make_visible(self) -> None:
+        """In durable mode, with the mutex held: make the bytes the view holds durable
+        before an answer from them leaves this call. Another process appends under the
+        flock and syncs after releasing it (group commit), so the view may hold its lines
+        before they are durable, and a caller could act on a change that a power loss
+        then takes back. One ``fdatasync`` here (any descriptor of the file covers all of
+        it) makes them durable; it is skipped when this process's own syncs, or the
+        records' ``durable`` offsets written by others after theirs, already vouch for
+        them. When the sync fails, nothing is shown (``IOKind.SYNC_READ``) and the next
+        call rewrites the file first (through a synced temp file), as after a write's
+        failed sync, so that whatever it shows then is durable."""
+        cur, j = self._cur, self._journal
+        if (not self.durable or cur is None or j.fd is None
+                or cur.end <= max(self._synced, cur.durable)):
+            return
+        try:
+            j.sync()
+        except StoreIOError as exc:
+            self._stale = self._resync = True
+            raise StoreIOError(j.path, "syncing what a read shows of", exc.cause,
+                               IOKind.SYNC_READ) from None
+        self._synced = cur.end
 
     def _keep_intact(self, start: int = -1, end: int = -1) -> None:
         """A sync of appended lines (this process's own at ``start:end``, when known)
@@ -1384,7 +1416,7 @@ class Store:
             return
         try:
             if self._unmarked_writes and self._pid == os.getpid():
-                self._transact(self._mark_clean)
+                self._transact(self._mark_clean, shows=False)
         finally:
             self._closed = True
             self._lock.close()
