@@ -416,7 +416,8 @@ def build_parser(prog: str = "runstore") -> argparse.ArgumentParser:
     p = command("reap", _cmd_reap,
                 "interrupt non-terminal runs whose owner process is gone or that are stale")
     p.add_argument("--stale-after", metavar="DURATION", type=_duration, required=True,
-                   help="also reap runs with no heartbeat or change for this long (10m, 2h)")
+                   help="also reap runs with no heartbeat or change for this long (10m, 2h), "
+                   "unless their owner process on this host still runs")
     p.add_argument("--dry-run", action="store_true", help="only show what would be reaped")
     json_flag(p, "the reaped runs as one JSON array")
 

@@ -108,6 +108,10 @@ def _utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC)
 
 
+#: every open ``Store`` of this process, for the at-fork hook (``_forget_parent_calls``)
+_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
 class Store:
     """Run records in one journal file under ``state_dir``; safe across threads and processes.
 
@@ -146,6 +150,7 @@ class Store:
         #: uses it for that very version only
         self._made: dict[str, tuple[Run, bytes]] = {}
         self._reset_view()
+        _stores.add(self)
         try:
             # open (or create) now: fail fast on a bad store
             self._transact(lambda: (None, []), shows=False)
@@ -351,6 +356,19 @@ class Store:
             history.extend(itertools.accumulate((len(line) + 1 for line in lines[:-1]),
                                                 initial=chunk_at) if lines else ())
         return history
+
+    def _forget_parent_calls(self) -> None:
+        """In a forked child: drop what the parent's other threads were in the middle of
+        when it forked (records held for after the flock, lines appended but not taken into
+        the view, versions made before the flock). Only the forking thread goes on in the
+        child, so those calls never finish there; the view they may have left half-updated
+        is rebuilt from the file by the child's next call, which also reopens the journal
+        (``_catch_up``). The lock drops the parent's flock and mutex by its own hook."""
+        self._held = []
+        self._appended = None
+        self._made = {}
+        self._stale = True
+        self._unmarked_writes = False  # the parent's to mark clean, not the child's
 
     # -- catching up with the file ------------------------------------------------------
 
@@ -1199,7 +1217,9 @@ class Store:
     def reap(self, *, stale_after: _dt.timedelta, dry_run: bool = False) -> _Runs:
         """Interrupt every non-terminal run whose owner process on this host is gone
         (``error_code="owner_gone"``) or whose last heartbeat (or change) is older than
-        ``stale_after`` (``"heartbeat_stale"``); return the reaped runs."""
+        ``stale_after`` (``"heartbeat_stale"``) and whose owner is not a process of this host
+        that provably still runs (a step of the wall clock never reaps it); return the
+        reaped runs."""
         reaping.check_stale_after(stale_after)
 
         def decide() -> _Decision[_Runs]:
@@ -1462,6 +1482,14 @@ class _HeldChanges:
         except BaseException:  # StopIteration included: done with the descriptor
             self._close()
             raise
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_stores):
+        store._forget_parent_calls()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _changes_read(journal: Journal, fd: int, start: int, end: int,
