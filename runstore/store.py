@@ -399,30 +399,27 @@ class Store:
         self._header = header
         start = header.start
         self._cur = cursor_after_header(header, start)
-        self._cur.vouched = self._vouched(header)
+        vouch = self._vouch_for(header)
+        self._cur.vouched = vouch.length if vouch is not None else 0
         if self._load_checkpoint(header):
             start = self._cur.end
         elif header.summary is not None and self._load_summarised_base(header):
             start = header.base_end
-        self._ingest_from(start)
+        self._ingest_from(start)  # damage before the vouched length is refused there
+        if vouch is not None and self._cur.end < vouch.length:
+            self._stale = True
+            raise cut_error(j.path, self._cur.end, vouch)
         self._synced = self._cur.durable
         self._stale = False
 
-    def _vouched(self, header: Header) -> int:
-        """How much of the journal just opened the lock file's vouch says was synced (0:
-        none, or one about another file); ``CorruptStoreError``, the file left untouched,
-        when the journal is shorter than that: it was cut after it was synced. One
-        ``pread`` of the lock file, when the view is (re)built."""
-        j = self._journal
+    def _vouch_for(self, header: Header) -> Vouch | None:
+        """What the lock file says was synced of the journal just opened (None: nothing,
+        or it speaks of another file): no part of it is cut as a torn write, and a journal
+        found shorter is refused (``_load``). One ``pread`` of the lock file, when the
+        view is (re)built."""
         fd = self._lock.descriptor()
         vouch = read_vouch(fd) if fd is not None else None
-        if vouch is None or not vouch.applies_to(header):
-            return 0
-        assert j.fd is not None
-        size = os.fstat(j.fd).st_size
-        if size < vouch.length:
-            raise cut_error(j.path, size, vouch)
-        return vouch.length
+        return vouch if vouch is not None and vouch.applies_to(header) else None
 
     def _vouch(self, header_crc: int, length: int, seq: int, by: str, *,
                sync: bool = True) -> None:
