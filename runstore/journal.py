@@ -417,7 +417,7 @@ def judge(read: Read, end: int, cur: Cursor, damage: Damage) -> str | None:
         return (f"{damage.reason}; the line passes its checksum once the edit is undone "
                 f"({edited[1]}), so it was written whole and then the file was edited "
                 "(not a torn write)")
-    proof = durable_beyond(read, end, damage)
+    proof = durable_beyond(read, end, damage) if nl >= 0 else None  # none: no line ends
     if proof is not None:
         return f"{damage.reason}; a valid record at byte {proof} shows this part had been synced"
     if damage.offset < cur.vouched:
