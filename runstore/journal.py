@@ -823,6 +823,19 @@ class Journal:
         if parts:
             yield pos - pending, b"".join(parts)
 
+    def line_number(self, offset: int) -> int:
+        """The 1-based number of the line at ``offset`` (newlines counted in chunks: for
+        an error message, never on the way of an operation)."""
+        assert self.fd is not None
+        count, pos = 1, 0
+        while pos < offset:
+            chunk = self.pread(self.fd, min(_CHECKSUM_CHUNK, offset - pos), pos)
+            if not chunk:
+                break
+            count += chunk.count(b"\n")
+            pos += len(chunk)
+        return count
+
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         """Up to ``size`` bytes from ``offset`` of ``fd`` (a descriptor of the journal);
         ``StoreIOError`` (``IOKind.READ``) when the read fails."""

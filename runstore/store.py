@@ -590,7 +590,8 @@ class Store:
         self._stale = True  # whatever happens next, do not trust this view without a reload
         verdict = judge(j.reader(), os.fstat(j.fd).st_size, cur, damage)
         if verdict is not None:
-            raise CorruptStoreError(self._journal.path, damage.offset, verdict)
+            raise CorruptStoreError(j.path, damage.offset,
+                                    f"line {j.line_number(damage.offset)}: {verdict}")
         self._journal.truncate(damage.offset, damage.reason)
         self._stale = False
 

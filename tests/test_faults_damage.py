@@ -132,6 +132,7 @@ def test_crlf_conversion_is_refused_untouched(tmp_path: pathlib.Path, closed: bo
     mutate(path, _crlf_after_header)
     err = refused(tmp_path / "s", "converted to CRLF")
     assert err.offset == good.index(b"\n") + 1  # the first record line
+    assert err.problem.startswith("line 2: ")
 
 
 def test_crlf_conversion_broken_variant_is_cut_to_the_header(
