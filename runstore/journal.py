@@ -18,6 +18,13 @@ the store compares that identity with the path's at every catch-up (``stat_path`
 unlinked) from everything else, which is refused: a store is never reset to empty, nor
 switched to another file, without being asked, and once a journal was opened it is never
 created again (``create``).
+
+Only a torn tail is ever cut: bytes past everything known synced, which no later line shows
+synced and which were not written whole and then edited (``judge``). What is known synced
+comes from the lines' durable marks and from the lock file, where a clean close, a
+checkpoint and a compaction record how much of which journal was synced (``Vouch``), out
+of reach of a cut of the journal. A damaged tail is judged as it is read, a megabyte at a
+time, so a huge one costs linear time and bounded memory.
 """
 
 from __future__ import annotations
