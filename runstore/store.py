@@ -67,11 +67,15 @@ from .journal import (
     Damage,
     Header,
     Journal,
+    Vouch,
     cursor_after_header,
+    cut_error,
     judge,
     log_warning,
     parse_header,
+    read_vouch,
     scan,
+    write_vouch,
 )
 from .lock import StoreLock
 from .model import BatchSummary, Change, ChangeType, PrepareOutcome, Run, Status, StoreStats
@@ -416,13 +420,37 @@ class Store:
         self._header = header
         start = header.start
         self._cur = cursor_after_header(header, start)
+        vouch = self._vouch_for(header)
+        self._cur.vouched = vouch.length if vouch is not None else 0
         if self._load_checkpoint(header):
             start = self._cur.end
         elif header.summary is not None and self._load_summarised_base(header):
             start = header.base_end
-        self._ingest_from(start)
+        self._ingest_from(start)  # damage before the vouched length is refused there
+        if vouch is not None and self._cur.end < vouch.length:
+            self._stale = True
+            raise cut_error(j.path, self._cur.end, vouch)
         self._synced = self._cur.durable
         self._stale = False
+
+    def _vouch_for(self, header: Header) -> Vouch | None:
+        """What the lock file says was synced of the journal just opened (None: nothing,
+        or it speaks of another file): no part of it is cut as a torn write, and a journal
+        found shorter is refused (``_load``). One ``pread`` of the lock file, when the
+        view is (re)built."""
+        fd = self._lock.descriptor()
+        vouch = read_vouch(fd) if fd is not None else None
+        return vouch if vouch is not None and vouch.applies_to(header) else None
+
+    def _vouch(self, header_crc: int, length: int, seq: int, by: str, *,
+               sync: bool = True) -> None:
+        """Record in the lock file that the first ``length`` bytes of the journal whose
+        header has CRC ``header_crc`` are synced (see ``journal.Vouch``): at a clean close,
+        a checkpoint and a compaction only, never per operation."""
+        fd = self._lock.descriptor()
+        if fd is None:
+            return
+        write_vouch(fd, Vouch(self._journal.store_id, header_crc, length, seq, by), sync=sync)
 
     def _load_checkpoint(self, header: Header, end: int | None = None) -> bool:
         """Open at the last checkpoint line after the base: take the view it describes
@@ -543,7 +571,7 @@ class Store:
                 self._stale = True
                 raise
             if result.damage is not None:  # judged against everything after it
-                self._recover(j.read_from(chunk_at), chunk_at, result.damage)
+                self._recover(result.damage)
                 return
 
     def _hold(self, records: list[tuple[int, dict[str, Any]]], about: str) -> bool:
@@ -574,15 +602,17 @@ class Store:
             self._stale = True
             raise
 
-    def _recover(self, buf: bytes, start: int, damage: Damage) -> None:
+    def _recover(self, damage: Damage) -> None:
         """A damaged line: cut it off when it can only be a torn, unsynced write; raise,
-        leaving the file untouched, when it lies in data known to be durable."""
-        cur = self._cur
-        assert cur is not None
+        leaving the file untouched, when it lies in data known to be durable. The rest of
+        the file is judged as it is read, a megabyte at a time."""
+        cur, j = self._cur, self._journal
+        assert cur is not None and j.fd is not None
         self._stale = True  # whatever happens next, do not trust this view without a reload
-        verdict = judge(buf, start, cur, damage)
+        verdict = judge(j.reader(), os.fstat(j.fd).st_size, cur, damage)
         if verdict is not None:
-            raise CorruptStoreError(self._journal.path, damage.offset, verdict)
+            raise CorruptStoreError(j.path, damage.offset,
+                                    f"line {j.line_number(damage.offset)}: {verdict}")
         self._journal.truncate(damage.offset, damage.reason)
         self._stale = False
 
@@ -675,6 +705,12 @@ class Store:
                 durable=durable, next_seq=seq, lines=self._lines, runs=self._live(),
                 max_id=self._max_id, active=tuple(self._active_at.values()),
                 boot=owner.boot_id()))
+            if self._header is not None and durable > cur.vouched:
+                # what the checkpoint says was synced: one pwrite per CHECKPOINT_EVERY
+                # records, not synced (a lost one leaves an older, shorter vouch)
+                with contextlib.suppress(OSError):
+                    self._vouch(self._header.crc, durable, 0, "checkpoint", sync=False)
+                    cur.vouched = durable
         lines = []
         for change, run in changes:
             made = self._made.pop(run.id, None)
@@ -728,8 +764,10 @@ class Store:
         rename, so that a failure leaves the file as it was)."""
         plan = self._plan_compaction(retain, pruned)
         failpoints.hit("compact.before_rewrite")
+        seq = plan.compacted_through + len(plan.history)
         try:
-            self._journal.replace_with(plan.chunks())
+            self._journal.replace_with(plan.chunks(), lambda: self._vouch(
+                zlib.crc32(plan.head[:-1]), plan.base_end, seq, "compaction"))
             self._header = self._journal.open()
         except BaseException:
             self._stale = True
@@ -797,7 +835,7 @@ class Store:
         self._cur = Cursor(end=end, next_seq=cur.next_seq, durable=end,
                            latest_end=plan.latest_end, base_end=plan.base_end,
                            compacted_through=plan.compacted_through,
-                           checkpoint_seq=plan.compacted_through + 1)
+                           checkpoint_seq=plan.compacted_through + 1, vouched=end)
         self._synced = end
         self._lines = plan.lines + len(tail)
 
@@ -839,7 +877,9 @@ class Store:
                                                      plan.base_end, j.path)
                 installing, fd = fd, None
                 self._stale = True  # until the view is adopted
-                j.install_temp(COMPACTING_NAME, installing, tail)
+                length, seq = plan.base_end + len(tail), cur.next_seq - 1
+                j.install_temp(COMPACTING_NAME, installing, tail, lambda: self._vouch(
+                    zlib.crc32(plan.head[:-1]), length, seq, "compaction"))
                 self._header = j.open()
                 installed = plan, moves, plan.base_end + len(tail)
             finally:
@@ -1451,6 +1491,14 @@ class Store:
         j.sync()
         cur.end = os.fstat(j.fd).st_size if j.fd is not None else cur.end
         self._unmarked_writes = False
+        header = self._header
+        if header is not None and j.fd is not None:
+            try:  # the journal is synced and marked whatever happens here
+                self._vouch(header.crc, cur.end, cur.next_seq - 1, "clean close")
+            except OSError as exc:
+                log_warning("runstore: could not record in %s that %s is synced (%s); a "
+                            "later cut of it will not be told from a torn write",
+                            self._journal.lock_path, j.path, exc)
         return None, []
 
     def __enter__(self) -> Store:
