@@ -186,6 +186,18 @@ def write_vouch(lock_fd: int, vouch: Vouch, *, sync: bool) -> None:
         os.fdatasync(lock_fd)
 
 
+def missing_error(path: str, vouch: Vouch) -> CorruptStoreError:
+    """The journal is missing, but the lock file records that one was synced there."""
+    through = f" through seq {vouch.seq}" if vouch.seq else ""
+    return CorruptStoreError(
+        path, None,
+        f"the journal is missing, but {LOCK_NAME} records {vouch.length} synced bytes{through} "
+        f"of the journal of store {vouch.store_id} (at a {vouch.by}); runstore never starts a "
+        "new, empty store in place of one that existed",
+        "restore the journal from a backup (or move it back); to start a new, empty store "
+        f"on purpose, remove {LOCK_NAME} as well while no process uses the store")
+
+
 def cut_error(path: str, size: int, vouch: Vouch) -> CorruptStoreError:
     """The journal is ``size`` bytes, shorter than ``vouch`` recorded as synced."""
     through = f" (through seq {vouch.seq})" if vouch.seq else ""

@@ -72,6 +72,7 @@ from .journal import (
     cut_error,
     judge,
     log_warning,
+    missing_error,
     parse_header,
     read_vouch,
     scan,
@@ -415,7 +416,7 @@ class Store:
         are read; the rest is indexed when first needed (``_ensure_index``)."""
         self._reset_view()
         j = self._journal
-        header = j.open() if j.exists() else j.create()
+        header = j.open() if j.exists() else self._create()
         j.remove_stale_temps()
         self._header = header
         start = header.start
@@ -432,6 +433,19 @@ class Store:
             raise cut_error(j.path, self._cur.end, vouch)
         self._synced = self._cur.durable
         self._stale = False
+
+    def _create(self) -> Header:
+        """Create the journal of a new store, after making sure there was none: a lock file
+        that records synced bytes of a journal (``journal.Vouch``) proves one existed, and
+        a store is never reset to empty without being asked. The new journal is recorded
+        there at once, so that from now on its loss is noticed too."""
+        fd = self._lock.descriptor()
+        vouch = read_vouch(fd) if fd is not None else None
+        if vouch is not None:
+            raise missing_error(self._journal.path, vouch)
+        header = self._journal.create()
+        self._vouch(header.crc, header.start, 0, "creation")
+        return header
 
     def _vouch_for(self, header: Header) -> Vouch | None:
         """What the lock file says was synced of the journal just opened (None: nothing,
