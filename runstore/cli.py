@@ -821,7 +821,7 @@ def _check_stdout(ctx: Context) -> None:
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: not a file
         return
     _targets.check_output_fd(fd, ctx.state_dir, name="stdout",
-                             remedy="redirect stdout to a file outside the state directory")
+                             remedy=f"redirect stdout to a file outside {ctx.state_dir}")
 
 
 def _export_to_file(store: RunStore, path: str) -> int:
