@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, TypeVar
 
 from . import (
+    _targets,
     codec,
     compaction,
     failpoints,
@@ -1308,8 +1309,14 @@ class Store:
         ``StoreIOError`` saying that nothing was pruned; it needs no more free space than
         the smaller file. The archive is written (and synced) first; after a failure it is
         cut back to what it held before, and when even that fails the error says that it
-        holds the runs, which a retry then appends again."""
+        holds the runs, which a retry then appends again.
+
+        An ``archive`` that is one of this store's own files (by device and inode: through
+        a symlink or a hard link too), its state directory or a name inside it is refused
+        with ``OutputTargetError`` before anything is opened or pruned."""
         retention.check_prune(older_than, keep_last)
+        if archive is not None:
+            self._check_output(os.fspath(archive), "archive")
 
         def decide() -> _Decision[int]:
             terminal = [r for r in self._all_runs() if r.status.is_terminal]
@@ -1438,11 +1445,47 @@ class Store:
 
     # -- export and import --------------------------------------------------------------
 
-    def export(self, fp: IO[str] | IO[bytes]) -> int:
+    def export(self, fp: IO[str] | IO[bytes] | str | os.PathLike[str]) -> int:
         """Write every run, in insertion order, as one JSON array (the seed's field names);
-        returns the number of runs written."""
+        returns the number of runs written.
+
+        ``fp`` is a file object, or a path: that file is then written through a temp file
+        beside it, synced and renamed over it (replaced whole or not at all). A path that
+        is one of this store's own files (by device and inode: through a symlink or a hard
+        link too), its state directory or a name inside it is refused with
+        ``OutputTargetError`` before anything is opened; so is a file object open on one of
+        the store's files, before anything is written to it (open it by path here to keep
+        it from being truncated first)."""
+        if isinstance(fp, (str, os.PathLike)):
+            path = os.fspath(fp)
+            self._check_output(path, "export")
+            return interchange.export_to_path(path, self._write_export)
+        try:
+            fd: int | None = fp.fileno()
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: in memory
+            fd = None
+        if fd is not None:
+            self._check_output(fd, "export", name=getattr(fp, "name", None))
+        return self._write_export(fp)
+
+    def _write_export(self, fp: IO[str] | IO[bytes]) -> int:
         return interchange.write_export(fp, ((run, self._extras.get(run.id, {}))
                                              for run in self.list()))
+
+    def _check_output(self, target: str | int, what: str, name: object = None) -> None:
+        """Refuse (``OutputTargetError``) to write ``target`` (a path or a descriptor) when
+        it is one of this store's files or inside its state directory, judged against the
+        directory this store has open (``_targets``)."""
+        if self._closed:
+            raise ValueError(f"the store at {self.state_dir} is closed")
+        remedy = f"write the {what} to a file outside {self.state_dir}"
+        dir_fd = self._journal.dir_fd
+        if isinstance(target, int):
+            label = name if isinstance(name, str) else f"descriptor {target}"
+            _targets.check_output_fd(target, self.state_dir, name=label, dir_fd=dir_fd,
+                                     remedy=remedy)
+        else:
+            _targets.check_output(target, self.state_dir, dir_fd=dir_fd, remedy=remedy)
 
     def import_runs(self, source: IO[str] | IO[bytes] | Iterable[Run | dict[str, Any]]) -> int:
         """Add runs keeping their ids, from a JSON array document or JSON lines (a file), or
