@@ -52,6 +52,7 @@ from .errors import (
     IOKind,
     LockTimeoutError,
     MachineBusyError,
+    ReadOnlyStoreError,
     RunNotFoundError,
     RunstoreError,
     StoreIOError,
@@ -128,6 +129,9 @@ class Store:
         self._journal = Journal(self.state_dir, _fs or DEFAULT_FS)
         self._lock = StoreLock(self._journal.open_lock_file, self._journal.lock_path,
                                self._journal.stat_lock_file)
+        #: set when the lock file cannot be opened for writing (a read-only copy or mount):
+        #: this store then only reads, without the lock, and every write raises this
+        self._lock_error: ReadOnlyStoreError | None = None
         self._pid = os.getpid()
         self._closed = False
         self._unmarked_writes = False
@@ -145,11 +149,34 @@ class Store:
         self._made: dict[str, tuple[Run, bytes]] = {}
         self._reset_view()
         try:
-            self._transact(lambda: (None, []))  # open (or create) now: fail fast on a bad store
+            self._open()  # now: fail fast on a bad store
         except BaseException:
             self._lock.close()
             self._journal.close()
             raise
+
+    def _open(self) -> None:
+        """Check the lock file and read the journal, as a read does (without the flock,
+        changing nothing: a torn tail is left for the first write to cut); a missing
+        journal is created under the lock."""
+        try:
+            self._lock.open_file()
+        except ReadOnlyStoreError as exc:
+            self._lock_error = exc
+        if self._journal.exists():
+            self._read(lambda: None)
+        elif self._lock_error is not None:
+            raise self._read_only_error()
+        else:
+            self._transact(lambda: (None, []))
+
+    def _read_only_error(self) -> ReadOnlyStoreError:
+        """Why this store cannot be written: its lock file or its journal cannot be opened
+        for writing."""
+        exc, j = self._lock_error, self._journal
+        if exc is not None:
+            return ReadOnlyStoreError(exc.path, exc.problem, exc.remedy)
+        return j.read_only_error(j.path, "journal file")
 
     # -- the view -----------------------------------------------------------------------
 
@@ -184,6 +211,10 @@ class Store:
         #: into the view only after it is released (``_catch_up`` with ``about``), in file
         #: order; always empty when the mutex is free
         self._held: list[tuple[int, dict[str, Any]]] = []
+        #: a torn tail the last catch-up found past the valid lines, and where the file
+        #: ended: left in place by reads, cut by the next write (``_before_writing``)
+        self._torn: tuple[Damage, int] | None = None
+        self._temps_checked = False  # stale temp files looked for since the last load
 
     def _index_version(self, offset: int, run_id: str, active: Run | dict[str, Any] | None,
                        changed_at: _dt.datetime | None, change: str) -> None:
@@ -351,8 +382,10 @@ class Store:
 
     # -- catching up with the file ------------------------------------------------------
 
-    def _catch_up(self, about: str | None = None) -> None:
-        """Bring the view up to date with the file (under the flock). With ``about`` (the
+    def _catch_up(self, about: str | None = None, *, locked: bool = True) -> None:
+        """Bring the view up to date with the file (under the flock, or with ``locked``
+        False without it: a read, which takes in the complete lines written so far and
+        never changes the file). With ``about`` (the
         one run id or machine the coming decision depends on), other processes' records
         that are not about it are checked now but held (``_hold``) and taken into the view
         after the flock is released: the lock changes hands on nearly every write when
@@ -360,12 +393,13 @@ class Store:
         time it was held."""
         assert not self._held
         j = self._journal
+        self._torn = None  # found again below while it is there
         if self._pid != owner.pid():  # forked: the parent's view and descriptors are not ours
             self._pid = owner.pid()
             j.after_fork()
             self._stale = True
         if j.fd is None:
-            self._load()
+            self._load(create=locked)
             return
         # one stat of the path tells all: the journal is still the file open (and grew when
         # other processes appended), or it was replaced (a compaction elsewhere renames its
@@ -376,22 +410,22 @@ class Store:
             raise j.gone_error()
         if (st.st_dev, st.st_ino) != j.identity:
             j.check_replacement()
-            self._load()
+            self._load(create=locked)
             return
         cur = self._cur
         if self._stale or cur is None or st.st_size < cur.end:
-            self._load()
+            self._load(create=locked)
         elif st.st_size > cur.end:
             self._ingest_from(cur.end, st.st_size, defer=True, about=about)
 
-    def _load(self) -> None:
-        """(Re)build the view from the file, creating the journal when missing. A base
+    def _load(self, create: bool = True) -> None:
+        """(Re)build the view from the file, creating the journal when missing (with
+        ``create``: under the flock). A base
         with a summary in the header is checksummed, not parsed: only its non-terminal runs
         are read; the rest is indexed when first needed (``_ensure_index``)."""
         self._reset_view()
         j = self._journal
-        header = j.open() if j.exists() else j.create()
-        j.remove_stale_temps()
+        header = j.open() if not create or j.exists() else j.create()
         self._header = header
         start = header.start
         self._cur = cursor_after_header(header, start)
@@ -554,16 +588,32 @@ class Store:
             raise
 
     def _recover(self, buf: bytes, start: int, damage: Damage) -> None:
-        """A damaged line: cut it off when it can only be a torn, unsynced write; raise,
-        leaving the file untouched, when it lies in data known to be durable."""
+        """A damaged line: when it can only be a torn, unsynced write, the view ends before
+        it and it is remembered (``_torn``) for the next write to cut (a read never changes
+        the file, and a write in progress looks the same to a read without the flock);
+        raise, leaving the file untouched, when it lies in data known to be durable."""
         cur = self._cur
         assert cur is not None
         self._stale = True  # whatever happens next, do not trust this view without a reload
         verdict = judge(buf, start, cur, damage)
         if verdict is not None:
             raise CorruptStoreError(self._journal.path, damage.offset, verdict)
-        self._journal.truncate(damage.offset, damage.reason)
+        self._torn = damage, start + len(buf)
         self._stale = False
+
+    def _before_writing(self) -> None:
+        """Under the flock, before this process changes the file: refuse on a store it can
+        only read (``ReadOnlyStoreError``), cut the torn tail the catch-up found (only a
+        write cuts one) and remove the temp files a crashed compaction left."""
+        j = self._journal
+        if self._lock_error is not None or j.read_only:
+            raise self._read_only_error()
+        torn, self._torn = self._torn, None
+        if torn is not None:
+            j.truncate(torn[0].offset, torn[0].reason)
+        if not self._temps_checked:
+            self._temps_checked = True
+            j.remove_stale_temps()
 
     # -- the one read-modify-write path -------------------------------------------------
 
@@ -576,6 +626,8 @@ class Store:
         any."""
         if self._closed:
             raise ValueError(f"the store at {self.state_dir} is closed")
+        if self._lock_error is not None:
+            return self._transact_unlocked(decide)
         lock = self._lock
         lock.acquire(self.lock_timeout, early)
         wrote_to = -1
@@ -634,9 +686,26 @@ class Store:
             lock.release_mutex()
         return result
 
+    def _transact_unlocked(self, decide: Callable[[], _Decision[T]]) -> T:
+        """``_transact`` on a store whose lock file cannot be opened for writing (a
+        read-only copy or mount): ``decide`` looks at a view caught up without the flock,
+        and a decision to write raises ``ReadOnlyStoreError``, writing nothing."""
+        lock = self._lock
+        lock.acquire_mutex(self.lock_timeout)
+        try:
+            self._catch_up(locked=False)
+            result, changes = decide()
+            if changes:
+                raise self._read_only_error()
+            return result
+        finally:
+            self._made.clear()
+            lock.release_mutex()
+
     def _append(self, changes: _Changes) -> int:
         """Append one line per change; return the new end of the file. The view learns of
         them in ``_index_appended`` (which may run after the flock is released)."""
+        self._before_writing()
         cur = self._cur
         assert cur is not None
         now = _utcnow()
@@ -700,6 +769,7 @@ class Store:
         see ``compaction.plan``. ``pruned``: runs to leave out, their ``run_pruned``
         changes written into the retained history of the new file (``prune()``: one
         rename, so that a failure leaves the file as it was)."""
+        self._before_writing()
         plan = self._plan_compaction(retain, pruned)
         failpoints.hit("compact.before_rewrite")
         try:
@@ -805,7 +875,8 @@ class Store:
                     return  # replaced or cut meanwhile: the next operation reloads
                 self._catch_up()
                 cur = self._cur
-                if self._stale or self._lazy or cur is None or cur.end < plan.old_end:
+                if (self._stale or self._lazy or cur is None or cur.end < plan.old_end
+                        or self._torn is not None):  # the next write cuts it, and logs it
                     return
                 self._active.values()  # structure what the catch-up deferred, as _plan does
                 appended = b"".join(chunk for _, chunk in j.read_lines(plan.old_end, cur.end))
@@ -936,6 +1007,12 @@ class Store:
             if self._intact is not None and self._answer_intact():
                 return answer()
             if self._current_for(about):
+                return answer()
+            if not self._resync:
+                # catch up without the flock: a read neither waits for the writers' lock
+                # (one may be stopped holding it) nor changes the file (a torn tail is
+                # left for the next write to cut)
+                self._catch_up(locked=False)
                 return answer()
         finally:
             lock.release_mutex()
@@ -1368,11 +1445,14 @@ class Store:
             cur = self._cur
             assert cur is not None
             live = len(self._index)
+            torn = self._torn
             return StoreStats(
                 path=self._journal.path, file_size=cur.end, runs=live,
                 runs_by_status=by_status, runs_by_machine=by_machine, live_lines=live,
                 superseded_lines=self._lines - live, last_seq=cur.next_seq - 1,
-                oldest_seq=cur.compacted_through + 1, durable=self.durable)
+                oldest_seq=cur.compacted_through + 1, durable=self.durable,
+                torn_tail_offset=None if torn is None else torn[0].offset,
+                torn_tail_bytes=0 if torn is None else torn[1] - torn[0].offset)
 
         return self._read(answer)
 
@@ -1391,6 +1471,7 @@ class Store:
             self._journal.close()
 
     def _mark_clean(self) -> _Decision[None]:
+        self._before_writing()
         cur = self._cur
         assert cur is not None
         j = self._journal
