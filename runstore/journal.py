@@ -1085,7 +1085,8 @@ def _check_bytes(buf: bytes, path: str) -> CheckReport:
                 "JSON lines (head -c OFFSET runs.jsonl) if you must rebuild by hand"))
     records = sum(1 for _, d in result.records if "mark" not in d)
     synced = cur.durable
-    if result.records and result.records[-1][1].get("mark") == "clean_close":
+    last = buf[synced:cur.end]  # a valid line (scan passed it) that is a clean-close mark
+    if last.startswith(b'{"mark":"clean_close",') and last.count(b"\n") == 1:
         synced = cur.end  # closed cleanly: all of it was synced, the mark included
     if not problems and synced < cur.end:
         notes.append(
