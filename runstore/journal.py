@@ -508,10 +508,11 @@ class Journal:
             return False
         return True
 
-    def open(self, *, writable: bool = True) -> Header:
-        """Open the journal at its path (closing a replaced one) and read its header. A
-        journal that cannot be opened for writing (a read-only copy or mount) is opened for
-        reading, and ``read_only`` says why (its mode is then left as it is)."""
+    def open(self, *, writable: bool = True, read_only_ok: bool = False) -> Header:
+        """Open the journal at its path (closing a replaced one) and read its header. With
+        ``read_only_ok`` (a read), a journal that cannot be opened for writing (a read-only
+        copy or mount) is opened for reading, and ``read_only`` says why (its mode is then
+        left as it is)."""
         self.close_data()
         self.read_only = ""
         flags = (os.O_RDWR | os.O_APPEND if writable else os.O_RDONLY) | _OPEN
@@ -519,7 +520,7 @@ class Journal:
             try:
                 fd = self.fs.open(DATA_NAME, flags, 0o600, self.dir_fd)
             except OSError as exc:
-                if not writable or exc.errno not in _NOT_WRITABLE:
+                if not writable or not read_only_ok or exc.errno not in _NOT_WRITABLE:
                     raise
                 fd = self.fs.open(DATA_NAME, os.O_RDONLY | _OPEN, 0o600, self.dir_fd)
                 self.read_only = exc.strerror or "not writable"

@@ -1,7 +1,8 @@
 """``Store``: the run-store contract on a JSON-lines journal, with one read-modify-write path.
 
-Every public method runs ``_transact(decide)`` (the reads first try to answer without the
-flock: ``_read``): take the lock (mutex, then flock), bring the
+Every public method that may write runs ``_transact(decide)`` (the reads run ``_read``,
+which catches up without the flock and never changes the file): take the lock (mutex, then
+flock), bring the
 in-memory view up to date with what other processes appended (or reload when the file was
 replaced), let ``decide`` look at the view and return its result plus the new run versions to
 store, append those as one write, release the flock, take the new lines into the view (it is
@@ -32,6 +33,8 @@ import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, TypeVar
+
+import attrs
 
 from . import (
     codec,
@@ -147,6 +150,7 @@ class Store:
         #: before the flock was taken and kept by its decision; ``_append`` takes it out and
         #: uses it for that very version only
         self._made: dict[str, tuple[Run, bytes]] = {}
+        self._reading = False  # catching up for a read, without the flock
         self._reset_view()
         try:
             self._open()  # now: fail fast on a bad store
@@ -382,10 +386,19 @@ class Store:
 
     # -- catching up with the file ------------------------------------------------------
 
-    def _catch_up(self, about: str | None = None, *, locked: bool = True) -> None:
-        """Bring the view up to date with the file (under the flock, or with ``locked``
-        False without it: a read, which takes in the complete lines written so far and
-        never changes the file). With ``about`` (the
+    def _catch_up_reading(self) -> None:
+        """``_catch_up`` without the flock, for a read: it takes in the complete lines
+        written so far, never changes the file, and opens a journal it cannot write for
+        reading (``_load``)."""
+        self._reading = True
+        try:
+            self._catch_up()
+        finally:
+            self._reading = False
+
+    def _catch_up(self, about: str | None = None) -> None:
+        """Bring the view up to date with the file (under the flock, or for a read without
+        it: ``_catch_up_reading``). With ``about`` (the
         one run id or machine the coming decision depends on), other processes' records
         that are not about it are checked now but held (``_hold``) and taken into the view
         after the flock is released: the lock changes hands on nearly every write when
@@ -399,7 +412,7 @@ class Store:
             j.after_fork()
             self._stale = True
         if j.fd is None:
-            self._load(create=locked)
+            self._load()
             return
         # one stat of the path tells all: the journal is still the file open (and grew when
         # other processes appended), or it was replaced (a compaction elsewhere renames its
@@ -410,22 +423,25 @@ class Store:
             raise j.gone_error()
         if (st.st_dev, st.st_ino) != j.identity:
             j.check_replacement()
-            self._load(create=locked)
+            self._load()
             return
         cur = self._cur
         if self._stale or cur is None or st.st_size < cur.end:
-            self._load(create=locked)
+            self._load()
         elif st.st_size > cur.end:
             self._ingest_from(cur.end, st.st_size, defer=True, about=about)
 
-    def _load(self, create: bool = True) -> None:
-        """(Re)build the view from the file, creating the journal when missing (with
-        ``create``: under the flock). A base
+    def _load(self) -> None:
+        """(Re)build the view from the file, creating the journal when missing (under the
+        flock; a read opens it, for reading when it cannot be written). A base
         with a summary in the header is checksummed, not parsed: only its non-terminal runs
         are read; the rest is indexed when first needed (``_ensure_index``)."""
         self._reset_view()
         j = self._journal
-        header = j.open() if not create or j.exists() else j.create()
+        if self._reading:
+            header = j.open(read_only_ok=True)
+        else:
+            header = j.open() if j.exists() else j.create()
         self._header = header
         start = header.start
         self._cur = cursor_after_header(header, start)
@@ -556,7 +572,8 @@ class Store:
                 self._stale = True
                 raise
             if result.damage is not None:  # judged against everything after it
-                self._recover(j.read_from(chunk_at), chunk_at, result.damage)
+                if self._recover(j.read_from(chunk_at), chunk_at, result.damage):
+                    self._ingest_from(result.damage.offset, None, defer, about)
                 return
 
     def _hold(self, records: list[tuple[int, dict[str, Any]]], about: str) -> bool:
@@ -587,19 +604,28 @@ class Store:
             self._stale = True
             raise
 
-    def _recover(self, buf: bytes, start: int, damage: Damage) -> None:
+    def _recover(self, buf: bytes, start: int, damage: Damage) -> bool:
         """A damaged line: when it can only be a torn, unsynced write, the view ends before
         it and it is remembered (``_torn``) for the next write to cut (a read never changes
         the file, and a write in progress looks the same to a read without the flock);
-        raise, leaving the file untouched, when it lies in data known to be durable."""
+        raise, leaving the file untouched, when it lies in data known to be durable. True
+        when the line is whole now (read again): to be read on from it."""
         cur = self._cur
         assert cur is not None
         self._stale = True  # whatever happens next, do not trust this view without a reload
+        again = scan(buf[damage.offset - start:], damage.offset, attrs.evolve(cur))
+        if again.damage is None or again.damage.offset > damage.offset:
+            # whole now: a write that was in progress when the line was first read (a read
+            # without the flock may see one)
+            self._stale = False
+            return bool(again.records)
+        damage = again.damage  # as read now, with what follows it
         verdict = judge(buf, start, cur, damage)
         if verdict is not None:
             raise CorruptStoreError(self._journal.path, damage.offset, verdict)
         self._torn = damage, start + len(buf)
         self._stale = False
+        return False
 
     def _before_writing(self) -> None:
         """Under the flock, before this process changes the file: refuse on a store it can
@@ -693,7 +719,7 @@ class Store:
         lock = self._lock
         lock.acquire_mutex(self.lock_timeout)
         try:
-            self._catch_up(locked=False)
+            self._catch_up_reading()
             result, changes = decide()
             if changes:
                 raise self._read_only_error()
@@ -995,10 +1021,13 @@ class Store:
         return self._read(lambda: self._lookup(run_id), run_id)
 
     def _read(self, answer: Callable[[], T], about: str | None = None) -> T:
-        """A read-only ``answer`` from the view, without the flock when the view is current
-        for it (``_current_for``); otherwise as a write: under the flock, after catching up.
-        ``about``: the one run id or machine the answer depends on; None when it may depend
-        on any run."""
+        """A read-only ``answer`` from the view, without the flock: at once when the view is
+        current for it (``_current_for``), otherwise after catching up without the flock
+        (the complete lines written so far; a torn tail is left in place), so that a read
+        never waits for a writer, which may be stopped holding the lock. Only after a failed
+        sync does it go through ``_transact`` (which rewrites the file first). ``about``:
+        the one run id or machine the answer depends on; None when it may depend on any
+        run."""
         if self._closed:
             raise ValueError(f"the store at {self.state_dir} is closed")
         lock = self._lock
@@ -1012,7 +1041,7 @@ class Store:
                 # catch up without the flock: a read neither waits for the writers' lock
                 # (one may be stopped holding it) nor changes the file (a torn tail is
                 # left for the next write to cut)
-                self._catch_up(locked=False)
+                self._catch_up_reading()
                 return answer()
         finally:
             lock.release_mutex()
@@ -1387,7 +1416,8 @@ class Store:
     ) -> Iterator[Change]:
         """Follow changes written by any process, live, until ``timeout`` seconds have
         passed (None: forever). ``since_seq=None`` starts from now. Polls the file's size and
-        identity without the lock, and reads under the lock only when they moved."""
+        identity, and reads the new lines when they moved, all without the lock: it keeps
+        following while a writer is stopped holding it."""
         seq = self.last_seq() if since_seq is None else since_seq
         deadline = None if timeout is None else time.monotonic() + timeout
         journal = self._journal
