@@ -393,6 +393,14 @@ class Journal:
                                   "this store is read-only here and nothing was written",
                                   READ_ONLY_REMEDY)
 
+    def lock_file_exists(self) -> bool:
+        """Whether anything is at the lock file's path (not following a symlink)."""
+        try:
+            self.stat_lock_file()
+        except FileNotFoundError:
+            return False
+        return True
+
     def stat_lock_file(self) -> os.stat_result:
         """The lock file at its path, not following a symlink (``FileNotFoundError``)."""
         return os.stat(LOCK_NAME, dir_fd=self.dir_fd, follow_symlinks=False)

@@ -160,11 +160,12 @@ class Store:
             raise
 
     def _open(self) -> None:
-        """Check the lock file and read the journal, as a read does (without the flock,
-        changing nothing: a torn tail is left for the first write to cut); a missing
-        journal is created under the lock."""
+        """Check the lock file (when there is one: the first write creates it) and read
+        the journal, as a read does (without the flock, changing nothing: a torn tail is
+        left for the first write to cut); a missing journal is created under the lock."""
         try:
-            self._lock.open_file()
+            if self._journal.lock_file_exists():
+                self._lock.open_file()
         except ReadOnlyStoreError as exc:
             self._lock_error = exc
         if self._journal.exists():
@@ -655,7 +656,11 @@ class Store:
         if self._lock_error is not None:
             return self._transact_unlocked(decide)
         lock = self._lock
-        lock.acquire(self.lock_timeout, early)
+        try:
+            lock.acquire(self.lock_timeout, early)
+        except ReadOnlyStoreError as exc:  # no lock file, and it cannot be created here
+            self._lock_error = exc
+            return self._transact_unlocked(decide)
         wrote_to = -1
         try:
             self._catch_up(about)

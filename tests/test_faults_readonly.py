@@ -9,6 +9,7 @@ failure it then lets through shown to happen."""
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import json
 import logging
@@ -248,6 +249,7 @@ def _read_then_write(state: pathlib.Path) -> Callable[[], dict[str, Any]]:
                 out["stats_runs"] = s.stats().runs
                 out["active"] = [r.machine for r in s.active()]
                 out["watched"] = len(list(s.watch(0, timeout=0)))
+                out["dry_reap"] = len(s.reap(stale_after=dt.timedelta(0), dry_run=True))
                 report = journal.check(state, lock_timeout=0.5)
                 out["check_ok"] = report.ok
                 out["check_torn"] = report.torn_tail is not None
@@ -280,6 +282,7 @@ def test_a_read_only_copy_reads_and_refuses_writes(shared_base: pathlib.Path,
     assert "error" not in out and "child failed" not in out, out
     assert (out["runs"], out["stats_runs"], out["active"]) == (3, 3, ["m3"])
     assert out["watched"] > 0 and out["check_ok"] and out["check_torn"]
+    assert out["dry_reap"] == 1  # a decision that writes nothing needs no lock
     for name in ("create", "compact", "finish"):
         assert out[name].startswith("ReadOnlyStoreError"), out[name]
         assert "cannot be opened for writing" in out[name]
@@ -494,6 +497,19 @@ def test_lock_free_reads_answer_while_a_writer_is_stopped(store_dir: pathlib.Pat
         os.kill(pid, signal.SIGKILL)
         wait_pid(pid)
         reader.close()
+
+
+def test_a_store_used_only_to_read_creates_no_lock_file(store_dir: pathlib.Path) -> None:
+    """A store whose lock file is missing (a copy without it) opened and read leaves the
+    directory as it was; its first write creates the lock file."""
+    runs = _store_with_runs(store_dir)
+    (store_dir / journal.LOCK_NAME).unlink()
+    before = snapshot_dir(str(store_dir))
+    with Store(store_dir) as s:
+        assert s.list() == runs and s.stats().runs == 3
+        assert snapshot_dir(str(store_dir)) == before
+        s.create(run_for("m9", "h"))
+    assert (store_dir / journal.LOCK_NAME).is_file()
 
 
 def test_unsafe_files_are_still_refused_when_only_reading(store_dir: pathlib.Path) -> None:
