@@ -515,10 +515,17 @@ class Context:
         return os.path.join(self.state_dir, journal.DATA_NAME)
 
     def print(self, text: str = "") -> None:
-        self.out.write(text + "\n")
+        """Write ``text`` and a newline to stdout, each of its lines shown by
+        ``fmt.visible`` (the values in it were passed through it before being painted)."""
+        self.print_lines(text.split("\n"))
 
     def print_lines(self, lines: Sequence[str]) -> None:
-        self.out.write("".join(line + "\n" for line in lines))
+        styles = self.paint.enabled
+        self.out.write("".join(fmt.visible(line, styles=styles) + "\n" for line in lines))
+
+    def note(self, text: str) -> None:
+        """Write one line (a note or a warning) to stderr, shown by ``fmt.visible``."""
+        self.err.write(fmt.visible(text) + "\n")
 
     def require_store(self, location: Location | None = None) -> None:
         """Raise ``NoStoreError`` unless the location holds a store: a journal file, or a
@@ -573,7 +580,7 @@ class Context:
             return pgschema.current_version(conn, pgschema.Names.of(POSTGRES_TABLE)) > 0
 
     def progress(self, label: str) -> fmt.Progress:
-        return fmt.Progress(self.err, label, enabled=self.progress_enabled)
+        return fmt.Progress(self.err, fmt.visible(label), enabled=self.progress_enabled)
 
 
 def _no_driver(location: Location, exc: ModuleNotFoundError) -> RunstoreError:
@@ -586,7 +593,8 @@ def _no_driver(location: Location, exc: ModuleNotFoundError) -> RunstoreError:
 
 
 def _dumps(data: Any, *, indent: bool = False) -> str:
-    return orjson.dumps(data, option=orjson.OPT_INDENT_2 if indent else 0).decode()
+    return fmt.json_visible(
+        orjson.dumps(data, option=orjson.OPT_INDENT_2 if indent else 0).decode())
 
 
 def _json_array(items: Sequence[dict[str, Any]]) -> str:
@@ -623,7 +631,8 @@ def _run_duration(run: Run, now: _dt.datetime) -> str:
 def _run_table(ctx: Context, runs: Sequence[Run]) -> list[str]:
     headers = ("ID", "MACHINE", "STATUS", "HASH", "STARTED", "DURATION", "EXIT")
     rows = [
-        [run.id, run.machine, ctx.paint.status(run.status.value), run.test_dir_hash[:12],
+        [fmt.visible(run.id), fmt.visible(run.machine), ctx.paint.status(run.status.value),
+         fmt.visible(run.test_dir_hash[:12]),
          fmt.ago(run.started_at, ctx.now), _run_duration(run, ctx.now),
          "-" if run.exit_code is None else str(run.exit_code)]
         for run in runs
@@ -662,7 +671,7 @@ def _field_text(ctx: Context, run: Run, name: str) -> str:
         return fmt.timestamp(value, ctx.now)
     if value is None or value == "":
         return ctx.paint.dim("-")
-    return str(value)
+    return fmt.visible(str(value))
 
 
 def _cmd_show(ctx: Context, args: argparse.Namespace) -> int:
@@ -705,18 +714,18 @@ def _cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
     p = ctx.paint
     if where.postgres:
         where_lines = [
-            ("database", data["path"]),
+            ("database", fmt.visible(data["path"])),
             ("table size", f"{fmt.size(stats.file_size)} ({stats.file_size:,} bytes)"),
             ("rows", f"{stats.live_lines:,} runs, {stats.superseded_lines:,} retained changes"),
         ]
     else:
         where_lines = [
-            ("file", stats.path),
+            ("file", fmt.visible(stats.path)),
             ("file size", f"{fmt.size(stats.file_size)} ({stats.file_size:,} bytes)"),
             ("lines", f"{stats.live_lines:,} live, {stats.superseded_lines:,} superseded"),
         ]
     ctx.print_lines(fmt.key_values([
-        ("store", f"{where.display} {p.dim(f'(from {where.source})')}"),
+        ("store", f"{fmt.visible(where.display)} {p.dim(f'(from {where.source})')}"),
         *where_lines,
         ("last seq", str(stats.last_seq)),
         ("oldest seq", f"{stats.oldest_seq} (the oldest change kept for `watch --since`)"),
@@ -727,7 +736,7 @@ def _cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
     ctx.print_lines(fmt.table(("STATUS", "RUNS"), rows, p, right=frozenset({1})))
     if stats.runs_by_machine:
         ctx.print()
-        rows = [[m, f"{n:,}"] for m, n in sorted(stats.runs_by_machine.items())]
+        rows = [[fmt.visible(m), f"{n:,}"] for m, n in sorted(stats.runs_by_machine.items())]
         ctx.print_lines(fmt.table(("MACHINE", "RUNS"), rows, p, right=frozenset({1})))
     return EXIT_OK
 
@@ -740,24 +749,24 @@ def _change_line(ctx: Context, change: Change) -> str:
     if run.exit_code is not None:
         extra.append(f"exit {run.exit_code}")
     if run.error_code:
-        extra.append(run.error_code)
+        extra.append(fmt.visible(run.error_code))
     tail = f"  {', '.join(extra)}" if extra else ""
     return (f"{change.seq:>6}  {ctx.paint.dim(when)}  {change.type.value:<12}  {status}  "
-            f"{run.machine}  {run.id}{tail}")
+            f"{fmt.visible(run.machine)}  {fmt.visible(run.id)}{tail}")
 
 
 def _cmd_watch(ctx: Context, args: argparse.Namespace) -> int:
     with ctx.store(existing=True) as store:
         if not args.json and fmt.is_terminal(ctx.err):
             what = ctx.location.display if ctx.location.postgres else ctx.journal_path
-            ctx.err.write(f"watching {what} (Ctrl-C to stop)\n")
+            ctx.note(f"watching {what} (Ctrl-C to stop)")
         for change in store.watch(args.since, timeout=args.timeout):
             if args.json:
                 data = codec.change_to_json(change.seq, change.time, change.type, change.run)
                 line = _dumps(data)
             else:
                 line = _change_line(ctx, change)
-            ctx.out.write(line + "\n")
+            ctx.print(line)
             ctx.out.flush()
     return EXIT_OK
 
@@ -778,15 +787,17 @@ def _cmd_check(ctx: Context, args: argparse.Namespace) -> int:
         }, indent=True))
     else:
         p = ctx.paint
+        shown_path = fmt.visible(report.path)
         if report.ok:
-            ctx.print(f"{report.path}: {p.good('ok')} ({report.size:,} bytes, "
+            ctx.print(f"{shown_path}: {p.good('ok')} ({report.size:,} bytes, "
                       f"{_plural(report.records, 'record')}, last seq {report.last_seq})")
         else:
-            ctx.print(f"{report.path}: {p.error('DAMAGED')} ({report.size:,} bytes; "
+            ctx.print(f"{shown_path}: {p.error('DAMAGED')} ({report.size:,} bytes; "
                       f"{_plural(report.records, 'record')} readable before the first problem)")
             for problem in report.problems:
-                ctx.print(f"  line {problem.line}, byte {problem.offset}: {problem.message}")
-                ctx.print(f"    remedy: {problem.remedy}")
+                ctx.print(f"  line {problem.line}, byte {problem.offset}: "
+                          f"{fmt.visible(problem.message)}")
+                ctx.print(f"    remedy: {fmt.visible(problem.remedy)}")
     return EXIT_OK if report.ok else EXIT_FAILURE
 
 
@@ -805,11 +816,11 @@ def _cmd_export(ctx: Context, args: argparse.Namespace) -> int:
             buf = io.StringIO()  # kept until the progress bar is gone from the terminal
             with ctx.progress("exporting"):
                 store.export(buf)
-            ctx.out.write(buf.getvalue())
+            ctx.out.write(fmt.json_visible(buf.getvalue()))
             return EXIT_OK
         with ctx.progress(f"exporting to {args.file}"):
             count = _export_to_file(store, args.file)
-    ctx.print(f"exported {_plural(count, 'run')} to {args.file}")
+    ctx.print(f"exported {_plural(count, 'run')} to {fmt.visible(args.file)}")
     return EXIT_OK
 
 
@@ -842,8 +853,8 @@ def _cmd_import(ctx: Context, args: argparse.Namespace) -> int:
     finally:
         if not from_stdin:
             source.close()
-    ctx.print(f"imported {_plural(count, 'run')} from {args.file} into "
-              f"{ctx.location.display}")
+    ctx.print(f"imported {_plural(count, 'run')} from {fmt.visible(args.file)} into "
+              f"{fmt.visible(ctx.location.display)}")
     return EXIT_OK
 
 
@@ -859,8 +870,8 @@ def _cmd_reap(ctx: Context, args: argparse.Namespace) -> int:
     verb = "would reap" if args.dry_run else "reaped"
     ctx.print(f"{verb} {_plural(len(runs), 'run')}"
               + (" (dry run: nothing was changed):" if args.dry_run else " (now interrupted):"))
-    rows = [[run.id, run.machine, fmt.ago(run.started_at, ctx.now), run.error_code,
-             run.error_msg] for run in runs]
+    rows = [[fmt.visible(run.id), fmt.visible(run.machine), fmt.ago(run.started_at, ctx.now),
+             fmt.visible(run.error_code), fmt.visible(run.error_msg)] for run in runs]
     ctx.print_lines(fmt.table(("ID", "MACHINE", "STARTED", "REASON", "DETAIL"), rows, ctx.paint))
     return EXIT_OK
 
@@ -872,7 +883,7 @@ def _cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     if args.dry_run:
         ctx.print(f"would prune {_plural(count, 'run')} (dry run: nothing was changed)")
     elif count and args.archive:
-        ctx.print(f"pruned {_plural(count, 'run')}, archived to {args.archive}")
+        ctx.print(f"pruned {_plural(count, 'run')}, archived to {fmt.visible(args.archive)}")
     else:
         ctx.print(f"pruned {_plural(count, 'run')}")
     return EXIT_OK
@@ -887,7 +898,8 @@ def _cmd_compact(ctx: Context, args: argparse.Namespace) -> int:
         with ctx.progress(f"compacting {ctx.journal_path}"):
             store.compact()
         after = os.stat(ctx.journal_path).st_size
-    ctx.print(f"compacted {ctx.journal_path}: {fmt.size(before)} -> {fmt.size(after)}")
+    ctx.print(f"compacted {fmt.visible(ctx.journal_path)}: {fmt.size(before)} -> "
+              f"{fmt.size(after)}")
     return EXIT_OK
 
 
@@ -912,19 +924,18 @@ def _cmd_mark(ctx: Context, args: argparse.Namespace) -> int:
     if args.json:
         ctx.print(_dumps(codec.run_to_json(after), indent=True))
     elif after.revision == before.revision:
-        ctx.print(f"run {after.id} is already {ctx.paint.status(after.status.value)}; "
-                  "nothing changed")
+        ctx.print(f"run {fmt.visible(after.id)} is already "
+                  f"{ctx.paint.status(after.status.value)}; nothing changed")
     else:
-        ctx.print(f"run {after.id}: {ctx.paint.status(before.status.value)} -> "
+        ctx.print(f"run {fmt.visible(after.id)}: {ctx.paint.status(before.status.value)} -> "
                   f"{ctx.paint.status(after.status.value)}")
     return EXIT_OK
 
 
 def _cmd_stress(ctx: Context, args: argparse.Namespace) -> int:
     if (args.state_dir or args.store) and "--state-dir" not in args.args:
-        ctx.err.write("runstore: note: stress makes a fresh temporary store unless you pass "
-                      "`stress --state-dir DIR`; the global --state-dir/--store does not "
-                      "apply\n")
+        ctx.note("runstore: note: stress makes a fresh temporary store unless you pass "
+                 "`stress --state-dir DIR`; the global --state-dir/--store does not apply")
     try:
         stress = importlib.import_module("runstore.stress")
     except ModuleNotFoundError as exc:
@@ -942,8 +953,8 @@ def _cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
         raise UsageError(f"--from and --to are the same store ({source.display}); "
                          "name the store to copy into with --to")
     if args.store or args.state_dir:
-        ctx.err.write("runstore: note: migrate copies --from into --to; the global "
-                      "--store/--state-dir does not apply\n")
+        ctx.note("runstore: note: migrate copies --from into --to; the global "
+                 "--store/--state-dir does not apply")
     ctx.require_store(source)  # never create an empty source to copy from
     if not source.postgres and not target.postgres:
         # before the target is opened (which creates it): never inside the source's directory
@@ -956,15 +967,15 @@ def _cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
     with ctx.open(source) as src, ctx.open(target) as dst:
         report = migrate(src, dst, target_name=target.display, progress=step)
     if report.source_changed:
-        ctx.err.write(f"runstore: warning: {source.display} changed while it was copied, so "
-                      f"{target.display} may lack its latest changes; stop the dispatchers "
-                      "that use it before migrating (a run changed since shows as a conflict "
-                      "on the next migrate)\n")
+        ctx.note(f"runstore: warning: {source.display} changed while it was copied, so "
+                 f"{target.display} may lack its latest changes; stop the dispatchers "
+                 "that use it before migrating (a run changed since shows as a conflict "
+                 "on the next migrate)")
     if args.json:
         ctx.print(_dumps(_migration_json(report, source, target), indent=True))
         return EXIT_OK
     p = ctx.paint
-    ctx.print(f"migrated {source.display} -> {target.display}")
+    ctx.print(f"migrated {fmt.visible(source.display)} -> {fmt.visible(target.display)}")
     ctx.print_lines(fmt.key_values([
         ("source runs", f"{report.source_runs:,}"),
         ("copied", f"{report.copied:,}"),
@@ -995,7 +1006,7 @@ def _default_prog() -> str:
 
 
 def _report(err: TextIO, paint: fmt.Painter, prog: str, message: str) -> None:
-    err.write(f"{prog}: {paint.error('error:')} {message}\n")
+    err.write(f"{prog}: {paint.error('error:')} {fmt.visible(message)}\n")
     err.flush()
 
 
@@ -1051,7 +1062,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
 
     def show_warning(message: Warning | str, category: type[Warning], filename: str,
                      lineno: int, file: TextIO | None = None, line: str | None = None) -> None:
-        err.write(f"{prog}: warning: {message_for(Exception(str(message)))}\n")
+        err.write(f"{prog}: warning: {fmt.visible(message_for(Exception(str(message))))}\n")
 
     with warnings.catch_warnings():
         warnings.showwarning = show_warning

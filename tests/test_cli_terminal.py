@@ -1,0 +1,221 @@
+"""What the command line writes to a terminal: run fields, paths and error messages holding
+control characters and escape sequences are shown escaped by every text command (JSON escapes
+them its own way), `watch --since 0` after a compaction, help texts, the hint for a global
+option placed after the command, and `stress` memory that does not grow with its duration."""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+import pytest
+
+from runstore import Run, Status, Store, _clifmt, cli
+
+Cli = Callable[..., tuple[int, str, str]]
+pytestmark = pytest.mark.usefixtures("clean_cli_env")
+
+#: what a field may hold: erase the screen, set the window title (OSC ... BEL), a C1 CSI,
+#: a bidi override and isolate, a line break, a tab, a carriage return, DEL
+HOSTILE = "\x1b[2J\x1b]0;owned\x07\x9b31m\u202eevil\u2066\n\t\r\x7f"
+#: any of these reaching the terminal raw (newlines between lines are the output's own)
+RAW = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+#: the colour styles the command line paints with, the only escape sequences allowed
+STYLE = re.compile(r"\x1b\[(?:(?:0|1|2|3[1-6]);)*(?:0|1|2|3[1-6])m")
+
+
+def _no_raw(text: str, where: str) -> None:
+    found = RAW.search(text)
+    assert found is None, f"{where}: raw {found.group()!r} at {found.start()}: {text!r}"
+
+
+@attrs.frozen
+class Hostile:
+    """A store whose every text field (and whose directory name) holds ``HOSTILE``."""
+
+    dir: str
+    done: str  # failed, with error code and message
+    live: str  # running, owned by a process of another host (so reapable)
+    imported: str  # an imported, completed run whose id holds HOSTILE
+
+
+@pytest.fixture
+def hostile(tmp_path: pathlib.Path) -> Hostile:
+    state_dir = tmp_path / "state\x1b[7m\u202e"
+    with Store(state_dir, durable=False) as store:
+        done = store.create(Run(
+            machine="m1" + HOSTILE, test_dir="/t" + HOSTILE, test_dir_hash="h" + HOSTILE,
+            artifacts_path="/a" + HOSTILE, logs_path="/l" + HOSTILE, batch_id="b" + HOSTILE,
+            plan_entry="p" + HOSTILE))
+        store.start(done.id)
+        store.finish(done.id, Status.FAILED, exit_code=3, error_code="E" + HOSTILE,
+                     error_msg="boom" + HOSTILE)
+        live = store.create(Run(machine="m2" + HOSTILE, test_dir="/t2", test_dir_hash="h2"))
+        live = store.start(live.id)
+        store.update(attrs.evolve(live, owner_host="elsewhere" + HOSTILE))
+        imported = "imp" + HOSTILE
+        store.import_runs([{"id": imported, "machine": "m3" + HOSTILE, "test_dir": "/t3",
+                            "test_dir_hash": "h3", "status": "completed", "exit_code": 0}])
+    return Hostile(str(state_dir), done.id, live.id, imported)
+
+
+#: every text command, as (name, arguments after the global options, accepted exit codes);
+#: "{done}", "{live}", "{imported}" and "{tmp}" are filled in; the ones in QUIET print no
+#: hostile text at all
+TEXT_COMMANDS: list[tuple[str, tuple[str, ...], tuple[int, ...]]] = [
+    ("list", ("list",), (0,)),
+    ("list-machine", ("list", "--machine", "m1" + HOSTILE), (0,)),
+    ("list-batch-none", ("list", "--batch", "nothing" + HOSTILE), (0,)),
+    ("show-done", ("show", "{done}"), (0,)),
+    ("show-imported", ("show", "{imported}"), (0,)),
+    ("show-missing", ("show", "missing" + HOSTILE), (3,)),
+    ("active", ("active",), (0,)),
+    ("active-machine", ("active", "m2" + HOSTILE), (0,)),
+    ("active-idle", ("active", "idle" + HOSTILE), (0,)),
+    ("stats", ("stats",), (0,)),
+    ("watch", ("watch", "--since", "0", "--timeout", "0"), (0,)),
+    ("reap-dry-run", ("reap", "--stale-after", "0s", "--dry-run"), (0,)),
+    ("reap", ("reap", "--stale-after", "0s"), (0,)),
+    ("prune-dry-run", ("prune", "--keep-last", "0", "--dry-run"), (0,)),
+    ("prune-archive", ("prune", "--keep-last", "0", "--archive", "{tmp}/arch" + HOSTILE), (0,)),
+    ("check", ("check",), (0,)),
+    ("compact", ("compact",), (0,)),
+    ("export-file", ("export", "{tmp}/out" + HOSTILE), (0,)),
+    ("import-missing", ("import", "{tmp}/nothing" + HOSTILE), (1,)),
+    ("mark", ("mark", "{live}", "failed", "--error-msg", "why" + HOSTILE), (0,)),
+    ("mark-forbidden", ("mark", "{imported}", "running"), (1,)),
+    ("mark-bad-status", ("mark", "{done}", HOSTILE), (2,)),
+    ("unknown-option", ("list", "--bogus" + HOSTILE), (2,)),
+]
+QUIET = frozenset({"list-batch-none", "prune-dry-run", "mark"})
+#: the ones whose only hostile text is a value quoted by repr(), which escapes it already
+QUOTED = frozenset({"active-idle", "mark-forbidden", "mark-bad-status"})
+JSON_COMMANDS: list[tuple[str, tuple[str, ...]]] = [
+    ("list", ("list", "--json")),
+    ("show", ("show", "{done}", "--json")),
+    ("active", ("active", "--json")),
+    ("stats", ("stats", "--json")),
+    ("watch", ("watch", "--since", "0", "--timeout", "0", "--json")),
+    ("reap", ("reap", "--stale-after", "0s", "--dry-run", "--json")),
+    ("export", ("export",)),
+]
+
+
+def _argv(h: Hostile, tmp: pathlib.Path, args: tuple[str, ...]) -> list[str]:
+    fill = {"{done}": h.done, "{live}": h.live, "{imported}": h.imported}
+    out = []
+    for arg in args:
+        arg = fill.get(arg, arg)
+        out.append(arg.replace("{tmp}", str(tmp)))
+    return ["--state-dir", h.dir, *out]
+
+
+@pytest.mark.parametrize(("name", "args", "codes"), [pytest.param(*c, id=c[0])
+                                                     for c in TEXT_COMMANDS])
+def test_text_commands_show_control_characters_escaped(
+        run_cli: Cli, hostile: Hostile, tmp_path: pathlib.Path, name: str,
+        args: tuple[str, ...], codes: tuple[int, ...]) -> None:
+    """No text command writes a control character, escape sequence or bidi control from a
+    run field, a path or an error message raw: each is shown as an escape."""
+    code, out, err = run_cli(*_argv(hostile, tmp_path, args))
+    assert code in codes, (code, out, err)
+    _no_raw(out, "stdout")
+    _no_raw(err, "stderr")
+    if name not in QUIET:
+        assert "\\x1b" in out + err  # shown, escaped, not dropped
+        assert "\\u202e" in out + err
+
+
+@pytest.mark.parametrize("args", [pytest.param(a, id=n) for n, a in JSON_COMMANDS])
+def test_json_output_escapes_them_the_json_way(
+        run_cli: Cli, hostile: Hostile, tmp_path: pathlib.Path, args: tuple[str, ...]) -> None:
+    """JSON output holds no raw control character either (C1 controls and bidi controls,
+    which JSON may leave raw, are written as \\u escapes), and parses back to the values."""
+    code, out, err = run_cli(*_argv(hostile, tmp_path, args))
+    assert code == 0, err
+    _no_raw(out, "stdout")
+    assert err == ""
+    docs = ([json.loads(line) for line in out.splitlines()] if "watch" in args
+            else [json.loads(out)])
+    assert any(HOSTILE in text for text in _strings(docs))
+
+
+def _strings(data: Any) -> Iterator[str]:
+    if isinstance(data, str):
+        yield data
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            yield key
+            yield from _strings(value)
+    elif isinstance(data, list):
+        for value in data:
+            yield from _strings(value)
+
+
+def test_colour_keeps_only_its_own_styles(run_cli: Cli, hostile: Hostile) -> None:
+    """With colour on, the only escape sequences written are the command line's own
+    styles; the ones in the fields are shown escaped."""
+    for args in (("list",), ("show", hostile.done), ("watch", "--since", "0", "--timeout", "0"),
+                 ("stats",), ("reap", "--stale-after", "0s", "--dry-run")):
+        code, out, err = run_cli("--color", "always", "--state-dir", hostile.dir, *args)
+        assert code == 0, err
+        assert STYLE.search(out), args  # painted
+        _no_raw(STYLE.sub("", out), f"{args} stdout")
+        assert "\\x1b[2J" in out
+
+
+def test_progress_label_is_shown_escaped() -> None:
+    """The progress bar's label (a path) is escaped like everything else."""
+    stream = io.StringIO()
+    ctx = cli.Context(cli.build_parser().parse_args(["stats"]), io.StringIO(), stream)
+    ctx.progress_enabled = True
+    assert ctx.progress("compacting /x" + HOSTILE).label == "compacting /x" + _clifmt.visible(
+        HOSTILE)
+    _no_raw(ctx.progress("a" + HOSTILE).label, "label")
+
+
+def test_visible_escapes_each_kind_and_is_idempotent() -> None:
+    """``visible`` names each character; applying it twice changes nothing more."""
+    assert _clifmt.visible("a\x1b[31mb\n\t\r\x9b\x7f\u202e\u2069c") == (
+        "a\\x1b[31mb\\n\\t\\r\\x9b\\x7f\\u202e\\u2069c")
+    assert _clifmt.visible(_clifmt.visible(HOSTILE)) == _clifmt.visible(HOSTILE)
+    assert _clifmt.visible("plain \\ text, é, 名前") == "plain \\ text, é, 名前"
+    painted = _clifmt.Painter(True).status("failed") + " m\x1b[8m"
+    assert _clifmt.visible(painted, styles=True) == "\x1b[31mfailed\x1b[0m m\\x1b[8m"
+    assert json.loads(_clifmt.json_visible(json.dumps("x\u202e\x9b", ensure_ascii=False))) == (
+        "x\u202e\x9b")
+
+
+# -- broken variant: the escaping replaced by the identity ------------------------------------
+
+@pytest.mark.parametrize(("name", "args", "codes"), [pytest.param(*c, id=c[0])
+                                                     for c in TEXT_COMMANDS
+                                                     if c[0] not in QUIET | QUOTED])
+def test_without_the_escaping_raw_sequences_reach_the_terminal(
+        run_cli: Cli, hostile: Hostile, tmp_path: pathlib.Path,
+        monkeypatch: pytest.MonkeyPatch, name: str, args: tuple[str, ...],
+        codes: tuple[int, ...]) -> None:
+    """Proof that the test above can fail, command by command: with ``visible`` made the
+    identity, the fields' escape sequences reach stdout or stderr raw."""
+    monkeypatch.setattr(_clifmt, "visible", lambda text, styles=False: text)
+    code, out, err = run_cli(*_argv(hostile, tmp_path, args))
+    assert code in codes, (code, out, err)
+    assert RAW.search(out + err), (out, err)
+
+
+@pytest.mark.parametrize("args", [pytest.param(a, id=n) for n, a in JSON_COMMANDS])
+def test_without_the_json_escaping_bidi_controls_reach_the_terminal(
+        run_cli: Cli, hostile: Hostile, tmp_path: pathlib.Path,
+        monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...]) -> None:
+    """Proof for the JSON test: with ``json_visible`` (and ``visible``) made the identity,
+    the C1 and bidi controls that JSON allows raw reach stdout raw."""
+    monkeypatch.setattr(_clifmt, "json_visible", lambda text: text)
+    monkeypatch.setattr(_clifmt, "visible", lambda text, styles=False: text)
+    code, out, _ = run_cli(*_argv(hostile, tmp_path, args))
+    assert code == 0
+    assert "\u202e" in out and "\x9b" in out
