@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pathlib
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -219,3 +222,123 @@ def test_without_the_json_escaping_bidi_controls_reach_the_terminal(
     code, out, _ = run_cli(*_argv(hostile, tmp_path, args))
     assert code == 0
     assert "\u202e" in out and "\x9b" in out
+
+
+# -- watch --since 0 after a compaction -------------------------------------------------------
+
+@pytest.fixture
+def compacted(tmp_path: pathlib.Path) -> tuple[str, int, int]:
+    """A store of 20 changes compacted down to its last 4: (directory, oldest retained seq,
+    last seq)."""
+    state_dir = tmp_path / "state"
+    with Store(state_dir, durable=False) as store:
+        for i in range(5):
+            run = store.create(Run(f"m{i}", "/t", "h"))
+            store.start(run.id)
+            store.heartbeat(run.id)
+            store.finish(run.id, Status.COMPLETED, exit_code=0)
+        store._transact(lambda: (store._compact(retain=4), []))
+        stats = store.stats()
+    assert stats.oldest_seq > 1  # the first changes are gone
+    return str(state_dir), stats.oldest_seq, stats.last_seq
+
+
+def _watched_seqs(out: str) -> list[int]:
+    return [json.loads(line)["seq"] for line in out.splitlines()]
+
+
+def test_watch_since_0_starts_at_the_oldest_retained_change(
+        run_cli: Cli, compacted: tuple[str, int, int]) -> None:
+    """`watch --since 0` after a compaction replays every retained change, from the oldest
+    one, instead of reporting that older ones are gone."""
+    state_dir, oldest, last = compacted
+    code, out, err = run_cli("--state-dir", state_dir, "watch", "--since", "0", "--timeout",
+                             "0", "--json")
+    assert (code, err) == (0, "")
+    assert _watched_seqs(out) == list(range(oldest, last + 1))
+
+
+def test_watch_since_an_old_seq_still_reports_truncation(
+        run_cli: Cli, compacted: tuple[str, int, int]) -> None:
+    """An explicit positive --since older than the retained history is reported (exit 3),
+    naming the oldest retained change."""
+    state_dir, oldest, _ = compacted
+    code, out, err = run_cli("--state-dir", state_dir, "watch", "--since", "1", "--timeout",
+                             "0")
+    assert (code, out) == (3, "")
+    assert "no longer retained" in err and f"watch --since {oldest - 1}" in err
+    code, out, err = run_cli("--state-dir", state_dir, "watch", "--since", str(oldest - 1),
+                             "--timeout", "0", "--json")
+    assert (code, err) == (0, "")
+    assert _watched_seqs(out)[0] == oldest
+
+
+def test_without_the_restart_watch_since_0_fails_after_a_compaction(
+        run_cli: Cli, compacted: tuple[str, int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proof that the test above can fail: following with a plain ``watch(0)``, as before,
+    reports the truncation (exit 3)."""
+    monkeypatch.setattr(cli, "_follow", lambda store, since, timeout, stop, span:
+                        store.watch(since, timeout=timeout))
+    code, out, err = run_cli("--state-dir", compacted[0], "watch", "--since", "0", "--timeout",
+                             "0", "--json")
+    assert (code, out) == (3, "")
+    assert "no longer retained" in err
+
+
+# -- Ctrl-C while watch reads: the signal handled inside a finalizer --------------------------
+
+#: Python run in the child before ``main``: the first time the store drops the descriptor it
+#: read changes from, SIGINT is delivered while that finalizer runs - the moment at which a
+#: real Ctrl-C once landed
+_SIGINT_IN_FINALIZER = """
+import os, signal, runstore.store
+_fired = []
+def _interrupt_here(self):
+    if not _fired:
+        _fired.append(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10000):  # the handler runs at one of these bytecodes
+            pass
+runstore.store._HeldChanges.__del__ = _interrupt_here
+"""
+_WITHOUT_THE_FLAG = """
+import contextlib, runstore.cli
+runstore.cli._interrupt_ends_watch = lambda stop: contextlib.nullcontext()
+"""
+
+
+def _watch_interrupted_in_a_finalizer(state_dir: str, setup: str) -> tuple[int, str, str,
+                                                                              float]:
+    code = ("import sys, time\n" + setup + "\nimport runstore.cli\nt = time.monotonic()\n"
+            "rc = runstore.cli.main(sys.argv[1:])\n"
+            "print(f'elapsed {time.monotonic() - t:.3f}', file=sys.stderr)\nsys.exit(rc)")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "--state-dir", state_dir, "watch", "--since", "0",
+         "--timeout", "6", "--json"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        env={k: v for k, v in os.environ.items() if k not in ("RUNSTORE_DIR", "RUNSTORE_URL")})
+    err, _, elapsed = proc.stderr.rpartition("elapsed ")
+    return proc.returncode, proc.stdout, err, float(elapsed)
+
+
+def test_ctrl_c_during_a_finalizer_still_ends_watch(
+        compacted: tuple[str, int, int]) -> None:
+    """Ctrl-C that arrives while the store runs a finalizer ends `watch` at once, exit 0,
+    nothing on stderr, every change read before it printed."""
+    state_dir, oldest, last = compacted
+    code, out, err, elapsed = _watch_interrupted_in_a_finalizer(state_dir, _SIGINT_IN_FINALIZER)
+    assert (code, err) == (0, "")
+    assert elapsed < 3
+    assert _watched_seqs(out) == list(range(oldest, last + 1))
+
+
+def test_without_the_flag_ctrl_c_in_a_finalizer_is_lost(
+        compacted: tuple[str, int, int]) -> None:
+    """Proof that the test above can fail: with Ctrl-C raising KeyboardInterrupt where it
+    lands (as before), the interpreter reports it as "Exception ignored" on stderr and the
+    watch goes on until its --timeout."""
+    code, _, err, elapsed = _watch_interrupted_in_a_finalizer(
+        compacted[0], _SIGINT_IN_FINALIZER + _WITHOUT_THE_FLAG)
+    assert code == 0
+    assert "Exception ignored" in err and "KeyboardInterrupt" in err
+    assert elapsed >= 5
