@@ -335,6 +335,54 @@ def _since(text: str) -> _dt.datetime:
 
 # -- the parser ------------------------------------------------------------------------------
 
+#: what ``runstore COMMAND --help`` says about each command
+COMMAND_HELP = {
+    "list": "List the runs of the store, oldest first, as a table (id, machine, status, hash,\n"
+            "when started, duration, exit code), or every field with --json. The filters\n"
+            "combine; --limit keeps the most recent of the runs that match.",
+    "show": "Show every field of one run, named by its id, with times in UTC and relative\n"
+            "to now, and how long it ran. Exit 3 when no run has that id.",
+    "active": "List the non-terminal (pending or running) runs, at most one per machine;\n"
+              "with MACHINE, only that machine's run (or a line saying it has none).",
+    "stats": "Which store this is and where its name came from, its size, its live and\n"
+             "superseded lines (rows, for PostgreSQL), the last and the oldest retained\n"
+             "sequence numbers, and the runs by status and by machine.",
+    "watch": "Print each change to the store as it happens, from any process (one line per\n"
+             "change: seq, time, change type, status, machine, run id), until Ctrl-C (exit\n"
+             "0) or --timeout. --since SEQ first replays the retained changes after SEQ;\n"
+             "when SEQ is older than what compaction kept, it exits 3 naming the oldest\n"
+             "retained change (--since 0 starts at that one instead).",
+    "reap": "Interrupt the non-terminal runs whose owner process is gone (error_code\n"
+            "owner_gone) or whose last heartbeat or change is older than --stale-after\n"
+            "(heartbeat_stale), unless their owner process on this host still runs; print\n"
+            "them. --dry-run only shows which runs that would be.",
+    "prune": "Remove terminal runs - those that ended more than --older-than ago, or all\n"
+             "but the --keep-last newest - never a pending or running one; first append\n"
+             "them to --archive FILE (JSON lines, synced), then compact the file.",
+    "compact": "Rewrite the journal file keeping the latest version of each run and the\n"
+               "last 4,096 changes (for `watch --since`), through a synced temp file renamed\n"
+               "over it, and print its size before and after. File stores only.",
+    "check": "Read and verify the whole journal file - each line's checksum and sequence\n"
+             "number, the compacted part's checksum - without modifying it, and report\n"
+             "each problem with its line, byte offset and remedy. Exit 0 when healthy, 1\n"
+             "when damaged. File stores only.",
+    "export": "Write every run, oldest first, as one JSON array (one run per line) to FILE,\n"
+              "through a temp file renamed over it, or to stdout. `import` reads it back.",
+    "import": "Add the runs in FILE (a JSON array, as `export` writes, or JSON lines),\n"
+              "keeping their ids. All or nothing: a duplicate id, an invalid record or a\n"
+              "second active run for a machine refuses the whole file.",
+    "mark": "Move one run to STATUS by hand, through the state machine: pending ->\n"
+            "running, or to a terminal status (completed, failed, interrupted, timeout)\n"
+            "with an optional exit code, error code and message. A run already in STATUS\n"
+            "is left as it is.",
+    "migrate": "Copy every run of the --from store into the --to store (e.g. a directory\n"
+               "into PostgreSQL), skipping runs already there unchanged, then verify that\n"
+               "both hold the same count and checksum. The global --store/--state-dir do\n"
+               "not apply.",
+    "stress": "Run the concurrency stress test (its arguments are passed through; see\n"
+              "`stress --help`).",
+}
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error raises ``UsageError`` (one line, exit 2) instead of
     printing the usage and calling ``sys.exit``."""
@@ -381,13 +429,17 @@ def build_parser(prog: str = "runstore") -> argparse.ArgumentParser:
 
     def command(name: str, func: Callable[[Context, argparse.Namespace], int], text: str,
                 **kwargs: Any) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text, **kwargs)
+        """``text``: the line in the list of commands; its ``--help`` shows
+        ``COMMAND_HELP[name]``, which says what this command does and prints."""
+        p: argparse.ArgumentParser = sub.add_parser(
+            name, help=text, description=COMMAND_HELP[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
         p.set_defaults(func=func)
         return p
 
-    def json_flag(p: argparse.ArgumentParser, what: str) -> None:
-        p.add_argument("--json", action="store_true",
-                       help=f"print {what} with the record fields exactly as in the file")
+    def json_flag(p: argparse.ArgumentParser, what: str, records: bool = True) -> None:
+        tail = " with the record fields exactly as in the file" if records else ""
+        p.add_argument("--json", action="store_true", help=f"print {what}{tail}")
 
     p = command("list", _cmd_list, "list runs (oldest first), optionally filtered")
     p.add_argument("--machine", metavar="NAME", help="only runs of this machine")
@@ -410,7 +462,7 @@ def build_parser(prog: str = "runstore") -> argparse.ArgumentParser:
     json_flag(p, "one JSON array")
 
     p = command("stats", _cmd_stats, "counts, sizes and sequence numbers of the store")
-    json_flag(p, "one JSON object")
+    json_flag(p, "one JSON object", records=False)
 
     p = command("watch", _cmd_watch, "follow changes live until interrupted (Ctrl-C exits 0)")
     p.add_argument("--since", metavar="SEQ", type=_non_negative_int,
@@ -419,7 +471,7 @@ def build_parser(prog: str = "runstore") -> argparse.ArgumentParser:
                         "default: only changes from now on")
     p.add_argument("--timeout", metavar="SECONDS", type=_seconds,
                    help="stop after this many seconds (default: follow until interrupted)")
-    json_flag(p, "one JSON object per change and line")
+    json_flag(p, "one JSON object per change and line (seq, time, change and the run)")
 
     p = command("reap", _cmd_reap,
                 "interrupt non-terminal runs whose owner process is gone or that are stale")
@@ -444,7 +496,7 @@ def build_parser(prog: str = "runstore") -> argparse.ArgumentParser:
 
     p = command("check", _cmd_check, "verify the whole file without modifying it (exit 0 "
                 "healthy, 1 damaged; file stores)")
-    json_flag(p, "the report as one JSON object")
+    json_flag(p, "the report as one JSON object", records=False)
 
     p = command("export", _cmd_export, "write every run as one JSON array document")
     p.add_argument("file", metavar="FILE", nargs="?",
@@ -1120,15 +1172,57 @@ def _silence_stdout() -> None:
     os.close(devnull)
 
 
+#: the global options (those that go before the command) and the placeholder of their value
+GLOBAL_OPTIONS = {"--store": "URL", "--state-dir": "DIR", "--lock-timeout": "SECONDS",
+                  "--color": "WHEN", "--colour": "WHEN"}
+
+
+def misplaced_global_options(argv: Sequence[str]) -> tuple[str, list[str]] | None:
+    """(the command, the global options written after it) when ``argv`` puts any there
+    (``list --state-dir DIR``), else None. ``stress`` takes its own options, ``--state-dir``
+    among them, so nothing after it is misplaced."""
+    command, i = None, 0
+    while i < len(argv):
+        token = argv[i]
+        if token in GLOBAL_OPTIONS:
+            i += 2
+            continue
+        if not token.startswith("-"):
+            command = token
+            break
+        i += 1
+    if command is None or command == "stress":
+        return None
+    found = [name for token in argv[i + 1:] for name in GLOBAL_OPTIONS
+             if token == name or token.startswith(name + "=")]
+    return (command, list(dict.fromkeys(found))) if found else None
+
+
+def _usage_hint(argv: Sequence[str], prog: str) -> str:
+    """For a usage error: where global options go, when some were put after the command."""
+    misplaced = misplaced_global_options(argv)
+    if misplaced is None:
+        return ""
+    command, names = misplaced
+    example = " ".join(f"{name} {GLOBAL_OPTIONS[name]}" for name in names)
+    what = "is a global option: put it" if len(names) == 1 else "are global options: put them"
+    return (f"; {', '.join(names)} {what} before the command, as in "
+            f"`{prog} {example} {command} ...`")
+
+
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run one command line (``sys.argv[1:]`` by default) and return its exit code."""
     out, err = sys.stdout, sys.stderr
     prog = prog or _default_prog()
     err_paint = fmt.Painter(fmt.colour_wanted(err))
+    words = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv))
+        args = build_parser(prog).parse_args(words)
     except UsageError as exc:
-        _report(err, err_paint, prog, message_for(exc))
+        # the arguments may hold a password (--store postgresql://u:pw@host/db)
+        secrets = [secret for word in words for secret in passwords_in(word)]
+        _report(err, err_paint, prog,
+                scrub(message_for(exc) + _usage_hint(words, prog), secrets))
         return EXIT_USAGE
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

@@ -342,3 +342,109 @@ def test_without_the_flag_ctrl_c_in_a_finalizer_is_lost(
     assert code == 0
     assert "Exception ignored" in err and "KeyboardInterrupt" in err
     assert elapsed >= 5
+
+
+# -- help texts --------------------------------------------------------------------------------
+
+COMMANDS = ("list", "show", "active", "stats", "watch", "reap", "prune", "compact", "check",
+            "export", "import", "mark", "migrate")
+
+
+def _help(run_cli: Cli, command: str) -> str:
+    code, out, err = run_cli(command, "--help")
+    assert (code, err) == (0, "")
+    return out
+
+
+def _description(help_text: str) -> str:
+    """The paragraph between the usage and the options."""
+    return help_text.split("\n\n")[1]
+
+
+def test_every_command_has_a_help_text_of_its_own(run_cli: Cli) -> None:
+    """Each command's --help has its own description, longer than its line in the list of
+    commands, and no option help is the same text under two names meaning different
+    things."""
+    descriptions = {command: _description(_help(run_cli, command)) for command in COMMANDS}
+    assert len(set(descriptions.values())) == len(COMMANDS)
+    overview = run_cli("--help")[1]
+    for command, text in descriptions.items():
+        line = next(ln for ln in overview.splitlines() if ln.strip().startswith(command + " "))
+        assert len(text) > len(line.split(None, 1)[1]) + 20, command
+    assert "exit 3" in descriptions["show"].lower()
+    assert "--since 0" in descriptions["watch"]
+    assert "--stale-after" in descriptions["reap"]
+    assert "File stores only" in descriptions["check"]
+    assert "File stores only" in descriptions["compact"]
+
+
+def test_copied_help_texts_are_caught(run_cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proof that the distinctness check can fail: with one description copied onto
+    another command, two commands show the same text."""
+    monkeypatch.setitem(cli.COMMAND_HELP, "active", cli.COMMAND_HELP["list"])
+    descriptions = {command: _description(_help(run_cli, command)) for command in COMMANDS}
+    assert len(set(descriptions.values())) == len(COMMANDS) - 1
+
+
+@pytest.mark.parametrize("command", ["stats", "check"])
+def test_json_option_help_fits_the_command(run_cli: Cli, command: str) -> None:
+    """`stats --json` and `check --json` print a report, not run records: their --json
+    help does not say "record fields"."""
+    text = _help(run_cli, command)
+    assert "--json" in text and "record fields" not in text
+
+
+def test_stress_help_is_the_stress_commands_own(run_cli: Cli) -> None:
+    """`stress --help` describes the stress run and its options."""
+    code, out, _ = run_cli("stress", "--help")
+    assert code == 0
+    assert "--procs" in out and "dispatcher cycle" in out
+
+
+# -- a global option after the command ------------------------------------------------------
+
+@pytest.mark.parametrize(("argv", "names", "command"), [
+    (["list", "--state-dir", "/x"], "--state-dir", "list"),
+    (["show", "ID", "--store", "/x"], "--store", "show"),
+    (["--state-dir", "/x", "watch", "--color=always"], "--color", "watch"),
+    (["stats", "--lock-timeout", "3", "--colour", "never"], "--lock-timeout, --colour",
+     "stats"),
+])
+def test_misplaced_global_option_gets_a_hint(run_cli: Cli, argv: list[str], names: str,
+                                             command: str) -> None:
+    """A global option written after the command is a usage error (exit 2) whose one line
+    says to put it before the command, and how."""
+    code, out, err = run_cli(*argv)
+    assert (code, out) == (2, "")
+    assert len(err.splitlines()) == 1
+    assert f"; {names} " in err
+    assert "before the command, as in `runstore --" in err
+    assert f" {command} ...`" in err
+
+
+def test_misplaced_option_hint_never_shows_a_password(run_cli: Cli) -> None:
+    """The usage error repeats the arguments; a password in a --store URL is replaced."""
+    code, _, err = run_cli("list", "--store", "postgresql://u:sekret@host/db")
+    assert code == 2
+    assert "sekret" not in err and "u:***@host" in err
+
+
+def test_no_hint_when_nothing_is_misplaced(run_cli: Cli) -> None:
+    """Other usage errors, and `stress --state-dir` (its own option), get no such hint."""
+    code, _, err = run_cli("list", "--bogus")
+    assert code == 2 and "global option" not in err
+    assert cli.misplaced_global_options(["stress", "--state-dir", "/x"]) is None
+    assert cli.misplaced_global_options(["--state-dir", "list", "list"]) is None
+    assert cli.misplaced_global_options(["--state-dir", "/x", "list", "--store=y"]) == (
+        "list", ["--store"])
+
+
+def test_without_the_hint_the_error_does_not_say_where_they_go(
+        run_cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proof that the hint test can fail: without the hint, argparse alone says only
+    that the arguments are not recognized."""
+    monkeypatch.setattr(cli, "misplaced_global_options", lambda argv: None)
+    code, _, err = run_cli("list", "--state-dir", "/x")
+    assert code == 2
+    assert "unrecognized arguments: --state-dir /x" in err
+    assert "before the command" not in err
