@@ -448,3 +448,95 @@ def test_without_the_hint_the_error_does_not_say_where_they_go(
     assert code == 2
     assert "unrecognized arguments: --state-dir /x" in err
     assert "before the command" not in err
+
+
+# -- stress memory -----------------------------------------------------------------------------
+
+#: the stress command in a child process, which then prints its own peak RSS (KiB) on stderr
+_STRESS_PEAK = """
+import json, resource, sys
+{setup}
+import runstore.stress
+rc = runstore.stress.main(sys.argv[1:])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"peak_kib": peak}}), file=sys.stderr)
+sys.exit(rc)
+"""
+#: keeps every history line in memory, as the analysis once did
+_KEEP_HISTORIES = """
+import runstore.stress as _s
+_read, _kept = _s._history_items, []
+def _keep(path):
+    items = list(_read(path))
+    _kept.append(items)
+    return iter(items)
+_s._history_items = _keep
+"""
+
+
+def _stress_peak(seconds: float, setup: str = "") -> tuple[int, int]:
+    """(operations, peak RSS in bytes) of `stress --seconds SECONDS` in a child process."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _STRESS_PEAK.format(setup=setup), "--seconds", str(seconds),
+         "--json"], capture_output=True, text=True, timeout=300 + 3 * seconds,
+        stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["ok"]
+    return report["operations"], json.loads(proc.stderr.splitlines()[-1])["peak_kib"] * 1024
+
+
+def _bytes_per_operation(short: float, long: float, setup: str = "") -> float:
+    """How much the stress process's peak grows per extra operation from a run of ``short``
+    seconds to one of ``long`` seconds."""
+    ops_short, peak_short = _stress_peak(short, setup)
+    ops_long, peak_long = _stress_peak(long, setup)
+    assert ops_long > 1.5 * ops_short, (ops_short, ops_long)  # long enough to tell
+    return (peak_long - peak_short) / (ops_long - ops_short)
+
+
+#: a loose bound: what is left grows with the runs (~0.75 KB each, a few per 100 operations);
+#: keeping each operation's history lines takes several times this
+MAX_BYTES_PER_OPERATION = 200
+
+
+def test_stress_memory_does_not_grow_with_its_duration() -> None:
+    """A stress run 4 times as long peaks at about the same memory: nothing is kept per
+    operation."""
+    grown = _bytes_per_operation(1, 4)
+    assert grown < MAX_BYTES_PER_OPERATION, f"{grown:.0f} bytes per operation"
+
+
+@pytest.mark.stress
+def test_stress_memory_does_not_grow_over_longer_runs() -> None:
+    """The same over 3 s and 12 s runs (-m stress)."""
+    grown = _bytes_per_operation(3, 12)
+    assert grown < MAX_BYTES_PER_OPERATION, f"{grown:.0f} bytes per operation"
+
+
+def test_keeping_the_histories_shows_as_growth() -> None:
+    """Proof that the memory test can fail: with every history line kept in memory, the
+    peak grows with the operations, past the bound."""
+    grown = _bytes_per_operation(1, 4, _KEEP_HISTORIES)
+    assert grown > MAX_BYTES_PER_OPERATION, f"{grown:.0f} bytes per operation"
+
+
+def test_latency_percentiles_from_the_bounded_histogram() -> None:
+    """The histogram's p50 and p99 are within 0.4 % of the exact ones, however many
+    latencies it holds."""
+    import random
+
+    from runstore.stress import Latencies
+
+    rng = random.Random(7)
+    values = [int(rng.lognormvariate(11, 1.5)) for _ in range(50_000)] + [0, 1, 255, 256]
+    hist = Latencies()
+    for v in values:
+        hist.add(v)
+    ordered = sorted(values)
+    for q in (0.5, 0.99):
+        exact = ordered[min(len(values) - 1, int(q * len(values)))] / 1000
+        assert abs(hist.percentile(q) - exact) <= 0.004 * exact + 0.001
+    assert hist.count == len(values)
+    assert len(hist._buckets) < 7200
+    assert Latencies().percentile(0.5) == 0.0
