@@ -41,6 +41,11 @@ stderr, ``runstore: error: <what went wrong>; <what to do>``, never a traceback)
 130   interrupted (Ctrl-C); ``watch`` exits 0 instead, Ctrl-C being how it is meant to end
 ====  =====================================================================================
 
+Every text the commands print - run fields, paths, error messages - shows control
+characters, escape sequences and bidi controls as escapes (``\\x1b``, ``\\n``, ``\\u202e``;
+``_clifmt.visible``), so what a store holds cannot drive the terminal; JSON output writes them
+as JSON escapes.
+
 Why argparse and not click: it is in the standard library, so the CLI adds no dependency to a
 library whose only job is a file format and a lock, and ``import runstore`` stays as cheap as
 it is (nothing here is imported by the package). It has everything these commands need
