@@ -1,10 +1,17 @@
-"""Human output for the command line: colour, aligned tables, relative times, sizes and a
+r"""Human output for the command line: colour, aligned tables, relative times, sizes and a
 progress bar. Only ``runstore.cli`` imports this module; nothing here touches a store.
 
 Colour follows https://no-color.org: never when ``NO_COLOR`` is set (to anything but ""),
 never when the stream is not a terminal or ``TERM=dumb``; ``--color always|never`` overrides.
 The progress bar goes to stderr, only when stderr is a terminal, and only once the work has
 lasted ``PROGRESS_DELAY`` seconds, so quick commands never flash one.
+
+Text from a store (a machine name, an error message, an imported id) or from the user (a path)
+may hold control characters and escape sequences that a terminal would obey: clear the
+screen, move the cursor, set the window title, hide text, reorder a line (bidi overrides).
+``visible`` shows each such character as an escape (``\x1b``, ``\n``, ``\u202e``); the
+command line passes every text it prints through it, and ``json_visible`` does the same for
+the characters JSON leaves raw.
 """
 
 from __future__ import annotations
@@ -33,6 +40,60 @@ STATUS_STYLE = {
     "timeout": _MAGENTA,
 }
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+#: what a terminal may act on rather than show: C0 controls and DEL, C1 controls
+#: (U+0080-U+009F; U+009B is CSI), the bidi marks, embeddings, overrides and isolates
+#: (U+061C, U+200E-U+200F, U+202A-U+202E, U+2066-U+2069), and the line and paragraph
+#: separators (U+2028-U+2029)
+_UNSAFE_ABOVE_C0 = "\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069"
+_UNSAFE = "\x00-\x1f" + _UNSAFE_ABOVE_C0
+_UNSAFE_CHAR = re.compile(f"[{_UNSAFE}]")
+#: what JSON text from orjson may hold raw (it escapes U+0000-U+001F in strings, so the C0
+#: controls in it are its own newlines)
+_UNSAFE_IN_JSON = re.compile(f"[{_UNSAFE_ABOVE_C0}]")
+#: the same, except the styles ``Painter`` writes (kept when colour is on)
+_UNSAFE_OR_STYLE = re.compile(
+    f"(\x1b\\[(?:(?:0|1|2|3[1-6]);)*(?:0|1|2|3[1-6])m)|[{_UNSAFE}]")
+_NAMED_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escape(char: str) -> str:
+    named = _NAMED_ESCAPES.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def _escape_unstyled(match: re.Match[str]) -> str:
+    return match.group(1) or _escape(match.group())
+
+
+def visible(text: str, *, styles: bool = False) -> str:
+    r"""``text`` safe to write to a terminal: every control character, escape sequence
+    introducer and bidi control shown as an escape (``\x1b``, ``\n``, ``\t``, ``\x9b``,
+    ``\u202e``) instead of being written raw; other text, backslashes included, is left as
+    it is. With ``styles``, the colour styles a ``Painter`` wrote are kept (the text is
+    already painted); any other sequence is escaped. Idempotent, and a no-op (one regex
+    search) on text without such characters."""
+    if styles:
+        if "\x1b" in text or _UNSAFE_CHAR.search(text):
+            return _UNSAFE_OR_STYLE.sub(_escape_unstyled, text)
+        return text
+    if _UNSAFE_CHAR.search(text) is None:
+        return text
+    return _UNSAFE_CHAR.sub(lambda m: _escape(m.group()), text)
+
+
+def json_visible(text: str) -> str:
+    r"""JSON text (from orjson, which escapes U+0000-U+001F, the quote and the backslash in
+    strings) with the other characters ``visible`` escapes written as JSON escapes
+    (``\u009b``, ``\u202e``): the same document to a parser, nothing a terminal acts on.
+    They can only occur inside strings (JSON's own syntax is ASCII), where an escape means
+    the same character."""
+    if _UNSAFE_IN_JSON.search(text) is None:
+        return text
+    return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def colour_wanted(stream: TextIO, mode: str = "auto") -> bool:

@@ -41,6 +41,11 @@ stderr, ``runstore: error: <what went wrong>; <what to do>``, never a traceback)
 130   interrupted (Ctrl-C); ``watch`` exits 0 instead, Ctrl-C being how it is meant to end
 ====  =====================================================================================
 
+Every text the commands print - run fields, paths, error messages - shows control
+characters, escape sequences and bidi controls as escapes (``\\x1b``, ``\\n``, ``\\u202e``;
+``_clifmt.visible``), so what a store holds cannot drive the terminal; JSON output writes them
+as JSON escapes.
+
 Why argparse and not click: it is in the standard library, so the CLI adds no dependency to a
 library whose only job is a file format and a lock, and ``import runstore`` stays as cheap as
 it is (nothing here is imported by the package). It has everything these commands need
@@ -52,15 +57,19 @@ code 2 like every other error, and ``main(argv)`` returns an exit code tests can
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import importlib
 import io
 import os
 import re
+import signal
 import sys
+import threading
+import time
 import urllib.parse
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, NoReturn, TextIO
 
 import orjson
@@ -332,6 +341,54 @@ def _since(text: str) -> _dt.datetime:
 
 # -- the parser ------------------------------------------------------------------------------
 
+#: what ``runstore COMMAND --help`` says about each command
+COMMAND_HELP = {
+    "list": "List the runs of the store, oldest first, as a table (id, machine, status, hash,\n"
+            "when started, duration, exit code), or every field with --json. The filters\n"
+            "combine; --limit keeps the most recent of the runs that match.",
+    "show": "Show every field of one run, named by its id, with times in UTC and relative\n"
+            "to now, and how long it ran. Exit 3 when no run has that id.",
+    "active": "List the non-terminal (pending or running) runs, at most one per machine;\n"
+              "with MACHINE, only that machine's run (or a line saying it has none).",
+    "stats": "Which store this is and where its name came from, its size, its live and\n"
+             "superseded lines (rows, for PostgreSQL), the last and the oldest retained\n"
+             "sequence numbers, and the runs by status and by machine.",
+    "watch": "Print each change to the store as it happens, from any process (one line per\n"
+             "change: seq, time, change type, status, machine, run id), until Ctrl-C (exit\n"
+             "0) or --timeout. --since SEQ first replays the retained changes after SEQ;\n"
+             "when SEQ is older than what compaction kept, it exits 3 naming the oldest\n"
+             "retained change (--since 0 starts at that one instead).",
+    "reap": "Interrupt the non-terminal runs whose owner process is gone (error_code\n"
+            "owner_gone) or whose last heartbeat or change is older than --stale-after\n"
+            "(heartbeat_stale), unless their owner process on this host still runs; print\n"
+            "them. --dry-run only shows which runs that would be.",
+    "prune": "Remove terminal runs - those that ended more than --older-than ago, or all\n"
+             "but the --keep-last newest - never a pending or running one; first append\n"
+             "them to --archive FILE (JSON lines, synced), then compact the file.",
+    "compact": "Rewrite the journal file keeping the latest version of each run and the\n"
+               "last 4,096 changes (for `watch --since`), through a synced temp file renamed\n"
+               "over it, and print its size before and after. File stores only.",
+    "check": "Read and verify the whole journal file - each line's checksum and sequence\n"
+             "number, the compacted part's checksum - without modifying it, and report\n"
+             "each problem with its line, byte offset and remedy. Exit 0 when healthy, 1\n"
+             "when damaged. File stores only.",
+    "export": "Write every run, oldest first, as one JSON array (one run per line) to FILE,\n"
+              "through a temp file renamed over it, or to stdout. `import` reads it back.",
+    "import": "Add the runs in FILE (a JSON array, as `export` writes, or JSON lines),\n"
+              "keeping their ids. All or nothing: a duplicate id, an invalid record or a\n"
+              "second active run for a machine refuses the whole file.",
+    "mark": "Move one run to STATUS by hand, through the state machine: pending ->\n"
+            "running, or to a terminal status (completed, failed, interrupted, timeout)\n"
+            "with an optional exit code, error code and message. A run already in STATUS\n"
+            "is left as it is.",
+    "migrate": "Copy every run of the --from store into the --to store (e.g. a directory\n"
+               "into PostgreSQL), skipping runs already there unchanged, then verify that\n"
+               "both hold the same count and checksum. The global --store/--state-dir do\n"
+               "not apply.",
+    "stress": "Run the concurrency stress test (its arguments are passed through; see\n"
+              "`stress --help`).",
+}
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error raises ``UsageError`` (one line, exit 2) instead of
     printing the usage and calling ``sys.exit``."""
@@ -378,13 +435,17 @@ def build_parser(prog: str = "runstore") -> argparse.ArgumentParser:
 
     def command(name: str, func: Callable[[Context, argparse.Namespace], int], text: str,
                 **kwargs: Any) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text, **kwargs)
+        """``text``: the line in the list of commands; its ``--help`` shows
+        ``COMMAND_HELP[name]``, which says what this command does and prints."""
+        p: argparse.ArgumentParser = sub.add_parser(
+            name, help=text, description=COMMAND_HELP[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
         p.set_defaults(func=func)
         return p
 
-    def json_flag(p: argparse.ArgumentParser, what: str) -> None:
-        p.add_argument("--json", action="store_true",
-                       help=f"print {what} with the record fields exactly as in the file")
+    def json_flag(p: argparse.ArgumentParser, what: str, records: bool = True) -> None:
+        tail = " with the record fields exactly as in the file" if records else ""
+        p.add_argument("--json", action="store_true", help=f"print {what}{tail}")
 
     p = command("list", _cmd_list, "list runs (oldest first), optionally filtered")
     p.add_argument("--machine", metavar="NAME", help="only runs of this machine")
@@ -407,15 +468,16 @@ def build_parser(prog: str = "runstore") -> argparse.ArgumentParser:
     json_flag(p, "one JSON array")
 
     p = command("stats", _cmd_stats, "counts, sizes and sequence numbers of the store")
-    json_flag(p, "one JSON object")
+    json_flag(p, "one JSON object", records=False)
 
     p = command("watch", _cmd_watch, "follow changes live until interrupted (Ctrl-C exits 0)")
     p.add_argument("--since", metavar="SEQ", type=_non_negative_int,
-                   help="first replay the retained changes after SEQ (0: all of them); "
+                   help="first replay the retained changes after SEQ (0: from the oldest "
+                        "retained change, also after a compaction dropped older ones); "
                         "default: only changes from now on")
     p.add_argument("--timeout", metavar="SECONDS", type=_seconds,
                    help="stop after this many seconds (default: follow until interrupted)")
-    json_flag(p, "one JSON object per change and line")
+    json_flag(p, "one JSON object per change and line (seq, time, change and the run)")
 
     p = command("reap", _cmd_reap,
                 "interrupt non-terminal runs whose owner process is gone or that are stale")
@@ -440,7 +502,7 @@ def build_parser(prog: str = "runstore") -> argparse.ArgumentParser:
 
     p = command("check", _cmd_check, "verify the whole file without modifying it (exit 0 "
                 "healthy, 1 damaged; file stores)")
-    json_flag(p, "the report as one JSON object")
+    json_flag(p, "the report as one JSON object", records=False)
 
     p = command("export", _cmd_export, "write every run as one JSON array document")
     p.add_argument("file", metavar="FILE", nargs="?",
@@ -516,10 +578,17 @@ class Context:
         return os.path.join(self.state_dir, journal.DATA_NAME)
 
     def print(self, text: str = "") -> None:
-        self.out.write(text + "\n")
+        """Write ``text`` and a newline to stdout, each of its lines shown by
+        ``fmt.visible`` (the values in it were passed through it before being painted)."""
+        self.print_lines(text.split("\n"))
 
     def print_lines(self, lines: Sequence[str]) -> None:
-        self.out.write("".join(line + "\n" for line in lines))
+        styles = self.paint.enabled
+        self.out.write("".join(fmt.visible(line, styles=styles) + "\n" for line in lines))
+
+    def note(self, text: str) -> None:
+        """Write one line (a note or a warning) to stderr, shown by ``fmt.visible``."""
+        self.err.write(fmt.visible(text) + "\n")
 
     def require_store(self, location: Location | None = None) -> None:
         """Raise ``NoStoreError`` unless the location holds a store: a journal file, or a
@@ -574,7 +643,7 @@ class Context:
             return pgschema.current_version(conn, pgschema.Names.of(POSTGRES_TABLE)) > 0
 
     def progress(self, label: str) -> fmt.Progress:
-        return fmt.Progress(self.err, label, enabled=self.progress_enabled)
+        return fmt.Progress(self.err, fmt.visible(label), enabled=self.progress_enabled)
 
 
 def _no_driver(location: Location, exc: ModuleNotFoundError) -> RunstoreError:
@@ -587,7 +656,8 @@ def _no_driver(location: Location, exc: ModuleNotFoundError) -> RunstoreError:
 
 
 def _dumps(data: Any, *, indent: bool = False) -> str:
-    return orjson.dumps(data, option=orjson.OPT_INDENT_2 if indent else 0).decode()
+    return fmt.json_visible(
+        orjson.dumps(data, option=orjson.OPT_INDENT_2 if indent else 0).decode())
 
 
 def _json_array(items: Sequence[dict[str, Any]]) -> str:
@@ -624,7 +694,8 @@ def _run_duration(run: Run, now: _dt.datetime) -> str:
 def _run_table(ctx: Context, runs: Sequence[Run]) -> list[str]:
     headers = ("ID", "MACHINE", "STATUS", "HASH", "STARTED", "DURATION", "EXIT")
     rows = [
-        [run.id, run.machine, ctx.paint.status(run.status.value), run.test_dir_hash[:12],
+        [fmt.visible(run.id), fmt.visible(run.machine), ctx.paint.status(run.status.value),
+         fmt.visible(run.test_dir_hash[:12]),
          fmt.ago(run.started_at, ctx.now), _run_duration(run, ctx.now),
          "-" if run.exit_code is None else str(run.exit_code)]
         for run in runs
@@ -663,7 +734,7 @@ def _field_text(ctx: Context, run: Run, name: str) -> str:
         return fmt.timestamp(value, ctx.now)
     if value is None or value == "":
         return ctx.paint.dim("-")
-    return str(value)
+    return fmt.visible(str(value))
 
 
 def _cmd_show(ctx: Context, args: argparse.Namespace) -> int:
@@ -706,18 +777,18 @@ def _cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
     p = ctx.paint
     if where.postgres:
         where_lines = [
-            ("database", data["path"]),
+            ("database", fmt.visible(data["path"])),
             ("table size", f"{fmt.size(stats.file_size)} ({stats.file_size:,} bytes)"),
             ("rows", f"{stats.live_lines:,} runs, {stats.superseded_lines:,} retained changes"),
         ]
     else:
         where_lines = [
-            ("file", stats.path),
+            ("file", fmt.visible(stats.path)),
             ("file size", f"{fmt.size(stats.file_size)} ({stats.file_size:,} bytes)"),
             ("lines", f"{stats.live_lines:,} live, {stats.superseded_lines:,} superseded"),
         ]
     ctx.print_lines(fmt.key_values([
-        ("store", f"{where.display} {p.dim(f'(from {where.source})')}"),
+        ("store", f"{fmt.visible(where.display)} {p.dim(f'(from {where.source})')}"),
         *where_lines,
         ("last seq", str(stats.last_seq)),
         ("oldest seq", f"{stats.oldest_seq} (the oldest change kept for `watch --since`)"),
@@ -732,7 +803,7 @@ def _cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
     ctx.print_lines(fmt.table(("STATUS", "RUNS"), rows, p, right=frozenset({1})))
     if stats.runs_by_machine:
         ctx.print()
-        rows = [[m, f"{n:,}"] for m, n in sorted(stats.runs_by_machine.items())]
+        rows = [[fmt.visible(m), f"{n:,}"] for m, n in sorted(stats.runs_by_machine.items())]
         ctx.print_lines(fmt.table(("MACHINE", "RUNS"), rows, p, right=frozenset({1})))
     return EXIT_OK
 
@@ -745,24 +816,98 @@ def _change_line(ctx: Context, change: Change) -> str:
     if run.exit_code is not None:
         extra.append(f"exit {run.exit_code}")
     if run.error_code:
-        extra.append(run.error_code)
+        extra.append(fmt.visible(run.error_code))
     tail = f"  {', '.join(extra)}" if extra else ""
     return (f"{change.seq:>6}  {ctx.paint.dim(when)}  {change.type.value:<12}  {status}  "
-            f"{run.machine}  {run.id}{tail}")
+            f"{fmt.visible(run.machine)}  {fmt.visible(run.id)}{tail}")
+
+
+#: seconds of one ``watch()`` call of ``runstore watch`` on a file store: how soon it sees
+#: that Ctrl-C asked it to stop
+WATCH_SLICE = 0.1
+
+
+class _Stop:
+    """Set by Ctrl-C (SIGINT) while ``watch`` follows a file store."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+
+@contextlib.contextmanager
+def _interrupt_ends_watch(stop: _Stop) -> Iterator[None]:
+    """While following, the first Ctrl-C only sets ``stop.requested``; the watch loop ends
+    at its next change or within ``WATCH_SLICE``. A second one raises KeyboardInterrupt
+    (a watch blocked writing to a full pipe). SIGINT's handler runs wherever the main
+    thread is, and a KeyboardInterrupt raised inside a finalizer (the store drops a read
+    descriptor in one each time it reads new changes) is printed as "Exception ignored"
+    and swallowed, so the watch would go on; the flag leaves that to no place but ours."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _follow(store: RunStore, since: int | None, timeout: float | None, stop: _Stop,
+            slice_seconds: float | None) -> Iterator[Change]:
+    """``store.watch`` from ``since`` (None: from now; 0: from the oldest retained change)
+    for ``timeout`` seconds (None: until ``stop``), in calls of ``slice_seconds`` (None: one
+    call) so that ``stop`` is looked at even when nothing changes.
+
+    ``since`` 0 asks for every retained change: when a compaction dropped the first ones,
+    ``watch(0)`` raises ``HistoryTruncatedError`` before delivering any, and the follow
+    starts again from the oldest retained change it names. A positive ``since`` older than
+    that, or a follower that falls behind a compaction later, still raises it."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    seq = store.last_seq() if since is None else since
+    delivered = False
+    while not stop.requested:
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        span = left if slice_seconds is None else (
+            slice_seconds if left is None else min(slice_seconds, left))
+        try:
+            for change in store.watch(seq, timeout=span):
+                seq, delivered = change.seq, True
+                yield change
+                if stop.requested:
+                    return
+        except HistoryTruncatedError as exc:
+            if since != 0 or delivered:
+                raise
+            seq = exc.oldest_seq - 1
+            continue
+        if deadline is not None and time.monotonic() >= deadline:
+            return
 
 
 def _cmd_watch(ctx: Context, args: argparse.Namespace) -> int:
-    with ctx.store(existing=True) as store:
+    stop = _Stop()
+    # a PostgreSQL watch opens a listening connection per call: it is followed in one call,
+    # and Ctrl-C interrupts it as a KeyboardInterrupt
+    file_store = not ctx.location.postgres
+    with ctx.store(existing=True) as store, (
+            _interrupt_ends_watch(stop) if file_store else contextlib.nullcontext()):
         if not args.json and fmt.is_terminal(ctx.err):
             what = ctx.location.display if ctx.location.postgres else ctx.journal_path
-            ctx.err.write(f"watching {what} (Ctrl-C to stop)\n")
-        for change in store.watch(args.since, timeout=args.timeout):
+            ctx.note(f"watching {what} (Ctrl-C to stop)")
+        for change in _follow(store, args.since, args.timeout, stop,
+                              WATCH_SLICE if file_store else None):
             if args.json:
                 data = codec.change_to_json(change.seq, change.time, change.type, change.run)
                 line = _dumps(data)
             else:
                 line = _change_line(ctx, change)
-            ctx.out.write(line + "\n")
+            ctx.print(line)
             ctx.out.flush()
     return EXIT_OK
 
@@ -788,17 +933,19 @@ def _cmd_check(ctx: Context, args: argparse.Namespace) -> int:
         }, indent=True))
     else:
         p = ctx.paint
+        shown_path = fmt.visible(report.path)
         if report.ok:
-            ctx.print(f"{report.path}: {p.good('ok')} ({report.size:,} bytes, "
+            ctx.print(f"{shown_path}: {p.good('ok')} ({report.size:,} bytes, "
                       f"{_plural(report.records, 'record')}, last seq {report.last_seq})")
         else:
-            ctx.print(f"{report.path}: {p.error('DAMAGED')} ({report.size:,} bytes; "
+            ctx.print(f"{shown_path}: {p.error('DAMAGED')} ({report.size:,} bytes; "
                       f"{_plural(report.records, 'record')} readable before the first problem)")
             for problem in report.problems:
-                ctx.print(f"  line {problem.line}, byte {problem.offset}: {problem.message}")
-                ctx.print(f"    remedy: {problem.remedy}")
+                ctx.print(f"  line {problem.line}, byte {problem.offset}: "
+                          f"{fmt.visible(problem.message)}")
+                ctx.print(f"    remedy: {fmt.visible(problem.remedy)}")
         for note in report.notes:
-            ctx.print(f"  {p.dim('note:')} {note}")
+            ctx.print(f"  {p.dim('note:')} {fmt.visible(note)}")
     return EXIT_OK if report.ok else EXIT_FAILURE
 
 
@@ -817,11 +964,11 @@ def _cmd_export(ctx: Context, args: argparse.Namespace) -> int:
             buf = io.StringIO()  # kept until the progress bar is gone from the terminal
             with ctx.progress("exporting"):
                 store.export(buf)
-            ctx.out.write(buf.getvalue())
+            ctx.out.write(fmt.json_visible(buf.getvalue()))
             return EXIT_OK
         with ctx.progress(f"exporting to {args.file}"):
             count = _export_to_file(store, args.file)
-    ctx.print(f"exported {_plural(count, 'run')} to {args.file}")
+    ctx.print(f"exported {_plural(count, 'run')} to {fmt.visible(args.file)}")
     return EXIT_OK
 
 
@@ -854,8 +1001,8 @@ def _cmd_import(ctx: Context, args: argparse.Namespace) -> int:
     finally:
         if not from_stdin:
             source.close()
-    ctx.print(f"imported {_plural(count, 'run')} from {args.file} into "
-              f"{ctx.location.display}")
+    ctx.print(f"imported {_plural(count, 'run')} from {fmt.visible(args.file)} into "
+              f"{fmt.visible(ctx.location.display)}")
     return EXIT_OK
 
 
@@ -871,8 +1018,8 @@ def _cmd_reap(ctx: Context, args: argparse.Namespace) -> int:
     verb = "would reap" if args.dry_run else "reaped"
     ctx.print(f"{verb} {_plural(len(runs), 'run')}"
               + (" (dry run: nothing was changed):" if args.dry_run else " (now interrupted):"))
-    rows = [[run.id, run.machine, fmt.ago(run.started_at, ctx.now), run.error_code,
-             run.error_msg] for run in runs]
+    rows = [[fmt.visible(run.id), fmt.visible(run.machine), fmt.ago(run.started_at, ctx.now),
+             fmt.visible(run.error_code), fmt.visible(run.error_msg)] for run in runs]
     ctx.print_lines(fmt.table(("ID", "MACHINE", "STARTED", "REASON", "DETAIL"), rows, ctx.paint))
     return EXIT_OK
 
@@ -884,7 +1031,7 @@ def _cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     if args.dry_run:
         ctx.print(f"would prune {_plural(count, 'run')} (dry run: nothing was changed)")
     elif count and args.archive:
-        ctx.print(f"pruned {_plural(count, 'run')}, archived to {args.archive}")
+        ctx.print(f"pruned {_plural(count, 'run')}, archived to {fmt.visible(args.archive)}")
     else:
         ctx.print(f"pruned {_plural(count, 'run')}")
     return EXIT_OK
@@ -899,7 +1046,8 @@ def _cmd_compact(ctx: Context, args: argparse.Namespace) -> int:
         with ctx.progress(f"compacting {ctx.journal_path}"):
             store.compact()
         after = os.stat(ctx.journal_path).st_size
-    ctx.print(f"compacted {ctx.journal_path}: {fmt.size(before)} -> {fmt.size(after)}")
+    ctx.print(f"compacted {fmt.visible(ctx.journal_path)}: {fmt.size(before)} -> "
+              f"{fmt.size(after)}")
     return EXIT_OK
 
 
@@ -924,19 +1072,18 @@ def _cmd_mark(ctx: Context, args: argparse.Namespace) -> int:
     if args.json:
         ctx.print(_dumps(codec.run_to_json(after), indent=True))
     elif after.revision == before.revision:
-        ctx.print(f"run {after.id} is already {ctx.paint.status(after.status.value)}; "
-                  "nothing changed")
+        ctx.print(f"run {fmt.visible(after.id)} is already "
+                  f"{ctx.paint.status(after.status.value)}; nothing changed")
     else:
-        ctx.print(f"run {after.id}: {ctx.paint.status(before.status.value)} -> "
+        ctx.print(f"run {fmt.visible(after.id)}: {ctx.paint.status(before.status.value)} -> "
                   f"{ctx.paint.status(after.status.value)}")
     return EXIT_OK
 
 
 def _cmd_stress(ctx: Context, args: argparse.Namespace) -> int:
     if (args.state_dir or args.store) and "--state-dir" not in args.args:
-        ctx.err.write("runstore: note: stress makes a fresh temporary store unless you pass "
-                      "`stress --state-dir DIR`; the global --state-dir/--store does not "
-                      "apply\n")
+        ctx.note("runstore: note: stress makes a fresh temporary store unless you pass "
+                 "`stress --state-dir DIR`; the global --state-dir/--store does not apply")
     try:
         stress = importlib.import_module("runstore.stress")
     except ModuleNotFoundError as exc:
@@ -954,8 +1101,8 @@ def _cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
         raise UsageError(f"--from and --to are the same store ({source.display}); "
                          "name the store to copy into with --to")
     if args.store or args.state_dir:
-        ctx.err.write("runstore: note: migrate copies --from into --to; the global "
-                      "--store/--state-dir does not apply\n")
+        ctx.note("runstore: note: migrate copies --from into --to; the global "
+                 "--store/--state-dir does not apply")
     ctx.require_store(source)  # never create an empty source to copy from
     if not source.postgres and not target.postgres:
         # before the target is opened (which creates it): never inside the source's directory
@@ -968,15 +1115,15 @@ def _cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
     with ctx.open(source) as src, ctx.open(target) as dst:
         report = migrate(src, dst, target_name=target.display, progress=step)
     if report.source_changed:
-        ctx.err.write(f"runstore: warning: {source.display} changed while it was copied, so "
-                      f"{target.display} may lack its latest changes; stop the dispatchers "
-                      "that use it before migrating (a run changed since shows as a conflict "
-                      "on the next migrate)\n")
+        ctx.note(f"runstore: warning: {source.display} changed while it was copied, so "
+                 f"{target.display} may lack its latest changes; stop the dispatchers "
+                 "that use it before migrating (a run changed since shows as a conflict "
+                 "on the next migrate)")
     if args.json:
         ctx.print(_dumps(_migration_json(report, source, target), indent=True))
         return EXIT_OK
     p = ctx.paint
-    ctx.print(f"migrated {source.display} -> {target.display}")
+    ctx.print(f"migrated {fmt.visible(source.display)} -> {fmt.visible(target.display)}")
     ctx.print_lines(fmt.key_values([
         ("source runs", f"{report.source_runs:,}"),
         ("copied", f"{report.copied:,}"),
@@ -1007,7 +1154,7 @@ def _default_prog() -> str:
 
 
 def _report(err: TextIO, paint: fmt.Painter, prog: str, message: str) -> None:
-    err.write(f"{prog}: {paint.error('error:')} {message}\n")
+    err.write(f"{prog}: {paint.error('error:')} {fmt.visible(message)}\n")
     err.flush()
 
 
@@ -1042,15 +1189,57 @@ def _silence_stdout() -> None:
     os.close(devnull)
 
 
+#: the global options (those that go before the command) and the placeholder of their value
+GLOBAL_OPTIONS = {"--store": "URL", "--state-dir": "DIR", "--lock-timeout": "SECONDS",
+                  "--color": "WHEN", "--colour": "WHEN"}
+
+
+def misplaced_global_options(argv: Sequence[str]) -> tuple[str, list[str]] | None:
+    """(the command, the global options written after it) when ``argv`` puts any there
+    (``list --state-dir DIR``), else None. ``stress`` takes its own options, ``--state-dir``
+    among them, so nothing after it is misplaced."""
+    command, i = None, 0
+    while i < len(argv):
+        token = argv[i]
+        if token in GLOBAL_OPTIONS:
+            i += 2
+            continue
+        if not token.startswith("-"):
+            command = token
+            break
+        i += 1
+    if command is None or command == "stress":
+        return None
+    found = [name for token in argv[i + 1:] for name in GLOBAL_OPTIONS
+             if token == name or token.startswith(name + "=")]
+    return (command, list(dict.fromkeys(found))) if found else None
+
+
+def _usage_hint(argv: Sequence[str], prog: str) -> str:
+    """For a usage error: where global options go, when some were put after the command."""
+    misplaced = misplaced_global_options(argv)
+    if misplaced is None:
+        return ""
+    command, names = misplaced
+    example = " ".join(f"{name} {GLOBAL_OPTIONS[name]}" for name in names)
+    what = "is a global option: put it" if len(names) == 1 else "are global options: put them"
+    return (f"; {', '.join(names)} {what} before the command, as in "
+            f"`{prog} {example} {command} ...`")
+
+
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run one command line (``sys.argv[1:]`` by default) and return its exit code."""
     out, err = sys.stdout, sys.stderr
     prog = prog or _default_prog()
     err_paint = fmt.Painter(fmt.colour_wanted(err))
+    words = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv))
+        args = build_parser(prog).parse_args(words)
     except UsageError as exc:
-        _report(err, err_paint, prog, message_for(exc))
+        # the arguments may hold a password (--store postgresql://u:pw@host/db)
+        secrets = [secret for word in words for secret in passwords_in(word)]
+        _report(err, err_paint, prog,
+                scrub(message_for(exc) + _usage_hint(words, prog), secrets))
         return EXIT_USAGE
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -1063,7 +1252,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
 
     def show_warning(message: Warning | str, category: type[Warning], filename: str,
                      lineno: int, file: TextIO | None = None, line: str | None = None) -> None:
-        err.write(f"{prog}: warning: {message_for(Exception(str(message)))}\n")
+        err.write(f"{prog}: warning: {fmt.visible(message_for(Exception(str(message))))}\n")
 
     with warnings.catch_warnings():
         warnings.showwarning = show_warning

@@ -12,6 +12,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 import types
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -415,9 +416,12 @@ def test_watch_follows_live_and_ctrl_c_exits_0(demo: dict[str, str]) -> None:
         assert proc.stdout is not None
         line = ""
         with Store(demo["dir"]) as store:
-            for _ in range(200):  # until the watcher is up; each finish is a new change
-                run = store.create(run_for(f"w{_}", "eeee"))
+            deadline = time.monotonic() + 60  # a slow start on a busy machine, not a count
+            n = 0
+            while time.monotonic() < deadline:  # until the watcher is up and prints
+                run = store.create(run_for(f"w{n}", "eeee"))
                 store.finish(run.id, Status.FAILED)
+                n += 1
                 ready, _w, _x = select.select([proc.stdout], [], [], 0.05)
                 if ready:
                     line = proc.stdout.readline()
