@@ -33,10 +33,22 @@ from cattrs.gen import make_dict_unstructure_fn, override
 from .model import ChangeType, Run, Status
 
 FORMAT_NAME = "runstore-journal"
-FORMAT_VERSION = 1
+#: 2: a line's kind is its first key (``is_mark``) and a record never carries a field named
+#: like a meta field; version 1 journals are still read, as version 1 read them
+FORMAT_VERSION = 2
+#: the first format version whose lines are told apart by their first key alone
+KINDS_BY_FIRST_KEY = 2
 
 #: keys of a record line that are not run fields
 META_KEYS = frozenset({"seq", "change", "time", "durable", "crc"})
+#: names a run's kept fields may not have: the meta fields of a record line and the key
+#: that begins a mark line (a record holding one would be written twice over, or, for
+#: a version 1 reader, be taken for a mark)
+RESERVED_KEYS = META_KEYS | {"mark"}
+#: how a record line begins (``encode_record`` writes ``seq`` first) and how a mark line
+#: does (``encode_mark``, ``encode_checkpoint``)
+RECORD_START = b'{"seq":'
+MARK_START = b'{"mark":'
 RUN_FIELDS = tuple(a.name for a in attrs.fields(Run))
 _RUN_FIELD_SET = frozenset(RUN_FIELDS)
 _KNOWN_KEYS = _RUN_FIELD_SET | META_KEYS
@@ -348,6 +360,23 @@ def decode_line(line: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BadLine("not a JSON object")
     return data
+
+
+def is_mark(line: bytes, data: dict[str, Any], legacy: bool = False) -> bool:
+    """Whether ``line``, decoded as ``data`` (``decode_line``), is a mark line rather than
+    a record: told by its first key, which the encoder writes (``"mark"`` or ``"seq"``) and
+    no field value can change, where a key found anywhere in the line could be a run's.
+    ``legacy``: the line is in a version 1 journal, whose readers took every line with a
+    top-level ``mark`` key for a mark; a record that carried a kept field of that name was
+    read (and lost) as a mark then, and later seqs were handed out again past it, so it is
+    read the same way still (``check`` reports it). Raises ``BadLine`` for a line that
+    begins with neither key."""
+    if line.startswith(MARK_START):
+        return True
+    if not line.startswith(RECORD_START):
+        raise BadLine('neither a record nor a mark line (it does not begin with "seq" or '
+                      '"mark", as runstore writes them)')
+    return legacy and "mark" in data
 
 
 def check_record(data: dict[str, Any]) -> None:

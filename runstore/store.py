@@ -280,7 +280,8 @@ class Store:
             cur = Cursor(end=header.base_end,
                          next_seq=header.compacted_through + 1 + len(recent),
                          durable=header.base_end, latest_end=header.latest_end,
-                         base_end=header.base_end, compacted_through=header.compacted_through)
+                         base_end=header.base_end, compacted_through=header.compacted_through,
+                         legacy=header.version < codec.KINDS_BY_FIRST_KEY)
         else:
             base, cur = {}, cursor_after_header(header, header.start)
         if self._opened_at is not None:  # opened at a checkpoint: the lines before it
@@ -1275,7 +1276,7 @@ class Store:
         was at the call (a descriptor of it is kept until the iteration ends)."""
         transitions.require_seq("since_seq", since_seq)
 
-        def decide() -> _Decision[tuple[int, int, int] | None]:
+        def decide() -> _Decision[tuple[int, int, int, bool] | None]:
             cur = self._cur
             assert cur is not None
             if since_seq < cur.compacted_through:
@@ -1290,7 +1291,7 @@ class Store:
                 head = b'{"seq":%d,' % (since_seq + 1)
                 if j.reader()(self._recent[k], len(head)) == head:
                     start = self._recent[k]
-            return (j.hold(), start, cur.end), []
+            return (j.hold(), start, cur.end, cur.legacy), []
 
         held = self._read(lambda: decide()[0])
         if held is None:
@@ -1416,10 +1417,10 @@ class _HeldChanges:
     are iterated, a megabyte at a time; ``fd`` is closed when the iteration ends or fails,
     or when the iterator is dropped unfinished."""
 
-    def __init__(self, journal: Journal, fd: int, start: int, end: int,
+    def __init__(self, journal: Journal, fd: int, start: int, end: int, legacy: bool,
                  since_seq: int) -> None:
         self._close = weakref.finalize(self, journal.close_held, fd)
-        self._changes = _changes_read(journal, fd, start, end, since_seq)
+        self._changes = _changes_read(journal, fd, start, end, legacy, since_seq)
 
     def __iter__(self) -> Iterator[Change]:
         return self
@@ -1432,18 +1433,19 @@ class _HeldChanges:
             raise
 
 
-def _changes_read(journal: Journal, fd: int, start: int, end: int,
+def _changes_read(journal: Journal, fd: int, start: int, end: int, legacy: bool,
                   since_seq: int) -> Iterator[Change]:
     pos = start
     for at, chunk in journal.read_lines(start, end, fd):
-        yield from _changes_in(chunk, since_seq, journal.path)
+        yield from _changes_in(chunk, since_seq, journal.path, legacy)
         pos = at + len(chunk)
     if pos < end:
         raise CorruptStoreError(journal.path, pos, "the file was cut short while its "
                                 "retained changes were being read")
 
 
-def _changes_in(buf: bytes, since_seq: int, path: str) -> Iterator[Change]:
+def _changes_in(buf: bytes, since_seq: int, path: str,
+                legacy: bool = False) -> Iterator[Change]:
     pos = 0
     while pos < len(buf):
         nl = buf.index(b"\n", pos)
@@ -1451,7 +1453,7 @@ def _changes_in(buf: bytes, since_seq: int, path: str) -> Iterator[Change]:
         pos = nl + 1
         try:
             data = codec.decode_line(line)
-            if "mark" in data or data["seq"] <= since_seq:
+            if codec.is_mark(line, data, legacy) or data["seq"] <= since_seq:
                 continue
             run = codec.run_from_dict(data)
             when = _dt.datetime.fromisoformat(data["time"])

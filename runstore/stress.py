@@ -123,6 +123,7 @@ def check_journal(path: str) -> JournalCheck:
     try:
         head = codec.decode_line(lines[0])
         through, base = int(head["compacted_through"]), int(head["base_bytes"])
+        legacy = int(head["version"]) < codec.KINDS_BY_FIRST_KEY
     except (codec.BadLine, KeyError, TypeError, ValueError, IndexError) as exc:
         out.problems.append(f"bad header: {exc}")
         return out
@@ -136,12 +137,13 @@ def check_journal(path: str) -> JournalCheck:
     for line in lines[1:]:
         try:
             rec = codec.decode_line(line)
+            mark = codec.is_mark(line, rec, legacy)
         except codec.BadLine as exc:
             out.problems.append(f"byte {offset}: {exc.reason}")
             offset += len(line) + 1
             continue
         seq, rid = rec.get("seq"), str(rec.get("id"))
-        if "mark" in rec:
+        if mark:
             out.marks += 1
         elif not isinstance(seq, int):
             out.problems.append(f"byte {offset}: no seq")
