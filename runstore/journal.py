@@ -137,7 +137,7 @@ def scan(buf: bytes, start: int, cur: Cursor) -> ScanResult:
             line = buf[pos:nl]
             data = decode(line)
             if is_mark(line, data, legacy):
-                if not line.startswith(codec.MARK_START):
+                if legacy and not line.startswith(codec.MARK_START):
                     shadowed.append((offset, data))
                 mark = data.get("durable")
                 if type(mark) is not int or not 0 <= mark <= offset or offset < cur.base_end:

@@ -766,6 +766,11 @@ def _reason(exc: psycopg.Error) -> str:
 
 
 def _params(run: Run, now: _dt.datetime, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """The statement parameters storing ``run`` (and ``extra``, on an insert), refused as
+    the file store refuses them (``codec.checked_fields``: ``MAX_RECORD_BYTES``, fields
+    that cannot be written as JSON). An update leaves the kept fields in their column, so
+    only the run's own fields count for it."""
+    codec.checked_fields(run, extra)
     params: dict[str, Any] = codec.converter.unstructure(run)
     params["status"] = run.status.value
     params["changed_at"] = now

@@ -653,9 +653,9 @@ class Store:
         lines = []
         for change, run in changes:
             made = self._made.pop(run.id, None)
-            fields = made[1] if made is not None and made[0] is run else None
-            lines.append(codec.encode_record(seq, change, now, durable, run,
-                                             self._extras.get(run.id), fields))
+            fields = codec.checked_fields(run, self._extras.get(run.id), made[1]
+                                          if made is not None and made[0] is run else None)
+            lines.append(codec.encode_record(seq, change, now, durable, run, None, fields))
             seq += 1
         start = cur.end
         try:
@@ -1098,8 +1098,8 @@ class Store:
                 step = step_of(stored)
             except RunstoreError:
                 return  # decided again under the flock, where it raises for real
-            fields = b"" if step is None else codec.record_fields(step[0],
-                                                                  self._extras.get(run_id))
+            fields = b"" if step is None else codec.checked_fields(step[0],
+                                                                   self._extras.get(run_id))
             early.append((stored, step, fields))
 
         def decide() -> _Decision[Run]:
