@@ -16,6 +16,12 @@ store uses it to tell a torn tail (truncated) from damage in durable data (an er
 Run fields use the snake_case names of the seed; unset pointers are ``null``; ``batch_id``,
 ``plan_entry`` and the owner fields are omitted when empty. Fields this library does not know
 are kept when a record is rewritten.
+
+A line's kind is its first key, as the encoder writes it: ``seq`` for a record, ``mark`` for
+a mark (``is_mark``); a run's fields never decide it. A kept field may not be named like a
+meta field or ``mark`` (``RESERVED_KEYS``), nor hold what a line cannot hold exactly
+(``extra_problem``), and a run's record is at most ``MAX_RECORD_BYTES`` (``checked_fields``).
+Format version 2 says so; a version 1 journal is read as version 1 read it (``is_mark``).
 """
 
 from __future__ import annotations

@@ -352,11 +352,10 @@ class PostgresStore:
     def _feed(self, conn: _Conn, changes: _Changes, now: _dt.datetime) -> None:
         """Append ``changes`` to the change feed (in this transaction) and notify watchers."""
         self._hit("before_feed", conn)
-        with conn.pipeline():  # one round trip for the lock and every change
-            self._lock_feed(conn)
-            cursors = [conn.execute(self._sql.append,
-                                    [now, change.value, Jsonb(codec.run_to_json(run))])
-                       for change, run in changes]
+        self._lock_feed(conn)  # queued in the transaction's pipeline with every change
+        cursors = [conn.execute(self._sql.append,
+                                [now, change.value, Jsonb(codec.run_to_json(run))])
+                   for change, run in changes]
         seqs = [int(row[0]) for row in (cur.fetchone() for cur in cursors) if row is not None]
         if seqs[0] // TRIM_EVERY != seqs[-1] // TRIM_EVERY or seqs[-1] % TRIM_EVERY == 0:
             self._trim(conn, seqs[-1] - RETAIN_CHANGES)

@@ -436,3 +436,18 @@ def test_the_limit_leaves_earlier_large_records_readable(store_dir: pathlib.Path
         store.compact()
         assert _exported(store)["r-big"]["pad"] == record["pad"]
     assert os.path.getsize(store_dir / DATA_NAME) > MAX_RECORD_BYTES
+
+
+def test_a_run_field_that_cannot_be_written_is_refused_naming_it(
+        store_dir: pathlib.Path) -> None:
+    """A lone surrogate in a run's own field is InvalidRunError naming the field, not an
+    encoder error from inside the write; nothing is written."""
+    with Store(store_dir) as store:
+        before = _journal(store_dir)
+        with pytest.raises(InvalidRunError, match="field 'test_dir' cannot be written"):
+            store.create(Run("m1", "/t\ud800", "h"))
+        with pytest.raises(InvalidRunError, match=r"record 1: .*field 'error_msg'"):
+            store.import_runs([Run("m1", "/t", "h", id="r1", status=Status.FAILED,
+                                   error_msg="\udfff")])
+        assert _journal(store_dir) == before
+        assert store.list() == []
