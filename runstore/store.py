@@ -811,7 +811,7 @@ class Store:
                 self._active.values()  # structure what the catch-up deferred, as _plan does
                 appended = b"".join(chunk for _, chunk in j.read_lines(plan.old_end, cur.end))
                 tail, moves = compaction.reseal_tail(appended, plan.old_end, plan.base_end,
-                                                     plan.base_end, j.path)
+                                                     plan.base_end, j.path, cur.legacy)
                 installing, fd = fd, None
                 self._stale = True  # until the view is adopted
                 j.install_temp(COMPACTING_NAME, installing, tail)

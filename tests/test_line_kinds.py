@@ -10,6 +10,7 @@ the line, no size limit) and show the run is then lost or the store unopenable.
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import math
@@ -29,6 +30,7 @@ from hypothesis import strategies as st
 import runstore
 from runstore import (
     MAX_RECORD_BYTES,
+    ChangeType,
     CorruptStoreError,
     InvalidRunError,
     Run,
@@ -37,6 +39,7 @@ from runstore import (
     Status,
     Store,
     codec,
+    compaction,
     journal,
 )
 from runstore.journal import DATA_NAME, check
@@ -275,13 +278,19 @@ def test_a_long_integer_in_an_import_file_is_refused_not_rounded(
 
 _SPECIAL = st.sampled_from(["\ud800", "\udfff", "\x00", "é", "\n", '"', "\\"])
 _TEXT = st.text(alphabet=st.characters() | _SPECIAL, max_size=8)
+
+
+def _nested(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=3) | st.dictionaries(_TEXT | st.sampled_from(RESERVED),
+                                                         inner, max_size=3)
+
+
+#: any JSON value, and what is not quite one (integers beyond 64 bits, NaN, surrogates)
 _JSON = st.recursive(
     st.none() | st.booleans() | _TEXT
     | st.integers(min_value=-(1 << 70), max_value=1 << 70)
     | st.floats(allow_nan=True, allow_infinity=True),
-    lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(_TEXT | st.sampled_from(RESERVED), inner, max_size=3),
-    max_leaves=12)
+    _nested, max_leaves=12)
 _EXTRAS = st.dictionaries(
     (_TEXT | st.sampled_from(RESERVED)).filter(lambda k: k not in codec.RUN_FIELDS),
     _JSON, max_size=4)
@@ -451,3 +460,21 @@ def test_a_run_field_that_cannot_be_written_is_refused_naming_it(
                                    error_msg="\udfff")])
         assert _journal(store_dir) == before
         assert store.list() == []
+
+
+def test_a_compaction_beside_the_lock_drops_a_version_1_shadowed_line() -> None:
+    """Lines another process appended during a compaction are copied as the view read them:
+    from a version 1 journal, a record line carrying a ``mark`` key is dropped like a mark
+    (the view never had it, and its seq was handed out again); from a version 2 one it is a
+    record and is kept."""
+    now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    shadowed = codec.encode_record(5, ChangeType.RUN_CREATED, now, 0,
+                                   Run("m1", "/t", "h", id="r-lost"), {"mark": "x"})
+    plain = codec.encode_record(5, ChangeType.RUN_CREATED, now, 0,
+                                Run("m2", "/t", "h", id="r-kept"))
+    lines = shadowed + plain + codec.encode_mark(0)
+    tail, moves = compaction.reseal_tail(lines, 1000, 500, 500, "runs.jsonl", legacy=True)
+    assert list(moves) == [1000 + len(shadowed)] and b"r-kept" in tail
+    assert b"r-lost" not in tail
+    tail, moves = compaction.reseal_tail(lines, 1000, 500, 500, "runs.jsonl")
+    assert list(moves) == [1000, 1000 + len(shadowed)] and b"r-lost" in tail
