@@ -29,7 +29,9 @@ stderr, ``runstore: error: <what went wrong>; <what to do>``, never a traceback)
       could not be read or written, the PostgreSQL server failed or refused us, or ``check``
       found the file damaged
 2     usage: unknown command or option, bad option value (an unsupported store URL,
-      ``--store`` with ``--state-dir``), a file-only command on a PostgreSQL store
+      ``--store`` with ``--state-dir``), a file-only command on a PostgreSQL store, an
+      output (``export FILE``, ``prune --archive FILE``, ``migrate --to``) that is one of
+      the store's own files, its state directory or inside it (nothing is written)
 3     not found: no run with that id, no store at the state directory, or (``watch --since``)
       changes that compaction already dropped
 4     the store's lock was not acquired within ``--lock-timeout`` seconds
@@ -56,7 +58,6 @@ import io
 import os
 import re
 import sys
-import tempfile
 import urllib.parse
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -65,11 +66,12 @@ from typing import Any, NamedTuple, NoReturn, TextIO
 import orjson
 
 from . import _clifmt as fmt
-from . import codec, journal, opener, transitions
+from . import _targets, codec, interchange, journal, opener, transitions
 from .errors import (
     CorruptStoreError,
     HistoryTruncatedError,
     LockTimeoutError,
+    OutputTargetError,
     RunNotFoundError,
     RunstoreError,
     TableLockTimeoutError,
@@ -118,6 +120,7 @@ class NoStoreError(LookupError):
 #: the one table from error classes to exit codes (first match wins)
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (UsageError, EXIT_USAGE),
+    (OutputTargetError, EXIT_USAGE),
     (RunNotFoundError, EXIT_NOT_FOUND),
     (HistoryTruncatedError, EXIT_NOT_FOUND),
     (NoStoreError, EXIT_NOT_FOUND),
@@ -416,7 +419,8 @@ def build_parser(prog: str = "runstore") -> argparse.ArgumentParser:
     p = command("reap", _cmd_reap,
                 "interrupt non-terminal runs whose owner process is gone or that are stale")
     p.add_argument("--stale-after", metavar="DURATION", type=_duration, required=True,
-                   help="also reap runs with no heartbeat or change for this long (10m, 2h)")
+                   help="also reap runs with no heartbeat or change for this long (10m, 2h), "
+                   "unless their owner process on this host still runs")
     p.add_argument("--dry-run", action="store_true", help="only show what would be reaped")
     json_flag(p, "the reaped runs as one JSON array")
 
@@ -787,8 +791,17 @@ def _cmd_check(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _cmd_export(ctx: Context, args: argparse.Namespace) -> int:
+    to_stdout = args.file in (None, "-")
+    if not ctx.location.postgres:
+        ctx.require_store()
+        # before the store or the target is opened: never write over the store's own files
+        if to_stdout:
+            _check_stdout(ctx)
+        else:
+            _targets.check_output(args.file, ctx.state_dir, remedy="write the export to a "
+                                  f"file outside {ctx.state_dir}")
     with ctx.store(existing=True) as store:
-        if args.file in (None, "-"):
+        if to_stdout:
             buf = io.StringIO()  # kept until the progress bar is gone from the terminal
             with ctx.progress("exporting"):
                 store.export(buf)
@@ -800,29 +813,21 @@ def _cmd_export(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_stdout(ctx: Context) -> None:
+    """Refuse an export to a stdout redirected onto one of the store's files
+    (``export >> runs.jsonl``)."""
+    try:
+        fd = ctx.out.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: not a file
+        return
+    _targets.check_output_fd(fd, ctx.state_dir, name="stdout",
+                             remedy=f"redirect stdout to a file outside {ctx.state_dir}")
+
+
 def _export_to_file(store: RunStore, path: str) -> int:
     """Export through a temp file renamed over ``path``: a failed export leaves no half
     file, and an existing one is replaced whole or not at all."""
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        tmp = tempfile.NamedTemporaryFile(  # noqa: SIM115  # closed below, renamed or removed
-            "wb", dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-            delete=False)
-    except OSError as exc:  # name the file asked for, not the temp file
-        raise OSError(exc.errno, exc.strerror, path) from None
-    try:
-        with tmp:
-            count = store.export(tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp.name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp.name)
-        except OSError:
-            pass
-        raise
-    return count
+    return interchange.export_to_path(path, store.export)
 
 
 # -- writing commands --------------------------------------------------------------------------
@@ -940,6 +945,10 @@ def _cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
         ctx.err.write("runstore: note: migrate copies --from into --to; the global "
                       "--store/--state-dir does not apply\n")
     ctx.require_store(source)  # never create an empty source to copy from
+    if not source.postgres and not target.postgres:
+        # before the target is opened (which creates it): never inside the source's directory
+        _targets.check_output(target.target, source.target, name=f"--to {target.display}",
+                              remedy="name a directory outside it with --to")
 
     def step(label: str) -> fmt.Progress:
         return ctx.progress(f"migrating: {label}")

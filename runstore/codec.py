@@ -426,6 +426,12 @@ def change_to_json(seq: int, time: _dt.datetime, change: ChangeType, run: Run) -
             "run": run_to_json(run)}
 
 
+def seal_line(body: dict[str, Any]) -> bytes:
+    """``body`` as one line ending in its checksum field, as every journal line does (the
+    lock file's record of what was synced uses it too: ``journal.Vouch``)."""
+    return _seal(body)
+
+
 def encode_mark(durable: int) -> bytes:
     """The line ``close()`` appends: everything before ``durable`` is synced."""
     return _seal({"mark": "clean_close", "durable": durable})

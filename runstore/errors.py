@@ -12,6 +12,7 @@
      |    +-- TableLockTimeoutError                    a PostgreSQL lock was not granted in time
      +-- CorruptStoreError       (also ValueError)     the journal file is damaged or unreadable
      +-- UnsafeStoreError        (also PermissionError) the state directory or a file is unsafe
+     +-- OutputTargetError       (also ValueError)     an output would overwrite the store itself
      +-- HistoryTruncatedError   (also LookupError)    changes asked for were compacted away
      +-- StoreIOError            (also OSError)        reading, writing or syncing failed (``kind``)
           +-- DatabaseError                            PostgreSQL failed an operation (server error)
@@ -175,6 +176,8 @@ class IOKind(enum.Enum):
     WRITE = "write"
     #: syncing appended lines: they are in the file but not known to be durable
     SYNC = "sync"
+    #: syncing changes of other processes before a read shows them: nothing was shown
+    SYNC_READ = "sync_read"
     #: cutting off a torn tail: nothing acknowledged was affected
     RECOVER = "recover"
     #: writing, syncing or renaming a rewritten journal: the journal is as it was
@@ -195,6 +198,9 @@ _OUTCOMES = {
     IOKind.SYNC: "the change was written but is not known to be durable, so it was not "
                  "acknowledged: this store's reads leave it out, and its next write rewrites "
                  "the file first, keeping the change only if another process wrote after it",
+    IOKind.SYNC_READ: "nothing was shown: the latest changes are not known to be durable; "
+                      "the next call on this store rewrites the file first (keeping every "
+                      "change in it) and answers from it; check the disk (dmesg)",
     IOKind.RECOVER: "nothing acknowledged was affected (the torn tail holds only unsynced "
                     "writes); retry once the disk is healthy",
     IOKind.REWRITE: "the call was not acknowledged and changed nothing: the journal is as "
@@ -285,3 +291,21 @@ class DatabaseConnectionError(DatabaseError, ConnectionError):
         self,
     ) -> tuple[type[DatabaseConnectionError], tuple[str, str, str, bool | None]]:
         return (type(self), (self.server, self.action, self.reason, self.applied))
+
+
+class OutputTargetError(RunstoreError, ValueError):
+    """A file to write (an export, a prune archive, a migration's target store) is one of the
+    store's own files (the journal, the lock file, a temp file: the same device and inode,
+    through a symlink or a hard link too), the state directory itself, or lies inside it.
+    Raised before the target is opened: nothing was written and the store is untouched."""
+
+    def __init__(self, target: str, store: str, problem: str, remedy: str = "") -> None:
+        self.target = target
+        self.store = store
+        self.problem = problem
+        self.remedy = remedy or f"write it to a file outside {store}"
+        super().__init__(f"{target}: {problem}, so writing there would damage the store at "
+                         f"{store}; nothing was written: {self.remedy}")
+
+    def __reduce__(self) -> tuple[type[OutputTargetError], tuple[str, str, str, str]]:
+        return (type(self), (self.target, self.store, self.problem, self.remedy))

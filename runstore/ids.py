@@ -2,7 +2,10 @@
 
 Like ``NewRunID`` of the seed's pipeline engine. The store passes the greatest id it has seen,
 so an id created later in a store sorts after every earlier one even if the wall clock steps
-back (the prefix is then taken one microsecond after the previous one).
+back (the prefix is then taken one microsecond after the previous one). When the greatest id
+is not a runstore id, or its time is the last microsecond ``datetime`` can hold (an imported
+id of year 9999), a new id is that id, ``.~``, a fixed-width counter and a random suffix: it
+still sorts after it, and ids after it do not grow.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ _PREFIX_LEN = len("20260101T000000.000000Z")
 _FORMAT = "%Y%m%dT%H%M%S.%fZ"
 #: an id made after an imported id of another shape: that id, ".~", a counter, "-", random
 _FOREIGN = re.compile(r"(.*)\.~([0-9a-f]{16})-[0-9a-f]{8}", re.DOTALL)
+_MICROSECOND = _dt.timedelta(microseconds=1)
 
 
 def new_run_id(after: str = "", now: _dt.datetime | None = None) -> str:
@@ -24,14 +28,14 @@ def new_run_id(after: str = "", now: _dt.datetime | None = None) -> str:
     last = after[:_PREFIX_LEN]
     if prefix <= last:
         try:
-            previous = _dt.datetime.strptime(last, _FORMAT)
-        except ValueError:
-            # an imported id with another shape sorts last: count up a fixed-width suffix on
-            # it (suffixing each new id to the previous one made ids grow with every run)
+            prefix = _prefix(_dt.datetime.strptime(last, _FORMAT) + _MICROSECOND)
+        except (ValueError, OverflowError):
+            # an imported id with another shape, or at the end of time, sorts last: count up
+            # a fixed-width suffix on it (suffixing each new id to the previous one made ids
+            # grow with every run)
             match = _FOREIGN.fullmatch(after)
             stem, count = (match[1], int(match[2], 16) + 1) if match else (after, 0)
             return f"{stem}.~{count:016x}-{os.urandom(4).hex()}"
-        prefix = _prefix(previous + _dt.timedelta(microseconds=1))
     return f"{prefix}-{os.urandom(8).hex()}"
 
 

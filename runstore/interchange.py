@@ -14,7 +14,8 @@ import io
 import json
 import os
 import re
-from collections.abc import Container, Iterable
+import tempfile
+from collections.abc import Callable, Container, Iterable
 from typing import IO, Any
 
 import attrs
@@ -52,6 +53,30 @@ def write_export(fp: IO[str] | IO[bytes], runs: Iterable[tuple[Run, dict[str, An
     else:
         fp.write(blob)  # type: ignore[arg-type]  # not a text file: a binary one
     return len(items)
+
+
+def export_to_path(path: str, write: Callable[[IO[bytes]], int]) -> int:
+    """Call ``write`` on a temp file beside ``path`` (in its directory), fsync it and rename
+    it over ``path``: a failed export leaves no half file, and an existing one is replaced
+    whole or not at all. Returns what ``write`` returned."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        tmp = tempfile.NamedTemporaryFile(  # noqa: SIM115  # closed below, renamed or removed
+            "wb", dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+            delete=False)
+    except OSError as exc:  # name the file asked for, not the temp file
+        raise OSError(exc.errno, exc.strerror, path) from None
+    try:
+        with tmp:
+            count = write(tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp.name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp.name)
+        raise
+    return count
 
 
 def check_import(runs: list[Run], exists: Container[str], busy: dict[str, str],

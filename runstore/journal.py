@@ -18,6 +18,13 @@ the store compares that identity with the path's at every catch-up (``stat_path`
 unlinked) from everything else, which is refused: a store is never reset to empty, nor
 switched to another file, without being asked, and once a journal was opened it is never
 created again (``create``).
+
+Only a torn tail is ever cut: bytes past everything known synced, which no later line shows
+synced and which were not written whole and then edited (``judge``). What is known synced
+comes from the lines' durable marks and from the lock file, where a clean close, a
+checkpoint and a compaction record how much of which journal was synced (``Vouch``), out
+of reach of a cut of the journal. A damaged tail is judged as it is read, a megabyte at a
+time, so a huge one costs linear time and bounded memory.
 """
 
 from __future__ import annotations
@@ -51,7 +58,12 @@ COMPACTING_NAME = f"{TMP_PREFIX}compacting{TMP_SUFFIX}"
 CHECKPOINT_SEARCH = 16 * 1024 * 1024
 #: a damaged tail larger than this is not treated as a torn write but reported as corruption
 TORN_TAIL_LIMIT = 64 * 1024 * 1024
+#: the longest line read whole: a longer one is judged as it is streamed, never held in
+#: memory (runstore writes none nearly this long, and a tail this long is never cut)
+LINE_LIMIT = TORN_TAIL_LIMIT
 _READ_CHUNK = 1 << 20
+#: how many bytes at the start of the lock file hold the vouch (``Vouch``)
+_VOUCH_SIZE = 4096
 _BACK_CHUNK = 64 * 1024  # looking back for a checkpoint, which is usually near the end
 _CHECKSUM_CHUNK = 4 << 20
 _OPEN = os.O_NOFOLLOW | os.O_CLOEXEC
@@ -80,6 +92,9 @@ class Header:
     start: int = 0
     #: written by compactions: lets a reader skip parsing the base (``codec.BaseSummary``)
     summary: codec.BaseSummary | None = None
+    #: CRC-32 of the header line: with the store id it names one journal file's content
+    #: (every compaction writes a header of its own), which a ``Vouch`` is about
+    crc: int = 0
 
 
 @attrs.frozen
@@ -105,6 +120,97 @@ class Cursor:
     checkpoint_seq: int = 0
     #: a version 1 journal: lines are told apart as version 1 did (``codec.is_mark``)
     legacy: bool = False
+    #: how much of the file a clean close, checkpoint or compaction recorded as synced in
+    #: the lock file (``Vouch``): never cut, whatever its lines look like
+    vouched: int = 0
+
+
+@attrs.frozen
+class Vouch:
+    """What a clean close, a checkpoint or a compaction recorded, at the start of the lock
+    file, as synced: the first ``length`` bytes of the journal whose header line has CRC-32
+    ``header_crc`` (through seq ``seq``; 0 when not known). The lock file is never replaced
+    and a cut of the journal cannot reach it, so a journal found shorter than this was cut
+    after it was synced (``Store._load``). Only lengths already synced are recorded, and a
+    compaction records its new file's before renaming it into place, so a power loss never
+    leaves a vouch longer than the journal it names."""
+
+    store_id: str
+    header_crc: int
+    length: int
+    seq: int
+    by: str
+
+    def applies_to(self, header: Header) -> bool:
+        return (self.store_id, self.header_crc) == (header.store_id, header.crc)
+
+    def encode(self) -> bytes:
+        return codec.seal_line({"vouch": self.by, "store_id": self.store_id,
+                                "header_crc": self.header_crc, "length": self.length,
+                                "seq": self.seq})
+
+    @classmethod
+    def decode(cls, data: bytes) -> Vouch | None:
+        """The vouch at the start of the lock file's bytes ``data``; None when there is none
+        or it is not sound (a torn write of it vouches for nothing)."""
+        nl = data.find(b"\n")
+        if nl < 0:
+            return None
+        try:
+            line = codec.decode_line(data[:nl])
+        except codec.BadLine:
+            return None
+        by, store_id, header_crc = line.get("vouch"), line.get("store_id"), line.get("header_crc")
+        length, seq = line.get("length"), line.get("seq")
+        if not (isinstance(by, str) and isinstance(store_id, str)
+                and all(type(v) is int and v >= 0 for v in (header_crc, length, seq))):
+            return None
+        assert isinstance(header_crc, int) and isinstance(length, int) and isinstance(seq, int)
+        return cls(store_id, header_crc, length, seq, by)
+
+
+def read_vouch(lock_fd: int) -> Vouch | None:
+    """The vouch in the lock file open as ``lock_fd`` (None when there is none)."""
+    try:
+        return Vouch.decode(os.pread(lock_fd, _VOUCH_SIZE, 0))
+    except OSError:
+        return None
+
+
+def write_vouch(lock_fd: int, vouch: Vouch, *, sync: bool) -> None:
+    """Record ``vouch`` at the start of the lock file (one ``pwrite``; then ``fdatasync``
+    when ``sync``). Bytes an earlier, longer vouch left after its newline are ignored."""
+    line = vouch.encode()
+    if len(line) > _VOUCH_SIZE:  # a store id nobody writes: vouch for nothing rather
+        line = b"\n"
+    os.pwrite(lock_fd, line, 0)
+    if sync:
+        os.fdatasync(lock_fd)
+
+
+def missing_error(path: str, vouch: Vouch) -> CorruptStoreError:
+    """The journal is missing, but the lock file records that one was synced there."""
+    through = f" through seq {vouch.seq}" if vouch.seq else ""
+    return CorruptStoreError(
+        path, None,
+        f"the journal is missing, but {LOCK_NAME} records {vouch.length} synced bytes{through} "
+        f"of the journal of store {vouch.store_id} (at a {vouch.by}); runstore never starts a "
+        "new, empty store in place of one that existed",
+        "restore the journal from a backup (or move it back); to start a new, empty store "
+        f"on purpose, remove {LOCK_NAME} as well while no process uses the store")
+
+
+def cut_error(path: str, size: int, vouch: Vouch) -> CorruptStoreError:
+    """The journal is ``size`` bytes, shorter than ``vouch`` recorded as synced."""
+    through = f" (through seq {vouch.seq})" if vouch.seq else ""
+    return CorruptStoreError(
+        path, size,
+        f"the journal ends at byte {size}, but its first {vouch.length} bytes{through} were "
+        f"synced and recorded as such in {LOCK_NAME} at a {vouch.by}: the file was cut "
+        "after it was synced (not a torn write, which only loses what was never synced)",
+        "restore the file from a backup (the lines before this offset are intact); if this "
+        f"shorter file is what you want, empty {LOCK_NAME} (truncate -s 0) while no process "
+        "uses the store")
 
 
 @attrs.define
@@ -114,6 +220,9 @@ class ScanResult:
     #: in a version 1 journal, record lines read as marks because they carry a field named
     #: ``mark`` (``codec.is_mark``): runs that version lost (``check`` reports them)
     shadowed: list[tuple[int, dict[str, Any]]] = attrs.Factory(list)
+
+
+_INCOMPLETE = "incomplete last line (a torn write)"
 
 
 def scan(buf: bytes, start: int, cur: Cursor) -> ScanResult:
@@ -131,8 +240,7 @@ def scan(buf: bytes, start: int, cur: Cursor) -> ScanResult:
         nl = buf.find(b"\n", pos)
         offset = start + pos
         if nl < 0:
-            return ScanResult(records, Damage(offset, "incomplete last line (a torn write)"),
-                              shadowed)
+            return ScanResult(records, Damage(offset, _INCOMPLETE), shadowed)
         try:
             line = buf[pos:nl]
             data = decode(line)
@@ -150,7 +258,9 @@ def scan(buf: bytes, start: int, cur: Cursor) -> ScanResult:
                         raise codec.BadLine(f"a checkpoint says the next seq is {says!r} "
                                             f"where it is {cur.next_seq}")
                     cur.checkpoint_seq = cur.next_seq
-                cur.durable = max(cur.durable, mark)
+                # a mark that vouches for every byte before it vouches for itself too: it
+                # shows no change, so a reader need not sync it (``Store._make_visible``)
+                cur.durable = max(cur.durable, mark if mark < offset else start + nl + 1)
                 pos = nl + 1
                 cur.end = start + pos
                 continue
@@ -178,26 +288,135 @@ def scan(buf: bytes, start: int, cur: Cursor) -> ScanResult:
 
 #: how every line runstore writes after the header begins (a record, or a clean-close mark)
 _LINE_START = re.compile(rb'\{"(?:seq|mark)":')
+_CRC_TAIL = re.compile(rb',"crc":(\d{1,10})\}\r?$')
+
+#: ``read(offset, size)``: bytes of the file being judged (a descriptor, or a buffer)
+Read = Callable[[int, int], bytes]
 
 
-def durable_beyond(buf: bytes, start: int, damage: Damage) -> int | None:
+def buffer_reader(buf: bytes, start: int) -> Read:
+    """``read`` over ``buf``, the file's bytes from offset ``start``."""
+    def read(offset: int, size: int) -> bytes:
+        return buf[offset - start:offset - start + size]
+    return read
+
+
+def _newline_after(read: Read, end: int, offset: int) -> int:
+    """The offset of the first newline at or after ``offset`` (-1: none before ``end``),
+    found in chunks, keeping none of them."""
+    pos = offset
+    while pos < end:
+        chunk = read(pos, min(_READ_CHUNK, end - pos))
+        if not chunk:
+            break
+        nl = chunk.find(b"\n")
+        if nl >= 0:
+            return pos + nl
+        pos += len(chunk)
+    return -1
+
+
+def _line_at(read: Read, end: int, offset: int) -> tuple[bytes | None, int]:
+    """(the line at ``offset`` without its newline, or None when it is longer than
+    ``LINE_LIMIT`` or has no newline before ``end``; where its newline is, -1 if none)."""
+    nl = _newline_after(read, end, offset)
+    if nl < 0 or nl - offset > LINE_LIMIT:
+        return None, nl
+    return read(offset, nl - offset), nl
+
+
+def _long_line_damage(read: Read, nl: int, damage: Damage) -> Damage:
+    """``damage`` at a line too long to be read whole (``Journal.read_lines`` stops at it,
+    so the scan saw it as incomplete), whose newline is at ``nl``: what is wrong with it,
+    found by streaming it."""
+    tail = read(max(damage.offset, nl - 24), nl - max(damage.offset, nl - 24))
+    m = _CRC_TAIL.search(tail)
+    if m is None:
+        return Damage(damage.offset, "no checksum field (torn, truncated or not written by "
+                      "runstore)")
+    cut, crc, pos = nl - len(tail) + m.start(), 0, damage.offset
+    while pos < cut:
+        chunk = read(pos, min(_READ_CHUNK, cut - pos))
+        if not chunk:
+            break
+        crc = zlib.crc32(chunk, crc)
+        pos += len(chunk)
+    if crc != int(m.group(1)):
+        return Damage(damage.offset, "checksum mismatch (the line was altered or torn)")
+    return Damage(damage.offset, f"a line of {nl - damage.offset} bytes, longer than "
+                  f"runstore reads ({LINE_LIMIT})", torn=False)
+
+
+def _normalised(line: bytes) -> Iterator[tuple[bytes, str]]:
+    """Versions of a damaged line with a whole-file edit undone, each with what the edit
+    was: line endings converted to CRLF, text re-encoded between Latin-1 and UTF-8."""
+    crlf = line.endswith(b"\r")
+    base = line.rstrip(b"\r") if crlf else line
+    if crlf:
+        yield base, "its line ending was converted to CRLF"
+    edited = "its line ending was converted to CRLF and " if crlf else ""
+    if max(base, default=0) < 0x80:
+        return
+    for src, dst in (("utf-8", "latin-1"), ("utf-8", "cp1252"), ("latin-1", "utf-8"),
+                     ("cp1252", "utf-8")):
+        try:
+            yield base.decode(src).encode(dst), f"{edited}it was re-encoded from {dst} to {src}"
+        except (UnicodeDecodeError, UnicodeEncodeError):
+            continue
+
+
+def _decode_edited(line: bytes) -> tuple[dict[str, Any], str] | None:
+    """(the line's content, how it was edited) when ``line`` fails its checksum only
+    because of a whole-file edit (``_normalised``), else None."""
+    for candidate, how in _normalised(line):
+        try:
+            return codec.decode_line(candidate), how
+        except codec.BadLine:
+            continue
+    return None
+
+
+def durable_beyond(read: Read, end: int, damage: Damage) -> int | None:
     """After damage at ``damage.offset``: the offset of a later valid line that proves the
     damaged bytes had been synced (its durable mark lies past them), else None. A line is
     looked for wherever one can begin, not only after a newline: a flipped newline merges
-    the damaged line with the next, which must still count as proof."""
-    for m in _LINE_START.finditer(buf, damage.offset - start + 1):
-        pos = m.start()
-        nl = buf.find(b"\n", pos)
-        if nl < 0:
+    the damaged line with the next, which must still count as proof. A line that fails its
+    checksum only because the whole file was edited (``_normalised``) counts too. The
+    bytes up to ``end`` are read a megabyte at a time, never held at once."""
+    pos = damage.offset + 1
+    overlap = len(b'{"mark":') - 1  # a line start cut by a chunk's end is seen in the next
+    far_nl = -1  # the newline ending the last line found too long to read
+    while pos < end:
+        chunk = read(pos, min(_READ_CHUNK, end - pos))
+        if not chunk:
             return None
-        try:
-            data = codec.decode_line(buf[pos:nl])
-        except codec.BadLine:
-            continue
-        mark = data.get("durable")
-        if type(mark) is int and mark > damage.offset:
-            return start + pos
+        i = chunk.find(b'{"')
+        while i >= 0:
+            if _LINE_START.match(chunk, i) and pos + i + LINE_LIMIT >= far_nl:
+                nl = chunk.find(b"\n", i)
+                if nl >= 0:
+                    line: bytes | None = chunk[i:nl]
+                else:
+                    line, at = _line_at(read, end, pos + i)
+                    if at < 0:
+                        return None  # no newline after it: nothing later is complete
+                    far_nl = at if line is None else far_nl
+                data = _decode_proof(line) if line is not None else None
+                mark = data.get("durable") if data is not None else None
+                if type(mark) is int and mark > damage.offset:
+                    return pos + i
+            i = chunk.find(b'{"', i + 1)
+        pos += len(chunk) - overlap if len(chunk) > overlap and pos + len(chunk) < end \
+            else len(chunk)
     return None
+
+
+def _decode_proof(line: bytes) -> dict[str, Any] | None:
+    try:
+        return codec.decode_line(line)
+    except codec.BadLine:
+        edited = _decode_edited(line)
+        return edited[0] if edited is not None else None
 
 
 def cursor_after_header(header: Header, start: int) -> Cursor:
@@ -209,19 +428,34 @@ def cursor_after_header(header: Header, start: int) -> Cursor:
                   legacy=header.version < codec.KINDS_BY_FIRST_KEY)
 
 
-def judge(buf: bytes, start: int, cur: Cursor, damage: Damage) -> str | None:
-    """Decide what damage at ``damage.offset`` is: None for a torn tail (unsynced writes a
-    crash cut short, safe to truncate), else why it is corruption of durable data."""
+def judge(read: Read, end: int, cur: Cursor, damage: Damage) -> str | None:
+    """Decide what damage at ``damage.offset`` of a file ``end`` bytes long is: None for a
+    torn tail (unsynced writes a crash cut short, safe to truncate), else why it is
+    corruption of durable data. A crash tears only appends that were not synced, so
+    anything shown synced (a durable mark, a later line's mark, the lock file's vouch) or
+    edited after it was complete is corruption. Linear in the tail, in bounded memory."""
+    nl = _newline_after(read, end, damage.offset)
+    if damage.reason == _INCOMPLETE and nl >= 0:
+        damage = _long_line_damage(read, nl, damage)
     if damage.offset < cur.durable:
         return (f"{damage.reason}, inside the part of the file known to be synced "
                 f"(the first {cur.durable} bytes)")
     if not damage.torn:
         return (f"{damage.reason}; the line is complete and passes its checksum, so it is "
                 "not a torn write (was it written by a newer runstore or edited by hand?)")
-    proof = durable_beyond(buf, start, damage)
+    long = nl < 0 or nl - damage.offset > LINE_LIMIT
+    edited = None if long else _decode_edited(read(damage.offset, nl - damage.offset))
+    if edited is not None:
+        return (f"{damage.reason}; the line passes its checksum once the edit is undone "
+                f"({edited[1]}), so it was written whole and then the file was edited "
+                "(not a torn write)")
+    proof = durable_beyond(read, end, damage) if nl >= 0 else None  # none: no line ends
     if proof is not None:
         return f"{damage.reason}; a valid record at byte {proof} shows this part had been synced"
-    dropped = start + len(buf) - damage.offset
+    if damage.offset < cur.vouched:
+        return (f"{damage.reason}, inside the first {cur.vouched} bytes, which {LOCK_NAME} "
+                "records as synced (at a clean close, checkpoint or compaction)")
+    dropped = end - damage.offset
     if dropped > TORN_TAIL_LIMIT:
         return f"{damage.reason}, followed by {dropped} bytes: too much to be a torn write"
     return None
@@ -232,7 +466,10 @@ def parse_header(line: bytes, path: str) -> Header:
     try:
         data = codec.decode_line(line)
     except codec.BadLine as exc:
-        raise CorruptStoreError(path, 0, f"the header line is damaged ({exc.reason})") from None
+        edited = _decode_edited(line) if exc.torn else None
+        how = f"; it passes its checksum once the edit is undone ({edited[1]})" if edited else ""
+        raise CorruptStoreError(path, 0,
+                                f"the header line is damaged ({exc.reason}{how})") from None
     if data.get("format") != codec.FORMAT_NAME:
         raise CorruptStoreError(
             path, 0, f"not a runstore journal (format {data.get('format')!r})",
@@ -260,6 +497,7 @@ def parse_header(line: bytes, path: str) -> Header:
         base_end=len(line) + 1 + base + history,
         start=len(line) + 1,
         summary=codec.BaseSummary.from_header(data),
+        crc=zlib.crc32(line),
     )
 
 
@@ -600,19 +838,38 @@ class Journal:
             if chunk:
                 yield start, chunk
             return
-        pos, carry = start, b""
+        pos, parts, pending = start, [], 0  # parts: a line begun and not yet ended
         while pos < end:
             chunk = self.pread(fd, min(_READ_CHUNK, end - pos), pos)
             if not chunk:
                 break
             pos += len(chunk)
-            data = carry + chunk if carry else chunk
-            cut = data.rfind(b"\n") + 1 if pos < end else len(data)
+            cut = chunk.rfind(b"\n") + 1 if pos < end else len(chunk)
             if cut:
-                yield pos - len(data), data[:cut]
-            carry = data[cut:]
-        if carry:
-            yield pos - len(carry), carry
+                parts.append(chunk[:cut] if cut < len(chunk) else chunk)
+                yield pos - len(chunk) - pending, b"".join(parts)
+                parts, pending = [chunk[cut:]] if cut < len(chunk) else [], len(chunk) - cut
+            else:  # joined once its end is found: linear however long the line
+                parts.append(chunk)
+                pending += len(chunk)
+                if pending > LINE_LIMIT:  # yield its start: the reader judges it streamed
+                    yield pos - pending, parts[0]
+                    return
+        if parts:
+            yield pos - pending, b"".join(parts)
+
+    def line_number(self, offset: int) -> int:
+        """The 1-based number of the line at ``offset`` (newlines counted in chunks: for
+        an error message, never on the way of an operation)."""
+        assert self.fd is not None
+        count, pos = 1, 0
+        while pos < offset:
+            chunk = self.pread(self.fd, min(_CHECKSUM_CHUNK, offset - pos), pos)
+            if not chunk:
+                break
+            count += chunk.count(b"\n")
+            pos += len(chunk)
+        return count
 
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         """Up to ``size`` bytes from ``offset`` of ``fd`` (a descriptor of the journal);
@@ -748,7 +1005,8 @@ class Journal:
             raise StoreIOError(self.path, "truncating the torn tail of", exc,
                                IOKind.RECOVER) from None
 
-    def replace_with(self, chunks: Iterable[bytes]) -> None:
+    def replace_with(self, chunks: Iterable[bytes],
+                     before_rename: Callable[[], None] | None = None) -> None:
         """Write a new file through a temp file and rename it over the journal (always
         fsynced: a replaced journal must never come back empty)."""
         name, fd = self.new_temp()
@@ -757,7 +1015,7 @@ class Journal:
         except BaseException:
             self.abandon_temp(name, fd)
             raise
-        self.install_temp(name, fd)
+        self.install_temp(name, fd, before_rename=before_rename)
 
     def new_temp(self) -> tuple[str, int]:
         """Create a temp file (a random name, ``O_EXCL``, 0600) for a new journal."""
@@ -820,17 +1078,22 @@ class Journal:
         except OSError as exc:
             raise StoreIOError(self.path, "rewriting", exc, IOKind.REWRITE) from None
 
-    def install_temp(self, name: str, fd: int, tail: bytes = b"") -> None:
+    def install_temp(self, name: str, fd: int, tail: bytes = b"",
+                     before_rename: Callable[[], None] | None = None) -> None:
         """Append ``tail`` to a written temp file (fsynced when not empty), rename it over
         the journal, close it, then fsync the directory. Call with the lock held. The temp
         file is closed only once it is the journal: the temp file of a compaction beside the
         lock is flocked until it is closed, and another process that claimed it between a
         close and the rename would empty it (``claim_compaction_temp``), and the rename would
-        then put an empty journal in place."""
+        then put an empty journal in place. ``before_rename`` runs once the temp file is
+        synced, just before the rename (the store records the new file as synced there:
+        ``Vouch``)."""
         try:
             if tail:
                 self._write_all(fd, tail)
                 self.fs.fsync(fd)
+            if before_rename is not None:
+                before_rename()
             self.fs.replace(name, DATA_NAME, self.dir_fd)
         except OSError as exc:
             self.abandon_temp(name, fd)
@@ -917,6 +1180,7 @@ def check(state_dir: str | os.PathLike[str], *, lock_timeout: float = 30.0) -> C
     path = os.path.join(state_dir, DATA_NAME)
     dir_fd = open_state_dir(state_dir, create=False)
     lock_fd = -1
+    vouch = None
     try:
         try:
             lock_fd = os.open(LOCK_NAME, os.O_RDWR | _OPEN, dir_fd=dir_fd)
@@ -926,6 +1190,7 @@ def check(state_dir: str | os.PathLike[str], *, lock_timeout: float = 30.0) -> C
             opened, lock_fd = lock_fd, -1
             lock_fd = _lock_at_path(opened, dir_fd, os.path.join(state_dir, LOCK_NAME),
                                     lock_timeout)
+            vouch = read_vouch(lock_fd)
         try:
             fd = os.open(DATA_NAME, os.O_RDONLY | _OPEN, dir_fd=dir_fd)
         except OSError as exc:
@@ -944,7 +1209,7 @@ def check(state_dir: str | os.PathLike[str], *, lock_timeout: float = 30.0) -> C
         if lock_fd >= 0:
             os.close(lock_fd)
         os.close(dir_fd)
-    return _check_bytes(buf, path)
+    return _check_bytes(buf, path, vouch)
 
 
 def _lock_at_path(fd: int, dir_fd: int, lock_path: str, timeout: float) -> int:
@@ -981,7 +1246,7 @@ def _lock_at_path(fd: int, dir_fd: int, lock_path: str, timeout: float) -> int:
                                    "move it away and retry")
 
 
-def _check_bytes(buf: bytes, path: str) -> CheckReport:
+def _check_bytes(buf: bytes, path: str, vouch: Vouch | None = None) -> CheckReport:
     if not buf:
         problem = Problem(0, 1, "the file is empty", "move it away to start a new store")
         return CheckReport(path, 0, 0, 0, 0, (problem,))
@@ -995,8 +1260,13 @@ def _check_bytes(buf: bytes, path: str) -> CheckReport:
                            (Problem(0, 1, exc.problem, exc.remedy),))
     start = nl + 1
     cur = cursor_after_header(header, start)
-    result = scan(buf[start:], start, cur)
     problems = []
+    if vouch is not None and vouch.applies_to(header):
+        cur.vouched = vouch.length
+        if len(buf) < vouch.length:
+            cut = cut_error(path, len(buf), vouch)
+            problems.append(Problem(len(buf), buf.count(b"\n") + 1, cut.problem, cut.remedy))
+    result = scan(buf[start:], start, cur)
     for offset, data in result.shadowed:
         problems.append(Problem(
             offset, buf.count(b"\n", 0, offset) + 1,
@@ -1015,7 +1285,7 @@ def _check_bytes(buf: bytes, path: str) -> CheckReport:
     damage = result.damage
     if damage is not None:
         line = buf.count(b"\n", 0, damage.offset) + 1
-        verdict = judge(buf[start:], start, cur, damage)
+        verdict = judge(buffer_reader(buf, 0), len(buf), cur, damage)
         if verdict is None:
             problems.append(Problem(
                 damage.offset, line,

@@ -122,6 +122,12 @@ class StoreLock:
             except OSError:
                 pass
 
+    def descriptor(self) -> int | None:
+        """The lock file's descriptor while it is open (None before the first acquire):
+        besides its lock, the file holds a small record of what was synced
+        (``journal.Vouch``), which the store reads and writes with the lock held."""
+        return self._fd
+
     def acquire_file(self, timeout: float) -> None:
         """Take the file lock again while still holding the mutex (after ``release_file``);
         ``LockTimeoutError`` after ``timeout`` seconds."""

@@ -64,6 +64,14 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def is_alive(host: str, pid: int | None, start: str) -> bool:
+    """True only when the owner provably still runs: same host, and its pid belongs to a
+    process started at ``start`` (so never where the start time is not known)."""
+    if not host or pid is None or not start or host != os.uname().nodename:
+        return False
+    return process_start(pid) == start
+
+
 def is_gone(host: str, pid: int | None, start: str) -> bool:
     """True only when the owner provably no longer runs: same host, and its pid is free or
     now belongs to a process started at another time."""

@@ -31,6 +31,7 @@ import datetime as _dt
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any, TypeVar
 
@@ -86,6 +87,14 @@ _FIELDS = codec.RUN_FIELDS
 
 def _utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC)
+
+
+#: every ``PostgresStore`` of this process, for the at-fork hook (``_after_fork_in_child``)
+_stores: weakref.WeakSet[PostgresStore] = weakref.WeakSet()
+#: in a forked child, the pools inherited from the parent: kept referenced and never used,
+#: closed or collected (a pool's finaliser signals its worker threads through locks that a
+#: parent's thread may have held at the fork, and no worker runs in the child)
+_parent_pools: list[object] = []
 
 
 def _aware_utc(value: Any, _type: Any) -> _dt.datetime:
@@ -189,6 +198,7 @@ class PostgresStore:
         self._test_hook: Callable[[str, _Conn], None] | None = None
         self.schema_version = self._migrate()
         self._pool = self._new_pool()
+        _stores.add(self)
 
     # -- connections ----------------------------------------------------------------------
 
@@ -530,7 +540,9 @@ class PostgresStore:
     def reap(self, *, stale_after: _dt.timedelta, dry_run: bool = False) -> _Runs:
         """Interrupt every non-terminal run whose owner process on this host is gone
         (``error_code="owner_gone"``) or whose last heartbeat (or change) is older than
-        ``stale_after`` (``"heartbeat_stale"``); return the reaped runs. A run changed by
+        ``stale_after`` (``"heartbeat_stale"``) and whose owner is not a process of this host
+        that provably still runs (a step of the wall clock never reaps it); return the
+        reaped runs. A run changed by
         its owner while being judged is left alone (its owner is alive)."""
         reaping.check_stale_after(stale_after)
 
@@ -734,6 +746,13 @@ class PostgresStore:
 
     # -- life cycle ---------------------------------------------------------------------
 
+    def _forget_parent_pool(self) -> None:
+        """In a forked child: set the parent's pool aside (its connections are the parent's
+        sessions, possibly mid-transaction in a thread that does not exist here) and take a
+        fresh pool lock; the child's first call opens its own pool (``_pool_here``)."""
+        self._pool_lock = threading.Lock()
+        _parent_pools.append(self._pool)
+
     def close(self) -> None:
         """Close the pooled connections (a forked child leaves its parent's alone)."""
         if self._closed:
@@ -757,6 +776,14 @@ def migrate(dsn: str, table: str = "runs") -> tuple[int, int]:
     schema version before and after (``runstore migrate`` and deployment scripts)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         return pgschema.migrate(conn, table, safe_dsn(dsn))
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_stores):
+        store._forget_parent_pool()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _reason(exc: psycopg.Error) -> str:

@@ -9,8 +9,10 @@ this process's own: the mutex guards it), and release the mutex. Methods that ch
 prepare its next version before the flock and keep it if the run did not change meanwhile
 (``_write_step``). In durable mode the
 ``fdatasync`` happens after the flock is released and before the call returns (group commit:
-one sync can cover the writes of several processes), so other processes may *read* a change a
-moment before it is durable; a change is acknowledged only once it is. After a failed sync
+one sync can cover the writes of several processes), so the view of another process may hold a
+change a moment before it is durable; that process makes it durable before any answer from it
+leaves the call (``_make_visible``), so what a call shows, like what it acknowledges, survives
+a power loss. After a failed sync
 this ``Store`` reads from what was synced before it (``_answer_intact``), and its next write
 first rewrites the file, leaving the unsynced lines out when nothing was written after them.
 
@@ -34,6 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, TypeVar
 
 from . import (
+    _targets,
     codec,
     compaction,
     failpoints,
@@ -65,11 +68,16 @@ from .journal import (
     Damage,
     Header,
     Journal,
+    Vouch,
     cursor_after_header,
+    cut_error,
     judge,
     log_warning,
+    missing_error,
     parse_header,
+    read_vouch,
     scan,
+    write_vouch,
 )
 from .lock import StoreLock
 from .model import BatchSummary, Change, ChangeType, PrepareOutcome, Run, Status, StoreStats
@@ -104,6 +112,10 @@ _RESYNC_KINDS = frozenset({IOKind.SYNC, IOKind.RECOVER, IOKind.SYNC_DIR})
 
 def _utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC)
+
+
+#: every open ``Store`` of this process, for the at-fork hook (``_forget_parent_calls``)
+_stores: weakref.WeakSet[Store] = weakref.WeakSet()
 
 
 class Store:
@@ -144,8 +156,10 @@ class Store:
         #: uses it for that very version only
         self._made: dict[str, tuple[Run, bytes]] = {}
         self._reset_view()
+        _stores.add(self)
         try:
-            self._transact(lambda: (None, []))  # open (or create) now: fail fast on a bad store
+            # open (or create) now: fail fast on a bad store
+            self._transact(lambda: (None, []), shows=False)
         except BaseException:
             self._lock.close()
             self._journal.close()
@@ -350,6 +364,19 @@ class Store:
                                                 initial=chunk_at) if lines else ())
         return history
 
+    def _forget_parent_calls(self) -> None:
+        """In a forked child: drop what the parent's other threads were in the middle of
+        when it forked (records held for after the flock, lines appended but not taken into
+        the view, versions made before the flock). Only the forking thread goes on in the
+        child, so those calls never finish there; the view they may have left half-updated
+        is rebuilt from the file by the child's next call, which also reopens the journal
+        (``_catch_up``). The lock drops the parent's flock and mutex by its own hook."""
+        self._held = []
+        self._appended = None
+        self._made = {}
+        self._stale = True
+        self._unmarked_writes = False  # the parent's to mark clean, not the child's
+
     # -- catching up with the file ------------------------------------------------------
 
     def _catch_up(self, about: str | None = None) -> None:
@@ -391,18 +418,55 @@ class Store:
         are read; the rest is indexed when first needed (``_ensure_index``)."""
         self._reset_view()
         j = self._journal
-        header = j.open() if j.exists() else j.create()
+        header = j.open() if j.exists() else self._create()
         j.remove_stale_temps()
         self._header = header
         start = header.start
         self._cur = cursor_after_header(header, start)
+        vouch = self._vouch_for(header)
+        self._cur.vouched = vouch.length if vouch is not None else 0
         if self._load_checkpoint(header):
             start = self._cur.end
         elif header.summary is not None and self._load_summarised_base(header):
             start = header.base_end
-        self._ingest_from(start)
+        self._ingest_from(start)  # damage before the vouched length is refused there
+        if vouch is not None and self._cur.end < vouch.length:
+            self._stale = True
+            raise cut_error(j.path, self._cur.end, vouch)
         self._synced = self._cur.durable
         self._stale = False
+
+    def _create(self) -> Header:
+        """Create the journal of a new store, after making sure there was none: a lock file
+        that records synced bytes of a journal (``journal.Vouch``) proves one existed, and
+        a store is never reset to empty without being asked. The new journal is recorded
+        there at once, so that from now on its loss is noticed too."""
+        fd = self._lock.descriptor()
+        vouch = read_vouch(fd) if fd is not None else None
+        if vouch is not None:
+            raise missing_error(self._journal.path, vouch)
+        header = self._journal.create()
+        self._vouch(header.crc, header.start, 0, "creation")
+        return header
+
+    def _vouch_for(self, header: Header) -> Vouch | None:
+        """What the lock file says was synced of the journal just opened (None: nothing,
+        or it speaks of another file): no part of it is cut as a torn write, and a journal
+        found shorter is refused (``_load``). One ``pread`` of the lock file, when the
+        view is (re)built."""
+        fd = self._lock.descriptor()
+        vouch = read_vouch(fd) if fd is not None else None
+        return vouch if vouch is not None and vouch.applies_to(header) else None
+
+    def _vouch(self, header_crc: int, length: int, seq: int, by: str, *,
+               sync: bool = True) -> None:
+        """Record in the lock file that the first ``length`` bytes of the journal whose
+        header has CRC ``header_crc`` are synced (see ``journal.Vouch``): at a clean close,
+        a checkpoint and a compaction only, never per operation."""
+        fd = self._lock.descriptor()
+        if fd is None:
+            return
+        write_vouch(fd, Vouch(self._journal.store_id, header_crc, length, seq, by), sync=sync)
 
     def _load_checkpoint(self, header: Header, end: int | None = None) -> bool:
         """Open at the last checkpoint line after the base: take the view it describes
@@ -523,7 +587,7 @@ class Store:
                 self._stale = True
                 raise
             if result.damage is not None:  # judged against everything after it
-                self._recover(j.read_from(chunk_at), chunk_at, result.damage)
+                self._recover(result.damage)
                 return
 
     def _hold(self, records: list[tuple[int, dict[str, Any]]], about: str) -> bool:
@@ -554,27 +618,32 @@ class Store:
             self._stale = True
             raise
 
-    def _recover(self, buf: bytes, start: int, damage: Damage) -> None:
+    def _recover(self, damage: Damage) -> None:
         """A damaged line: cut it off when it can only be a torn, unsynced write; raise,
-        leaving the file untouched, when it lies in data known to be durable."""
-        cur = self._cur
-        assert cur is not None
+        leaving the file untouched, when it lies in data known to be durable. The rest of
+        the file is judged as it is read, a megabyte at a time."""
+        cur, j = self._cur, self._journal
+        assert cur is not None and j.fd is not None
         self._stale = True  # whatever happens next, do not trust this view without a reload
-        verdict = judge(buf, start, cur, damage)
+        verdict = judge(j.reader(), os.fstat(j.fd).st_size, cur, damage)
         if verdict is not None:
-            raise CorruptStoreError(self._journal.path, damage.offset, verdict)
+            raise CorruptStoreError(j.path, damage.offset,
+                                    f"line {j.line_number(damage.offset)}: {verdict}")
         self._journal.truncate(damage.offset, damage.reason)
         self._stale = False
 
     # -- the one read-modify-write path -------------------------------------------------
 
     def _transact(self, decide: Callable[[], _Decision[T]],
-                  early: Callable[[], None] | None = None, about: str | None = None) -> T:
+                  early: Callable[[], None] | None = None, about: str | None = None,
+                  shows: bool = True) -> T:
         """Run ``decide`` under the lock on an up-to-date view and store what it returns.
         ``early`` runs before, with only the mutex held (see ``_write_step``). ``about``:
         the one run id or machine ``decide`` looks at, when it looks at no other run and
         creates no run on another machine (see ``_catch_up``); None when it may look at
-        any."""
+        any. ``shows``: the result may show what the view holds, so in durable mode the
+        view is made durable before it is returned (``_make_visible``); False for calls
+        that return nothing of it (opening, closing)."""
         if self._closed:
             raise ValueError(f"the store at {self.state_dir} is closed")
         lock = self._lock
@@ -623,6 +692,8 @@ class Store:
                     self._resync = True
                     raise
                 self._synced = max(self._synced, wrote_to)
+            elif wrote_to < 0 and shows:
+                self._make_visible()
             if wrote_to >= 0 and self._compaction_due():
                 try:
                     self._compact_beside()
@@ -650,6 +721,12 @@ class Store:
                 durable=durable, next_seq=seq, lines=self._lines, runs=self._live(),
                 max_id=self._max_id, active=tuple(self._active_at.values()),
                 boot=owner.boot_id()))
+            if self._header is not None and durable > cur.vouched:
+                # what the checkpoint says was synced: one pwrite per CHECKPOINT_EVERY
+                # records, not synced (a lost one leaves an older, shorter vouch)
+                with contextlib.suppress(OSError):
+                    self._vouch(self._header.crc, durable, 0, "checkpoint", sync=False)
+                    cur.vouched = durable
         lines = []
         for change, run in changes:
             made = self._made.pop(run.id, None)
@@ -703,8 +780,10 @@ class Store:
         rename, so that a failure leaves the file as it was)."""
         plan = self._plan_compaction(retain, pruned)
         failpoints.hit("compact.before_rewrite")
+        seq = plan.compacted_through + len(plan.history)
         try:
-            self._journal.replace_with(plan.chunks())
+            self._journal.replace_with(plan.chunks(), lambda: self._vouch(
+                zlib.crc32(plan.head[:-1]), plan.base_end, seq, "compaction"))
             self._header = self._journal.open()
         except BaseException:
             self._stale = True
@@ -772,7 +851,7 @@ class Store:
         self._cur = Cursor(end=end, next_seq=cur.next_seq, durable=end,
                            latest_end=plan.latest_end, base_end=plan.base_end,
                            compacted_through=plan.compacted_through,
-                           checkpoint_seq=plan.compacted_through + 1)
+                           checkpoint_seq=plan.compacted_through + 1, vouched=end)
         self._synced = end
         self._lines = plan.lines + len(tail)
 
@@ -814,7 +893,9 @@ class Store:
                                                      plan.base_end, j.path, cur.legacy)
                 installing, fd = fd, None
                 self._stale = True  # until the view is adopted
-                j.install_temp(COMPACTING_NAME, installing, tail)
+                length, seq = plan.base_end + len(tail), cur.next_seq - 1
+                j.install_temp(COMPACTING_NAME, installing, tail, lambda: self._vouch(
+                    zlib.crc32(plan.head[:-1]), length, seq, "compaction"))
                 self._header = j.open()
                 installed = plan, moves, plan.base_end + len(tail)
             finally:
@@ -937,10 +1018,34 @@ class Store:
             if self._intact is not None and self._answer_intact():
                 return answer()
             if self._current_for(about):
+                self._make_visible()
                 return answer()
         finally:
             lock.release_mutex()
         return self._transact(lambda: (answer(), []))
+
+    def _make_visible(self) -> None:
+        """In durable mode, with the mutex held: make the bytes the view holds durable
+        before an answer from them leaves this call. Another process appends under the
+        flock and syncs after releasing it (group commit), so the view may hold its lines
+        before they are durable, and a caller could act on a change that a power loss
+        then takes back. One ``fdatasync`` here (any descriptor of the file covers all of
+        it) makes them durable; it is skipped when this process's own syncs, or the
+        records' ``durable`` offsets written by others after theirs, already vouch for
+        them. When the sync fails, nothing is shown (``IOKind.SYNC_READ``) and the next
+        call rewrites the file first (through a synced temp file), as after a write's
+        failed sync, so that whatever it shows then is durable."""
+        cur, j = self._cur, self._journal
+        if (not self.durable or cur is None or j.fd is None
+                or cur.end <= max(self._synced, cur.durable)):
+            return
+        try:
+            j.sync()
+        except StoreIOError as exc:
+            self._stale = self._resync = True
+            raise StoreIOError(j.path, "syncing what a read shows of", exc.cause,
+                               IOKind.SYNC_READ) from None
+        self._synced = cur.end
 
     def _keep_intact(self, start: int = -1, end: int = -1) -> None:
         """A sync of appended lines (this process's own at ``start:end``, when known)
@@ -1168,7 +1273,9 @@ class Store:
     def reap(self, *, stale_after: _dt.timedelta, dry_run: bool = False) -> _Runs:
         """Interrupt every non-terminal run whose owner process on this host is gone
         (``error_code="owner_gone"``) or whose last heartbeat (or change) is older than
-        ``stale_after`` (``"heartbeat_stale"``); return the reaped runs."""
+        ``stale_after`` (``"heartbeat_stale"``) and whose owner is not a process of this host
+        that provably still runs (a step of the wall clock never reaps it); return the
+        reaped runs."""
         reaping.check_stale_after(stale_after)
 
         def decide() -> _Decision[_Runs]:
@@ -1203,8 +1310,14 @@ class Store:
         ``StoreIOError`` saying that nothing was pruned; it needs no more free space than
         the smaller file. The archive is written (and synced) first; after a failure it is
         cut back to what it held before, and when even that fails the error says that it
-        holds the runs, which a retry then appends again."""
+        holds the runs, which a retry then appends again.
+
+        An ``archive`` that is one of this store's own files (by device and inode: through
+        a symlink or a hard link too), its state directory or a name inside it is refused
+        with ``OutputTargetError`` before anything is opened or pruned."""
         retention.check_prune(older_than, keep_last)
+        if archive is not None:
+            self._check_output(os.fspath(archive), "archive")
 
         def decide() -> _Decision[int]:
             terminal = [r for r in self._all_runs() if r.status.is_terminal]
@@ -1333,11 +1446,47 @@ class Store:
 
     # -- export and import --------------------------------------------------------------
 
-    def export(self, fp: IO[str] | IO[bytes]) -> int:
+    def export(self, fp: IO[str] | IO[bytes] | str | os.PathLike[str]) -> int:
         """Write every run, in insertion order, as one JSON array (the seed's field names);
-        returns the number of runs written."""
+        returns the number of runs written.
+
+        ``fp`` is a file object, or a path: that file is then written through a temp file
+        beside it, synced and renamed over it (replaced whole or not at all). A path that
+        is one of this store's own files (by device and inode: through a symlink or a hard
+        link too), its state directory or a name inside it is refused with
+        ``OutputTargetError`` before anything is opened; so is a file object open on one of
+        the store's files, before anything is written to it (open it by path here to keep
+        it from being truncated first)."""
+        if isinstance(fp, (str, os.PathLike)):
+            path = os.fspath(fp)
+            self._check_output(path, "export")
+            return interchange.export_to_path(path, self._write_export)
+        try:
+            fd: int | None = fp.fileno()
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: in memory
+            fd = None
+        if fd is not None:
+            self._check_output(fd, "export", name=getattr(fp, "name", None))
+        return self._write_export(fp)
+
+    def _write_export(self, fp: IO[str] | IO[bytes]) -> int:
         return interchange.write_export(fp, ((run, self._extras.get(run.id, {}))
                                              for run in self.list()))
+
+    def _check_output(self, target: str | int, what: str, name: object = None) -> None:
+        """Refuse (``OutputTargetError``) to write ``target`` (a path or a descriptor) when
+        it is one of this store's files or inside its state directory, judged against the
+        directory this store has open (``_targets``)."""
+        if self._closed:
+            raise ValueError(f"the store at {self.state_dir} is closed")
+        remedy = f"write the {what} to a file outside {self.state_dir}"
+        dir_fd = self._journal.dir_fd
+        if isinstance(target, int):
+            label = name if isinstance(name, str) else f"descriptor {target}"
+            _targets.check_output_fd(target, self.state_dir, name=label, dir_fd=dir_fd,
+                                     remedy=remedy)
+        else:
+            _targets.check_output(target, self.state_dir, dir_fd=dir_fd, remedy=remedy)
 
     def import_runs(self, source: IO[str] | IO[bytes] | Iterable[Run | dict[str, Any]]) -> int:
         """Add runs keeping their ids, from a JSON array document or JSON lines (a file), or
@@ -1385,7 +1534,7 @@ class Store:
             return
         try:
             if self._unmarked_writes and self._pid == os.getpid():
-                self._transact(self._mark_clean)
+                self._transact(self._mark_clean, shows=False)
         finally:
             self._closed = True
             self._lock.close()
@@ -1400,6 +1549,14 @@ class Store:
         j.sync()
         cur.end = os.fstat(j.fd).st_size if j.fd is not None else cur.end
         self._unmarked_writes = False
+        header = self._header
+        if header is not None and j.fd is not None:
+            try:  # the journal is synced and marked whatever happens here
+                self._vouch(header.crc, cur.end, cur.next_seq - 1, "clean close")
+            except OSError as exc:
+                log_warning("runstore: could not record in %s that %s is synced (%s); a "
+                            "later cut of it will not be told from a torn write",
+                            self._journal.lock_path, j.path, exc)
         return None, []
 
     def __enter__(self) -> Store:
@@ -1431,6 +1588,14 @@ class _HeldChanges:
         except BaseException:  # StopIteration included: done with the descriptor
             self._close()
             raise
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_stores):
+        store._forget_parent_calls()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _changes_read(journal: Journal, fd: int, start: int, end: int, legacy: bool,

@@ -16,6 +16,7 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import attrs
 import pytest
 from demo_runs import four_runs, run_for
 
@@ -436,7 +437,11 @@ def test_watch_follows_live_and_ctrl_c_exits_0(demo: dict[str, str]) -> None:
 # -- reap, prune, compact ----------------------------------------------------------------------
 
 def test_reap_dry_run_then_for_real(run_cli: Cli, demo: dict[str, str]) -> None:
-    """reap --dry-run names the stale runs and changes nothing; reap interrupts them."""
+    """reap --dry-run names the stale runs and changes nothing; reap interrupts them (their
+    owner is made a process of another host: a live owner here is never reaped)."""
+    with Store(demo["dir"], durable=False) as store:
+        for name in ("running", "pending"):
+            store.update(attrs.evolve(store.get(demo[name]), owner_host="elsewhere.invalid"))
     base = ("--state-dir", demo["dir"], "reap", "--stale-after")
     assert run_cli(*base, "1h") == (0, "no runs to reap\n", "")
     before = pathlib.Path(demo["dir"], "runs.jsonl").read_bytes()

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from faults import snapshot_dir
 
 import runstore.journal
 from runstore import (
@@ -185,10 +186,13 @@ def test_processes_racing_after_the_lock_file_changed_create_one_run(
 def test_broken_variant_processes_racing_create_two_runs(
     store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    """Broken variant: without the identity check two processes both create a run for m0."""
+    """Broken variant: without the identity check the processes lock different files, and
+    the race goes wrong: two of them create a run for m0, or their interleaved appends
+    damage the journal (a worker then fails on it)."""
     _no_lock_identity_check(monkeypatch)  # inherited by the forked workers
     problems = _lock_race(store_dir, how)
-    assert any("2 processes got CREATED" in problem for problem in problems), problems
+    assert any("processes got CREATED" in problem or "journal:" in problem
+               or "Corrupt" in problem for problem in problems), problems
 
 
 @contextlib.contextmanager
@@ -447,7 +451,8 @@ def _problems(state_dir: pathlib.Path, how: str, results: list[tuple[str, str, s
 def _without_journal_identity_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     """The broken variant: the catch-up as it was before the identity checks (``fstat`` of
     the open file, reloading from the path when it is unlinked, creating a journal when the
-    path is empty) and no memory of the store id."""
+    path is empty), no memory of the store id and no record of the journal in the lock
+    file."""
     from runstore import store as store_module
 
     def catch_up(self: Store, about: str | None = None) -> None:
@@ -485,6 +490,7 @@ def _without_journal_identity_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Journal, "stat_path", stat_path)
     monkeypatch.setattr(Journal, "open", forgetting(original_open))
     monkeypatch.setattr(Journal, "create", forgetting(original_create))
+    monkeypatch.setattr(store_module, "read_vouch", lambda fd: None)  # no record of the file
 
 
 def _live_store_scenario(state_dir: pathlib.Path, how: str) -> list[str]:
@@ -629,7 +635,8 @@ def test_forked_child_refuses_a_journal_deleted_before_it_reopens(
             kind, message = parent.recv()
         finally:
             assert _reap([proc], 30) == [0]
-        assert kind == "refused" and "never recreates it" in message
+        assert kind == "refused"
+        assert "never recreates it" in message or "never starts a new, empty store" in message
     assert not (store_dir / DATA_NAME).exists()
 
 
@@ -751,3 +758,76 @@ def test_automatic_compaction_beside_the_lock_is_followed(
         a.start(run.id)
         a.finish(run.id, Status.COMPLETED)
         assert b.get(run.id).status is Status.COMPLETED
+
+
+# -- a new process finds the journal gone ---------------------------------------------------
+
+JOURNAL_LOSSES = ["deleted", "renamed"]
+
+
+def _lose_journal(store_dir: pathlib.Path, how: str) -> None:
+    if how == "deleted":
+        (store_dir / DATA_NAME).unlink()
+    else:
+        (store_dir / DATA_NAME).rename(store_dir.parent / "moved.jsonl")
+
+
+def _killed_writer(state_dir: str) -> None:
+    s = Store(state_dir)
+    s.prepare_atomic("m0", "h", _run)
+    os._exit(0)  # no clean close
+
+
+@pytest.mark.parametrize("how", JOURNAL_LOSSES)
+@pytest.mark.parametrize("closed", [True, False], ids=["closed", "crashed"])
+def test_a_new_process_refuses_a_store_whose_journal_is_gone(
+    store_dir: pathlib.Path, how: str, closed: bool
+) -> None:
+    """The lock file records the journal from the store's creation on: a process opening the
+    store after its journal was deleted or renamed refuses instead of starting an empty store
+    in its place (where m0, busy, would be handed out again)."""
+    if closed:
+        with Store(store_dir) as s:
+            s.prepare_atomic("m0", "h", _run)
+    else:
+        child = FORK.Process(target=_killed_writer, args=(str(store_dir),))
+        child.start()
+        child.join(30)
+        assert child.exitcode == 0
+    _lose_journal(store_dir, how)
+    before = snapshot_dir(str(store_dir))
+    for _attempt in range(2):
+        with pytest.raises(CorruptStoreError) as info:
+            Store(store_dir)
+        assert info.value.path == str(store_dir / DATA_NAME)
+        assert "the journal is missing" in str(info.value)
+        assert "restore the journal from a backup" in str(info.value)
+        assert "remove runs.lock" in str(info.value)
+    assert snapshot_dir(str(store_dir)) == before  # nothing created
+
+
+def test_broken_variant_a_new_process_starts_an_empty_store(
+    store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken variant: without the lock file's record, the busy m0 is CREATED again."""
+    from runstore import store as store_module
+
+    with Store(store_dir) as s:
+        s.prepare_atomic("m0", "h", _run)
+    _lose_journal(store_dir, "deleted")
+    monkeypatch.setattr(store_module, "read_vouch", lambda fd: None)
+    with Store(store_dir) as s:
+        assert s.prepare_atomic("m0", "h", _run)[1] is PrepareOutcome.CREATED
+
+
+def test_starting_anew_on_purpose_removes_the_lock_file_too(store_dir: pathlib.Path) -> None:
+    """The remedy the error gives works: with runs.lock removed as well, a new store starts."""
+    with Store(store_dir) as s:
+        s.prepare_atomic("m0", "h", _run)
+    _lose_journal(store_dir, "deleted")
+    with pytest.raises(CorruptStoreError):
+        Store(store_dir)
+    (store_dir / "runs.lock").unlink()
+    with Store(store_dir) as s:
+        assert s.list() == []
+        assert s.prepare_atomic("m0", "h", _run)[1] is PrepareOutcome.CREATED

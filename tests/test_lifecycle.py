@@ -160,9 +160,11 @@ def test_reused_pid_is_not_mistaken_for_the_owner(backend: Backend) -> None:
 
 
 def test_stale_heartbeat_is_reaped_and_fresh_one_is_not(backend: Backend) -> None:
-    """reap(stale_after) interrupts runs whose heartbeat (or last change) is too old."""
+    """reap(stale_after) interrupts runs whose heartbeat (or last change) is too old and
+    whose owner cannot be asked (here: a process of another host)."""
     with backend.open() as store:
         a = store.start(store.create(make("m1")).id)
+        a = store.update(attrs.evolve(a, owner_host="elsewhere.invalid"))
         b = store.create(make("m2"))
         time.sleep(0.3)
         store.heartbeat(b.id)
@@ -176,6 +178,7 @@ def test_reap_dry_run_changes_nothing(backend: Backend) -> None:
     """reap(dry_run=True) reports what it would reap and writes nothing."""
     with backend.open() as store:
         run = store.create(make("m1"))
+        run = store.update(attrs.evolve(run, owner_host="elsewhere.invalid"))
         before = store.last_seq()
         assert [r.id for r in store.reap(stale_after=dt.timedelta(0), dry_run=True)] == [run.id]
         assert store.last_seq() == before
