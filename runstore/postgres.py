@@ -35,11 +35,12 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any, TypeVar
 
+import orjson
 import psycopg
 import psycopg.errors
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import codec, ids, interchange, owner, pgschema, reaping, retention, transitions
@@ -220,7 +221,11 @@ class PostgresStore:
 
     def _configure(self, conn: _Conn) -> None:
         """Per-connection settings: UTC, lock_timeout, and synchronous_commit when not
-        durable (PostgreSQL's 0 means "wait forever", so 0 s becomes 1 ms)."""
+        durable (PostgreSQL's 0 means "wait forever", so 0 s becomes 1 ms). jsonb is read
+        with orjson, as the file store reads its lines: jsonb writes a float such as 1e20
+        as the digits of an integer, which json would read back as an integer beyond 64
+        bits (that ``export`` cannot write) where orjson reads the float it was."""
+        set_json_loads(orjson.loads, conn)
         millis = max(1, round(self.lock_timeout * 1000))
         conn.execute(
             "SELECT set_config('TimeZone', 'UTC', false), set_config('lock_timeout', %s, false),"
