@@ -92,7 +92,8 @@ EXIT_INTERRUPTED = 130
 SHOW_FIELDS = ("id", *(name for name in codec.RUN_FIELDS if name != "id"))
 #: the keys of ``stats --json`` that come from ``Store.stats()``
 STATS_FIELDS = ("path", "file_size", "runs_by_status", "runs_by_machine", "live_lines",
-                "superseded_lines", "last_seq", "oldest_seq")
+                "superseded_lines", "last_seq", "oldest_seq", "torn_tail_offset",
+                "torn_tail_bytes")
 #: the table the CLI uses in a PostgreSQL database (``PostgresStore``'s default)
 POSTGRES_TABLE = "runs"
 _ID_TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"  # the time prefix of ids made by runstore.ids
@@ -721,6 +722,10 @@ def _cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
         ("last seq", str(stats.last_seq)),
         ("oldest seq", f"{stats.oldest_seq} (the oldest change kept for `watch --since`)"),
         ("runs", f"{data['runs']:,}"),
+        *([("torn tail", f"{stats.torn_tail_bytes:,} bytes from byte "
+                         f"{stats.torn_tail_offset:,} (a write a crash cut short; the next "
+                         "write cuts them, reads leave them; `check` says more)")]
+          if stats.torn_tail_offset is not None else []),
     ], p))
     ctx.print()
     rows = [[p.status(s), f"{n:,}"] for s, n in stats.runs_by_status.items()]
@@ -769,12 +774,17 @@ def _cmd_check(ctx: Context, args: argparse.Namespace) -> int:
     ctx.require_store()
     with ctx.progress(f"checking {ctx.journal_path}"):
         report = journal.check(ctx.state_dir, lock_timeout=ctx.lock_timeout)
+    torn = report.torn_tail
     if args.json:
         ctx.print(_dumps({
             "path": report.path, "ok": report.ok, "size": report.size,
             "records": report.records, "last_seq": report.last_seq,
             "problems": [{"offset": p.offset, "line": p.line, "message": p.message,
                           "remedy": p.remedy} for p in report.problems],
+            "torn_tail": None if torn is None else {
+                "offset": torn.offset, "end": torn.end, "bytes": torn.length,
+                "reason": torn.reason},
+            "synced": report.synced, "notes": list(report.notes),
         }, indent=True))
     else:
         p = ctx.paint
@@ -787,6 +797,8 @@ def _cmd_check(ctx: Context, args: argparse.Namespace) -> int:
             for problem in report.problems:
                 ctx.print(f"  line {problem.line}, byte {problem.offset}: {problem.message}")
                 ctx.print(f"    remedy: {problem.remedy}")
+        for note in report.notes:
+            ctx.print(f"  {p.dim('note:')} {note}")
     return EXIT_OK if report.ok else EXIT_FAILURE
 
 

@@ -12,6 +12,7 @@
      |    +-- TableLockTimeoutError                    a PostgreSQL lock was not granted in time
      +-- CorruptStoreError       (also ValueError)     the journal file is damaged or unreadable
      +-- UnsafeStoreError        (also PermissionError) the state directory or a file is unsafe
+     |    +-- ReadOnlyStoreError                       a write to a store this process may only read
      +-- OutputTargetError       (also ValueError)     an output would overwrite the store itself
      +-- HistoryTruncatedError   (also LookupError)    changes asked for were compacted away
      +-- StoreIOError            (also OSError)        reading, writing or syncing failed (``kind``)
@@ -147,6 +148,12 @@ class UnsafeStoreError(RunstoreError, PermissionError):
 
     def __reduce__(self) -> tuple[type[UnsafeStoreError], tuple[str, str, str]]:
         return (type(self), (self.path, self.problem, self.remedy))
+
+
+class ReadOnlyStoreError(UnsafeStoreError):
+    """A write to a store this process can only read: its journal or lock file cannot be
+    opened for writing (a read-only copy, snapshot or mount, or files of another user).
+    Reads of such a store work; ``path`` names the file that cannot be written."""
 
 
 class HistoryTruncatedError(RunstoreError, LookupError):

@@ -44,7 +44,14 @@ from typing import Any
 import attrs
 
 from . import codec, failpoints
-from .errors import CorruptStoreError, IOKind, LockTimeoutError, StoreIOError, UnsafeStoreError
+from .errors import (
+    CorruptStoreError,
+    IOKind,
+    LockTimeoutError,
+    ReadOnlyStoreError,
+    StoreIOError,
+    UnsafeStoreError,
+)
 from .fsio import FileSystem
 from .lock import flock_until, try_flock
 
@@ -74,6 +81,12 @@ _NETWORK_FS = frozenset(
     {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "ceph", "glusterfs",
      "lustre", "gpfs", "fuse.sshfs", "fuse.s3fs", "fuse.glusterfs", "virtiofs"}
 )
+#: open() failures that mean "not for writing": the file may still be opened to read it
+_NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+#: what a ReadOnlyStoreError tells the caller to do
+READ_ONLY_REMEDY = ("reads of this store work; to write, use a writable copy of the state "
+                    "directory, remount it read-write, or give this user write access "
+                    "(files 0600, directory 0700)")
 
 
 @attrs.frozen
@@ -533,8 +546,9 @@ def open_state_dir(state_dir: str, *, create: bool = True) -> int:
     if not create and not os.path.isdir(state_dir):
         raise FileNotFoundError(errno.ENOENT, "no runstore state directory", state_dir)
     try:
-        os.mkdir(state_dir, 0o700)
-        os.chmod(state_dir, 0o700)  # the umask may have cleared bits we asked for
+        if create:  # a reader makes no directory (nor tries to, on a read-only mount)
+            os.mkdir(state_dir, 0o700)
+            os.chmod(state_dir, 0o700)  # the umask may have cleared bits we asked for
     except FileExistsError:
         pass
     except FileNotFoundError:
@@ -603,17 +617,54 @@ class Journal:
         self.store_id = ""
         #: the journal open is of format version 1 (``Cursor.legacy``)
         self.legacy = False
+        #: why the journal open now could only be opened for reading ("" when writable)
+        self.read_only = ""
 
     # -- descriptors --------------------------------------------------------------------
 
+    def peek_vouch(self) -> Vouch | None:
+        """The lock file's record of what was synced (``Vouch``), read without locking or
+        creating the file (a store that only reads opens its lock file at its first
+        write); None when there is no lock file or it cannot be read."""
+        try:
+            fd = os.open(LOCK_NAME, os.O_RDONLY | os.O_NONBLOCK | _OPEN, dir_fd=self.dir_fd)
+        except OSError:
+            return None
+        try:
+            return read_vouch(fd)
+        finally:
+            os.close(fd)
+
     def open_lock_file(self) -> int:
-        """Open (creating 0600) the lock file; it is never deleted."""
+        """Open (creating 0600) the lock file; it is never deleted. ``ReadOnlyStoreError``
+        when it cannot be opened (or created) for writing: a read-only copy or mount."""
         try:
             fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | _OPEN, 0o600, dir_fd=self.dir_fd)
         except OSError as exc:
+            if exc.errno in _NOT_WRITABLE:
+                raise self.read_only_error(self.lock_path, "lock file", exc) from None
             raise _unsafe(self.lock_path, exc, "lock file") from None
         self._check_regular(fd, self.lock_path, "lock file")
         return fd
+
+    def read_only_error(self, path: str, what: str, exc: OSError | None = None
+                        ) -> ReadOnlyStoreError:
+        """The error of a write to a store this process can only read (``path``: the file
+        that cannot be opened for writing)."""
+        why = f" ({exc.strerror})" if exc is not None else ""
+        if exc is None and self.read_only:
+            why = f" ({self.read_only})"
+        return ReadOnlyStoreError(path, f"the {what} cannot be opened for writing{why}, so "
+                                  "this store is read-only here and nothing was written",
+                                  READ_ONLY_REMEDY)
+
+    def lock_file_exists(self) -> bool:
+        """Whether anything is at the lock file's path (not following a symlink)."""
+        try:
+            self.stat_lock_file()
+        except FileNotFoundError:
+            return False
+        return True
 
     def stat_lock_file(self) -> os.stat_result:
         """The lock file at its path, not following a symlink (``FileNotFoundError``)."""
@@ -700,7 +751,7 @@ class Journal:
         except OSError:
             return f"still linked somewhere (inode {self.identity[1] if self.identity else '?'})"
 
-    def _check_regular(self, fd: int, path: str, what: str) -> None:
+    def _check_regular(self, fd: int, path: str, what: str, fix_mode: bool = True) -> None:
         st = os.fstat(fd)
         problem = ""
         if not stat.S_ISREG(st.st_mode):
@@ -710,7 +761,7 @@ class Journal:
         if problem:
             os.close(fd)
             raise UnsafeStoreError(path, problem, "move it away and retry")
-        if stat.S_IMODE(st.st_mode) != 0o600:
+        if fix_mode and stat.S_IMODE(st.st_mode) != 0o600:
             os.fchmod(fd, 0o600)
 
     def after_fork(self) -> None:
@@ -730,19 +781,29 @@ class Journal:
             return False
         return True
 
-    def open(self, *, writable: bool = True) -> Header:
-        """Open the journal at its path (closing a replaced one) and read its header."""
+    def open(self, *, writable: bool = True, read_only_ok: bool = False) -> Header:
+        """Open the journal at its path (closing a replaced one) and read its header. With
+        ``read_only_ok`` (a read), a journal that cannot be opened for writing (a read-only
+        copy or mount) is opened for reading, and ``read_only`` says why (its mode is then
+        left as it is)."""
         self.close_data()
+        self.read_only = ""
         flags = (os.O_RDWR | os.O_APPEND if writable else os.O_RDONLY) | _OPEN
         try:
-            fd = self.fs.open(DATA_NAME, flags, 0o600, self.dir_fd)
+            try:
+                fd = self.fs.open(DATA_NAME, flags, 0o600, self.dir_fd)
+            except OSError as exc:
+                if not writable or not read_only_ok or exc.errno not in _NOT_WRITABLE:
+                    raise
+                fd = self.fs.open(DATA_NAME, os.O_RDONLY | _OPEN, 0o600, self.dir_fd)
+                self.read_only = exc.strerror or "not writable"
         except OSError as exc:
             if exc.errno == errno.ENOENT and self.store_id:
                 raise self.gone_error() from None
             if exc.errno in _IO_ERRNOS:  # the disk or the system failed, not the file's safety
                 raise StoreIOError(self.path, "opening", exc, IOKind.OPEN) from None
             raise _unsafe(self.path, exc, "journal file") from None
-        self._check_regular(fd, self.path, "journal file")
+        self._check_regular(fd, self.path, "journal file", fix_mode=not self.read_only)
         st = os.fstat(fd)
         self.fd = fd
         self.identity = (st.st_dev, st.st_ino)
@@ -1157,8 +1218,23 @@ class Problem:
 
 
 @attrs.frozen
+class TornTail:
+    """Bytes past the last valid line that a crash may leave (a write cut short): the next
+    write to the store cuts them (``offset`` to ``end``); reads leave them."""
+
+    offset: int
+    end: int
+    reason: str
+
+    @property
+    def length(self) -> int:
+        return self.end - self.offset
+
+
+@attrs.frozen
 class CheckReport:
-    """What ``check`` found: ``ok`` is True when the file is healthy."""
+    """What ``check`` found: ``ok`` is True when the file is healthy (a torn tail, which the
+    next write cuts, is reported in ``torn_tail`` and ``notes``, not as a problem)."""
 
     path: str
     size: int
@@ -1166,6 +1242,12 @@ class CheckReport:
     last_seq: int
     oldest_seq: int
     problems: tuple[Problem, ...]
+    #: the torn tail past the last valid line, if any
+    torn_tail: TornTail | None = None
+    #: how many bytes from the start the file itself shows to have been synced
+    synced: int = 0
+    #: what check cannot know from the file (sentences)
+    notes: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -1175,21 +1257,32 @@ class CheckReport:
 def check(state_dir: str | os.PathLike[str], *, lock_timeout: float = 30.0) -> CheckReport:
     """Verify a whole journal (header, checksums, sequence, fields, torn tail, damage) without
     modifying anything; waits up to ``lock_timeout`` for the store lock when the lock file
-    exists (``LockTimeoutError``)."""
+    exists (``LockTimeoutError``). On a read-only copy or mount the lock file is opened for
+    reading (enough to lock it), or, when even that fails, the file is read without it."""
     state_dir = os.fspath(state_dir)
     path = os.path.join(state_dir, DATA_NAME)
+    lock_path = os.path.join(state_dir, LOCK_NAME)
     dir_fd = open_state_dir(state_dir, create=False)
     lock_fd = -1
     vouch = None
+    notes: list[str] = []
     try:
         try:
             lock_fd = os.open(LOCK_NAME, os.O_RDWR | _OPEN, dir_fd=dir_fd)
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            if exc.errno not in _NOT_WRITABLE:
+                raise _unsafe(lock_path, exc, "lock file") from None
+            try:
+                lock_fd = os.open(LOCK_NAME, os.O_RDONLY | _OPEN, dir_fd=dir_fd)
+            except OSError as again:
+                notes.append(f"the file was read without the store's lock ({lock_path}: "
+                             f"{again.strerror}): a write in progress elsewhere would show "
+                             "as a torn tail")
         if lock_fd >= 0:
             opened, lock_fd = lock_fd, -1
-            lock_fd = _lock_at_path(opened, dir_fd, os.path.join(state_dir, LOCK_NAME),
-                                    lock_timeout)
+            lock_fd = _lock_at_path(opened, dir_fd, lock_path, lock_timeout)
             vouch = read_vouch(lock_fd)
         try:
             fd = os.open(DATA_NAME, os.O_RDONLY | _OPEN, dir_fd=dir_fd)
@@ -1209,7 +1302,8 @@ def check(state_dir: str | os.PathLike[str], *, lock_timeout: float = 30.0) -> C
         if lock_fd >= 0:
             os.close(lock_fd)
         os.close(dir_fd)
-    return _check_bytes(buf, path, vouch)
+    report = _check_bytes(buf, path, vouch)
+    return attrs.evolve(report, notes=(*report.notes, *notes)) if notes else report
 
 
 def _lock_at_path(fd: int, dir_fd: int, lock_path: str, timeout: float) -> int:
@@ -1283,21 +1377,35 @@ def _check_bytes(buf: bytes, path: str, vouch: Vouch | None = None) -> CheckRepo
                                     f"run {data.get('id')!r}: {exc.reason}",
                                     "restore the file from a backup or fix the record by hand"))
     damage = result.damage
+    torn: TornTail | None = None
+    notes: list[str] = []
     if damage is not None:
         line = buf.count(b"\n", 0, damage.offset) + 1
         verdict = judge(buffer_reader(buf, 0), len(buf), cur, damage)
         if verdict is None:
-            problems.append(Problem(
-                damage.offset, line,
-                f"torn tail: {damage.reason} ({len(buf) - damage.offset} bytes of unsynced "
-                "writes a crash cut short)",
-                "the next process that opens the store truncates it; nothing acknowledged "
-                "is lost"))
+            torn = TornTail(damage.offset, len(buf), damage.reason)
+            notes.append(
+                f"torn tail at line {line}: {damage.reason}; the next write to the store cuts "
+                f"bytes {torn.offset} to {torn.end} ({torn.length} bytes), reads leave them. "
+                f"They lie past the last point the file shows synced (byte {cur.durable}): "
+                "a crash during a write leaves such a tail, and then they held no change a "
+                "durable store had acknowledged; damage to the disk can look the same, and "
+                "whether they held an acknowledged change cannot be known from the file")
         else:
             problems.append(Problem(
                 damage.offset, line, verdict,
                 "restore the file from a backup; the lines before this offset are intact "
                 "JSON lines (head -c OFFSET runs.jsonl) if you must rebuild by hand"))
     records = len(result.records)
+    synced = cur.durable
+    last = buf[synced:cur.end]  # a valid line (scan passed it) that is a clean-close mark
+    if last.startswith(b'{"mark":"clean_close",') and last.count(b"\n") == 1:
+        synced = cur.end  # closed cleanly: all of it was synced, the mark included
+    if not problems and synced < cur.end:
+        notes.append(
+            f"the last {cur.end - synced} bytes of valid lines (from byte {synced}) are not "
+            "known to be synced: the store was not closed cleanly, or is open now, and no "
+            "later line records a sync; check cannot tell whether they are on disk for good")
     return CheckReport(path, len(buf), records, cur.next_seq - 1,
-                       header.compacted_through + 1, tuple(problems))
+                       header.compacted_through + 1, tuple(problems), torn, synced,
+                       tuple(notes))

@@ -74,6 +74,11 @@ class StoreLock:
             self._mutex.release()
             raise
 
+    def open_file(self) -> None:
+        """Open the lock file now without locking it (a store checks it when it opens)."""
+        if self._fd is None:
+            self._open()
+
     def acquire_mutex(self, timeout: float) -> None:
         """Take the mutex alone (a read that may not need the file lock); release it with
         ``release_mutex``. ``LockTimeoutError`` after ``timeout`` seconds."""

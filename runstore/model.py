@@ -169,3 +169,7 @@ class StoreStats:
     last_seq: int
     oldest_seq: int
     durable: bool
+    #: a torn tail found past the valid lines (a write a crash cut short), left in place
+    #: for the next write to cut: its offset and length in bytes (None, 0: there is none)
+    torn_tail_offset: int | None = None
+    torn_tail_bytes: int = 0

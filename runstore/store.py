@@ -1,7 +1,8 @@
 """``Store``: the run-store contract on a JSON-lines journal, with one read-modify-write path.
 
-Every public method runs ``_transact(decide)`` (the reads first try to answer without the
-flock: ``_read``): take the lock (mutex, then flock), bring the
+Every public method that may write runs ``_transact(decide)`` (the reads run ``_read``,
+which catches up without the flock and never changes the file): take the lock (mutex, then
+flock), bring the
 in-memory view up to date with what other processes appended (or reload when the file was
 replaced), let ``decide`` look at the view and return its result plus the new run versions to
 store, append those as one write, release the flock, take the new lines into the view (it is
@@ -35,6 +36,8 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, TypeVar
 
+import attrs
+
 from . import (
     _targets,
     codec,
@@ -55,6 +58,7 @@ from .errors import (
     IOKind,
     LockTimeoutError,
     MachineBusyError,
+    ReadOnlyStoreError,
     RunNotFoundError,
     RunstoreError,
     StoreIOError,
@@ -106,6 +110,10 @@ _COMPACT_RETRY_LINES = 256
 #: the most bytes appended since the view was brought up to date that a read looks through
 #: for the run it is about before answering without the flock (``Store._current_for``)
 _UNREAD_LIMIT = 64 * 1024
+#: how long a read waits for the flock before it catches up without it (``Store._read``)
+_READ_LOCK_WAIT = 0.25
+#: how much of a damaged line is read again to see whether it was only being written
+_READ_AGAIN = 2 * 1024 * 1024
 #: the failures after which the file is rewritten before the next write (``Store._resync``)
 _RESYNC_KINDS = frozenset({IOKind.SYNC, IOKind.RECOVER, IOKind.SYNC_DIR})
 
@@ -140,6 +148,9 @@ class Store:
         self._journal = Journal(self.state_dir, _fs or DEFAULT_FS)
         self._lock = StoreLock(self._journal.open_lock_file, self._journal.lock_path,
                                self._journal.stat_lock_file)
+        #: set when the lock file cannot be opened for writing (a read-only copy or mount):
+        #: this store then only reads, without the lock, and every write raises this
+        self._lock_error: ReadOnlyStoreError | None = None
         self._pid = os.getpid()
         self._closed = False
         self._unmarked_writes = False
@@ -155,15 +166,39 @@ class Store:
         #: before the flock was taken and kept by its decision; ``_append`` takes it out and
         #: uses it for that very version only
         self._made: dict[str, tuple[Run, bytes]] = {}
+        self._reading = False  # catching up for a read, without the flock
         self._reset_view()
         _stores.add(self)
         try:
-            # open (or create) now: fail fast on a bad store
-            self._transact(lambda: (None, []), shows=False)
+            self._open()  # now: fail fast on a bad store
         except BaseException:
             self._lock.close()
             self._journal.close()
             raise
+
+    def _open(self) -> None:
+        """Check the lock file (when there is one: the first write creates it) and read
+        the journal, as a read does (without the flock, changing nothing: a torn tail is
+        left for the first write to cut); a missing journal is created under the lock."""
+        try:
+            if self._journal.lock_file_exists():
+                self._lock.open_file()
+        except ReadOnlyStoreError as exc:
+            self._lock_error = exc
+        if self._journal.exists():
+            self._read(lambda: None)
+        elif self._lock_error is not None:
+            raise self._read_only_error()
+        else:
+            self._transact(lambda: (None, []), shows=False)
+
+    def _read_only_error(self) -> ReadOnlyStoreError:
+        """Why this store cannot be written: its lock file or its journal cannot be opened
+        for writing."""
+        exc, j = self._lock_error, self._journal
+        if exc is not None:
+            return ReadOnlyStoreError(exc.path, exc.problem, exc.remedy)
+        return j.read_only_error(j.path, "journal file")
 
     # -- the view -----------------------------------------------------------------------
 
@@ -198,6 +233,10 @@ class Store:
         #: into the view only after it is released (``_catch_up`` with ``about``), in file
         #: order; always empty when the mutex is free
         self._held: list[tuple[int, dict[str, Any]]] = []
+        #: a torn tail the last catch-up found past the valid lines, and where the file
+        #: ended: left in place by reads, cut by the next write (``_before_writing``)
+        self._torn: tuple[Damage, int] | None = None
+        self._temps_checked = False  # stale temp files looked for since the last load
 
     def _index_version(self, offset: int, run_id: str, active: Run | dict[str, Any] | None,
                        changed_at: _dt.datetime | None, change: str) -> None:
@@ -379,8 +418,19 @@ class Store:
 
     # -- catching up with the file ------------------------------------------------------
 
+    def _catch_up_reading(self) -> None:
+        """``_catch_up`` without the flock, for a read: it takes in the complete lines
+        written so far, never changes the file, and opens a journal it cannot write for
+        reading (``_load``)."""
+        self._reading = True
+        try:
+            self._catch_up()
+        finally:
+            self._reading = False
+
     def _catch_up(self, about: str | None = None) -> None:
-        """Bring the view up to date with the file (under the flock). With ``about`` (the
+        """Bring the view up to date with the file (under the flock, or for a read without
+        it: ``_catch_up_reading``). With ``about`` (the
         one run id or machine the coming decision depends on), other processes' records
         that are not about it are checked now but held (``_hold``) and taken into the view
         after the flock is released: the lock changes hands on nearly every write when
@@ -388,6 +438,7 @@ class Store:
         time it was held."""
         assert not self._held
         j = self._journal
+        self._torn = None  # found again below while it is there
         if self._pid != owner.pid():  # forked: the parent's view and descriptors are not ours
             self._pid = owner.pid()
             j.after_fork()
@@ -413,13 +464,16 @@ class Store:
             self._ingest_from(cur.end, st.st_size, defer=True, about=about)
 
     def _load(self) -> None:
-        """(Re)build the view from the file, creating the journal when missing. A base
+        """(Re)build the view from the file, creating the journal when missing (under the
+        flock; a read opens it, for reading when it cannot be written). A base
         with a summary in the header is checksummed, not parsed: only its non-terminal runs
         are read; the rest is indexed when first needed (``_ensure_index``)."""
         self._reset_view()
         j = self._journal
-        header = j.open() if j.exists() else self._create()
-        j.remove_stale_temps()
+        if self._reading:
+            header = j.open(read_only_ok=True)
+        else:
+            header = j.open() if j.exists() else self._create()
         self._header = header
         start = header.start
         self._cur = cursor_after_header(header, start)
@@ -455,7 +509,7 @@ class Store:
         found shorter is refused (``_load``). One ``pread`` of the lock file, when the
         view is (re)built."""
         fd = self._lock.descriptor()
-        vouch = read_vouch(fd) if fd is not None else None
+        vouch = read_vouch(fd) if fd is not None else self._journal.peek_vouch()
         return vouch if vouch is not None and vouch.applies_to(header) else None
 
     def _vouch(self, header_crc: int, length: int, seq: int, by: str, *,
@@ -587,7 +641,8 @@ class Store:
                 self._stale = True
                 raise
             if result.damage is not None:  # judged against everything after it
-                self._recover(result.damage)
+                if self._recover(result.damage):
+                    self._ingest_from(result.damage.offset, None, defer, about)
                 return
 
     def _hold(self, records: list[tuple[int, dict[str, Any]]], about: str) -> bool:
@@ -618,36 +673,69 @@ class Store:
             self._stale = True
             raise
 
-    def _recover(self, damage: Damage) -> None:
-        """A damaged line: cut it off when it can only be a torn, unsynced write; raise,
-        leaving the file untouched, when it lies in data known to be durable. The rest of
-        the file is judged as it is read, a megabyte at a time."""
+    def _recover(self, damage: Damage) -> bool:
+        """A damaged line: when it can only be a torn, unsynced write, the view ends before
+        it and it is remembered (``_torn``) for the next write to cut (a read never changes
+        the file, and a write in progress looks the same to a read without the flock);
+        raise, leaving the file untouched, when it lies in data known to be durable. The
+        rest of the file is judged as it is read, a megabyte at a time. True when the line
+        is whole now (read again): to be read on from it."""
         cur, j = self._cur, self._journal
         assert cur is not None and j.fd is not None
         self._stale = True  # whatever happens next, do not trust this view without a reload
-        verdict = judge(j.reader(), os.fstat(j.fd).st_size, cur, damage)
+        end = os.fstat(j.fd).st_size
+        again = scan(j.pread(j.fd, min(end - damage.offset, _READ_AGAIN), damage.offset),
+                     damage.offset, attrs.evolve(cur))
+        if again.records or (again.damage is not None and again.damage.offset > damage.offset):
+            # whole now: a write that was in progress when the line was first read (a read
+            # without the flock may see one)
+            self._stale = False
+            return True
+        verdict = judge(j.reader(), end, cur, damage)
         if verdict is not None:
             raise CorruptStoreError(j.path, damage.offset,
                                     f"line {j.line_number(damage.offset)}: {verdict}")
-        self._journal.truncate(damage.offset, damage.reason)
+        self._torn = damage, end
         self._stale = False
+        return False
+
+    def _before_writing(self) -> None:
+        """Under the flock, before this process changes the file: refuse on a store it can
+        only read (``ReadOnlyStoreError``), cut the torn tail the catch-up found (only a
+        write cuts one) and remove the temp files a crashed compaction left."""
+        j = self._journal
+        if self._lock_error is not None or j.read_only:
+            raise self._read_only_error()
+        torn, self._torn = self._torn, None
+        if torn is not None:
+            j.truncate(torn[0].offset, torn[0].reason)
+        if not self._temps_checked:
+            self._temps_checked = True
+            j.remove_stale_temps()
 
     # -- the one read-modify-write path -------------------------------------------------
 
     def _transact(self, decide: Callable[[], _Decision[T]],
                   early: Callable[[], None] | None = None, about: str | None = None,
-                  shows: bool = True) -> T:
+                  shows: bool = True, wait: float | None = None) -> T:
         """Run ``decide`` under the lock on an up-to-date view and store what it returns.
         ``early`` runs before, with only the mutex held (see ``_write_step``). ``about``:
         the one run id or machine ``decide`` looks at, when it looks at no other run and
         creates no run on another machine (see ``_catch_up``); None when it may look at
         any. ``shows``: the result may show what the view holds, so in durable mode the
         view is made durable before it is returned (``_make_visible``); False for calls
-        that return nothing of it (opening, closing)."""
+        that return nothing of it (opening, closing). ``wait``: how long to wait for the
+        lock (default ``lock_timeout``)."""
         if self._closed:
             raise ValueError(f"the store at {self.state_dir} is closed")
+        if self._lock_error is not None:
+            return self._transact_unlocked(decide)
         lock = self._lock
-        lock.acquire(self.lock_timeout, early)
+        try:
+            lock.acquire(self.lock_timeout if wait is None else wait, early)
+        except ReadOnlyStoreError as exc:  # no lock file, and it cannot be created here
+            self._lock_error = exc
+            return self._transact_unlocked(decide)
         wrote_to = -1
         try:
             self._catch_up(about)
@@ -706,9 +794,26 @@ class Store:
             lock.release_mutex()
         return result
 
+    def _transact_unlocked(self, decide: Callable[[], _Decision[T]]) -> T:
+        """``_transact`` on a store whose lock file cannot be opened for writing (a
+        read-only copy or mount): ``decide`` looks at a view caught up without the flock,
+        and a decision to write raises ``ReadOnlyStoreError``, writing nothing."""
+        lock = self._lock
+        lock.acquire_mutex(self.lock_timeout)
+        try:
+            self._catch_up_reading()
+            result, changes = decide()
+            if changes:
+                raise self._read_only_error()
+            return result
+        finally:
+            self._made.clear()
+            lock.release_mutex()
+
     def _append(self, changes: _Changes) -> int:
         """Append one line per change; return the new end of the file. The view learns of
         them in ``_index_appended`` (which may run after the flock is released)."""
+        self._before_writing()
         cur = self._cur
         assert cur is not None
         now = _utcnow()
@@ -778,6 +883,7 @@ class Store:
         see ``compaction.plan``. ``pruned``: runs to leave out, their ``run_pruned``
         changes written into the retained history of the new file (``prune()``: one
         rename, so that a failure leaves the file as it was)."""
+        self._before_writing()
         plan = self._plan_compaction(retain, pruned)
         failpoints.hit("compact.before_rewrite")
         seq = plan.compacted_through + len(plan.history)
@@ -885,7 +991,8 @@ class Store:
                     return  # replaced or cut meanwhile: the next operation reloads
                 self._catch_up()
                 cur = self._cur
-                if self._stale or self._lazy or cur is None or cur.end < plan.old_end:
+                if (self._stale or self._lazy or cur is None or cur.end < plan.old_end
+                        or self._torn is not None):  # the next write cuts it, and logs it
                     return
                 self._active.values()  # structure what the catch-up deferred, as _plan does
                 appended = b"".join(chunk for _, chunk in j.read_lines(plan.old_end, cur.end))
@@ -1006,10 +1113,16 @@ class Store:
         return self._read(lambda: self._lookup(run_id), run_id)
 
     def _read(self, answer: Callable[[], T], about: str | None = None) -> T:
-        """A read-only ``answer`` from the view, without the flock when the view is current
-        for it (``_current_for``); otherwise as a write: under the flock, after catching up.
-        ``about``: the one run id or machine the answer depends on; None when it may depend
-        on any run."""
+        """A read-only ``answer`` from the view: at once, without the flock, when the view
+        is current for it (``_current_for``); otherwise after catching up under the flock
+        (waiting at most ``_READ_LOCK_WAIT``), as a write would but changing nothing (a
+        torn tail is left for the next write to cut). When no lock file can be taken (a
+        read-only copy, a store no process has written to since it was opened) or a writer
+        holds the lock longer (one may be stopped holding it), it catches up without the
+        flock, from the complete lines written so far, so that a read never waits for a
+        writer. After a failed sync it goes through ``_transact`` (which rewrites the file
+        first). ``about``: the one run id or machine the answer depends on; None when it
+        may depend on any run."""
         if self._closed:
             raise ValueError(f"the store at {self.state_dir} is closed")
         lock = self._lock
@@ -1020,9 +1133,34 @@ class Store:
             if self._current_for(about):
                 self._make_visible()
                 return answer()
+            if self._resync:
+                pass
+            elif lock.descriptor() is None:
+                return self._answer_unlocked(answer)
         finally:
             lock.release_mutex()
+        if not self._resync:
+            # under the flock when it comes soon: the lines of an append still being
+            # written, or one that fails and is cut back, are never seen then
+            try:
+                return self._transact(lambda: (answer(), []), about=about,
+                                      wait=min(self.lock_timeout, _READ_LOCK_WAIT))
+            except LockTimeoutError:
+                pass  # a writer holds the lock, and may be stopped: read on without it
+            lock.acquire_mutex(self.lock_timeout)
+            try:
+                return self._answer_unlocked(answer)
+            finally:
+                lock.release_mutex()
         return self._transact(lambda: (answer(), []))
+
+    def _answer_unlocked(self, answer: Callable[[], T]) -> T:
+        """``answer`` after catching up without the flock (the mutex held): it neither
+        waits for the writers' lock nor changes the file (a torn tail is left for the next
+        write to cut)."""
+        self._catch_up_reading()
+        self._make_visible()
+        return answer()
 
     def _make_visible(self) -> None:
         """In durable mode, with the mutex held: make the bytes the view holds durable
@@ -1424,7 +1562,8 @@ class Store:
     ) -> Iterator[Change]:
         """Follow changes written by any process, live, until ``timeout`` seconds have
         passed (None: forever). ``since_seq=None`` starts from now. Polls the file's size and
-        identity without the lock, and reads under the lock only when they moved."""
+        identity, and reads the new lines when they moved, all without the lock: it keeps
+        following while a writer is stopped holding it."""
         seq = self.last_seq() if since_seq is None else since_seq
         deadline = None if timeout is None else time.monotonic() + timeout
         journal = self._journal
@@ -1518,11 +1657,14 @@ class Store:
             cur = self._cur
             assert cur is not None
             live = len(self._index)
+            torn = self._torn
             return StoreStats(
                 path=self._journal.path, file_size=cur.end, runs=live,
                 runs_by_status=by_status, runs_by_machine=by_machine, live_lines=live,
                 superseded_lines=self._lines - live, last_seq=cur.next_seq - 1,
-                oldest_seq=cur.compacted_through + 1, durable=self.durable)
+                oldest_seq=cur.compacted_through + 1, durable=self.durable,
+                torn_tail_offset=None if torn is None else torn[0].offset,
+                torn_tail_bytes=0 if torn is None else torn[1] - torn[0].offset)
 
         return self._read(answer)
 
@@ -1541,6 +1683,7 @@ class Store:
             self._journal.close()
 
     def _mark_clean(self) -> _Decision[None]:
+        self._before_writing()
         cur = self._cur
         assert cur is not None
         j = self._journal

@@ -491,10 +491,12 @@ def test_lock_held_by_a_stopped_process(tmp_path: pathlib.Path) -> None:
     try:
         os.close(w)
         assert os.read(r, 16) == b"locked"
+        reader = Store(tmp_path / "s", lock_timeout=0.3)  # opening reads: no lock needed
         started = time.monotonic()
         with pytest.raises(LockTimeoutError) as info:
-            Store(tmp_path / "s", lock_timeout=0.3)
+            reader.create(run_for("m9", "h"))
         waited = time.monotonic() - started
+        reader.close()
         assert 0.3 <= waited < 2.0
         assert "runs.lock" in str(info.value) and info.value.timeout == 0.3
     finally:
@@ -531,7 +533,7 @@ def test_temp_files_are_created_exclusively_without_following_links(
 
 
 def test_stale_temp_cleanup_removes_only_our_regular_files(tmp_path: pathlib.Path) -> None:
-    """Opening the store removes temp files a crashed compaction left, and nothing else:
+    """The first write removes temp files a crashed compaction left, and nothing else:
     not a symlink (nor its target), a directory, a FIFO, a file owned by someone else or a
     file whose name only looks similar."""
     make_store(tmp_path / "s")
@@ -554,6 +556,7 @@ def test_stale_temp_cleanup_removes_only_our_regular_files(tmp_path: pathlib.Pat
         os.chown(theirs, 65534, 65534)
     with Store(d) as s:
         assert len(s.list()) == 4
+        s.create(run_for("m8", "h"))
     assert not ours.exists()
     assert os.path.islink(link) and victim.read_text() == "precious"
     assert folder.is_dir() and stat.S_ISFIFO(os.lstat(fifo).st_mode)

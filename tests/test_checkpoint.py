@@ -163,8 +163,8 @@ def _tear_before_last_checkpoint(path: pathlib.Path) -> int:
 def test_after_a_reboot_unsynced_lines_before_a_checkpoint_are_checked(
         store_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
     """A non-durable store whose last checkpoint follows a torn line (a power loss): opened
-    after a reboot, it is recovered exactly as a full reading recovers it (cut at the torn
-    line), not opened at the checkpoint past it."""
+    after a reboot, it is recovered exactly as a full reading recovers it (ending at the
+    torn line, which the next write cuts), not opened at the checkpoint past it."""
     with Store(store_dir, durable=False) as s:
         _work(s, 30)
         lock = (store_dir / "runs.lock").read_bytes()  # as it was before close() vouched
@@ -175,10 +175,12 @@ def test_after_a_reboot_unsynced_lines_before_a_checkpoint_are_checked(
     cut = _tear_before_last_checkpoint(store_dir / "runs.jsonl")
     copy = tmp_path / "copy"
     shutil.copytree(store_dir, copy)
+    size = (store_dir / "runs.jsonl").stat().st_size
     with rebooted(), Store(store_dir, durable=False) as s:
         assert s._opened_at is None
         recovered = s.list()
-    assert (store_dir / "runs.jsonl").stat().st_size == cut
+        assert s.stats().torn_tail_offset == cut
+    assert (store_dir / "runs.jsonl").stat().st_size == size  # reads cut nothing
     with rebooted(), full_reading(), Store(copy, durable=False) as s:
         assert s.list() == recovered
 
@@ -227,7 +229,7 @@ def test_damage_before_a_trusted_checkpoint_is_reported_when_first_read(
 
 def test_a_torn_checkpoint_at_the_end_is_passed_over(store_dir: pathlib.Path) -> None:
     """The last checkpoint cut off by a crash: opening starts at the one before it and
-    recovers the torn tail as always."""
+    finds the torn tail as always."""
     with Store(store_dir, durable=False) as s:
         _work(s, 30)
         lock = (store_dir / "runs.lock").read_bytes()  # as a crash before close() leaves it
@@ -240,5 +242,6 @@ def test_a_torn_checkpoint_at_the_end_is_passed_over(store_dir: pathlib.Path) ->
     with Store(store_dir, durable=False) as s:
         assert s._opened_at is not None
         assert len(s.list()) > 0
-    assert path.stat().st_size == offset
+        assert s.stats().torn_tail_offset == offset
+    assert path.stat().st_size == offset + 30  # reads cut nothing
     assert journal.check(store_dir).ok

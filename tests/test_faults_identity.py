@@ -457,6 +457,7 @@ def _without_journal_identity_checks(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def catch_up(self: Store, about: str | None = None) -> None:
         j = self._journal
+        self._reading = False  # a read (re)creates a missing journal too, as every call did
         if self._pid != owner.pid():
             self._pid = owner.pid()
             j.after_fork()

@@ -14,12 +14,14 @@ import os
 import pathlib
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from faults import run_for
 
+import runstore.store as store_module
 from runstore import IOKind, PrepareOutcome, Run, Status, Store, StoreIOError
 from runstore.fsio import FileSystem
 from runstore.journal import DATA_NAME
@@ -180,14 +182,14 @@ def test_busy_names_only_a_durable_run(tmp_path: pathlib.Path) -> None:
     assert made[0][0].id == busy.id
 
 
-def test_a_reader_opened_during_the_sync_answers_without_the_lock_only_after_syncing(
+def test_a_reader_opened_during_the_sync_answers_only_after_syncing(
         scene: tuple[pathlib.Path, Disk, Store, Store, Run], tmp_path: pathlib.Path) -> None:
-    """Opening reads the whole file (its view then holds the unsynced line) and shows
-    nothing; the first read answers from that view without the flock, after a sync."""
+    """Opening reads the whole file (its view then holds the unsynced line); the first
+    read answers from that view, after one sync (made by the opening or by the read)."""
     state, disk, writer, _reader, run = scene
     with in_flight(disk, _finish(writer, run)):
-        fresh = Store(state, _fs=disk)
         before = disk.syncs
+        fresh = Store(state, _fs=disk)
         assert fresh.get(run.id).status is Status.COMPLETED
         assert disk.syncs == before + 1
         with after_power_loss(state, disk, tmp_path / "lost") as lost:
@@ -297,3 +299,67 @@ def test_another_process_killed_before_its_sync(
         kept = lost.get(run.id).status is Status.COMPLETED
     assert (disk.syncs > before, kept) == ((False, False) if broken else (True, True))
     reader.close()
+
+
+class ShortWrite(FileSystem):
+    """Writes only the first line of the next append, waits ``pause`` seconds (the lock
+    held), then fails it with ENOSPC: the store cuts the line back."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.reached = threading.Event()
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        if not self.armed:
+            return os.write(fd, data)
+        self.armed = False
+        first = bytes(data)
+        os.write(fd, first[:first.index(b"\n") + 1])
+        self.reached.set()
+        time.sleep(0.1)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _read_during_a_failing_import(tmp_path: pathlib.Path) -> list[str]:
+    """What a reader lists while another handle's import of two runs has written its first
+    line and is about to fail and cut it back."""
+    state, fs = tmp_path / "s", ShortWrite()
+    writer, reader = Store(state, _fs=fs), Store(state)
+    reader.list()
+    fs.armed = True
+    failed: list[BaseException] = []
+
+    def importing() -> None:
+        try:
+            writer.import_runs([
+                run_for("m1", "h1", status=Status.COMPLETED,
+                        id="20260101T000000.000000Z-0000000000000001"),
+                run_for("m2", "h2", status=Status.COMPLETED,
+                        id="20260101T000000.000000Z-0000000000000002")])
+        except StoreIOError as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=importing)
+    thread.start()
+    assert fs.reached.wait(30)
+    seen = [r.machine for r in reader.list()]
+    thread.join(30)
+    assert failed and failed[0].kind is IOKind.WRITE  # not acknowledged, and cut back
+    assert reader.list() == [] and writer.list() == []
+    writer.close()
+    reader.close()
+    return seen
+
+
+def test_a_read_never_shows_part_of_an_append_that_fails(tmp_path: pathlib.Path) -> None:
+    """A read waits (briefly) for the writers' lock: the lines of an append still being
+    written, or one that then fails and is cut back, are never shown."""
+    assert _read_during_a_failing_import(tmp_path) == []
+
+
+def test_broken_variant_a_read_without_the_lock_shows_a_failing_append(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Broken variant: a read that never waits for the lock shows the first run of an
+    import that then fails."""
+    monkeypatch.setattr(store_module, "_READ_LOCK_WAIT", 0.0)
+    assert _read_during_a_failing_import(tmp_path) == ["m1"]

@@ -91,6 +91,19 @@ def _open_list(state_dir: pathlib.Path) -> list[Run]:
         return s.list()
 
 
+def _cut_by_a_write(state_dir: pathlib.Path) -> bytes:
+    """Write one change to the store (a write cuts a torn tail; reads leave it) and return
+    the file's bytes before that change's line."""
+    lock = state_dir / "runs.lock"
+    saved = lock.read_bytes() if lock.exists() else b""
+    with Store(state_dir, durable=False) as s:
+        seq = s.last_seq() + 1
+        s.create(Run("cutter", "/t", "h", status=Status.COMPLETED))
+    lock.write_bytes(saved)  # forget what the clean close recorded: the next case is a crash
+    data = (state_dir / "runs.jsonl").read_bytes()
+    return data[:data.rindex(b'\n{"seq":%d,' % seq) + 1]
+
+
 def _write(path: pathlib.Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -125,7 +138,8 @@ def test_torn_tail_at_every_byte_of_the_last_record(
     store_dir: pathlib.Path, victim: pathlib.Path, figures: Callable[[str], None], history: str
 ) -> None:
     """Cut at every length inside the last record, a reopen yields exactly the prefix before
-    it and truncates the file to that prefix; the full file yields everything."""
+    it, leaves the file as it is, and the next write truncates the file to that prefix;
+    the full file yields everything."""
     crashed = _crashed_history(store_dir, reopen_after=4 if history != "one-session" else None)
     data, last = crashed.data, crashed.record_starts[-1]
     before, after = crashed.states[-2], crashed.states[-1]
@@ -135,7 +149,9 @@ def test_torn_tail_at_every_byte_of_the_last_record(
         _write(journal, data[:cut])
         expected, kept = (after, data) if cut == len(data) else (before, data[:last])
         assert _open_list(victim) == expected, f"cut at {cut} of {len(data)}"
-        assert journal.read_bytes() == kept, f"cut at {cut}: file not cut back to {len(kept)}"
+        assert journal.read_bytes() == data[:cut], f"cut at {cut}: a read changed the file"
+        assert _cut_by_a_write(victim) == kept, (f"cut at {cut}: file not cut back to "
+                                                 f"{len(kept)}")
     figures(f"torn tail ({history}): {len(data) + 1 - last} cut points in the last record, "
             "each reopened to exactly the committed prefix")
 
@@ -157,7 +173,8 @@ def test_torn_tail_near_every_record_boundary(
 
 
 def test_torn_tail_after_a_compaction(store_dir: pathlib.Path, victim: pathlib.Path) -> None:
-    """After a compaction, a torn record past the compacted part is cut back the same way."""
+    """After a compaction, a torn record past the compacted part is cut back the same way
+    (by the next write)."""
     crashed = _crashed_history(store_dir, compact_after=5)
     data = crashed.data
     last = _line_starts(data)[-1]
@@ -165,7 +182,8 @@ def test_torn_tail_after_a_compaction(store_dir: pathlib.Path, victim: pathlib.P
     for cut in range(last, len(data), 7):
         _write(journal, data[:cut])
         assert _open_list(victim) == crashed.states[-2], f"cut at {cut}"
-        assert journal.read_bytes() == data[:last]
+        assert journal.read_bytes() == data[:cut]
+        assert _cut_by_a_write(victim) == data[:last]
     _write(journal, data)
     assert _open_list(victim) == crashed.states[-1]
 
@@ -201,12 +219,14 @@ def test_cut_inside_the_compacted_part_is_corruption(
 def test_garbage_after_the_last_record_is_cut(
     store_dir: pathlib.Path, victim: pathlib.Path, tail: Callable[[int], bytes]
 ) -> None:
-    """Zeros or garbage appended after the last record (power loss) are cut off on open."""
+    """Zeros or garbage appended after the last record (power loss) are left by reads and
+    cut off by the next write."""
     crashed = _crashed_history(store_dir)
     journal = victim / "runs.jsonl"
     _write(journal, crashed.data + tail(len(crashed.data)))
     assert _open_list(victim) == crashed.states[-1]
-    assert journal.read_bytes() == crashed.data
+    assert journal.read_bytes() == crashed.data + tail(len(crashed.data))
+    assert _cut_by_a_write(victim) == crashed.data
 
 
 def test_a_cut_is_logged_as_a_warning(store_dir: pathlib.Path, victim: pathlib.Path,
@@ -218,6 +238,8 @@ def test_a_cut_is_logged_as_a_warning(store_dir: pathlib.Path, victim: pathlib.P
     _write(journal, crashed.data + b"\0" * 300)
     with caplog.at_level("WARNING", logger="runstore"):
         assert _open_list(victim) == crashed.states[-1]
+        assert not caplog.records  # a read cuts nothing
+        _cut_by_a_write(victim)
     [record] = [r for r in caplog.records if r.name == "runstore"]
     assert record.levelname == "WARNING"
     assert str(journal) in record.getMessage()
@@ -243,7 +265,8 @@ def test_damaged_last_record_of_a_crashed_store_is_cut(
     journal = victim / "runs.jsonl"
     _write(journal, damaged)
     assert _open_list(victim) == crashed.states[-2]
-    assert journal.read_bytes() == data[:last]
+    assert journal.read_bytes() == damaged
+    assert _cut_by_a_write(victim) == data[:last]
 
 
 def test_recovered_store_accepts_new_changes(
@@ -418,11 +441,14 @@ def test_foreign_file_is_refused(victim: pathlib.Path, content: bytes) -> None:
 
 
 def test_stale_temp_file_of_a_crashed_compaction_is_removed(store_dir: pathlib.Path) -> None:
-    """A temp file a crashed compaction left behind is removed on the next open."""
+    """A temp file a crashed compaction left behind is removed by the next write (a read
+    leaves it)."""
     with Store(store_dir) as s:
         run = _prepare(s, "m1")
     stale = store_dir / ".runs.jsonl.0123456789abcdef.tmp"
     _write(stale, b"half a compaction")
     with Store(store_dir) as s:
         assert s.list() == [run]
+        assert stale.exists()
+        s.start(run.id)
     assert not stale.exists()
