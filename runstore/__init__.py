@@ -1,11 +1,18 @@
 """runstore: the state of test/job runs for dispatcher processes, in one crash-safe JSON-lines
 file shared safely by many processes and threads, or in PostgreSQL when dispatchers run on
-several hosts (``runstore.open(url_or_path)`` picks the backend)."""
+several hosts (``runstore.open(url_or_path)`` picks the backend).
+
+``MAX_RECORD_BYTES`` (1 MiB) is the most a run may take as stored: its id and other fields
+as JSON, the fields this library does not know that ``import_runs`` kept included. A write
+that would store a larger run (``create``, ``prepare_atomic``, ``update``, ``finish``,
+``import_runs``, ...) raises ``InvalidRunError`` naming the run, its size and its largest
+field, and stores nothing, on every backend."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .codec import MAX_RECORD_BYTES
 from .errors import (
     ConflictError,
     CorruptStoreError,
@@ -56,6 +63,7 @@ __all__ = [
     "InvalidTransitionError",
     "IOKind",
     "LockTimeoutError",
+    "MAX_RECORD_BYTES",
     "MachineBusyError",
     "OutputTargetError",
     "PostgresStore",

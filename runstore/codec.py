@@ -16,11 +16,18 @@ store uses it to tell a torn tail (truncated) from damage in durable data (an er
 Run fields use the snake_case names of the seed; unset pointers are ``null``; ``batch_id``,
 ``plan_entry`` and the owner fields are omitted when empty. Fields this library does not know
 are kept when a record is rewritten.
+
+A line's kind is its first key, as the encoder writes it: ``seq`` for a record, ``mark`` for
+a mark (``is_mark``); a run's fields never decide it. A kept field may not be named like a
+meta field or ``mark`` (``RESERVED_KEYS``), nor hold what a line cannot hold exactly
+(``extra_problem``), and a run's record is at most ``MAX_RECORD_BYTES`` (``checked_fields``).
+Format version 2 says so; a version 1 journal is read as version 1 read it (``is_mark``).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import re
 import zlib
 from typing import Any
@@ -30,13 +37,34 @@ import cattrs
 import orjson
 from cattrs.gen import make_dict_unstructure_fn, override
 
+from .errors import InvalidRunError
 from .model import ChangeType, Run, Status
 
 FORMAT_NAME = "runstore-journal"
-FORMAT_VERSION = 1
+#: 2: a line's kind is its first key (``is_mark``) and a record never carries a field named
+#: like a meta field; version 1 journals are still read, as version 1 read them
+FORMAT_VERSION = 2
+#: the first format version whose lines are told apart by their first key alone
+KINDS_BY_FIRST_KEY = 2
 
 #: keys of a record line that are not run fields
 META_KEYS = frozenset({"seq", "change", "time", "durable", "crc"})
+#: names a run's kept fields may not have: the meta fields of a record line and the key
+#: that begins a mark line (a record holding one would be written twice over, or, for
+#: a version 1 reader, be taken for a mark)
+RESERVED_KEYS = META_KEYS | {"mark"}
+#: how a record line begins (``encode_record`` writes ``seq`` first) and how a mark line
+#: does (``encode_mark``, ``encode_checkpoint``)
+RECORD_START = b'{"seq":'
+MARK_START = b'{"mark":'
+#: the most bytes a run's record may take (its id and other fields as a journal line holds
+#: them, kept fields included; the line adds its meta fields, under 200 bytes): a larger
+#: one is refused when written, on every backend (``checked_fields``)
+MAX_RECORD_BYTES = 1 << 20
+#: how deeply a kept field's value may nest lists and objects
+MAX_FIELD_DEPTH = 64
+#: the integers a kept field may hold: what a journal line can hold (orjson: 64 bits)
+_INT_RANGE = range(-(1 << 63), 1 << 64)
 RUN_FIELDS = tuple(a.name for a in attrs.fields(Run))
 _RUN_FIELD_SET = frozenset(RUN_FIELDS)
 _KNOWN_KEYS = _RUN_FIELD_SET | META_KEYS
@@ -148,6 +176,126 @@ def extra_fields(data: dict[str, Any]) -> dict[str, Any]:
     if data.keys() <= _KNOWN_KEYS:  # the usual case, checked at C speed on the hot path
         return {}
     return {k: v for k, v in data.items() if k not in _KNOWN_KEYS}
+
+
+def kept_fields(data: dict[Any, Any]) -> dict[Any, Any]:
+    """The fields of a record to import that are not run fields, reserved names included
+    (``extra_problem`` refuses those, where ``extra_fields`` leaves a line's meta out)."""
+    return {k: v for k, v in data.items() if k not in _RUN_FIELD_SET}
+
+
+def extra_problem(extra: dict[Any, Any]) -> str | None:
+    """What keeps a run's kept fields (those this library does not know) from being stored
+    and read back exactly, naming the field (``'name'``, ``'name'.key[3]`` inside it), or
+    None. Refused: a name the journal format uses for itself (``RESERVED_KEYS``), a key
+    that is not a string, and anywhere inside a value: a value that is not JSON (a tuple,
+    a set, a date, ...), an integer beyond 64 bits, a float that is not finite, a string
+    or key holding a lone surrogate or a NUL character (PostgreSQL's ``jsonb`` cannot
+    hold one), lists and objects nested deeper than ``MAX_FIELD_DEPTH``."""
+    for key in extra:
+        if not isinstance(key, str):
+            return f"field {key!r}: a field name must be a string"
+        problem = _text_problem(key)
+        if problem is not None:
+            return f"field {key!r}: the name {problem}"
+        if key in RESERVED_KEYS:
+            return (f"field {key!r}: the name is reserved for the journal's own use (fields "
+                    f"may not be named {', '.join(sorted(RESERVED_KEYS))}); rename it")
+    stack: list[tuple[str, Any, int]] = [(repr(key), value, 1) for key, value in extra.items()]
+    while stack:
+        path, value, depth = stack.pop()
+        problem = _value_problem(value)
+        if problem is not None:
+            return f"field {path}: {problem}"
+        if isinstance(value, dict | list):
+            if depth > MAX_FIELD_DEPTH:
+                return (f"field {path}: nested deeper than {MAX_FIELD_DEPTH} lists and "
+                        "objects")
+            if isinstance(value, list):
+                stack.extend((f"{path}[{n}]", item, depth + 1) for n, item in enumerate(value))
+                continue
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    return f"field {path}: the key {key!r} is not a string"
+                problem = _text_problem(key)
+                if problem is not None:
+                    return f"field {path}: the key {key!r} {problem}"
+                stack.append((f"{path}.{key}", item, depth + 1))
+    return None
+
+
+def _value_problem(value: Any) -> str | None:
+    """Why one JSON value (not looking inside lists and objects) cannot be kept, or None."""
+    if value is None or isinstance(value, bool | dict | list):
+        return None
+    if isinstance(value, str):
+        problem = _text_problem(value)
+        return None if problem is None else f"the string {problem}"
+    if isinstance(value, int):
+        return None if value in _INT_RANGE else f"the integer {value} does not fit in 64 bits"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{value} is not a finite number"
+    return f"a {type(value).__name__} is not a JSON value"
+
+
+def _text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "holds a NUL character"
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return "holds a lone surrogate (not valid UTF-8)"
+    return None
+
+
+def checked_fields(run: Run, extra: dict[str, Any] | None = None,
+                   fields: bytes | None = None) -> bytes:
+    """``record_fields(run, extra)`` (or ``fields``, made by it beforehand), once it is
+    known to be storable: ``InvalidRunError`` naming the run and the size when its record
+    (``fields`` and its id) is larger than ``MAX_RECORD_BYTES``, or the field that cannot be
+    written as JSON. The one check of every backend's writes."""
+    try:
+        if fields is None:
+            fields = record_fields(run, extra)
+        size = len(fields) + len(json_string(run.id))
+    except orjson.JSONEncodeError as exc:
+        raise InvalidRunError(f"run {_short(run.id)} cannot be stored: "
+                              f"{_unwritable(run, extra) or exc}") from None
+    if size > MAX_RECORD_BYTES:
+        raise InvalidRunError(
+            f"run {_short(run.id)} (machine {_short(run.machine)}) is {size} bytes as "
+            f"stored, more than the {MAX_RECORD_BYTES} a run may take "
+            f"(runstore.MAX_RECORD_BYTES); its largest field is {_short(_largest(run, extra))}"
+            ": shorten it, or keep large data in a file and store its path (artifacts_path, "
+            "logs_path); nothing was stored")
+    return fields
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """``text`` quoted for an error, cut short when long."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} chars)"
+
+
+def _fields_of(run: Run, extra: dict[str, Any] | None) -> dict[str, Any]:
+    return {**(extra or {}), **converter.unstructure(run)}
+
+
+def _unwritable(run: Run, extra: dict[str, Any] | None) -> str:
+    """Which field of a run cannot be written as JSON (for an error)."""
+    for name, value in _fields_of(run, extra).items():
+        try:
+            orjson.dumps({name: value}, option=_DUMPS_OPTS)
+        except orjson.JSONEncodeError:
+            return f"its field {name!r} cannot be written as JSON (a lone surrogate?)"
+    return ""
+
+
+def _largest(run: Run, extra: dict[str, Any] | None) -> str:
+    """The name of the largest field of a run as stored (for an error)."""
+    sizes = {name: len(orjson.dumps(value, option=_DUMPS_OPTS))
+             for name, value in _fields_of(run, extra).items()}
+    return max(sizes, key=sizes.__getitem__)
 
 
 def json_string(text: str) -> bytes:
@@ -354,6 +502,23 @@ def decode_line(line: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BadLine("not a JSON object")
     return data
+
+
+def is_mark(line: bytes, data: dict[str, Any], legacy: bool = False) -> bool:
+    """Whether ``line``, decoded as ``data`` (``decode_line``), is a mark line rather than
+    a record: told by its first key, which the encoder writes (``"mark"`` or ``"seq"``) and
+    no field value can change, where a key found anywhere in the line could be a run's.
+    ``legacy``: the line is in a version 1 journal, whose readers took every line with a
+    top-level ``mark`` key for a mark; a record that carried a kept field of that name was
+    read (and lost) as a mark then, and later seqs were handed out again past it, so it is
+    read the same way still (``check`` reports it). Raises ``BadLine`` for a line that
+    begins with neither key."""
+    if line.startswith(MARK_START):
+        return True
+    if not line.startswith(RECORD_START):
+        raise BadLine('neither a record nor a mark line (it does not begin with "seq" or '
+                      '"mark", as runstore writes them)')
+    return legacy and "mark" in data
 
 
 def check_record(data: dict[str, Any]) -> None:

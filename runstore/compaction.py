@@ -123,18 +123,20 @@ def with_tail(read: Read, old_end: int, tail: bytes) -> Read:
 
 
 def reseal_tail(lines: bytes, old_at: int, new_at: int, durable: int,
-                path: str) -> tuple[bytes, dict[int, int]]:
+                path: str, legacy: bool = False) -> tuple[bytes, dict[int, int]]:
     """The complete lines ``lines`` (old file bytes from ``old_at``, checked when they were
     read), re-sealed to follow a new file's synced base at ``new_at``: each record's durable
     mark becomes ``durable`` (its offsets in the old file mean nothing in the new one),
     clean-close marks are dropped. Returns the bytes and old offset -> new offset of each
-    record."""
+    record. ``legacy``: the old file is of format version 1, where a record line carrying
+    a ``mark`` key was read as a mark (``codec.is_mark``): it is dropped too, as the view
+    never took it in (and its seq was handed out again)."""
     out: list[bytes] = []
     moves: dict[int, int] = {}
     pos = 0
     while pos < len(lines):
         nl = lines.index(b"\n", pos)
-        if not lines.startswith(_MARK, pos):
+        if not lines.startswith(_MARK, pos) and not (legacy and _legacy_mark(lines[pos:nl])):
             try:
                 line = codec.restamp(lines[pos:nl], durable)
             except codec.BadLine as exc:  # it passed its checks when read: the file changed
@@ -145,6 +147,17 @@ def reseal_tail(lines: bytes, old_at: int, new_at: int, durable: int,
             out.append(line)
         pos = nl + 1
     return b"".join(out), moves
+
+
+def _legacy_mark(line: bytes) -> bool:
+    """Whether a line of a version 1 journal was read as a mark though it begins as a
+    record (a ``mark`` key among its fields): looked for only when the key is there."""
+    if b'"mark":' not in line or line.startswith(_MARK):
+        return False
+    try:
+        return codec.is_mark(line, codec.decode_line(line), legacy=True)
+    except codec.BadLine:
+        return False  # it passed its checks when read: restamp() reports the change
 
 
 def _spans(offsets: array.array[int],

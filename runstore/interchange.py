@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Container, Iterable
 from typing import IO, Any
@@ -22,6 +24,9 @@ import orjson
 from . import codec, transitions
 from .errors import InvalidRunError, IOKind, StoreIOError
 from .model import Run
+
+#: a number an integer beyond 64 bits may be (or a long digit string)
+_LONG_NUMBER = re.compile(rb"\d{19}")
 
 
 def _exported(run: Run, extra: dict[str, Any]) -> bytes:
@@ -145,12 +150,15 @@ def parse_import(
         raw = source.read()
         blob = raw.encode() if isinstance(raw, str) else raw
         stripped = blob.lstrip()
+        # orjson reads an integer beyond 64 bits as a float: where one may be (19 digits
+        # in a row), read with json, which keeps it exact (and then refuses it)
+        loads = json.loads if _LONG_NUMBER.search(blob) else orjson.loads
         try:
             if stripped.startswith(b"["):
-                items = orjson.loads(blob)
+                items = loads(blob)
             else:
-                items = [orjson.loads(line) for line in blob.splitlines() if line.strip()]
-        except orjson.JSONDecodeError as exc:
+                items = [loads(line) for line in blob.splitlines() if line.strip()]
+        except (ValueError, RecursionError) as exc:  # orjson's and json's JSONDecodeError
             raise InvalidRunError(f"the import is not JSON or JSON lines ({exc}); "
                                   "nothing was imported") from None
     else:
@@ -159,6 +167,7 @@ def parse_import(
     extras: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()
     for n, item in enumerate(items, 1):
+        extra: dict[str, Any] = {}
         if isinstance(item, Run):
             run = item
         elif isinstance(item, dict):
@@ -167,7 +176,11 @@ def parse_import(
             except codec.BadLine as exc:
                 raise InvalidRunError(f"record {n} ({item.get('id', '?')!r}): {exc.reason}; "
                                       "nothing was imported") from None
-            extra = codec.extra_fields(item)
+            extra = codec.kept_fields(item)
+            problem = codec.extra_problem(extra)
+            if problem is not None:
+                raise InvalidRunError(f"record {n} ({run.id!r}): {problem}; nothing was "
+                                      "imported")
             if extra:
                 extras[run.id] = extra
         else:
@@ -176,6 +189,7 @@ def parse_import(
         try:
             transitions.require_text("id", run.id)
             run = transitions.validate(run)
+            codec.checked_fields(run, extra)
         except InvalidRunError as exc:
             raise InvalidRunError(f"record {n}: {exc}; nothing was imported") from None
         if run.id in seen:

@@ -131,6 +131,8 @@ class Cursor:
     compacted_through: int
     #: the seq of the record after the last checkpoint line read (or after the base)
     checkpoint_seq: int = 0
+    #: a version 1 journal: lines are told apart as version 1 did (``codec.is_mark``)
+    legacy: bool = False
     #: how much of the file a clean close, checkpoint or compaction recorded as synced in
     #: the lock file (``Vouch``): never cut, whatever its lines look like
     vouched: int = 0
@@ -228,6 +230,9 @@ def cut_error(path: str, size: int, vouch: Vouch) -> CorruptStoreError:
 class ScanResult:
     records: list[tuple[int, dict[str, Any]]]
     damage: Damage | None
+    #: in a version 1 journal, record lines read as marks because they carry a field named
+    #: ``mark`` (``codec.is_mark``): runs that version lost (``check`` reports them)
+    shadowed: list[tuple[int, dict[str, Any]]] = attrs.Factory(list)
 
 
 _INCOMPLETE = "incomplete last line (a torn write)"
@@ -239,17 +244,22 @@ def scan(buf: bytes, start: int, cur: Cursor) -> ScanResult:
     ``next_seq`` is 0 takes the first seq it meets as it is (a reader that starts in the
     middle of the records: ``Journal.lines_follow``)."""
     records: list[tuple[int, dict[str, Any]]] = []
+    shadowed: list[tuple[int, dict[str, Any]]] = []
     pos = 0
     size = len(buf)
-    decode, check = codec.decode_line, codec.check_record
+    decode, check, is_mark = codec.decode_line, codec.check_record, codec.is_mark
+    legacy = cur.legacy
     while pos < size:
         nl = buf.find(b"\n", pos)
         offset = start + pos
         if nl < 0:
-            return ScanResult(records, Damage(offset, _INCOMPLETE))
+            return ScanResult(records, Damage(offset, _INCOMPLETE), shadowed)
         try:
-            data = decode(buf[pos:nl])
-            if "mark" in data:
+            line = buf[pos:nl]
+            data = decode(line)
+            if is_mark(line, data, legacy):
+                if legacy and not line.startswith(codec.MARK_START):
+                    shadowed.append((offset, data))
                 mark = data.get("durable")
                 if type(mark) is not int or not 0 <= mark <= offset or offset < cur.base_end:
                     raise codec.BadLine(f"bad durable mark {mark!r}")
@@ -283,10 +293,10 @@ def scan(buf: bytes, start: int, cur: Cursor) -> ScanResult:
                     cur.durable = max(cur.durable, data["durable"])
                 records.append((offset, data))
         except codec.BadLine as exc:
-            return ScanResult(records, Damage(offset, exc.reason, exc.torn))
+            return ScanResult(records, Damage(offset, exc.reason, exc.torn), shadowed)
         pos = nl + 1
         cur.end = start + pos
-    return ScanResult(records, None)
+    return ScanResult(records, None, shadowed)
 
 
 #: how every line runstore writes after the header begins (a record, or a clean-close mark)
@@ -427,7 +437,8 @@ def cursor_after_header(header: Header, start: int) -> Cursor:
     return Cursor(end=start, next_seq=header.compacted_through + 1, durable=header.base_end,
                   latest_end=header.latest_end, base_end=header.base_end,
                   compacted_through=header.compacted_through,
-                  checkpoint_seq=header.compacted_through + 1)
+                  checkpoint_seq=header.compacted_through + 1,
+                  legacy=header.version < codec.KINDS_BY_FIRST_KEY)
 
 
 def judge(read: Read, end: int, cur: Cursor, damage: Damage) -> str | None:
@@ -604,6 +615,8 @@ class Journal:
         #: the store id of the first journal opened: every later open must find the same
         #: store, and ``create`` is refused ("" until a journal was opened)
         self.store_id = ""
+        #: the journal open is of format version 1 (``Cursor.legacy``)
+        self.legacy = False
         #: why the journal open now could only be opened for reading ("" when writable)
         self.read_only = ""
 
@@ -804,6 +817,7 @@ class Journal:
         if nl < 0:
             raise CorruptStoreError(self.path, 0, "the header line is truncated")
         header = parse_header(first[:nl], self.path)
+        self.legacy = header.version < codec.KINDS_BY_FIRST_KEY
         if not self.store_id:
             self.store_id = header.store_id
         elif header.store_id != self.store_id:
@@ -992,7 +1006,7 @@ class Journal:
         ``next_seq - 1`` (what a checkpoint at ``hi`` says comes next): the check that the
         unsynced lines before a checkpoint were not torn or lost in a power loss."""
         cur = Cursor(end=lo, next_seq=0, durable=0, latest_end=0, base_end=0,
-                     compacted_through=0)
+                     compacted_through=0, legacy=self.legacy)
         for chunk_at, chunk in self.read_lines(lo, hi):
             if scan(chunk, chunk_at, cur).damage is not None:
                 return False
@@ -1347,9 +1361,15 @@ def _check_bytes(buf: bytes, path: str, vouch: Vouch | None = None) -> CheckRepo
             cut = cut_error(path, len(buf), vouch)
             problems.append(Problem(len(buf), buf.count(b"\n") + 1, cut.problem, cut.remedy))
     result = scan(buf[start:], start, cur)
+    for offset, data in result.shadowed:
+        problems.append(Problem(
+            offset, buf.count(b"\n", 0, offset) + 1,
+            f"run {data.get('id')!r} (seq {data.get('seq')!r}) was written with a field "
+            "named 'mark', so runstore before format version 2 took its line for a mark: "
+            "the run is not in the store",
+            "to restore it, take this line, remove its seq, change, time, durable, crc and "
+            "mark fields and `runstore import` it (its id is free)"))
     for offset, data in result.records:
-        if "mark" in data:
-            continue
         try:
             codec.run_from_dict(data)
         except codec.BadLine as exc:
@@ -1376,7 +1396,7 @@ def _check_bytes(buf: bytes, path: str, vouch: Vouch | None = None) -> CheckRepo
                 damage.offset, line, verdict,
                 "restore the file from a backup; the lines before this offset are intact "
                 "JSON lines (head -c OFFSET runs.jsonl) if you must rebuild by hand"))
-    records = sum(1 for _, d in result.records if "mark" not in d)
+    records = len(result.records)
     synced = cur.durable
     last = buf[synced:cur.end]  # a valid line (scan passed it) that is a clean-close mark
     if last.startswith(b'{"mark":"clean_close",') and last.count(b"\n") == 1:

@@ -35,11 +35,12 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any, TypeVar
 
+import orjson
 import psycopg
 import psycopg.errors
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import codec, ids, interchange, owner, pgschema, reaping, retention, transitions
@@ -220,7 +221,11 @@ class PostgresStore:
 
     def _configure(self, conn: _Conn) -> None:
         """Per-connection settings: UTC, lock_timeout, and synchronous_commit when not
-        durable (PostgreSQL's 0 means "wait forever", so 0 s becomes 1 ms)."""
+        durable (PostgreSQL's 0 means "wait forever", so 0 s becomes 1 ms). jsonb is read
+        with orjson, as the file store reads its lines: jsonb writes a float such as 1e20
+        as the digits of an integer, which json would read back as an integer beyond 64
+        bits (that ``export`` cannot write) where orjson reads the float it was."""
+        set_json_loads(orjson.loads, conn)
         millis = max(1, round(self.lock_timeout * 1000))
         conn.execute(
             "SELECT set_config('TimeZone', 'UTC', false), set_config('lock_timeout', %s, false),"
@@ -362,11 +367,10 @@ class PostgresStore:
     def _feed(self, conn: _Conn, changes: _Changes, now: _dt.datetime) -> None:
         """Append ``changes`` to the change feed (in this transaction) and notify watchers."""
         self._hit("before_feed", conn)
-        with conn.pipeline():  # one round trip for the lock and every change
-            self._lock_feed(conn)
-            cursors = [conn.execute(self._sql.append,
-                                    [now, change.value, Jsonb(codec.run_to_json(run))])
-                       for change, run in changes]
+        self._lock_feed(conn)  # queued in the transaction's pipeline with every change
+        cursors = [conn.execute(self._sql.append,
+                                [now, change.value, Jsonb(codec.run_to_json(run))])
+                   for change, run in changes]
         seqs = [int(row[0]) for row in (cur.fetchone() for cur in cursors) if row is not None]
         if seqs[0] // TRIM_EVERY != seqs[-1] // TRIM_EVERY or seqs[-1] % TRIM_EVERY == 0:
             self._trim(conn, seqs[-1] - RETAIN_CHANGES)
@@ -793,6 +797,11 @@ def _reason(exc: psycopg.Error) -> str:
 
 
 def _params(run: Run, now: _dt.datetime, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """The statement parameters storing ``run`` (and ``extra``, on an insert), refused as
+    the file store refuses them (``codec.checked_fields``: ``MAX_RECORD_BYTES``, fields
+    that cannot be written as JSON). An update leaves the kept fields in their column, so
+    only the run's own fields count for it."""
+    codec.checked_fields(run, extra)
     params: dict[str, Any] = codec.converter.unstructure(run)
     params["status"] = run.status.value
     params["changed_at"] = now

@@ -333,7 +333,8 @@ class Store:
             cur = Cursor(end=header.base_end,
                          next_seq=header.compacted_through + 1 + len(recent),
                          durable=header.base_end, latest_end=header.latest_end,
-                         base_end=header.base_end, compacted_through=header.compacted_through)
+                         base_end=header.base_end, compacted_through=header.compacted_through,
+                         legacy=header.version < codec.KINDS_BY_FIRST_KEY)
         else:
             base, cur = {}, cursor_after_header(header, header.start)
         if self._opened_at is not None:  # opened at a checkpoint: the lines before it
@@ -834,9 +835,9 @@ class Store:
         lines = []
         for change, run in changes:
             made = self._made.pop(run.id, None)
-            fields = made[1] if made is not None and made[0] is run else None
-            lines.append(codec.encode_record(seq, change, now, durable, run,
-                                             self._extras.get(run.id), fields))
+            fields = codec.checked_fields(run, self._extras.get(run.id), made[1]
+                                          if made is not None and made[0] is run else None)
+            lines.append(codec.encode_record(seq, change, now, durable, run, None, fields))
             seq += 1
         start = cur.end
         try:
@@ -996,7 +997,7 @@ class Store:
                 self._active.values()  # structure what the catch-up deferred, as _plan does
                 appended = b"".join(chunk for _, chunk in j.read_lines(plan.old_end, cur.end))
                 tail, moves = compaction.reseal_tail(appended, plan.old_end, plan.base_end,
-                                                     plan.base_end, j.path)
+                                                     plan.base_end, j.path, cur.legacy)
                 installing, fd = fd, None
                 self._stale = True  # until the view is adopted
                 length, seq = plan.base_end + len(tail), cur.next_seq - 1
@@ -1340,8 +1341,8 @@ class Store:
                 step = step_of(stored)
             except RunstoreError:
                 return  # decided again under the flock, where it raises for real
-            fields = b"" if step is None else codec.record_fields(step[0],
-                                                                  self._extras.get(run_id))
+            fields = b"" if step is None else codec.checked_fields(step[0],
+                                                                   self._extras.get(run_id))
             early.append((stored, step, fields))
 
         def decide() -> _Decision[Run]:
@@ -1526,7 +1527,7 @@ class Store:
         was at the call (a descriptor of it is kept until the iteration ends)."""
         transitions.require_seq("since_seq", since_seq)
 
-        def decide() -> _Decision[tuple[int, int, int] | None]:
+        def decide() -> _Decision[tuple[int, int, int, bool] | None]:
             cur = self._cur
             assert cur is not None
             if since_seq < cur.compacted_through:
@@ -1541,7 +1542,7 @@ class Store:
                 head = b'{"seq":%d,' % (since_seq + 1)
                 if j.reader()(self._recent[k], len(head)) == head:
                     start = self._recent[k]
-            return (j.hold(), start, cur.end), []
+            return (j.hold(), start, cur.end, cur.legacy), []
 
         held = self._read(lambda: decide()[0])
         if held is None:
@@ -1716,10 +1717,10 @@ class _HeldChanges:
     are iterated, a megabyte at a time; ``fd`` is closed when the iteration ends or fails,
     or when the iterator is dropped unfinished."""
 
-    def __init__(self, journal: Journal, fd: int, start: int, end: int,
+    def __init__(self, journal: Journal, fd: int, start: int, end: int, legacy: bool,
                  since_seq: int) -> None:
         self._close = weakref.finalize(self, journal.close_held, fd)
-        self._changes = _changes_read(journal, fd, start, end, since_seq)
+        self._changes = _changes_read(journal, fd, start, end, legacy, since_seq)
 
     def __iter__(self) -> Iterator[Change]:
         return self
@@ -1740,18 +1741,19 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _changes_read(journal: Journal, fd: int, start: int, end: int,
+def _changes_read(journal: Journal, fd: int, start: int, end: int, legacy: bool,
                   since_seq: int) -> Iterator[Change]:
     pos = start
     for at, chunk in journal.read_lines(start, end, fd):
-        yield from _changes_in(chunk, since_seq, journal.path)
+        yield from _changes_in(chunk, since_seq, journal.path, legacy)
         pos = at + len(chunk)
     if pos < end:
         raise CorruptStoreError(journal.path, pos, "the file was cut short while its "
                                 "retained changes were being read")
 
 
-def _changes_in(buf: bytes, since_seq: int, path: str) -> Iterator[Change]:
+def _changes_in(buf: bytes, since_seq: int, path: str,
+                legacy: bool = False) -> Iterator[Change]:
     pos = 0
     while pos < len(buf):
         nl = buf.index(b"\n", pos)
@@ -1759,7 +1761,7 @@ def _changes_in(buf: bytes, since_seq: int, path: str) -> Iterator[Change]:
         pos = nl + 1
         try:
             data = codec.decode_line(line)
-            if "mark" in data or data["seq"] <= since_seq:
+            if codec.is_mark(line, data, legacy) or data["seq"] <= since_seq:
                 continue
             run = codec.run_from_dict(data)
             when = _dt.datetime.fromisoformat(data["time"])

@@ -134,14 +134,15 @@ def check_journal(path: str) -> JournalCheck:
         try:
             head = codec.decode_line(first[:-1])
             through, base = int(head["compacted_through"]), int(head["base_bytes"])
+            legacy = int(head["version"]) < codec.KINDS_BY_FIRST_KEY
         except (codec.BadLine, KeyError, TypeError, ValueError, IndexError) as exc:
             out.problems.append(f"bad header: {exc}")
             return out
-        _check_journal_lines(f, len(first), through, base, out)
+        _check_journal_lines(f, len(first), through, base, legacy, out)
     return out
 
 
-def _check_journal_lines(f: BinaryIO, offset: int, through: int, base: int,
+def _check_journal_lines(f: BinaryIO, offset: int, through: int, base: int, legacy: bool,
                          out: JournalCheck) -> None:
     base_end = offset + base
     expected = through + 1
@@ -156,12 +157,13 @@ def _check_journal_lines(f: BinaryIO, offset: int, through: int, base: int,
         line = raw[:-1]
         try:
             rec = codec.decode_line(line)
+            mark = codec.is_mark(line, rec, legacy)
         except codec.BadLine as exc:
             out.problems.append(f"byte {offset}: {exc.reason}")
             offset += len(line) + 1
             continue
         seq, rid = rec.get("seq"), str(rec.get("id"))
-        if "mark" in rec:
+        if mark:
             out.marks += 1
         elif not isinstance(seq, int):
             out.problems.append(f"byte {offset}: no seq")

@@ -221,7 +221,7 @@ def test_file_starts_with_a_versioned_header(written: list[dict[str, Any]]) -> N
     """The first line names the format and its version (and carries a crc)."""
     header = written[0]
     assert header["format"] == codec.FORMAT_NAME == "runstore-journal"
-    assert header["version"] == codec.FORMAT_VERSION == 1
+    assert header["version"] == codec.FORMAT_VERSION == 2
     assert "crc" in header and "seq" not in header
 
 
