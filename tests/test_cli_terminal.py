@@ -462,13 +462,15 @@ peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({{"peak_kib": peak}}), file=sys.stderr)
 sys.exit(rc)
 """
-#: keeps every history line in memory, as the analysis once did
+#: keeps every history line in memory, as the analysis once did, each with a KiB beside it
+#: (about what the old analysis kept per operation in all) so that the growth shows above
+#: the noise of a loaded machine, where a run of a few seconds makes few operations
 _KEEP_HISTORIES = """
 import runstore.stress as _s
 _read, _kept = _s._history_items, []
 def _keep(path):
     items = list(_read(path))
-    _kept.append(items)
+    _kept.append([(item, bytearray(1024)) for item in items])
     return iter(items)
 _s._history_items = _keep
 """
