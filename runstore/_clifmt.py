@@ -10,11 +10,12 @@ lasted ``PROGRESS_DELAY`` seconds, so quick commands never flash one.
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import os
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TextIO
 
 #: seconds a long operation runs before its progress bar appears (tests set 0)
@@ -264,3 +265,30 @@ class Progress:
                 self.stream.flush()
             except (OSError, ValueError):
                 pass  # a closed or broken terminal must not break the command
+
+
+def table_stream(headers: Sequence[str], rows: Iterable[Sequence[str]], paint: Painter,
+                 right: frozenset[int] = frozenset(), block: int = 1000) -> Iterator[list[str]]:
+    """``table`` for rows that arrive one by one, in lists of lines of up to ``block`` rows:
+    the header and the first block as soon as they are there, the columns as wide as that
+    block needs; a later row wider than a column widens it from then on (never narrows)."""
+    widths = [len(h) for h in headers]
+
+    def line(cells: Sequence[str]) -> str:
+        out = []
+        for i, cell in enumerate(cells):
+            pad = " " * (widths[i] - visible_len(cell))
+            out.append(pad + cell if i in right else cell + pad)
+        return "  ".join(out).rstrip()
+
+    first = True
+    it = iter(rows)
+    while batch := list(itertools.islice(it, block)):
+        for row in batch:
+            for i, cell in enumerate(row):
+                widths[i] = max(widths[i], visible_len(cell))
+        lines = [line(row) for row in batch]
+        if first:
+            lines.insert(0, line([paint.bold(h) for h in headers]))
+            first = False
+        yield lines

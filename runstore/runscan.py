@@ -89,8 +89,8 @@ def records(journal: Journal, fd: int, snap: Snapshot) -> Iterator[tuple[int, di
                 later.append(newer)
                 batch.append((newer, None))
         newer_records = _at(read, later, path)
-        for offset, data in batch:
-            yield (offset, data) if data is not None else next(newer_records)
+        for offset, found in batch:
+            yield (offset, found) if found is not None else next(newer_records)
     _check_base(journal, fd, header, crc, base_runs)
     created = array.array("q", (o for run_id, o in tail.items() if run_id not in seen))
     del seen

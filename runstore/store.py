@@ -1638,7 +1638,8 @@ class Store:
 
     def export(self, fp: IO[str] | IO[bytes] | str | os.PathLike[str]) -> int:
         """Write every run, in insertion order, as one JSON array (the seed's field names);
-        returns the number of runs written.
+        returns the number of runs written. The runs are read and written as they go
+        (``iter_runs``), about a megabyte at a time: memory does not grow with the store.
 
         ``fp`` is a file object, or a path: that file is then written through a temp file
         beside it, synced and renamed over it (replaced whole or not at all). A path that
@@ -1660,8 +1661,9 @@ class Store:
         return self._write_export(fp)
 
     def _write_export(self, fp: IO[str] | IO[bytes]) -> int:
-        return interchange.write_export(fp, ((run, self._extras.get(run.id, {}))
-                                             for run in self.list()))
+        return interchange.write_export(fp, ((self._run_of(data, offset),
+                                              codec.extra_fields(data))
+                                             for offset, data in self._stream_records()))
 
     def _check_output(self, target: str | int, what: str, name: object = None) -> None:
         """Refuse (``OutputTargetError``) to write ``target`` (a path or a descriptor) when
