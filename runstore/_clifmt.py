@@ -17,12 +17,14 @@ the characters JSON leaves raw.
 from __future__ import annotations
 
 import datetime as _dt
+import io
+import itertools
 import os
 import re
 import threading
 import time
-from collections.abc import Sequence
-from typing import TextIO
+from collections.abc import Iterable, Iterator, Sequence
+from typing import IO, Any, TextIO
 
 #: seconds a long operation runs before its progress bar appears (tests set 0)
 PROGRESS_DELAY = 0.5
@@ -94,6 +96,28 @@ def json_visible(text: str) -> str:
     if _UNSAFE_IN_JSON.search(text) is None:
         return text
     return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+class JsonVisibleOut(io.RawIOBase):
+    """A binary stream for ``export``: each write (whole JSON items, UTF-8) goes to ``out``
+    (binary or text) through ``json_visible``, so a streamed document shows nothing a
+    terminal acts on."""
+
+    def __init__(self, out: IO[str] | IO[bytes]) -> None:
+        super().__init__()
+        self._out = out
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        data = bytes(b)
+        text = json_visible(data.decode())
+        if isinstance(self._out, io.TextIOBase):
+            self._out.write(text)
+        else:
+            self._out.write(text.encode())  # type: ignore[arg-type]  # a binary stream
+        return len(data)
 
 
 def colour_wanted(stream: TextIO, mode: str = "auto") -> bool:
@@ -325,3 +349,30 @@ class Progress:
                 self.stream.flush()
             except (OSError, ValueError):
                 pass  # a closed or broken terminal must not break the command
+
+
+def table_stream(headers: Sequence[str], rows: Iterable[Sequence[str]], paint: Painter,
+                 right: frozenset[int] = frozenset(), block: int = 1000) -> Iterator[list[str]]:
+    """``table`` for rows that arrive one by one, in lists of lines of up to ``block`` rows:
+    the header and the first block as soon as they are there, the columns as wide as that
+    block needs; a later row wider than a column widens it from then on (never narrows)."""
+    widths = [len(h) for h in headers]
+
+    def line(cells: Sequence[str]) -> str:
+        out = []
+        for i, cell in enumerate(cells):
+            pad = " " * (widths[i] - visible_len(cell))
+            out.append(pad + cell if i in right else cell + pad)
+        return "  ".join(out).rstrip()
+
+    first = True
+    it = iter(rows)
+    while batch := list(itertools.islice(it, block)):
+        for row in batch:
+            for i, cell in enumerate(row):
+                widths[i] = max(widths[i], visible_len(cell))
+        lines = [line(row) for row in batch]
+        if first:
+            lines.insert(0, line([paint.bold(h) for h in headers]))
+            first = False
+        yield lines

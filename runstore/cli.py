@@ -57,10 +57,12 @@ code 2 like every other error, and ``main(argv)`` returns an exit code tests can
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime as _dt
 import importlib
 import io
+import itertools
 import os
 import re
 import signal
@@ -70,7 +72,7 @@ import time
 import urllib.parse
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NamedTuple, NoReturn, TextIO
+from typing import IO, Any, NamedTuple, NoReturn, TextIO, cast
 
 import orjson
 
@@ -107,6 +109,8 @@ STATS_FIELDS = ("path", "file_size", "runs_by_status", "runs_by_machine", "live_
 POSTGRES_TABLE = "runs"
 _ID_TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"  # the time prefix of ids made by runstore.ids
 _ID_TIME_LEN = len("20260101T000000.000000Z")
+#: how many runs ``list`` formats and writes at a time
+_BLOCK = 1000
 
 
 # -- errors the CLI itself raises ----------------------------------------------------------
@@ -458,6 +462,8 @@ def build_parser(prog: str = "runstore") -> argparse.ArgumentParser:
     p.add_argument("--limit", metavar="N", type=_positive_int,
                    help="only the N most recent of the matching runs")
     json_flag(p, "one JSON array")
+    p.add_argument("--jsonl", action="store_true",
+                   help="print one JSON object per run and line (the fields as with --json)")
 
     p = command("show", _cmd_show, "every field of one run")
     p.add_argument("run_id", metavar="RUN_ID")
@@ -716,14 +722,49 @@ def _emit_runs(ctx: Context, runs: Sequence[Run], as_json: bool, empty: str) -> 
 # -- reading commands --------------------------------------------------------------------------
 
 def _cmd_list(ctx: Context, args: argparse.Namespace) -> int:
-    with ctx.store(existing=True) as store:
-        runs = store.list(machine=args.machine, status=args.status, batch_id=args.batch)
-    if args.since is not None:
-        runs = [r for r in runs if (t := _run_time(r)) is not None and t >= args.since]
-    if args.limit is not None:
-        runs = runs[-args.limit:]
+    if args.json and args.jsonl:
+        raise UsageError("list takes --json or --jsonl, not both")
     filtered = any(v is not None for v in (args.machine, args.status, args.batch, args.since))
-    return _emit_runs(ctx, runs, args.json, "no runs match" if filtered else "no runs")
+    with ctx.store(existing=True) as store:
+        runs: Iterable[Run] = store.iter_runs(machine=args.machine, status=args.status,
+                                              batch_id=args.batch)
+        if args.since is not None:
+            since = args.since
+            runs = (r for r in runs if (t := _run_time(r)) is not None and t >= since)
+        if args.limit is not None:  # the N most recent: only N are ever held
+            runs = collections.deque(runs, maxlen=args.limit)
+        return _stream_runs(ctx, runs, "json" if args.json else "jsonl" if args.jsonl else "",
+                            "no runs match" if filtered else "no runs")
+
+
+def _stream_runs(ctx: Context, runs: Iterable[Run], mode: str, empty: str) -> int:
+    """Print ``runs`` as they come (a table, one JSON array, or JSON lines: ``mode``), a
+    block at a time, so that the first rows show at once and memory stays bounded."""
+    out, count = ctx.out, 0
+    if mode:
+        lines = (_dumps(codec.run_to_json(run)) for run in runs)
+        sep, first, last = (",\n", "[\n", "\n]\n") if mode == "json" else ("\n", "", "\n")
+        while block := list(itertools.islice(lines, _BLOCK)):
+            out.write((first if not count else sep) + sep.join(block))
+            out.flush()
+            count += len(block)
+        if count:
+            out.write(last)
+        elif mode == "json":
+            out.write("[]\n")
+        return EXIT_OK
+    rows = ([run.id, run.machine, ctx.paint.status(run.status.value), run.test_dir_hash[:12],
+             fmt.ago(run.started_at, ctx.now), _run_duration(run, ctx.now),
+             "-" if run.exit_code is None else str(run.exit_code)] for run in runs)
+    headers = ("ID", "MACHINE", "STATUS", "HASH", "STARTED", "DURATION", "EXIT")
+    for block in fmt.table_stream(headers, rows, ctx.paint, right=frozenset({5, 6}),
+                                  block=_BLOCK):
+        ctx.print_lines(block)
+        out.flush()
+        count += 1
+    if not count:
+        ctx.print(empty)
+    return EXIT_OK
 
 
 def _field_text(ctx: Context, run: Run, name: str) -> str:
@@ -960,11 +1001,16 @@ def _cmd_export(ctx: Context, args: argparse.Namespace) -> int:
             _targets.check_output(args.file, ctx.state_dir, remedy="write the export to a "
                                   f"file outside {ctx.state_dir}")
     with ctx.store(existing=True) as store:
-        if to_stdout:
+        if to_stdout and ctx.progress_enabled and fmt.is_terminal(ctx.out):
             buf = io.StringIO()  # kept until the progress bar is gone from the terminal
             with ctx.progress("exporting"):
                 store.export(buf)
             ctx.out.write(fmt.json_visible(buf.getvalue()))
+            return EXIT_OK
+        if to_stdout:  # streamed: the bar, if any, is on another stream than the runs
+            with ctx.progress("exporting"):
+                store.export(cast(
+                    IO[bytes], fmt.JsonVisibleOut(getattr(ctx.out, "buffer", ctx.out))))
             return EXIT_OK
         with ctx.progress(f"exporting to {args.file}"):
             count = _export_to_file(store, args.file)

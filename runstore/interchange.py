@@ -27,6 +27,8 @@ from .model import Run
 
 #: a number an integer beyond 64 bits may be (or a long digit string)
 _LONG_NUMBER = re.compile(rb"\d{19}")
+#: about how many bytes ``write_export`` hands to each write
+_EXPORT_CHUNK = 1 << 20
 
 
 def _exported(run: Run, extra: dict[str, Any]) -> bytes:
@@ -45,14 +47,27 @@ def archive_lines(runs: list[Run], extras: dict[str, dict[str, Any]]) -> bytes:
 
 def write_export(fp: IO[str] | IO[bytes], runs: Iterable[tuple[Run, dict[str, Any]]]) -> int:
     """Write ``runs`` (each with its extra fields) to ``fp``, text or binary, as the one JSON
-    array document of ``export()``; return how many were written."""
-    items = [_exported(run, extra) for run, extra in runs]
-    blob = b"[\n" + b",\n".join(items) + b"\n]\n" if items else b"[]\n"
-    if isinstance(fp, io.TextIOBase):
-        fp.write(blob.decode())
-    else:
-        fp.write(blob)  # type: ignore[arg-type]  # not a text file: a binary one
-    return len(items)
+    array document of ``export()``, about ``_EXPORT_CHUNK`` bytes per write as ``runs`` is
+    iterated (never the whole document in memory); return how many were written."""
+    def write(blob: bytes) -> None:
+        if isinstance(fp, io.TextIOBase):
+            fp.write(blob.decode())
+        else:
+            fp.write(blob)  # type: ignore[arg-type]  # not a text file: a binary one
+
+    count, parts, size = 0, [b"["], 1
+    for run, extra in runs:
+        item = _exported(run, extra)
+        parts.append(b"\n" if count == 0 else b",\n")
+        parts.append(item)
+        count += 1
+        size += len(item) + 2
+        if size >= _EXPORT_CHUNK:
+            write(b"".join(parts))
+            parts, size = [], 0
+    parts.append(b"\n]\n" if count else b"]\n")
+    write(b"".join(parts))
+    return count
 
 
 def export_to_path(path: str, write: Callable[[IO[bytes]], int]) -> int:

@@ -1292,18 +1292,25 @@ def check(state_dir: str | os.PathLike[str], *, lock_timeout: float = 30.0) -> C
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise UnsafeStoreError(path, "the journal file is not a regular file",
                                        "move it away")
-            chunks = []
-            while chunk := os.read(fd, _READ_CHUNK):
-                chunks.append(chunk)
-            buf = b"".join(chunks)
+            report = _check_file(fd, path, vouch)
         finally:
             os.close(fd)
     finally:
         if lock_fd >= 0:
             os.close(lock_fd)
         os.close(dir_fd)
-    report = _check_bytes(buf, path, vouch)
     return attrs.evolve(report, notes=(*report.notes, *notes)) if notes else report
+
+
+def _check_file(fd: int, path: str, vouch: Vouch | None = None) -> CheckReport:
+    """``_check_bytes`` of the file open as ``fd``, read a megabyte at a time (its size
+    taken first: a store must be locked for the file not to grow meanwhile)."""
+    size = os.fstat(fd).st_size
+
+    def read(offset: int, n: int) -> bytes:
+        return os.pread(fd, max(0, min(n, size - offset)), offset)
+
+    return _check_bytes(b"", path, vouch, (read, size))
 
 
 def _lock_at_path(fd: int, dir_fd: int, lock_path: str, timeout: float) -> int:
@@ -1340,50 +1347,68 @@ def _lock_at_path(fd: int, dir_fd: int, lock_path: str, timeout: float) -> int:
                                    "move it away and retry")
 
 
-def _check_bytes(buf: bytes, path: str, vouch: Vouch | None = None) -> CheckReport:
-    if not buf:
+def _check_bytes(buf: bytes, path: str, vouch: Vouch | None = None,
+                 source: tuple[Read, int] | None = None) -> CheckReport:
+    """Check the journal's bytes: ``buf``, or, with ``source``, the ``size`` bytes that
+    ``read`` reads, scanned a megabyte at a time with a running CRC and seq check."""
+    read, size = source if source is not None else (buffer_reader(buf, 0), len(buf))
+    if not size:
         problem = Problem(0, 1, "the file is empty", "move it away to start a new store")
         return CheckReport(path, 0, 0, 0, 0, (problem,))
-    nl = buf.find(b"\n")
+    first = read(0, min(size, LINE_LIMIT + 1))
+    nl = first.find(b"\n")
     try:
         if nl < 0:
             raise CorruptStoreError(path, 0, "the header line is truncated")
-        header = parse_header(buf[:nl], path)
+        header = parse_header(first[:nl], path)
     except CorruptStoreError as exc:
-        return CheckReport(path, len(buf), 0, 0, 0,
+        return CheckReport(path, size, 0, 0, 0,
                            (Problem(0, 1, exc.problem, exc.remedy),))
+    del first
     start = nl + 1
     cur = cursor_after_header(header, start)
     problems = []
+    newlines = 1  # before the chunk being scanned: the header's
+    records = 0
+    damage: Damage | None = None
+    for chunk_at, chunk in _chunks(read, start, size):
+        result = scan(chunk, chunk_at, cur)
+        for offset, data in result.shadowed:
+            line_no = newlines + chunk.count(b"\n", 0, offset - chunk_at) + 1
+            problems.append(Problem(
+                offset, line_no,
+                f"run {data.get('id')!r} (seq {data.get('seq')!r}) was written with a field "
+                "named 'mark', so runstore before format version 2 took its line for a mark: "
+                "the run is not in the store",
+                "to restore it, take this line, remove its seq, change, time, durable, crc "
+                "and mark fields and `runstore import` it (its id is free)"))
+        for offset, data in result.records:
+            records += 1
+            try:
+                codec.run_from_dict(data)
+            except codec.BadLine as exc:
+                line_no = newlines + chunk.count(b"\n", 0, offset - chunk_at) + 1
+                problems.append(Problem(offset, line_no, f"run {data.get('id')!r}: {exc.reason}",
+                                        "restore the file from a backup or fix the record "
+                                        "by hand"))
+        if result.damage is not None:
+            damage = result.damage
+            damage_line = newlines + chunk.count(b"\n", 0, damage.offset - chunk_at) + 1
+            break
+        newlines += chunk.count(b"\n")
     if vouch is not None and vouch.applies_to(header):
         cur.vouched = vouch.length
-        if len(buf) < vouch.length:
-            cut = cut_error(path, len(buf), vouch)
-            problems.append(Problem(len(buf), buf.count(b"\n") + 1, cut.problem, cut.remedy))
-    result = scan(buf[start:], start, cur)
-    for offset, data in result.shadowed:
-        problems.append(Problem(
-            offset, buf.count(b"\n", 0, offset) + 1,
-            f"run {data.get('id')!r} (seq {data.get('seq')!r}) was written with a field "
-            "named 'mark', so runstore before format version 2 took its line for a mark: "
-            "the run is not in the store",
-            "to restore it, take this line, remove its seq, change, time, durable, crc and "
-            "mark fields and `runstore import` it (its id is free)"))
-    for offset, data in result.records:
-        try:
-            codec.run_from_dict(data)
-        except codec.BadLine as exc:
-            problems.append(Problem(offset, buf.count(b"\n", 0, offset) + 1,
-                                    f"run {data.get('id')!r}: {exc.reason}",
-                                    "restore the file from a backup or fix the record by hand"))
-    damage = result.damage
+        if size < vouch.length:
+            total = sum(c.count(b"\n") for _, c in _chunks(read, 0, size))
+            cut = cut_error(path, size, vouch)
+            problems.insert(0, Problem(size, total + 1, cut.problem, cut.remedy))
     torn: TornTail | None = None
     notes: list[str] = []
     if damage is not None:
-        line = buf.count(b"\n", 0, damage.offset) + 1
-        verdict = judge(buffer_reader(buf, 0), len(buf), cur, damage)
+        line = damage_line
+        verdict = judge(read, size, cur, damage)
         if verdict is None:
-            torn = TornTail(damage.offset, len(buf), damage.reason)
+            torn = TornTail(damage.offset, size, damage.reason)
             notes.append(
                 f"torn tail at line {line}: {damage.reason}; the next write to the store cuts "
                 f"bytes {torn.offset} to {torn.end} ({torn.length} bytes), reads leave them. "
@@ -1396,9 +1421,8 @@ def _check_bytes(buf: bytes, path: str, vouch: Vouch | None = None) -> CheckRepo
                 damage.offset, line, verdict,
                 "restore the file from a backup; the lines before this offset are intact "
                 "JSON lines (head -c OFFSET runs.jsonl) if you must rebuild by hand"))
-    records = len(result.records)
     synced = cur.durable
-    last = buf[synced:cur.end]  # a valid line (scan passed it) that is a clean-close mark
+    last = read(synced, cur.end - synced) if cur.end - synced <= LINE_LIMIT else b""
     if last.startswith(b'{"mark":"clean_close",') and last.count(b"\n") == 1:
         synced = cur.end  # closed cleanly: all of it was synced, the mark included
     if not problems and synced < cur.end:
@@ -1406,6 +1430,31 @@ def _check_bytes(buf: bytes, path: str, vouch: Vouch | None = None) -> CheckRepo
             f"the last {cur.end - synced} bytes of valid lines (from byte {synced}) are not "
             "known to be synced: the store was not closed cleanly, or is open now, and no "
             "later line records a sync; check cannot tell whether they are on disk for good")
-    return CheckReport(path, len(buf), records, cur.next_seq - 1,
+    return CheckReport(path, size, records, cur.next_seq - 1,
                        header.compacted_through + 1, tuple(problems), torn, synced,
                        tuple(notes))
+
+
+def _chunks(read: Read, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+    """The bytes ``start:end`` as (offset, chunk) pairs of whole lines, about
+    ``_READ_CHUNK`` each; a line longer than ``LINE_LIMIT`` ends it (its start is the last
+    chunk, which a scan then finds incomplete), as does a line without its end."""
+    pos, parts, pending = start, [], 0
+    while pos < end:
+        chunk = read(pos, min(_READ_CHUNK, end - pos))
+        if not chunk:
+            break
+        pos += len(chunk)
+        cut = chunk.rfind(b"\n") + 1 if pos < end else len(chunk)
+        if cut:
+            parts.append(chunk[:cut] if cut < len(chunk) else chunk)
+            yield pos - len(chunk) - pending, b"".join(parts)
+            parts, pending = [chunk[cut:]] if cut < len(chunk) else [], len(chunk) - cut
+        else:
+            parts.append(chunk)
+            pending += len(chunk)
+            if pending > LINE_LIMIT:
+                yield pos - pending, parts[0]
+                return
+    if parts:
+        yield pos - pending, b"".join(parts)

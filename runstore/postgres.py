@@ -84,6 +84,8 @@ MAX_ATTEMPTS = 50
 #: the longest ``watch`` sleeps on LISTEN before reading the feed anyway
 _WATCH_WAKEUP = 1.0
 _FIELDS = codec.RUN_FIELDS
+#: rows fetched at a time by ``iter_runs`` and ``export``
+_FETCH = 2000
 
 
 def _utcnow() -> _dt.datetime:
@@ -497,6 +499,26 @@ class PostgresStore:
         batch_id: str | None = None,
     ) -> _Runs:
         """Every run matching the filters, in insertion order."""
+        query, params = self._list_query(machine, status, batch_id)
+        return self._read(lambda conn: self._runs(conn, query, params), "listing runs in")
+
+    def iter_runs(
+        self,
+        *,
+        machine: str | None = None,
+        status: Status | str | Iterable[Status | str] | None = None,
+        batch_id: str | None = None,
+    ) -> Iterator[Run]:
+        """The runs ``list()`` returns, in the same order, fetched ``_FETCH`` rows at a time
+        through a server-side cursor as the iteration goes (one snapshot of the table, taken
+        when the iteration starts). The iteration holds one pooled connection until it ends
+        or the iterator is closed."""
+        query, params = self._list_query(machine, status, batch_id)
+        return self._stream(query, params, "listing runs in", self._run)
+
+    def _list_query(self, machine: str | None,
+                    status: Status | str | Iterable[Status | str] | None,
+                    batch_id: str | None) -> tuple[str, Sequence[Any]]:
         wanted = transitions.status_set(status)
         where: list[str] = []
         params: list[Any] = []
@@ -509,8 +531,21 @@ class PostgresStore:
         if batch_id is not None:
             where.append("batch_id = %s")
             params.append(batch_id)
-        query = self._sql.select_where(where)
-        return self._read(lambda conn: self._runs(conn, query, params), "listing runs in")
+        return self._sql.select_where(where), params
+
+    def _stream(self, query: str, params: Sequence[Any], action: str,
+                make: Callable[[Sequence[Any]], T]) -> Iterator[T]:
+        """``make(row)`` for each row of ``query``, read through a server-side cursor in
+        one read-only transaction, ``_FETCH`` rows at a time."""
+        with self._connection(action) as conn:
+            try:
+                with conn.transaction(), conn.cursor(name=f"{self.table}_stream") as cur:
+                    cur.execute(query, params)
+                    while rows := cur.fetchmany(_FETCH):
+                        for row in rows:
+                            yield make(row)
+            except psycopg.Error as exc:
+                raise self._translate(exc, conn, action, False) from None
 
     def active_by_machine(self, machine: str) -> Run | None:
         """The non-terminal run of ``machine``, or None."""
@@ -698,9 +733,9 @@ class PostgresStore:
     def export(self, fp: IO[str] | IO[bytes]) -> int:
         """Write every run, in insertion order, as one JSON array (the seed's field names,
         plus the fields this library does not know); returns the number of runs written."""
-        rows = self._read(lambda conn: conn.execute(self._sql.all_with_extra).fetchall(),
-                          "exporting runs from")
-        return interchange.write_export(fp, ((self._run(row), row[-1] or {}) for row in rows))
+        return interchange.write_export(fp, self._stream(
+            self._sql.all_with_extra, (), "exporting runs from",
+            lambda row: (self._run(row), row[-1] or {})))
 
     def import_runs(self, source: IO[str] | IO[bytes] | Iterable[Run | dict[str, Any]]) -> int:
         """Add runs keeping their ids, from a JSON array document or JSON lines (a file), or

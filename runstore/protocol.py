@@ -56,6 +56,14 @@ class RunStore(Protocol):
         batch_id: str | None = None,
     ) -> _Runs: ...
 
+    def iter_runs(
+        self,
+        *,
+        machine: str | None = None,
+        status: Status | str | Iterable[Status | str] | None = None,
+        batch_id: str | None = None,
+    ) -> Iterator[Run]: ...
+
     def active_by_machine(self, machine: str) -> Run | None: ...
 
     def active(self) -> _Runs: ...

@@ -49,6 +49,7 @@ from . import (
     owner,
     reaping,
     retention,
+    runscan,
     transitions,
 )
 from .active import ActiveRuns
@@ -1380,6 +1381,57 @@ class Store:
 
         return self._read(answer)
 
+    def iter_runs(
+        self,
+        *,
+        machine: str | None = None,
+        status: Status | str | Iterable[Status | str] | None = None,
+        batch_id: str | None = None,
+    ) -> Iterator[Run]:
+        """The runs ``list()`` returns with the same filters, in the same (insertion) order,
+        read from the file as the iteration goes: memory stays bounded however many runs
+        the store holds (about a megabyte of the file at a time, plus the offsets of the
+        versions written since the last compaction).
+
+        The runs are those of the file as it was at the call (a descriptor of it is kept
+        until the iteration ends or the iterator is dropped); changes made meanwhile are
+        not seen. A damaged line raises ``CorruptStoreError`` when the iteration reaches
+        it, and a compacted base that fails its header's checksum when the base has been
+        read (each line is checked against its own checksum before it is yielded)."""
+        statuses = transitions.status_set(status)
+        wanted = None if statuses is None else {s.value for s in statuses}
+        return (self._run_of(data, offset) for offset, data in self._stream_records()
+                if (machine is None or data.get("machine") == machine)
+                and (wanted is None or data["status"] in wanted)
+                and (batch_id is None or data.get("batch_id", "") == batch_id))
+
+    def _stream_records(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(offset, record) of every run's latest version, insertion order, read as the
+        iteration goes from the file as it is now (``runscan``)."""
+
+        def snapshot() -> tuple[int, runscan.Snapshot]:
+            header, cur = self._header, self._cur
+            assert header is not None and cur is not None
+            if self._lazy:
+                point = self._opened_at
+                snap = runscan.Snapshot(
+                    header, cur.end, dict(self._index), set(self._tail_pruned),
+                    None if point is None else (point[0], point[1].next_seq))
+            else:
+                snap = runscan.Snapshot(header, cur.end, {}, set(),
+                                        offsets=array.array("q", self._index.values()))
+            return self._journal.hold(), snap
+
+        fd, snap = self._read(snapshot)
+        return _HeldRecords(self._journal, fd, snap)
+
+    def _run_of(self, data: dict[str, Any], offset: int) -> Run:
+        try:
+            return codec.run_from_dict(data)
+        except codec.BadLine as exc:
+            raise CorruptStoreError(self._journal.path, offset,
+                                    f"a stored run is unreadable: {exc.reason}") from None
+
     def active_by_machine(self, machine: str) -> Run | None:
         """The earliest-inserted non-terminal run of ``machine``, or None."""
 
@@ -1587,7 +1639,8 @@ class Store:
 
     def export(self, fp: IO[str] | IO[bytes] | str | os.PathLike[str]) -> int:
         """Write every run, in insertion order, as one JSON array (the seed's field names);
-        returns the number of runs written.
+        returns the number of runs written. The runs are read and written as they go
+        (``iter_runs``), about a megabyte at a time: memory does not grow with the store.
 
         ``fp`` is a file object, or a path: that file is then written through a temp file
         beside it, synced and renamed over it (replaced whole or not at all). A path that
@@ -1609,8 +1662,9 @@ class Store:
         return self._write_export(fp)
 
     def _write_export(self, fp: IO[str] | IO[bytes]) -> int:
-        return interchange.write_export(fp, ((run, self._extras.get(run.id, {}))
-                                             for run in self.list()))
+        return interchange.write_export(fp, ((self._run_of(data, offset),
+                                              codec.extra_fields(data))
+                                             for offset, data in self._stream_records()))
 
     def _check_output(self, target: str | int, what: str, name: object = None) -> None:
         """Refuse (``OutputTargetError``) to write ``target`` (a path or a descriptor) when
@@ -1710,6 +1764,25 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self.state_dir!r}, durable={self.durable})"
+
+
+class _HeldRecords:
+    """``runscan.records`` of the journal held open as ``fd``; ``fd`` is closed when the
+    iteration ends or fails, or when the iterator is dropped unfinished."""
+
+    def __init__(self, journal: Journal, fd: int, snap: runscan.Snapshot) -> None:
+        self._close = weakref.finalize(self, journal.close_held, fd)
+        self._records = runscan.records(journal, fd, snap)
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        return self
+
+    def __next__(self) -> tuple[int, dict[str, Any]]:
+        try:
+            return next(self._records)
+        except BaseException:  # StopIteration included: done with the descriptor
+            self._close()
+            raise
 
 
 class _HeldChanges:

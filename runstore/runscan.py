@@ -1,0 +1,180 @@
+"""Every run's latest version, read from the journal as the iteration goes, in bounded memory.
+
+``Store.iter_runs`` and ``Store.export`` take a ``Snapshot`` of the view under the store's
+mutex (a descriptor of the file open then, where its valid lines end, and the offsets of the
+versions written after the compacted base) and hand it to ``records``, which reads the file
+through that descriptor without any lock: bytes before the snapshot's end never change, and
+a compaction elsewhere renames a new file over the path, never rewrites this one.
+
+Order: insertion order, as ``list()``. A compaction writes the latest version of every run
+in insertion order (the base), so the base is read front to back; a run that has a newer
+version after the base is yielded at its base position in that newer version (read from its
+offset), a run pruned after the base not at all. The runs created after the base follow, in
+the order they were created. Memory: a megabyte of the file at a time plus the offsets of
+the versions written after the base, which automatic compaction bounds (see ``Store``).
+
+A store whose view indexes every run (``Snapshot.offsets``: a process that needed the whole
+index already) is read at those offsets instead, in one forward pass (``gather.lines``).
+"""
+
+from __future__ import annotations
+
+import array
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+
+from . import codec, gather
+from .errors import CorruptStoreError
+from .journal import Cursor, Header, Journal, scan
+
+_PRUNED = "run_pruned"
+
+
+@attrs.define
+class Snapshot:
+    """What ``records`` needs of the view, taken under the mutex."""
+
+    header: Header
+    #: where the valid lines the view took in end
+    end: int
+    #: id -> offset of its latest version, for the versions the view indexed after the base
+    #: (insertion order); with ``offsets`` set, unused
+    tail: dict[str, int]
+    #: runs pruned after the base
+    pruned: set[str]
+    #: when the view was opened at a checkpoint: its offset and the seq it says comes next
+    #: (the lines between the base and it are not indexed: ``records`` reads them)
+    checkpoint: tuple[int, int] | None = None
+    #: the offsets of every run's latest version in insertion order, when the view
+    #: indexes them all
+    offsets: array.array[int] | None = None
+
+
+def records(journal: Journal, fd: int, snap: Snapshot) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(offset, decoded record) of the latest version of every run, in insertion order, read
+    from ``fd`` (a held descriptor of the journal) as the iteration goes."""
+    path = journal.path
+
+    def read(offset: int, size: int) -> bytes:
+        return journal.pread(fd, size, offset)
+
+    if snap.offsets is not None:
+        yield from _at(read, snap.offsets, path)
+        return
+    header = snap.header
+    tail, pruned = snap.tail, set(snap.pruned)
+    if snap.checkpoint is not None:
+        tail, pruned = _before_checkpoint(journal, fd, snap, pruned)
+    seen: set[str] = set()  # base runs with a version after the base
+    base_runs = 0
+    crc = 0
+    for chunk_at, chunk in journal.read_lines(header.start, header.latest_end, fd):
+        crc = zlib.crc32(chunk, crc)
+        batch: list[tuple[int, dict[str, Any] | None]] = []
+        later = array.array("q")
+        for offset, line in _lines(chunk, chunk_at):
+            data = _decode(line, offset, path)
+            run_id = data["id"]
+            base_runs += 1
+            if run_id in pruned:
+                continue
+            newer = tail.get(run_id)
+            if newer is None:
+                batch.append((offset, data))
+            else:
+                seen.add(run_id)
+                later.append(newer)
+                batch.append((newer, None))
+        newer_records = _at(read, later, path)
+        for offset, found in batch:
+            yield (offset, found) if found is not None else next(newer_records)
+    _check_base(journal, fd, header, crc, base_runs)
+    created = array.array("q", (o for run_id, o in tail.items() if run_id not in seen))
+    del seen
+    yield from _at(read, created, path)
+
+
+def _before_checkpoint(journal: Journal, fd: int, snap: Snapshot,
+                       pruned: set[str]) -> tuple[dict[str, int], set[str]]:
+    """The tail index and pruned runs of a view opened at a checkpoint: the lines between
+    the base and the checkpoint (parsed and checked line by line and against the seq the
+    checkpoint says comes next), then what the view indexed after it."""
+    header, path = snap.header, journal.path
+    assert snap.checkpoint is not None
+    at, next_seq = snap.checkpoint
+    cur = Cursor(end=header.base_end, next_seq=header.compacted_through + 1,
+                 durable=header.base_end, latest_end=header.latest_end,
+                 base_end=header.base_end, compacted_through=header.compacted_through)
+    if header.base_end > header.latest_end:  # the retained history: its seqs come first
+        cur.next_seq = 0
+    tail: dict[str, int] = {}
+    for chunk_at, chunk in journal.read_lines(header.base_end, at, fd):
+        result = scan(chunk, chunk_at, cur)
+        if result.damage is not None:
+            raise CorruptStoreError(path, result.damage.offset,
+                                    f"{result.damage.reason} (before the checkpoint at "
+                                    f"byte {at})")
+        for offset, data in result.records:
+            if data["change"] == _PRUNED:
+                tail.pop(data["id"], None)
+                pruned.add(data["id"])
+            else:
+                tail[data["id"]] = offset
+    if cur.end != at or (cur.next_seq and cur.next_seq != next_seq):
+        raise CorruptStoreError(path, at, "a checkpoint does not match the lines before it "
+                                f"(next seq {cur.next_seq})")
+    for run_id, offset in snap.tail.items():  # keeps earlier positions, appends new ids
+        tail[run_id] = offset
+    for run_id in pruned:
+        tail.pop(run_id, None)
+    return tail, pruned
+
+
+def _check_base(journal: Journal, fd: int, header: Header, crc: int, runs: int) -> None:
+    """The base read, check it against the header's summary (its CRC-32, retained history
+    included, and its run count)."""
+    summary, path = header.summary, journal.path
+    if summary is None:
+        return
+    pos = header.latest_end
+    while pos < header.base_end:
+        chunk = journal.pread(fd, min(1 << 20, header.base_end - pos), pos)
+        if not chunk:
+            break
+        crc = zlib.crc32(chunk, crc)
+        pos += len(chunk)
+    if crc != summary.crc or pos != header.base_end:
+        raise CorruptStoreError(path, header.start, "the compacted base does not match the "
+                                "checksum in its header (lines were removed, reordered or "
+                                "edited); run `python -m runstore check` to find where")
+    if runs != summary.lines:
+        raise CorruptStoreError(path, header.start, f"the compacted base holds {runs} runs "
+                                f"where its header says {summary.lines}")
+
+
+def _at(read: Callable[[int, int], bytes], offsets: array.array[int],
+        path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The decoded records at ``offsets``, in that order."""
+    for offset, line in zip(offsets, gather.lines(read, offsets, path), strict=True):
+        yield offset, _decode(line, offset, path)
+
+
+def _lines(chunk: bytes, chunk_at: int) -> Iterator[tuple[int, bytes]]:
+    pos = 0
+    for line in chunk.split(b"\n")[:chunk.count(b"\n")]:
+        yield chunk_at + pos, line
+        pos += len(line) + 1
+
+
+def _decode(line: bytes, offset: int, path: str) -> dict[str, Any]:
+    try:
+        data = codec.decode_line(line)
+        codec.check_record(data)
+    except codec.BadLine as exc:
+        raise CorruptStoreError(path, offset, f"a stored run is unreadable: {exc.reason}"
+                                ) from None
+    return data
+
