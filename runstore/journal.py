@@ -1001,9 +1001,13 @@ class Journal:
     def read_line(self, offset: int) -> bytes:
         """The line starting at ``offset``, without its newline."""
         assert self.fd is not None
+        return self.read_line_at(self.fd, offset)
+
+    def read_line_at(self, fd: int, offset: int) -> bytes:
+        """``read_line`` from ``fd``, a descriptor of the journal (``hold``)."""
         size = 2048
         while True:
-            data = self.pread(self.fd, size, offset)
+            data = self.pread(fd, size, offset)
             nl = data.find(b"\n")
             if nl >= 0:
                 return data[:nl]

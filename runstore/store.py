@@ -1630,6 +1630,94 @@ class Store:
         return interchange.write_export(fp, ((run, self._extras.get(run.id, {}))
                                              for run in self.list()))
 
+    def _iter_export(self) -> Iterator[tuple[Run, dict[str, Any]]]:
+        """Every run with its extra fields, as ``export`` writes them, read as it is
+        iterated from the file as it was at the call (a descriptor of it is held until the
+        iteration ends), in memory that does not grow with the store when it was opened
+        from a compaction's summary and not indexed since (``_stream_base``); otherwise
+        from a copy of the offsets of the index (8 bytes a run). Not in insertion order
+        in the first case: runs changed since the compaction come at their place in the
+        base, runs created since come last."""
+
+        def snapshot() -> tuple[int, int, Header, array.array[int] | None]:
+            cur, header = self._cur, self._header
+            assert cur is not None and header is not None
+            if self._lazy and header.summary is not None:
+                return self._journal.hold(), cur.end, header, None
+            self._ensure_index()
+            return self._journal.hold(), cur.end, header, array.array("q", self._index.values())
+
+        fd, end, header, offsets = self._read(snapshot)
+        j = self._journal
+        try:
+            def read(offset: int, size: int) -> bytes:
+                return j.pread(fd, size, offset)
+
+            if offsets is None:
+                yield from self._stream_base(fd, end, header, read)
+                return
+            for offset, line in zip(offsets, gather.lines(read, offsets, j.path), strict=True):
+                yield self._exported_at(offset, line)
+        finally:
+            j.close_held(fd)
+
+    def _exported_at(self, offset: int, line: bytes) -> tuple[Run, dict[str, Any]]:
+        """The run of the record ``line`` at ``offset`` and its extra fields."""
+        try:
+            data = codec.decode_line(line)
+            return codec.run_from_dict(data), codec.extra_fields(data)
+        except codec.BadLine as exc:
+            raise CorruptStoreError(self._journal.path, offset,
+                                    f"a stored run is unreadable: {exc.reason}") from None
+
+    def _stream_base(self, fd: int, end: int, header: Header,
+                     read: Callable[[int, int], bytes]) -> Iterator[tuple[Run, dict[str, Any]]]:
+        """``_iter_export`` of a file whose compacted base is not indexed: the lines after
+        the base are read first (what changed since: run id -> its latest offset, or -1
+        when pruned), then the base's latest versions are read in order, each replaced by
+        its later version when there is one; then the runs created after the base. The
+        base's bytes are checked against the header's CRC-32 as they are read (the error
+        comes at the end, after the runs: a caller that must not act on a damaged store
+        stops there, as an import does)."""
+        j, summary = self._journal, header.summary
+        assert summary is not None
+        later: dict[str, int] = {}
+        cur = Cursor(end=header.base_end, next_seq=0, durable=0, latest_end=0, base_end=0,
+                     compacted_through=0)
+        for chunk_at, chunk in j.read_lines(header.base_end, end, fd=fd):
+            result = scan(chunk, chunk_at, cur)
+            if result.damage is not None:
+                raise CorruptStoreError(j.path, result.damage.offset, result.damage.reason)
+            for offset, data in result.records:
+                later[data["id"]] = -1 if data["change"] == _PRUNED else offset
+        crc, count = 0, 0
+        for chunk_at, chunk in j.read_lines(header.start, header.latest_end, fd=fd):
+            crc = zlib.crc32(chunk, crc)
+            pos = 0
+            while pos < len(chunk):
+                nl = chunk.find(b"\n", pos)
+                if nl < 0:
+                    break  # a short file: the checksum below tells
+                line, at = chunk[pos:nl], chunk_at + pos
+                pos = nl + 1
+                count += 1
+                found = codec.RECORD_ID.match(b"\n" + line)
+                run_id = found.group(1).decode() if found else self._decode_at(at, line)["id"]
+                moved = later.pop(run_id, None)
+                if moved is None:
+                    yield self._exported_at(at, line)
+                elif moved >= 0:
+                    yield self._exported_at(moved, j.read_line_at(fd, moved))
+        for _at, chunk in j.read_lines(header.latest_end, header.base_end, fd=fd):
+            crc = zlib.crc32(chunk, crc)
+        if crc != summary.crc or count != summary.lines:
+            raise CorruptStoreError(j.path, header.start,
+                                    f"the compacted base ({count} runs) does not match the "
+                                    f"CRC-32 and run count ({summary.lines}) in its header")
+        for offset in later.values():
+            if offset >= 0:
+                yield self._exported_at(offset, j.read_line_at(fd, offset))
+
     def _check_output(self, target: str | int, what: str, name: object = None) -> None:
         """Refuse (``OutputTargetError``) to write ``target`` (a path or a descriptor) when
         it is one of this store's files or inside its state directory, judged against the
