@@ -1841,6 +1841,9 @@ class Store:
                 if size >= _STAGE_CHUNK:
                     j.stage(fd, b"".join(lines))
                     lines, size = [], 0
+            if seq == cur.next_seq:  # every run was already there: nothing to install
+                j.abandon_temp(name, fd)
+                return 0, []
             j.stage(fd, b"".join(lines), sync=True)
             installing = True
             end, last = offset, seq - 1
