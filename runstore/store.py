@@ -1846,9 +1846,7 @@ class Store:
                 return 0, []
             j.stage(fd, b"".join(lines), sync=True)
             installing = True
-            end, last = offset, seq - 1
-            j.install_temp(name, fd, before_rename=lambda: self._vouch(
-                header.crc, end, last, "import"))
+            j.install_temp(name, fd)
             self._header = j.open()
         except BaseException:
             self._stale = True  # the view took in runs that are not stored
@@ -1856,9 +1854,20 @@ class Store:
                 j.abandon_temp(name, fd)
             raise
         count = seq - cur.next_seq
-        cur.end, cur.next_seq, cur.vouched = offset, seq, offset
+        cur.end, cur.next_seq = offset, seq
         self._synced = offset
         self._unmarked_writes = True
+        # Recorded only now that the new file is in place: the header is the old one, so a
+        # record of the new length made before the rename would speak of the old journal
+        # too, which would then be refused as cut short if the rename failed. Until it is
+        # written, the earlier record (a prefix of both files) still holds.
+        try:
+            self._vouch(header.crc, offset, seq - 1, "import")
+            cur.vouched = offset
+        except OSError as exc:
+            log_warning("runstore: could not record in %s that %s is synced (%s); a later "
+                        "cut of it will not be told from a torn write",
+                        self._journal.lock_path, j.path, exc)
         return count, []
 
     # -- statistics ---------------------------------------------------------------------
