@@ -4,18 +4,21 @@
 iterable of ``Run``/dicts) into validated runs plus the unknown fields each record carried;
 ``append_archive`` appends pruned runs, durably, to the JSON-lines archive of ``prune()``;
 ``write_export`` writes the document of ``export()``; ``check_import`` refuses a duplicate id
-or a second non-terminal run on a machine.
+or a second non-terminal run on a machine. ``iter_import`` reads the same input as
+``parse_import`` one record at a time, in memory that does not grow with the number of
+records (a file is read a megabyte at a time), for the backends' streaming imports.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Iterator
 from typing import IO, Any
 
 import attrs
@@ -213,3 +216,122 @@ def parse_import(
         seen.add(run.id)
         runs.append(attrs.evolve(run, revision=max(run.revision, 1)))
     return runs, extras
+
+
+#: how much of an import file is read at a time (``iter_import``)
+IMPORT_CHUNK = 1 << 20
+#: where an element of a JSON array may end: a closing brace, then a comma (the last one
+#: in a chunk is almost always the end of a top-level element; when it is not, the next
+#: chunk is joined and tried again)
+_ELEMENT_END = re.compile(rb"\}\s*,")
+
+
+def _not_json(detail: object) -> InvalidRunError:
+    return InvalidRunError(f"the import is not JSON or JSON lines ({detail}); "
+                           "nothing was imported")
+
+
+def _chunks(fp: IO[str] | IO[bytes]) -> Iterator[bytes]:
+    while True:
+        raw = fp.read(IMPORT_CHUNK)
+        if not raw:
+            return
+        yield raw.encode() if isinstance(raw, str) else raw
+
+
+def _json_lines(first: bytes, rest: Iterator[bytes]) -> Iterator[Any]:
+    """The values of a JSON-lines stream, one per non-blank line."""
+    pending = first
+    for chunk in rest:
+        pending += chunk
+        cut = pending.rfind(b"\n") + 1
+        if not cut:
+            continue
+        for line in pending[:cut].splitlines():
+            if line.strip():
+                yield _loads(line)
+        pending = pending[cut:]
+    for line in pending.splitlines():
+        if line.strip():
+            yield _loads(line)
+
+
+def _loads(blob: bytes) -> Any:
+    try:
+        return orjson.loads(blob)
+    except orjson.JSONDecodeError as exc:
+        raise _not_json(exc) from None
+
+
+def _json_array(first: bytes, rest: Iterator[bytes]) -> Iterator[Any]:
+    """The elements of one JSON array document, in pieces of whole elements: the text
+    read so far is cut after its last ``},`` and parsed as an array of its own (``[`` +
+    part + ``]``); a cut inside a string or a nested object fails to parse and is tried
+    again with more text. Memory: a chunk plus the longest element."""
+    body = first.lstrip()[1:]  # after the opening bracket
+    for chunk in rest:
+        body += chunk
+        last = collections.deque(
+            _ELEMENT_END.finditer(body, max(0, len(body) - len(chunk) - 1)), maxlen=1)
+        if not last:
+            continue
+        match = last[0]
+        try:
+            items = orjson.loads(b"[" + body[:match.start() + 1] + b"]")
+        except orjson.JSONDecodeError:
+            continue  # not an element boundary after all: read on
+        yield from items
+        body = body[match.end():]
+    items = _loads(b"[" + body)  # the rest, with the closing bracket
+    if not isinstance(items, list):
+        raise _not_json("not an array")
+    yield from items
+
+
+def iter_import(
+    source: IO[str] | IO[bytes] | Iterable[Run | dict[str, Any]],
+) -> Iterator[tuple[int, Run, dict[str, Any]]]:
+    """The records of an import as (record number from 1, validated run with revision at
+    least 1, its extra fields), read as they are iterated. An unreadable or invalid record
+    raises ``InvalidRunError`` naming it (``record N``) when it is reached: a caller that
+    wants all or nothing writes nothing it cannot take back before the iteration ends.
+    Unlike ``parse_import`` it does not refuse an id that appears twice (that needs every
+    id: the backends check it against what they store)."""
+    items: Iterable[Any]
+    if hasattr(source, "read"):
+        chunks = _chunks(source)  # type: ignore[arg-type]  # a file: it has read()
+        first = b""
+        for chunk in chunks:
+            first += chunk
+            if first.strip():
+                break
+        items = (_json_array(first, chunks) if first.lstrip().startswith(b"[")
+                 else _json_lines(first, chunks))
+    else:
+        items = source  # an iterable of runs or dicts
+    for n, item in enumerate(items, 1):
+        yield (n, *_validated(n, item))
+
+
+def _validated(n: int, item: object) -> tuple[Run, dict[str, Any]]:
+    extra: dict[str, Any] = {}
+    if isinstance(item, Run):
+        run = item
+    elif isinstance(item, dict):
+        try:
+            run = codec.run_from_dict(item)
+        except codec.BadLine as exc:
+            raise InvalidRunError(f"record {n} ({item.get('id', '?')!r}): {exc.reason}; "
+                                  "nothing was imported") from None
+        extra = codec.extra_fields(item)
+    else:
+        raise InvalidRunError(f"record {n} is not a run object: {item!r}; "
+                              "nothing was imported")
+    try:
+        transitions.require_text("id", run.id)
+        run = transitions.validate(run)
+    except InvalidRunError as exc:
+        raise InvalidRunError(f"record {n}: {exc}; nothing was imported") from None
+    if run.revision < 1:
+        run = attrs.evolve(run, revision=1)
+    return run, extra

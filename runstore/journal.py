@@ -1015,9 +1015,13 @@ class Journal:
     def read_line(self, offset: int) -> bytes:
         """The line starting at ``offset``, without its newline."""
         assert self.fd is not None
+        return self.read_line_at(self.fd, offset)
+
+    def read_line_at(self, fd: int, offset: int) -> bytes:
+        """``read_line`` from ``fd``, a descriptor of the journal (``hold``)."""
         size = 2048
         while True:
-            data = self.pread(self.fd, size, offset)
+            data = self.pread(fd, size, offset)
             nl = data.find(b"\n")
             if nl >= 0:
                 return data[:nl]
@@ -1167,6 +1171,30 @@ class Journal:
         except OSError as exc:
             raise StoreIOError(self.state_dir, "syncing the directory", exc,
                                IOKind.SYNC_DIR) from None
+
+    def stage(self, fd: int, data: bytes | None = None, *, copy_to: int = 0,
+              sync: bool = False) -> None:
+        """Write to the temp file of a staged import (``new_temp``): first the journal's
+        first ``copy_to`` bytes (read a megabyte at a time), then ``data``; with ``sync``,
+        fsync it. ``StoreIOError`` (``IOKind.REWRITE``) on failure: the journal itself is
+        not touched."""
+        assert self.fd is not None
+        pos = 0
+        try:
+            while pos < copy_to:
+                chunk = self.fs.pread(self.fd, min(_READ_CHUNK, copy_to - pos), pos)
+                if not chunk:
+                    raise OSError(errno.EIO, "the journal ended before the bytes this "
+                                  f"process read ({pos} of {copy_to})")
+                self._write_all(fd, chunk)
+                pos += len(chunk)
+            if data:
+                self._write_all(fd, data)
+            if sync:
+                self.fs.fsync(fd)
+        except OSError as exc:
+            raise StoreIOError(self.path, "staging an import into", exc,
+                               IOKind.REWRITE) from None
 
     def abandon_temp(self, name: str, fd: int | None) -> None:
         """Remove and close a temp file that will not be installed; removed first, while a

@@ -1,15 +1,15 @@
 """Copy every run of one store into another and prove the copy: ``runstore migrate``.
 
 Written against ``RunStore`` only, so it copies file -> PostgreSQL (the case it exists for),
-file -> file or PostgreSQL -> file alike. One call, three steps:
+file -> file or PostgreSQL -> file alike. One call, two steps, each reading its stores as it
+goes (memory does not grow with the number of runs, beyond a file target's own index):
 
-1. read the source (``export``: every run with the fields runstore does not know) and the
-   target (``list``);
-2. compare by id: a run already in the target with identical content is skipped, a run with
-   the same id and different content is a conflict (``MigrationConflictError``, naming the
-   run and the fields that differ; nothing is imported), the rest is imported in one
-   ``import_runs`` call, all or nothing;
-3. verify: read the target again and compare the count and a checksum of the source's runs
+1. copy: the source's runs (every field, and the fields runstore does not know) are read
+   one at a time and imported in one all-or-nothing import of the target's: a run already
+   in the target with identical content is skipped, a run with the same id and different
+   content is a conflict (``MigrationConflictError``, naming the run and the fields that
+   differ; nothing is imported);
+2. verify: read the target again and compare the count and a checksum of the source's runs
    with the same ids in the target (``MigrationVerifyError`` when they differ).
 
 Running it again after a successful migration copies nothing and verifies again
@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import io
-from collections.abc import Callable, Iterable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import IO, Any
 
 import attrs
 import orjson
@@ -131,12 +133,81 @@ def _differing_fields(a: bytes, b: bytes) -> list[str]:
     return [k for k in codec.RUN_FIELDS if ja.get(k) != jb.get(k)]
 
 
-def _read_source(source: RunStore) -> list[dict[str, Any]]:
-    """Every source run as a record dict (with unknown extra fields, which ``list`` drops)."""
+#: bytes of (id, canonical JSON) lines a ``_Spool`` keeps before it sorts them into a temp file
+SPOOL_BYTES = 16 << 20
+
+
+class _Spool:
+    """(run id, canonical JSON) pairs in any order, given back sorted by id: kept in memory
+    up to ``SPOOL_BYTES``, beyond that sorted into anonymous temp files (deleted when
+    closed) and merged as they are read back. Each pair is one line ``id NUL json``: an id
+    holds no NUL and canonical JSON no newline, and bytes sort as the ids' code points."""
+
+    def __init__(self) -> None:
+        self._lines: list[bytes] = []
+        self._size = 0
+        self._files: list[IO[bytes]] = []
+        self.count = 0
+
+    def add(self, run_id: str, data: bytes) -> None:
+        line = run_id.encode() + b"\0" + data + b"\n"
+        self._lines.append(line)
+        self._size += len(line)
+        self.count += 1
+        if self._size >= SPOOL_BYTES:
+            self._spill()
+
+    def _spill(self) -> None:
+        self._lines.sort()
+        fp = tempfile.TemporaryFile()  # noqa: SIM115  # closed by close()
+        self._files.append(fp)
+        fp.writelines(self._lines)
+        fp.seek(0)
+        self._lines, self._size = [], 0
+
+    def sorted(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every pair as (id, canonical JSON), sorted by id."""
+        self._lines.sort()
+        for line in heapq.merge(self._lines, *self._files):
+            run_id, _, data = line[:-1].partition(b"\0")
+            yield run_id, data
+
+    def close(self) -> None:
+        for fp in self._files:
+            fp.close()
+        self._files, self._lines = [], []
+
+
+def _stream(store: RunStore) -> Iterator[tuple[Run, dict[str, Any]]]:
+    """Every run of ``store`` with its extra fields, read as iterated (both backends have
+    ``_iter_export``; any other ``RunStore`` is read whole through ``export``)."""
+    stream: Callable[[], Iterator[tuple[Run, dict[str, Any]]]] | None = getattr(
+        store, "_iter_export", None)
+    if stream is not None:
+        yield from stream()
+        return
     buf = io.BytesIO()
-    source.export(buf)
-    records: list[dict[str, Any]] = orjson.loads(buf.getvalue())
-    return records
+    store.export(buf)
+    for record in orjson.loads(buf.getvalue()):
+        yield codec.run_from_dict(record), codec.extra_fields(record)
+
+
+def _import(target: RunStore, records: Iterator[tuple[int, Run, dict[str, Any]]],
+            on_conflict: Callable[[Run, Run], None]) -> int:
+    """``target._import_runs`` (both backends), or for any other ``RunStore`` the runs not
+    in ``target`` through ``import_runs``, after the same checks."""
+    stream_import: Callable[..., int] | None = getattr(target, "_import_runs", None)
+    if stream_import is not None:
+        return stream_import(records, on_conflict)
+    existing = {run.id: run for run in target.list()}
+    missing: list[Run | dict[str, Any]] = []
+    for _n, run, extra in records:
+        there = existing.get(run.id)
+        if there is None:
+            missing.append({**codec.run_to_json(run), **extra})
+        elif there != run:
+            on_conflict(there, run)
+    return target.import_runs(missing) if missing else 0
 
 
 def migrate(source: RunStore, target: RunStore, *, target_name: str = "the target",
@@ -148,44 +219,52 @@ def migrate(source: RunStore, target: RunStore, *, target_name: str = "the targe
     machine that already has another active run in the target; nothing imported), and
     ``MigrationVerifyError`` when the verification fails. ``target_name`` names the target in
     messages (pass it without a password).
+
+    Memory does not grow with the number of runs (beyond a file target's own index): the
+    source is read as it is copied, in one ``import_runs``-like call that skips the runs
+    already in the target with identical content, and each side's canonical JSON is
+    spooled (sorted in temp files past ``SPOOL_BYTES``) for the checksums.
     """
     step = progress or (lambda _label: contextlib.nullcontext())
-    # Only the canonical bytes of each run are kept (not Run objects), and only the records
-    # still to be imported: a store of N runs costs about N x (a record + its JSON) here.
-    with step("reading the source"):
+    source_side, target_side = _Spool(), _Spool()
+    try:
         seq_before = source.last_seq()
-        records = _read_source(source)
-        wanted: dict[str, bytes] = {}
-        for record in records:
-            wanted[record["id"]] = canonical(codec.run_from_dict(record))
-    with step("reading the target"):
-        existing = {run.id: canonical(run) for run in target.list()}
-    missing: list[dict[str, Any]] = []
-    for record in records:
-        there = existing.get(record["id"])
-        if there is None:
-            missing.append(record)
-        elif there != wanted[record["id"]]:
-            raise MigrationConflictError(record["id"], target_name,
-                                         _differing_fields(wanted[record["id"]], there))
-    del records, existing
-    if missing:
-        with step(f"copying {len(missing):,} runs"):
-            target.import_runs(missing)
-    copied = len(missing)
-    del missing
-    with step("verifying"):
-        expected = _digest(wanted)
-        found = {run.id: canonical(run) for run in target.list() if run.id in wanted}
-        target_checksum = _digest(found)
-        verified = sum(1 for run_id, data in found.items() if data == wanted[run_id])
-        target_runs = target.stats().runs
-        changed = source.last_seq() != seq_before
+
+        def records() -> Iterator[tuple[int, Run, dict[str, Any]]]:
+            for n, (run, extra) in enumerate(_stream(source), 1):
+                source_side.add(run.id, canonical(run))
+                yield n, run, extra
+
+        def conflict(there: Run, run: Run) -> None:
+            raise MigrationConflictError(run.id, target_name,
+                                         _differing_fields(canonical(run), canonical(there)))
+
+        with step("copying the source's runs"):
+            copied = _import(target, records(), conflict)
+        with step("verifying"):
+            for run, _extra in _stream(target):
+                target_side.add(run.id, canonical(run))
+            expected, found = hashlib.sha256(), hashlib.sha256()
+            verified = 0
+            theirs = target_side.sorted()
+            there = next(theirs, None)
+            for run_id, data in source_side.sorted():
+                expected.update(data + b"\n")
+                while there is not None and there[0] < run_id:
+                    there = next(theirs, None)
+                if there is not None and there[0] == run_id:
+                    found.update(there[1] + b"\n")
+                    verified += there[1] == data
+            changed = source.last_seq() != seq_before
+    finally:
+        source_side.close()
+        target_side.close()
+    count = source_side.count
     report = MigrationReport(
-        source_runs=len(wanted), copied=copied, skipped=len(wanted) - copied,
-        target_runs=target_runs, verified=verified, checksum=expected,
-        target_checksum=target_checksum, source_changed=changed)
+        source_runs=count, copied=copied, skipped=count - copied,
+        target_runs=target_side.count, verified=verified, checksum=expected.hexdigest(),
+        target_checksum=found.hexdigest(), source_changed=changed)
     if not report.ok:
-        raise MigrationVerifyError(target_name, len(wanted), verified, expected,
-                                   target_checksum)
+        raise MigrationVerifyError(target_name, count, verified, report.checksum,
+                                   report.target_checksum)
     return report

@@ -88,6 +88,10 @@ _FIELDS = codec.RUN_FIELDS
 _FETCH = 2000
 
 
+def _columns_sql(names: list[str]) -> sql.Composable:
+    return sql.SQL(", ").join(map(sql.Identifier, names))
+
+
 def _utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC)
 
@@ -733,33 +737,137 @@ class PostgresStore:
     def export(self, fp: IO[str] | IO[bytes]) -> int:
         """Write every run, in insertion order, as one JSON array (the seed's field names,
         plus the fields this library does not know); returns the number of runs written."""
-        return interchange.write_export(fp, self._stream(
-            self._sql.all_with_extra, (), "exporting runs from",
-            lambda row: (self._run(row), row[-1] or {})))
+        return interchange.write_export(fp, self._iter_export())
+
+    def _iter_export(self) -> Iterator[tuple[Run, dict[str, Any]]]:
+        """Every run with its extra fields, in insertion order, read as it is iterated
+        (``_stream``: one query, one snapshot); holds one pooled connection until the
+        iteration ends."""
+        return self._stream(self._sql.all_with_extra, (), "exporting runs from",
+                            lambda row: (self._run(row), row[-1] or {}))
 
     def import_runs(self, source: IO[str] | IO[bytes] | Iterable[Run | dict[str, Any]]) -> int:
         """Add runs keeping their ids, from a JSON array document or JSON lines (a file), or
         from an iterable of ``Run``/dicts. All or nothing (one transaction): a duplicate or
-        invalid record is refused with ``InvalidRunError`` naming it."""
-        runs, extras = interchange.parse_import(source)
-        machines = sorted({r.machine for r in runs if not r.status.is_terminal})
+        invalid record is refused with ``InvalidRunError`` naming it.
 
-        def body(conn: _Conn) -> int:
-            now = _utcnow()
-            self._lock_feed(conn)  # no other run is created until we commit
-            busy = dict(conn.execute(self._sql.active_of_machines, [machines]).fetchall())
-            exists = {row[0] for row in conn.execute(self._sql.existing_ids,
-                                                     [[r.id for r in runs]])}
-            interchange.check_import(runs, exists, busy, self._where)
-            if not runs:
-                return 0
-            with conn.cursor() as cur:
-                cur.executemany(self._sql.insert,
-                                [_params(r, now, extras.get(r.id)) for r in runs])
-            self._feed(conn, [(ChangeType.RUN_CREATED, r) for r in runs], now)
-            return len(runs)
+        The input is read as it is imported, in memory that does not grow with it: the
+        records are sent with ``COPY`` into a temporary table, then checked and inserted
+        by the server; the change feed's lock is taken only for that last step."""
+        return self._import_runs(interchange.iter_import(source))
 
-        return self._transact(body, "importing runs into")
+    def _import_runs(self, records: Iterable[tuple[int, Run, dict[str, Any]]],
+                     on_conflict: Callable[[Run, Run], None] | None = None) -> int:
+        """``import_runs`` of validated (record number, run, extra fields); see
+        ``Store._import_runs`` for ``on_conflict``. Never retried: the records are read
+        once."""
+        action = "importing runs into"
+        with self._connection(action) as conn:
+            committing = False
+            try:
+                with conn.transaction():
+                    count = self._stage_import(conn, records, on_conflict)
+                    self._hit("before_commit", conn)
+                    committing = True
+                return count
+            except psycopg.Error as exc:
+                raise self._translate(exc, conn, action,
+                                      None if committing else False) from None
+
+    def _stage_import(self, conn: _Conn, records: Iterable[tuple[int, Run, dict[str, Any]]],
+                      on_conflict: Callable[[Run, Run], None] | None) -> int:
+        """In the caller's transaction: COPY ``records`` into a temporary table, refuse an
+        id twice, an existing id (or, with ``on_conflict``, skip identical ones and call it
+        for the first that differs) and a second non-terminal run on a machine, then insert
+        the rest in record order and write their changes to the feed."""
+        names, imp = self._names, sql.Identifier("runstore_import")
+        cols = _columns_sql([*_FIELDS, "extra", "run"])
+        conn.execute(sql.SQL(
+            "CREATE TEMPORARY TABLE {imp} (n bigint NOT NULL, LIKE {runs}, run jsonb NOT NULL)"
+            " ON COMMIT DROP").format(imp=imp, runs=names.runs))
+        conn.execute(sql.SQL("ALTER TABLE {imp} DROP COLUMN inserted, DROP COLUMN changed_at")
+                     .format(imp=imp))
+        with conn.cursor().copy(sql.SQL("COPY {imp} (n, {cols}) FROM STDIN")
+                                .format(imp=imp, cols=cols)) as copy:
+            for n, run, extra in records:
+                values = codec.converter.unstructure(run)
+                values["status"] = run.status.value
+                copy.write_row([n, *(values[f] for f in _FIELDS),
+                                Jsonb(extra) if extra else None,
+                                Jsonb(codec.run_to_json(run))])
+        conn.execute(sql.SQL("CREATE INDEX ON {imp} (id)").format(imp=imp))
+        conn.execute(sql.SQL("ANALYZE {imp}").format(imp=imp))
+        twice = conn.execute(sql.SQL(
+            "SELECT max(n), id FROM {imp} GROUP BY id HAVING count(*) > 1 ORDER BY 1 LIMIT 1")
+            .format(imp=imp)).fetchone()
+        if twice is not None:
+            raise InvalidRunError(f"record {twice[0]}: run {twice[1]!r} appears twice; "
+                                  "nothing was imported")
+        self._lock_feed(conn)  # no other run is created until we commit
+        same = sql.SQL(" AND ").join(
+            sql.SQL("i.{f} IS NOT DISTINCT FROM r.{f}").format(f=sql.Identifier(f))
+            for f in _FIELDS)
+        refused = sql.SQL("TRUE") if on_conflict is None else sql.SQL("NOT ({})").format(same)
+        found = conn.execute(sql.SQL(
+            "SELECT i.n, i.id FROM {imp} i JOIN {runs} r USING (id) WHERE {refused} "
+            "ORDER BY i.n LIMIT 1").format(refused=refused, imp=imp, runs=names.runs)
+            ).fetchone()
+        if found is not None:
+            n, run_id = found
+            if on_conflict is not None:
+                new = conn.execute(sql.SQL("SELECT {cols} FROM {imp} WHERE id = %s").format(
+                    cols=_columns_sql(list(_FIELDS)), imp=imp), [run_id]).fetchone()
+                assert new is not None
+                on_conflict(self._get(conn, run_id), self._run(new))
+            raise InvalidRunError(f"record {n}: run {run_id!r} already exists in "
+                                  f"{self._where}; nothing was imported")
+        if on_conflict is not None:  # what is left in both is identical: skipped
+            conn.execute(sql.SQL("DELETE FROM {imp} i USING {runs} r WHERE i.id = r.id")
+                         .format(imp=imp, runs=names.runs))
+        active = conn.execute(sql.SQL(
+            "SELECT n, id, status, machine FROM {imp} WHERE status IN ('pending', 'running')"
+            " ORDER BY n").format(imp=imp)).fetchall()
+        busy = dict(conn.execute(self._sql.active_of_machines,
+                                 [sorted({row[3] for row in active})]).fetchall())
+        for n, run_id, status, machine in active:
+            if machine in busy:
+                raise InvalidRunError(
+                    f"record {n}: run {run_id!r} is {status} on machine {machine!r}, which "
+                    f"already has the non-terminal run {busy[machine]!r}; nothing was "
+                    "imported")
+            busy[machine] = run_id
+        now = _utcnow()
+        inserted = conn.execute(sql.SQL(
+            "INSERT INTO {runs} ({cols}, changed_at, extra) "
+            "SELECT {cols}, %s, extra FROM {imp} ORDER BY n")
+            .format(runs=names.runs, cols=_columns_sql(list(_FIELDS)), imp=imp), [now])
+        count = inserted.rowcount
+        if count <= 0:
+            return 0
+        self._feed_import(conn, imp, count, now)
+        return count
+
+    def _feed_import(self, conn: _Conn, imp: sql.Identifier, count: int,
+                     now: _dt.datetime) -> None:
+        """The ``run_created`` changes of ``count`` imported runs: their seqs are drawn at
+        once, and only the last ``RETAIN_CHANGES`` of them are written (a trim would remove
+        the others at once, as ``_feed`` does when the seq crosses a ``TRIM_EVERY``)."""
+        self._hit("before_feed", conn)
+        row = conn.execute("SELECT nextval(%s)", [self._names.seq.as_string()]).fetchone()
+        assert row is not None
+        first = int(row[0])
+        last = first + count - 1
+        if count > 1:
+            conn.execute("SELECT setval(%s, %s)", [self._names.seq.as_string(), last])
+        conn.execute(sql.SQL(
+            "INSERT INTO {changes} (seq, time, change, run) "
+            "SELECT s, %s, %s, run FROM (SELECT %s - 1 + row_number() OVER (ORDER BY n) AS s,"
+            " run FROM {imp}) t WHERE s > %s")
+            .format(changes=self._names.changes, imp=imp),
+            [now, ChangeType.RUN_CREATED.value, first, last - RETAIN_CHANGES])
+        conn.execute("SELECT pg_notify(%s, 'changed')", [self._names.channel])
+        if first // TRIM_EVERY != last // TRIM_EVERY or last % TRIM_EVERY == 0:
+            self._trim(conn, last - RETAIN_CHANGES)
 
     # -- statistics ---------------------------------------------------------------------
 
