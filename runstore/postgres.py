@@ -42,7 +42,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from . import codec, ids, interchange, owner, pgschema, reaping, retention, transitions
+from . import _validate, codec, ids, interchange, owner, pgschema, reaping, retention, transitions
 from .errors import (
     CorruptStoreError,
     DatabaseConnectionError,
@@ -176,16 +176,17 @@ class PostgresStore:
         lock_timeout: float = 30.0,
         pool_size: int = 4,
     ) -> None:
+        timeout = _validate.options(durable, lock_timeout)
+        if not isinstance(dsn, str) or not dsn or "\x00" in dsn:  # never echo it: a password
+            raise InvalidRunError("dsn must be a non-empty libpq connection string or "
+                                  "postgresql:// URL without NUL characters")
         self._names = pgschema.Names.of(table)
-        if not isinstance(lock_timeout, int | float) or lock_timeout < 0:
-            raise InvalidRunError(f"lock_timeout must be a non-negative number of seconds, "
-                                  f"got {lock_timeout!r}")
         if type(pool_size) is not int or pool_size < 1:
             raise InvalidRunError(f"pool_size must be a positive int, got {pool_size!r}")
         self.dsn = dsn
         self.table = table
         self.durable = durable
-        self.lock_timeout = float(lock_timeout)
+        self.lock_timeout = timeout
         self.pool_size = pool_size
         self.server = safe_dsn(dsn)
         self._where = f"table {table!r} on {self.server}"
@@ -404,8 +405,7 @@ class PostgresStore:
         matches, else BUSY), or call ``make()`` and store its run as pending (CREATED).
         With ``reap=True`` a non-terminal run whose owner process is provably gone is first
         interrupted (``error_code="owner_gone"``) in the same transaction."""
-        transitions.require_text("machine", machine)
-        transitions.require_text("test_dir_hash", test_dir_hash)
+        _validate.prepare_atomic(machine, test_dir_hash, make, reap)
 
         def body(conn: _Conn) -> tuple[Run, PrepareOutcome]:
             now = _utcnow()
@@ -448,6 +448,7 @@ class PostgresStore:
 
     def get(self, run_id: str) -> Run:
         """The run with this id; ``RunNotFoundError`` if there is none."""
+        _validate.run_id(run_id)
         return self._read(lambda conn: self._get(conn, run_id), "reading a run from")
 
     def update(self, run: Run) -> Run:
@@ -455,12 +456,13 @@ class PostgresStore:
         stale copy (``ConflictError``), a forbidden status change (``InvalidTransitionError``)
         and a change of machine or hash (``InvalidRunError``). An unchanged copy of a
         terminal run is an idempotent no-op."""
-        run = transitions.validate(run)
+        run = _validate.updated_run(run)
         return self._modify(run.id, lambda stored: transitions.updated(stored, run),
                             "updating a run in")
 
     def start(self, run_id: str) -> Run:
         """pending -> running: sets ``started_at`` and makes this process the owner."""
+        _validate.run_id(run_id)
         return self._modify(run_id, lambda stored: transitions.started(
             stored, _utcnow(), owner.current()), "starting a run in")
 
@@ -475,13 +477,14 @@ class PostgresStore:
     ) -> Run:
         """Move a run to a terminal status and set ``ended_at``. Repeating the run's current
         terminal status returns it unchanged; any other change of a terminal run is refused."""
+        _validate.finish(run_id, exit_code, error_code, error_msg)
         target = transitions.terminal_status(run_id, status)
-        transitions.check_finish(exit_code, error_code, error_msg)
         return self._modify(run_id, lambda stored: transitions.finished(
             stored, target, _utcnow(), exit_code, error_code, error_msg), "finishing a run in")
 
     def heartbeat(self, run_id: str) -> Run:
         """Refresh ``heartbeat_at`` of a non-terminal run (as cheap as any update)."""
+        _validate.run_id(run_id)
         return self._modify(run_id, lambda stored: transitions.beat(stored, _utcnow()),
                             "recording a heartbeat in")
 
@@ -493,6 +496,7 @@ class PostgresStore:
         batch_id: str | None = None,
     ) -> _Runs:
         """Every run matching the filters, in insertion order."""
+        _validate.list_filters(machine, batch_id)
         wanted = transitions.status_set(status)
         where: list[str] = []
         params: list[Any] = []
@@ -510,6 +514,7 @@ class PostgresStore:
 
     def active_by_machine(self, machine: str) -> Run | None:
         """The non-terminal run of ``machine``, or None."""
+        _validate.text("machine", machine)
         runs = self._read(lambda conn: self._runs(conn, self._sql.active_of, [machine]),
                           "reading the active run from")
         return runs[0] if runs else None
@@ -521,6 +526,7 @@ class PostgresStore:
 
     def find_by_test_dir_hash_and_machine(self, test_dir_hash: str, machine: str) -> _Runs:
         """Every run of ``machine`` with this hash, in insertion order."""
+        _validate.find(test_dir_hash, machine)
         query = self._sql.select_where(["machine = %s", "test_dir_hash = %s"])
         return self._read(lambda conn: self._runs(conn, query, [machine, test_dir_hash]),
                           "listing runs in")
@@ -545,7 +551,7 @@ class PostgresStore:
         that provably still runs (a step of the wall clock never reaps it); return the
         reaped runs. A run changed by
         its owner while being judged is left alone (its owner is alive)."""
-        reaping.check_stale_after(stale_after)
+        _validate.reap(stale_after, dry_run)
 
         def body(conn: _Conn) -> _Runs:
             now = _utcnow()
@@ -579,7 +585,7 @@ class PostgresStore:
         ``keep_last`` terminal runs (non-terminal runs are never pruned). With ``archive``
         the pruned runs are first appended, durably, to that JSON-lines file (the same format
         as the file store's). Returns the number of runs removed."""
-        retention.check_prune(older_than, keep_last)
+        _validate.prune(older_than, keep_last, archive, dry_run)
 
         def body(conn: _Conn) -> int:
             self._lock_feed(conn)  # one pruner at a time; terminal runs change no more
@@ -650,7 +656,13 @@ class PostgresStore:
         """Follow changes written by any process on any host, live, until ``timeout``
         seconds have passed (None: forever). ``since_seq=None`` starts from now. Woken by
         LISTEN/NOTIFY on a connection of its own; if that connection cannot be opened or
-        fails, it polls the feed every ``poll_interval`` seconds instead."""
+        fails, it polls the feed every ``poll_interval`` seconds instead. ``inf`` is refused
+        as a timeout (None is no limit); the arguments are checked when it is called."""
+        _validate.watch(since_seq, timeout, poll_interval)
+        return self._watch(since_seq, timeout, poll_interval)
+
+    def _watch(self, since_seq: int | None, timeout: float | None,
+               poll_interval: float) -> Iterator[Change]:
         seq = self.last_seq() if since_seq is None else since_seq
         deadline = None if timeout is None else time.monotonic() + timeout
         listener = self._listen()
@@ -691,9 +703,17 @@ class PostgresStore:
 
     # -- export and import --------------------------------------------------------------
 
-    def export(self, fp: IO[str] | IO[bytes]) -> int:
+    def export(self, fp: IO[str] | IO[bytes] | str | os.PathLike[str]) -> int:
         """Write every run, in insertion order, as one JSON array (the seed's field names,
-        plus the fields this library does not know); returns the number of runs written."""
+        plus the fields this library does not know); returns the number of runs written.
+        ``fp`` is a file object, or a path: that file is then written through a temp file
+        beside it, synced and renamed over it (replaced whole or not at all)."""
+        _validate.export_target(fp, paths=True)
+        if isinstance(fp, str | os.PathLike):
+            return interchange.export_to_path(os.fspath(fp), self._write_export)
+        return self._write_export(fp)
+
+    def _write_export(self, fp: IO[str] | IO[bytes]) -> int:
         rows = self._read(lambda conn: conn.execute(self._sql.all_with_extra).fetchall(),
                           "exporting runs from")
         return interchange.write_export(fp, ((self._run(row), row[-1] or {}) for row in rows))
@@ -702,6 +722,7 @@ class PostgresStore:
         """Add runs keeping their ids, from a JSON array document or JSON lines (a file), or
         from an iterable of ``Run``/dicts. All or nothing (one transaction): a duplicate or
         invalid record is refused with ``InvalidRunError`` naming it."""
+        _validate.import_source(source)
         runs, extras = interchange.parse_import(source)
         machines = sorted({r.machine for r in runs if not r.status.is_terminal})
 

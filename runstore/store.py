@@ -37,6 +37,7 @@ from typing import IO, Any, TypeVar
 
 from . import (
     _targets,
+    _validate,
     codec,
     compaction,
     failpoints,
@@ -134,9 +135,9 @@ class Store:
         lock_timeout: float = 30.0,
         _fs: FileSystem | None = None,
     ) -> None:
-        self.state_dir = os.fspath(state_dir)
+        self.lock_timeout = _validate.options(durable, lock_timeout)
+        self.state_dir = _validate.path("state_dir", state_dir)
         self.durable = durable
-        self.lock_timeout = lock_timeout
         self._journal = Journal(self.state_dir, _fs or DEFAULT_FS)
         self._lock = StoreLock(self._journal.open_lock_file, self._journal.lock_path,
                                self._journal.stat_lock_file)
@@ -922,7 +923,7 @@ class Store:
         return run
 
     def _lookup(self, run_id: str) -> Run:
-        transitions.require_text("run id", run_id)
+        """The run with this id (already checked by ``_validate.run_id``)."""
         run = self._active.get(run_id)
         if run is not None:
             return run
@@ -952,8 +953,7 @@ class Store:
         hash matches, else BUSY), or call ``make()`` and store its run as pending (CREATED).
         With ``reap=True`` a non-terminal run whose owner process is provably gone is first
         interrupted (``error_code="owner_gone"``) in the same critical section."""
-        transitions.require_text("machine", machine)
-        transitions.require_text("test_dir_hash", test_dir_hash)
+        _validate.prepare_atomic(machine, test_dir_hash, make, reap)
 
         def decide() -> _Decision[tuple[Run, PrepareOutcome]]:
             reaped: _Changes = []
@@ -1002,6 +1002,7 @@ class Store:
 
     def get(self, run_id: str) -> Run:
         """The run with this id; ``RunNotFoundError`` if there is none."""
+        _validate.run_id(run_id)
         return self._read(lambda: self._lookup(run_id), run_id)
 
     def _read(self, answer: Callable[[], T], about: str | None = None) -> T:
@@ -1154,11 +1155,12 @@ class Store:
         (``InvalidTransitionError``) and a change of machine or hash (``InvalidRunError``).
         An unchanged copy of a terminal run is an idempotent no-op.
         """
-        run = transitions.validate(run)
+        run = _validate.updated_run(run)
         return self._write_step(run.id, lambda stored: transitions.updated(stored, run))
 
     def start(self, run_id: str) -> Run:
         """pending -> running: sets ``started_at`` and makes this process the owner."""
+        _validate.run_id(run_id)
         return self._write_step(run_id, lambda stored: transitions.started(
             stored, _utcnow(), owner.current()))
 
@@ -1173,13 +1175,14 @@ class Store:
     ) -> Run:
         """Move a run to a terminal status and set ``ended_at``. Repeating the run's current
         terminal status returns it unchanged; any other change of a terminal run is refused."""
+        _validate.finish(run_id, exit_code, error_code, error_msg)
         target = transitions.terminal_status(run_id, status)
-        transitions.check_finish(exit_code, error_code, error_msg)
         return self._write_step(run_id, lambda stored: transitions.finished(
             stored, target, _utcnow(), exit_code, error_code, error_msg))
 
     def heartbeat(self, run_id: str) -> Run:
         """Refresh ``heartbeat_at`` of a non-terminal run (as cheap as any update)."""
+        _validate.run_id(run_id)
         return self._write_step(run_id, lambda stored: transitions.beat(stored, _utcnow()))
 
     def _write_step(self, run_id: str,
@@ -1229,6 +1232,7 @@ class Store:
         batch_id: str | None = None,
     ) -> _Runs:
         """Every run (the latest version of each) matching the filters, in insertion order."""
+        _validate.list_filters(machine, batch_id)
         wanted = transitions.status_set(status)
 
         def answer() -> _Runs:
@@ -1243,6 +1247,7 @@ class Store:
 
     def active_by_machine(self, machine: str) -> Run | None:
         """The earliest-inserted non-terminal run of ``machine``, or None."""
+        _validate.text("machine", machine)
 
         def answer() -> Run | None:
             peers = self._machines.get(machine)
@@ -1256,6 +1261,7 @@ class Store:
 
     def find_by_test_dir_hash_and_machine(self, test_dir_hash: str, machine: str) -> _Runs:
         """Every run of ``machine`` with this hash, in insertion order."""
+        _validate.find(test_dir_hash, machine)
         return [r for r in self.list(machine=machine) if r.test_dir_hash == test_dir_hash]
 
     def compact(self) -> None:
@@ -1275,7 +1281,7 @@ class Store:
         ``stale_after`` (``"heartbeat_stale"``) and whose owner is not a process of this host
         that provably still runs (a step of the wall clock never reaps it); return the
         reaped runs."""
-        reaping.check_stale_after(stale_after)
+        _validate.reap(stale_after, dry_run)
 
         def decide() -> _Decision[_Runs]:
             now = _utcnow()
@@ -1314,7 +1320,7 @@ class Store:
         An ``archive`` that is one of this store's own files (by device and inode: through
         a symlink or a hard link too), its state directory or a name inside it is refused
         with ``OutputTargetError`` before anything is opened or pruned."""
-        retention.check_prune(older_than, keep_last)
+        _validate.prune(older_than, keep_last, archive, dry_run)
         if archive is not None:
             self._check_output(os.fspath(archive), "archive")
 
@@ -1422,8 +1428,14 @@ class Store:
         poll_interval: float = 0.005,
     ) -> Iterator[Change]:
         """Follow changes written by any process, live, until ``timeout`` seconds have
-        passed (None: forever). ``since_seq=None`` starts from now. Polls the file's size and
-        identity without the lock, and reads under the lock only when they moved."""
+        passed (None: forever; ``inf`` is refused). ``since_seq=None`` starts from now. Polls
+        the file's size and identity without the lock, and reads under the lock only when
+        they moved. The arguments are checked when it is called, before the first change."""
+        _validate.watch(since_seq, timeout, poll_interval)
+        return self._watch(since_seq, timeout, poll_interval)
+
+    def _watch(self, since_seq: int | None, timeout: float | None,
+               poll_interval: float) -> Iterator[Change]:
         seq = self.last_seq() if since_seq is None else since_seq
         deadline = None if timeout is None else time.monotonic() + timeout
         journal = self._journal
@@ -1456,6 +1468,7 @@ class Store:
         ``OutputTargetError`` before anything is opened; so is a file object open on one of
         the store's files, before anything is written to it (open it by path here to keep
         it from being truncated first)."""
+        _validate.export_target(fp, paths=True)
         if isinstance(fp, (str, os.PathLike)):
             path = os.fspath(fp)
             self._check_output(path, "export")
@@ -1491,6 +1504,7 @@ class Store:
         """Add runs keeping their ids, from a JSON array document or JSON lines (a file), or
         from an iterable of ``Run``/dicts. All or nothing: a duplicate or invalid record is
         refused with ``InvalidRunError`` naming it, and then nothing is imported."""
+        _validate.import_source(source)
         runs, extras = interchange.parse_import(source)
 
         def decide() -> _Decision[int]:
