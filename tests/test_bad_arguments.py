@@ -340,7 +340,7 @@ def test_the_corrected_call_then_succeeds(store: RunStore, backend: Backend) -> 
         store.prepare_atomic("m\x00", "h", lambda: Run("m", "/t", "h"))
     run, outcome = store.prepare_atomic("m", "h", lambda: Run("m", "/t", "h"))
     assert outcome.value == "created"
-    with pytest.raises(InvalidRunError, match="make\\(\\) .*|signed 64-bit"):
+    with pytest.raises(InvalidRunError, match="signed 64-bit"):
         store.prepare_atomic("m2", "h", lambda: Run("m2", "/t", "h", exit_code=BIG))
     assert store.prepare_atomic("m2", "h", lambda: Run("m2", "/t", "h"))[1].value == "created"
     with pytest.raises(InvalidRunError, match="exit_code"):
