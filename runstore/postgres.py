@@ -133,9 +133,13 @@ class PostgresStore:
     ``durable=False`` sets ``synchronous_commit = off`` (a server crash may lose the latest
     acknowledged changes, never corrupt older ones). ``lock_timeout`` bounds every wait for a
     lock, like the file store's (``LockTimeoutError``, naming the table), and for a pooled
-    connection. ``pool_size`` is the most connections the store's threads use at once. The
-    schema is created or migrated when the store is opened (``pgschema``; ``migrate()`` does
-    it alone); a schema written by a newer runstore is refused (``CorruptStoreError``).
+    connection: a finite number of seconds up to about 24.8 days (PostgreSQL's longest
+    ``lock_timeout``); ``inf`` and ``nan`` are refused. Arguments are checked by the same
+    rules as ``Store``'s (``runstore._validate``), before any transaction, with the same
+    ``InvalidRunError`` and message. ``pool_size`` is the most connections the store's
+    threads use at once. The schema is created or migrated when the store is opened
+    (``pgschema``; ``migrate()`` does it alone); a schema written by a newer runstore is
+    refused (``CorruptStoreError``).
 
     Where it differs from ``Store``:
 

@@ -124,7 +124,14 @@ class Store:
 
     ``durable=False`` skips ``fdatasync`` (a power loss may then lose the latest changes, never
     corrupt older ones). ``lock_timeout`` bounds every wait for the lock
-    (``LockTimeoutError``).
+    (``LockTimeoutError``): a finite number of seconds from 0 to ``_validate.MAX_SECONDS``
+    (about 24.8 days, as on PostgreSQL); ``inf`` and ``nan`` are refused.
+
+    Every method checks its arguments before it takes a lock, by the rules both backends
+    share (``runstore._validate``), and refuses a bad one with ``InvalidRunError``, leaving
+    the store untouched: no NUL character or lone surrogate in any text, integers within
+    the signed 64-bit range, datetimes that convert to UTC, durations that reach back no
+    further than the year 1.
     """
 
     def __init__(
