@@ -173,19 +173,26 @@ def run(value: object) -> Run:
             changes["status"] = Status(value.status)
         except ValueError:
             raise InvalidRunError(f"run {rid!r}: unknown status {value.status!r}") from None
+    # the messages are formatted only on failure: update() and create() pass here each time
     for name in _TEXT_FIELDS:
         field = getattr(value, name)
         if not isinstance(field, str):
             raise InvalidRunError(f"run {rid!r}: {name} must be a string")
-        storable(f"run {rid!r}: {name}", field)
+        if "\x00" in field or not field.isascii():
+            storable(f"run {rid!r}: {name}", field)
     for name in _INT_FIELDS:
         field = getattr(value, name)
-        if field is not None and (not isinstance(field, int) or isinstance(field, bool)):
+        if field is None:
+            continue
+        if not isinstance(field, int) or isinstance(field, bool):
             raise InvalidRunError(f"run {rid!r}: {name} must be an int or None, got {field!r}")
-        int64(f"run {rid!r}: {name}", field)
-    if not isinstance(value.revision, int) or isinstance(value.revision, bool):
-        raise InvalidRunError(f"run {rid!r}: revision must be an int, got {value.revision!r}")
-    int64(f"run {rid!r}: revision", value.revision)
+        if not INT64_MIN <= field <= INT64_MAX:
+            int64(f"run {rid!r}: {name}", field)
+    revision = value.revision
+    if not isinstance(revision, int) or isinstance(revision, bool):
+        raise InvalidRunError(f"run {rid!r}: revision must be an int, got {revision!r}")
+    if not INT64_MIN <= revision <= INT64_MAX:
+        int64(f"run {rid!r}: revision", revision)
     for name in _TIME_FIELDS:
         field = getattr(value, name)
         utc = instant(rid, name, field)
@@ -237,13 +244,16 @@ def finish(run_id_: object, exit_code: object, error_code: object, error_msg: ob
     """``finish(run_id, status, *, exit_code, error_code, error_msg)`` (the status is read by
     ``transitions.terminal_status``)."""
     run_id(run_id_)
-    if exit_code is not None and type(exit_code) is not int:
-        raise InvalidRunError(f"exit_code must be an int or None, got {exit_code!r}")
-    int64("exit_code", exit_code)
+    if exit_code is not None:
+        if type(exit_code) is not int:
+            raise InvalidRunError(f"exit_code must be an int or None, got {exit_code!r}")
+        int64("exit_code", exit_code)
     if not isinstance(error_code, str) or not isinstance(error_msg, str):
         raise InvalidRunError("error_code and error_msg must be strings")
-    storable("error_code", error_code)
-    storable("error_msg", error_msg)
+    if error_code:
+        storable("error_code", error_code)
+    if error_msg:
+        storable("error_msg", error_msg)
 
 
 def list_filters(machine: object, batch_id: object) -> None:
