@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
+import orjson
 import pytest
 from backends import Backend
 
@@ -328,6 +329,33 @@ def test_without_the_shared_checks_the_backends_disagree(
     assert "bigint out of range" in answers_b["update(exit_code 2**64)"][1]
     differ = [name for name in answers_a if answers_a[name] != answers_b[name]]
     assert len(differ) > 20
+
+
+@pytest.mark.postgres
+def test_without_the_shared_checks_a_file_store_keeps_what_cannot_migrate(
+        tmp_path: pathlib.Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Broken variant, the other way round: with the checks bypassed in the file store, it
+    stores an exit code between 2**63 and 2**64 (its JSON holds unsigned 64-bit integers)
+    and a NUL in a message, and the export then cannot be imported into PostgreSQL. With
+    the checks, the file store refuses them at once."""
+    import runstore.store
+
+    pg_side = Backend("postgres", pg_dsn, f"runs_{uuid.uuid4().hex[:8]}")
+    with Store(tmp_path / "s") as a, pg_side.open() as b:
+        run = a.create(Run("m1", "/t", "h"))
+        with pytest.raises(InvalidRunError, match="exit_code"):
+            a.finish(run.id, Status.FAILED, exit_code=BIG)
+        monkeypatch.setattr(runstore.store, "_validate", _Bypass("bypass"))
+        a.finish(run.id, Status.FAILED, exit_code=BIG, error_msg="x\x00y")
+        assert a.get(run.id).exit_code == BIG
+        buf = io.StringIO()
+        a.export(buf)
+        with pytest.raises(InvalidRunError, match="error_msg must not contain NUL"):
+            b.import_runs(io.StringIO(buf.getvalue()))
+        record = {**orjson.loads(buf.getvalue())[0], "error_msg": "x"}
+        with pytest.raises(InvalidRunError, match="exit_code 9223372036854775808 is outside"):
+            b.import_runs([record])
+        assert b.list() == []
 
 
 # -- a refused call leaves nothing behind -----------------------------------------------------
