@@ -77,10 +77,11 @@ from typing import IO, Any, NamedTuple, NoReturn, TextIO, cast
 import orjson
 
 from . import _clifmt as fmt
-from . import _targets, codec, interchange, journal, opener, transitions
+from . import _targets, _validate, codec, interchange, journal, opener, transitions
 from .errors import (
     CorruptStoreError,
     HistoryTruncatedError,
+    InvalidRunError,
     LockTimeoutError,
     OutputTargetError,
     RunNotFoundError,
@@ -306,26 +307,44 @@ def _non_negative_int(text: str) -> int:
         value = int(text)
     except ValueError:
         value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    if not 0 <= value <= _validate.INT64_MAX:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer >= 0 (at most 2**63 - 1), got {text!r}")
     return value
 
 
 def _seconds(text: str) -> float:
+    """A number of seconds the library accepts (``_validate.seconds``): finite, 0 to
+    ``MAX_SECONDS``; ``inf`` and ``nan`` are usage errors."""
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    if not 0 <= value <= _validate.MAX_SECONDS:  # False for nan, too
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds >= 0 (finite, at most {_validate.MAX_SECONDS:.0f}, "
+            f"about 24.8 days), got {text!r}")
     return value
 
 
+def _too_long(text: str) -> argparse.ArgumentTypeError:
+    return argparse.ArgumentTypeError(
+        f"{text!r} reaches back before the year 1; use a shorter duration")
+
+
 def _duration(text: str) -> _dt.timedelta:
+    """A duration the library accepts (``_validate.duration``): one that reaches back from
+    now no further than the year 1."""
     try:
-        return fmt.parse_duration(text)
+        value = fmt.parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    except OverflowError:  # more days than a timedelta holds
+        raise _too_long(text) from None
+    try:
+        return _validate.duration("duration", value)
+    except InvalidRunError:
+        raise _too_long(text) from None
 
 
 def _since(text: str) -> _dt.datetime:
@@ -334,6 +353,8 @@ def _since(text: str) -> _dt.datetime:
         return fmt.utcnow() - fmt.parse_duration(text)
     except ValueError:
         pass
+    except OverflowError:  # more days than a timedelta holds, or before the year 1
+        raise _too_long(text) from None
     try:
         moment = _dt.datetime.fromisoformat(text.strip())
     except ValueError:

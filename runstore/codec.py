@@ -286,8 +286,8 @@ def _unwritable(run: Run, extra: dict[str, Any] | None) -> str:
     for name, value in _fields_of(run, extra).items():
         try:
             orjson.dumps({name: value}, option=_DUMPS_OPTS)
-        except orjson.JSONEncodeError:
-            return f"its field {name!r} cannot be written as JSON (a lone surrogate?)"
+        except orjson.JSONEncodeError as exc:
+            return f"its field {name!r} cannot be written as JSON ({exc})"
     return ""
 
 

@@ -160,61 +160,20 @@ def cut_archive(path: str, size: int) -> bool:
 def parse_import(
     source: IO[str] | IO[bytes] | Iterable[Run | dict[str, Any]],
 ) -> tuple[list[Run], dict[str, dict[str, Any]]]:
-    """The runs of an import (revision at least 1) and the extra fields of each by id.
-    All or nothing: an unreadable, invalid or repeated record raises ``InvalidRunError``
-    naming it (``record N``)."""
-    items: list[Any]
-    if hasattr(source, "read"):
-        raw = source.read()
-        blob = raw.encode() if isinstance(raw, str) else raw
-        stripped = blob.lstrip()
-        # orjson reads an integer beyond 64 bits as a float: where one may be (19 digits
-        # in a row), read with json, which keeps it exact (and then refuses it)
-        loads = json.loads if _LONG_NUMBER.search(blob) else orjson.loads
-        try:
-            if stripped.startswith(b"["):
-                items = loads(blob)
-            else:
-                items = [loads(line) for line in blob.splitlines() if line.strip()]
-        except (ValueError, RecursionError) as exc:  # orjson's and json's JSONDecodeError
-            raise InvalidRunError(f"the import is not JSON or JSON lines ({exc}); "
-                                  "nothing was imported") from None
-    else:
-        items = list(source)
+    """The runs of an import (revision at least 1) and the extra fields of each by id, all
+    in memory (``iter_import`` reads them as they go). All or nothing: an unreadable,
+    invalid or repeated record raises ``InvalidRunError`` naming it (``record N``)."""
     runs: list[Run] = []
     extras: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()
-    for n, item in enumerate(items, 1):
-        extra: dict[str, Any] = {}
-        if isinstance(item, Run):
-            run = item
-        elif isinstance(item, dict):
-            try:
-                run = codec.run_from_dict(item)
-            except codec.BadLine as exc:
-                raise InvalidRunError(f"record {n} ({item.get('id', '?')!r}): {exc.reason}; "
-                                      "nothing was imported") from None
-            extra = codec.kept_fields(item)
-            problem = codec.extra_problem(extra)
-            if problem is not None:
-                raise InvalidRunError(f"record {n} ({run.id!r}): {problem}; nothing was "
-                                      "imported")
-            if extra:
-                extras[run.id] = extra
-        else:
-            raise InvalidRunError(f"record {n} is not a run object: {item!r}; "
-                                  "nothing was imported")
-        try:
-            transitions.require_text("id", run.id)
-            run = transitions.validate(run)
-            codec.checked_fields(run, extra)
-        except InvalidRunError as exc:
-            raise InvalidRunError(f"record {n}: {exc}; nothing was imported") from None
+    for n, run, extra in iter_import(source):
         if run.id in seen:
             raise InvalidRunError(f"record {n}: run {run.id!r} appears twice; "
                                   "nothing was imported")
         seen.add(run.id)
-        runs.append(attrs.evolve(run, revision=max(run.revision, 1)))
+        runs.append(run)
+        if extra:
+            extras[run.id] = extra
     return runs, extras
 
 
@@ -256,10 +215,17 @@ def _json_lines(first: bytes, rest: Iterator[bytes]) -> Iterator[Any]:
             yield _loads(line)
 
 
+def _parse(blob: bytes) -> Any:
+    """``blob`` parsed as JSON. orjson reads an integer beyond 64 bits as a float: where
+    one may be (19 digits in a row), it is read with json, which keeps it exact (and the
+    record is then refused, not rounded)."""
+    return (json.loads if _LONG_NUMBER.search(blob) else orjson.loads)(blob)
+
+
 def _loads(blob: bytes) -> Any:
     try:
-        return orjson.loads(blob)
-    except orjson.JSONDecodeError as exc:
+        return _parse(blob)
+    except (ValueError, RecursionError) as exc:  # orjson's and json's JSONDecodeError
         raise _not_json(exc) from None
 
 
@@ -277,8 +243,8 @@ def _json_array(first: bytes, rest: Iterator[bytes]) -> Iterator[Any]:
             continue
         match = last[0]
         try:
-            items = orjson.loads(b"[" + body[:match.start() + 1] + b"]")
-        except orjson.JSONDecodeError:
+            items = _parse(b"[" + body[:match.start() + 1] + b"]")
+        except (ValueError, RecursionError):
             continue  # not an element boundary after all: read on
         yield from items
         body = body[match.end():]
@@ -323,13 +289,18 @@ def _validated(n: int, item: object) -> tuple[Run, dict[str, Any]]:
         except codec.BadLine as exc:
             raise InvalidRunError(f"record {n} ({item.get('id', '?')!r}): {exc.reason}; "
                                   "nothing was imported") from None
-        extra = codec.extra_fields(item)
+        extra = codec.kept_fields(item)
+        problem = codec.extra_problem(extra)
+        if problem is not None:
+            raise InvalidRunError(f"record {n} ({run.id!r}): {problem}; nothing was "
+                                  "imported")
     else:
         raise InvalidRunError(f"record {n} is not a run object: {item!r}; "
                               "nothing was imported")
     try:
         transitions.require_text("id", run.id)
         run = transitions.validate(run)
+        codec.checked_fields(run, extra)
     except InvalidRunError as exc:
         raise InvalidRunError(f"record {n}: {exc}; nothing was imported") from None
     if run.revision < 1:

@@ -43,7 +43,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb, set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from . import codec, ids, interchange, owner, pgschema, reaping, retention, transitions
+from . import _validate, codec, ids, interchange, owner, pgschema, reaping, retention, transitions
 from .errors import (
     CorruptStoreError,
     DatabaseConnectionError,
@@ -140,9 +140,13 @@ class PostgresStore:
     ``durable=False`` sets ``synchronous_commit = off`` (a server crash may lose the latest
     acknowledged changes, never corrupt older ones). ``lock_timeout`` bounds every wait for a
     lock, like the file store's (``LockTimeoutError``, naming the table), and for a pooled
-    connection. ``pool_size`` is the most connections the store's threads use at once. The
-    schema is created or migrated when the store is opened (``pgschema``; ``migrate()`` does
-    it alone); a schema written by a newer runstore is refused (``CorruptStoreError``).
+    connection: a finite number of seconds up to about 24.8 days (PostgreSQL's longest
+    ``lock_timeout``); ``inf`` and ``nan`` are refused. Arguments are checked by the same
+    rules as ``Store``'s (``runstore._validate``), before any transaction, with the same
+    ``InvalidRunError`` and message. ``pool_size`` is the most connections the store's
+    threads use at once. The schema is created or migrated when the store is opened
+    (``pgschema``; ``migrate()`` does it alone); a schema written by a newer runstore is
+    refused (``CorruptStoreError``).
 
     Where it differs from ``Store``:
 
@@ -183,16 +187,17 @@ class PostgresStore:
         lock_timeout: float = 30.0,
         pool_size: int = 4,
     ) -> None:
+        timeout = _validate.options(durable, lock_timeout)
+        if not isinstance(dsn, str) or not dsn or "\x00" in dsn:  # never echo it: a password
+            raise InvalidRunError("dsn must be a non-empty libpq connection string or "
+                                  "postgresql:// URL without NUL characters")
         self._names = pgschema.Names.of(table)
-        if not isinstance(lock_timeout, int | float) or lock_timeout < 0:
-            raise InvalidRunError(f"lock_timeout must be a non-negative number of seconds, "
-                                  f"got {lock_timeout!r}")
         if type(pool_size) is not int or pool_size < 1:
             raise InvalidRunError(f"pool_size must be a positive int, got {pool_size!r}")
         self.dsn = dsn
         self.table = table
         self.durable = durable
-        self.lock_timeout = float(lock_timeout)
+        self.lock_timeout = timeout
         self.pool_size = pool_size
         self.server = safe_dsn(dsn)
         self._where = f"table {table!r} on {self.server}"
@@ -414,8 +419,7 @@ class PostgresStore:
         matches, else BUSY), or call ``make()`` and store its run as pending (CREATED).
         With ``reap=True`` a non-terminal run whose owner process is provably gone is first
         interrupted (``error_code="owner_gone"``) in the same transaction."""
-        transitions.require_text("machine", machine)
-        transitions.require_text("test_dir_hash", test_dir_hash)
+        _validate.prepare_atomic(machine, test_dir_hash, make, reap)
 
         def body(conn: _Conn) -> tuple[Run, PrepareOutcome]:
             now = _utcnow()
@@ -458,6 +462,7 @@ class PostgresStore:
 
     def get(self, run_id: str) -> Run:
         """The run with this id; ``RunNotFoundError`` if there is none."""
+        _validate.run_id(run_id)
         return self._read(lambda conn: self._get(conn, run_id), "reading a run from")
 
     def update(self, run: Run) -> Run:
@@ -465,12 +470,13 @@ class PostgresStore:
         stale copy (``ConflictError``), a forbidden status change (``InvalidTransitionError``)
         and a change of machine or hash (``InvalidRunError``). An unchanged copy of a
         terminal run is an idempotent no-op."""
-        run = transitions.validate(run)
+        run = _validate.updated_run(run)
         return self._modify(run.id, lambda stored: transitions.updated(stored, run),
                             "updating a run in")
 
     def start(self, run_id: str) -> Run:
         """pending -> running: sets ``started_at`` and makes this process the owner."""
+        _validate.run_id(run_id)
         return self._modify(run_id, lambda stored: transitions.started(
             stored, _utcnow(), owner.current()), "starting a run in")
 
@@ -485,13 +491,14 @@ class PostgresStore:
     ) -> Run:
         """Move a run to a terminal status and set ``ended_at``. Repeating the run's current
         terminal status returns it unchanged; any other change of a terminal run is refused."""
+        _validate.finish(run_id, exit_code, error_code, error_msg)
         target = transitions.terminal_status(run_id, status)
-        transitions.check_finish(exit_code, error_code, error_msg)
         return self._modify(run_id, lambda stored: transitions.finished(
             stored, target, _utcnow(), exit_code, error_code, error_msg), "finishing a run in")
 
     def heartbeat(self, run_id: str) -> Run:
         """Refresh ``heartbeat_at`` of a non-terminal run (as cheap as any update)."""
+        _validate.run_id(run_id)
         return self._modify(run_id, lambda stored: transitions.beat(stored, _utcnow()),
                             "recording a heartbeat in")
 
@@ -523,6 +530,7 @@ class PostgresStore:
     def _list_query(self, machine: str | None,
                     status: Status | str | Iterable[Status | str] | None,
                     batch_id: str | None) -> tuple[str, Sequence[Any]]:
+        _validate.list_filters(machine, batch_id)
         wanted = transitions.status_set(status)
         where: list[str] = []
         params: list[Any] = []
@@ -553,6 +561,7 @@ class PostgresStore:
 
     def active_by_machine(self, machine: str) -> Run | None:
         """The non-terminal run of ``machine``, or None."""
+        _validate.text("machine", machine)
         runs = self._read(lambda conn: self._runs(conn, self._sql.active_of, [machine]),
                           "reading the active run from")
         return runs[0] if runs else None
@@ -564,6 +573,7 @@ class PostgresStore:
 
     def find_by_test_dir_hash_and_machine(self, test_dir_hash: str, machine: str) -> _Runs:
         """Every run of ``machine`` with this hash, in insertion order."""
+        _validate.find(test_dir_hash, machine)
         query = self._sql.select_where(["machine = %s", "test_dir_hash = %s"])
         return self._read(lambda conn: self._runs(conn, query, [machine, test_dir_hash]),
                           "listing runs in")
@@ -588,7 +598,7 @@ class PostgresStore:
         that provably still runs (a step of the wall clock never reaps it); return the
         reaped runs. A run changed by
         its owner while being judged is left alone (its owner is alive)."""
-        reaping.check_stale_after(stale_after)
+        _validate.reap(stale_after, dry_run)
 
         def body(conn: _Conn) -> _Runs:
             now = _utcnow()
@@ -622,7 +632,7 @@ class PostgresStore:
         ``keep_last`` terminal runs (non-terminal runs are never pruned). With ``archive``
         the pruned runs are first appended, durably, to that JSON-lines file (the same format
         as the file store's). Returns the number of runs removed."""
-        retention.check_prune(older_than, keep_last)
+        _validate.prune(older_than, keep_last, archive, dry_run)
 
         def body(conn: _Conn) -> int:
             self._lock_feed(conn)  # one pruner at a time; terminal runs change no more
@@ -693,7 +703,13 @@ class PostgresStore:
         """Follow changes written by any process on any host, live, until ``timeout``
         seconds have passed (None: forever). ``since_seq=None`` starts from now. Woken by
         LISTEN/NOTIFY on a connection of its own; if that connection cannot be opened or
-        fails, it polls the feed every ``poll_interval`` seconds instead."""
+        fails, it polls the feed every ``poll_interval`` seconds instead. ``inf`` is refused
+        as a timeout (None is no limit); the arguments are checked when it is called."""
+        _validate.watch(since_seq, timeout, poll_interval)
+        return self._watch(since_seq, timeout, poll_interval)
+
+    def _watch(self, since_seq: int | None, timeout: float | None,
+               poll_interval: float) -> Iterator[Change]:
         seq = self.last_seq() if since_seq is None else since_seq
         deadline = None if timeout is None else time.monotonic() + timeout
         listener = self._listen()
@@ -734,9 +750,17 @@ class PostgresStore:
 
     # -- export and import --------------------------------------------------------------
 
-    def export(self, fp: IO[str] | IO[bytes]) -> int:
+    def export(self, fp: IO[str] | IO[bytes] | str | os.PathLike[str]) -> int:
         """Write every run, in insertion order, as one JSON array (the seed's field names,
-        plus the fields this library does not know); returns the number of runs written."""
+        plus the fields this library does not know); returns the number of runs written.
+        ``fp`` is a file object, or a path: that file is then written through a temp file
+        beside it, synced and renamed over it (replaced whole or not at all)."""
+        _validate.export_target(fp, paths=True)
+        if isinstance(fp, str | os.PathLike):
+            return interchange.export_to_path(os.fspath(fp), self._write_export)
+        return self._write_export(fp)
+
+    def _write_export(self, fp: IO[str] | IO[bytes]) -> int:
         return interchange.write_export(fp, self._iter_export())
 
     def _iter_export(self) -> Iterator[tuple[Run, dict[str, Any]]]:
@@ -754,6 +778,7 @@ class PostgresStore:
         The input is read as it is imported, in memory that does not grow with it: the
         records are sent with ``COPY`` into a temporary table, then checked and inserted
         by the server; the change feed's lock is taken only for that last step."""
+        _validate.import_source(source)
         return self._import_runs(interchange.iter_import(source))
 
     def _import_runs(self, records: Iterable[tuple[int, Run, dict[str, Any]]],

@@ -17,16 +17,14 @@ from collections.abc import Callable
 
 import attrs
 
-from . import owner
-from .errors import InvalidRunError
+from . import _validate, owner
 from .model import Run, Status
 
 
 def check_stale_after(stale_after: object) -> None:
-    """Refuse a ``reap()`` threshold that is not a non-negative timedelta."""
-    if not isinstance(stale_after, _dt.timedelta) or stale_after < _dt.timedelta(0):
-        raise InvalidRunError(f"stale_after must be a non-negative timedelta, "
-                              f"got {stale_after!r}")
+    """Refuse a ``reap()`` threshold that is not a non-negative timedelta (or reaches back
+    before the year 1)."""
+    _validate.duration("stale_after", stale_after)
 
 
 def reaped(

@@ -10,20 +10,15 @@ import datetime as _dt
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from .errors import InvalidRunError
+from . import _validate
 from .model import Run
 
 T = TypeVar("T")
 
 
 def check_prune(older_than: object, keep_last: object) -> None:
-    """Refuse ``prune()`` arguments before any lock is taken."""
-    if (older_than is None) == (keep_last is None):
-        raise InvalidRunError("prune() needs exactly one of older_than or keep_last")
-    if keep_last is not None and (type(keep_last) is not int or keep_last < 0):
-        raise InvalidRunError(f"keep_last must be a non-negative int, got {keep_last!r}")
-    if older_than is not None and not isinstance(older_than, _dt.timedelta):
-        raise InvalidRunError(f"older_than must be a timedelta, got {older_than!r}")
+    """Refuse ``prune()`` arguments before any lock is taken (``_validate.prune``)."""
+    _validate.prune(older_than, keep_last, None, False)
 
 
 def doomed(

@@ -40,6 +40,7 @@ import attrs
 
 from . import (
     _targets,
+    _validate,
     codec,
     compaction,
     failpoints,
@@ -151,7 +152,14 @@ class Store:
 
     ``durable=False`` skips ``fdatasync`` (a power loss may then lose the latest changes, never
     corrupt older ones). ``lock_timeout`` bounds every wait for the lock
-    (``LockTimeoutError``).
+    (``LockTimeoutError``): a finite number of seconds from 0 to ``_validate.MAX_SECONDS``
+    (about 24.8 days, as on PostgreSQL); ``inf`` and ``nan`` are refused.
+
+    Every method checks its arguments before it takes a lock, by the rules both backends
+    share (``runstore._validate``), and refuses a bad one with ``InvalidRunError``, leaving
+    the store untouched: no NUL character or lone surrogate in any text, integers within
+    the signed 64-bit range, datetimes that convert to UTC, durations that reach back no
+    further than the year 1.
     """
 
     def __init__(
@@ -162,9 +170,9 @@ class Store:
         lock_timeout: float = 30.0,
         _fs: FileSystem | None = None,
     ) -> None:
-        self.state_dir = os.fspath(state_dir)
+        self.lock_timeout = _validate.options(durable, lock_timeout)
+        self.state_dir = _validate.path("state_dir", state_dir)
         self.durable = durable
-        self.lock_timeout = lock_timeout
         self._journal = Journal(self.state_dir, _fs or DEFAULT_FS)
         self._lock = StoreLock(self._journal.open_lock_file, self._journal.lock_path,
                                self._journal.stat_lock_file)
@@ -1050,7 +1058,7 @@ class Store:
         return run
 
     def _lookup(self, run_id: str) -> Run:
-        transitions.require_text("run id", run_id)
+        """The run with this id (already checked by ``_validate.run_id``)."""
         run = self._active.get(run_id)
         if run is not None:
             return run
@@ -1080,8 +1088,7 @@ class Store:
         hash matches, else BUSY), or call ``make()`` and store its run as pending (CREATED).
         With ``reap=True`` a non-terminal run whose owner process is provably gone is first
         interrupted (``error_code="owner_gone"``) in the same critical section."""
-        transitions.require_text("machine", machine)
-        transitions.require_text("test_dir_hash", test_dir_hash)
+        _validate.prepare_atomic(machine, test_dir_hash, make, reap)
 
         def decide() -> _Decision[tuple[Run, PrepareOutcome]]:
             reaped: _Changes = []
@@ -1130,6 +1137,7 @@ class Store:
 
     def get(self, run_id: str) -> Run:
         """The run with this id; ``RunNotFoundError`` if there is none."""
+        _validate.run_id(run_id)
         return self._read(lambda: self._lookup(run_id), run_id)
 
     def _read(self, answer: Callable[[], T], about: str | None = None) -> T:
@@ -1313,11 +1321,12 @@ class Store:
         (``InvalidTransitionError``) and a change of machine or hash (``InvalidRunError``).
         An unchanged copy of a terminal run is an idempotent no-op.
         """
-        run = transitions.validate(run)
+        run = _validate.updated_run(run)
         return self._write_step(run.id, lambda stored: transitions.updated(stored, run))
 
     def start(self, run_id: str) -> Run:
         """pending -> running: sets ``started_at`` and makes this process the owner."""
+        _validate.run_id(run_id)
         return self._write_step(run_id, lambda stored: transitions.started(
             stored, _utcnow(), owner.current()))
 
@@ -1332,13 +1341,14 @@ class Store:
     ) -> Run:
         """Move a run to a terminal status and set ``ended_at``. Repeating the run's current
         terminal status returns it unchanged; any other change of a terminal run is refused."""
+        _validate.finish(run_id, exit_code, error_code, error_msg)
         target = transitions.terminal_status(run_id, status)
-        transitions.check_finish(exit_code, error_code, error_msg)
         return self._write_step(run_id, lambda stored: transitions.finished(
             stored, target, _utcnow(), exit_code, error_code, error_msg))
 
     def heartbeat(self, run_id: str) -> Run:
         """Refresh ``heartbeat_at`` of a non-terminal run (as cheap as any update)."""
+        _validate.run_id(run_id)
         return self._write_step(run_id, lambda stored: transitions.beat(stored, _utcnow()))
 
     def _write_step(self, run_id: str,
@@ -1388,6 +1398,7 @@ class Store:
         batch_id: str | None = None,
     ) -> _Runs:
         """Every run (the latest version of each) matching the filters, in insertion order."""
+        _validate.list_filters(machine, batch_id)
         wanted = transitions.status_set(status)
 
         def answer() -> _Runs:
@@ -1417,6 +1428,7 @@ class Store:
         not seen. A damaged line raises ``CorruptStoreError`` when the iteration reaches
         it, and a compacted base that fails its header's checksum when the base has been
         read (each line is checked against its own checksum before it is yielded)."""
+        _validate.list_filters(machine, batch_id)
         statuses = transitions.status_set(status)
         wanted = None if statuses is None else {s.value for s in statuses}
         return (self._run_of(data, offset) for offset, data in self._stream_records()
@@ -1453,6 +1465,7 @@ class Store:
 
     def active_by_machine(self, machine: str) -> Run | None:
         """The earliest-inserted non-terminal run of ``machine``, or None."""
+        _validate.text("machine", machine)
 
         def answer() -> Run | None:
             peers = self._machines.get(machine)
@@ -1466,6 +1479,7 @@ class Store:
 
     def find_by_test_dir_hash_and_machine(self, test_dir_hash: str, machine: str) -> _Runs:
         """Every run of ``machine`` with this hash, in insertion order."""
+        _validate.find(test_dir_hash, machine)
         return [r for r in self.list(machine=machine) if r.test_dir_hash == test_dir_hash]
 
     def compact(self) -> None:
@@ -1485,7 +1499,7 @@ class Store:
         ``stale_after`` (``"heartbeat_stale"``) and whose owner is not a process of this host
         that provably still runs (a step of the wall clock never reaps it); return the
         reaped runs."""
-        reaping.check_stale_after(stale_after)
+        _validate.reap(stale_after, dry_run)
 
         def decide() -> _Decision[_Runs]:
             now = _utcnow()
@@ -1524,7 +1538,7 @@ class Store:
         An ``archive`` that is one of this store's own files (by device and inode: through
         a symlink or a hard link too), its state directory or a name inside it is refused
         with ``OutputTargetError`` before anything is opened or pruned."""
-        retention.check_prune(older_than, keep_last)
+        _validate.prune(older_than, keep_last, archive, dry_run)
         if archive is not None:
             self._check_output(os.fspath(archive), "archive")
 
@@ -1632,9 +1646,15 @@ class Store:
         poll_interval: float = 0.005,
     ) -> Iterator[Change]:
         """Follow changes written by any process, live, until ``timeout`` seconds have
-        passed (None: forever). ``since_seq=None`` starts from now. Polls the file's size and
-        identity, and reads the new lines when they moved, all without the lock: it keeps
-        following while a writer is stopped holding it."""
+        passed (None: forever; ``inf`` is refused). ``since_seq=None`` starts from now. Polls
+        the file's size and identity, and reads the new lines when they moved, all without
+        the lock: it keeps following while a writer is stopped holding it. The arguments are
+        checked when it is called, before the first change."""
+        _validate.watch(since_seq, timeout, poll_interval)
+        return self._watch(since_seq, timeout, poll_interval)
+
+    def _watch(self, since_seq: int | None, timeout: float | None,
+               poll_interval: float) -> Iterator[Change]:
         seq = self.last_seq() if since_seq is None else since_seq
         deadline = None if timeout is None else time.monotonic() + timeout
         journal = self._journal
@@ -1668,6 +1688,7 @@ class Store:
         ``OutputTargetError`` before anything is opened; so is a file object open on one of
         the store's files, before anything is written to it (open it by path here to keep
         it from being truncated first)."""
+        _validate.export_target(fp, paths=True)
         if isinstance(fp, (str, os.PathLike)):
             path = os.fspath(fp)
             self._check_output(path, "export")
@@ -1716,6 +1737,7 @@ class Store:
         journal under the lock, so that until then no reader sees any of it and a failure
         (a bad record at the end, a full disk, a crash) leaves the journal as it was. The
         lock is held while it is staged: other writers wait for it (``lock_timeout``)."""
+        _validate.import_source(source)
         return self._import_runs(interchange.iter_import(source))
 
     def _import_runs(self, records: Iterable[tuple[int, Run, dict[str, Any]]],

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import attrs
 
+from . import _validate
 from .errors import ConflictError, InvalidRunError, InvalidTransitionError
 from .model import ChangeType, Run, Status, replace_run
 
@@ -45,60 +46,20 @@ def check_transition(run_id: str, old: Status, new: Status) -> None:
 
 
 def require_seq(name: str, value: object) -> int:
-    """A change-feed sequence number: a non-negative int."""
-    if type(value) is not int or value < 0:
-        raise InvalidRunError(f"{name} must be a non-negative int, got {value!r}")
-    return value
+    """A change-feed sequence number: a non-negative int (within 64 bits)."""
+    return _validate.seq(name, value)
 
 
 def require_text(name: str, value: object) -> str:
-    """Return ``value`` when it is a non-empty string, else raise ``InvalidRunError``."""
-    if not isinstance(value, str) or not value:
-        raise InvalidRunError(f"{name} must be a non-empty string, got {value!r}")
-    if "\x00" in value:
-        raise InvalidRunError(f"{name} must not contain NUL characters, got {value!r}")
-    return value
-
-
-def _require_aware(run_id: str, name: str, value: object) -> None:
-    if value is None:
-        return
-    if not isinstance(value, _dt.datetime):
-        raise InvalidRunError(f"run {run_id!r}: {name} must be a datetime or None, got {value!r}")
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise InvalidRunError(
-            f"run {run_id!r}: {name} is a naive datetime ({value.isoformat()}); "
-            "pass a timezone-aware one, e.g. datetime.now(timezone.utc)"
-        )
+    """Return ``value`` when it is a non-empty string both backends can store (no NUL, no
+    lone surrogate), else raise ``InvalidRunError``."""
+    return _validate.text(name, value)
 
 
 def validate(run: Run) -> Run:
-    """Check the types and invariants of a run about to be stored; return it in UTC form."""
-    if not isinstance(run, Run):
-        raise InvalidRunError(f"expected a runstore.Run, got {type(run).__name__}")
-    rid = run.id or "<new>"
-    require_text("machine", run.machine)
-    require_text("test_dir_hash", run.test_dir_hash)
-    if not isinstance(run.status, Status):
-        try:
-            run = attrs.evolve(run, status=Status(run.status))
-        except ValueError:
-            raise InvalidRunError(f"run {rid!r}: unknown status {run.status!r}") from None
-    for name in ("test_dir", "artifacts_path", "logs_path", "error_code", "error_msg",
-                 "batch_id", "plan_entry", "owner_host", "owner_start"):
-        if not isinstance(getattr(run, name), str):
-            raise InvalidRunError(f"run {rid!r}: {name} must be a string")
-    for name in ("exit_code", "owner_pid"):
-        value = getattr(run, name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise InvalidRunError(f"run {rid!r}: {name} must be an int or None, got {value!r}")
-    changes: dict[str, _dt.datetime] = {}
-    for name in ("started_at", "ended_at", "heartbeat_at"):
-        value = getattr(run, name)
-        _require_aware(rid, name, value)
-        if value is not None and value.utcoffset() != _dt.timedelta(0):
-            changes[name] = value.astimezone(_dt.UTC)
-    return attrs.evolve(run, **changes) if changes else run  # type: ignore[arg-type]  # keys are Run fields
+    """Check the types and invariants of a run about to be stored; return it in UTC form
+    (``_validate.run``: the rules both backends share)."""
+    return _validate.run(run)
 
 
 def check_update(stored: Run, new: Run) -> None:
@@ -146,7 +107,11 @@ def status_set(status: Status | str | Iterable[Status | str] | None) -> frozense
     ``InvalidRunError`` names an unknown one."""
     if status is None:
         return None
-    items = [status] if isinstance(status, str) else list(status)
+    try:
+        items = [status] if isinstance(status, str) else list(status)
+    except TypeError:
+        raise InvalidRunError(f"status must be a status, a list of statuses or None, got "
+                              f"{status!r}") from None
     try:
         return frozenset(Status(s) for s in items)
     except ValueError:
@@ -217,11 +182,9 @@ def started(stored: Run, now: _dt.datetime, owner: Owner) -> Step:
 
 
 def check_finish(exit_code: object, error_code: object, error_msg: object) -> None:
-    """Refuse ``finish()`` arguments of the wrong type before any lock is taken."""
-    if exit_code is not None and type(exit_code) is not int:
-        raise InvalidRunError(f"exit_code must be an int or None, got {exit_code!r}")
-    if not isinstance(error_code, str) or not isinstance(error_msg, str):
-        raise InvalidRunError("error_code and error_msg must be strings")
+    """Refuse ``finish()`` arguments that neither backend stores, before any lock is taken
+    (the run id is checked by ``_validate.finish``)."""
+    _validate.finish("-", exit_code, error_code, error_msg)
 
 
 def finished(stored: Run, target: Status, now: _dt.datetime, exit_code: int | None,

@@ -66,7 +66,7 @@ def test_parse_import_round_trips_archive_lines(run: Run) -> None:
     ("source", "message"),
     [
         (io.StringIO("[{"), "the import is not JSON or JSON lines"),
-        (io.StringIO("{}\nnot json\n"), "the import is not JSON or JSON lines"),
+        (io.StringIO("not json\n{}\n"), "the import is not JSON or JSON lines"),
         ([7], "record 1 is not a run object: 7"),
         ([_record("r1"), {"id": "r2"}], r"record 2 \('r2'\)"),
         ([_record("r1"), _record("r1")], "record 2: run 'r1' appears twice"),
