@@ -453,12 +453,16 @@ def test_without_the_hint_the_error_does_not_say_where_they_go(
 # -- stress memory -----------------------------------------------------------------------------
 
 #: the stress command in a child process, which then prints its own peak RSS (KiB) on stderr
+#: the peak is the process's own VmHWM: ``ru_maxrss`` also counts the process it was
+#: spawned from (Linux keeps the high-water mark across exec), a pytest process that may
+#: be larger than anything the stress run does
 _STRESS_PEAK = """
-import json, resource, sys
+import json, sys
 {setup}
 import runstore.stress
 rc = runstore.stress.main(sys.argv[1:])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with open("/proc/self/status") as status:
+    peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 print(json.dumps({{"peak_kib": peak}}), file=sys.stderr)
 sys.exit(rc)
 """
