@@ -117,9 +117,11 @@ _UNREAD_LIMIT = 64 * 1024
 _READ_LOCK_WAIT = 0.25
 #: how much of a damaged line is read again to see whether it was only being written
 _READ_AGAIN = 2 * 1024 * 1024
-#: the most records an import appends in one write; a larger one is staged through a temp
-#: file renamed over the journal (``Store._stage_import``)
+#: the most records, and bytes of run fields, an import appends in one write; a larger
+#: one is staged through a temp file renamed over the journal (``Store._stage_import``),
+#: so that no append is ever too long to be cut as a torn write (``TORN_TAIL_LIMIT``)
 SMALL_IMPORT = 4096
+SMALL_IMPORT_BYTES = 16 * 1024 * 1024
 #: how much of a staged import is written at a time
 _STAGE_CHUNK = 1 << 20
 #: the failures after which the file is rewritten before the next write (``Store._resync``)
@@ -1747,10 +1749,14 @@ class Store:
         ``on_conflict(stored, new)`` is called for one stored with other content: it must
         raise (``migrate``). Without it, an id already stored is refused."""
         it = iter(records)
-        head = list(itertools.islice(it, SMALL_IMPORT + 1))
-        if len(head) > SMALL_IMPORT:
-            return self._transact(lambda: self._stage_import(
-                itertools.chain(head, it), on_conflict))
+        head: list[tuple[int, Run, dict[str, Any]]] = []
+        size = 0
+        for record in it:
+            head.append(record)
+            size += len(codec.record_fields(record[1], record[2]))
+            if len(head) > SMALL_IMPORT or size > SMALL_IMPORT_BYTES:
+                return self._transact(lambda: self._stage_import(
+                    itertools.chain(head, it), on_conflict))
 
         def decide() -> _Decision[int]:
             self._ensure_index()  # every id, to refuse duplicates

@@ -495,3 +495,50 @@ def test_kept_fields_at_the_edges_round_trip_on_every_backend(
     got = _exported(open_store())["r1"]
     assert {k: got[k] for k in extra} == extra
     assert [r.id for r in store.list()] == ["r1"]
+
+
+# -- no single append too long to be cut as a torn write -----------------------------------
+
+
+def test_no_append_can_be_longer_than_a_torn_tail_may_be() -> None:
+    """The bounds that keep every torn append cuttable: a run, and an import written in one
+    append, are far below the length past which a damaged tail is taken for corruption."""
+    import runstore.journal
+    import runstore.store
+
+    limit = runstore.journal.TORN_TAIL_LIMIT
+    assert limit > runstore.MAX_RECORD_BYTES * 4
+    assert limit > runstore.store.SMALL_IMPORT_BYTES + 2 * runstore.MAX_RECORD_BYTES
+
+
+def _big_runs(count: int, size: int) -> list[Run]:
+    return [Run(f"m{i}", "/t", "h", id=f"20260101T000000.000000Z-{i:016x}",
+                status=Status.COMPLETED, error_msg="x" * size) for i in range(count)]
+
+
+def _appended_in_one_write(store_dir: pathlib.Path, runs: list[Run]) -> bool:
+    """Whether importing ``runs`` appended to the journal (same file) rather than staging
+    them in a temp file renamed over it (a new file)."""
+    with Store(store_dir) as store:
+        before = os.stat(store_dir / DATA_NAME).st_ino
+        assert store.import_runs(runs) == len(runs)
+        after = os.stat(store_dir / DATA_NAME).st_ino
+        assert [r.id for r in store.list()] == [r.id for r in runs]
+    return before == after
+
+
+def test_an_import_larger_than_one_append_may_be_is_staged(store_dir: pathlib.Path) -> None:
+    """24 runs of about 900 KB (about 21 MB in all, under the record count for one append)
+    are staged and renamed in, never written as one append a crash could tear past what
+    recovery may cut; 4 such runs are one append."""
+    assert _appended_in_one_write(store_dir / "small", _big_runs(4, 900_000))
+    assert not _appended_in_one_write(store_dir / "large", _big_runs(24, 900_000))
+
+
+def test_broken_variant_without_the_byte_bound_a_large_import_is_one_append(
+        store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Broken variant: counting records alone, the same 21 MB import is one append."""
+    import runstore.store
+
+    monkeypatch.setattr(runstore.store, "SMALL_IMPORT_BYTES", 1 << 40)
+    assert _appended_in_one_write(store_dir, _big_runs(24, 900_000))
