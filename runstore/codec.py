@@ -258,7 +258,9 @@ def checked_fields(run: Run, extra: dict[str, Any] | None = None,
     try:
         if fields is None:
             fields = record_fields(run, extra)
-        size = len(fields) + len(json_string(run.id))
+        rid = run.id  # as a JSON string: between quotes, unescaped, when plain ASCII
+        plain = rid.isascii() and rid.isprintable() and '"' not in rid and "\\" not in rid
+        size = len(fields) + (len(rid) + 2 if plain else len(json_string(rid)))
     except orjson.JSONEncodeError as exc:
         raise InvalidRunError(f"run {_short(run.id)} cannot be stored: "
                               f"{_unwritable(run, extra) or exc}") from None
