@@ -119,26 +119,59 @@ def append_archive(path: str, runs: list[Run], extras: dict[str, dict[str, Any]]
     """Append ``runs`` (JSON lines, see ``archive_lines``) to the file ``path`` and fsync it;
     the file is created mode 0600 and a symlink is refused. Returns its size before (for
     ``cut_archive``). ``StoreIOError`` on failure, after cutting off what was written."""
-    blob = archive_lines(runs, extras)
+    return append_archive_from(path, ((run, extras.get(run.id, {})) for run in runs))
+
+
+def append_archive_from(path: str, runs: Iterable[tuple[Run, dict[str, Any]]]) -> int:
+    """``append_archive`` of ``runs`` (each with its extra fields), written about
+    ``_EXPORT_CHUNK`` bytes at a time as ``runs`` is iterated, then fsynced: memory does not
+    grow with the number of runs. Whatever fails (a write, or ``runs`` itself raising), the
+    file is cut back to its size before and the exception propagates; a failed call on the
+    archive raises ``StoreIOError`` of kind ``ARCHIVE``."""
+
+    def failed(exc: OSError) -> StoreIOError:
+        return StoreIOError(path, "appending pruned runs to the archive", exc, IOKind.ARCHIVE)
+
+    def put(fd: int, blob: bytes) -> None:
+        try:
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as exc:
+            raise failed(exc) from None
+
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, 0o600)
-        try:
-            size = os.fstat(fd).st_size
-            try:
-                view = memoryview(blob)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            except OSError:
-                with contextlib.suppress(OSError):  # no partial lines left at its end
-                    os.ftruncate(fd, size)
-                raise
-        finally:
-            os.close(fd)
     except OSError as exc:
-        raise StoreIOError(path, "appending pruned runs to the archive", exc,
-                           IOKind.ARCHIVE) from None
+        raise failed(exc) from None
+    try:
+        size = os.fstat(fd).st_size
+    except OSError as exc:
+        os.close(fd)
+        raise failed(exc) from None
+    try:
+        parts: list[bytes] = []
+        total = 0
+        for run, extra in runs:
+            line = _exported(run, extra) + b"\n"
+            parts.append(line)
+            total += len(line)
+            if total >= _EXPORT_CHUNK:
+                put(fd, b"".join(parts))
+                parts, total = [], 0
+        put(fd, b"".join(parts))
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise failed(exc) from None
+    except BaseException:
+        with contextlib.suppress(OSError):  # no partial lines left at its end
+            os.ftruncate(fd, size)
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
     return size
 
 

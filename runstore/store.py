@@ -95,6 +95,23 @@ _Decision = tuple[T, _Changes]
 _Runs = list[Run]  # aliases: inside Store, ``list`` names the method
 _Ids = list[str]
 
+
+@attrs.define
+class _Pruned:
+    """The runs a prune removes, as its compaction needs them: their ids, and the last
+    ``RETAIN_CHANGES`` of them (with their extra fields) in the order pruned, whose
+    ``run_pruned`` lines the retained history keeps (earlier ones fall out of it)."""
+
+    ids: set[str] = attrs.field(factory=set)
+    count: int = 0
+    last: collections.deque[tuple[Run, dict[str, Any]]] = attrs.field(
+        factory=lambda: collections.deque(maxlen=RETAIN_CHANGES))
+
+    def add(self, run: Run, extra: dict[str, Any], run_id: str) -> None:
+        self.ids.add(run_id)
+        self.count += 1
+        self.last.append((run, extra))
+
 #: automatic compaction runs when the lines that are not a run's latest version exceed
 #: RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live runs): the file stays within twice its
 #: live size plus about 5,000 lines
@@ -908,7 +925,7 @@ class Store:
         live = self._live()
         return self._lines - live > RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live)
 
-    def _compact(self, retain: int = RETAIN_CHANGES, pruned: _Runs | None = None) -> None:
+    def _compact(self, retain: int = RETAIN_CHANGES, pruned: _Pruned | None = None) -> None:
         """Rewrite the file now, the lock held (``compact()``, and after a failed sync):
         see ``compaction.plan``. ``pruned``: runs to leave out, their ``run_pruned``
         changes written into the retained history of the new file (``prune()``: one
@@ -926,18 +943,20 @@ class Store:
             raise
         cur = self._cur
         assert cur is not None
-        for run in pruned or ():
-            self._extras.pop(run.id, None)
+        for run_id in pruned.ids if pruned is not None else ():
+            self._extras.pop(run_id, None)
         cur.next_seq = plan.compacted_through + 1 + len(plan.history)
         self._adopt(plan, {}, plan.base_end)
         self._unmarked_writes = False  # all this process wrote is in the synced new file
 
     def _plan_compaction(self, retain: int = RETAIN_CHANGES,
-                         pruned: _Runs | None = None) -> compaction.Plan:
+                         pruned: _Pruned | None = None) -> compaction.Plan:
         """Lay out the compaction of the file as far as the view has read it, keeping the
         last ``retain`` changes verbatim for lagging watchers. ``pruned``: runs left out,
         laid out as if their ``run_pruned`` lines had been appended first
-        (``compaction.with_tail``); the view is not changed."""
+        (``compaction.with_tail``); the view is not changed. Only the lines the retained
+        history can keep are encoded (``pruned.last``): the earlier ones take their seqs
+        and are compacted away, so they are never read."""
         self._ensure_index()
         self._active.values()  # structure deferred records now: refuse a malformed one
         cur, header = self._cur, self._header
@@ -945,15 +964,16 @@ class Store:
         j = self._journal
         read, index, next_seq = j.reader(), self._index, cur.next_seq
         recent = collections.deque(self._recent, maxlen=self._recent.maxlen)
-        if pruned:
+        if pruned is not None and pruned.count:
             now, durable = _utcnow(), max(self._synced, cur.durable)
-            gone = {run.id for run in pruned}
+            gone = pruned.ids
             index = {run_id: at for run_id, at in index.items() if run_id not in gone}
             lines = []
             at = cur.end
-            for run in pruned:
+            next_seq += pruned.count - len(pruned.last)
+            for run, extra in pruned.last:
                 line = codec.encode_record(next_seq, ChangeType.RUN_PRUNED, now, durable, run,
-                                           self._extras.get(run.id))
+                                           extra or None)
                 recent.append(at)
                 at += len(line)
                 next_seq += 1
@@ -1545,27 +1565,69 @@ class Store:
             self._check_output(os.fspath(archive), "archive")
 
         def decide() -> _Decision[int]:
-            terminal = [r for r in self._all_runs() if r.status.is_terminal]
-            doomed = retention.doomed(terminal, lambda r: r, older_than=older_than,
-                                      keep_last=keep_last, now=_utcnow())
-            if dry_run or not doomed:
-                return len(doomed), []
+            chosen = self._doomed(older_than, keep_last)
+            if dry_run:
+                return sum(1 for _ in chosen), []
+            first = next(chosen, None)
+            if first is None:
+                return 0, []
+            chosen = itertools.chain((first,), chosen)
+            pruned = _Pruned()
+
+            def taken() -> Iterator[tuple[Run, dict[str, Any]]]:
+                for run_id, run, extra in chosen:
+                    pruned.add(run, extra, run_id)
+                    yield run, extra
+
             j = self._journal
             assert j.fd is not None
             st = os.fstat(j.fd)
             archived = -1  # the archive's size before, once the runs are in it
             try:
                 if archive is not None:
-                    archived = interchange.append_archive(os.fspath(archive), doomed,
-                                                          self._extras)
+                    archived = interchange.append_archive_from(os.fspath(archive), taken())
                     failpoints.hit("prune.after_archive")
-                self._compact(pruned=doomed)
+                else:
+                    collections.deque(taken(), maxlen=0)
+                self._compact(pruned=pruned)
             except StoreIOError as exc:
-                raise self._prune_failed(exc, len(doomed), archive, archived,
+                raise self._prune_failed(exc, pruned.count, archive, archived,
                                          (st.st_dev, st.st_ino)) from None
-            return len(doomed), []
+            return pruned.count, []
 
         return self._transact(decide)
+
+    def _doomed(self, older_than: _dt.timedelta | None,
+                 keep_last: int | None) -> Iterator[tuple[str, Run, dict[str, Any]]]:
+        """The runs ``prune()`` removes (``retention``'s rule), in insertion order, with
+        their extra fields, read from the file as the iteration goes: only the offsets of
+        the candidates are held, never the runs. The terminal runs are the indexed ones
+        that are not active, so ``keep_last`` picks its runs without reading any."""
+        self._ensure_index()
+        active, index = self._active, self._index
+        if keep_last is not None:
+            count = max(len(index) - len(active) - keep_last, 0)
+            now: _dt.datetime | None = None
+        else:
+            count = len(index)
+            now = _utcnow()
+        ids: _Ids = []
+        offsets = array.array("q")
+        for run_id, offset in index.items():
+            if len(ids) >= count:
+                break
+            if run_id not in active:
+                ids.append(run_id)
+                offsets.append(offset)
+        j = self._journal
+        lines = gather.lines(j.reader(), offsets, j.path)
+        for run_id, offset, line in zip(ids, offsets, lines, strict=True):
+            data = self._decode_at(offset, line)
+            run = self._run_of(data, offset)
+            if (now is not None and older_than is not None
+                    and not retention.ended_before(run, now, older_than)):
+                continue
+            yield run_id, run, codec.extra_fields(data)
 
     def _prune_failed(self, exc: StoreIOError, count: int,
                       archive: str | os.PathLike[str] | None, archived: int,
