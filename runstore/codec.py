@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import operator
 import re
 import zlib
 from typing import Any
@@ -169,6 +170,65 @@ def run_from_dict(data: dict[str, Any]) -> Run:
         messages = cattrs.transform_error(exc, path="record") if isinstance(
             exc, cattrs.BaseValidationError) else [str(exc)]
         raise BadLine("; ".join(messages)) from None
+
+
+#: how ``run_from_dict`` takes each run field: the types of value it accepts
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    a.name: ((str,) if a.type in (str, Status) else (int,) if a.type is int
+             else (str, type(None)) if a.type == (_dt.datetime | None)
+             else (int, type(None)) if a.type == (int | None) else ())
+    for a in attrs.fields(Run)}
+assert all(_FIELD_TYPES.values()), _FIELD_TYPES  # a new kind of field: teach it here
+#: each run field's default (``attrs.NOTHING``: required), under a record's fields
+_RUN_DEFAULTS = {a.name: a.default for a in attrs.fields(Run)}
+_seed_values = operator.itemgetter(*_SEED_ORDER)
+_TIME_AT = tuple(i for i, name in enumerate(_SEED_ORDER) if type(None) in _FIELD_TYPES[name]
+                 and str in _FIELD_TYPES[name])
+_STATUS_AT = _SEED_ORDER.index("status")
+#: the types of a record's run fields (in the seed's order) -> whether ``run_from_dict``
+#: takes them all; a few dozen combinations occur (which optional fields are set)
+_sound_types: dict[tuple[type, ...], bool] = {}
+#: a timestamp exactly as this library writes one (``dumps``: UTC, ``Z``, microseconds
+#: only when not zero)
+_CANONICAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}"
+                             r"(?:\.(?!000000)[0-9]{6})?Z")
+
+
+def exported_dict(data: dict[str, Any], extras: bool = True) -> dict[str, Any] | None:
+    """``run_to_dict(run_from_dict(data))`` (then, with ``extras``, the record's extra fields
+    after it, as ``export`` writes a run), built straight from a decoded record whose run
+    fields are each of a type ``run_from_dict`` takes and, for timestamps, written as this
+    library writes them; None for any other record (the caller then structures it, which
+    refuses it or writes its values as a ``Run`` holds them). No ``Run`` is built: this is
+    the cost of ``export`` and ``list --json`` per run."""
+    values = _seed_values({**_RUN_DEFAULTS, **data})
+    types = tuple(map(type, values))
+    sound = _sound_types.get(types)
+    if sound is None:
+        sound = all(t in _FIELD_TYPES[name] for name, t in zip(_SEED_ORDER, types,
+                                                               strict=True))
+        if len(_sound_types) < 1024:
+            _sound_types[types] = sound
+    if not sound or values[_STATUS_AT] not in _STATUS_VALUES:
+        return None
+    for i in _TIME_AT:
+        value = values[i]
+        if value is not None:
+            if _CANONICAL_TIME.fullmatch(value) is None:
+                return None
+            try:
+                _dt.datetime.fromisoformat(value)
+            except ValueError:
+                return None
+    out = dict(zip(_SEED_ORDER, values, strict=True))
+    for name, omitted in _OMIT_WHEN.items():
+        if out[name] == omitted:
+            del out[name]
+    if extras and not data.keys() <= _KNOWN_KEYS:
+        for key, value in data.items():
+            if key not in _KNOWN_KEYS:
+                out.setdefault(key, value)
+    return out
 
 
 def extra_fields(data: dict[str, Any]) -> dict[str, Any]:

@@ -52,6 +52,21 @@ def write_export(fp: IO[str] | IO[bytes], runs: Iterable[tuple[Run, dict[str, An
     """Write ``runs`` (each with its extra fields) to ``fp``, text or binary, as the one JSON
     array document of ``export()``, about ``_EXPORT_CHUNK`` bytes per write as ``runs`` is
     iterated (never the whole document in memory); return how many were written."""
+    return write_export_items(fp, (_exported(run, extra) for run, extra in runs))
+
+
+def export_item(data: dict[str, Any], run_of: Callable[[], Run]) -> bytes:
+    """A stored record (decoded and checked) as ``export`` writes it: straight from its
+    fields when they are as this library writes them (``codec.exported_dict``), else
+    through its ``Run`` (``run_of()``, which refuses a malformed record)."""
+    fields = codec.exported_dict(data)
+    if fields is not None:
+        return codec.dumps(fields)
+    return _exported(run_of(), codec.extra_fields(data))
+
+
+def write_export_items(fp: IO[str] | IO[bytes], items: Iterable[bytes]) -> int:
+    """``write_export`` of runs already encoded, one JSON object each."""
     def write(blob: bytes) -> None:
         if isinstance(fp, io.TextIOBase):
             fp.write(blob.decode())
@@ -59,8 +74,7 @@ def write_export(fp: IO[str] | IO[bytes], runs: Iterable[tuple[Run, dict[str, An
             fp.write(blob)  # type: ignore[arg-type]  # not a text file: a binary one
 
     count, parts, size = 0, [b"["], 1
-    for run, extra in runs:
-        item = _exported(run, extra)
+    for item in items:
         parts.append(b"\n" if count == 0 else b",\n")
         parts.append(item)
         count += 1

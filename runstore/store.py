@@ -28,6 +28,7 @@ import array
 import collections
 import contextlib
 import datetime as _dt
+import functools
 import itertools
 import os
 import time
@@ -1766,7 +1767,14 @@ class Store:
         return self._write_export(fp)
 
     def _write_export(self, fp: IO[str] | IO[bytes]) -> int:
-        return interchange.write_export(fp, self._iter_export())
+        return interchange.write_export_items(fp, self._export_items())
+
+    def _export_items(self) -> Iterator[bytes]:
+        """Every run as ``export`` writes it (``interchange.export_item``), read as
+        ``_iter_export`` reads them; a record is made a ``Run`` only when its fields are not
+        as this library writes them."""
+        for offset, data in self._stream_records():
+            yield interchange.export_item(data, functools.partial(self._run_of, data, offset))
 
     def _iter_export(self) -> Iterator[tuple[Run, dict[str, Any]]]:
         """Every run with its extra fields, as ``export`` writes them, read as it is
