@@ -31,6 +31,7 @@ import math
 import operator
 import re
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -179,19 +180,49 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
              else (int, type(None)) if a.type == (int | None) else ())
     for a in attrs.fields(Run)}
 assert all(_FIELD_TYPES.values()), _FIELD_TYPES  # a new kind of field: teach it here
-#: each run field's default (``attrs.NOTHING``: required), under a record's fields
-_RUN_DEFAULTS = {a.name: a.default for a in attrs.fields(Run)}
-_seed_values = operator.itemgetter(*_SEED_ORDER)
-_TIME_AT = tuple(i for i, name in enumerate(_SEED_ORDER) if type(None) in _FIELD_TYPES[name]
-                 and str in _FIELD_TYPES[name])
-_STATUS_AT = _SEED_ORDER.index("status")
-#: the types of a record's run fields (in the seed's order) -> whether ``run_from_dict``
-#: takes them all; a few dozen combinations occur (which optional fields are set)
-_sound_types: dict[tuple[type, ...], bool] = {}
+#: at most how many key layouts and type combinations ``exported_dict`` remembers (a few
+#: occur: which optional fields are set, and any fields this library does not know)
+_CACHE_LIMIT = 1024
 #: a timestamp exactly as this library writes one (``dumps``: UTC, ``Z``, microseconds
 #: only when not zero)
 _CANONICAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}"
                              r"(?:\.(?!000000)[0-9]{6})?Z")
+
+
+@attrs.define
+class _Layout:
+    """How ``exported_dict`` reads the records whose keys come in one order: the run fields
+    present (the seed's order), where the timestamps and the status are among them, the
+    fields left out when empty that are present, the extra fields."""
+
+    names: tuple[str, ...]
+    get: Callable[[dict[str, Any]], tuple[Any, ...]]
+    times: tuple[int, ...]
+    status_at: int
+    omit: tuple[tuple[str, Any], ...]
+    extra: tuple[str, ...]
+    #: the types of the values (in ``names`` order) -> whether ``run_from_dict`` takes them
+    sound: dict[tuple[type, ...], bool] = attrs.field(factory=dict)
+
+
+_layouts: dict[tuple[str, ...], _Layout | None] = {}
+
+
+def _layout(keys: tuple[str, ...]) -> _Layout | None:
+    """The ``_Layout`` of records with these keys; None when a run field that a record
+    always holds (one not left out when empty) is missing: such a record goes through its
+    ``Run`` (which refuses it, or takes the field's default)."""
+    present = set(keys)
+    if any(name not in present and name not in _OMIT_WHEN for name in _SEED_ORDER):
+        return None
+    names = tuple(name for name in _SEED_ORDER if name in present)
+    return _Layout(names=names, get=operator.itemgetter(*names),
+                   times=tuple(i for i, name in enumerate(names)
+                               if _FIELD_TYPES[name] == (str, type(None))),
+                   status_at=names.index("status"),
+                   omit=tuple((name, _OMIT_WHEN[name]) for name in names
+                              if name in _OMIT_WHEN),
+                   extra=tuple(key for key in keys if key not in _KNOWN_KEYS))
 
 
 def exported_dict(data: dict[str, Any], extras: bool = True) -> dict[str, Any] | None:
@@ -201,17 +232,26 @@ def exported_dict(data: dict[str, Any], extras: bool = True) -> dict[str, Any] |
     library writes them; None for any other record (the caller then structures it, which
     refuses it or writes its values as a ``Run`` holds them). No ``Run`` is built: this is
     the cost of ``export`` and ``list --json`` per run."""
-    values = _seed_values({**_RUN_DEFAULTS, **data})
-    types = tuple(map(type, values))
-    sound = _sound_types.get(types)
-    if sound is None:
-        sound = all(t in _FIELD_TYPES[name] for name, t in zip(_SEED_ORDER, types,
-                                                               strict=True))
-        if len(_sound_types) < 1024:
-            _sound_types[types] = sound
-    if not sound or values[_STATUS_AT] not in _STATUS_VALUES:
+    keys = tuple(data)
+    layout = _layouts.get(keys, _KEEP)
+    if layout is _KEEP:
+        layout = _layout(keys)
+        if len(_layouts) < _CACHE_LIMIT:
+            _layouts[keys] = layout
+    if layout is None:
         return None
-    for i in _TIME_AT:
+    assert isinstance(layout, _Layout)
+    values = layout.get(data)
+    types = tuple(map(type, values))
+    sound = layout.sound.get(types)
+    if sound is None:
+        sound = all(t in _FIELD_TYPES[name] for name, t in zip(layout.names, types,
+                                                               strict=True))
+        if len(layout.sound) < _CACHE_LIMIT:
+            layout.sound[types] = sound
+    if not sound or values[layout.status_at] not in _STATUS_VALUES:
+        return None
+    for i in layout.times:
         value = values[i]
         if value is not None:
             if _CANONICAL_TIME.fullmatch(value) is None:
@@ -220,14 +260,13 @@ def exported_dict(data: dict[str, Any], extras: bool = True) -> dict[str, Any] |
                 _dt.datetime.fromisoformat(value)
             except ValueError:
                 return None
-    out = dict(zip(_SEED_ORDER, values, strict=True))
-    for name, omitted in _OMIT_WHEN.items():
+    out = dict(zip(layout.names, values, strict=True))
+    for name, omitted in layout.omit:
         if out[name] == omitted:
             del out[name]
-    if extras and not data.keys() <= _KNOWN_KEYS:
-        for key, value in data.items():
-            if key not in _KNOWN_KEYS:
-                out.setdefault(key, value)
+    if extras:
+        for key in layout.extra:
+            out.setdefault(key, data[key])
     return out
 
 

@@ -1451,13 +1451,27 @@ class Store:
         not seen. A damaged line raises ``CorruptStoreError`` when the iteration reaches
         it, and a compacted base that fails its header's checksum when the base has been
         read (each line is checked against its own checksum before it is yielded)."""
-        _validate.list_filters(machine, batch_id)
-        statuses = transitions.status_set(status)
-        wanted = None if statuses is None else {s.value for s in statuses}
+        keep = _record_filter(machine, status, batch_id)
         return (self._run_of(data, offset) for offset, data in self._stream_records()
-                if (machine is None or data.get("machine") == machine)
-                and (wanted is None or data["status"] in wanted)
-                and (batch_id is None or data.get("batch_id", "") == batch_id))
+                if keep(data))
+
+    def _iter_json(
+        self,
+        *,
+        machine: str | None = None,
+        status: Status | str | Iterable[Status | str] | None = None,
+        batch_id: str | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """``codec.run_to_json`` of each run ``iter_runs`` yields with the same filters,
+        read the same way, made straight from each record's fields
+        (``codec.exported_dict``) unless they are not as this library writes them (the
+        CLI's ``list --json`` and ``--jsonl``)."""
+        keep = _record_filter(machine, status, batch_id)
+        for offset, data in self._stream_records():
+            if keep(data):
+                fields = codec.exported_dict(data, extras=False)
+                yield (fields if fields is not None
+                       else codec.run_to_json(self._run_of(data, offset)))
 
     def _stream_records(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """(offset, record) of every run's latest version, insertion order, read as the
@@ -2006,6 +2020,22 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self.state_dir!r}, durable={self.durable})"
+
+
+def _record_filter(machine: str | None, status: Status | str | Iterable[Status | str] | None,
+                   batch_id: str | None) -> Callable[[dict[str, Any]], bool]:
+    """Whether a stored record matches ``iter_runs``'s filters (checked here, before any
+    lock is taken)."""
+    _validate.list_filters(machine, batch_id)
+    statuses = transitions.status_set(status)
+    wanted = None if statuses is None else {s.value for s in statuses}
+
+    def keep(data: dict[str, Any]) -> bool:
+        return ((machine is None or data.get("machine") == machine)
+                and (wanted is None or data["status"] in wanted)
+                and (batch_id is None or data.get("batch_id", "") == batch_id))
+
+    return keep
 
 
 class _HeldRecords:
