@@ -232,6 +232,30 @@ def exported_dict(data: dict[str, Any], extras: bool = True) -> dict[str, Any] |
     library writes them; None for any other record (the caller then structures it, which
     refuses it or writes its values as a ``Run`` holds them). No ``Run`` is built: this is
     the cost of ``export`` and ``list --json`` per run."""
+    sound = _sound_values(data)
+    if sound is None:
+        return None
+    layout, values = sound
+    out = dict(zip(layout.names, values, strict=True))
+    for name, omitted in layout.omit:
+        if out[name] == omitted:
+            del out[name]
+    if extras:
+        for key in layout.extra:
+            out.setdefault(key, data[key])
+    return out
+
+
+def fields_sound(data: dict[str, Any]) -> bool:
+    """Whether ``exported_dict`` takes a record: then ``run_from_dict`` takes it too (its
+    run fields are all there and of the types it takes), without a ``Run`` being built;
+    False says nothing (call ``run_from_dict`` to know)."""
+    return _sound_values(data) is not None
+
+
+def _sound_values(data: dict[str, Any]) -> tuple[_Layout, tuple[Any, ...]] | None:
+    """The ``_Layout`` of a record and its run fields' values, when ``exported_dict`` can
+    take it (see there), else None."""
     keys = tuple(data)
     layout = _layouts.get(keys, _KEEP)
     if layout is _KEEP:
@@ -260,14 +284,7 @@ def exported_dict(data: dict[str, Any], extras: bool = True) -> dict[str, Any] |
                 _dt.datetime.fromisoformat(value)
             except ValueError:
                 return None
-    out = dict(zip(layout.names, values, strict=True))
-    for name, omitted in layout.omit:
-        if out[name] == omitted:
-            del out[name]
-    if extras:
-        for key in layout.extra:
-            out.setdefault(key, data[key])
-    return out
+    return layout, values
 
 
 def extra_fields(data: dict[str, Any]) -> dict[str, Any]:
