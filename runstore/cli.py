@@ -750,12 +750,14 @@ def _cmd_list(ctx: Context, args: argparse.Namespace) -> int:
     with ctx.store(existing=True) as store:
         mode = "json" if args.json else "jsonl" if args.jsonl else ""
         empty = "no runs match" if filtered else "no runs"
-        if mode and args.since is None and isinstance(store, Store):  # no Run needed
-            items: Iterable[dict[str, Any]] = store._iter_json(
-                machine=args.machine, status=args.status, batch_id=args.batch)
-            if args.limit is not None:
-                items = collections.deque(items, maxlen=args.limit)
-            return _stream_json(ctx, items, mode)
+        if args.since is None and isinstance(store, Store):  # --limit read from the end
+            if mode:  # and no Run needed
+                return _stream_json(ctx, store._iter_json(
+                    machine=args.machine, status=args.status, batch_id=args.batch,
+                    limit=args.limit), mode)
+            return _stream_runs(ctx, store._runs(
+                machine=args.machine, status=args.status, batch_id=args.batch,
+                limit=args.limit), mode, empty)
         runs: Iterable[Run] = store.iter_runs(machine=args.machine, status=args.status,
                                               batch_id=args.batch)
         if args.since is not None:

@@ -1451,9 +1451,20 @@ class Store:
         not seen. A damaged line raises ``CorruptStoreError`` when the iteration reaches
         it, and a compacted base that fails its header's checksum when the base has been
         read (each line is checked against its own checksum before it is yielded)."""
-        keep = _record_filter(machine, status, batch_id)
-        return (self._run_of(data, offset) for offset, data in self._stream_records()
-                if keep(data))
+        return self._runs(machine=machine, status=status, batch_id=batch_id)
+
+    def _runs(
+        self,
+        *,
+        machine: str | None = None,
+        status: Status | str | Iterable[Status | str] | None = None,
+        batch_id: str | None = None,
+        limit: int | None = None,
+    ) -> Iterator[Run]:
+        """``iter_runs``; with ``limit``, only the last ``limit`` of them, read from the end
+        of the file (``runscan.last_records``: the CLI's ``list --limit``)."""
+        return (self._run_of(data, offset) for offset, data in self._selected(
+            _record_filter(machine, status, batch_id), limit))
 
     def _iter_json(
         self,
@@ -1461,19 +1472,33 @@ class Store:
         machine: str | None = None,
         status: Status | str | Iterable[Status | str] | None = None,
         batch_id: str | None = None,
+        limit: int | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """``codec.run_to_json`` of each run ``iter_runs`` yields with the same filters,
+        """``codec.run_to_json`` of each run ``_runs`` yields with the same arguments,
         read the same way, made straight from each record's fields
         (``codec.exported_dict``) unless they are not as this library writes them (the
         CLI's ``list --json`` and ``--jsonl``)."""
         keep = _record_filter(machine, status, batch_id)
-        for offset, data in self._stream_records():
-            if keep(data):
-                fields = codec.exported_dict(data, extras=False)
-                yield (fields if fields is not None
-                       else codec.run_to_json(self._run_of(data, offset)))
+        for offset, data in self._selected(keep, limit):
+            fields = codec.exported_dict(data, extras=False)
+            yield (fields if fields is not None
+                   else codec.run_to_json(self._run_of(data, offset)))
 
-    def _stream_records(self) -> Iterator[tuple[int, dict[str, Any]]]:
+    def _selected(self, keep: Callable[[dict[str, Any]], bool],
+                  limit: int | None) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(offset, record) of the runs ``keep`` takes (``_stream_records``), or of the
+        last ``limit`` of them."""
+        if limit is None:
+            return (item for item in self._stream_records() if keep(item[1]))
+        records = self._stream_records()
+        try:
+            last = runscan.last_records(records.journal, records.fd, records.snap, limit,
+                                        keep)
+        finally:
+            records.close()
+        return iter(last)
+
+    def _stream_records(self) -> _HeldRecords:
         """(offset, record) of every run's latest version, insertion order, read as the
         iteration goes from the file as it is now (``runscan``)."""
 
@@ -2043,8 +2068,13 @@ class _HeldRecords:
     iteration ends or fails, or when the iterator is dropped unfinished."""
 
     def __init__(self, journal: Journal, fd: int, snap: runscan.Snapshot) -> None:
+        self.journal, self.fd, self.snap = journal, fd, snap
         self._close = weakref.finalize(self, journal.close_held, fd)
         self._records = runscan.records(journal, fd, snap)
+
+    def close(self) -> None:
+        """Close the descriptor now (the iteration, if it goes on, fails)."""
+        self._close()
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
         return self
