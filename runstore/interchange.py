@@ -73,17 +73,18 @@ def write_export_items(fp: IO[str] | IO[bytes], items: Iterable[bytes]) -> int:
         else:
             fp.write(blob)  # type: ignore[arg-type]  # not a text file: a binary one
 
-    count, parts, size = 0, [b"["], 1
+    # copied into one buffer as they come: an encoded item may hold several times its
+    # length (orjson's output buffer), so a list of a megabyte's worth would hold far more
+    count, buf = 0, bytearray(b"[")
     for item in items:
-        parts.append(b"\n" if count == 0 else b",\n")
-        parts.append(item)
+        buf += b"\n" if count == 0 else b",\n"
+        buf += item
         count += 1
-        size += len(item) + 2
-        if size >= _EXPORT_CHUNK:
-            write(b"".join(parts))
-            parts, size = [], 0
-    parts.append(b"\n]\n" if count else b"]\n")
-    write(b"".join(parts))
+        if len(buf) >= _EXPORT_CHUNK:
+            write(bytes(buf))
+            buf.clear()
+    buf += b"\n]\n" if count else b"]\n"
+    write(bytes(buf))
     return count
 
 
@@ -165,16 +166,14 @@ def append_archive_from(path: str, runs: Iterable[tuple[Run, dict[str, Any]]]) -
         os.close(fd)
         raise failed(exc) from None
     try:
-        parts: list[bytes] = []
-        total = 0
+        buf = bytearray()  # copied in as they come (see ``write_export_items``)
         for run, extra in runs:
-            line = _exported(run, extra) + b"\n"
-            parts.append(line)
-            total += len(line)
-            if total >= _EXPORT_CHUNK:
-                put(fd, b"".join(parts))
-                parts, total = [], 0
-        put(fd, b"".join(parts))
+            buf += _exported(run, extra)
+            buf += b"\n"
+            if len(buf) >= _EXPORT_CHUNK:
+                put(fd, bytes(buf))
+                buf.clear()
+        put(fd, bytes(buf))
         try:
             os.fsync(fd)
         except OSError as exc:
