@@ -166,6 +166,8 @@ class Painter:
 
 def visible_len(text: str) -> int:
     """Length of ``text`` on screen (ANSI styles take no room)."""
+    if "\x1b" not in text:  # most cells: no style to take out
+        return len(text)
     return len(_ANSI.sub("", text))
 
 

@@ -80,6 +80,7 @@ _OMIT_WHEN = {
     "heartbeat_at": None,
 }
 _STATUS_VALUES = frozenset(s.value for s in Status)
+_STATUS_OF = {s.value: s for s in Status}
 _CHANGE_VALUES = frozenset(c.value for c in ChangeType)
 _KEEP = object()
 #: the seed's field order (id first), then ours
@@ -163,7 +164,18 @@ def run_to_json(run: Run) -> dict[str, Any]:
 
 
 def run_from_dict(data: dict[str, Any]) -> Run:
-    """Structure a record into a ``Run``; raises ``BadLine`` naming the bad field."""
+    """Structure a record into a ``Run``; raises ``BadLine`` naming the bad field. A record
+    whose fields are as this library writes them (``fields_sound``) is made without the
+    converter, which takes several times as long: the same ``Run``."""
+    sound = _sound_values(data)
+    if sound is not None:
+        layout, values = sound
+        fields = dict(zip(layout.names, values, strict=True))
+        for i in layout.times:
+            if values[i] is not None:  # "...Z": aware, in UTC, as the converter makes it
+                fields[layout.names[i]] = _dt.datetime.fromisoformat(values[i])
+        fields["status"] = _STATUS_OF[fields["status"]]
+        return Run(**fields)
     fields = {k: v for k, v in data.items() if k in _RUN_FIELD_SET}
     try:
         return converter.structure(fields, Run)
