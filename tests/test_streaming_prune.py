@@ -422,3 +422,44 @@ def test_limit_on_the_command_line(tmp_path: pathlib.Path, run_cli: Any,
     code, out, _ = run_cli("--state-dir", str(state), "list", "--jsonl", "--limit", "3",
                            "--since", "2026-01-01T00:00:00Z")
     assert code == 0 and len(out.splitlines()) == 3
+
+
+# -- check reads a megabyte at a time -----------------------------------------------------------
+
+def _largest_read(state: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The most bytes one read of ``check`` asked for, and that its report is sound."""
+    largest = 0
+    check_bytes = journal._check_bytes
+
+    def watched(buf: bytes, path: str, vouch: Any = None, source: Any = None) -> Any:
+        read, size = source
+
+        def reading(offset: int, n: int) -> bytes:
+            nonlocal largest
+            largest = max(largest, n)
+            return read(offset, n)
+
+        return check_bytes(buf, path, vouch, (reading, size))
+
+    monkeypatch.setattr(journal, "_check_bytes", watched)
+    assert journal.check(state).ok
+    return largest
+
+
+def test_check_reads_the_header_line_not_the_file(tmp_path: pathlib.Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """check's reads stay within a megabyte on a file of several: its peak does not grow
+    with the file (it read up to 64 MiB at once to find the header's end)."""
+    state = tmp_path / "s"
+    _import(state, 20000)
+    assert (state / DATA_NAME).stat().st_size > 4 << 20
+    assert _largest_read(state, monkeypatch) <= 1 << 20
+
+
+def test_check_reads_broken_variant(tmp_path: pathlib.Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proof the measurement can fail: reading the header as it was read takes the file."""
+    state = tmp_path / "s"
+    _import(state, 20000)
+    monkeypatch.setattr(journal, "_first_line", lambda read, limit: read(0, limit))
+    assert _largest_read(state, monkeypatch) >= (state / DATA_NAME).stat().st_size
