@@ -134,15 +134,17 @@ def append_archive(path: str, runs: list[Run], extras: dict[str, dict[str, Any]]
     """Append ``runs`` (JSON lines, see ``archive_lines``) to the file ``path`` and fsync it;
     the file is created mode 0600 and a symlink is refused. Returns its size before (for
     ``cut_archive``). ``StoreIOError`` on failure, after cutting off what was written."""
-    return append_archive_from(path, ((run, extras.get(run.id, {})) for run in runs))
+    return append_archive_items(path, (_exported(run, extras.get(run.id, {}))
+                                       for run in runs))
 
 
-def append_archive_from(path: str, runs: Iterable[tuple[Run, dict[str, Any]]]) -> int:
-    """``append_archive`` of ``runs`` (each with its extra fields), written about
-    ``_EXPORT_CHUNK`` bytes at a time as ``runs`` is iterated, then fsynced: memory does not
-    grow with the number of runs. Whatever fails (a write, or ``runs`` itself raising), the
-    file is cut back to its size before and the exception propagates; a failed call on the
-    archive raises ``StoreIOError`` of kind ``ARCHIVE``."""
+def append_archive_items(path: str, items: Iterable[bytes]) -> int:
+    """``append_archive`` of runs already encoded as it encodes them (``export_item``),
+    one JSON object each, written about ``_EXPORT_CHUNK`` bytes at a time as ``items`` is
+    iterated, then fsynced: memory does not grow with the number of runs. Whatever fails
+    (a write, or ``items`` itself raising), the file is cut back to its size before and
+    the exception propagates; a failed call on the archive raises ``StoreIOError`` of kind
+    ``ARCHIVE``."""
 
     def failed(exc: OSError) -> StoreIOError:
         return StoreIOError(path, "appending pruned runs to the archive", exc, IOKind.ARCHIVE)
@@ -167,8 +169,8 @@ def append_archive_from(path: str, runs: Iterable[tuple[Run, dict[str, Any]]]) -
         raise failed(exc) from None
     try:
         buf = bytearray()  # copied in as they come (see ``write_export_items``)
-        for run, extra in runs:
-            buf += _exported(run, extra)
+        for item in items:
+            buf += item
             buf += b"\n"
             if len(buf) >= _EXPORT_CHUNK:
                 put(fd, bytes(buf))

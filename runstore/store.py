@@ -100,18 +100,18 @@ _Ids = list[str]
 @attrs.define
 class _Pruned:
     """The runs a prune removes, as its compaction needs them: their ids, and the last
-    ``RETAIN_CHANGES`` of them (with their extra fields) in the order pruned, whose
+    ``RETAIN_CHANGES`` of them (offset and record) in the order pruned, whose
     ``run_pruned`` lines the retained history keeps (earlier ones fall out of it)."""
 
     ids: set[str] = attrs.field(factory=set)
     count: int = 0
-    last: collections.deque[tuple[Run, dict[str, Any]]] = attrs.field(
+    last: collections.deque[tuple[int, dict[str, Any]]] = attrs.field(
         factory=lambda: collections.deque(maxlen=RETAIN_CHANGES))
 
-    def add(self, run: Run, extra: dict[str, Any], run_id: str) -> None:
+    def add(self, run_id: str, offset: int, data: dict[str, Any]) -> None:
         self.ids.add(run_id)
         self.count += 1
-        self.last.append((run, extra))
+        self.last.append((offset, data))
 
 #: automatic compaction runs when the lines that are not a run's latest version exceed
 #: RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live runs): the file stays within twice its
@@ -972,9 +972,10 @@ class Store:
             lines = []
             at = cur.end
             next_seq += pruned.count - len(pruned.last)
-            for run, extra in pruned.last:
-                line = codec.encode_record(next_seq, ChangeType.RUN_PRUNED, now, durable, run,
-                                           extra or None)
+            for offset, data in pruned.last:
+                line = codec.encode_record(next_seq, ChangeType.RUN_PRUNED, now, durable,
+                                           self._run_of(data, offset),
+                                           codec.extra_fields(data) or None)
                 recent.append(at)
                 at += len(line)
                 next_seq += 1
@@ -1614,10 +1615,10 @@ class Store:
             chosen = itertools.chain((first,), chosen)
             pruned = _Pruned()
 
-            def taken() -> Iterator[tuple[Run, dict[str, Any]]]:
-                for run_id, run, extra in chosen:
-                    pruned.add(run, extra, run_id)
-                    yield run, extra
+            def taken() -> Iterator[tuple[int, dict[str, Any]]]:
+                for run_id, offset, data in chosen:
+                    pruned.add(run_id, offset, data)
+                    yield offset, data
 
             j = self._journal
             assert j.fd is not None
@@ -1625,7 +1626,10 @@ class Store:
             archived = -1  # the archive's size before, once the runs are in it
             try:
                 if archive is not None:
-                    archived = interchange.append_archive_from(os.fspath(archive), taken())
+                    archived = interchange.append_archive_items(os.fspath(archive), (
+                        interchange.export_item(data, functools.partial(self._run_of, data,
+                                                                        offset))
+                        for offset, data in taken()))
                     failpoints.hit("prune.after_archive")
                 else:
                     collections.deque(taken(), maxlen=0)
@@ -1638,11 +1642,12 @@ class Store:
         return self._transact(decide)
 
     def _doomed(self, older_than: _dt.timedelta | None,
-                 keep_last: int | None) -> Iterator[tuple[str, Run, dict[str, Any]]]:
-        """The runs ``prune()`` removes (``retention``'s rule), in insertion order, with
-        their extra fields, read from the file as the iteration goes: only the offsets of
-        the candidates are held, never the runs. The terminal runs are the indexed ones
-        that are not active, so ``keep_last`` picks its runs without reading any."""
+                 keep_last: int | None) -> Iterator[tuple[str, int, dict[str, Any]]]:
+        """(id, offset, record) of the runs ``prune()`` removes (``retention``'s rule), in
+        insertion order, read from the file as the iteration goes: only the offsets of the
+        candidates are held, never the runs. The terminal runs are the indexed ones that
+        are not active, so ``keep_last`` picks its runs without reading any (a record is
+        made a ``Run`` only to judge ``older_than``)."""
         self._ensure_index()
         active, index = self._active, self._index
         if keep_last is not None:
@@ -1663,11 +1668,12 @@ class Store:
         lines = gather.lines(j.reader(), offsets, j.path)
         for run_id, offset, line in zip(ids, offsets, lines, strict=True):
             data = self._decode_at(offset, line)
-            run = self._run_of(data, offset)
-            if (now is not None and older_than is not None
-                    and not retention.ended_before(run, now, older_than)):
-                continue
-            yield run_id, run, codec.extra_fields(data)
+            if now is not None and older_than is not None:
+                if not retention.ended_before(self._run_of(data, offset), now, older_than):
+                    continue
+            elif not codec.fields_sound(data):
+                self._run_of(data, offset)  # refuses a malformed record, as listing does
+            yield run_id, offset, data
 
     def _prune_failed(self, exc: StoreIOError, count: int,
                       archive: str | os.PathLike[str] | None, archived: int,

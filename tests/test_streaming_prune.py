@@ -22,7 +22,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import runs as any_runs
 
-from runstore import PrepareOutcome, Run, Status, Store, cli, codec, interchange, journal, runscan
+from runstore import (
+    CorruptStoreError,
+    PrepareOutcome,
+    Run,
+    Status,
+    Store,
+    cli,
+    codec,
+    interchange,
+    journal,
+    runscan,
+)
 from runstore.journal import DATA_NAME
 from runstore.model import ChangeType
 
@@ -82,14 +93,14 @@ def _history(state: pathlib.Path) -> None:
         store.import_runs([_finished(5)])  # an id pruned after the base, created again
 
 
-def _append_record(state: pathlib.Path, **fields: Any) -> None:
-    """Append a sound line (right checksum, next seq) updating the last run written with
-    ``fields`` as given: values this library would not write that way."""
+def _append_record(state: pathlib.Path, run_id: str | None = None, **fields: Any) -> None:
+    """Append a sound line (right checksum, next seq) updating run ``run_id`` (default: the
+    last one written) with ``fields`` as given: values this library would not write so."""
     path = state / DATA_NAME
-    lines = path.read_bytes().splitlines()
-    last = next(codec.decode_line(line) for line in reversed(lines)
-                if line.startswith(codec.RECORD_START))
-    data = {**{k: v for k, v in last.items() if k != "crc"}, "seq": last["seq"] + 1,
+    records = [codec.decode_line(line) for line in path.read_bytes().splitlines()[1:]
+               if line.startswith(codec.RECORD_START)]
+    run = next(r for r in reversed(records) if run_id in (None, r["id"]))
+    data = {**{k: v for k, v in run.items() if k != "crc"}, "seq": records[-1]["seq"] + 1,
             "change": "run_updated", **fields}
     with open(path, "ab") as f:
         f.write(codec.reseal(data))
@@ -150,6 +161,35 @@ def test_prune_archive_memory_broken_variant(tmp_path: pathlib.Path) -> None:
     it was done, grows the peak past the bound."""
     small, large = _prune_peaks(tmp_path, "hold")
     assert large - small >= _PRUNE_GROWTH_KIB, (small, large)
+
+
+def _malformed_early(tmp_path: pathlib.Path) -> pathlib.Path:
+    """6,000 runs, the eleventh with a malformed field: more than the retained history
+    holds come before it in a prune of all."""
+    state = tmp_path / "s"
+    _import(state, 6000)
+    _append_record(state, _finished(10).id, exit_code="1")
+    return state
+
+
+def test_prune_refuses_a_malformed_run(tmp_path: pathlib.Path) -> None:
+    """A run that cannot be read stops the prune before anything changes, as it did when
+    every run was read into a list first."""
+    state = _malformed_early(tmp_path)
+    before = (state / DATA_NAME).read_bytes()
+    with Store(state) as store, pytest.raises(CorruptStoreError, match="exit_code"):
+        store.prune(keep_last=0)
+    assert (state / DATA_NAME).read_bytes() == before
+
+
+def test_prune_malformed_broken_variant(tmp_path: pathlib.Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proof the refusal is needed: vouching for every record prunes the malformed run
+    with the rest, unseen."""
+    state = _malformed_early(tmp_path)
+    monkeypatch.setattr(codec, "fields_sound", lambda data: True)
+    with Store(state) as store:
+        assert store.prune(keep_last=0) == 6000
 
 
 @pytest.mark.parametrize("keep", [0, 150, 1000, 10**6])
