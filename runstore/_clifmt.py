@@ -166,6 +166,8 @@ class Painter:
 
 def visible_len(text: str) -> int:
     """Length of ``text`` on screen (ANSI styles take no room)."""
+    if "\x1b" not in text:  # most cells: no style to take out
+        return len(text)
     return len(_ANSI.sub("", text))
 
 
@@ -358,21 +360,21 @@ def table_stream(headers: Sequence[str], rows: Iterable[Sequence[str]], paint: P
     block needs; a later row wider than a column widens it from then on (never narrows)."""
     widths = [len(h) for h in headers]
 
-    def line(cells: Sequence[str]) -> str:
+    def line(cells: Sequence[str], lengths: Sequence[int]) -> str:
         out = []
-        for i, cell in enumerate(cells):
-            pad = " " * (widths[i] - visible_len(cell))
+        for i, (cell, n) in enumerate(zip(cells, lengths, strict=True)):
+            pad = " " * (widths[i] - n)
             out.append(pad + cell if i in right else cell + pad)
         return "  ".join(out).rstrip()
 
     first = True
     it = iter(rows)
     while batch := list(itertools.islice(it, block)):
-        for row in batch:
-            for i, cell in enumerate(row):
-                widths[i] = max(widths[i], visible_len(cell))
-        lines = [line(row) for row in batch]
+        sized = [(row, [visible_len(cell) for cell in row]) for row in batch]
+        for _, lengths in sized:
+            widths = list(map(max, widths, lengths))
+        lines = [line(row, lengths) for row, lengths in sized]
         if first:
-            lines.insert(0, line([paint.bold(h) for h in headers]))
+            lines.insert(0, line([paint.bold(h) for h in headers], [len(h) for h in headers]))
             first = False
         yield lines

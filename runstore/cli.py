@@ -91,6 +91,7 @@ from .errors import (
 from .migrate import MigrationReport, MigrationVerifyError, migrate
 from .model import Change, Run, Status
 from .protocol import RunStore
+from .store import Store
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -747,6 +748,16 @@ def _cmd_list(ctx: Context, args: argparse.Namespace) -> int:
         raise UsageError("list takes --json or --jsonl, not both")
     filtered = any(v is not None for v in (args.machine, args.status, args.batch, args.since))
     with ctx.store(existing=True) as store:
+        mode = "json" if args.json else "jsonl" if args.jsonl else ""
+        empty = "no runs match" if filtered else "no runs"
+        if args.since is None and isinstance(store, Store):  # --limit read from the end
+            if mode:  # and no Run needed
+                return _stream_json(ctx, store._iter_json(
+                    machine=args.machine, status=args.status, batch_id=args.batch,
+                    limit=args.limit), mode)
+            return _stream_runs(ctx, store._runs(
+                machine=args.machine, status=args.status, batch_id=args.batch,
+                limit=args.limit), mode, empty)
         runs: Iterable[Run] = store.iter_runs(machine=args.machine, status=args.status,
                                               batch_id=args.batch)
         if args.since is not None:
@@ -754,8 +765,7 @@ def _cmd_list(ctx: Context, args: argparse.Namespace) -> int:
             runs = (r for r in runs if (t := _run_time(r)) is not None and t >= since)
         if args.limit is not None:  # the N most recent: only N are ever held
             runs = collections.deque(runs, maxlen=args.limit)
-        return _stream_runs(ctx, runs, "json" if args.json else "jsonl" if args.jsonl else "",
-                            "no runs match" if filtered else "no runs")
+        return _stream_runs(ctx, runs, mode, empty)
 
 
 def _stream_runs(ctx: Context, runs: Iterable[Run], mode: str, empty: str) -> int:
@@ -763,17 +773,7 @@ def _stream_runs(ctx: Context, runs: Iterable[Run], mode: str, empty: str) -> in
     block at a time, so that the first rows show at once and memory stays bounded."""
     out, count = ctx.out, 0
     if mode:
-        lines = (_dumps(codec.run_to_json(run)) for run in runs)
-        sep, first, last = (",\n", "[\n", "\n]\n") if mode == "json" else ("\n", "", "\n")
-        while block := list(itertools.islice(lines, _BLOCK)):
-            out.write((first if not count else sep) + sep.join(block))
-            out.flush()
-            count += len(block)
-        if count:
-            out.write(last)
-        elif mode == "json":
-            out.write("[]\n")
-        return EXIT_OK
+        return _stream_json(ctx, (codec.run_to_json(run) for run in runs), mode)
     rows = ([run.id, run.machine, ctx.paint.status(run.status.value), run.test_dir_hash[:12],
              fmt.ago(run.started_at, ctx.now), _run_duration(run, ctx.now),
              "-" if run.exit_code is None else str(run.exit_code)] for run in runs)
@@ -785,6 +785,23 @@ def _stream_runs(ctx: Context, runs: Iterable[Run], mode: str, empty: str) -> in
         count += 1
     if not count:
         ctx.print(empty)
+    return EXIT_OK
+
+
+def _stream_json(ctx: Context, items: Iterable[dict[str, Any]], mode: str) -> int:
+    """``_stream_runs`` of runs as ``codec.run_to_json`` makes them: one JSON array
+    (``mode`` "json") or JSON lines ("jsonl")."""
+    out, count = ctx.out, 0
+    lines = (_dumps(item) for item in items)
+    sep, first, last = (",\n", "[\n", "\n]\n") if mode == "json" else ("\n", "", "\n")
+    while block := list(itertools.islice(lines, _BLOCK)):
+        out.write((first if not count else sep) + sep.join(block))
+        out.flush()
+        count += len(block)
+    if count:
+        out.write(last)
+    elif mode == "json":
+        out.write("[]\n")
     return EXIT_OK
 
 

@@ -52,24 +52,39 @@ def write_export(fp: IO[str] | IO[bytes], runs: Iterable[tuple[Run, dict[str, An
     """Write ``runs`` (each with its extra fields) to ``fp``, text or binary, as the one JSON
     array document of ``export()``, about ``_EXPORT_CHUNK`` bytes per write as ``runs`` is
     iterated (never the whole document in memory); return how many were written."""
+    return write_export_items(fp, (_exported(run, extra) for run, extra in runs))
+
+
+def export_item(data: dict[str, Any], run_of: Callable[[], Run]) -> bytes:
+    """A stored record (decoded and checked) as ``export`` writes it: straight from its
+    fields when they are as this library writes them (``codec.exported_dict``), else
+    through its ``Run`` (``run_of()``, which refuses a malformed record)."""
+    fields = codec.exported_dict(data)
+    if fields is not None:
+        return codec.dumps(fields)
+    return _exported(run_of(), codec.extra_fields(data))
+
+
+def write_export_items(fp: IO[str] | IO[bytes], items: Iterable[bytes]) -> int:
+    """``write_export`` of runs already encoded, one JSON object each."""
     def write(blob: bytes) -> None:
         if isinstance(fp, io.TextIOBase):
             fp.write(blob.decode())
         else:
             fp.write(blob)  # type: ignore[arg-type]  # not a text file: a binary one
 
-    count, parts, size = 0, [b"["], 1
-    for run, extra in runs:
-        item = _exported(run, extra)
-        parts.append(b"\n" if count == 0 else b",\n")
-        parts.append(item)
+    # copied into one buffer as they come: an encoded item may hold several times its
+    # length (orjson's output buffer), so a list of a megabyte's worth would hold far more
+    count, buf = 0, bytearray(b"[")
+    for item in items:
+        buf += b"\n" if count == 0 else b",\n"
+        buf += item
         count += 1
-        size += len(item) + 2
-        if size >= _EXPORT_CHUNK:
-            write(b"".join(parts))
-            parts, size = [], 0
-    parts.append(b"\n]\n" if count else b"]\n")
-    write(b"".join(parts))
+        if len(buf) >= _EXPORT_CHUNK:
+            write(bytes(buf))
+            buf.clear()
+    buf += b"\n]\n" if count else b"]\n"
+    write(bytes(buf))
     return count
 
 
@@ -119,26 +134,59 @@ def append_archive(path: str, runs: list[Run], extras: dict[str, dict[str, Any]]
     """Append ``runs`` (JSON lines, see ``archive_lines``) to the file ``path`` and fsync it;
     the file is created mode 0600 and a symlink is refused. Returns its size before (for
     ``cut_archive``). ``StoreIOError`` on failure, after cutting off what was written."""
-    blob = archive_lines(runs, extras)
+    return append_archive_items(path, (_exported(run, extras.get(run.id, {}))
+                                       for run in runs))
+
+
+def append_archive_items(path: str, items: Iterable[bytes]) -> int:
+    """``append_archive`` of runs already encoded as it encodes them (``export_item``),
+    one JSON object each, written about ``_EXPORT_CHUNK`` bytes at a time as ``items`` is
+    iterated, then fsynced: memory does not grow with the number of runs. Whatever fails
+    (a write, or ``items`` itself raising), the file is cut back to its size before and
+    the exception propagates; a failed call on the archive raises ``StoreIOError`` of kind
+    ``ARCHIVE``."""
+
+    def failed(exc: OSError) -> StoreIOError:
+        return StoreIOError(path, "appending pruned runs to the archive", exc, IOKind.ARCHIVE)
+
+    def put(fd: int, blob: bytes) -> None:
+        try:
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as exc:
+            raise failed(exc) from None
+
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, 0o600)
-        try:
-            size = os.fstat(fd).st_size
-            try:
-                view = memoryview(blob)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            except OSError:
-                with contextlib.suppress(OSError):  # no partial lines left at its end
-                    os.ftruncate(fd, size)
-                raise
-        finally:
-            os.close(fd)
     except OSError as exc:
-        raise StoreIOError(path, "appending pruned runs to the archive", exc,
-                           IOKind.ARCHIVE) from None
+        raise failed(exc) from None
+    try:
+        size = os.fstat(fd).st_size
+    except OSError as exc:
+        os.close(fd)
+        raise failed(exc) from None
+    try:
+        buf = bytearray()  # copied in as they come (see ``write_export_items``)
+        for item in items:
+            buf += item
+            buf += b"\n"
+            if len(buf) >= _EXPORT_CHUNK:
+                put(fd, bytes(buf))
+                buf.clear()
+        put(fd, bytes(buf))
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise failed(exc) from None
+    except BaseException:
+        with contextlib.suppress(OSError):  # no partial lines left at its end
+            os.ftruncate(fd, size)
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
     return size
 
 

@@ -33,6 +33,10 @@ def doomed(
     if keep_last is not None:
         return list(terminal[:max(len(terminal) - keep_last, 0)])
     assert older_than is not None
-    cutoff = now - older_than
-    return [item for item in terminal
-            if (ended := run_of(item).ended_at) is not None and ended < cutoff]
+    return [item for item in terminal if ended_before(run_of(item), now, older_than)]
+
+
+def ended_before(run: Run, now: _dt.datetime, older_than: _dt.timedelta) -> bool:
+    """Whether the terminal ``run`` ended more than ``older_than`` before ``now`` (the
+    ``older_than`` rule, one run at a time)."""
+    return run.ended_at is not None and run.ended_at < now - older_than

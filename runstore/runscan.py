@@ -15,6 +15,11 @@ the versions written after the base, which automatic compaction bounds (see ``St
 
 A store whose view indexes every run (``Snapshot.offsets``: a process that needed the whole
 index already) is read at those offsets instead, in one forward pass (``gather.lines``).
+
+``last_records`` gives the last N of that order that match a filter (``list --limit N``)
+reading from the end: the runs created after the base (found among the lines after it),
+then the base backwards, a megabyte at a time, until N are found. Each line it yields is
+checked against its own checksum; the base as a whole is not (that needs all of it).
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from .errors import CorruptStoreError
 from .journal import Cursor, Header, Journal, scan
 
 _PRUNED = "run_pruned"
+_CREATED = b'"run_created"'
+#: how many offsets ``last_records`` reads at a time from an index of every run
+_BACK_BLOCK = 512
 
 
 @attrs.define
@@ -95,6 +103,93 @@ def records(journal: Journal, fd: int, snap: Snapshot) -> Iterator[tuple[int, di
     created = array.array("q", (o for run_id, o in tail.items() if run_id not in seen))
     del seen
     yield from _at(read, created, path)
+
+
+def last_records(journal: Journal, fd: int, snap: Snapshot, n: int,
+                 keep: Callable[[dict[str, Any]], bool]) -> list[tuple[int, dict[str, Any]]]:
+    """The last ``n`` records ``records`` yields for which ``keep`` is true, in its order,
+    read from the end (``n`` > 0); no more is held than those and what ``records`` holds."""
+    path = journal.path
+    found: list[tuple[int, dict[str, Any]]] = []  # newest first
+
+    def read(offset: int, size: int) -> bytes:
+        return journal.pread(fd, size, offset)
+
+    def take(offsets: array.array[int]) -> bool:
+        """Take the matching records at ``offsets`` newest first; True once ``n`` are."""
+        for k in range(len(offsets), 0, -_BACK_BLOCK):
+            block = offsets[max(k - _BACK_BLOCK, 0):k]
+            for offset, data in reversed(list(_at(read, block, path))):
+                if keep(data):
+                    found.append((offset, data))
+                    if len(found) >= n:
+                        return True
+        return False
+
+    if snap.offsets is not None:
+        take(snap.offsets)
+        return found[::-1]
+    header = snap.header
+    tail, pruned = snap.tail, set(snap.pruned)
+    if snap.checkpoint is not None:
+        tail, pruned = _before_checkpoint(journal, fd, snap, pruned)
+    created = _created_after_base(journal, fd, header.base_end, snap.end)
+    # the runs ``records`` yields after the base: those not in it (or pruned from it)
+    last = array.array("q", (o for run_id, o in tail.items()
+                             if run_id in pruned or run_id in created))
+    del created
+    if take(last):
+        return found[::-1]
+    del last
+    for line_at, line in _lines_backwards(journal, fd, header.start, header.latest_end):
+        data = _decode(line, line_at, path)
+        run_id = data["id"]
+        if run_id in pruned:
+            continue
+        newer = tail.get(run_id)
+        if newer is not None:
+            line_at, data = next(_at(read, array.array("q", [newer]), path))
+        if keep(data):
+            found.append((line_at, data))
+            if len(found) >= n:
+                break
+    return found[::-1]
+
+
+def _created_after_base(journal: Journal, fd: int, start: int, end: int) -> set[str]:
+    """The ids of the runs created in the lines from ``start`` to ``end`` (checked when
+    the view took them in; a line that does not name the change is not decoded)."""
+    ids: set[str] = set()
+    for chunk_at, chunk in journal.read_lines(start, end, fd):
+        if _CREATED not in chunk:
+            continue
+        for offset, line in _lines(chunk, chunk_at):
+            if _CREATED in line and not line.startswith(codec.MARK_START):
+                data = _decode(line, offset, journal.path)
+                if data["change"] == "run_created":
+                    ids.add(data["id"])
+    return ids
+
+
+def _lines_backwards(journal: Journal, fd: int, start: int,
+                     end: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, line without its newline) of the complete lines from ``start`` to ``end``,
+    last first, read a megabyte at a time from the end."""
+    pos, carry = end, b""
+    while pos > start:
+        size = min(1 << 20, pos - start)
+        pos -= size
+        chunk = journal.pread(fd, size, pos)
+        if len(chunk) != size:
+            raise CorruptStoreError(journal.path, pos, "the file ends before its compacted "
+                                    "base does (it was cut short)")
+        chunk += carry
+        cut = chunk.find(b"\n") + 1 if pos > start else 0
+        carry, body = chunk[:cut], chunk[cut:]
+        if pos > start and not cut:  # a line longer than this chunk: read on back
+            carry, body = chunk, b""
+        lines = list(_lines(body, pos + cut))
+        yield from reversed(lines)
 
 
 def _before_checkpoint(journal: Journal, fd: int, snap: Snapshot,

@@ -28,6 +28,7 @@ import array
 import collections
 import contextlib
 import datetime as _dt
+import functools
 import itertools
 import os
 import time
@@ -94,6 +95,23 @@ _Changes = list[tuple[ChangeType, Run]]
 _Decision = tuple[T, _Changes]
 _Runs = list[Run]  # aliases: inside Store, ``list`` names the method
 _Ids = list[str]
+
+
+@attrs.define
+class _Pruned:
+    """The runs a prune removes, as its compaction needs them: their ids, and the last
+    ``RETAIN_CHANGES`` of them (offset and record) in the order pruned, whose
+    ``run_pruned`` lines the retained history keeps (earlier ones fall out of it)."""
+
+    ids: set[str] = attrs.field(factory=set)
+    count: int = 0
+    last: collections.deque[tuple[int, dict[str, Any]]] = attrs.field(
+        factory=lambda: collections.deque(maxlen=RETAIN_CHANGES))
+
+    def add(self, run_id: str, offset: int, data: dict[str, Any]) -> None:
+        self.ids.add(run_id)
+        self.count += 1
+        self.last.append((offset, data))
 
 #: automatic compaction runs when the lines that are not a run's latest version exceed
 #: RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live runs): the file stays within twice its
@@ -908,7 +926,7 @@ class Store:
         live = self._live()
         return self._lines - live > RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live)
 
-    def _compact(self, retain: int = RETAIN_CHANGES, pruned: _Runs | None = None) -> None:
+    def _compact(self, retain: int = RETAIN_CHANGES, pruned: _Pruned | None = None) -> None:
         """Rewrite the file now, the lock held (``compact()``, and after a failed sync):
         see ``compaction.plan``. ``pruned``: runs to leave out, their ``run_pruned``
         changes written into the retained history of the new file (``prune()``: one
@@ -926,18 +944,20 @@ class Store:
             raise
         cur = self._cur
         assert cur is not None
-        for run in pruned or ():
-            self._extras.pop(run.id, None)
+        for run_id in pruned.ids if pruned is not None else ():
+            self._extras.pop(run_id, None)
         cur.next_seq = plan.compacted_through + 1 + len(plan.history)
         self._adopt(plan, {}, plan.base_end)
         self._unmarked_writes = False  # all this process wrote is in the synced new file
 
     def _plan_compaction(self, retain: int = RETAIN_CHANGES,
-                         pruned: _Runs | None = None) -> compaction.Plan:
+                         pruned: _Pruned | None = None) -> compaction.Plan:
         """Lay out the compaction of the file as far as the view has read it, keeping the
         last ``retain`` changes verbatim for lagging watchers. ``pruned``: runs left out,
         laid out as if their ``run_pruned`` lines had been appended first
-        (``compaction.with_tail``); the view is not changed."""
+        (``compaction.with_tail``); the view is not changed. Only the lines the retained
+        history can keep are encoded (``pruned.last``): the earlier ones take their seqs
+        and are compacted away, so they are never read."""
         self._ensure_index()
         self._active.values()  # structure deferred records now: refuse a malformed one
         cur, header = self._cur, self._header
@@ -945,15 +965,17 @@ class Store:
         j = self._journal
         read, index, next_seq = j.reader(), self._index, cur.next_seq
         recent = collections.deque(self._recent, maxlen=self._recent.maxlen)
-        if pruned:
+        if pruned is not None and pruned.count:
             now, durable = _utcnow(), max(self._synced, cur.durable)
-            gone = {run.id for run in pruned}
+            gone = pruned.ids
             index = {run_id: at for run_id, at in index.items() if run_id not in gone}
             lines = []
             at = cur.end
-            for run in pruned:
-                line = codec.encode_record(next_seq, ChangeType.RUN_PRUNED, now, durable, run,
-                                           self._extras.get(run.id))
+            next_seq += pruned.count - len(pruned.last)
+            for offset, data in pruned.last:
+                line = codec.encode_record(next_seq, ChangeType.RUN_PRUNED, now, durable,
+                                           self._run_of(data, offset),
+                                           codec.extra_fields(data) or None)
                 recent.append(at)
                 at += len(line)
                 next_seq += 1
@@ -1430,15 +1452,54 @@ class Store:
         not seen. A damaged line raises ``CorruptStoreError`` when the iteration reaches
         it, and a compacted base that fails its header's checksum when the base has been
         read (each line is checked against its own checksum before it is yielded)."""
-        _validate.list_filters(machine, batch_id)
-        statuses = transitions.status_set(status)
-        wanted = None if statuses is None else {s.value for s in statuses}
-        return (self._run_of(data, offset) for offset, data in self._stream_records()
-                if (machine is None or data.get("machine") == machine)
-                and (wanted is None or data["status"] in wanted)
-                and (batch_id is None or data.get("batch_id", "") == batch_id))
+        return self._runs(machine=machine, status=status, batch_id=batch_id)
 
-    def _stream_records(self) -> Iterator[tuple[int, dict[str, Any]]]:
+    def _runs(
+        self,
+        *,
+        machine: str | None = None,
+        status: Status | str | Iterable[Status | str] | None = None,
+        batch_id: str | None = None,
+        limit: int | None = None,
+    ) -> Iterator[Run]:
+        """``iter_runs``; with ``limit``, only the last ``limit`` of them, read from the end
+        of the file (``runscan.last_records``: the CLI's ``list --limit``)."""
+        return (self._run_of(data, offset) for offset, data in self._selected(
+            _record_filter(machine, status, batch_id), limit))
+
+    def _iter_json(
+        self,
+        *,
+        machine: str | None = None,
+        status: Status | str | Iterable[Status | str] | None = None,
+        batch_id: str | None = None,
+        limit: int | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """``codec.run_to_json`` of each run ``_runs`` yields with the same arguments,
+        read the same way, made straight from each record's fields
+        (``codec.exported_dict``) unless they are not as this library writes them (the
+        CLI's ``list --json`` and ``--jsonl``)."""
+        keep = _record_filter(machine, status, batch_id)
+        for offset, data in self._selected(keep, limit):
+            fields = codec.exported_dict(data, extras=False)
+            yield (fields if fields is not None
+                   else codec.run_to_json(self._run_of(data, offset)))
+
+    def _selected(self, keep: Callable[[dict[str, Any]], bool],
+                  limit: int | None) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(offset, record) of the runs ``keep`` takes (``_stream_records``), or of the
+        last ``limit`` of them."""
+        if limit is None:
+            return (item for item in self._stream_records() if keep(item[1]))
+        records = self._stream_records()
+        try:
+            last = runscan.last_records(records.journal, records.fd, records.snap, limit,
+                                        keep)
+        finally:
+            records.close()
+        return iter(last)
+
+    def _stream_records(self) -> _HeldRecords:
         """(offset, record) of every run's latest version, insertion order, read as the
         iteration goes from the file as it is now (``runscan``)."""
 
@@ -1545,27 +1606,74 @@ class Store:
             self._check_output(os.fspath(archive), "archive")
 
         def decide() -> _Decision[int]:
-            terminal = [r for r in self._all_runs() if r.status.is_terminal]
-            doomed = retention.doomed(terminal, lambda r: r, older_than=older_than,
-                                      keep_last=keep_last, now=_utcnow())
-            if dry_run or not doomed:
-                return len(doomed), []
+            chosen = self._doomed(older_than, keep_last)
+            if dry_run:
+                return sum(1 for _ in chosen), []
+            first = next(chosen, None)
+            if first is None:
+                return 0, []
+            chosen = itertools.chain((first,), chosen)
+            pruned = _Pruned()
+
+            def taken() -> Iterator[tuple[int, dict[str, Any]]]:
+                for run_id, offset, data in chosen:
+                    pruned.add(run_id, offset, data)
+                    yield offset, data
+
             j = self._journal
             assert j.fd is not None
             st = os.fstat(j.fd)
             archived = -1  # the archive's size before, once the runs are in it
             try:
                 if archive is not None:
-                    archived = interchange.append_archive(os.fspath(archive), doomed,
-                                                          self._extras)
+                    archived = interchange.append_archive_items(os.fspath(archive), (
+                        interchange.export_item(data, functools.partial(self._run_of, data,
+                                                                        offset))
+                        for offset, data in taken()))
                     failpoints.hit("prune.after_archive")
-                self._compact(pruned=doomed)
+                else:
+                    collections.deque(taken(), maxlen=0)
+                self._compact(pruned=pruned)
             except StoreIOError as exc:
-                raise self._prune_failed(exc, len(doomed), archive, archived,
+                raise self._prune_failed(exc, pruned.count, archive, archived,
                                          (st.st_dev, st.st_ino)) from None
-            return len(doomed), []
+            return pruned.count, []
 
         return self._transact(decide)
+
+    def _doomed(self, older_than: _dt.timedelta | None,
+                 keep_last: int | None) -> Iterator[tuple[str, int, dict[str, Any]]]:
+        """(id, offset, record) of the runs ``prune()`` removes (``retention``'s rule), in
+        insertion order, read from the file as the iteration goes: only the offsets of the
+        candidates are held, never the runs. The terminal runs are the indexed ones that
+        are not active, so ``keep_last`` picks its runs without reading any (a record is
+        made a ``Run`` only to judge ``older_than``)."""
+        self._ensure_index()
+        active, index = self._active, self._index
+        if keep_last is not None:
+            count = max(len(index) - len(active) - keep_last, 0)
+            now: _dt.datetime | None = None
+        else:
+            count = len(index)
+            now = _utcnow()
+        ids: _Ids = []
+        offsets = array.array("q")
+        for run_id, offset in index.items():
+            if len(ids) >= count:
+                break
+            if run_id not in active:
+                ids.append(run_id)
+                offsets.append(offset)
+        j = self._journal
+        lines = gather.lines(j.reader(), offsets, j.path)
+        for run_id, offset, line in zip(ids, offsets, lines, strict=True):
+            data = self._decode_at(offset, line)
+            if now is not None and older_than is not None:
+                if not retention.ended_before(self._run_of(data, offset), now, older_than):
+                    continue
+            elif not codec.fields_sound(data):
+                self._run_of(data, offset)  # refuses a malformed record, as listing does
+            yield run_id, offset, data
 
     def _prune_failed(self, exc: StoreIOError, count: int,
                       archive: str | os.PathLike[str] | None, archived: int,
@@ -1704,7 +1812,14 @@ class Store:
         return self._write_export(fp)
 
     def _write_export(self, fp: IO[str] | IO[bytes]) -> int:
-        return interchange.write_export(fp, self._iter_export())
+        return interchange.write_export_items(fp, self._export_items())
+
+    def _export_items(self) -> Iterator[bytes]:
+        """Every run as ``export`` writes it (``interchange.export_item``), read as
+        ``_iter_export`` reads them; a record is made a ``Run`` only when its fields are not
+        as this library writes them."""
+        for offset, data in self._stream_records():
+            yield interchange.export_item(data, functools.partial(self._run_of, data, offset))
 
     def _iter_export(self) -> Iterator[tuple[Run, dict[str, Any]]]:
         """Every run with its extra fields, as ``export`` writes them, read as it is
@@ -1938,13 +2053,34 @@ class Store:
         return f"Store({self.state_dir!r}, durable={self.durable})"
 
 
+def _record_filter(machine: str | None, status: Status | str | Iterable[Status | str] | None,
+                   batch_id: str | None) -> Callable[[dict[str, Any]], bool]:
+    """Whether a stored record matches ``iter_runs``'s filters (checked here, before any
+    lock is taken)."""
+    _validate.list_filters(machine, batch_id)
+    statuses = transitions.status_set(status)
+    wanted = None if statuses is None else {s.value for s in statuses}
+
+    def keep(data: dict[str, Any]) -> bool:
+        return ((machine is None or data.get("machine") == machine)
+                and (wanted is None or data["status"] in wanted)
+                and (batch_id is None or data.get("batch_id", "") == batch_id))
+
+    return keep
+
+
 class _HeldRecords:
     """``runscan.records`` of the journal held open as ``fd``; ``fd`` is closed when the
     iteration ends or fails, or when the iterator is dropped unfinished."""
 
     def __init__(self, journal: Journal, fd: int, snap: runscan.Snapshot) -> None:
+        self.journal, self.fd, self.snap = journal, fd, snap
         self._close = weakref.finalize(self, journal.close_held, fd)
         self._records = runscan.records(journal, fd, snap)
+
+    def close(self) -> None:
+        """Close the descriptor now (the iteration, if it goes on, fails)."""
+        self._close()
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
         return self
