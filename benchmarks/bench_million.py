@@ -171,7 +171,7 @@ def bench(n: int, tmp: str) -> list[dict[str, Any]]:
         print(f"  {name:<16} {seconds:7.2f} s {kib / 1024:7.1f} MiB   sqlite {sql_s:6.2f} s "
               f"{sql_kib / 1024:6.1f} MiB", flush=True)
     # prune --archive of the oldest half (last: it changes the store)
-    archive = os.path.join(tmp, "archive.jsonl")
+    archive = os.path.join(tmp, f"archive-{n}.jsonl")  # prune appends to an archive
     seconds, kib = _measure([*cli, "prune", "--keep-last", str(n - n // 2), "--archive",
                              archive], out)
     assert _count(archive, "lines") == n // 2
