@@ -204,7 +204,7 @@ _CANONICAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9
 @attrs.define
 class _Layout:
     """How ``exported_dict`` reads the records whose keys come in one order: the run fields
-    present (the seed's order), where the timestamps and the status are among them, the
+    present (in the run's field order), where the timestamps and the status are among them, the
     fields left out when empty that are present, the extra fields."""
 
     names: tuple[str, ...]

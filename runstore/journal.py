@@ -901,25 +901,7 @@ class Journal:
             if chunk:
                 yield start, chunk
             return
-        pos, parts, pending = start, [], 0  # parts: a line begun and not yet ended
-        while pos < end:
-            chunk = self.pread(fd, min(_READ_CHUNK, end - pos), pos)
-            if not chunk:
-                break
-            pos += len(chunk)
-            cut = chunk.rfind(b"\n") + 1 if pos < end else len(chunk)
-            if cut:
-                parts.append(chunk[:cut] if cut < len(chunk) else chunk)
-                yield pos - len(chunk) - pending, b"".join(parts)
-                parts, pending = [chunk[cut:]] if cut < len(chunk) else [], len(chunk) - cut
-            else:  # joined once its end is found: linear however long the line
-                parts.append(chunk)
-                pending += len(chunk)
-                if pending > LINE_LIMIT:  # yield its start: the reader judges it streamed
-                    yield pos - pending, parts[0]
-                    return
-        if parts:
-            yield pos - pending, b"".join(parts)
+        yield from _chunks(lambda offset, size: self.pread(fd, size, offset), start, end)
 
     def line_number(self, offset: int) -> int:
         """The 1-based number of the line at ``offset`` (newlines counted in chunks: for
@@ -1490,7 +1472,7 @@ def _chunks(read: Read, start: int, end: int) -> Iterator[tuple[int, bytes]]:
     """The bytes ``start:end`` as (offset, chunk) pairs of whole lines, about
     ``_READ_CHUNK`` each; a line longer than ``LINE_LIMIT`` ends it (its start is the last
     chunk, which a scan then finds incomplete), as does a line without its end."""
-    pos, parts, pending = start, [], 0
+    pos, parts, pending = start, [], 0  # parts: a line begun and not yet ended
     while pos < end:
         chunk = read(pos, min(_READ_CHUNK, end - pos))
         if not chunk:
@@ -1501,10 +1483,10 @@ def _chunks(read: Read, start: int, end: int) -> Iterator[tuple[int, bytes]]:
             parts.append(chunk[:cut] if cut < len(chunk) else chunk)
             yield pos - len(chunk) - pending, b"".join(parts)
             parts, pending = [chunk[cut:]] if cut < len(chunk) else [], len(chunk) - cut
-        else:
+        else:  # joined once its end is found: linear however long the line
             parts.append(chunk)
             pending += len(chunk)
-            if pending > LINE_LIMIT:
+            if pending > LINE_LIMIT:  # yield its start: the reader judges it streamed
                 yield pos - pending, parts[0]
                 return
     if parts:
