@@ -41,7 +41,17 @@ import pytest
 
 import runstore.lock
 import runstore.store
-from runstore import CorruptStoreError, Run, Status, Store, StoreIOError, codec, journal, owner
+from runstore import (
+    CorruptStoreError,
+    PrepareOutcome,
+    Run,
+    Status,
+    Store,
+    StoreIOError,
+    codec,
+    journal,
+    owner,
+)
 from runstore.errors import RunstoreError
 from runstore.fsio import FileSystem
 from runstore.stress import check_journal
@@ -272,6 +282,23 @@ def cycle(store: Store, machine: str, test_dir: str = "/t") -> str:
     store.start(run.id)
     store.finish(run.id, Status.COMPLETED, exit_code=0)
     return run.id
+
+
+def history(store: Any, n: int, machines: int = 13, prefix: str = "m") -> None:
+    """``n`` prepare/start/finish cycles on ``machines`` machines named ``prefix`` + a
+    number, on any backend: some runs left pending or running, a reused one failed."""
+    for i in range(n):
+        m = f"{prefix}{i % machines}"
+        run, outcome = store.prepare_atomic(m, "h", lambda m=m: Run(m, "/t", "h"))
+        if outcome is not PrepareOutcome.CREATED:
+            if run.status is Status.PENDING:
+                store.start(run.id)
+            store.finish(run.id, Status.FAILED, exit_code=1)
+            continue
+        if i % 4:
+            store.start(run.id)
+        if i % 4 > 1:
+            store.finish(run.id, Status.COMPLETED, exit_code=0)
 
 
 def view(store: Store) -> tuple[object, ...]:

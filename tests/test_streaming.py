@@ -17,29 +17,14 @@ from typing import Any
 
 import pytest
 from backends import ROOT
+from faults import history
 
-from runstore import CorruptStoreError, PrepareOutcome, Run, RunStore, Status, Store, runscan
+from runstore import CorruptStoreError, Run, RunStore, Status, Store, runscan
 from runstore.journal import DATA_NAME
 
 pytestmark = pytest.mark.contract
 
 _BASE = _dt.datetime(2026, 1, 1, tzinfo=_dt.UTC)
-
-
-def _history(store: RunStore, n: int, machines: int = 13) -> None:
-    """``n`` prepare/start/finish cycles (some left pending or running) on ``machines``."""
-    for i in range(n):
-        m = f"m{i % machines}"
-        run, outcome = store.prepare_atomic(m, "h", lambda m=m: Run(m, "/t", "h"))
-        if outcome is not PrepareOutcome.CREATED:
-            if run.status is Status.PENDING:
-                store.start(run.id)
-            store.finish(run.id, Status.FAILED, exit_code=1)
-            continue
-        if i % 4:
-            store.start(run.id)
-        if i % 4 > 1:
-            store.finish(run.id, Status.COMPLETED, exit_code=0)
 
 
 def _same(store: RunStore) -> None:
@@ -52,11 +37,11 @@ def _same(store: RunStore) -> None:
 def test_iter_runs_equals_list_with_history(open_store: Callable[..., RunStore]) -> None:
     """iter_runs yields what list() returns, in its order, as runs change and compact."""
     store = open_store(durable=False)
-    _history(store, 300)
+    history(store, 300)
     _same(store)
     store.compact()
     _same(store)
-    _history(store, 200)
+    history(store, 200)
     _same(store)
     assert list(open_store(durable=False).iter_runs()) == store.list()
 
@@ -64,13 +49,13 @@ def test_iter_runs_equals_list_with_history(open_store: Callable[..., RunStore])
 def test_iter_runs_is_lazy_and_filters_eagerly(open_store: Callable[..., RunStore]) -> None:
     """A bad status filter is refused at the call; an unfinished iteration can be dropped."""
     store = open_store(durable=False)
-    _history(store, 20)
+    history(store, 20)
     with pytest.raises(ValueError):
         store.iter_runs(status="skipped")
     it = store.iter_runs()
     assert next(it) == store.list()[0]
     del it
-    _history(store, 5)  # the store goes on working
+    history(store, 5)  # the store goes on working
     _same(store)
 
 
@@ -81,11 +66,11 @@ def test_iter_runs_across_compactions_and_checkpoints(store_dir: pathlib.Path,
     """A store opened at a checkpoint after a compacted base (versions of base runs after
     it, runs created after it) or with its whole index built reads the same as list()."""
     with Store(store_dir, durable=False) as store:
-        _history(store, 1500)
+        history(store, 1500)
         store.compact()
-        _history(store, 1500)  # past a checkpoint (one every 1,024 records)
+        history(store, 1500)  # past a checkpoint (one every 1,024 records)
         store.prune(keep_last=700)
-        _history(store, 2600)
+        history(store, 2600)
     with Store(store_dir, durable=False) as store:
         if not fresh:
             store.list()  # builds the whole index
@@ -98,7 +83,7 @@ def test_iter_runs_across_compactions_and_checkpoints(store_dir: pathlib.Path,
 def test_iter_runs_skips_a_torn_tail(store_dir: pathlib.Path) -> None:
     """A torn last line is not yielded, and reading leaves it in place."""
     with Store(store_dir, durable=False) as store:
-        _history(store, 50)
+        history(store, 50)
         expected = store.list()
     path = store_dir / DATA_NAME
     with open(path, "ab") as f:
@@ -113,18 +98,18 @@ def test_iter_runs_skips_a_torn_tail(store_dir: pathlib.Path) -> None:
 def test_iter_runs_sees_the_file_as_it_was(store_dir: pathlib.Path) -> None:
     """Changes made during an iteration are not seen by it, a compaction included."""
     with Store(store_dir, durable=False) as store:
-        _history(store, 100)
+        history(store, 100)
         expected = store.list()
         it = store.iter_runs()
         first = next(it)
-        _history(store, 50)
+        history(store, 50)
         store.compact()
         assert [first, *it] == expected
 
 
 def _supersede_in_tail(store_dir: pathlib.Path) -> list[Run]:
     with Store(store_dir, durable=False) as store:
-        _history(store, 40)
+        history(store, 40)
         store.compact()
         for run in store.active():
             store.finish(run.id, Status.TIMEOUT, exit_code=-9)
@@ -160,7 +145,7 @@ def test_newer_version_broken_variant(store_dir: pathlib.Path,
 def _swap_two_base_lines(store_dir: pathlib.Path) -> None:
     """Swap two base lines: each still passes its own checksum, the base's does not."""
     with Store(store_dir, durable=False) as store:
-        _history(store, 30)
+        history(store, 30)
         store.compact()
     path = store_dir / DATA_NAME
     lines = path.read_bytes().split(b"\n")
@@ -190,7 +175,7 @@ def test_reordered_base_broken_variant(store_dir: pathlib.Path,
 def test_export_streams_one_document(open_store: Callable[..., RunStore]) -> None:
     """export writes one JSON array, the runs of list() in order, text or binary."""
     store = open_store(durable=False)
-    _history(store, 120)
+    history(store, 120)
     text, raw = io.StringIO(), io.BytesIO()
     ids = [r.id for r in store.list()]
     assert store.export(text) == store.export(raw) == len(ids) > 50

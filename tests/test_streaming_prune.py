@@ -18,13 +18,13 @@ from typing import Any
 import orjson
 import pytest
 from backends import ROOT
+from faults import history
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import runs as any_runs
 
 from runstore import (
     CorruptStoreError,
-    PrepareOutcome,
     Run,
     Status,
     Store,
@@ -78,18 +78,7 @@ def _history(state: pathlib.Path) -> None:
         for k in range(0, 30, 2):  # base runs get a newer version after the base
             store.finish(f"20260101T000000.000000Z-r{k:03d}", Status.COMPLETED, exit_code=0)
         store.prune(keep_last=300)  # the oldest 20 go, after the base
-        for j in range(1200):  # runs created after the base, past a checkpoint
-            m = f"n{j % 11}"
-            run, outcome = store.prepare_atomic(m, "h", lambda m=m: Run(m, "/t", "h"))
-            if outcome is not PrepareOutcome.CREATED:
-                if run.status is Status.PENDING:
-                    store.start(run.id)
-                store.finish(run.id, Status.FAILED, exit_code=1)
-                continue
-            if j % 4:
-                store.start(run.id)
-            if j % 4 > 1:
-                store.finish(run.id, Status.COMPLETED, exit_code=0)
+        history(store, 1200, machines=11, prefix="n")  # after the base, past a checkpoint
         store.import_runs([_finished(5)])  # an id pruned after the base, created again
 
 
