@@ -512,7 +512,7 @@ def ratios(cases: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def targets(cases: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets as pass/fail lines (never asserted by tests)."""
+    """The targets as pass/fail lines (never asserted by tests)."""
     idx = _index(cases)
     sizes = sorted({c["n"] for c in cases})
     out: list[dict[str, Any]] = []

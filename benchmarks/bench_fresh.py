@@ -189,7 +189,7 @@ def lifetime(where: str) -> dict[str, Any]:
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     # An installed runstore has bytecode (pip compiles it at install). A source checkout run
-    # under PYTHONDONTWRITEBYTECODE=1 (set on these machines) would recompile every module in
+    # under PYTHONDONTWRITEBYTECODE=1 (as in some CI setups) would recompile every module in
     # every child, ~40 ms that no user pays: compile it once, as an install would.
     compileall.compile_dir(os.path.dirname(runstore.__file__ or "."), quiet=1)
     if args.workdir:  # a directory that is not there yet is made, not an error
@@ -274,7 +274,7 @@ def summarize(name: str, n: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def targets(rows: Sequence[dict[str, Any]],
             lifetimes: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
-    """The issue's targets: each fresh-process target on the compacted store and, when it was
+    """The targets: each fresh-process target on the compacted store and, when it was
     measured, on the same store with its long tail."""
     idx = {(r["impl"], r["n"], bool(r.get("tail_lines"))): r for r in rows}
     out: list[dict[str, Any]] = []

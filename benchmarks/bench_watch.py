@@ -2,7 +2,7 @@
 
 A writer process stamps each change with ``time.time_ns()`` in ``logs_path`` right before
 committing it; a watcher process records when each arrives. Prints the median and p99 delay
-(the issue's target: median <= 50 ms).
+(target: median <= 50 ms).
 
     python benchmarks/bench_watch.py --changes 500 --interval 0.005
 """

@@ -9,7 +9,7 @@ survives a power loss.
 * ``runstore``   this library (JSON-lines journal, flock, group commit)
 * ``sqlite``     stdlib sqlite3: WAL, a partial unique index on machine for non-terminal runs,
                  ``BEGIN IMMEDIATE`` for prepare; ``synchronous=FULL`` durable, ``OFF`` not
-* ``wholefile``  the seed's design: one JSON document, flock, read it all, change it, write it
+* ``wholefile``  the naive design: one JSON document, flock, read it all, change it, write it
                  all to a temp file, fsync (durable only), rename
 * ``postgres``   PostgreSQL (see ``pg_server``), the same table and partial unique index,
                  ``INSERT .. ON CONFLICT DO NOTHING``; ``synchronous_commit`` on / off
@@ -329,7 +329,7 @@ class SqliteImpl(Impl):
         self._db.close()
 
 
-# -- the whole-file JSON store (the seed's design) ----------------------------------------
+# -- the whole-file JSON store (the naive design) ----------------------------------------
 
 WHOLEFILE_DATA = "runs.json"
 WHOLEFILE_LOCK = "runs.lock"

@@ -13,7 +13,7 @@ line can be read by ``jq`` and still be self-validating::
 increasing and gap-free after the header's ``compacted_through``. ``durable`` is the length of
 the file that was known to be synced when the line was written (it lags one sync behind); the
 store uses it to tell a torn tail (truncated) from damage in durable data (an error).
-Run fields use the snake_case names of the seed; unset pointers are ``null``; ``batch_id``,
+Run fields use their snake_case names; unset pointers are ``null``; ``batch_id``,
 ``plan_entry`` and the owner fields are omitted when empty. Fields this library does not know
 are kept when a record is rewritten.
 
@@ -70,7 +70,7 @@ _INT_RANGE = range(-(1 << 63), 1 << 64)
 RUN_FIELDS = tuple(a.name for a in attrs.fields(Run))
 _RUN_FIELD_SET = frozenset(RUN_FIELDS)
 _KNOWN_KEYS = _RUN_FIELD_SET | META_KEYS
-#: omitted from the JSON when they hold these values (keeps the seed's JSON byte-identical)
+#: omitted from the JSON when they hold these values
 _OMIT_WHEN = {
     "batch_id": "",
     "plan_entry": "",
@@ -83,7 +83,7 @@ _STATUS_VALUES = frozenset(s.value for s in Status)
 _STATUS_OF = {s.value: s for s in Status}
 _CHANGE_VALUES = frozenset(c.value for c in ChangeType)
 _KEEP = object()
-#: the seed's field order (id first), then ours
+#: the field order of a record: id first, then the rest in ``Run``'s order
 _SEED_ORDER = ("id", *(name for name in RUN_FIELDS if name != "id"))
 _CRC_SEP = b',"crc":'
 _DURABLE_FIELD = re.compile(rb'"durable":\d+')
@@ -139,7 +139,7 @@ converter = make_converter()
 
 
 #: the ``_OMIT_WHEN`` fields that come last in a run: cattrs's generated code can leave them
-#: out (it adds the fields it may omit after the others, so the order stays the seed's)
+#: out (it adds the fields it may omit after the others, so the order stays ``_SEED_ORDER``)
 _OMIT_LAST = ("owner_host", "owner_pid", "owner_start", "heartbeat_at")
 #: ... and those before ``revision``, left out by ``record_fields`` itself
 _OMIT_INNER = tuple(name for name in _OMIT_WHEN if name not in _OMIT_LAST)
@@ -152,7 +152,7 @@ _unstructure_fields = make_dict_unstructure_fn(Run, converter, **_FIELD_OVERRIDE
 
 
 def run_to_dict(run: Run) -> dict[str, Any]:
-    """The JSON-ready record of a run: seed field names, empty optional fields omitted."""
+    """The JSON-ready record of a run: snake_case field names, empty optional fields omitted."""
     raw: dict[str, Any] = converter.unstructure(run)
     return {k: raw[k] for k in _SEED_ORDER if raw[k] != _OMIT_WHEN.get(k, _KEEP)}
 

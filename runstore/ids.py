@@ -1,6 +1,6 @@
 """Run ids: a UTC timestamp prefix that sorts lexicographically plus a random suffix.
 
-Like ``NewRunID`` of the seed's pipeline engine. The store passes the greatest id it has seen,
+The store passes the greatest id it has seen,
 so an id created later in a store sorts after every earlier one even if the wall clock steps
 back (the prefix is then taken one microsecond after the previous one). When the greatest id
 is not a runstore id, or its time is the last microsecond ``datetime`` can hold (an imported

@@ -35,7 +35,7 @@ _EXPORT_CHUNK = 1 << 20
 
 
 def _exported(run: Run, extra: dict[str, Any]) -> bytes:
-    """One run as exported and archived: the seed's field names, then ``extra`` (the fields
+    """One run as exported and archived: the snake_case field names, then ``extra`` (the fields
     this library does not know), as one JSON object."""
     data = codec.run_to_dict(run)
     for key, value in extra.items():

@@ -1,7 +1,7 @@
 """The journal file: open or create it, read what was appended, recover a torn tail, append,
 sync, and replace it whole (compaction). The line format is in ``codec``; ``scan`` is pure.
 
-Crash-safety recipe (shared/RELIABILITY.md): appends are one ``write`` of complete lines under
+Crash-safety recipe: appends are one ``write`` of complete lines under
 the store lock, followed by ``fdatasync`` in durable mode; whole-file replacement writes a temp
 file created ``O_EXCL|O_NOFOLLOW`` 0600, fsyncs it, renames it over the journal and fsyncs the
 directory. A compaction beside the lock uses one fixed temp name instead, flocked while it is

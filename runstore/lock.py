@@ -1,15 +1,15 @@
 """The store's lock: an in-process mutex plus an exclusive flock on a separate lock file.
 
-The only module that takes file locks. Why each piece (shared/RELIABILITY.md):
+The only module that takes file locks. Why each piece:
 
 * ``flock`` belongs to an open file description, so two threads sharing one descriptor do
   not exclude each other: the thread mutex is taken first.
 * ``lockf`` (POSIX record locks) drops the lock when *any* descriptor of the file is closed
   and lets a second thread in, so ``flock`` is called directly (stdlib ``fcntl.flock``).
   runstore started on portalocker's ``FlockLocker``, which makes this same call; it was
-  dropped because on these machines importing portalocker costs ~30 ms (it reads package
+  dropped because importing portalocker costs ~30 ms (it reads package
   metadata at import), a third of the budget of a fresh CLI process, and each lock/unlock
-  through it ~3 us more than ``fcntl.flock`` (shared/FACTS.md). runstore is POSIX-only
+  through it ~3 us more than ``fcntl.flock``. runstore is POSIX-only
   (``O_NOFOLLOW``, ``dir_fd``), so portalocker's Windows layer bought nothing.
 * The lock file is separate from the data file (which compaction replaces by rename) and is
   never deleted: waiters would otherwise split across two inodes (filelock #27, #574).

@@ -96,7 +96,7 @@ class Run:
 def _make_replace_run() -> Callable[..., Run]:
     """Build ``replace_run(run, **changes)``: ``attrs.evolve`` for ``Run``, in a third of its
     time. Each write makes a run's next version, some of them inside the store's lock, and
-    ``evolve`` there cost ~9 us of a ~60 us write on these machines: it collects every field
+    ``evolve`` there cost ~9 us of a ~60 us write: it collects every field
     into keyword arguments for ``__init__``, whose frozen-class setattr looks each name up
     again. This sets the slots directly, as the generated ``__init__`` does (``Run`` has no
     validators or converters to bypass). Generated once, like attrs' own methods; a field

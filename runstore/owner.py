@@ -39,7 +39,7 @@ _me: tuple[str, int, str] | None = None
 
 
 def pid() -> int:
-    """This process's id, without a system call: ``getpid`` costs ~1 us on these machines
+    """This process's id, without a system call: ``getpid`` costs ~1 us
     and the store asks on every call, to notice that it runs in a forked child. Kept by an
     ``os.register_at_fork`` hook, which every fork made through Python runs (``os.fork``,
     ``multiprocessing``, ``subprocess`` with ``preexec_fn``); a ``fork()`` made behind

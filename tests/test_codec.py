@@ -55,7 +55,7 @@ _EXTRA = st.dictionaries(st.text(min_size=1).filter(lambda k: k not in codec._KN
 @given(runs(), _EXTRA, st.integers(1, 2**40), st.integers(0, 2**40))
 def test_record_line_is_one_object_in_field_order(run: Run, extra: dict[str, Any], seq: int,
                                                    durable: int) -> None:
-    """A line is the meta fields, the run's fields in the seed's order (empty optional ones
+    """A line is the meta fields, the run's fields in the record's order (empty optional ones
     left out), the unknown fields, then the crc: the same bytes whether its run fields were
     made beforehand (``record_fields``) or with the line."""
     line = codec.encode_record(seq, ChangeType.RUN_UPDATED, NOW, durable, run, extra)

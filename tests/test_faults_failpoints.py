@@ -37,7 +37,7 @@ faults.writer({state!r}, {log!r}, {seed}, ops={ops}, durable={durable}, compact_
 
 
 def test_every_documented_failpoint_exists() -> None:
-    """The points RELIABILITY.md's tests rely on are all in the code."""
+    """The failpoints docs/reliability.md lists are all in the code."""
     assert set(POINTS) >= EXPECTED, EXPECTED - set(POINTS)
 
 

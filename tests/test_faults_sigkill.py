@@ -130,5 +130,5 @@ def test_sigkill_loop_compacting_often(tmp_path: pathlib.Path, capsys: Any,
 @pytest.mark.timeout(3600)
 def test_sigkill_loop_full(tmp_path: pathlib.Path, capsys: Any) -> None:
     """1,000 rounds (stress size). Each round's audit reads the whole store, which grows by
-    the runs of every round: over 900 s on these machines."""
+    the runs of every round: over 900 s on 2 cores."""
     _check(capsys, tmp_path, sized(1000, 1000, True))

@@ -328,7 +328,7 @@ def test_history_before_compaction_point_raises(backend: Backend) -> None:
 
 
 def test_change_json_shape_is_snake_case_with_string_enums(backend: Backend) -> None:
-    """The JSON shape of a change: seq, time (RFC 3339 Z), type, run with seed field names."""
+    """The JSON shape of a change: seq, time (RFC 3339 Z), type, run with snake_case field names."""
     with backend.open() as store:
         store.create(make("m1"))
         change = next(iter(store.changes()))

@@ -798,7 +798,7 @@ def test_unknown_fields_survive_updates_and_compaction(store_dir: pathlib.Path) 
 
 def test_auto_compaction_keeps_the_file_bounded(store_dir: pathlib.Path) -> None:
     """Many updates on few runs never let the file grow past its bound; nothing is lost."""
-    # The issue's figure was 2 * live + 1100 lines; RETAIN_CHANGES (history kept for lagging
+    # The bound was once 2 * live + 1100 lines; RETAIN_CHANGES (history kept for lagging
     # watchers) was added since, so the bound follows the module's constants, capped.
     retain = getattr(store_module, "RETAIN_CHANGES", 0)
     bound_extra = store_module.COMPACT_MIN_SUPERSEDED + retain + 76
