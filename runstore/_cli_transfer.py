@@ -13,7 +13,7 @@ from . import _clifmt as fmt
 from . import _targets, interchange
 from ._cli_context import EXIT_OK, Context, UsageError, _dumps, _plural, parse_location
 from ._location import Location
-from .migrate import MigrationReport, migrate
+from .migrate import MigrationReport, copy_runs
 from .protocol import RunStore
 
 
@@ -78,7 +78,7 @@ def _cmd_import(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
+def _cmd_copy(ctx: Context, args: argparse.Namespace) -> int:
     source = parse_location(args.source, "--from")
     target = parse_location(args.target, "--to")
     if source.target == target.target:
@@ -97,14 +97,14 @@ def _cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
         return ctx.progress(f"migrating: {label}")
 
     with ctx.open(source) as src, ctx.open(target) as dst:
-        report = migrate(src, dst, target_name=target.display, progress=step)
+        report = copy_runs(src, dst, target_name=target.display, progress=step)
     if report.source_changed:
         ctx.note(f"runstore: warning: {source.display} changed while it was copied, so "
                  f"{target.display} may lack its latest changes; stop the dispatchers "
                  "that use it before migrating (a run changed since shows as a conflict "
                  "on the next migrate)")
     if args.json:
-        ctx.print(_dumps(_migration_json(report, source, target), indent=True))
+        ctx.print(_dumps(_copy_json(report, source, target), indent=True))
         return EXIT_OK
     p = ctx.paint
     ctx.print(f"migrated {fmt.visible(source.display)} -> {fmt.visible(target.display)}")
@@ -120,7 +120,7 @@ def _cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _migration_json(report: MigrationReport, source: Location,
+def _copy_json(report: MigrationReport, source: Location,
                     target: Location) -> dict[str, Any]:
     return {"source": source.display, "target": target.display, "ok": report.ok,
             "source_runs": report.source_runs, "copied": report.copied,

@@ -6,7 +6,7 @@
 
     reading   list, show RUN_ID, active [MACHINE], stats, watch, check, export [FILE]
     writing   mark RUN_ID STATUS, reap, prune, compact, import FILE
-    other     migrate --from STORE --to STORE   (runstore.migrate)
+    other     migrate --from STORE --to STORE   (copy runs: runstore.migrate.copy_runs)
               stress [ARGS...]   (runstore.stress.main, arguments passed through)
 
 The store is the first of: ``--store URL`` (a directory, ``file:///dir`` or
@@ -102,7 +102,7 @@ from ._cli_read import (
     _cmd_show,
     _cmd_stats,
 )
-from ._cli_transfer import _cmd_export, _cmd_import, _cmd_migrate
+from ._cli_transfer import _cmd_copy, _cmd_export, _cmd_import
 from ._cli_watch import WATCH_SLICE, _cmd_stress, _cmd_watch
 from ._cli_write import _cmd_compact, _cmd_mark, _cmd_prune, _cmd_reap
 from ._location import Location, passwords_in, redact, scrub
@@ -306,7 +306,7 @@ def build_parser(prog: str = "runstore") -> argparse.ArgumentParser:
                    help="a human-readable error message (terminal only)")
     json_flag(p, "the run after the change as one JSON object")
 
-    p = command("migrate", _cmd_migrate,
+    p = command("migrate", _cmd_copy,
                 "copy every run of one store into another (e.g. a directory into PostgreSQL),"
                 " skipping runs already there, then verify count and checksum")
     p.add_argument("--from", dest="source", metavar="STORE", required=True,
