@@ -1,4 +1,6 @@
-"""Copy every run of one store into another and prove the copy: ``runstore migrate``.
+"""Copy every run of one store into another and prove the copy (``copy_runs``; the command
+``runstore migrate``). Not to be confused with a PostgreSQL schema upgrade
+(``pgschema.upgrade_schema``), which changes a table, not where the runs are.
 
 Written against ``RunStore`` only, so it copies file -> PostgreSQL (the case it exists for),
 file -> file or PostgreSQL -> file alike. One call, two steps, each reading its stores as it
@@ -12,7 +14,7 @@ goes (memory does not grow with the number of runs, beyond a file target's own i
 2. verify: read the target again and compare the count and a checksum of the source's runs
    with the same ids in the target (``MigrationVerifyError`` when they differ).
 
-Running it again after a successful migration copies nothing and verifies again
+Running it again after a successful copy copies nothing and verifies again
 (idempotent). The checksum is the SHA-256 of the canonical JSON (``codec.run_to_json``, keys
 sorted, one run per line, sorted by id) of every run; it covers every field of ``Run``,
 ``revision`` and the owner fields included, but not the unknown extra fields a file record
@@ -84,7 +86,7 @@ class MigrationVerifyError(RunstoreError):
 
 @attrs.frozen
 class MigrationReport:
-    """What ``migrate`` did and what it verified."""
+    """What ``copy_runs`` did and what it verified."""
 
     source_runs: int
     """runs in the source"""
@@ -210,8 +212,8 @@ def _import(target: RunStore, records: Iterator[tuple[int, Run, dict[str, Any]]]
     return target.import_runs(missing) if missing else 0
 
 
-def migrate(source: RunStore, target: RunStore, *, target_name: str = "the target",
-            progress: Progress | None = None) -> MigrationReport:
+def copy_runs(source: RunStore, target: RunStore, *, target_name: str = "the target",
+              progress: Progress | None = None) -> MigrationReport:
     """Copy every run of ``source`` missing from ``target``, then verify the copy.
 
     Raises ``MigrationConflictError`` (nothing imported) when the target holds a source id
@@ -268,3 +270,7 @@ def migrate(source: RunStore, target: RunStore, *, target_name: str = "the targe
         raise MigrationVerifyError(target_name, count, verified, report.checksum,
                                    report.target_checksum)
     return report
+
+
+#: the name ``copy_runs`` had before 0.1.0 (kept for callers)
+migrate = copy_runs

@@ -15,9 +15,9 @@ tests, can share one database::
 
 ``Statements`` holds every query ``PostgresStore`` runs, rendered once per table.
 
-``migrate`` brings a table to ``SCHEMA_VERSION`` in one transaction under an advisory lock,
-so concurrent first opens from several hosts create it exactly once. Schemas written by a
-newer runstore are refused instead of being used half-understood.
+``upgrade_schema`` brings a table to ``SCHEMA_VERSION`` in one transaction under an advisory
+lock, so concurrent first opens from several hosts create it exactly once. Schemas written by
+a newer runstore are refused instead of being used half-understood.
 """
 
 from __future__ import annotations
@@ -179,8 +179,8 @@ def _refuse_newer(version: int, names: Names, where: str) -> None:
             "upgrade runstore to use this store; nothing was changed")
 
 
-def migrate(conn: psycopg.Connection[Any], table: str, where: str = "",
-            target: int = SCHEMA_VERSION) -> tuple[int, int]:
+def upgrade_schema(conn: psycopg.Connection[Any], table: str, where: str = "",
+                   target: int = SCHEMA_VERSION) -> tuple[int, int]:
     """Bring ``table``'s schema to ``target`` (default: the latest) on an autocommit
     connection; return (version before, version after). Idempotent and safe to run from
     several processes at once: the steps run in one transaction under an advisory lock."""
@@ -207,6 +207,11 @@ def migrate(conn: psycopg.Connection[Any], table: str, where: str = "",
         if not conn.broken:
             conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [key])
     return before, max(before, target)
+
+
+#: the name ``upgrade_schema`` had before (a schema upgrade, not ``runstore migrate``, which
+#: copies runs between stores)
+migrate = upgrade_schema
 
 
 def _render(template: str, **parts: sql.Composable) -> str:

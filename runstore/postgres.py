@@ -39,11 +39,11 @@ import orjson
 import psycopg
 import psycopg.errors
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb, set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import _validate, codec, ids, interchange, owner, pgschema, reaping, retention, transitions
+from ._location import redact as safe_dsn  # the DSN fit for messages and stats()
 from .errors import (
     CorruptStoreError,
     DatabaseConnectionError,
@@ -113,16 +113,6 @@ def _aware_utc(value: Any, _type: Any) -> _dt.datetime:
 #: the codec's converter (strict types), taught that rows carry datetimes rather than strings
 _ROWS = codec.make_converter()
 _ROWS.register_structure_hook(_dt.datetime, _aware_utc)
-
-
-def safe_dsn(dsn: str) -> str:
-    """The connection string without its password, fit for messages and ``stats()``."""
-    try:
-        params = conninfo_to_dict(dsn)
-    except psycopg.Error:
-        return "<unparsable DSN>"
-    params.pop("password", None)
-    return make_conninfo("", **params)
 
 
 class _Retry(Exception):

@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import pytest
 
-from runstore import Run, Status, Store, _clifmt, cli
+from runstore import Run, Status, Store, _cli_watch, _clifmt, cli
 
 Cli = Callable[..., tuple[int, str, str]]
 pytestmark = pytest.mark.usefixtures("clean_cli_env")
@@ -277,7 +277,7 @@ def test_without_the_restart_watch_since_0_fails_after_a_compaction(
         run_cli: Cli, compacted: tuple[str, int, int], monkeypatch: pytest.MonkeyPatch) -> None:
     """Proof that the test above can fail: following with a plain ``watch(0)``, as before,
     reports the truncation (exit 3)."""
-    monkeypatch.setattr(cli, "_follow", lambda store, since, timeout, stop, span:
+    monkeypatch.setattr(_cli_watch, "_follow", lambda store, since, timeout, stop, span:
                         store.watch(since, timeout=timeout))
     code, out, err = run_cli("--state-dir", compacted[0], "watch", "--since", "0", "--timeout",
                              "0", "--json")
@@ -302,8 +302,8 @@ def _interrupt_here(self):
 runstore.store._HeldChanges.__del__ = _interrupt_here
 """
 _WITHOUT_THE_FLAG = """
-import contextlib, runstore.cli
-runstore.cli._interrupt_ends_watch = lambda stop: contextlib.nullcontext()
+import contextlib, runstore._cli_watch
+runstore._cli_watch._interrupt_ends_watch = lambda stop: contextlib.nullcontext()
 """
 
 

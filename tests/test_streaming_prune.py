@@ -28,7 +28,7 @@ from runstore import (
     Run,
     Status,
     Store,
-    cli,
+    _cli_context,
     codec,
     interchange,
     journal,
@@ -230,7 +230,7 @@ def test_prune_older_than_streams_the_same_choice(tmp_path: pathlib.Path) -> Non
 
 def _list_json_before(store: Store, mode: str) -> str:
     """What `list --json`/`--jsonl` printed when each record went through its Run."""
-    items = [cli._dumps(codec.run_to_json(run)) for run in store.iter_runs()]
+    items = [_cli_context._dumps(codec.run_to_json(run)) for run in store.iter_runs()]
     if mode == "--json":
         return "[\n" + ",\n".join(items) + "\n]\n" if items else "[]\n"
     return "".join(item + "\n" for item in items)

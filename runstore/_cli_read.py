@@ -1,0 +1,254 @@
+"""The reading commands of ``runstore``: ``list``, ``show``, ``active``, ``stats`` and
+``check``. None of them creates a store: with none at the location they exit 3."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as _dt
+import itertools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from . import _clifmt as fmt
+from . import _location, codec
+from ._cli_context import EXIT_FAILURE, EXIT_OK, Context, UsageError, _dumps, _json_array, _plural
+from .model import Run
+from .store import Store
+
+#: the fields of a run in the order ``show`` prints them (the order of the JSON record)
+SHOW_FIELDS = ("id", *(name for name in codec.RUN_FIELDS if name != "id"))
+#: the keys of ``stats --json`` that come from ``Store.stats()``
+STATS_FIELDS = ("path", "file_size", "runs_by_status", "runs_by_machine", "live_lines",
+                "superseded_lines", "last_seq", "oldest_seq", "torn_tail_offset",
+                "torn_tail_bytes")
+_ID_TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"  # the time prefix of ids made by runstore.ids
+_ID_TIME_LEN = len("20260101T000000.000000Z")
+#: how many runs ``list`` formats and writes at a time
+_BLOCK = 1000
+
+
+def _id_time(run_id: str) -> _dt.datetime | None:
+    try:
+        moment = _dt.datetime.strptime(run_id[:_ID_TIME_LEN], _ID_TIME_FORMAT)
+    except ValueError:
+        return None  # an imported id of another shape
+    return moment.replace(tzinfo=_dt.UTC)
+
+
+def _run_time(run: Run) -> _dt.datetime | None:
+    """When a run started; for one never started, when it was created (its id says)."""
+    return run.started_at or _id_time(run.id) or run.ended_at
+
+
+def _run_duration(run: Run, now: _dt.datetime) -> str:
+    if run.started_at is None:
+        return "-"
+    end = run.ended_at or (None if run.is_terminal else now)
+    return "-" if end is None else fmt.duration(end - run.started_at)
+
+
+def _run_table(ctx: Context, runs: Sequence[Run]) -> list[str]:
+    headers = ("ID", "MACHINE", "STATUS", "HASH", "STARTED", "DURATION", "EXIT")
+    rows = [
+        [fmt.visible(run.id), fmt.visible(run.machine), ctx.paint.status(run.status.value),
+         fmt.visible(run.test_dir_hash[:12]),
+         fmt.ago(run.started_at, ctx.now), _run_duration(run, ctx.now),
+         "-" if run.exit_code is None else str(run.exit_code)]
+        for run in runs
+    ]
+    return fmt.table(headers, rows, ctx.paint, right=frozenset({5, 6}))
+
+
+def _emit_runs(ctx: Context, runs: Sequence[Run], as_json: bool, empty: str) -> int:
+    if as_json:
+        ctx.print(_json_array([codec.run_to_json(run) for run in runs]))
+    elif runs:
+        ctx.print_lines(_run_table(ctx, runs))
+    else:
+        ctx.print(empty)
+    return EXIT_OK
+
+
+def _cmd_list(ctx: Context, args: argparse.Namespace) -> int:
+    if args.json and args.jsonl:
+        raise UsageError("list takes --json or --jsonl, not both")
+    filtered = any(v is not None for v in (args.machine, args.status, args.batch, args.since))
+    with ctx.store(existing=True) as store:
+        mode = "json" if args.json else "jsonl" if args.jsonl else ""
+        empty = "no runs match" if filtered else "no runs"
+        if args.since is None and isinstance(store, Store):  # --limit read from the end
+            if mode:  # and no Run needed
+                return _stream_json(ctx, store._iter_json(
+                    machine=args.machine, status=args.status, batch_id=args.batch,
+                    limit=args.limit), mode)
+            return _stream_runs(ctx, store._runs(
+                machine=args.machine, status=args.status, batch_id=args.batch,
+                limit=args.limit), mode, empty)
+        runs: Iterable[Run] = store.iter_runs(machine=args.machine, status=args.status,
+                                              batch_id=args.batch)
+        if args.since is not None:
+            since = args.since
+            runs = (r for r in runs if (t := _run_time(r)) is not None and t >= since)
+        if args.limit is not None:  # the N most recent: only N are ever held
+            runs = collections.deque(runs, maxlen=args.limit)
+        return _stream_runs(ctx, runs, mode, empty)
+
+
+def _stream_runs(ctx: Context, runs: Iterable[Run], mode: str, empty: str) -> int:
+    """Print ``runs`` as they come (a table, one JSON array, or JSON lines: ``mode``), a
+    block at a time, so that the first rows show at once and memory stays bounded."""
+    out, count = ctx.out, 0
+    if mode:
+        return _stream_json(ctx, (codec.run_to_json(run) for run in runs), mode)
+    rows = ([run.id, run.machine, ctx.paint.status(run.status.value), run.test_dir_hash[:12],
+             fmt.ago(run.started_at, ctx.now), _run_duration(run, ctx.now),
+             "-" if run.exit_code is None else str(run.exit_code)] for run in runs)
+    headers = ("ID", "MACHINE", "STATUS", "HASH", "STARTED", "DURATION", "EXIT")
+    for block in fmt.table_stream(headers, rows, ctx.paint, right=frozenset({5, 6}),
+                                  block=_BLOCK):
+        ctx.print_lines(block)
+        out.flush()
+        count += 1
+    if not count:
+        ctx.print(empty)
+    return EXIT_OK
+
+
+def _stream_json(ctx: Context, items: Iterable[dict[str, Any]], mode: str) -> int:
+    """``_stream_runs`` of runs as ``codec.run_to_json`` makes them: one JSON array
+    (``mode`` "json") or JSON lines ("jsonl")."""
+    out, count = ctx.out, 0
+    lines = (_dumps(item) for item in items)
+    sep, first, last = (",\n", "[\n", "\n]\n") if mode == "json" else ("\n", "", "\n")
+    while block := list(itertools.islice(lines, _BLOCK)):
+        out.write((first if not count else sep) + sep.join(block))
+        out.flush()
+        count += len(block)
+    if count:
+        out.write(last)
+    elif mode == "json":
+        out.write("[]\n")
+    return EXIT_OK
+
+
+def _field_text(ctx: Context, run: Run, name: str) -> str:
+    value = getattr(run, name)
+    if name == "status":
+        return ctx.paint.status(str(value))
+    if isinstance(value, _dt.datetime):
+        return fmt.timestamp(value, ctx.now)
+    if value is None or value == "":
+        return ctx.paint.dim("-")
+    return fmt.visible(str(value))
+
+
+def _cmd_show(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.store(existing=True) as store:
+        run = store.get(args.run_id)
+    if args.json:
+        ctx.print(_dumps(codec.run_to_json(run), indent=True))
+    else:
+        pairs = [(name, _field_text(ctx, run, name)) for name in SHOW_FIELDS]
+        pairs.append(("duration", _run_duration(run, ctx.now)))
+        ctx.print_lines(fmt.key_values(pairs, ctx.paint))
+    return EXIT_OK
+
+
+def _cmd_active(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.store(existing=True) as store:
+        if args.machine is None:
+            runs = store.active()
+        else:
+            one = store.active_by_machine(args.machine)
+            runs = [] if one is None else [one]
+    empty = "no active runs" if args.machine is None else (
+        f"machine {args.machine!r} has no active run")
+    return _emit_runs(ctx, runs, args.json, empty)
+
+
+def _cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
+    where = ctx.location
+    with ctx.store(existing=True) as store:
+        stats = store.stats()
+    data: dict[str, Any] = {
+        "store": where.display, "backend": "postgresql" if where.postgres else "file",
+        "state_dir": None if where.postgres else where.target, "source": where.source}
+    data.update((name, getattr(stats, name)) for name in STATS_FIELDS)
+    data["path"] = _location.redact(stats.path)  # the backend leaves the password out; make sure
+    data["runs"] = sum(stats.runs_by_status.values())
+    if args.json:
+        ctx.print(_dumps(data, indent=True))
+        return EXIT_OK
+    p = ctx.paint
+    if where.postgres:
+        where_lines = [
+            ("database", fmt.visible(data["path"])),
+            ("table size", f"{fmt.size(stats.file_size)} ({stats.file_size:,} bytes)"),
+            ("rows", f"{stats.live_lines:,} runs, {stats.superseded_lines:,} retained changes"),
+        ]
+    else:
+        where_lines = [
+            ("file", fmt.visible(stats.path)),
+            ("file size", f"{fmt.size(stats.file_size)} ({stats.file_size:,} bytes)"),
+            ("lines", f"{stats.live_lines:,} live, {stats.superseded_lines:,} superseded"),
+        ]
+    ctx.print_lines(fmt.key_values([
+        ("store", f"{fmt.visible(where.display)} {p.dim(f'(from {where.source})')}"),
+        *where_lines,
+        ("last seq", str(stats.last_seq)),
+        ("oldest seq", f"{stats.oldest_seq} (the oldest change kept for `watch --since`)"),
+        ("runs", f"{data['runs']:,}"),
+        *([("torn tail", f"{stats.torn_tail_bytes:,} bytes from byte "
+                         f"{stats.torn_tail_offset:,} (a write a crash cut short; the next "
+                         "write cuts them, reads leave them; `check` says more)")]
+          if stats.torn_tail_offset is not None else []),
+    ], p))
+    ctx.print()
+    rows = [[p.status(s), f"{n:,}"] for s, n in stats.runs_by_status.items()]
+    ctx.print_lines(fmt.table(("STATUS", "RUNS"), rows, p, right=frozenset({1})))
+    if stats.runs_by_machine:
+        ctx.print()
+        rows = [[fmt.visible(m), f"{n:,}"] for m, n in sorted(stats.runs_by_machine.items())]
+        ctx.print_lines(fmt.table(("MACHINE", "RUNS"), rows, p, right=frozenset({1})))
+    return EXIT_OK
+
+
+
+def _cmd_check(ctx: Context, args: argparse.Namespace) -> int:
+    ctx.require_file_store("check", "it verifies the bytes of a journal file; PostgreSQL "
+                           "checks its own pages and constraints (for a copy, run `migrate` "
+                           "again: it verifies count and checksum)")
+    ctx.require_store()
+    with ctx.progress(f"checking {ctx.journal_path}"):
+        report = _location.check_file_store(ctx.state_dir, lock_timeout=ctx.lock_timeout)
+    torn = report.torn_tail
+    if args.json:
+        ctx.print(_dumps({
+            "path": report.path, "ok": report.ok, "size": report.size,
+            "records": report.records, "last_seq": report.last_seq,
+            "problems": [{"offset": p.offset, "line": p.line, "message": p.message,
+                          "remedy": p.remedy} for p in report.problems],
+            "torn_tail": None if torn is None else {
+                "offset": torn.offset, "end": torn.end, "bytes": torn.length,
+                "reason": torn.reason},
+            "synced": report.synced, "notes": list(report.notes),
+        }, indent=True))
+    else:
+        p = ctx.paint
+        shown_path = fmt.visible(report.path)
+        if report.ok:
+            ctx.print(f"{shown_path}: {p.good('ok')} ({report.size:,} bytes, "
+                      f"{_plural(report.records, 'record')}, last seq {report.last_seq})")
+        else:
+            ctx.print(f"{shown_path}: {p.error('DAMAGED')} ({report.size:,} bytes; "
+                      f"{_plural(report.records, 'record')} readable before the first problem)")
+            for problem in report.problems:
+                ctx.print(f"  line {problem.line}, byte {problem.offset}: "
+                          f"{fmt.visible(problem.message)}")
+                ctx.print(f"    remedy: {fmt.visible(problem.remedy)}")
+        for note in report.notes:
+            ctx.print(f"  {p.dim('note:')} {fmt.visible(note)}")
+    return EXIT_OK if report.ok else EXIT_FAILURE
+
+
