@@ -77,7 +77,7 @@ from typing import IO, Any, NamedTuple, NoReturn, TextIO, cast
 import orjson
 
 from . import _clifmt as fmt
-from . import _targets, _validate, codec, interchange, journal, opener, transitions
+from . import _targets, _validate, codec, interchange, journal, opener, transitions, verify
 from .errors import (
     CorruptStoreError,
     HistoryTruncatedError,
@@ -997,7 +997,7 @@ def _cmd_check(ctx: Context, args: argparse.Namespace) -> int:
                            "again: it verifies count and checksum)")
     ctx.require_store()
     with ctx.progress(f"checking {ctx.journal_path}"):
-        report = journal.check(ctx.state_dir, lock_timeout=ctx.lock_timeout)
+        report = verify.check(ctx.state_dir, lock_timeout=ctx.lock_timeout)
     torn = report.torn_tail
     if args.json:
         ctx.print(_dumps({
