@@ -6,9 +6,9 @@ from a ``read(offset, size)`` callable, a megabyte at a time (``_chunks``).
 Only a torn tail is ever cut: bytes past everything known synced, which no later line shows
 synced and which were not written whole and then edited (``judge``). What is known synced
 comes from the lines' durable marks and from the lock file, where a clean close, a
-checkpoint and a compaction record how much of which journal was synced (``Vouch``), out
-of reach of a cut of the journal. A damaged tail is judged as it is read, a megabyte at a
-time, so a huge one costs linear time and bounded memory.
+checkpoint and a compaction record how much of which journal was synced (``_vouch.Vouch``),
+out of reach of a cut of the journal. A damaged tail is judged as it is read, a megabyte at
+a time, so a huge one costs linear time and bounded memory.
 """
 
 from __future__ import annotations

@@ -30,8 +30,9 @@ from .lock import try_flock
 
 
 class TempFiles:
-    """The temp-file steps of ``Journal`` (which sets these attributes). Callers hold the
-    store lock, except where a method says otherwise."""
+    """The temp-file steps of ``Journal``, which sets these attributes. Installing a file
+    and removing stale ones need the store lock; a compaction beside the lock claims and
+    writes its temp file without it (``claim_compaction_temp``, ``write_temp``)."""
 
     state_dir: str
     #: the journal's path
