@@ -93,7 +93,8 @@ def log_warning(message: str, *args: object) -> None:
 
 class Journal(TempFiles):
     """One journal file in a state directory. Callers hold the store lock for every method
-    but ``close``; the journal keeps no view of the runs, only descriptors and offsets."""
+    but ``close``; the journal keeps no view of the runs, only descriptors and offsets.
+    Replacing the file whole through a temp file is inherited (``_temps.TempFiles``)."""
 
     def __init__(self, state_dir: str, fs: FileSystem, *, create: bool = True) -> None:
         self.state_dir = state_dir
