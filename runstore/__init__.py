@@ -36,6 +36,7 @@ from .model import BatchSummary, Change, ChangeType, PrepareOutcome, Run, Status
 from .opener import open_store as open  # runstore.open(url_or_path)
 from .protocol import RunStore
 from .store import Store
+from .verify import CheckReport, check
 
 if TYPE_CHECKING:
     from .postgres import PostgresStore
@@ -54,6 +55,7 @@ __all__ = [
     "BatchSummary",
     "Change",
     "ChangeType",
+    "CheckReport",
     "ConflictError",
     "CorruptStoreError",
     "DatabaseConnectionError",
@@ -79,5 +81,6 @@ __all__ = [
     "StoreStats",
     "TableLockTimeoutError",
     "UnsafeStoreError",
+    "check",
     "open",
 ]

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from .errors import RunstoreError
 
 if TYPE_CHECKING:
-    from .journal import CheckReport
+    from .verify import CheckReport
 
 _PG_SCHEMES = ("postgresql", "postgres")
 #: the table a PostgreSQL store uses unless told otherwise (``PostgresStore``'s default)
@@ -206,6 +206,6 @@ def _postgres_schema_version(dsn: str, timeout: float, table: str) -> int:
 def check_file_store(directory: str, *, lock_timeout: float = 30.0) -> CheckReport:
     """Verify the whole journal file of the file store in ``directory`` without modifying
     it (``CheckReport``: ``ok``, each problem with its line, offset and remedy)."""
-    from .journal import check
+    from .verify import check
 
     return check(directory, lock_timeout=lock_timeout)

@@ -558,7 +558,7 @@ def change_to_json(seq: int, time: _dt.datetime, change: ChangeType, run: Run) -
 
 def seal_line(body: dict[str, Any]) -> bytes:
     """``body`` as one line ending in its checksum field, as every journal line does (the
-    lock file's record of what was synced uses it too: ``journal.Vouch``)."""
+    lock file's record of what was synced uses it too: ``_vouch.Vouch``)."""
     return _seal(body)
 
 

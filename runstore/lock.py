@@ -130,7 +130,7 @@ class StoreLock:
     def descriptor(self) -> int | None:
         """The lock file's descriptor while it is open (None before the first acquire):
         besides its lock, the file holds a small record of what was synced
-        (``journal.Vouch``), which the store reads and writes with the lock held."""
+        (``_vouch.Vouch``), which the store reads and writes with the lock held."""
         return self._fd
 
     def acquire_file(self, timeout: float) -> None:

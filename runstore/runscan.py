@@ -32,8 +32,9 @@ from typing import Any
 import attrs
 
 from . import codec, gather
+from ._scan import Cursor, Header, scan
 from .errors import CorruptStoreError
-from .journal import Cursor, Header, Journal, scan
+from .journal import Journal
 
 _PRUNED = "run_pruned"
 _CREATED = b'"run_created"'

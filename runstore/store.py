@@ -54,6 +54,9 @@ from . import (
     runscan,
     transitions,
 )
+from ._scan import Cursor, Damage, Header, cursor_after_header, judge, parse_header, scan
+from ._statedir import COMPACTING_NAME, DATA_NAME
+from ._vouch import Vouch, cut_error, missing_error, read_vouch, write_vouch
 from .active import ActiveRuns
 from .errors import (
     CorruptStoreError,
@@ -69,24 +72,7 @@ from .errors import (
 )
 from .fsio import DEFAULT as DEFAULT_FS
 from .fsio import FileSystem
-from .journal import (
-    COMPACTING_NAME,
-    DATA_NAME,
-    Cursor,
-    Damage,
-    Header,
-    Journal,
-    Vouch,
-    cursor_after_header,
-    cut_error,
-    judge,
-    log_warning,
-    missing_error,
-    parse_header,
-    read_vouch,
-    scan,
-    write_vouch,
-)
+from .journal import Journal, log_warning
 from .lock import StoreLock
 from .model import BatchSummary, Change, ChangeType, PrepareOutcome, Run, Status, StoreStats
 

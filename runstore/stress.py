@@ -26,7 +26,7 @@ Memory does not grow with the number of operations, only with the number of runs
 histories are read line by line (twice: the second pass checks each REUSE/BUSY answer against
 what the whole first pass learned), latencies go into a histogram of bounded size, each run is
 kept as a few numbers (its first and last events, its acknowledged revision), as is the
-reopened store's version of it, and ``journal.check``, which holds the whole file, runs in a
+reopened store's version of it, and ``runstore.check``, which holds the whole file, runs in a
 child process. ``stress --seconds 100`` (4 x 2, 1.5 million operations, 40,000 runs) peaks at
 76 MB, 12 s at 32 MB; keeping every history line and latency took 1.7 GB at 100 s.
 """
@@ -616,26 +616,23 @@ def _check_stale_reads(hist_dir: str, runs: dict[str, _RunInfo], final: dict[str
 
 
 def _external_check(state_dir: str, check: Check) -> None:
-    """Run ``runstore.journal.check`` too once it exists (the store's own file checker). It
-    reads the whole file into memory (~8 times its size at its peak), so it runs in a
-    child process: the memory it takes is given back when it ends instead of staying with
-    this process for the rest of the run."""
-    from . import journal
+    """Run ``runstore.check`` too (the store's own file checker). It reads the whole file
+    into memory (~8 times its size at its peak), so it runs in a child process: the memory
+    it takes is given back when it ends instead of staying with this process for the rest
+    of the run."""
+    from .verify import check as verify
 
-    fn = getattr(journal, "check", None)
-    if fn is None:
-        return
     check.checked += 1
     ctx = multiprocessing.get_context("forkserver")
     try:
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-            result = pool.submit(fn, state_dir).result()
+            result = pool.submit(verify, state_dir).result()
     except (RunstoreError, OSError) as exc:
-        check.fail(f"journal.check: {type(exc).__name__}: {exc}")
+        check.fail(f"runstore.check: {type(exc).__name__}: {exc}")
         return
     ok = getattr(result, "ok", True)
     if not ok:
-        check.fail(f"journal.check: {result!r}")
+        check.fail(f"runstore.check: {result!r}")
 
 
 def _check_overlaps(runs: dict[str, _RunInfo], final: dict[str, _Stored],

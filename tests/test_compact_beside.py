@@ -22,7 +22,7 @@ import pytest
 from faults import FailingFS, cycle, lock_held
 
 import runstore.store as store_module
-from runstore import ChangeType, Run, Status, Store, codec, compaction, journal, lock
+from runstore import ChangeType, Run, Status, Store, _temps, codec, compaction, journal, lock
 from runstore.errors import CorruptStoreError, UnsafeStoreError
 from runstore.fsio import FileSystem
 
@@ -242,10 +242,10 @@ def test_a_temp_file_removed_under_the_claim_is_not_used(
         os.unlink(store_dir / journal.COMPACTING_NAME)
         return real(fd)
 
-    monkeypatch.setattr(journal, "try_flock", removed_first)
+    monkeypatch.setattr(_temps, "try_flock", removed_first)
     try:
         assert j.claim_compaction_temp() is None
-        monkeypatch.setattr(journal, "try_flock", real)
+        monkeypatch.setattr(_temps, "try_flock", real)
         fd = j.claim_compaction_temp()
         assert fd is not None
         j.abandon_temp(journal.COMPACTING_NAME, fd)

@@ -20,7 +20,7 @@ import attrs
 import pytest
 from faults import audit_store, lost_acks, read_acks, snapshot_dir, spawn_python, wait_pid
 
-import runstore.journal as journal_module
+import runstore._scan as scan_module
 import runstore.store as store_module
 from runstore import CorruptStoreError, Run, Status, Store, journal
 
@@ -98,7 +98,7 @@ def no_vouch(monkeypatch: pytest.MonkeyPatch) -> None:
 def no_edit_check(monkeypatch: pytest.MonkeyPatch) -> None:
     """Broken: a line that passes its checksum once a whole-file edit is undone is not
     recognised (neither as the damaged line nor as proof that later lines were synced)."""
-    monkeypatch.setattr(journal_module, "_decode_edited", lambda line: None)
+    monkeypatch.setattr(scan_module, "_decode_edited", lambda line: None)
 
 
 def written_once(state_dir: pathlib.Path) -> bytes:
@@ -212,7 +212,7 @@ def test_byte_flipped_mid_file_broken_variant_is_cut(
         tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, no_vouch: None) -> None:
     """Broken: without the proof from later lines, the flipped record and everything after
     it are cut off as a torn tail."""
-    monkeypatch.setattr(journal_module, "durable_beyond", lambda read, end, damage: None)
+    monkeypatch.setattr(scan_module, "durable_beyond", lambda read, end, damage: None)
     path = make_store(tmp_path / "s", closed=False)
     damaged = mutate(path, _flip_middle)
     assert len(runs_in(tmp_path / "s")) < 7
@@ -454,7 +454,7 @@ def test_huge_sparse_zero_tail_is_judged_in_linear_time(tmp_path: pathlib.Path) 
 def test_huge_zero_tail_broken_variant_is_cut(tmp_path: pathlib.Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Broken: with no bound on a torn tail, 80 MiB of zeros are cut as one."""
-    monkeypatch.setattr(journal_module, "TORN_TAIL_LIMIT", 1 << 40)
+    monkeypatch.setattr(scan_module, "TORN_TAIL_LIMIT", 1 << 40)
     path = make_store(tmp_path / "s", closed=False)
     good = path.read_bytes()
     _sparse_tail(path, 80 << 20)

@@ -28,6 +28,7 @@ import pytest
 from faults import snapshot_dir
 
 import runstore.journal
+import runstore.verify
 from runstore import (
     CorruptStoreError,
     LockTimeoutError,
@@ -288,7 +289,7 @@ def _check_waits(state_dir: pathlib.Path, how: str, monkeypatch: pytest.MonkeyPa
     """``check`` opens the lock file, which changes (``how``) before it is flocked, while a
     fresh Store holds the new one: whether check waited (LockTimeoutError)."""
     Store(state_dir).close()
-    original = runstore.journal.flock_until
+    original = runstore.verify.flock_until
     holder: list[contextlib.ExitStack] = []
 
     def flock_until(fd: int, deadline: float, lock_path: str, timeout: float) -> None:
@@ -299,9 +300,9 @@ def _check_waits(state_dir: pathlib.Path, how: str, monkeypatch: pytest.MonkeyPa
             holder.append(stack)
         original(fd, deadline, lock_path, timeout)
 
-    monkeypatch.setattr(runstore.journal, "flock_until", flock_until)
+    monkeypatch.setattr(runstore.verify, "flock_until", flock_until)
     try:
-        runstore.journal.check(state_dir, lock_timeout=0.3)
+        runstore.check(state_dir, lock_timeout=0.3)
     except LockTimeoutError:
         return True
     finally:
@@ -324,10 +325,10 @@ def test_broken_variant_check_reads_while_another_holds_the_lock(
 ) -> None:
     """Broken variant: check() locking only the file it opened reads under another's lock."""
     def lock_at_path(fd: int, dir_fd: int, lock_path: str, timeout: float) -> int:
-        runstore.journal.flock_until(fd, time.monotonic() + timeout, lock_path, timeout)
+        runstore.verify.flock_until(fd, time.monotonic() + timeout, lock_path, timeout)
         return fd
 
-    monkeypatch.setattr(runstore.journal, "_lock_at_path", lock_at_path)
+    monkeypatch.setattr(runstore.verify, "_lock_at_path", lock_at_path)
     assert not _check_waits(store_dir, how, monkeypatch)
 
 

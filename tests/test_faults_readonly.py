@@ -28,6 +28,7 @@ from faults import run_for, snapshot_dir, wait_pid
 
 import runstore.journal
 import runstore.store
+import runstore.verify
 from runstore import (
     LockTimeoutError,
     ReadOnlyStoreError,
@@ -398,14 +399,14 @@ def test_check_unsynced_note_broken_variant(store_dir: pathlib.Path,
     makes no note about an unclosed store: the note above rests on the marks."""
     _store_with_runs(store_dir, closed=False)
     assert any("not known to be synced" in n for n in journal.check(store_dir).notes)
-    real_scan = runstore.journal.scan
+    real_scan = runstore.verify.scan
 
     def trusting_scan(buf: bytes, start: int, cur: Any) -> Any:
         result = real_scan(buf, start, cur)
         cur.durable = cur.end
         return result
 
-    monkeypatch.setattr(runstore.journal, "scan", trusting_scan)
+    monkeypatch.setattr(runstore.verify, "scan", trusting_scan)
     assert not any("not known to be synced" in n for n in journal.check(store_dir).notes)
 
 

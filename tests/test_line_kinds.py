@@ -38,6 +38,7 @@ from runstore import (
     RunStore,
     Status,
     Store,
+    _scan,
     codec,
     compaction,
     journal,
@@ -417,7 +418,7 @@ def test_broken_variant_without_the_limit_a_torn_record_makes_the_store_unopenab
     """Scaled down (a torn tail of at most 2 MiB), with the size check taken away: a 3 MiB
     record is stored, and once torn the store no longer opens. With the check it is
     refused."""
-    monkeypatch.setattr(journal, "TORN_TAIL_LIMIT", 2 << 20)
+    monkeypatch.setattr(_scan, "TORN_TAIL_LIMIT", 2 << 20)
     record = _padded("r-big", 3 << 20)
     store = Store(store_dir, durable=False)  # never closed: no clean-close mark, a crash
     store.create(Run("m1", "/t", "h"))

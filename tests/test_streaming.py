@@ -294,9 +294,9 @@ def test_memory_broken_variant(tmp_path: pathlib.Path) -> None:
     did, grows the peak with the store past the bound."""
     for n in (4000, 20000):
         _import(tmp_path / str(n), n)
-    code = ("import sys; from runstore import journal, cli; "
-            "journal._check_file = lambda fd, path, vouch=None: "
-            "journal._check_bytes(open(path, 'rb').read(), path, vouch); "
+    code = ("import sys; from runstore import verify, cli; "
+            "verify._check_file = lambda fd, path, vouch=None: "
+            "verify._check_bytes(open(path, 'rb').read(), path, vouch); "
             "sys.exit(cli.main(['--state-dir', sys.argv[1], 'check']))")
     peaks = []
     for n in (4000, 20000):

@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import runs as any_runs
 
+import runstore
 from runstore import (
     CorruptStoreError,
     Run,
@@ -33,6 +34,7 @@ from runstore import (
     interchange,
     journal,
     runscan,
+    verify,
 )
 from runstore.journal import DATA_NAME
 from runstore.model import ChangeType
@@ -458,7 +460,7 @@ def test_limit_on_the_command_line(tmp_path: pathlib.Path, run_cli: Any,
 def _largest_read(state: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> int:
     """The most bytes one read of ``check`` asked for, and that its report is sound."""
     largest = 0
-    check_bytes = journal._check_bytes
+    check_bytes = verify._check_bytes
 
     def watched(buf: bytes, path: str, vouch: Any = None, source: Any = None) -> Any:
         read, size = source
@@ -470,8 +472,8 @@ def _largest_read(state: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> int:
 
         return check_bytes(buf, path, vouch, (reading, size))
 
-    monkeypatch.setattr(journal, "_check_bytes", watched)
-    assert journal.check(state).ok
+    monkeypatch.setattr(verify, "_check_bytes", watched)
+    assert runstore.check(state).ok
     return largest
 
 
@@ -490,5 +492,5 @@ def test_check_reads_broken_variant(tmp_path: pathlib.Path,
     """Proof the measurement can fail: reading the header as it was read takes the file."""
     state = tmp_path / "s"
     _import(state, 20000)
-    monkeypatch.setattr(journal, "_first_line", lambda read, limit: read(0, limit))
+    monkeypatch.setattr(verify, "_first_line", lambda read, limit: read(0, limit))
     assert _largest_read(state, monkeypatch) >= (state / DATA_NAME).stat().st_size

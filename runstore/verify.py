@@ -1,0 +1,285 @@
+"""Verifying a store's journal without changing anything (``check``): its header, every
+line's checksum, the sequence and the fields of every run, and what its end is: a torn tail,
+which the next write cuts, or damage to data that had been synced. The store's lock is
+taken, when the lock file can be opened, so that no write is half-seen; the report
+(``CheckReport``) lists the problems, each with where it is and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+
+import attrs
+
+from . import codec
+from ._scan import (
+    _READ_CHUNK,
+    LINE_LIMIT,
+    Damage,
+    Read,
+    _chunks,
+    buffer_reader,
+    cursor_after_header,
+    judge,
+    parse_header,
+    scan,
+)
+from ._statedir import _NOT_WRITABLE, _OPEN, DATA_NAME, LOCK_NAME, _unsafe, open_state_dir
+from ._vouch import Vouch, cut_error, read_vouch
+from .errors import CorruptStoreError, LockTimeoutError, UnsafeStoreError
+from .lock import flock_until
+
+#: more than a clean-close mark line can take (``check`` reads no further to find one)
+_MARK_LIMIT = 64 * 1024
+
+
+@attrs.frozen
+class Problem:
+    """One thing ``check`` found wrong."""
+
+    offset: int
+    line: int
+    message: str
+    remedy: str
+
+
+@attrs.frozen
+class TornTail:
+    """Bytes past the last valid line that a crash may leave (a write cut short): the next
+    write to the store cuts them (``offset`` to ``end``); reads leave them."""
+
+    offset: int
+    end: int
+    reason: str
+
+    @property
+    def length(self) -> int:
+        return self.end - self.offset
+
+
+@attrs.frozen
+class CheckReport:
+    """What ``check`` found: ``ok`` is True when the file is healthy (a torn tail, which the
+    next write cuts, is reported in ``torn_tail`` and ``notes``, not as a problem)."""
+
+    path: str
+    size: int
+    records: int
+    last_seq: int
+    oldest_seq: int
+    problems: tuple[Problem, ...]
+    #: the torn tail past the last valid line, if any
+    torn_tail: TornTail | None = None
+    #: how many bytes from the start the file itself shows to have been synced
+    synced: int = 0
+    #: what check cannot know from the file (sentences)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check(state_dir: str | os.PathLike[str], *, lock_timeout: float = 30.0) -> CheckReport:
+    """Verify a whole journal (header, checksums, sequence, fields, torn tail, damage) without
+    modifying anything; waits up to ``lock_timeout`` for the store lock when the lock file
+    exists (``LockTimeoutError``). On a read-only copy or mount the lock file is opened for
+    reading (enough to lock it), or, when even that fails, the file is read without it."""
+    state_dir = os.fspath(state_dir)
+    path = os.path.join(state_dir, DATA_NAME)
+    lock_path = os.path.join(state_dir, LOCK_NAME)
+    dir_fd = open_state_dir(state_dir, create=False)
+    lock_fd = -1
+    vouch = None
+    notes: list[str] = []
+    try:
+        try:
+            lock_fd = os.open(LOCK_NAME, os.O_RDWR | _OPEN, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if exc.errno not in _NOT_WRITABLE:
+                raise _unsafe(lock_path, exc, "lock file") from None
+            try:
+                lock_fd = os.open(LOCK_NAME, os.O_RDONLY | _OPEN, dir_fd=dir_fd)
+            except OSError as again:
+                notes.append(f"the file was read without the store's lock ({lock_path}: "
+                             f"{again.strerror}): a write in progress elsewhere would show "
+                             "as a torn tail")
+        if lock_fd >= 0:
+            opened, lock_fd = lock_fd, -1
+            lock_fd = _lock_at_path(opened, dir_fd, lock_path, lock_timeout)
+            vouch = read_vouch(lock_fd)
+        try:
+            fd = os.open(DATA_NAME, os.O_RDONLY | _OPEN, dir_fd=dir_fd)
+        except OSError as exc:
+            raise _unsafe(path, exc, "journal file") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UnsafeStoreError(path, "the journal file is not a regular file",
+                                       "move it away")
+            report = _check_file(fd, path, vouch)
+        finally:
+            os.close(fd)
+    finally:
+        if lock_fd >= 0:
+            os.close(lock_fd)
+        os.close(dir_fd)
+    return attrs.evolve(report, notes=(*report.notes, *notes)) if notes else report
+
+
+def _check_file(fd: int, path: str, vouch: Vouch | None = None) -> CheckReport:
+    """``_check_bytes`` of the file open as ``fd``, read a megabyte at a time (its size
+    taken first: a store must be locked for the file not to grow meanwhile)."""
+    size = os.fstat(fd).st_size
+
+    def read(offset: int, n: int) -> bytes:
+        return os.pread(fd, max(0, min(n, size - offset)), offset)
+
+    return _check_bytes(b"", path, vouch, (read, size))
+
+
+def _lock_at_path(fd: int, dir_fd: int, lock_path: str, timeout: float) -> int:
+    """flock the lock file open as ``fd`` (closed on failure), then check, with one
+    ``stat``, that it is still the file at its path: one deleted or replaced meanwhile
+    excludes no store that opens it now, so the file at the path is opened (created 0600
+    when missing, as a store does) and locked instead, within the same ``timeout``.
+    Returns the locked descriptor."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            opened = os.fstat(fd)
+            flock_until(fd, deadline, lock_path, timeout)
+            now: os.stat_result | None = os.stat(LOCK_NAME, dir_fd=dir_fd,
+                                                 follow_symlinks=False)
+        except FileNotFoundError:
+            now = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if now is not None and (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino):
+            return fd
+        os.close(fd)
+        if time.monotonic() >= deadline:
+            raise LockTimeoutError(lock_path, timeout)
+        try:
+            fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | _OPEN, 0o600, dir_fd=dir_fd)
+        except OSError as exc:
+            raise _unsafe(lock_path, exc, "lock file") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            os.close(fd)
+            raise UnsafeStoreError(lock_path, "the lock file is not a regular file of yours",
+                                   "move it away and retry")
+
+
+def _check_bytes(buf: bytes, path: str, vouch: Vouch | None = None,
+                 source: tuple[Read, int] | None = None) -> CheckReport:
+    """Check the journal's bytes: ``buf``, or, with ``source``, the ``size`` bytes that
+    ``read`` reads, scanned a megabyte at a time with a running CRC and seq check."""
+    read, size = source if source is not None else (buffer_reader(buf, 0), len(buf))
+    if not size:
+        problem = Problem(0, 1, "the file is empty", "move it away to start a new store")
+        return CheckReport(path, 0, 0, 0, 0, (problem,))
+    first = _first_line(read, min(size, LINE_LIMIT + 1))
+    nl = first.find(b"\n")
+    try:
+        if nl < 0:
+            raise CorruptStoreError(path, 0, "the header line is truncated")
+        header = parse_header(first[:nl], path)
+    except CorruptStoreError as exc:
+        return CheckReport(path, size, 0, 0, 0,
+                           (Problem(0, 1, exc.problem, exc.remedy),))
+    del first
+    start = nl + 1
+    cur = cursor_after_header(header, start)
+    problems = []
+    newlines = 1  # before the chunk being scanned: the header's
+    records = 0
+    damage: Damage | None = None
+    for chunk_at, chunk in _chunks(read, start, size):
+        result = scan(chunk, chunk_at, cur)
+        for offset, data in result.shadowed:
+            line_no = newlines + chunk.count(b"\n", 0, offset - chunk_at) + 1
+            problems.append(Problem(
+                offset, line_no,
+                f"run {data.get('id')!r} (seq {data.get('seq')!r}) was written with a field "
+                "named 'mark', so runstore before format version 2 took its line for a mark: "
+                "the run is not in the store",
+                "to restore it, take this line, remove its seq, change, time, durable, crc "
+                "and mark fields and `runstore import` it (its id is free)"))
+        for offset, data in result.records:
+            records += 1
+            if codec.fields_sound(data):  # as this library writes them: no Run needed
+                continue
+            try:
+                codec.run_from_dict(data)
+            except codec.BadLine as exc:
+                line_no = newlines + chunk.count(b"\n", 0, offset - chunk_at) + 1
+                problems.append(Problem(offset, line_no, f"run {data.get('id')!r}: {exc.reason}",
+                                        "restore the file from a backup or fix the record "
+                                        "by hand"))
+        if result.damage is not None:
+            damage = result.damage
+            damage_line = newlines + chunk.count(b"\n", 0, damage.offset - chunk_at) + 1
+            break
+        newlines += chunk.count(b"\n")
+    if vouch is not None and vouch.applies_to(header):
+        cur.vouched = vouch.length
+        if size < vouch.length:
+            total = sum(c.count(b"\n") for _, c in _chunks(read, 0, size))
+            cut = cut_error(path, size, vouch)
+            problems.insert(0, Problem(size, total + 1, cut.problem, cut.remedy))
+    torn: TornTail | None = None
+    notes: list[str] = []
+    if damage is not None:
+        line = damage_line
+        verdict = judge(read, size, cur, damage)
+        if verdict is None:
+            torn = TornTail(damage.offset, size, damage.reason)
+            notes.append(
+                f"torn tail at line {line}: {damage.reason}; the next write to the store cuts "
+                f"bytes {torn.offset} to {torn.end} ({torn.length} bytes), reads leave them. "
+                f"They lie past the last point the file shows synced (byte {cur.durable}): "
+                "a crash during a write leaves such a tail, and then they held no change a "
+                "durable store had acknowledged; damage to the disk can look the same, and "
+                "whether they held an acknowledged change cannot be known from the file")
+        else:
+            problems.append(Problem(
+                damage.offset, line, verdict,
+                "restore the file from a backup; the lines before this offset are intact "
+                "JSON lines (head -c OFFSET runs.jsonl) if you must rebuild by hand"))
+    synced = cur.durable
+    last = read(synced, cur.end - synced) if cur.end - synced <= _MARK_LIMIT else b""
+    if last.startswith(b'{"mark":"clean_close",') and last.count(b"\n") == 1:
+        synced = cur.end  # closed cleanly: all of it was synced, the mark included
+    if not problems and synced < cur.end:
+        notes.append(
+            f"the last {cur.end - synced} bytes of valid lines (from byte {synced}) are not "
+            "known to be synced: the store was not closed cleanly, or is open now, and no "
+            "later line records a sync; check cannot tell whether they are on disk for good")
+    return CheckReport(path, size, records, cur.next_seq - 1,
+                       header.compacted_through + 1, tuple(problems), torn, synced,
+                       tuple(notes))
+
+
+def _first_line(read: Read, limit: int) -> bytes:
+    """The file's first line with its newline, read ``_READ_CHUNK`` at a time; without a
+    newline in the first ``limit`` bytes, those bytes. (Reading ``limit`` bytes at once
+    would hold up to ``LINE_LIMIT`` of the file for a header of a few hundred bytes.)"""
+    parts: list[bytes] = []
+    pos = 0
+    while pos < limit:
+        chunk = read(pos, min(_READ_CHUNK, limit - pos))
+        if not chunk:
+            break
+        nl = chunk.find(b"\n")
+        if nl >= 0:
+            parts.append(chunk[:nl + 1])
+            break
+        parts.append(chunk)
+        pos += len(chunk)
+    return b"".join(parts)
+
