@@ -8,7 +8,7 @@ replaced), let ``decide`` look at the view and return its result plus the new ru
 store, append those as one write, release the flock, take the new lines into the view (it is
 this process's own: the mutex guards it), and release the mutex. Methods that change one run
 prepare its next version before the flock and keep it if the run did not change meanwhile
-(``_write_step``). In durable mode the
+(``_step``). In durable mode the
 ``fdatasync`` happens after the flock is released and before the call returns (group commit:
 one sync can cover the writes of several processes), so the view of another process may hold a
 change a moment before it is durable; that process makes it durable before any answer from it
@@ -54,6 +54,7 @@ from . import (
     runscan,
     transitions,
 )
+from ._base import RETAIN_CHANGES, StoreBase
 from .active import ActiveRuns
 from .errors import (
     CorruptStoreError,
@@ -88,7 +89,7 @@ from .journal import (
     write_vouch,
 )
 from .lock import StoreLock
-from .model import BatchSummary, Change, ChangeType, PrepareOutcome, Run, Status, StoreStats
+from .model import Change, ChangeType, PrepareOutcome, Run, Status, StoreStats
 
 T = TypeVar("T")
 _Changes = list[tuple[ChangeType, Run]]
@@ -117,9 +118,6 @@ class _Pruned:
 #: RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live runs): the file stays within twice its
 #: live size plus about 5,000 lines
 COMPACT_MIN_SUPERSEDED = 1024
-#: how many of the latest changes a compaction keeps, so a watcher that lags by fewer
-#: changes than this follows across a compaction without a HistoryTruncatedError
-RETAIN_CHANGES = 4096
 #: a checkpoint line goes before the first record written after this many records since
 #: the last one (or the base): opening reads from the last checkpoint, not the whole tail
 CHECKPOINT_EVERY = 1024
@@ -146,10 +144,6 @@ _STAGE_CHUNK = 1 << 20
 _RESYNC_KINDS = frozenset({IOKind.SYNC, IOKind.RECOVER, IOKind.SYNC_DIR})
 
 
-def _utcnow() -> _dt.datetime:
-    return _dt.datetime.now(_dt.UTC)
-
-
 def _refuse_busy(n: int, run: Run, busy: dict[str, str]) -> None:
     """Refuse record ``n`` of an import when ``run`` is non-terminal on a machine that
     ``busy`` (machine -> its non-terminal run id) lists; else list it there."""
@@ -164,22 +158,17 @@ def _refuse_busy(n: int, run: Run, busy: dict[str, str]) -> None:
 
 
 #: every open ``Store`` of this process, for the at-fork hook (``_forget_parent_calls``)
-_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+_stores: weakref.WeakSet[FileStore] = weakref.WeakSet()
 
 
-class Store:
-    """Run records in one journal file under ``state_dir``; safe across threads and processes.
+class FileStore(StoreBase):
+    """Run records in one journal file under ``state_dir``; safe across threads and processes
+    (the contract and its documentation: ``StoreBase``).
 
     ``durable=False`` skips ``fdatasync`` (a power loss may then lose the latest changes, never
     corrupt older ones). ``lock_timeout`` bounds every wait for the lock
     (``LockTimeoutError``): a finite number of seconds from 0 to ``_validate.MAX_SECONDS``
     (about 24.8 days, as on PostgreSQL); ``inf`` and ``nan`` are refused.
-
-    Every method checks its arguments before it takes a lock, by the rules both backends
-    share (``runstore._validate``), and refuses a bad one with ``InvalidRunError``, leaving
-    the store untouched: no NUL character or lone surrogate in any text, integers within
-    the signed 64-bit range, datetimes that convert to UTC, durations that reach back no
-    further than the year 1.
     """
 
     def __init__(
@@ -210,7 +199,7 @@ class Store:
         self._intact: tuple[int, int, int, int, int] | None = None
         #: what ``_append`` wrote and the view has yet to take in (``_index_appended``)
         self._appended: tuple[_Changes, list[bytes], int, _dt.datetime] | None = None
-        #: run id -> (its next version, that line's run fields), made by ``_write_step``
+        #: run id -> (its next version, that line's run fields), made by ``_step``
         #: before the flock was taken and kept by its decision; ``_append`` takes it out and
         #: uses it for that very version only
         self._made: dict[str, tuple[Run, bytes]] = {}
@@ -767,7 +756,7 @@ class Store:
                   early: Callable[[], None] | None = None, about: str | None = None,
                   shows: bool = True, wait: float | None = None) -> T:
         """Run ``decide`` under the lock on an up-to-date view and store what it returns.
-        ``early`` runs before, with only the mutex held (see ``_write_step``). ``about``:
+        ``early`` runs before, with only the mutex held (see ``_step``). ``about``:
         the one run id or machine ``decide`` looks at, when it looks at no other run and
         creates no run on another machine (see ``_catch_up``); None when it may look at
         any. ``shows``: the result may show what the view holds, so in durable mode the
@@ -864,7 +853,7 @@ class Store:
         self._before_writing()
         cur = self._cur
         assert cur is not None
-        now = _utcnow()
+        now = ids.utcnow()
         durable = max(self._synced, cur.durable)
         seq = cur.next_seq
         head = b""
@@ -966,7 +955,7 @@ class Store:
         read, index, next_seq = j.reader(), self._index, cur.next_seq
         recent = collections.deque(self._recent, maxlen=self._recent.maxlen)
         if pruned is not None and pruned.count:
-            now, durable = _utcnow(), max(self._synced, cur.durable)
+            now, durable = ids.utcnow(), max(self._synced, cur.durable)
             gone = pruned.ids
             index = {run_id: at for run_id, at in index.items() if run_id not in gone}
             lines = []
@@ -1103,21 +1092,14 @@ class Store:
             run = self._active.get(run_id)
             yield self._run_at(offset, line) if run is None else run
 
-    # -- the public contract ------------------------------------------------------------
+    # -- the contract's hooks (``StoreBase``) -------------------------------------------
 
-    def prepare_atomic(
-        self, machine: str, test_dir_hash: str, make: Callable[[], Run], *, reap: bool = False
-    ) -> tuple[Run, PrepareOutcome]:
-        """In one critical section: return the machine's non-terminal run (REUSE when its
-        hash matches, else BUSY), or call ``make()`` and store its run as pending (CREATED).
-        With ``reap=True`` a non-terminal run whose owner process is provably gone is first
-        interrupted (``error_code="owner_gone"``) in the same critical section."""
-        _validate.prepare_atomic(machine, test_dir_hash, make, reap)
-
+    def _prepare(self, machine: str, test_dir_hash: str, make: Callable[[], Run],
+                 reap: bool) -> tuple[Run, PrepareOutcome]:
         def decide() -> _Decision[tuple[Run, PrepareOutcome]]:
             reaped: _Changes = []
             if reap:
-                now = _utcnow()
+                now = ids.utcnow()
                 for run_id in list(self._machines.get(machine, ())):
                     dead = reaping.reaped(self._active[run_id], None, now, None)
                     if dead is not None:
@@ -1146,10 +1128,7 @@ class Store:
         non-terminal, this process as owner."""
         return transitions.fresh(run, ids.new_run_id(self._max_id), owner.current())
 
-    def create(self, run: Run) -> Run:
-        """Store ``run`` under a new unique id (any id it has is overwritten)."""
-        run = transitions.validate(run)
-
+    def _create_run(self, run: Run) -> Run:
         def decide() -> _Decision[Run]:
             if not run.status.is_terminal and run.machine in self._machines:
                 occupant = self._active[self._machines[run.machine][0]]
@@ -1159,9 +1138,7 @@ class Store:
 
         return self._transact(decide, about=run.machine)
 
-    def get(self, run_id: str) -> Run:
-        """The run with this id; ``RunNotFoundError`` if there is none."""
-        _validate.run_id(run_id)
+    def _get_run(self, run_id: str) -> Run:
         return self._read(lambda: self._lookup(run_id), run_id)
 
     def _read(self, answer: Callable[[], T], about: str | None = None) -> T:
@@ -1338,45 +1315,8 @@ class Store:
         return unread == 0 or (about is not None and codec.json_string(about)
                                not in j.fs.pread(j.fd, unread, cur.end))
 
-    def update(self, run: Run) -> Run:
-        """Replace the stored run with the same id; returns what was stored.
-
-        Refuses a stale copy (``ConflictError``), a forbidden status change
-        (``InvalidTransitionError``) and a change of machine or hash (``InvalidRunError``).
-        An unchanged copy of a terminal run is an idempotent no-op.
-        """
-        run = _validate.updated_run(run)
-        return self._write_step(run.id, lambda stored: transitions.updated(stored, run))
-
-    def start(self, run_id: str) -> Run:
-        """pending -> running: sets ``started_at`` and makes this process the owner."""
-        _validate.run_id(run_id)
-        return self._write_step(run_id, lambda stored: transitions.started(
-            stored, _utcnow(), owner.current()))
-
-    def finish(
-        self,
-        run_id: str,
-        status: Status | str,
-        *,
-        exit_code: int | None = None,
-        error_code: str = "",
-        error_msg: str = "",
-    ) -> Run:
-        """Move a run to a terminal status and set ``ended_at``. Repeating the run's current
-        terminal status returns it unchanged; any other change of a terminal run is refused."""
-        _validate.finish(run_id, exit_code, error_code, error_msg)
-        target = transitions.terminal_status(run_id, status)
-        return self._write_step(run_id, lambda stored: transitions.finished(
-            stored, target, _utcnow(), exit_code, error_code, error_msg))
-
-    def heartbeat(self, run_id: str) -> Run:
-        """Refresh ``heartbeat_at`` of a non-terminal run (as cheap as any update)."""
-        _validate.run_id(run_id)
-        return self._write_step(run_id, lambda stored: transitions.beat(stored, _utcnow()))
-
-    def _write_step(self, run_id: str,
-                    step_of: Callable[[Run], transitions.Step | None]) -> Run:
+    def _step(self, run_id: str, step_of: Callable[[Run], transitions.Step | None],
+              action: str = "") -> Run:
         """Store the run's next version by ``step_of`` (None: unchanged, nothing written).
 
         The next version and its line's run fields are first made from this process's view,
@@ -1414,17 +1354,8 @@ class Store:
 
         return self._transact(decide, guess, run_id)
 
-    def list(
-        self,
-        *,
-        machine: str | None = None,
-        status: Status | str | Iterable[Status | str] | None = None,
-        batch_id: str | None = None,
-    ) -> _Runs:
-        """Every run (the latest version of each) matching the filters, in insertion order."""
-        _validate.list_filters(machine, batch_id)
-        wanted = transitions.status_set(status)
-
+    def _list_runs(self, machine: str | None, wanted: frozenset[Status] | None,
+                   batch_id: str | None) -> _Runs:
         def answer() -> _Runs:
             return [
                 run for run in self._all_runs()
@@ -1435,24 +1366,15 @@ class Store:
 
         return self._read(answer)
 
-    def iter_runs(
-        self,
-        *,
-        machine: str | None = None,
-        status: Status | str | Iterable[Status | str] | None = None,
-        batch_id: str | None = None,
-    ) -> Iterator[Run]:
-        """The runs ``list()`` returns with the same filters, in the same (insertion) order,
-        read from the file as the iteration goes: memory stays bounded however many runs
-        the store holds (about a megabyte of the file at a time, plus the offsets of the
-        versions written since the last compaction).
-
-        The runs are those of the file as it was at the call (a descriptor of it is kept
-        until the iteration ends or the iterator is dropped); changes made meanwhile are
-        not seen. A damaged line raises ``CorruptStoreError`` when the iteration reaches
-        it, and a compacted base that fails its header's checksum when the base has been
-        read (each line is checked against its own checksum before it is yielded)."""
-        return self._runs(machine=machine, status=status, batch_id=batch_id)
+    def _iter_runs(self, machine: str | None, wanted: frozenset[Status] | None,
+                   batch_id: str | None) -> Iterator[Run]:
+        """Read from the file as it was at the call (a descriptor of it is kept until the
+        iteration ends or the iterator is dropped), about a megabyte at a time; memory
+        holds besides only the offsets of the versions written since the last compaction.
+        A damaged line raises ``CorruptStoreError`` when the iteration reaches it, and a
+        compacted base that fails its header's checksum when the base has been read (each
+        line is checked against its own checksum before it is yielded)."""
+        return self._runs(machine=machine, status=wanted, batch_id=batch_id)
 
     def _runs(
         self,
@@ -1526,27 +1448,17 @@ class Store:
             raise CorruptStoreError(self._journal.path, offset,
                                     f"a stored run is unreadable: {exc.reason}") from None
 
-    def active_by_machine(self, machine: str) -> Run | None:
-        """The earliest-inserted non-terminal run of ``machine``, or None."""
-        _validate.text("machine", machine)
-
+    def _active_of(self, machine: str) -> Run | None:
         def answer() -> Run | None:
             peers = self._machines.get(machine)
             return self._active[peers[0]] if peers else None
 
         return self._read(answer, machine)
 
-    def active(self) -> _Runs:
-        """Every non-terminal run, in insertion order."""
+    def _active_runs(self) -> _Runs:
         return self._read(lambda: self._active.values())  # the view's, after any reload
 
-    def find_by_test_dir_hash_and_machine(self, test_dir_hash: str, machine: str) -> _Runs:
-        """Every run of ``machine`` with this hash, in insertion order."""
-        _validate.find(test_dir_hash, machine)
-        return [r for r in self.list(machine=machine) if r.test_dir_hash == test_dir_hash]
-
-    def compact(self) -> None:
-        """Rewrite the file now, keeping only the latest version of each run."""
+    def _compact_now(self) -> None:
 
         def decide() -> _Decision[None]:
             self._compact()
@@ -1556,16 +1468,10 @@ class Store:
 
     # -- owners and reaping -------------------------------------------------------------
 
-    def reap(self, *, stale_after: _dt.timedelta, dry_run: bool = False) -> _Runs:
-        """Interrupt every non-terminal run whose owner process on this host is gone
-        (``error_code="owner_gone"``) or whose last heartbeat (or change) is older than
-        ``stale_after`` (``"heartbeat_stale"``) and whose owner is not a process of this host
-        that provably still runs (a step of the wall clock never reaps it); return the
-        reaped runs."""
-        _validate.reap(stale_after, dry_run)
+    def _reap(self, stale_after: _dt.timedelta, dry_run: bool) -> _Runs:
 
         def decide() -> _Decision[_Runs]:
-            now = _utcnow()
+            now = ids.utcnow()
             reaped = [r for r in (reaping.reaped(run, self._changed_at.get(run.id), now,
                                                  stale_after)
                                   for run in self._active.values()) if r is not None]
@@ -1577,33 +1483,15 @@ class Store:
 
     # -- retention ----------------------------------------------------------------------
 
-    def prune(
-        self,
-        *,
-        older_than: _dt.timedelta | None = None,
-        keep_last: int | None = None,
-        archive: str | os.PathLike[str] | None = None,
-        dry_run: bool = False,
-    ) -> int:
-        """Remove terminal runs that ended more than ``older_than`` ago, or all but the newest
-        ``keep_last`` terminal runs (non-terminal runs are never pruned). With ``archive``
-        the pruned runs are first appended, durably, to that JSON-lines file. Returns the
-        number of runs removed.
-
-        One step: the journal is rewritten without them (their ``run_pruned`` changes in
+    def _prune(self, older_than: _dt.timedelta | None, keep_last: int | None,
+               archive: str | os.PathLike[str] | None, dry_run: bool) -> int:
+        """One step: the journal is rewritten without them (their ``run_pruned`` changes in
         its retained history, for watchers) through a temp file renamed into place, so a
         failure (a full disk, a read-only directory) leaves the store as it was and raises
         ``StoreIOError`` saying that nothing was pruned; it needs no more free space than
         the smaller file. The archive is written (and synced) first; after a failure it is
         cut back to what it held before, and when even that fails the error says that it
-        holds the runs, which a retry then appends again.
-
-        An ``archive`` that is one of this store's own files (by device and inode: through
-        a symlink or a hard link too), its state directory or a name inside it is refused
-        with ``OutputTargetError`` before anything is opened or pruned."""
-        _validate.prune(older_than, keep_last, archive, dry_run)
-        if archive is not None:
-            self._check_output(os.fspath(archive), "archive")
+        holds the runs, which a retry then appends again."""
 
         def decide() -> _Decision[int]:
             chosen = self._doomed(older_than, keep_last)
@@ -1655,18 +1543,18 @@ class Store:
             now: _dt.datetime | None = None
         else:
             count = len(index)
-            now = _utcnow()
-        ids: _Ids = []
+            now = ids.utcnow()
+        chosen: _Ids = []
         offsets = array.array("q")
         for run_id, offset in index.items():
-            if len(ids) >= count:
+            if len(chosen) >= count:
                 break
             if run_id not in active:
-                ids.append(run_id)
+                chosen.append(run_id)
                 offsets.append(offset)
         j = self._journal
         lines = gather.lines(j.reader(), offsets, j.path)
-        for run_id, offset, line in zip(ids, offsets, lines, strict=True):
+        for run_id, offset, line in zip(chosen, offsets, lines, strict=True):
             data = self._decode_at(offset, line)
             if now is not None and older_than is not None:
                 if not retention.ended_before(self._run_of(data, offset), now, older_than):
@@ -1706,21 +1594,11 @@ class Store:
                 outcome += "); free space or fix the directory's permissions, then retry"
         return StoreIOError(exc.path, exc.action, exc.cause, exc.kind, outcome)
 
-    # -- batches ------------------------------------------------------------------------
-
-    def batch_summary(self, batch_id: str) -> BatchSummary:
-        """Counts by status and the latest run of each plan entry of a batch."""
-        transitions.require_text("batch_id", batch_id)
-        return BatchSummary.of(batch_id, self.list(batch_id=batch_id))
-
     # -- the change feed ----------------------------------------------------------------
 
-    def changes(self, since_seq: int = 0) -> Iterator[Change]:
-        """The retained changes after ``since_seq``, in order. ``HistoryTruncatedError`` when
-        changes after ``since_seq`` were compacted away (resynchronise from ``list()``).
-        They are read as the iteration goes, about a megabyte at a time, from the file as it
-        was at the call (a descriptor of it is kept until the iteration ends)."""
-        transitions.require_seq("since_seq", since_seq)
+    def _changes_after(self, since_seq: int) -> Iterator[Change]:
+        """Read as the iteration goes, about a megabyte at a time, from the file as it was
+        at the call (a descriptor of it is kept until the iteration ends)."""
 
         def decide() -> _Decision[tuple[int, int, int, bool] | None]:
             cur = self._cur
@@ -1744,27 +1622,13 @@ class Store:
             return iter(())
         return _HeldChanges(self._journal, *held, since_seq)
 
-    def last_seq(self) -> int:
-        """The sequence number of the latest stored change (0 for an empty store)."""
+    def _last_seq(self) -> int:
         return self._read(lambda: self._cur.next_seq - 1 if self._cur else 0)
-
-    def watch(
-        self,
-        since_seq: int | None = None,
-        *,
-        timeout: float | None = None,
-        poll_interval: float = 0.005,
-    ) -> Iterator[Change]:
-        """Follow changes written by any process, live, until ``timeout`` seconds have
-        passed (None: forever; ``inf`` is refused). ``since_seq=None`` starts from now. Polls
-        the file's size and identity, and reads the new lines when they moved, all without
-        the lock: it keeps following while a writer is stopped holding it. The arguments are
-        checked when it is called, before the first change."""
-        _validate.watch(since_seq, timeout, poll_interval)
-        return self._watch(since_seq, timeout, poll_interval)
 
     def _watch(self, since_seq: int | None, timeout: float | None,
                poll_interval: float) -> Iterator[Change]:
+        """Polls the file's size and identity, and reads the new lines when they moved, all
+        without the lock: it keeps following while a writer is stopped holding it."""
         seq = self.last_seq() if since_seq is None else since_seq
         deadline = None if timeout is None else time.monotonic() + timeout
         journal = self._journal
@@ -1785,31 +1649,6 @@ class Store:
             time.sleep(poll_interval)
 
     # -- export and import --------------------------------------------------------------
-
-    def export(self, fp: IO[str] | IO[bytes] | str | os.PathLike[str]) -> int:
-        """Write every run, in insertion order, as one JSON array (the seed's field names);
-        returns the number of runs written. The runs are read and written as they go
-        (``iter_runs``), about a megabyte at a time: memory does not grow with the store.
-
-        ``fp`` is a file object, or a path: that file is then written through a temp file
-        beside it, synced and renamed over it (replaced whole or not at all). A path that
-        is one of this store's own files (by device and inode: through a symlink or a hard
-        link too), its state directory or a name inside it is refused with
-        ``OutputTargetError`` before anything is opened; so is a file object open on one of
-        the store's files, before anything is written to it (open it by path here to keep
-        it from being truncated first)."""
-        _validate.export_target(fp, paths=True)
-        if isinstance(fp, (str, os.PathLike)):
-            path = os.fspath(fp)
-            self._check_output(path, "export")
-            return interchange.export_to_path(path, self._write_export)
-        try:
-            fd: int | None = fp.fileno()
-        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: in memory
-            fd = None
-        if fd is not None:
-            self._check_output(fd, "export", name=getattr(fp, "name", None))
-        return self._write_export(fp)
 
     def _write_export(self, fp: IO[str] | IO[bytes]) -> int:
         return interchange.write_export_items(fp, self._export_items())
@@ -1842,27 +1681,19 @@ class Store:
         else:
             _targets.check_output(target, self.state_dir, dir_fd=dir_fd, remedy=remedy)
 
-    def import_runs(self, source: IO[str] | IO[bytes] | Iterable[Run | dict[str, Any]]) -> int:
-        """Add runs keeping their ids, from a JSON array document or JSON lines (a file), or
-        from an iterable of ``Run``/dicts. All or nothing: a duplicate or invalid record is
-        refused with ``InvalidRunError`` naming it, and then nothing is imported.
-
-        The input is read as it is imported, in memory that does not grow with it (beyond
-        the view's index of every id). Up to ``SMALL_IMPORT`` records are appended in one
-        write, like any change; a larger import is staged: the journal's bytes and the new
-        lines are written to a temp file beside it, which is synced and renamed over the
-        journal under the lock, so that until then no reader sees any of it and a failure
-        (a bad record at the end, a full disk, a crash) leaves the journal as it was. The
-        lock is held while it is staged: other writers wait for it (``lock_timeout``)."""
-        _validate.import_source(source)
-        return self._import_runs(interchange.iter_import(source))
-
     def _import_runs(self, records: Iterable[tuple[int, Run, dict[str, Any]]],
                      on_conflict: Callable[[Run, Run], None] | None = None) -> int:
         """``import_runs`` of validated (record number, run, extra fields). With
         ``on_conflict`` a run already stored with identical content is skipped, and
         ``on_conflict(stored, new)`` is called for one stored with other content: it must
-        raise (``migrate``). Without it, an id already stored is refused."""
+        raise (``migrate``). Without it, an id already stored is refused.
+
+        Up to ``SMALL_IMPORT`` records are appended in one write, like any change; a larger
+        import is staged: the journal's bytes and the new lines are written to a temp file
+        beside it, which is synced and renamed over the journal under the lock, so that
+        until then no reader sees any of it and a failure (a bad record at the end, a full
+        disk, a crash) leaves the journal as it was. The lock is held while it is staged:
+        other writers wait for it (``lock_timeout``)."""
         it = iter(records)
         head: list[tuple[int, Run, dict[str, Any]]] = []
         size = 0
@@ -1924,7 +1755,7 @@ class Store:
         j, cur, header = self._journal, self._cur, self._header
         assert cur is not None and header is not None
         start = offset = cur.end
-        now, durable, seq = _utcnow(), max(self._synced, cur.durable), cur.next_seq
+        now, durable, seq = ids.utcnow(), max(self._synced, cur.durable), cur.next_seq
         name, fd = j.new_temp()
         installing = False
         try:
@@ -1986,8 +1817,7 @@ class Store:
 
     # -- statistics ---------------------------------------------------------------------
 
-    def stats(self) -> StoreStats:
-        """Counts and sizes for operators (``python -m runstore stats``)."""
+    def _stats(self) -> StoreStats:
 
         def answer() -> StoreStats:
             by_status: dict[str, int] = {s.value: 0 for s in Status}
@@ -2011,7 +1841,7 @@ class Store:
 
     # -- life cycle ---------------------------------------------------------------------
 
-    def close(self) -> None:
+    def _release(self) -> None:
         """Sync what this process wrote, mark it durable in the file, release descriptors."""
         if self._closed:
             return
@@ -2043,14 +1873,12 @@ class Store:
                             self._journal.lock_path, j.path, exc)
         return None, []
 
-    def __enter__(self) -> Store:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"Store({self.state_dir!r}, durable={self.durable})"
+
+
+#: the name the file store has always had
+Store = FileStore
 
 
 def _record_filter(machine: str | None, status: Status | str | Iterable[Status | str] | None,
