@@ -55,7 +55,7 @@ from . import (
     transitions,
 )
 from ._base import RETAIN_CHANGES, StoreBase
-from .active import ActiveRuns
+from ._view import View, decode_at, history_at
 from .errors import (
     CorruptStoreError,
     HistoryTruncatedError,
@@ -123,7 +123,6 @@ COMPACT_MIN_SUPERSEDED = 1024
 CHECKPOINT_EVERY = 1024
 _ACTIVE = frozenset({Status.PENDING.value, Status.RUNNING.value})
 _CREATED = ChangeType.RUN_CREATED.value
-_PRUNED = ChangeType.RUN_PRUNED.value
 #: lines a process waits for before it tries again to compact when another one was at it
 _COMPACT_RETRY_LINES = 256
 #: the most bytes appended since the view was brought up to date that a read looks through
@@ -240,31 +239,9 @@ class FileStore(StoreBase):
     # -- the view -----------------------------------------------------------------------
 
     def _reset_view(self) -> None:
-        self._header: Header | None = None
-        self._cur: Cursor | None = None
-        self._index: dict[str, int] = {}  # id -> offset of its latest version (insertion order)
-        self._active = ActiveRuns(self._journal.path)  # the non-terminal runs
-        self._machines: dict[str, _Ids] = {}  # machine -> its non-terminal run ids
-        self._extras: dict[str, dict[str, Any]] = {}  # fields we do not know, per run id
-        self._max_id = ""
-        self._lines = 0  # record lines in the file
-        self._recent: collections.deque[int] = collections.deque(maxlen=RETAIN_CHANGES)
-        self._changed_at: dict[str, _dt.datetime] = {}  # non-terminal id -> its last change
-        #: non-terminal id -> the offset of its latest version, in insertion order (what a
-        #: checkpoint line lists)
-        self._active_at: dict[str, int] = {}
+        self._view = View(self._journal.path, RETAIN_CHANGES)
         self._synced = 0  # bytes of the current file this process knows to be synced
         self._stale = True
-        # Opened from a compaction's summary, the base is not indexed until a query needs
-        # it (``_ensure_index``): ``_index`` then holds only the runs written after the base,
-        # and the live count is kept from the summary and the changes since.
-        self._lazy = False
-        self._base_count = 0  # runs in the part not indexed yet
-        self._tail_created = 0  # runs created after it
-        self._tail_pruned: set[str] = set()  # runs pruned after it
-        #: with ``_lazy``, when opening began at a checkpoint: its offset and what it says
-        #: (the lines between the base and it are indexed with the base)
-        self._opened_at: tuple[int, codec.Checkpoint] | None = None
         self._compact_retry_at = 0  # lines: until then automatic compaction is not tried
         #: records other processes appended, read and checked under the flock but taken
         #: into the view only after it is released (``_catch_up`` with ``about``), in file
@@ -275,170 +252,12 @@ class FileStore(StoreBase):
         self._torn: tuple[Damage, int] | None = None
         self._temps_checked = False  # stale temp files looked for since the last load
 
-    def _index_version(self, offset: int, run_id: str, active: Run | dict[str, Any] | None,
-                       changed_at: _dt.datetime | None, change: str) -> None:
-        """Record that the latest version of ``run_id`` is at ``offset``; ``active`` is the
-        run (or its record, structured when first read) when it is non-terminal, else None;
-        a ``run_pruned`` change drops the run."""
-        self._lines += 1
-        pruned = change == _PRUNED
-        if self._lazy:
-            if change == _CREATED:  # a new id (create and import refuse existing ones)
-                self._tail_created += 1
-            elif pruned:
-                self._tail_pruned.add(run_id)
-        if run_id > self._max_id:
-            self._max_id = run_id
-        if pruned:
-            self._index.pop(run_id, None)
-            self._extras.pop(run_id, None)
-        else:
-            self._index[run_id] = offset
-        before = self._active.machine(run_id)
-        if active is not None:
-            self._active_at[run_id] = offset
-            if isinstance(active, Run):
-                self._active.put(run_id, active)
-                machine = active.machine
-            else:
-                self._active.put_unread(run_id, offset, active)
-                machine = active["machine"]
-            if changed_at is not None:
-                self._changed_at[run_id] = changed_at
-            if before is None:
-                self._machines.setdefault(machine, []).append(run_id)
-        elif before is not None:
-            self._active.discard(run_id)
-            del self._active_at[run_id]
-            self._changed_at.pop(run_id, None)
-            peers = self._machines[before]
-            peers.remove(run_id)
-            if not peers:
-                del self._machines[before]
-
-    def _ingest_record(self, offset: int, data: dict[str, Any], defer: bool = False) -> None:
-        """Take one record into the view; with ``defer`` a non-terminal run is structured
-        only when first read (catching up with other processes' writes)."""
-        run_id = data["id"]
-        if self._cur is None or offset >= self._cur.latest_end:
-            self._recent.append(offset)
-        active: Run | dict[str, Any] | None = None
-        changed_at = None
-        if data["status"] in _ACTIVE:
-            try:
-                changed_at = _dt.datetime.fromisoformat(data["time"])
-            except (TypeError, ValueError):
-                changed_at = None
-            if defer and type(data.get("machine")) is str:
-                active = data
-            else:
-                try:
-                    active = codec.run_from_dict(data)
-                except codec.BadLine as exc:
-                    raise CorruptStoreError(self._journal.path, offset,
-                                            f"run {run_id!r} has a malformed field: "
-                                            f"{exc.reason}") from None
-        extra = codec.extra_fields(data)
-        if extra:
-            self._extras[run_id] = extra
-        else:
-            self._extras.pop(run_id, None)
-        self._index_version(offset, run_id, active, changed_at, data["change"])
-
-    def _live(self) -> int:
-        """How many runs the store holds."""
-        if self._lazy:
-            return self._base_count + self._tail_created - len(self._tail_pruned)
-        return len(self._index)
-
     def _ensure_index(self) -> None:
-        """Index the part opening did not read (id -> offset), when a query needs every run
-        or one that is neither non-terminal nor written since: the base opened from its
-        summary (its bytes checked against the summary's CRC-32), then, when opening began
-        at a checkpoint, the lines between the base and it (parsed and checked line by
-        line, and against what the checkpoint says)."""
-        if not self._lazy:
-            return
-        self._take_held()  # they follow the part indexed here
-        header, j = self._header, self._journal
-        assert header is not None
-        recent: list[int] = []  # the offsets of the changes before the checkpoint
-        if header.summary is not None:
-            base = self._index_base(header)
-            if self._opened_at is not None:
-                recent = self._history_at(header)
-            cur = Cursor(end=header.base_end,
-                         next_seq=header.compacted_through + 1 + len(recent),
-                         durable=header.base_end, latest_end=header.latest_end,
-                         base_end=header.base_end, compacted_through=header.compacted_through,
-                         legacy=header.version < codec.KINDS_BY_FIRST_KEY)
-        else:
-            base, cur = {}, cursor_after_header(header, header.start)
-        if self._opened_at is not None:  # opened at a checkpoint: the lines before it
-            at, point = self._opened_at
-            for chunk_at, chunk in j.read_lines(cur.end, at):
-                result = scan(chunk, chunk_at, cur)
-                if result.damage is not None:
-                    raise CorruptStoreError(j.path, result.damage.offset,
-                                            f"{result.damage.reason} (before the checkpoint "
-                                            f"at byte {at}, where this process opened)")
-                for offset, data in result.records:
-                    if offset >= header.latest_end:
-                        recent.append(offset)
-                    if data["change"] == _PRUNED:
-                        base.pop(data["id"], None)
-                    else:
-                        base[data["id"]] = offset
-            if (cur.end, cur.next_seq, len(base)) != (at, point.next_seq, point.runs):
-                raise CorruptStoreError(j.path, at, "a checkpoint does not match the lines "
-                                        f"before it ({len(base)} runs, next seq "
-                                        f"{cur.next_seq})")
-            self._recent = collections.deque([*recent, *self._recent], maxlen=RETAIN_CHANGES)
-        for run_id, offset in self._index.items():  # keeps earlier positions, appends new ids
-            base[run_id] = offset
-        for run_id in self._tail_pruned:
-            base.pop(run_id, None)
-        self._index = base
-        self._lazy = False
-        self._opened_at = None
-        self._tail_pruned = set()
-
-    def _index_base(self, header: Header) -> dict[str, int]:
-        """The base's id -> offset, from the ids at the start of its lines; its bytes are
-        checked against the summary's CRC-32 and run count."""
-        summary, j = header.summary, self._journal
-        assert summary is not None
-        base: dict[str, int] = {}
-        crc = 0
-        for chunk_at, chunk in j.read_lines(header.start, header.latest_end):
-            crc = zlib.crc32(chunk, crc)
-            part = {m.group(1).decode(): chunk_at + m.start()
-                    for m in codec.RECORD_ID.finditer(b"\n" + chunk)}
-            if len(part) != chunk.count(b"\n"):  # an id with escapes: parse these lines
-                part, pos = {}, 0
-                while pos < len(chunk):
-                    nl = chunk.index(b"\n", pos)
-                    part[self._decode_at(chunk_at + pos, chunk[pos:nl])["id"]] = chunk_at + pos
-                    pos = nl + 1
-            base.update(part)
-        crc, size = j.checksum(header.latest_end, header.base_end, crc)
-        if crc != summary.crc or size != header.base_end - header.latest_end:
-            self._refuse_damaged_base(header)
-        if len(base) != summary.lines:
-            raise CorruptStoreError(j.path, header.start,
-                                    f"the compacted base holds {len(base)} runs where its "
-                                    f"header says {summary.lines}")
-        return base
-
-    def _history_at(self, header: Header) -> list[int]:
-        """The offsets of the retained history's lines (the base's complete lines after its
-        latest versions: a torn one is found by the base's checksum)."""
-        history: list[int] = []
-        for chunk_at, chunk in self._journal.read_lines(header.latest_end, header.base_end):
-            lines = chunk.split(b"\n")[:chunk.count(b"\n")]
-            history.extend(itertools.accumulate((len(line) + 1 for line in lines[:-1]),
-                                                initial=chunk_at) if lines else ())
-        return history
+        """Index the part of the file opening did not read (``View.ensure_index``), after
+        taking in the records held for after the flock, which follow it."""
+        if self._view.lazy:
+            self._take_held()
+            self._view.ensure_index(self._journal)
 
     def _forget_parent_calls(self) -> None:
         """In a forked child: drop what the parent's other threads were in the middle of
@@ -494,7 +313,7 @@ class FileStore(StoreBase):
             j.check_replacement()
             self._load()
             return
-        cur = self._cur
+        cur = self._view.cur
         if self._stale or cur is None or st.st_size < cur.end:
             self._load()
         elif st.st_size > cur.end:
@@ -511,20 +330,20 @@ class FileStore(StoreBase):
             header = j.open(read_only_ok=True)
         else:
             header = j.open() if j.exists() else self._create()
-        self._header = header
+        self._view.header = header
         start = header.start
-        self._cur = cursor_after_header(header, start)
+        self._view.cur = cursor_after_header(header, start)
         vouch = self._vouch_for(header)
-        self._cur.vouched = vouch.length if vouch is not None else 0
+        self._view.cur.vouched = vouch.length if vouch is not None else 0
         if self._load_checkpoint(header):
-            start = self._cur.end
+            start = self._view.cur.end
         elif header.summary is not None and self._load_summarised_base(header):
             start = header.base_end
         self._ingest_from(start)  # damage before the vouched length is refused there
-        if vouch is not None and self._cur.end < vouch.length:
+        if vouch is not None and self._view.cur.end < vouch.length:
             self._stale = True
-            raise cut_error(j.path, self._cur.end, vouch)
-        self._synced = self._cur.durable
+            raise cut_error(j.path, self._view.cur.end, vouch)
+        self._synced = self._view.cur.durable
         self._stale = False
 
     def _create(self) -> Header:
@@ -567,7 +386,7 @@ class FileStore(StoreBase):
         the lines before it that were not yet synced are sound (``Journal.lines_follow``).
         ``end``: look only before it (default: the end of the file). False (no such
         checkpoint): open as before."""
-        j, cur = self._journal, self._cur
+        j, cur = self._journal, self._view.cur
         assert j.fd is not None and cur is not None
         tail = header.base_end if header.summary is not None else header.start
         found = j.last_checkpoint(tail, os.fstat(j.fd).st_size if end is None else end)
@@ -584,12 +403,12 @@ class FileStore(StoreBase):
                 return False
         except CorruptStoreError:
             return False  # opened line by line, which says what is wrong
-        self._recent.clear()  # the offsets of the changes before it are found when indexing
-        self._lines = point.lines
-        self._max_id = max(self._max_id, point.max_id)
-        self._base_count = point.runs
-        self._lazy = True
-        self._opened_at = at, point
+        self._view.recent.clear()  # the offsets of the changes before it are found when indexing
+        self._view.lines = point.lines
+        self._view.max_id = max(self._view.max_id, point.max_id)
+        self._view.base_count = point.runs
+        self._view.lazy = True
+        self._view.opened_at = at, point
         cur.end, cur.next_seq, cur.checkpoint_seq = end, point.next_seq, point.next_seq
         cur.durable = max(cur.durable, point.durable)
         return True
@@ -602,13 +421,13 @@ class FileStore(StoreBase):
         j = self._journal
         records = []
         for offset in offsets:
-            data = self._decode_at(offset, j.read_line(offset))
+            data = decode_at(self._journal.path, offset, j.read_line(offset))
             if data["status"] not in _ACTIVE:
                 return False
             records.append((offset, data))
         for offset, data in records:
-            self._ingest_record(offset, data)
-        self._index.clear()
+            self._view.ingest_record(offset, data)
+        self._view.index.clear()
         return True
 
     def _load_summarised_base(self, header: Header) -> bool:
@@ -616,43 +435,21 @@ class FileStore(StoreBase):
         the offsets of its retained history; the rest is indexed, and its CRC-32 checked,
         when first needed. False (read it line by line instead) when the file is shorter
         than the base or the summary's runs are not non-terminal records."""
-        summary, cur, j = header.summary, self._cur, self._journal
+        summary, cur, j = header.summary, self._view.cur, self._journal
         assert summary is not None and cur is not None and j.fd is not None
         if os.fstat(j.fd).st_size < header.base_end:
             return False
-        history = self._history_at(header)
+        history = history_at(header, self._journal)
         if not self._take_active(header.start + rel for rel in summary.active):
             return False
-        self._lazy = True
-        self._base_count = summary.lines
-        self._lines = summary.lines + len(history)
-        self._recent.extend(history)
-        self._max_id = max(self._max_id, summary.max_id)
+        self._view.lazy = True
+        self._view.base_count = summary.lines
+        self._view.lines = summary.lines + len(history)
+        self._view.recent.extend(history)
+        self._view.max_id = max(self._view.max_id, summary.max_id)
         cur.end = header.base_end
         cur.next_seq = header.compacted_through + 1 + len(history)
         return True
-
-    def _refuse_damaged_base(self, header: Header) -> None:
-        """The base fails its CRC-32: raise ``CorruptStoreError`` at its first bad line."""
-        for chunk_at, chunk in self._journal.read_lines(header.start, header.base_end):
-            pos = 0
-            while pos < len(chunk):
-                nl = chunk.find(b"\n", pos)
-                end = len(chunk) if nl < 0 else nl
-                self._decode_at(chunk_at + pos, chunk[pos:end])  # raises at a damaged line
-                pos = end + 1
-        raise CorruptStoreError(self._journal.path, header.start,
-                                "the compacted base does not match the checksum in its "
-                                "header (lines were removed, reordered or edited)")
-
-    def _decode_at(self, offset: int, line: bytes) -> dict[str, Any]:
-        try:
-            data = codec.decode_line(line)
-            codec.check_record(data)
-        except codec.BadLine as exc:
-            raise CorruptStoreError(self._journal.path, offset,
-                                    f"a stored run is unreadable: {exc.reason}") from None
-        return data
 
     def _ingest_from(self, start: int, end: int | None = None, defer: bool = False,
                      about: str | None = None) -> None:
@@ -663,7 +460,7 @@ class FileStore(StoreBase):
         assert j.fd is not None
         if end is None:
             end = os.fstat(j.fd).st_size
-        cur = self._cur
+        cur = self._view.cur
         assert cur is not None
         for chunk_at, chunk in j.read_lines(start, end):
             result = scan(chunk, chunk_at, cur)
@@ -673,7 +470,7 @@ class FileStore(StoreBase):
             try:
                 self._take_held()  # the records before these first
                 for offset, data in result.records:
-                    self._ingest_record(offset, data, defer)
+                    self._view.ingest_record(offset, data, defer)
             except BaseException:
                 self._stale = True
                 raise
@@ -686,14 +483,14 @@ class FileStore(StoreBase):
         """Hold ``records`` when none of them is about ``about`` (its id or machine) and
         each can be taken in without structuring it (so taking them in later cannot
         fail); the greatest id among them counts at once (new ids sort after it)."""
-        top = self._max_id
+        top = self._view.max_id
         for _offset, data in records:
             run_id, machine = data["id"], data.get("machine")
             if run_id == about or machine == about or type(machine) is not str:
                 return False
             if run_id > top:
                 top = run_id
-        self._max_id = top
+        self._view.max_id = top
         self._held += records
         return True
 
@@ -705,7 +502,7 @@ class FileStore(StoreBase):
         held, self._held = self._held, []
         try:
             for offset, data in held:
-                self._ingest_record(offset, data, defer=True)
+                self._view.ingest_record(offset, data, defer=True)
         except BaseException:
             self._stale = True
             raise
@@ -717,7 +514,7 @@ class FileStore(StoreBase):
         raise, leaving the file untouched, when it lies in data known to be durable. The
         rest of the file is judged as it is read, a megabyte at a time. True when the line
         is whole now (read again): to be read on from it."""
-        cur, j = self._cur, self._journal
+        cur, j = self._view.cur, self._journal
         assert cur is not None and j.fd is not None
         self._stale = True  # whatever happens next, do not trust this view without a reload
         end = os.fstat(j.fd).st_size
@@ -823,7 +620,7 @@ class FileStore(StoreBase):
                 try:
                     self._compact_beside()
                 except StoreIOError as exc:  # housekeeping: the change itself is stored
-                    self._compact_retry_at = self._lines + _COMPACT_RETRY_LINES
+                    self._compact_retry_at = self._view.lines + _COMPACT_RETRY_LINES
                     log_warning("runstore: automatic compaction of %s failed (%s); the "
                                 "change was stored; trying again after %d more lines",
                                 self._journal.path, exc, _COMPACT_RETRY_LINES)
@@ -851,7 +648,7 @@ class FileStore(StoreBase):
         """Append one line per change; return the new end of the file. The view learns of
         them in ``_index_appended`` (which may run after the flock is released)."""
         self._before_writing()
-        cur = self._cur
+        cur = self._view.cur
         assert cur is not None
         now = ids.utcnow()
         durable = max(self._synced, cur.durable)
@@ -860,19 +657,19 @@ class FileStore(StoreBase):
         if seq - cur.checkpoint_seq >= CHECKPOINT_EVERY:
             self._take_held()  # the view is complete here
             head = codec.encode_checkpoint(codec.Checkpoint(
-                durable=durable, next_seq=seq, lines=self._lines, runs=self._live(),
-                max_id=self._max_id, active=tuple(self._active_at.values()),
+                durable=durable, next_seq=seq, lines=self._view.lines, runs=self._view.live(),
+                max_id=self._view.max_id, active=tuple(self._view.active_at.values()),
                 boot=owner.boot_id()))
-            if self._header is not None and durable > cur.vouched:
+            if self._view.header is not None and durable > cur.vouched:
                 # what the checkpoint says was synced: one pwrite per CHECKPOINT_EVERY
                 # records, not synced (a lost one leaves an older, shorter vouch)
                 with contextlib.suppress(OSError):
-                    self._vouch(self._header.crc, durable, 0, "checkpoint", sync=False)
+                    self._vouch(self._view.header.crc, durable, 0, "checkpoint", sync=False)
                     cur.vouched = durable
         lines = []
         for change, run in changes:
             made = self._made.pop(run.id, None)
-            fields = codec.checked_fields(run, self._extras.get(run.id), made[1]
+            fields = codec.checked_fields(run, self._view.extras.get(run.id), made[1]
                                           if made is not None and made[0] is run else None)
             lines.append(codec.encode_record(seq, change, now, durable, run, None, fields))
             seq += 1
@@ -901,8 +698,8 @@ class FileStore(StoreBase):
         changes, lines, offset, now = appended
         try:
             for (change, run), line in zip(changes, lines, strict=True):
-                self._recent.append(offset)
-                self._index_version(offset, run.id, None if run.status.is_terminal else run,
+                self._view.recent.append(offset)
+                self._view.index_version(offset, run.id, None if run.status.is_terminal else run,
                                     now, change.value)
                 offset += len(line)
         except BaseException:
@@ -912,8 +709,8 @@ class FileStore(StoreBase):
     def _compaction_due(self) -> bool:
         """Whether the lines that are not a run's latest version exceed what the file may
         hold beyond its live runs."""
-        live = self._live()
-        return self._lines - live > RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live)
+        live = self._view.live()
+        return self._view.lines - live > RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live)
 
     def _compact(self, retain: int = RETAIN_CHANGES, pruned: _Pruned | None = None) -> None:
         """Rewrite the file now, the lock held (``compact()``, and after a failed sync):
@@ -927,14 +724,14 @@ class FileStore(StoreBase):
         try:
             self._journal.replace_with(plan.chunks(), lambda: self._vouch(
                 zlib.crc32(plan.head[:-1]), plan.base_end, seq, "compaction"))
-            self._header = self._journal.open()
+            self._view.header = self._journal.open()
         except BaseException:
             self._stale = True
             raise
-        cur = self._cur
+        cur = self._view.cur
         assert cur is not None
         for run_id in pruned.ids if pruned is not None else ():
-            self._extras.pop(run_id, None)
+            self._view.extras.pop(run_id, None)
         cur.next_seq = plan.compacted_through + 1 + len(plan.history)
         self._adopt(plan, {}, plan.base_end)
         self._unmarked_writes = False  # all this process wrote is in the synced new file
@@ -948,12 +745,12 @@ class FileStore(StoreBase):
         history can keep are encoded (``pruned.last``): the earlier ones take their seqs
         and are compacted away, so they are never read."""
         self._ensure_index()
-        self._active.values()  # structure deferred records now: refuse a malformed one
-        cur, header = self._cur, self._header
+        self._view.active.values()  # structure deferred records now: refuse a malformed one
+        cur, header = self._view.cur, self._view.header
         assert cur is not None and header is not None
         j = self._journal
-        read, index, next_seq = j.reader(), self._index, cur.next_seq
-        recent = collections.deque(self._recent, maxlen=self._recent.maxlen)
+        read, index, next_seq = j.reader(), self._view.index, cur.next_seq
+        recent = collections.deque(self._view.recent, maxlen=self._view.recent.maxlen)
         if pruned is not None and pruned.count:
             now, durable = ids.utcnow(), max(self._synced, cur.durable)
             gone = pruned.ids
@@ -971,9 +768,9 @@ class FileStore(StoreBase):
                 lines.append(line)
             read = compaction.with_tail(read, cur.end, b"".join(lines))
         history = list(recent)[len(recent) - retain:] if retain else []
-        return compaction.plan(read, index, self._active, history,
+        return compaction.plan(read, index, self._view.active, history,
                                store_id=header.store_id, created=header.created,
-                               next_seq=next_seq, max_id=self._max_id, old_end=cur.end,
+                               next_seq=next_seq, max_id=self._view.max_id, old_end=cur.end,
                                path=j.path)
 
     def _adopt(self, plan: compaction.Plan, tail: dict[int, int], end: int) -> None:
@@ -983,24 +780,24 @@ class FileStore(StoreBase):
         index = plan.index
         if tail:
             old_end = plan.old_end
-            for run_id, old in self._index.items():  # new runs go last, as in the view
+            for run_id, old in self._view.index.items():  # new runs go last, as in the view
                 if old >= old_end:
                     index[run_id] = tail[old]
-            if len(index) != len(self._index):  # runs pruned in those lines
-                for run_id in [r for r in index if r not in self._index]:
+            if len(index) != len(self._view.index):  # runs pruned in those lines
+                for run_id in [r for r in index if r not in self._view.index]:
                     del index[run_id]
-        self._index = index
-        self._active_at = {run_id: index[run_id] for run_id in self._active_at}
-        self._recent = collections.deque([*plan.history, *tail.values()],
+        self._view.index = index
+        self._view.active_at = {run_id: index[run_id] for run_id in self._view.active_at}
+        self._view.recent = collections.deque([*plan.history, *tail.values()],
                                          maxlen=RETAIN_CHANGES)
-        cur = self._cur
+        cur = self._view.cur
         assert cur is not None
-        self._cur = Cursor(end=end, next_seq=cur.next_seq, durable=end,
+        self._view.cur = Cursor(end=end, next_seq=cur.next_seq, durable=end,
                            latest_end=plan.latest_end, base_end=plan.base_end,
                            compacted_through=plan.compacted_through,
                            checkpoint_seq=plan.compacted_through + 1, vouched=end)
         self._synced = end
-        self._lines = plan.lines + len(tail)
+        self._view.lines = plan.lines + len(tail)
 
     def _compact_beside(self) -> None:
         """Automatic compaction without stopping other processes for it: with only the mutex
@@ -1011,11 +808,11 @@ class FileStore(StoreBase):
         file was replaced meanwhile or the flock cannot be had in ``lock_timeout``, and on an
         I/O error (the caller logs it: the write that found compaction due was stored)."""
         j = self._journal
-        if self._lines < self._compact_retry_at:
+        if self._view.lines < self._compact_retry_at:
             return
         fd: int | None = j.claim_compaction_temp()
         if fd is None:  # another process is compacting: let it, and ask again later
-            self._compact_retry_at = self._lines + _COMPACT_RETRY_LINES
+            self._compact_retry_at = self._view.lines + _COMPACT_RETRY_LINES
             return
         installed: tuple[compaction.Plan, dict[int, int], int] | None = None
         try:
@@ -1031,11 +828,11 @@ class FileStore(StoreBase):
                 if st is None or st.st_nlink == 0 or st.st_size < plan.old_end:
                     return  # replaced or cut meanwhile: the next operation reloads
                 self._catch_up()
-                cur = self._cur
-                if (self._stale or self._lazy or cur is None or cur.end < plan.old_end
+                cur = self._view.cur
+                if (self._stale or self._view.lazy or cur is None or cur.end < plan.old_end
                         or self._torn is not None):  # the next write cuts it, and logs it
                     return
-                self._active.values()  # structure what the catch-up deferred, as _plan does
+                self._view.active.values()  # structure what the catch-up deferred, as _plan does
                 appended = b"".join(chunk for _, chunk in j.read_lines(plan.old_end, cur.end))
                 tail, moves = compaction.reseal_tail(appended, plan.old_end, plan.base_end,
                                                      plan.base_end, j.path, cur.legacy)
@@ -1044,7 +841,7 @@ class FileStore(StoreBase):
                 length, seq = plan.base_end + len(tail), cur.next_seq - 1
                 j.install_temp(COMPACTING_NAME, installing, tail, lambda: self._vouch(
                     zlib.crc32(plan.head[:-1]), length, seq, "compaction"))
-                self._header = j.open()
+                self._view.header = j.open()
                 installed = plan, moves, plan.base_end + len(tail)
             finally:
                 self._lock.release_file()
@@ -1067,18 +864,18 @@ class FileStore(StoreBase):
                                     f"a stored run is unreadable: {exc.reason}") from None
         extra = codec.extra_fields(data)
         if extra:  # a base opened from its summary learns unknown fields as runs are read
-            self._extras[run.id] = extra
+            self._view.extras[run.id] = extra
         return run
 
     def _lookup(self, run_id: str) -> Run:
         """The run with this id (already checked by ``_validate.run_id``)."""
-        run = self._active.get(run_id)
+        run = self._view.active.get(run_id)
         if run is not None:
             return run
-        offset = self._index.get(run_id)
-        if offset is None and self._lazy:
+        offset = self._view.index.get(run_id)
+        if offset is None and self._view.lazy:
             self._ensure_index()
-            offset = self._index.get(run_id)
+            offset = self._view.index.get(run_id)
         if offset is None:
             raise RunNotFoundError(run_id, self._journal.path)
         return self._run_at(offset)
@@ -1086,10 +883,10 @@ class FileStore(StoreBase):
     def _all_runs(self) -> Iterator[Run]:
         """Every run, in insertion order; the file is read in pieces, never whole."""
         self._ensure_index()
-        j, index = self._journal, self._index
+        j, index = self._journal, self._view.index
         lines = gather.lines(j.reader(), array.array("q", index.values()), j.path)
         for (run_id, offset), line in zip(index.items(), lines, strict=True):
-            run = self._active.get(run_id)
+            run = self._view.active.get(run_id)
             yield self._run_at(offset, line) if run is None else run
 
     # -- the contract's hooks (``StoreBase``) -------------------------------------------
@@ -1100,15 +897,15 @@ class FileStore(StoreBase):
             reaped: _Changes = []
             if reap:
                 now = ids.utcnow()
-                for run_id in list(self._machines.get(machine, ())):
-                    dead = reaping.reaped(self._active[run_id], None, now, None)
+                for run_id in list(self._view.machines.get(machine, ())):
+                    dead = reaping.reaped(self._view.active[run_id], None, now, None)
                     if dead is not None:
                         reaped.append((ChangeType.RUN_REAPED, dead))
             if reaped:
                 return self._create_after(reaped, machine, test_dir_hash, make)
-            peers = self._machines.get(machine)
+            peers = self._view.machines.get(machine)
             if peers:
-                active = self._active[peers[0]]
+                active = self._view.active[peers[0]]
                 same = active.test_dir_hash == test_dir_hash
                 return (active, PrepareOutcome.REUSE if same else PrepareOutcome.BUSY), []
             return self._create_after([], machine, test_dir_hash, make)
@@ -1126,12 +923,12 @@ class FileStore(StoreBase):
     def _new(self, run: Run) -> Run:
         """The first stored version of a validated ``run``: a new id, revision 1 and, when
         non-terminal, this process as owner."""
-        return transitions.fresh(run, ids.new_run_id(self._max_id), owner.current())
+        return transitions.fresh(run, ids.new_run_id(self._view.max_id), owner.current())
 
     def _create_run(self, run: Run) -> Run:
         def decide() -> _Decision[Run]:
-            if not run.status.is_terminal and run.machine in self._machines:
-                occupant = self._active[self._machines[run.machine][0]]
+            if not run.status.is_terminal and run.machine in self._view.machines:
+                occupant = self._view.active[self._view.machines[run.machine][0]]
                 raise MachineBusyError(run.machine, occupant.id)
             new = self._new(run)
             return new, [(ChangeType.RUN_CREATED, new)]
@@ -1202,7 +999,7 @@ class FileStore(StoreBase):
         them. When the sync fails, nothing is shown (``IOKind.SYNC_READ``) and the next
         call rewrites the file first (through a synced temp file), as after a write's
         failed sync, so that whatever it shows then is durable."""
-        cur, j = self._cur, self._journal
+        cur, j = self._view.cur, self._journal
         if (not self.durable or cur is None or j.fd is None
                 or cur.end <= max(self._synced, cur.durable)):
             return
@@ -1260,7 +1057,7 @@ class FileStore(StoreBase):
         st = os.fstat(j.fd)
         if (st.st_dev, st.st_ino) != (dev, ino) or st.st_size < limit:
             return False
-        cur = self._cur
+        cur = self._view.cur
         if self._stale or cur is None or cur.end != limit:
             self._load_intact(limit)
         return True
@@ -1278,8 +1075,8 @@ class FileStore(StoreBase):
             raise CorruptStoreError(j.path, 0, "the header line is truncated")
         header = parse_header(first[:nl], j.path)
         self._reset_view()
-        self._header = header
-        cur = self._cur = cursor_after_header(header, header.start)
+        self._view.header = header
+        cur = self._view.cur = cursor_after_header(header, header.start)
         cur.durable = max(cur.durable, limit)
         start = header.start
         if self._load_checkpoint(header, limit):
@@ -1302,7 +1099,7 @@ class FileStore(StoreBase):
         Linearizable: a change completes its ``write`` before it is acknowledged, so a
         change acknowledged before this call shows, in full, in the bytes read here; one
         still being made is not acknowledged yet and may be ordered after this read."""
-        j, cur = self._journal, self._cur
+        j, cur = self._journal, self._view.cur
         if (self._stale or self._resync or cur is None or j.fd is None
                 or self._pid != owner.pid()):
             return False
@@ -1328,7 +1125,7 @@ class FileStore(StoreBase):
         early: list[tuple[Run, transitions.Step | None, bytes]] = []
 
         def guess() -> None:
-            stored = None if self._stale else self._active.get(run_id)
+            stored = None if self._stale else self._view.active.get(run_id)
             if stored is None:
                 return
             try:
@@ -1336,11 +1133,11 @@ class FileStore(StoreBase):
             except RunstoreError:
                 return  # decided again under the flock, where it raises for real
             fields = b"" if step is None else codec.checked_fields(step[0],
-                                                                   self._extras.get(run_id))
+                                                                   self._view.extras.get(run_id))
             early.append((stored, step, fields))
 
         def decide() -> _Decision[Run]:
-            if early and self._active.get(run_id) is early[0][0]:
+            if early and self._view.active.get(run_id) is early[0][0]:
                 stored, step, fields = early[0]
                 if step is not None:
                     self._made[run_id] = (step[0], fields)
@@ -1426,16 +1223,16 @@ class FileStore(StoreBase):
         iteration goes from the file as it is now (``runscan``)."""
 
         def snapshot() -> tuple[int, runscan.Snapshot]:
-            header, cur = self._header, self._cur
+            header, cur = self._view.header, self._view.cur
             assert header is not None and cur is not None
-            if self._lazy:
-                point = self._opened_at
+            if self._view.lazy:
+                point = self._view.opened_at
                 snap = runscan.Snapshot(
-                    header, cur.end, dict(self._index), set(self._tail_pruned),
+                    header, cur.end, dict(self._view.index), set(self._view.tail_pruned),
                     None if point is None else (point[0], point[1].next_seq))
             else:
                 snap = runscan.Snapshot(header, cur.end, {}, set(),
-                                        offsets=array.array("q", self._index.values()))
+                                        offsets=array.array("q", self._view.index.values()))
             return self._journal.hold(), snap
 
         fd, snap = self._read(snapshot)
@@ -1450,13 +1247,13 @@ class FileStore(StoreBase):
 
     def _active_of(self, machine: str) -> Run | None:
         def answer() -> Run | None:
-            peers = self._machines.get(machine)
-            return self._active[peers[0]] if peers else None
+            peers = self._view.machines.get(machine)
+            return self._view.active[peers[0]] if peers else None
 
         return self._read(answer, machine)
 
     def _active_runs(self) -> _Runs:
-        return self._read(lambda: self._active.values())  # the view's, after any reload
+        return self._read(lambda: self._view.active.values())  # the view's, after any reload
 
     def _compact_now(self) -> None:
 
@@ -1472,9 +1269,9 @@ class FileStore(StoreBase):
 
         def decide() -> _Decision[_Runs]:
             now = ids.utcnow()
-            reaped = [r for r in (reaping.reaped(run, self._changed_at.get(run.id), now,
+            reaped = [r for r in (reaping.reaped(run, self._view.changed_at.get(run.id), now,
                                                  stale_after)
-                                  for run in self._active.values()) if r is not None]
+                                  for run in self._view.active.values()) if r is not None]
             if dry_run:
                 return reaped, []
             return reaped, [(ChangeType.RUN_REAPED, r) for r in reaped]
@@ -1537,7 +1334,7 @@ class FileStore(StoreBase):
         are not active, so ``keep_last`` picks its runs without reading any (a record is
         made a ``Run`` only to judge ``older_than``)."""
         self._ensure_index()
-        active, index = self._active, self._index
+        active, index = self._view.active, self._view.index
         if keep_last is not None:
             count = max(len(index) - len(active) - keep_last, 0)
             now: _dt.datetime | None = None
@@ -1555,7 +1352,7 @@ class FileStore(StoreBase):
         j = self._journal
         lines = gather.lines(j.reader(), offsets, j.path)
         for run_id, offset, line in zip(chosen, offsets, lines, strict=True):
-            data = self._decode_at(offset, line)
+            data = decode_at(self._journal.path, offset, line)
             if now is not None and older_than is not None:
                 if not retention.ended_before(self._run_of(data, offset), now, older_than):
                     continue
@@ -1601,7 +1398,7 @@ class FileStore(StoreBase):
         at the call (a descriptor of it is kept until the iteration ends)."""
 
         def decide() -> _Decision[tuple[int, int, int, bool] | None]:
-            cur = self._cur
+            cur = self._view.cur
             assert cur is not None
             if since_seq < cur.compacted_through:
                 raise HistoryTruncatedError(since_seq, cur.compacted_through + 1)
@@ -1610,11 +1407,11 @@ class FileStore(StoreBase):
             # from change since_seq + 1 when it is among the last ones the view knows the
             # offsets of (a watcher's usual case: not the whole retained history each poll)
             j, start = self._journal, cur.latest_end
-            k = since_seq + 1 - (cur.next_seq - len(self._recent))
+            k = since_seq + 1 - (cur.next_seq - len(self._view.recent))
             if k >= 0:
                 head = b'{"seq":%d,' % (since_seq + 1)
-                if j.reader()(self._recent[k], len(head)) == head:
-                    start = self._recent[k]
+                if j.reader()(self._view.recent[k], len(head)) == head:
+                    start = self._view.recent[k]
             return (j.hold(), start, cur.end, cur.legacy), []
 
         held = self._read(lambda: decide()[0])
@@ -1623,7 +1420,7 @@ class FileStore(StoreBase):
         return _HeldChanges(self._journal, *held, since_seq)
 
     def _last_seq(self) -> int:
-        return self._read(lambda: self._cur.next_seq - 1 if self._cur else 0)
+        return self._read(lambda: self._view.cur.next_seq - 1 if self._view.cur else 0)
 
     def _watch(self, since_seq: int | None, timeout: float | None,
                poll_interval: float) -> Iterator[Change]:
@@ -1706,7 +1503,7 @@ class FileStore(StoreBase):
 
         def decide() -> _Decision[int]:
             self._ensure_index()  # every id, to refuse duplicates
-            busy = {machine: peers[0] for machine, peers in self._machines.items()}
+            busy = {machine: peers[0] for machine, peers in self._view.machines.items()}
             seen: set[str] = set()
             new: _Changes = []
             extras: dict[str, dict[str, Any]] = {}
@@ -1721,7 +1518,7 @@ class FileStore(StoreBase):
                 new.append((ChangeType.RUN_CREATED, run))
                 if extra:
                     extras[run.id] = extra
-            self._extras.update(extras)
+            self._view.extras.update(extras)
             return len(new), new
 
         return self._transact(decide)
@@ -1731,11 +1528,11 @@ class FileStore(StoreBase):
         """For record ``n`` of an import: False when ``run``'s id is not stored; True when it
         is stored with identical content and ``on_conflict`` is given (skip it); otherwise
         refused (``InvalidRunError``, or what ``on_conflict`` raises)."""
-        at = self._index.get(run.id)
+        at = self._view.index.get(run.id)
         if at is None:
             return False
         if on_conflict is not None:
-            stored = self._active.get(run.id) or self._run_at(at)
+            stored = self._view.active.get(run.id) or self._run_at(at)
             if stored == run:
                 return True
             on_conflict(stored, run)
@@ -1752,7 +1549,7 @@ class FileStore(StoreBase):
         next call."""
         self._before_writing()
         self._ensure_index()
-        j, cur, header = self._journal, self._cur, self._header
+        j, cur, header = self._journal, self._view.cur, self._view.header
         assert cur is not None and header is not None
         start = offset = cur.end
         now, durable, seq = ids.utcnow(), max(self._synced, cur.durable), cur.next_seq
@@ -1763,21 +1560,21 @@ class FileStore(StoreBase):
             lines: list[bytes] = []
             size = 0
             for n, run, extra in records:
-                at = self._index.get(run.id)
+                at = self._view.index.get(run.id)
                 if at is not None and at >= start:
                     raise InvalidRunError(f"record {n}: run {run.id!r} appears twice; "
                                           "nothing was imported")
                 if self._skip_existing(n, run, on_conflict):
                     continue
-                peers = self._machines.get(run.machine)
+                peers = self._view.machines.get(run.machine)
                 if not run.status.is_terminal and peers:
                     _refuse_busy(n, run, {run.machine: peers[0]})
                 line = codec.encode_record(seq, ChangeType.RUN_CREATED, now, durable, run,
                                            extra or None)
                 if extra:
-                    self._extras[run.id] = extra
-                self._recent.append(offset)
-                self._index_version(offset, run.id, None if run.status.is_terminal else run,
+                    self._view.extras[run.id] = extra
+                self._view.recent.append(offset)
+                self._view.index_version(offset, run.id, None if run.status.is_terminal else run,
                                     now, _CREATED)
                 lines.append(line)
                 size += len(line)
@@ -1792,7 +1589,7 @@ class FileStore(StoreBase):
             j.stage(fd, b"".join(lines), sync=True)
             installing = True
             j.install_temp(name, fd)
-            self._header = j.open()
+            self._view.header = j.open()
         except BaseException:
             self._stale = True  # the view took in runs that are not stored
             if not installing:
@@ -1825,14 +1622,14 @@ class FileStore(StoreBase):
             for run in self._all_runs():
                 by_status[run.status.value] += 1
                 by_machine[run.machine] = by_machine.get(run.machine, 0) + 1
-            cur = self._cur
+            cur = self._view.cur
             assert cur is not None
-            live = len(self._index)
+            live = len(self._view.index)
             torn = self._torn
             return StoreStats(
                 path=self._journal.path, file_size=cur.end, runs=live,
                 runs_by_status=by_status, runs_by_machine=by_machine, live_lines=live,
-                superseded_lines=self._lines - live, last_seq=cur.next_seq - 1,
+                superseded_lines=self._view.lines - live, last_seq=cur.next_seq - 1,
                 oldest_seq=cur.compacted_through + 1, durable=self.durable,
                 torn_tail_offset=None if torn is None else torn[0].offset,
                 torn_tail_bytes=0 if torn is None else torn[1] - torn[0].offset)
@@ -1855,7 +1652,7 @@ class FileStore(StoreBase):
 
     def _mark_clean(self) -> _Decision[None]:
         self._before_writing()
-        cur = self._cur
+        cur = self._view.cur
         assert cur is not None
         j = self._journal
         j.sync()
@@ -1863,7 +1660,7 @@ class FileStore(StoreBase):
         j.sync()
         cur.end = os.fstat(j.fd).st_size if j.fd is not None else cur.end
         self._unmarked_writes = False
-        header = self._header
+        header = self._view.header
         if header is not None and j.fd is not None:
             try:  # the journal is synced and marked whatever happens here
                 self._vouch(header.crc, cur.end, cur.next_seq - 1, "clean close")

@@ -227,7 +227,7 @@ def test_a_checkpoint_written_while_records_are_held_counts_them(
         cut.mkdir()
         (cut / "runs.jsonl").write_bytes(data[:end])
         with Store(cut, durable=False) as s:
-            assert s._opened_at is not None and s._opened_at[0] == at
+            assert s._view.opened_at is not None and s._view.opened_at[0] == at
             quick = view(s)
         with full_reading():
             slow = _fresh_view(cut)

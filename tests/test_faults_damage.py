@@ -402,7 +402,7 @@ def test_cut_after_compaction_beside_the_lock_is_refused(
     """A compaction that runs on its own beside the lock vouches for its file too."""
     monkeypatch.setattr(store_module, "RETAIN_CHANGES", 2)
     monkeypatch.setattr(store_module.Store, "_compaction_due",
-                        lambda self: self._lines - self._live() > 2)
+                        lambda self: self._view.lines - self._view.live() > 2)
     path = make_store(tmp_path / "s", closed=False)
     vouch = journal.read_vouch(os.open(tmp_path / "s" / "runs.lock", os.O_RDONLY))
     assert vouch is not None and vouch.by == "compaction" and vouch.length <= path.stat().st_size

@@ -465,7 +465,7 @@ def _without_journal_identity_checks(monkeypatch: pytest.MonkeyPatch) -> None:
         if self._stale or j.fd is None:
             self._load()
             return
-        cur = self._cur
+        cur = self._view.cur
         assert cur is not None
         st = os.fstat(j.fd)
         if st.st_nlink == 0 or st.st_size < cur.end:

@@ -89,7 +89,7 @@ def test_every_crash_state_around_automatic_compactions(tmp_path: pathlib.Path, 
     (beside the lock: the temp file claimed and emptied, written and synced, renamed over
     the journal): 0 violations."""
     monkeypatch.setattr(store_module.Store, "_compaction_due",
-                        lambda self: self._lines > self._live())
+                        lambda self: self._view.lines > self._view.live())
     started = time.monotonic()
     ex = explore(tmp_path, seeds=range(200, 200 + sized(3, 30)), steps=6, durable=True,
                  exhaustive=True, limit=400)

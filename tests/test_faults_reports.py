@@ -87,7 +87,7 @@ def _two_step_prune(self: Store, *, keep_last: int, archive: Any = None, **_: An
         terminal = [r for r in self._all_runs() if r.status.is_terminal]
         doomed = terminal[:max(len(terminal) - keep_last, 0)]
         if archive is not None:
-            interchange.append_archive(os.fspath(archive), doomed, self._extras)
+            interchange.append_archive(os.fspath(archive), doomed, self._view.extras)
         return len(doomed), [(ChangeType.RUN_PRUNED, r) for r in doomed]
 
     removed = self._transact(decide)
