@@ -16,8 +16,7 @@ import orjson
 import pytest
 from faults import ReadLog, checkpoints, full_reading, view
 
-import runstore.store as store_module
-from runstore import Run, Status, Store, codec, journal, owner
+from runstore import Run, Status, Store, _limits, codec, journal, owner
 from runstore.errors import CorruptStoreError
 
 EVERY = 10
@@ -25,7 +24,7 @@ EVERY = 10
 
 @pytest.fixture(autouse=True)
 def often(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY", EVERY)
+    monkeypatch.setattr(_limits, "CHECKPOINT_EVERY", EVERY)
 
 
 @contextlib.contextmanager
