@@ -21,9 +21,14 @@ _FOREIGN = re.compile(r"(.*)\.~([0-9a-f]{16})-[0-9a-f]{8}", re.DOTALL)
 _MICROSECOND = _dt.timedelta(microseconds=1)
 
 
+def utcnow() -> _dt.datetime:
+    """The current time, in UTC (every time a store records: ids, changes, heartbeats)."""
+    return _dt.datetime.now(_dt.UTC)
+
+
 def new_run_id(after: str = "", now: _dt.datetime | None = None) -> str:
     """Return a new id that sorts after ``after`` (the greatest id the store holds)."""
-    moment = now.astimezone(_dt.UTC) if now is not None else _dt.datetime.now(_dt.UTC)
+    moment = now.astimezone(_dt.UTC) if now is not None else utcnow()
     prefix = _prefix(moment)
     last = after[:_PREFIX_LEN]
     if prefix <= last:

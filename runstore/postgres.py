@@ -43,6 +43,7 @@ from psycopg.types.json import Jsonb, set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import _validate, codec, ids, interchange, owner, pgschema, reaping, retention, transitions
+from ._base import RETAIN_CHANGES
 from ._location import redact as safe_dsn  # the DSN fit for messages and stats()
 from .errors import (
     CorruptStoreError,
@@ -56,7 +57,6 @@ from .errors import (
     TableLockTimeoutError,
 )
 from .model import BatchSummary, Change, ChangeType, PrepareOutcome, Run, Status, StoreStats
-from .store import RETAIN_CHANGES
 
 # The backend's errors are defined in runstore.errors (importing runstore must not import
 # psycopg); they stay importable from here.

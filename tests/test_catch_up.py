@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from faults import checkpoints, full_reading, view
 
-import runstore.store as store_module
 from runstore import (
     CorruptStoreError,
     InvalidTransitionError,
@@ -18,6 +17,7 @@ from runstore import (
     RunNotFoundError,
     Status,
     Store,
+    _limits,
     codec,
 )
 
@@ -208,7 +208,7 @@ def test_a_checkpoint_written_while_records_are_held_counts_them(
         holds: list[bool]) -> None:
     """Checkpoints written by a process that holds the other's records list every run:
     opening at each of them (the file cut after it) shows what a full reading shows."""
-    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY", 4)
+    monkeypatch.setattr(_limits, "CHECKPOINT_EVERY", 4)
     with Store(store_dir, durable=False) as me, Store(store_dir, durable=False) as other:
         for n in range(12):
             mine = me.prepare_atomic("m0", "h", lambda: Run("m0", "/t", "h"))[0]
@@ -227,7 +227,7 @@ def test_a_checkpoint_written_while_records_are_held_counts_them(
         cut.mkdir()
         (cut / "runs.jsonl").write_bytes(data[:end])
         with Store(cut, durable=False) as s:
-            assert s._opened_at is not None and s._opened_at[0] == at
+            assert s._view.opened_at is not None and s._view.opened_at[0] == at
             quick = view(s)
         with full_reading():
             slow = _fresh_view(cut)

@@ -11,8 +11,7 @@ import pathlib
 import pytest
 from faults import ReadLog, cycle
 
-import runstore.store as store_module
-from runstore import Store
+from runstore import Store, _limits
 
 
 def _busy(store: Store, cycles: int) -> None:
@@ -58,7 +57,7 @@ def test_a_long_feed_is_read_in_pieces_as_it_is_iterated(
         store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """~5 MB of retained changes: no read over a megabyte, the first changes cost one read,
     and the whole feed is every change once, in order."""
-    monkeypatch.setattr(store_module, "COMPACT_MIN_SUPERSEDED", 10**9)
+    monkeypatch.setattr(_limits, "COMPACT_MIN_SUPERSEDED", 10**9)
     fs = ReadLog()
     with Store(store_dir, durable=False, _fs=fs) as s:
         _busy(s, 3500)

@@ -16,8 +16,7 @@ import orjson
 import pytest
 from faults import ReadLog, checkpoints, full_reading, view
 
-import runstore.store as store_module
-from runstore import Run, Status, Store, codec, journal, owner
+from runstore import Run, Status, Store, _limits, codec, journal, owner
 from runstore.errors import CorruptStoreError
 
 EVERY = 10
@@ -25,7 +24,7 @@ EVERY = 10
 
 @pytest.fixture(autouse=True)
 def often(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY", EVERY)
+    monkeypatch.setattr(_limits, "CHECKPOINT_EVERY", EVERY)
 
 
 @contextlib.contextmanager
@@ -88,11 +87,11 @@ def test_opening_reads_from_the_last_checkpoint_and_sees_the_same(
     fs = ReadLog()
     with Store(store_dir, durable=False, _fs=fs) as s:
         assert fs.read < size / 5
-        assert s._opened_at is not None
+        assert s._view.opened_at is not None
         lazy = (s.active(), [s.active_by_machine(f"m{i}") for i in range(6)], s.last_seq())
         quick = view(s)
     with full_reading(), Store(store_dir, durable=False) as s:
-        assert s._opened_at is None
+        assert s._view.opened_at is None
         slow = view(s)
     assert quick == slow
     assert lazy == (quick[1], quick[7], quick[2])
@@ -177,7 +176,7 @@ def test_after_a_reboot_unsynced_lines_before_a_checkpoint_are_checked(
     shutil.copytree(store_dir, copy)
     size = (store_dir / "runs.jsonl").stat().st_size
     with rebooted(), Store(store_dir, durable=False) as s:
-        assert s._opened_at is None
+        assert s._view.opened_at is None
         recovered = s.list()
         assert s.stats().torn_tail_offset == cut
     assert (store_dir / "runs.jsonl").stat().st_size == size  # reads cut nothing
@@ -194,11 +193,11 @@ def test_in_the_same_boot_a_checkpoint_is_taken_without_rereading(
     size = (store_dir / "runs.jsonl").stat().st_size
     fs = ReadLog()
     with Store(store_dir, durable=False, _fs=fs) as s:
-        assert s._opened_at is not None
+        assert s._view.opened_at is not None
         assert fs.read < size / 5
     fs = ReadLog()
     with rebooted(), Store(store_dir, durable=False, _fs=fs) as s:
-        assert s._opened_at is not None  # taken, after reading the unsynced lines
+        assert s._view.opened_at is not None  # taken, after reading the unsynced lines
         assert fs.read > size / 2
 
 
@@ -218,7 +217,7 @@ def test_damage_before_a_trusted_checkpoint_is_reported_when_first_read(
     data[victim + 13] ^= 0x01
     path.write_bytes(bytes(data))
     with Store(store_dir) as s:
-        assert s._opened_at is not None
+        assert s._view.opened_at is not None
         assert s.last_seq() > 0
         with pytest.raises(CorruptStoreError) as err:
             s.list()
@@ -240,7 +239,7 @@ def test_a_torn_checkpoint_at_the_end_is_passed_over(store_dir: pathlib.Path) ->
     path.write_bytes(data[:offset + 30])
     (store_dir / "runs.lock").write_bytes(lock)
     with Store(store_dir, durable=False) as s:
-        assert s._opened_at is not None
+        assert s._view.opened_at is not None
         assert len(s.list()) > 0
         assert s.stats().torn_tail_offset == offset
     assert path.stat().st_size == offset + 30  # reads cut nothing

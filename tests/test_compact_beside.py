@@ -21,8 +21,18 @@ import orjson
 import pytest
 from faults import FailingFS, cycle, lock_held
 
-import runstore.store as store_module
-from runstore import ChangeType, Run, Status, Store, _temps, codec, compaction, journal, lock
+from runstore import (
+    ChangeType,
+    Run,
+    Status,
+    Store,
+    _limits,
+    _temps,
+    codec,
+    compaction,
+    journal,
+    lock,
+)
 from runstore.errors import CorruptStoreError, UnsafeStoreError
 from runstore.fsio import FileSystem
 
@@ -43,8 +53,8 @@ s.close()
 @pytest.fixture
 def often(monkeypatch: pytest.MonkeyPatch) -> None:
     """Automatic compaction after a few dozen superseded lines."""
-    monkeypatch.setattr(store_module, "COMPACT_MIN_SUPERSEDED", 8)
-    monkeypatch.setattr(store_module, "RETAIN_CHANGES", 4)
+    monkeypatch.setattr(_limits, "COMPACT_MIN_SUPERSEDED", 8)
+    monkeypatch.setattr(_limits, "RETAIN_CHANGES", 4)
 
 
 def _lines(path: pathlib.Path) -> tuple[dict[str, Any], int, list[tuple[int, dict[str, Any]]]]:

@@ -24,7 +24,7 @@ import orjson
 import pytest
 from faults import lock_held
 
-from runstore import LockTimeoutError, PrepareOutcome, Run, Status, Store
+from runstore import LockTimeoutError, PrepareOutcome, Run, Status, Store, _limits
 from runstore import lock as lock_module
 from runstore import store as store_module
 
@@ -117,10 +117,10 @@ def _threads(store_for: Any, machines: Sequence[str], attempts: int, threads: in
 
 
 def _set_knobs(knobs: dict[str, Any]) -> None:
-    """Set ``"store.NAME"`` / ``"lock.Class.NAME"`` attributes (in a worker process only)."""
+    """Set ``"_limits.NAME"`` / ``"lock.Class.NAME"`` attributes (in a worker process only)."""
     for name, value in knobs.items():
         module, *path = name.split(".")
-        target: Any = {"store": store_module, "lock": lock_module}[module]
+        target: Any = {"_limits": _limits, "lock": lock_module}[module]
         for part in path[:-1]:
             target = getattr(target, part)
         assert hasattr(target, path[-1]), f"{name} no longer exists; update this test"
@@ -314,7 +314,7 @@ def test_processes_racing_prepare_never_overlap(
     result = _race_processes(
         store_dir, tmp_path, procs=procs, threads=threads, attempts=attempts,
         machines=[f"m{i}" for i in range(machines)],
-        knobs={"store.COMPACT_MIN_SUPERSEDED": 10**9})  # keep the whole history to replay
+        knobs={"_limits.COMPACT_MIN_SUPERSEDED": 10**9})  # keep the whole history to replay
     seconds = time.monotonic() - started
     found = _check_race(result, store_dir)
     total = procs * threads * attempts
@@ -331,9 +331,9 @@ def test_processes_racing_through_frequent_compactions(
     store_dir: pathlib.Path, tmp_path: pathlib.Path, figures: Any
 ) -> None:
     """The race stays sound while automatic compaction keeps replacing the file under it."""
-    knobs = {"store.COMPACT_MIN_SUPERSEDED": 64, "store.RETAIN_CHANGES": 16}
+    knobs = {"_limits.COMPACT_MIN_SUPERSEDED": 64, "_limits.RETAIN_CHANGES": 16}
     if not hasattr(store_module, "RETAIN_CHANGES"):
-        del knobs["store.RETAIN_CHANGES"]
+        del knobs["_limits.RETAIN_CHANGES"]
     result = _race_processes(store_dir, tmp_path, procs=4, threads=2, attempts=120,
                              machines=["m0", "m1"], knobs=knobs)
     found = _check_race(result, store_dir, full_history=False)
@@ -370,7 +370,7 @@ def test_race_checks_fail_when_the_file_lock_is_broken(
     """With the flock disabled (mutex only) the same race is caught: the checks are not blind."""
     knobs = {"lock.StoreLock._lock_file": lambda self, fd, deadline, timeout: None,
              "lock.StoreLock.release_file": lambda self: None,
-             "store.COMPACT_MIN_SUPERSEDED": 10**9}
+             "_limits.COMPACT_MIN_SUPERSEDED": 10**9}
     for name in knobs:
         module, *path = name.split(".")
         if not hasattr(lock_module.StoreLock, path[-1]) and module == "lock":
@@ -483,7 +483,7 @@ def test_reads_past_too_many_unread_lines_need_no_lock(store_dir: pathlib.Path) 
     with Store(store_dir, lock_timeout=0.2) as s, Store(store_dir, durable=False) as other:
         mine, _ = s.prepare_atomic("m1", "h", lambda: Run("m1", "/t", "h"))
         size = (store_dir / "runs.jsonl").stat().st_size
-        while (store_dir / "runs.jsonl").stat().st_size - size <= store_module._UNREAD_LIMIT:
+        while (store_dir / "runs.jsonl").stat().st_size - size <= _limits.UNREAD_LIMIT:
             other.create(Run("elsewhere", "/t", "h", status=Status.COMPLETED))
         with lock_held(store_dir):
             assert s.get(mine.id) == mine

@@ -22,7 +22,7 @@ from faults import audit_store, lost_acks, read_acks, snapshot_dir, spawn_python
 
 import runstore._scan as scan_module
 import runstore.store as store_module
-from runstore import CorruptStoreError, Run, Status, Store, journal
+from runstore import CorruptStoreError, Run, Status, Store, _fileopen, _limits, journal
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -91,7 +91,7 @@ def mutate(path: pathlib.Path, fn: Callable[[bytes], bytes]) -> bytes:
 @pytest.fixture
 def no_vouch(monkeypatch: pytest.MonkeyPatch) -> None:
     """Broken: the lock file's record of what was synced is never read."""
-    monkeypatch.setattr(store_module, "read_vouch", lambda fd: None)
+    monkeypatch.setattr(_fileopen, "read_vouch", lambda fd: None)
 
 
 @pytest.fixture
@@ -293,8 +293,8 @@ def test_swapped_or_duplicated_lines_broken_variant_is_cut(
         tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, no_vouch: None,
         edit: str) -> None:
     """Broken: a complete line with a valid checksum taken for a torn one is cut off."""
-    real = store_module.judge
-    monkeypatch.setattr(store_module, "judge", lambda read, end, cur, damage: real(
+    real = _fileopen.judge
+    monkeypatch.setattr(_fileopen, "judge", lambda read, end, cur, damage: real(
         read, end, cur, attrs.evolve(damage, torn=True)))
     path = make_store(tmp_path / "s", closed=False)
     damaged = mutate(path, LINE_EDITS[edit])
@@ -346,7 +346,7 @@ def test_vouch_survives_a_later_reopen(tmp_path: pathlib.Path) -> None:
 
 @pytest.fixture
 def small_checkpoints(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY", 8)
+    monkeypatch.setattr(_limits, "CHECKPOINT_EVERY", 8)
 
 
 def _checkpoint_durable(data: bytes) -> int:
@@ -400,9 +400,9 @@ def test_cut_after_compaction_is_refused(tmp_path: pathlib.Path) -> None:
 def test_cut_after_compaction_beside_the_lock_is_refused(
         tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A compaction that runs on its own beside the lock vouches for its file too."""
-    monkeypatch.setattr(store_module, "RETAIN_CHANGES", 2)
+    monkeypatch.setattr(_limits, "RETAIN_CHANGES", 2)
     monkeypatch.setattr(store_module.Store, "_compaction_due",
-                        lambda self: self._lines - self._live() > 2)
+                        lambda self: self._view.lines - self._view.live() > 2)
     path = make_store(tmp_path / "s", closed=False)
     vouch = journal.read_vouch(os.open(tmp_path / "s" / "runs.lock", os.O_RDONLY))
     assert vouch is not None and vouch.by == "compaction" and vouch.length <= path.stat().st_size

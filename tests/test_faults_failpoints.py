@@ -28,9 +28,9 @@ import faults
 import runstore.store
 if {often}:  # compacting on its own (beside the lock) instead of by compact(), as soon as
     # two lines are superseded, however many runs the store has grown to over the kills
-    runstore.store.RETAIN_CHANGES = 2
+    runstore._limits.RETAIN_CHANGES = 2
     runstore.store.Store._compaction_due = (
-        lambda self: self._lines - self._live() > 2)
+        lambda self: self._view.lines - self._view.live() > 2)
 faults.writer({state!r}, {log!r}, {seed}, ops={ops}, durable={durable}, compact_every={ce},
               prune_every={pe}, archive={archive!r})
 """

@@ -34,9 +34,9 @@ import attrs
 import pytest
 from faults import audit_store, figure, in_thread, sized, wait_pid
 
+import runstore.ids
 import runstore.owner
-import runstore.store as store_module
-from runstore import PrepareOutcome, Run, Status, Store, ids, journal
+from runstore import PrepareOutcome, Run, Status, Store, _limits, ids, journal
 
 # -- forks ----------------------------------------------------------------------------------
 
@@ -142,8 +142,8 @@ def _fork_stress(state_dir: Path, tmp_path: Path, forks: int, *, durable: bool) 
 @pytest.fixture
 def low_compaction(monkeypatch: pytest.MonkeyPatch) -> None:
     """Compact beside the lock every few writes, so that forks land in compactions too."""
-    monkeypatch.setattr(store_module, "COMPACT_MIN_SUPERSEDED", 32)
-    monkeypatch.setattr(store_module, "RETAIN_CHANGES", 16)
+    monkeypatch.setattr(_limits, "COMPACT_MIN_SUPERSEDED", 32)
+    monkeypatch.setattr(_limits, "RETAIN_CHANGES", 16)
 
 
 @pytest.mark.usefixtures("low_compaction")
@@ -267,8 +267,8 @@ def clock_ahead(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
     """Call it to step the store's wall clock a day ahead (an NTP step, a resumed VM)."""
 
     def step() -> None:
-        real = store_module._utcnow
-        monkeypatch.setattr(store_module, "_utcnow", lambda: real() + _dt.timedelta(days=1))
+        real = runstore.ids.utcnow
+        monkeypatch.setattr(runstore.ids, "utcnow", lambda: real() + _dt.timedelta(days=1))
 
     return step
 

@@ -37,6 +37,8 @@ from runstore import (
     Status,
     Store,
     UnsafeStoreError,
+    _fileopen,
+    _limits,
     owner,
 )
 from runstore.journal import DATA_NAME, LOCK_NAME, Journal
@@ -466,7 +468,7 @@ def _without_journal_identity_checks(monkeypatch: pytest.MonkeyPatch) -> None:
         if self._stale or j.fd is None:
             self._load()
             return
-        cur = self._cur
+        cur = self._view.cur
         assert cur is not None
         st = os.fstat(j.fd)
         if st.st_nlink == 0 or st.st_size < cur.end:
@@ -492,7 +494,7 @@ def _without_journal_identity_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Journal, "stat_path", stat_path)
     monkeypatch.setattr(Journal, "open", forgetting(original_open))
     monkeypatch.setattr(Journal, "create", forgetting(original_create))
-    monkeypatch.setattr(store_module, "read_vouch", lambda fd: None)  # no record of the file
+    monkeypatch.setattr(_fileopen, "read_vouch", lambda fd: None)  # no record of the file
 
 
 def _live_store_scenario(state_dir: pathlib.Path, how: str) -> list[str]:
@@ -746,10 +748,9 @@ def test_automatic_compaction_beside_the_lock_is_followed(
     store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Automatic compactions (temp file renamed over the journal) by another Store object."""
-    from runstore import store as store_module
 
-    monkeypatch.setattr(store_module, "RETAIN_CHANGES", 4)
-    monkeypatch.setattr(store_module, "COMPACT_MIN_SUPERSEDED", 4)
+    monkeypatch.setattr(_limits, "RETAIN_CHANGES", 4)
+    monkeypatch.setattr(_limits, "COMPACT_MIN_SUPERSEDED", 4)
     with Store(store_dir, durable=False) as a, Store(store_dir, durable=False) as b:
         run = a.create(_run("m0"))
         before = os.stat(store_dir / DATA_NAME).st_ino
@@ -812,12 +813,11 @@ def test_broken_variant_a_new_process_starts_an_empty_store(
     store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Broken variant: without the lock file's record, the busy m0 is CREATED again."""
-    from runstore import store as store_module
 
     with Store(store_dir) as s:
         s.prepare_atomic("m0", "h", _run)
     _lose_journal(store_dir, "deleted")
-    monkeypatch.setattr(store_module, "read_vouch", lambda fd: None)
+    monkeypatch.setattr(_fileopen, "read_vouch", lambda fd: None)
     with Store(store_dir) as s:
         assert s.prepare_atomic("m0", "h", _run)[1] is PrepareOutcome.CREATED
 

@@ -26,7 +26,7 @@ from faults import (
 )
 
 import runstore.store as store_module
-from runstore import Status, Store
+from runstore import Status, Store, _limits
 from runstore.journal import Journal
 
 pytestmark = pytest.mark.timeout(600)
@@ -89,7 +89,7 @@ def test_every_crash_state_around_automatic_compactions(tmp_path: pathlib.Path, 
     (beside the lock: the temp file claimed and emptied, written and synced, renamed over
     the journal): 0 violations."""
     monkeypatch.setattr(store_module.Store, "_compaction_due",
-                        lambda self: self._lines > self._live())
+                        lambda self: self._view.lines > self._view.live())
     started = time.monotonic()
     ex = explore(tmp_path, seeds=range(200, 200 + sized(3, 30)), steps=6, durable=True,
                  exhaustive=True, limit=400)
@@ -114,7 +114,7 @@ def test_every_crash_state_with_checkpoints(tmp_path: pathlib.Path, capsys: Any,
     """Exhaustive, durable and not, with a checkpoint before every other record: every
     crash state opens (after the reboot a power loss is) to a state it may show. A
     checkpoint whose unsynced predecessors were torn is not opened at."""
-    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr(_limits, "CHECKPOINT_EVERY", 2)
     started = time.monotonic()
     ex = explore(tmp_path / "d", seeds=range(300, 300 + sized(3, 20)), steps=7, durable=True,
                  exhaustive=True, limit=400)
@@ -132,7 +132,7 @@ def test_catches_checkpoints_taken_without_checking(tmp_path: pathlib.Path, caps
     """Broken variant: a checkpoint from an earlier boot taken without reading the unsynced
     lines before it. Some crash state then opens past a torn line, to a state no sequence
     of calls made (or fails to be read later)."""
-    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr(_limits, "CHECKPOINT_EVERY", 2)
     monkeypatch.setattr(Journal, "lines_follow", lambda self, lo, hi, next_seq: True)
     started = time.monotonic()
     ex = explore(tmp_path, seeds=range(400, 400 + sized(3, 20)), steps=7, durable=False,

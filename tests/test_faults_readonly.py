@@ -76,7 +76,7 @@ def _torn_store(state_dir: pathlib.Path) -> tuple[list[Run], int]:
 def _cutting_recover(self: Store, damage: Any) -> bool:
     """The old ``Store._recover``: cut a torn tail wherever it is found, reads included."""
     j = self._journal
-    verdict = runstore.journal.judge(j.reader(), os.fstat(j.fd).st_size, self._cur, damage)
+    verdict = runstore.journal.judge(j.reader(), os.fstat(j.fd).st_size, self._view.cur, damage)
     assert verdict is None
     j.truncate(damage.offset, damage.reason)
     self._stale = False

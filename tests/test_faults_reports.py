@@ -23,7 +23,17 @@ import pytest
 from faults import FailingFS, run_for
 
 import runstore.store as store_module
-from runstore import ChangeType, IOKind, Run, Status, Store, StoreIOError, interchange, journal
+from runstore import (
+    ChangeType,
+    IOKind,
+    Run,
+    Status,
+    Store,
+    StoreIOError,
+    _limits,
+    interchange,
+    journal,
+)
 from runstore.fsio import FileSystem
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("clean_cli_env")]
@@ -87,7 +97,7 @@ def _two_step_prune(self: Store, *, keep_last: int, archive: Any = None, **_: An
         terminal = [r for r in self._all_runs() if r.status.is_terminal]
         doomed = terminal[:max(len(terminal) - keep_last, 0)]
         if archive is not None:
-            interchange.append_archive(os.fspath(archive), doomed, self._extras)
+            interchange.append_archive(os.fspath(archive), doomed, self._view.extras)
         return len(doomed), [(ChangeType.RUN_PRUNED, r) for r in doomed]
 
     removed = self._transact(decide)
@@ -373,8 +383,8 @@ def test_an_archive_left_long_is_caught(tmp_path: pathlib.Path,
 def _short_history(monkeypatch: pytest.MonkeyPatch) -> None:
     """Compactions retain 16 changes: a grown store's history is longer than that, as the
     history of a store that filled a disk is (and none runs by itself)."""
-    monkeypatch.setattr(store_module, "RETAIN_CHANGES", 16)
-    monkeypatch.setattr(store_module, "COMPACT_MIN_SUPERSEDED", 10**9)
+    monkeypatch.setattr(_limits, "RETAIN_CHANGES", 16)
+    monkeypatch.setattr(_limits, "COMPACT_MIN_SUPERSEDED", 10**9)
 
 
 def _journal_size(state: pathlib.Path) -> int:
@@ -634,7 +644,7 @@ def test_a_failed_directory_sync_forces_the_rewrite(tmp_path: pathlib.Path) -> N
 def test_a_failed_directory_sync_without_the_rewrite_is_caught(
         tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Broken variant: with no kind calling for the rewrite the file is not rewritten."""
-    monkeypatch.setattr(store_module, "_RESYNC_KINDS", frozenset())
+    monkeypatch.setattr(_limits, "RESYNC_KINDS", frozenset())
     assert not _rewrites_after_a_failed_directory_sync(tmp_path / "s")
 
 

@@ -18,8 +18,7 @@ import orjson
 import pytest
 from faults import Acked, audit_store, figure, lost_acks, read_acks, sized, wait_pid, writer
 
-import runstore.store as store_module
-from runstore import Store
+from runstore import Store, _limits
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -119,8 +118,8 @@ def test_sigkill_loop_compacting_often(tmp_path: pathlib.Path, capsys: Any,
     """The same with thresholds so low that the writers keep compacting on their own, beside
     the lock, while the others write: kills land in the middle of compactions and of the
     copying of what was appended meanwhile (CI size)."""
-    monkeypatch.setattr(store_module, "COMPACT_MIN_SUPERSEDED", 16)
-    monkeypatch.setattr(store_module, "RETAIN_CHANGES", 8)
+    monkeypatch.setattr(_limits, "COMPACT_MIN_SUPERSEDED", 16)
+    monkeypatch.setattr(_limits, "RETAIN_CHANGES", 8)
     _check(capsys, tmp_path, sized(60, 300))
     header = orjson.loads((tmp_path / "state" / "runs.jsonl").read_bytes().split(b"\n")[0])
     assert header["compacted_through"] > 0

@@ -21,8 +21,7 @@ from typing import Any
 import pytest
 from faults import run_for
 
-import runstore.store as store_module
-from runstore import IOKind, PrepareOutcome, Run, Status, Store, StoreIOError
+from runstore import IOKind, PrepareOutcome, Run, Status, Store, StoreIOError, _limits
 from runstore.fsio import FileSystem
 from runstore.journal import DATA_NAME
 
@@ -361,5 +360,5 @@ def test_broken_variant_a_read_without_the_lock_shows_a_failing_append(
         tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Broken variant: a read that never waits for the lock shows the first run of an
     import that then fails."""
-    monkeypatch.setattr(store_module, "_READ_LOCK_WAIT", 0.0)
+    monkeypatch.setattr(_limits, "READ_LOCK_WAIT", 0.0)
     assert _read_during_a_failing_import(tmp_path) == ["m1"]

@@ -509,7 +509,7 @@ def test_no_append_can_be_longer_than_a_torn_tail_may_be() -> None:
 
     limit = runstore.journal.TORN_TAIL_LIMIT
     assert limit > runstore.MAX_RECORD_BYTES * 4
-    assert limit > runstore.store.SMALL_IMPORT_BYTES + 2 * runstore.MAX_RECORD_BYTES
+    assert limit > runstore._limits.SMALL_IMPORT_BYTES + 2 * runstore.MAX_RECORD_BYTES
 
 
 def _big_runs(count: int, size: int) -> list[Run]:
@@ -541,5 +541,5 @@ def test_broken_variant_without_the_byte_bound_a_large_import_is_one_append(
     """Broken variant: counting records alone, the same 21 MB import is one append."""
     import runstore.store
 
-    monkeypatch.setattr(runstore.store, "SMALL_IMPORT_BYTES", 1 << 40)
+    monkeypatch.setattr(runstore._limits, "SMALL_IMPORT_BYTES", 1 << 40)
     assert _appended_in_one_write(store_dir, _big_runs(24, 900_000))

@@ -41,11 +41,11 @@ def test_a_compacted_store_opens_from_its_summary_and_answers_the_same(
         before = _snapshot(s)
         old_terminal = next(r for r in before[0] if r.is_terminal)
     with _reopen(store_dir) as s:
-        assert s._lazy, "the summary path was not taken"
+        assert s._view.lazy, "the summary path was not taken"
         assert s.active() == before[1]  # no indexing needed for the active runs
-        assert s._lazy
+        assert s._view.lazy
         assert s.get(old_terminal.id) == old_terminal  # indexes the base
-        assert not s._lazy
+        assert not s._view.lazy
         assert _snapshot(s) == before
 
 
@@ -54,13 +54,13 @@ def test_changes_after_the_base_keep_order_and_counts(store_dir: pathlib.Path) -
         _fill(s, 20)
         s.compact()
     with _reopen(store_dir) as writer, _reopen(store_dir) as reader:
-        assert reader._lazy
+        assert reader._view.lazy
         first_active = writer.active()[0]
         writer.finish(first_active.id, Status.TIMEOUT)  # a base run changes after the base
         new, _ = writer.prepare_atomic("new-machine", "hn", lambda: Run("new-machine", "/t", "hn"))
         expected = writer.list()
         assert reader.active() == writer.active()  # caught up without indexing the base
-        assert reader._lazy
+        assert reader._view.lazy
         assert reader.stats().runs == len(expected) == 21
         assert reader.list() == expected
         assert reader.list()[-1].id == new.id  # new runs come after every base run
@@ -75,7 +75,7 @@ def test_a_run_pruned_after_the_base_is_gone_once_the_base_is_indexed(
         victim = next(r for r in s.list() if r.is_terminal)
     with _reopen(store_dir) as writer, _reopen(store_dir) as reader:
         reader.last_seq()  # opened lazily, base not indexed
-        assert reader._lazy
+        assert reader._view.lazy
         # a tombstone without the compaction prune() does next (as after a crash between)
         writer._transact(lambda: (None, [(ChangeType.RUN_PRUNED, victim)]))
         assert reader.stats().runs == 9
@@ -88,7 +88,7 @@ def test_ids_with_escapes_are_indexed_through_the_json_parser(store_dir: pathlib
         s.import_runs([Run("m", "/t", "h", id=i, status=Status.COMPLETED) for i in odd])
         s.compact()
     with _reopen(store_dir) as s:
-        assert s._lazy
+        assert s._view.lazy
         assert s.get('quote"id').id == 'quote"id'
         assert [r.id for r in s.list()] == odd
 
@@ -99,7 +99,7 @@ def test_unknown_fields_of_base_runs_survive_export(store_dir: pathlib.Path) -> 
                         "status": "completed", "team": "infra"}])
         s.compact()
     with _reopen(store_dir) as s:
-        assert s._lazy
+        assert s._view.lazy
         out = pathlib.Path(store_dir.parent / "export.json")
         with out.open("wb") as fp:
             s.export(fp)
@@ -204,7 +204,7 @@ def test_a_header_without_a_usable_summary_is_read_line_by_line(
     _rewrite_header(store_dir / "runs.jsonl", summary or {},
                     drop=("base_lines", "base_crc", "max_id", "active"))
     with _reopen(store_dir) as s:
-        assert not s._lazy
+        assert not s._view.lazy
         assert _snapshot(s) == before
 
 
@@ -219,7 +219,7 @@ def test_a_summary_that_disagrees_with_the_bytes_falls_back_to_parsing(
     assert orjson.loads(_lines(journal)[1])["status"] == "completed"
     _rewrite_header(journal, {"active": [0]})  # the first base line is a finished run
     with _reopen(store_dir) as s:
-        assert not s._lazy
+        assert not s._view.lazy
         assert _snapshot(s) == before
 
 
@@ -233,11 +233,11 @@ def test_writes_after_a_lazy_open_compact_correctly(store_dir: pathlib.Path) -> 
             s.finish(run.id, Status.INTERRUPTED)
         expected = s.list()
     with _reopen(store_dir) as s:
-        assert s._lazy
+        assert s._view.lazy
         s.compact()
         assert s.list() == expected
     with _reopen(store_dir) as s:
-        assert s._lazy and s.list() == expected
+        assert s._view.lazy and s.list() == expected
         assert all(r.is_terminal for r in s.list())
         assert attrs.asdict(s.stats())["runs"] == 30
 
@@ -249,7 +249,7 @@ def test_reopening_finds_the_retained_history_where_compaction_put_it(
     with Store(store_dir, durable=False) as s:
         _fill(s, 30)
         s.compact()
-        written = list(s._recent)
+        written = list(s._view.recent)
         with _reopen(store_dir) as again:
-            assert list(again._recent) == written
+            assert list(again._view.recent) == written
             assert [c.seq for c in again.changes(0)] == [c.seq for c in s.changes(0)]

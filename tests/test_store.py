@@ -32,6 +32,7 @@ from runstore import (
     RunStore,
     Status,
     Store,
+    _limits,
     codec,
 )
 from runstore import store as store_module
@@ -801,9 +802,9 @@ def test_auto_compaction_keeps_the_file_bounded(store_dir: pathlib.Path) -> None
     # The bound was once 2 * live + 1100 lines; RETAIN_CHANGES (history kept for lagging
     # watchers) was added since, so the bound follows the module's constants, capped.
     retain = getattr(store_module, "RETAIN_CHANGES", 0)
-    bound_extra = store_module.COMPACT_MIN_SUPERSEDED + retain + 76
+    bound_extra = _limits.COMPACT_MIN_SUPERSEDED + retain + 76
     assert bound_extra <= 6000, "the file may now grow to more than ~6,000 superseded lines"
-    updates = retain + 3 * store_module.COMPACT_MIN_SUPERSEDED
+    updates = retain + 3 * _limits.COMPACT_MIN_SUPERSEDED
     path = store_dir / "runs.jsonl"
     most = 0
     with Store(store_dir, durable=False) as s:
@@ -829,9 +830,9 @@ def test_store_stays_readable_across_automatic_compactions(
 ) -> None:
     """Changes after an automatic compaction are readable by a new Store (regression: in
     durable mode the next line claimed a durable mark past its own offset -> corrupt)."""
-    monkeypatch.setattr(store_module, "COMPACT_MIN_SUPERSEDED", 16)
+    monkeypatch.setattr(_limits, "COMPACT_MIN_SUPERSEDED", 16)
     if hasattr(store_module, "RETAIN_CHANGES"):
-        monkeypatch.setattr(store_module, "RETAIN_CHANGES", 8)
+        monkeypatch.setattr(_limits, "RETAIN_CHANGES", 8)
     path = store_dir / "runs.jsonl"
     with Store(store_dir, durable=durable) as s:
         runs = [s.start(_prepare(s, f"m{i}").id) for i in range(3)]

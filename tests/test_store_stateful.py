@@ -34,7 +34,6 @@ from strategies import (
     update_changes,
 )
 
-import runstore.store as store_module
 from runstore import (
     ConflictError,
     InvalidRunError,
@@ -45,6 +44,7 @@ from runstore import (
     RunNotFoundError,
     Status,
     Store,
+    _limits,
 )
 
 ALLOWED = {
@@ -70,8 +70,8 @@ class StoreModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         # checkpoints every few records, so that reopening begins at one
-        self._checkpoint_every = store_module.CHECKPOINT_EVERY
-        store_module.CHECKPOINT_EVERY = 3
+        self._checkpoint_every = _limits.CHECKPOINT_EVERY
+        _limits.CHECKPOINT_EVERY = 3
         self.dir = tempfile.mkdtemp(prefix="runstore-stateful-")
         self.stores = [Store(self.dir, durable=False), Store(self.dir, durable=False)]
         self.model: dict[str, Run] = {}  # id -> latest version, in insertion order
@@ -82,7 +82,7 @@ class StoreModel(RuleBasedStateMachine):
             for s in self.stores:
                 s.close()
         finally:
-            store_module.CHECKPOINT_EVERY = self._checkpoint_every
+            _limits.CHECKPOINT_EVERY = self._checkpoint_every
             shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- model helpers -----------------------------------------------------------------

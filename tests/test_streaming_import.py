@@ -329,7 +329,7 @@ def test_broken_variant_a_conflict_check_that_skips_changes_the_target(
     before = snapshot(target)
     if kind == "file":
         monkeypatch.setattr(Store, "_skip_existing",
-                            lambda self, n, run, on_conflict: run.id in self._index)
+                            lambda self, n, run, on_conflict: run.id in self._view.index)
     else:
         from runstore.postgres import PostgresStore
 

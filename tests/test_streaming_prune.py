@@ -193,7 +193,7 @@ def test_prune_archive_writes_what_it_did(tmp_path: pathlib.Path, keep: int) -> 
         before = store.list()
         terminal = [r for r in before if r.status.is_terminal]
         doomed = terminal[:max(len(terminal) - keep, 0)]
-        extras = {r.id: store._extras.get(r.id, {}) for r in doomed}
+        extras = {r.id: store._view.extras.get(r.id, {}) for r in doomed}
         seq = store.last_seq()
         assert store.prune(keep_last=keep, archive=archive) == len(doomed)
         gone = {r.id for r in doomed}
@@ -367,17 +367,17 @@ def test_limit_is_the_last_of_the_list(tmp_path: pathlib.Path) -> None:
     state = tmp_path / "s"
     _history(state)
     with Store(state) as store:  # opened from the base's summary and a checkpoint
-        assert store._lazy and store._opened_at is not None
+        assert store._view.lazy and store._view.opened_at is not None
         _limits_match(state, store)
-        assert store._lazy
+        assert store._view.lazy
     with Store(state) as store:
         store.list()  # every run indexed
-        assert not store._lazy
+        assert not store._view.lazy
         _limits_match(state, store)
     with Store(state) as store:
         store.compact()
     with Store(state) as store:
-        assert store._lazy and store._opened_at is None
+        assert store._view.lazy and store._view.opened_at is None
         _limits_match(state, store)
 
 

@@ -1,0 +1,150 @@
+"""Pruning a file store: remove terminal runs by age or count in one rewrite of the
+journal (a compaction that leaves them out, their ``run_pruned`` changes in its retained
+history), after appending them durably to an archive when asked; a failure says what became
+of the runs and of the archive.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import contextlib
+import datetime as _dt
+import functools
+import itertools
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from . import (
+    codec,
+    failpoints,
+    gather,
+    ids,
+    interchange,
+    retention,
+)
+from ._filecompact import _Pruned
+from ._fileopen import Decision
+from ._filewrite import _Writing
+from ._statedir import DATA_NAME
+from ._view import decode_at
+from .errors import (
+    IOKind,
+    StoreIOError,
+)
+
+
+class _Pruning(_Writing):
+    """Pruning (see the module's documentation)."""
+
+    def _prune(self, older_than: _dt.timedelta | None, keep_last: int | None,
+               archive: str | os.PathLike[str] | None, dry_run: bool) -> int:
+        """One step: the journal is rewritten without them (their ``run_pruned`` changes in
+        its retained history, for watchers) through a temp file renamed into place, so a
+        failure (a full disk, a read-only directory) leaves the store as it was and raises
+        ``StoreIOError`` saying that nothing was pruned; it needs no more free space than
+        the smaller file. The archive is written (and synced) first; after a failure it is
+        cut back to what it held before, and when even that fails the error says that it
+        holds the runs, which a retry then appends again."""
+
+        def decide() -> Decision[int]:
+            chosen = self._doomed(older_than, keep_last)
+            if dry_run:
+                return sum(1 for _ in chosen), []
+            first = next(chosen, None)
+            if first is None:
+                return 0, []
+            chosen = itertools.chain((first,), chosen)
+            pruned = _Pruned()
+
+            def taken() -> Iterator[tuple[int, dict[str, Any]]]:
+                for run_id, offset, data in chosen:
+                    pruned.add(run_id, offset, data)
+                    yield offset, data
+
+            j = self._journal
+            assert j.fd is not None
+            st = os.fstat(j.fd)
+            archived = -1  # the archive's size before, once the runs are in it
+            try:
+                if archive is not None:
+                    archived = interchange.append_archive_items(os.fspath(archive), (
+                        interchange.export_item(data, functools.partial(self._run_of, data,
+                                                                        offset))
+                        for offset, data in taken()))
+                    failpoints.hit("prune.after_archive")
+                else:
+                    collections.deque(taken(), maxlen=0)
+                self._compact(pruned=pruned)
+            except StoreIOError as exc:
+                raise self._prune_failed(exc, pruned.count, archive, archived,
+                                         (st.st_dev, st.st_ino)) from None
+            return pruned.count, []
+
+        return self._transact(decide)
+
+    def _doomed(self, older_than: _dt.timedelta | None,
+                 keep_last: int | None) -> Iterator[tuple[str, int, dict[str, Any]]]:
+        """(id, offset, record) of the runs ``prune()`` removes (``retention``'s rule), in
+        insertion order, read from the file as the iteration goes: only the offsets of the
+        candidates are held, never the runs. The terminal runs are the indexed ones that
+        are not active, so ``keep_last`` picks its runs without reading any (a record is
+        made a ``Run`` only to judge ``older_than``)."""
+        self._ensure_index()
+        active, index = self._view.active, self._view.index
+        if keep_last is not None:
+            count = max(len(index) - len(active) - keep_last, 0)
+            now: _dt.datetime | None = None
+        else:
+            count = len(index)
+            now = ids.utcnow()
+        chosen: list[str] = []
+        offsets = array.array("q")
+        for run_id, offset in index.items():
+            if len(chosen) >= count:
+                break
+            if run_id not in active:
+                chosen.append(run_id)
+                offsets.append(offset)
+        j = self._journal
+        lines = gather.lines(j.reader(), offsets, j.path)
+        for run_id, offset, line in zip(chosen, offsets, lines, strict=True):
+            data = decode_at(self._journal.path, offset, line)
+            if now is not None and older_than is not None:
+                if not retention.ended_before(self._run_of(data, offset), now, older_than):
+                    continue
+            elif not codec.fields_sound(data):
+                self._run_of(data, offset)  # refuses a malformed record, as listing does
+            yield run_id, offset, data
+
+    def _prune_failed(self, exc: StoreIOError, count: int,
+                      archive: str | os.PathLike[str] | None, archived: int,
+                      old: tuple[int, int]) -> StoreIOError:
+        """``exc`` (a failed prune of ``count`` runs) saying what became of them: nothing
+        was pruned unless the new file had been renamed over the journal ``old`` (device,
+        inode); then the archive (its size before: ``archived``) is cut back."""
+        runs = f"{count} run{'s' if count != 1 else ''}"
+        replaced = False
+        with contextlib.suppress(OSError):
+            now = os.stat(DATA_NAME, dir_fd=self._journal.dir_fd, follow_symlinks=False)
+            replaced = (now.st_dev, now.st_ino) != old
+        if replaced and exc.kind is IOKind.SYNC_DIR:
+            outcome = (f"the {runs} were pruned, but a power loss may bring them back (the "
+                       "directory could not be synced); run `compact` once the disk is "
+                       "healthy")
+        elif replaced:
+            outcome = (f"the {runs} were pruned (the rewritten journal is in place), but it "
+                       "could not be reopened; the next call reopens it")
+        else:
+            outcome = f"nothing was pruned ({runs} were to be removed; the journal is as it was"
+            if exc.kind is IOKind.ARCHIVE:
+                outcome += "); fix the archive's path or free space, then retry"
+            else:
+                if archive is not None and archived >= 0:
+                    if interchange.cut_archive(os.fspath(archive), archived):
+                        outcome += ", and so is the archive"
+                    else:
+                        outcome += ", but the archive holds them too: a retry appends them again"
+                outcome += "); free space or fix the directory's permissions, then retry"
+        return StoreIOError(exc.path, exc.action, exc.cause, exc.kind, outcome)
