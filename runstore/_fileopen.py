@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import attrs
 
 from . import (
+    _forks,
     _limits,
     codec,
     owner,
@@ -135,8 +136,8 @@ class _Opening:
         assert not self._held
         j = self._journal
         self._torn = None  # found again below while it is there
-        if self._pid != owner.pid():  # forked: the parent's view and descriptors are not ours
-            self._pid = owner.pid()
+        if self._pid != _forks.pid():  # forked: the parent's view and descriptors are not ours
+            self._pid = _forks.pid()
             j.after_fork()
             self._stale = True
         if j.fd is None:

@@ -26,6 +26,7 @@ import os
 from collections.abc import Callable, Iterator
 
 from . import (
+    _forks,
     _limits,
     codec,
     gather,
@@ -363,7 +364,7 @@ class _Writing(_Compacting):
         sync failed are not shown. False (answer as usual) when this process forked or the
         journal open now is not that file."""
         j, intact = self._journal, self._intact
-        if intact is None or j.fd is None or self._pid != owner.pid():
+        if intact is None or j.fd is None or self._pid != _forks.pid():
             return False
         dev, ino, limit, _start, _end = intact
         st = os.fstat(j.fd)
@@ -413,7 +414,7 @@ class _Writing(_Compacting):
         still being made is not acknowledged yet and may be ordered after this read."""
         j, cur = self._journal, self._view.cur
         if (self._stale or self._resync or cur is None or j.fd is None
-                or self._pid != owner.pid()):
+                or self._pid != _forks.pid()):
             return False
         st = j.stat_path()  # the path's: a renamed or deleted journal is not read from
         if st is None or (st.st_dev, st.st_ino) != j.identity:

@@ -31,7 +31,7 @@ import stat
 import zlib
 from collections.abc import Callable, Iterator
 
-from . import codec, failpoints
+from . import _forks, codec, failpoints
 from ._scan import (
     _READ_CHUNK,
     LINE_LIMIT,
@@ -103,7 +103,7 @@ class Journal(TempFiles):
         self.fs = fs
         self.dir_fd = open_state_dir(state_dir, create=create)
         self.fd: int | None = None
-        self._pid = os.getpid()
+        self._pid = _forks.pid()
         #: (st_dev, st_ino) of the file ``fd`` was opened on
         self.identity: tuple[int, int] | None = None
         #: the store id of the first journal opened: every later open must find the same
@@ -247,13 +247,13 @@ class Journal(TempFiles):
 
     def after_fork(self) -> None:
         """In a forked child: drop the parent's descriptors (they are reopened lazily)."""
-        if self._pid == os.getpid():
+        if self._pid == _forks.pid():
             return
         if self.fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
         self.fd = None
-        self._pid = os.getpid()
+        self._pid = _forks.pid()
 
     def exists(self) -> bool:
         try:

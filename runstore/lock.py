@@ -20,7 +20,7 @@ The only module that takes file locks. Why each piece:
 * Fork: a child shares the parent's open file description, so its unlock would release the
   parent's lock. After fork the child closes the inherited descriptor without unlocking,
   opens its own, and gets a fresh mutex (``os.register_at_fork``, plus a check on every
-  acquire against ``owner.pid()``, the pid another at-fork hook keeps without a system call).
+  acquire against ``_forks.pid()``, the pid another at-fork hook keeps without a system call).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import weakref
 from collections.abc import Callable
 from fcntl import LOCK_EX, LOCK_NB, LOCK_UN, flock
 
-from . import owner
+from . import _forks
 from .errors import LockTimeoutError
 
 _EXCLUSIVE_NOW = LOCK_EX | LOCK_NB
@@ -55,7 +55,7 @@ class StoreLock:
         self._mutex = threading.Lock()
         self._fd: int | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of ``_fd``
-        self._pid = os.getpid()
+        self._pid = _forks.pid()
         _live.add(self)
 
     def acquire(self, timeout: float, between: Callable[[], None] | None = None) -> None:
@@ -82,7 +82,7 @@ class StoreLock:
     def acquire_mutex(self, timeout: float) -> None:
         """Take the mutex alone (a read that may not need the file lock); release it with
         ``release_mutex``. ``LockTimeoutError`` after ``timeout`` seconds."""
-        if self._pid != owner.pid():
+        if self._pid != _forks.pid():
             self.after_fork()
         if not self._mutex.acquire(timeout=max(timeout, 0.0)):
             raise LockTimeoutError(self.lock_path, timeout)
@@ -168,11 +168,11 @@ class StoreLock:
                 pass
             self._fd = None
         self._identity = None
-        self._pid = os.getpid()
+        self._pid = _forks.pid()
 
     def close(self) -> None:
         """Close the lock file (the file itself is never deleted)."""
-        if self._fd is not None and self._pid == os.getpid():
+        if self._fd is not None and self._pid == _forks.pid():
             os.close(self._fd)
         self._fd = None
         self._identity = None
@@ -215,9 +215,7 @@ def try_flock(fd: int) -> bool:
     return True
 
 
+@_forks.in_child
 def _after_fork_in_child() -> None:
     for lock in list(_live):
         lock.after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import functools
 import os
 
+from . import _forks
+
 
 @functools.cache
 def boot_id() -> str:
@@ -34,34 +36,22 @@ def process_start(pid: int) -> str:
     return f"{boot_id()}:{fields[19].decode()}" if len(fields) > 19 else ""
 
 
-_pid = os.getpid()
 _me: tuple[str, int, str] | None = None
-
-
-def pid() -> int:
-    """This process's id, without a system call: ``getpid`` costs ~1 us
-    and the store asks on every call, to notice that it runs in a forked child. Kept by an
-    ``os.register_at_fork`` hook, which every fork made through Python runs (``os.fork``,
-    ``multiprocessing``, ``subprocess`` with ``preexec_fn``); a ``fork()`` made behind
-    Python's back by a C extension is not seen."""
-    return _pid
 
 
 def current() -> tuple[str, int, str]:
     """(host, pid, start token) of this process; recomputed after fork."""
     global _me
     if _me is None:
-        _me = (os.uname().nodename, _pid, process_start(_pid))
+        me = _forks.pid()
+        _me = (os.uname().nodename, me, process_start(me))
     return _me
 
 
-def _after_fork_in_child() -> None:
-    global _pid, _me
-    _pid = os.getpid()
+@_forks.in_child
+def _forget_me() -> None:
+    global _me
     _me = None
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def is_alive(host: str, pid: int | None, start: str) -> bool:

@@ -42,7 +42,18 @@ from psycopg import sql
 from psycopg.types.json import Jsonb, set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from . import _validate, codec, ids, interchange, owner, pgschema, reaping, retention, transitions
+from . import (
+    _forks,
+    _validate,
+    codec,
+    ids,
+    interchange,
+    owner,
+    pgschema,
+    reaping,
+    retention,
+    transitions,
+)
 from ._base import RETAIN_CHANGES
 from ._location import redact as safe_dsn  # the DSN fit for messages and stats()
 from .errors import (
@@ -193,7 +204,7 @@ class PostgresStore:
         self._where = f"table {table!r} on {self.server}"
         self._sql = pgschema.Statements(self._names)
         self._closed = False
-        self._pid = os.getpid()
+        self._pid = _forks.pid()
         self._pool_lock = threading.Lock()
         #: test-only: called as hook(point, connection) at "before_feed" (the run rows are
         #: written, the change feed not yet) and "before_commit"
@@ -243,13 +254,13 @@ class PostgresStore:
     def _pool_here(self) -> ConnectionPool[_Conn]:
         if self._closed:
             raise ValueError(f"the store for {self._where} is closed")
-        if self._pid != os.getpid():
+        if self._pid != _forks.pid():
             with self._pool_lock:
-                if self._pid != os.getpid():
+                if self._pid != _forks.pid():
                     # forked: the parent's pooled connections are the parent's; leave them
                     # untouched (closing them here would end the parent's sessions)
                     self._pool = self._new_pool()
-                    self._pid = os.getpid()
+                    self._pid = _forks.pid()
         return self._pool
 
     @contextlib.contextmanager
@@ -921,7 +932,7 @@ class PostgresStore:
         if self._closed:
             return
         self._closed = True
-        if self._pid == os.getpid():
+        if self._pid == _forks.pid():
             self._pool.close()
 
     def __enter__(self) -> PostgresStore:
@@ -941,12 +952,11 @@ def migrate(dsn: str, table: str = "runs") -> tuple[int, int]:
         return pgschema.migrate(conn, table, safe_dsn(dsn))
 
 
+@_forks.in_child
 def _after_fork_in_child() -> None:
     for store in list(_stores):
         store._forget_parent_pool()
 
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _reason(exc: psycopg.Error) -> str:

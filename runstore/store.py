@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 from . import (
+    _forks,
     _targets,
     _validate,
     codec,
@@ -78,7 +79,7 @@ class FileStore(_Importing, StoreBase):
         self._lock = StoreLock(self._journal.open_lock_file, self._journal.lock_path,
                                self._journal.stat_lock_file)
         self._lock_error = None
-        self._pid = os.getpid()
+        self._pid = _forks.pid()
         self._closed = False
         self._unmarked_writes = False
         self._resync = False
@@ -381,7 +382,7 @@ class FileStore(_Importing, StoreBase):
         if self._closed:
             return
         try:
-            if self._unmarked_writes and self._pid == os.getpid():
+            if self._unmarked_writes and self._pid == _forks.pid():
                 self._transact(self._mark_clean, shows=False)
         finally:
             self._closed = True
@@ -457,12 +458,10 @@ class _HeldChanges:
             raise
 
 
+@_forks.in_child
 def _after_fork_in_child() -> None:
     for store in list(_stores):
         store._forget_parent_calls()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _changes_read(journal: Journal, fd: int, start: int, end: int, legacy: bool,

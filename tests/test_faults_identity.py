@@ -38,8 +38,8 @@ from runstore import (
     Store,
     UnsafeStoreError,
     _fileopen,
+    _forks,
     _limits,
-    owner,
 )
 from runstore.journal import DATA_NAME, LOCK_NAME, Journal
 from runstore.lock import StoreLock
@@ -461,8 +461,8 @@ def _without_journal_identity_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     def catch_up(self: Store, about: str | None = None) -> None:
         j = self._journal
         self._reading = False  # a read (re)creates a missing journal too, as every call did
-        if self._pid != owner.pid():
-            self._pid = owner.pid()
+        if self._pid != _forks.pid():
+            self._pid = _forks.pid()
             j.after_fork()
             self._stale = True
         if self._stale or j.fd is None:

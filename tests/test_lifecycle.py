@@ -32,6 +32,7 @@ from runstore import (
     RunStore,
     Status,
     Store,
+    _forks,
     owner,
 )
 from runstore.store import RETAIN_CHANGES
@@ -70,15 +71,15 @@ def test_created_and_started_runs_record_this_process_as_owner(open_store: OpenS
 
 
 def test_a_forked_child_knows_its_own_pid_without_asking_the_kernel() -> None:
-    """``owner.pid()`` (the store's fork check, kept by an at-fork hook) and the owner a
+    """``_forks.pid()`` (the store's fork check, kept by an at-fork hook) and the owner a
     forked child records are the child's, also after the parent asked before forking."""
-    assert owner.pid() == os.getpid() and owner.current()[1] == os.getpid()
+    assert _forks.pid() == os.getpid() and owner.current()[1] == os.getpid()
     child = os.fork()
     if child == 0:  # pragma: no cover - the child reports through its exit status
-        os._exit(0 if owner.pid() == os.getpid() == owner.current()[1] else 1)
+        os._exit(0 if _forks.pid() == os.getpid() == owner.current()[1] else 1)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert owner.pid() == os.getpid()
+    assert _forks.pid() == os.getpid()
 
 
 def test_sigkilled_owner_is_reaped_and_machine_freed(backend: Backend, tmp_path: Path) -> None:
