@@ -19,9 +19,9 @@ from .store import Store
 #: the fields of a run in the order ``show`` prints them (the order of the JSON record)
 SHOW_FIELDS = ("id", *(name for name in codec.RUN_FIELDS if name != "id"))
 #: the keys of ``stats --json`` that come from ``Store.stats()``
-STATS_FIELDS = ("path", "file_size", "runs_by_status", "runs_by_machine", "live_lines",
-                "superseded_lines", "last_seq", "oldest_seq", "torn_tail_offset",
-                "torn_tail_bytes")
+STATS_FIELDS = ("location", "size_bytes", "runs_by_status", "runs_by_machine",
+                "retained_changes", "superseded_lines", "last_seq", "oldest_seq",
+                "torn_tail_offset", "torn_tail_bytes")
 _ID_TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"  # the time prefix of ids made by runstore.ids
 _ID_TIME_LEN = len("20260101T000000.000000Z")
 #: how many runs ``list`` formats and writes at a time
@@ -175,7 +175,7 @@ def _cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
         "store": where.display, "backend": "postgresql" if where.postgres else "file",
         "state_dir": None if where.postgres else where.target, "source": where.source}
     data.update((name, getattr(stats, name)) for name in STATS_FIELDS)
-    data["path"] = _location.redact(stats.path)  # the backend leaves the password out; make sure
+    data["location"] = _location.redact(stats.location)  # the backend hides the password too
     data["runs"] = sum(stats.runs_by_status.values())
     if args.json:
         ctx.print(_dumps(data, indent=True))
@@ -183,15 +183,15 @@ def _cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
     p = ctx.paint
     if where.postgres:
         where_lines = [
-            ("database", fmt.visible(data["path"])),
-            ("table size", f"{fmt.size(stats.file_size)} ({stats.file_size:,} bytes)"),
-            ("rows", f"{stats.live_lines:,} runs, {stats.superseded_lines:,} retained changes"),
+            ("database", fmt.visible(data["location"])),
+            ("table size", f"{fmt.size(stats.size_bytes)} ({stats.size_bytes:,} bytes)"),
+            ("rows", f"{stats.runs:,} runs, {stats.retained_changes:,} retained changes"),
         ]
     else:
         where_lines = [
-            ("file", fmt.visible(stats.path)),
-            ("file size", f"{fmt.size(stats.file_size)} ({stats.file_size:,} bytes)"),
-            ("lines", f"{stats.live_lines:,} live, {stats.superseded_lines:,} superseded"),
+            ("file", fmt.visible(stats.location)),
+            ("file size", f"{fmt.size(stats.size_bytes)} ({stats.size_bytes:,} bytes)"),
+            ("lines", f"{stats.runs:,} live, {stats.superseded_lines or 0:,} superseded"),
         ]
     ctx.print_lines(fmt.key_values([
         ("store", f"{fmt.visible(where.display)} {p.dim(f'(from {where.source})')}"),

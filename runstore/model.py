@@ -156,20 +156,42 @@ class BatchSummary:
 
 @attrs.frozen
 class StoreStats:
-    """What ``stats()`` reports. For a PostgreSQL store ``path`` is the DSN without its
-    password, ``file_size`` the table's size in bytes, and the line counts are rows."""
+    """What ``stats()`` reports; every field means the same on both backends, except the
+    ones marked as the file store's (None or 0 on PostgreSQL)."""
 
-    path: str
-    file_size: int
+    #: where the store is: the journal's path, or the server and table (never a password)
+    location: str
+    #: the bytes the store takes on disk: the journal file, or the runs table, the change
+    #: feed and their indexes
+    size_bytes: int
     runs: int
     runs_by_status: dict[str, int]
     runs_by_machine: dict[str, int]
-    live_lines: int
-    superseded_lines: int
+    #: the changes ``changes()`` can still return (the others were compacted away)
+    retained_changes: int
     last_seq: int
     oldest_seq: int
     durable: bool
-    #: a torn tail found past the valid lines (a write a crash cut short), left in place
-    #: for the next write to cut: its offset and length in bytes (None, 0: there is none)
+    #: the file store's: record lines that are no run's latest version (what a compaction
+    #: removes); None on PostgreSQL, where autovacuum reclaims superseded rows
+    superseded_lines: int | None = None
+    #: the file store's: a torn tail found past the valid lines (a write a crash cut short),
+    #: left in place for the next write to cut: its offset and length in bytes (None, 0:
+    #: there is none)
     torn_tail_offset: int | None = None
     torn_tail_bytes: int = 0
+
+    @property
+    def path(self) -> str:
+        """``location``, by its earlier name."""
+        return self.location
+
+    @property
+    def file_size(self) -> int:
+        """``size_bytes``, by its earlier name."""
+        return self.size_bytes
+
+    @property
+    def live_lines(self) -> int:
+        """``runs``, by its earlier name (each run has one latest version)."""
+        return self.runs

@@ -159,8 +159,8 @@ class PostgresStore:
     - ``compact()`` trims the change feed to the last ``RETAIN_CHANGES`` changes (the file
       store also rewrites its file); the table itself is left to autovacuum. The feed is also
       trimmed automatically every ``TRIM_EVERY`` changes. ``stats()`` reports
-      ``file_size`` as the bytes of the tables and indexes, ``live_lines`` as runs and
-      ``superseded_lines`` as retained changes; ``path`` is the DSN without its password.
+      ``size_bytes`` as the bytes of the tables and indexes, ``superseded_lines`` as None
+      (autovacuum reclaims superseded rows); ``location`` is the DSN without its password.
     - Insertion order (``list()``) and new ids are assigned under the same lock as seqs, so
       ids still increase in insertion order across hosts, but a new id is based on the
       client's clock like the file store's: hosts should keep their clocks in sync (an id
@@ -912,9 +912,9 @@ class PostgresStore:
             assert row is not None
             size, retained, last, compacted = (int(v) for v in row)
             return StoreStats(
-                path=self.server, file_size=size, runs=total, runs_by_status=by_status,
-                runs_by_machine=by_machine, live_lines=total, superseded_lines=retained,
-                last_seq=last, oldest_seq=compacted + 1, durable=self.durable)
+                location=self.server, size_bytes=size, runs=total, runs_by_status=by_status,
+                runs_by_machine=by_machine, retained_changes=retained, last_seq=last,
+                oldest_seq=compacted + 1, durable=self.durable)
 
         return self._transact(body, "reading statistics of")
 

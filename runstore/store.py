@@ -368,8 +368,9 @@ class FileStore(_Importing, StoreBase):
             live = len(self._view.index)
             torn = self._torn
             return StoreStats(
-                path=self._journal.path, file_size=cur.end, runs=live,
-                runs_by_status=by_status, runs_by_machine=by_machine, live_lines=live,
+                location=self._journal.path, size_bytes=cur.end, runs=live,
+                runs_by_status=by_status, runs_by_machine=by_machine,
+                retained_changes=cur.next_seq - 1 - cur.compacted_through,
                 superseded_lines=self._view.lines - live, last_seq=cur.next_seq - 1,
                 oldest_seq=cur.compacted_through + 1, durable=self.durable,
                 torn_tail_offset=None if torn is None else torn[0].offset,

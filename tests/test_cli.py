@@ -368,10 +368,11 @@ def test_stats_json_fields(run_cli: Cli, demo: dict[str, str]) -> None:
     code, out, _ = run_cli("--state-dir", demo["dir"], "stats", "--json")
     assert code == 0
     data = json.loads(out)
-    assert data["path"] == os.path.join(demo["dir"], "runs.jsonl")
-    assert data["file_size"] == os.path.getsize(data["path"])
-    assert data["runs"] == data["live_lines"] == 4
+    assert data["location"] == os.path.join(demo["dir"], "runs.jsonl")
+    assert data["size_bytes"] == os.path.getsize(data["location"])
+    assert data["runs"] == 4
     assert data["superseded_lines"] == 5
+    assert data["retained_changes"] == data["last_seq"] - data["oldest_seq"] + 1
     assert (data["last_seq"], data["oldest_seq"]) == (9, 1)
     assert data["runs_by_status"] == {"pending": 1, "running": 1, "completed": 1, "failed": 1,
                                       "interrupted": 0, "timeout": 0}

@@ -571,7 +571,7 @@ def test_stats_of_a_postgres_location_hides_the_password(
             self._store = store
 
         def stats(self) -> Any:
-            return attrs.evolve(self._store.stats(), path="host=db password=pw-xyz dbname=r")
+            return attrs.evolve(self._store.stats(), location="host=db password=pw-xyz dbname=r")
 
         def __enter__(self) -> Reporting:
             return self

@@ -530,7 +530,8 @@ def test_feed_is_trimmed_automatically_and_says_so(
         store.heartbeat(run.id)
     stats = store.stats()
     assert stats.last_seq == 41
-    retained = stats.superseded_lines
+    retained = stats.retained_changes
+    assert stats.superseded_lines is None
     assert 10 <= retained <= 18 and stats.oldest_seq == 41 - retained + 1
     with pytest.raises(HistoryTruncatedError) as info:
         store.changes(0)
