@@ -35,7 +35,7 @@ from .errors import (
 from .model import BatchSummary, Change, ChangeType, PrepareOutcome, Run, Status, StoreStats
 from .opener import open_store as open  # runstore.open(url_or_path)
 from .protocol import RunStore
-from .store import Store
+from .store import FileStore, Store
 from .verify import CheckReport, check
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ __all__ = [
     "ChangeType",
     "CheckReport",
     "ConflictError",
+    "FileStore",
     "CorruptStoreError",
     "DatabaseConnectionError",
     "DatabaseError",
