@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 from typing import Any
 
 import attrs
 
 from runstore import RunStore, Store
 
+#: the repository's root directory
+ROOT = Path(__file__).resolve().parents[1]
 #: set to 1 (``.ci/run`` does) to turn "PostgreSQL unavailable" from a skip into a failure
 REQUIRE_ENV = "RUNSTORE_REQUIRE_POSTGRES"
 
