@@ -52,7 +52,7 @@ from .errors import (
     StoreIOError,
     UnsafeStoreError,
 )
-from .fsio import FileSystem
+from .fsio import FileSystem, sync_data
 from .lock import flock_until, try_flock
 
 DATA_NAME = "runs.jsonl"
@@ -200,7 +200,7 @@ def write_vouch(lock_fd: int, vouch: Vouch, *, sync: bool) -> None:
         line = b"\n"
     os.pwrite(lock_fd, line, 0)
     if sync:
-        os.fdatasync(lock_fd)
+        sync_data(lock_fd)
 
 
 def missing_error(path: str, vouch: Vouch) -> CorruptStoreError:
