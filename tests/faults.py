@@ -21,6 +21,7 @@ from faultlib.basics import (
 from faultlib.failing_fs import FailingFS, ReadLog
 from faultlib.history import History, Scratch, check_crash_state, record_history
 from faultlib.locking import (
+    break_stress_workers,
     lock_held,
     lock_the_data_file,
     lockf_without_mutex,
@@ -39,9 +40,9 @@ from faultlib.procs import failpoint_names, in_thread, spawn_python, wait_pid, w
 
 __all__ = [
     "WRITE_FATES", "AckLog", "Acked", "FailingFS", "History", "Op", "ReadLog", "RecordingFS",
-    "Replay", "Scratch", "audit_store", "check_crash_state", "checkpoints", "crash_states",
-    "cycle", "failpoint_names", "figure", "full_reading", "history", "in_thread", "lock_held",
-    "lock_the_data_file", "lockf_without_mutex", "lost_acks", "materialise",
+    "Replay", "Scratch", "audit_store", "break_stress_workers", "check_crash_state", "checkpoints",
+    "crash_states", "cycle", "failpoint_names", "figure", "full_reading", "history", "in_thread",
+    "lock_held", "lock_the_data_file", "lockf_without_mutex", "lost_acks", "materialise",
     "no_cross_process_lock", "open_fds", "read_acks", "record_history", "replay", "run_for",
     "scale", "sized", "snapshot_dir", "spawn_python", "view", "wait_pid", "writer",
 ]

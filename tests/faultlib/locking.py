@@ -1,12 +1,14 @@
 """Broken locking, for the proofs that the race tests can fail: ``no_cross_process_lock``,
 ``lockf_without_mutex`` and ``lock_the_data_file`` patch ``runstore.lock.StoreLock`` (and
-the store) in the process that calls them; ``lock_held`` is another process holding the
-store's lock."""
+the store) in the process that calls them; ``break_stress_workers`` makes every worker
+process of a stress run call one of them first; ``lock_held`` is another process holding
+the store's lock."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import random
 import subprocess
@@ -14,11 +16,12 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
+
 import runstore.lock
 import runstore.store
-from runstore import (
-    journal,
-)
+from runstore import _stress_work, journal
+from runstore._stress_work import worker as _real_worker
 
 # -- broken locking (the race test must catch each) -----------------------------------------
 
@@ -113,3 +116,17 @@ def lock_held(state_dir: str | os.PathLike[str]) -> Iterator[None]:
     finally:
         holder.kill()
         holder.wait()
+
+
+def broken_worker(variant: str, *args: Any) -> None:
+    """A stress worker process that first breaks its locking with ``variant`` (the name of a
+    function of this module), then runs the real worker."""
+    globals()[variant]()
+    _real_worker(*args)
+
+
+def break_stress_workers(monkeypatch: pytest.MonkeyPatch, variant: str) -> None:
+    """Every worker process the stress runs of this test start breaks its locking with
+    ``variant`` first (``runstore._stress_work.worker`` is looked up at each start and
+    pickled by name, so a partial of ``broken_worker`` reaches the forked workers)."""
+    monkeypatch.setattr(_stress_work, "worker", functools.partial(broken_worker, variant))
