@@ -8,7 +8,7 @@ syncs (simulated power loss) or to make the k-th call fail with EIO/ENOSPC, with
 ``os.fdatasync`` does not exist (macOS), ``sync_data`` asks for ``fcntl(F_FULLFSYNC)``, which
 also flushes the drive's write cache (a plain ``fsync`` there does not); ``sync_file`` does the
 same wherever ``F_FULLFSYNC`` exists. A file system that refuses ``F_FULLFSYNC`` (EINVAL,
-ENOTSUP) gets ``os.fsync`` instead.
+ENOTSUP, ENOTTY: SMB and other network mounts) gets ``os.fsync`` instead.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import errno
 import fcntl
 import os
 
-#: what F_FULLFSYNC fails with on a file system that does not support it
-_NO_FULLFSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
+#: what F_FULLFSYNC fails with on a file system that does not support it (the file system's
+#: ioctl handler answers EINVAL, ENOTSUP or ENOTTY for a command it does not know)
+_NO_FULLFSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOTTY})
 
 
 def _full_fsync(fd: int, command: int) -> None:

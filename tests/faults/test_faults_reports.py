@@ -23,7 +23,17 @@ import pytest
 from faults import FailingFS, run_for
 
 import runstore.store as store_module
-from runstore import ChangeType, IOKind, Run, Status, Store, StoreIOError, interchange, journal
+from runstore import (
+    ChangeType,
+    IOKind,
+    Run,
+    Status,
+    Store,
+    StoreIOError,
+    fsio,
+    interchange,
+    journal,
+)
 from runstore.fsio import FileSystem
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("clean_cli_env")]
@@ -300,10 +310,13 @@ def test_a_failed_archive_prunes_nothing_and_leaves_the_archive_as_it_was(
     before = _grow(state)
     archive.write_bytes(b'{"id":"older"}\n')
     with Store(state) as s:
-        monkeypatch.setattr(interchange, "os", _archive_os(**ARCHIVE_FAILURES[failure]))
+        proxy = _archive_os(**ARCHIVE_FAILURES[failure])
+        monkeypatch.setattr(interchange, "os", proxy)
+        monkeypatch.setattr(interchange, "sync_file", proxy.fsync)  # the archive's sync
         with pytest.raises(StoreIOError) as info:
             s.prune(keep_last=KEEP, archive=archive)
         monkeypatch.setattr(interchange, "os", os)
+        monkeypatch.setattr(interchange, "sync_file", fsio.sync_file)
         exc = info.value
         assert exc.kind is IOKind.ARCHIVE and exc.path == str(archive)
         assert _reported(exc) == "old" and str(archive) in str(exc)

@@ -122,11 +122,11 @@ def test_not_durable_asks_for_no_fullfsync_per_write(
         assert fake.synced[before:] == []
 
 
-@pytest.mark.parametrize("err", [errno.EINVAL, errno.ENOTSUP])
+@pytest.mark.parametrize("err", [errno.EINVAL, errno.ENOTSUP, errno.ENOTTY])
 def test_fullfsync_refused_falls_back_to_fsync(
         tmp_path: pathlib.Path, no_fdatasync: Callable[..., FakeFullFsync],
         monkeypatch: pytest.MonkeyPatch, err: int) -> None:
-    """A file system refusing F_FULLFSYNC (EINVAL/ENOTSUP) gets a plain fsync instead."""
+    """A file system refusing F_FULLFSYNC (EINVAL/ENOTSUP/ENOTTY) gets a plain fsync."""
     fake = no_fdatasync(err)
     fsyncs = _record_fsyncs(monkeypatch)
     _durable_writes(tmp_path / "s")
