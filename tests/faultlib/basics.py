@@ -13,14 +13,7 @@ from typing import Any
 
 import pytest
 
-from runstore import (
-    PrepareOutcome,
-    Run,
-    Status,
-    Store,
-    codec,
-    journal,
-)
+from runstore import PrepareOutcome, Run, Status, Store, codec, journal
 
 # -- sizes and figures ----------------------------------------------------------------------
 

@@ -15,15 +15,7 @@ from typing import Any
 
 import attrs
 
-from runstore import (
-    CorruptStoreError,
-    Run,
-    Status,
-    Store,
-    StoreIOError,
-    journal,
-    owner,
-)
+from runstore import CorruptStoreError, Run, Status, Store, StoreIOError, journal, owner
 from runstore.errors import RunstoreError
 
 from .basics import run_for

@@ -15,11 +15,7 @@ from typing import Any
 
 import attrs
 
-from runstore import (
-    Run,
-    Status,
-    Store,
-)
+from runstore import Run, Status, Store
 from runstore.errors import RunstoreError
 
 from .acks import AckLog
