@@ -3,6 +3,6 @@
 ``python -m benchmarks.bench_cycle``  the multi-process dispatcher cycle against the alternatives
 ``python -m benchmarks.bench_fresh``  a fresh process: open a store and prepare once; memory
 
-``impls`` holds the implementations behind one small interface, ``pg_server`` starts and stops
-a throwaway PostgreSQL server (reusable from tests).
+``impls`` holds the implementations behind one small interface; ``pg_server`` re-exports the
+throwaway PostgreSQL server of the tests (``tests/pg_server.py``).
 """

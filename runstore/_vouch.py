@@ -14,6 +14,7 @@ from . import codec
 from ._scan import Header
 from ._statedir import LOCK_NAME
 from .errors import CorruptStoreError
+from .fsio import sync_data
 
 #: how many bytes at the start of the lock file hold the vouch (``Vouch``)
 _VOUCH_SIZE = 4096
@@ -79,7 +80,7 @@ def write_vouch(lock_fd: int, vouch: Vouch, *, sync: bool) -> None:
         line = b"\n"
     os.pwrite(lock_fd, line, 0)
     if sync:
-        os.fdatasync(lock_fd)
+        sync_data(lock_fd)
 
 
 def missing_error(path: str, vouch: Vouch) -> CorruptStoreError:

@@ -26,6 +26,7 @@ import orjson
 
 from . import codec, transitions
 from .errors import InvalidRunError, IOKind, StoreIOError
+from .fsio import sync_file
 from .model import Run
 
 #: a number an integer beyond 64 bits may be (or a long digit string)
@@ -103,7 +104,7 @@ def export_to_path(path: str, write: Callable[[IO[bytes]], int]) -> int:
         with tmp:
             count = write(tmp)
             tmp.flush()
-            os.fsync(tmp.fileno())
+            sync_file(tmp.fileno())
         os.replace(tmp.name, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -177,7 +178,7 @@ def append_archive_items(path: str, items: Iterable[bytes]) -> int:
                 buf.clear()
         put(fd, bytes(buf))
         try:
-            os.fsync(fd)
+            sync_file(fd)
         except OSError as exc:
             raise failed(exc) from None
     except BaseException:
@@ -197,7 +198,7 @@ def cut_archive(path: str, size: int) -> bool:
         fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             os.ftruncate(fd, size)
-            os.fsync(fd)
+            sync_file(fd)
         finally:
             os.close(fd)
     except OSError:

@@ -8,7 +8,6 @@ or spawned worker process can open its own handle on the same store.
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import attrs
 
 from runstore import RunStore, Store
 
+#: the repository's root directory
 ROOT = Path(__file__).resolve().parents[1]
 #: set to 1 (``.ci/run`` does) to turn "PostgreSQL unavailable" from a skip into a failure
 REQUIRE_ENV = "RUNSTORE_REQUIRE_POSTGRES"
@@ -51,10 +51,8 @@ def fresh_table() -> str:
 
 
 def pg_server() -> Any:
-    """``benchmarks.pg_server``, importable whatever directory pytest was started from."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from benchmarks import pg_server
+    """The ``pg_server`` module (the throwaway PostgreSQL server beside this file)."""
+    import pg_server
 
     return pg_server
 

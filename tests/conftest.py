@@ -1,6 +1,13 @@
 """Shared fixtures: a fresh state directory, a store that is closed after the test, a
 ``make_run`` factory for the minimal run a dispatcher would prepare, and the backends.
 
+The tests are grouped by what they test: ``unit/`` (one module each), ``contract/`` (the
+store contract on both backends), ``filestore/`` (the file store beyond the contract),
+``faults/`` (power loss, failpoints, SIGKILL, races, I/O errors, bad input, damage...),
+``cli/``, ``postgres/`` and ``stress/`` (the stress command, concurrency, the benchmarks).
+The helpers every test imports by name stay here at the top (``backends``, ``faults`` and
+its modules in ``faultlib/``, ``pg_server``, ``strategies``, ``pieces``, ``demo_runs``).
+
 Contract tests (modules marked ``pytest.mark.contract``: test_store.py, test_lifecycle.py) run
 once per backend: every test that uses ``store``, ``open_store`` or ``backend`` is
 parametrized ``[file]`` and ``[postgres]``. Everywhere else those fixtures are the file store.

@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 import pytest
-from faults import figure
+from faults import break_stress_workers, figure
 
 from runstore import Store, stress
 
@@ -94,17 +94,11 @@ def test_usage_errors(capsys: Any) -> None:
 
 def test_violations_exit_1(capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run whose checks found violations prints them and exits 1."""
-    real = stress.run
-
-    def broken(cfg: stress.Config, **kwargs: Any) -> dict[str, Any]:
-        import attrs
-        return real(attrs.evolve(cfg, setup="faults:no_cross_process_lock", machines=1),
-                    **kwargs)
-
-    monkeypatch.setattr(stress, "run", broken)
+    break_stress_workers(monkeypatch, "no_cross_process_lock")
     # the race is probabilistic: on a loaded machine one short run may not hit it
     for _attempt in range(3):
-        code = stress.main(["--seconds", "2", "--procs", "4", "--threads", "2"])
+        code = stress.main(["--seconds", "2", "--procs", "4", "--threads", "2",
+                            "--machines", "1"])
         out = capsys.readouterr().out
         if code == 1:
             break

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import pytest
-from faults import figure, sized
+from faults import break_stress_workers, figure, sized
 
 from runstore import stress
 
@@ -18,12 +18,11 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def _race(capsys: Any, label: str, *, machines: int, attempts: int, procs: int = 8,
-          threads: int = 2, durable: bool = True, setup: str | None = None,
-          seconds: float = 120.0) -> dict[str, Any]:
+          threads: int = 2, durable: bool = True, seconds: float = 120.0) -> dict[str, Any]:
     started = time.monotonic()
     report = stress.run(stress.Config(procs=procs, threads=threads, machines=machines,
                                       seconds=seconds, durable=durable, attempts=attempts,
-                                      setup=setup, backoff=0.0005))
+                                      backoff=0.0005))
     by_check = {c["name"].split(" (")[0]: c["violations"] for c in report["checks"]}
     figure(capsys, f"race ({label})", processes=procs, threads=threads, machines=machines,
            prepare_attempts=report["prepare_attempts"], operations=report["operations"],
@@ -67,11 +66,12 @@ def test_race_full(capsys: Any, machines: int) -> None:
 # -- the proofs that the race test can fail -------------------------------------------------
 
 
-def _must_catch(capsys: Any, variant: str, **kwargs: Any) -> None:
+def _must_catch(capsys: Any, monkeypatch: pytest.MonkeyPatch, variant: str,
+                **kwargs: Any) -> None:
     """Run the race with a broken lock until a check fails (at most 4 rounds)."""
+    break_stress_workers(monkeypatch, variant)
     for round_ in range(1, 5):
-        report = _race(capsys, f"BROKEN {variant}, round {round_}",
-                       setup=f"faults:{variant}", **kwargs)
+        report = _race(capsys, f"BROKEN {variant}, round {round_}", **kwargs)
         caught = [c["name"] for c in report["checks"]
                   if c["violations"] and not c["name"].startswith("no errors")]
         if caught:
@@ -80,18 +80,18 @@ def _must_catch(capsys: Any, variant: str, **kwargs: Any) -> None:
     pytest.fail(f"the race test did not notice locking broken by {variant}")
 
 
-def test_catches_no_cross_process_lock(capsys: Any) -> None:
+def test_catches_no_cross_process_lock(capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the thread mutex, no flock: processes interleave."""
-    _must_catch(capsys, "no_cross_process_lock", machines=1, attempts=1500, seconds=20)
+    _must_catch(capsys, monkeypatch, "no_cross_process_lock", machines=1, attempts=1500, seconds=20)
 
 
-def test_catches_lockf_without_mutex(capsys: Any) -> None:
+def test_catches_lockf_without_mutex(capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """lockf (a process-wide record lock) and no mutex: threads of one process get in
     together."""
-    _must_catch(capsys, "lockf_without_mutex", machines=1, attempts=1500, procs=4, threads=4,
-                seconds=20)
+    _must_catch(capsys, monkeypatch, "lockf_without_mutex", machines=1, attempts=1500, procs=4,
+                threads=4, seconds=20)
 
 
-def test_catches_locking_the_replaced_file(capsys: Any) -> None:
+def test_catches_locking_the_replaced_file(capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """flock on runs.jsonl, which compaction replaces by rename: two inodes, two holders."""
-    _must_catch(capsys, "lock_the_data_file", machines=1, attempts=1500, seconds=20)
+    _must_catch(capsys, monkeypatch, "lock_the_data_file", machines=1, attempts=1500, seconds=20)

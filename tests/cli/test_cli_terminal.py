@@ -468,7 +468,7 @@ sys.exit(rc)
 """
 #: keeps every history line in memory, as the analysis once did
 _KEEP_HISTORIES = """
-import runstore.stress as _s
+import runstore._stress_check as _s
 _read, _kept = _s._history_items, []
 def _keep(path):
     items = list(_read(path))

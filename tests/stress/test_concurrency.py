@@ -5,13 +5,11 @@ sequence; lock waits are bounded; a forked child neither shares nor releases its
 
 from __future__ import annotations
 
-import collections
 import fcntl
 import json
 import multiprocessing
 import os
 import pathlib
-import random
 import subprocess
 import sys
 import threading
@@ -23,57 +21,19 @@ from typing import Any
 import orjson
 import pytest
 from faults import lock_held
+from racing import merge as _merge
+from racing import overlaps as _overlaps
+from racing import replay as _replay
+from racing import threads as _threads
 
 from runstore import LockTimeoutError, PrepareOutcome, Run, Status, Store, _limits
 from runstore import lock as lock_module
 from runstore import store as store_module
 
 FORK = multiprocessing.get_context("fork")
-HASHES = ("h-a", "h-b")
 
 # -- the dispatcher cycle and its checks ----------------------------------------------------
 
-
-def _cycle(store: Store, machines: Sequence[str], attempts: int, seed: int,
-           make_delay: float = 0.0) -> dict[str, Any]:
-    """Run ``attempts`` dispatcher cycles; log (machine, id, t_active, t_end) per created run.
-
-    ``t_active`` is taken right after prepare_atomic returned CREATED and ``t_end`` right
-    before finish() is called, so [t_active, t_end] lies inside the time the run was really
-    non-terminal: two logged intervals of one machine may never overlap.
-    """
-    rng = random.Random(seed)
-    created: list[tuple[str, str, float, float]] = []
-    counts: collections.Counter[str] = collections.Counter()
-    errors: list[str] = []
-    for _ in range(attempts):
-        machine, h = rng.choice(machines), rng.choice(HASHES)
-
-        def make(machine: str = machine, h: str = h) -> Run:
-            if make_delay:
-                time.sleep(make_delay)
-            return Run(machine, f"/tests/{h}", h)
-
-        try:
-            run, outcome = store.prepare_atomic(machine, h, make)
-            counts[outcome.name] += 1
-            if outcome is not PrepareOutcome.CREATED:
-                if run.machine != machine or run.is_terminal:
-                    errors.append(f"{outcome.name} returned {run!r} for {machine}")
-                if (run.test_dir_hash == h) != (outcome is PrepareOutcome.REUSE):
-                    errors.append(f"{outcome.name} for hash {h} returned {run.test_dir_hash}")
-                continue
-            t_active = time.monotonic()
-            store.start(run.id)
-            if rng.random() < 0.2:
-                store.heartbeat(run.id)
-            t_end = time.monotonic()
-            store.finish(run.id, Status.COMPLETED, exit_code=0)
-            created.append((machine, run.id, t_active, t_end))
-        except Exception:
-            errors.append(traceback.format_exc())
-            break
-    return {"created": created, "counts": dict(counts), "errors": errors}
 
 
 def _finish(child: Any, timeout: float = 30) -> None:
@@ -92,28 +52,6 @@ def _run_to_end(child: Any, timeout: float = 30) -> None:
     _finish(child, timeout)
 
 
-def _merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    merged: dict[str, Any] = {"created": [], "counts": collections.Counter(), "errors": []}
-    for result in results:
-        merged["created"] += [tuple(c) for c in result["created"]]
-        merged["counts"].update(result["counts"])
-        merged["errors"] += result["errors"]
-    return merged
-
-
-def _threads(store_for: Any, machines: Sequence[str], attempts: int, threads: int,
-             seed: int, make_delay: float = 0.0) -> dict[str, Any]:
-    results: list[dict[str, Any]] = [{} for _ in range(threads)]
-
-    def body(i: int) -> None:
-        results[i] = _cycle(store_for(i), machines, attempts, seed * 1000 + i, make_delay)
-
-    workers = [threading.Thread(target=body, args=(i,)) for i in range(threads)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
-    return _merge(results)
 
 
 def _set_knobs(knobs: dict[str, Any]) -> None:
@@ -170,55 +108,11 @@ def _race_processes(state_dir: pathlib.Path, tmp: pathlib.Path, *, procs: int, t
     return _merge([json.loads(out.read_text()) for out in outs])
 
 
-def _overlaps(created: Sequence[tuple[str, str, float, float]]) -> list[tuple[str, str]]:
-    """Pairs of runs of one machine whose logged active intervals overlap."""
-    by_machine: dict[str, list[tuple[float, float, str]]] = collections.defaultdict(list)
-    for machine, run_id, t_active, t_end in created:
-        by_machine[machine].append((t_active, t_end, run_id))
-    bad = []
-    for spans in by_machine.values():
-        spans.sort()
-        latest_end, latest_id = float("-inf"), ""
-        for t_active, t_end, run_id in spans:
-            if t_active < latest_end:
-                bad.append((latest_id, run_id))
-            if t_end > latest_end:
-                latest_end, latest_id = t_end, run_id
-    return bad
-
 
 def _journal(path: pathlib.Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     lines = [orjson.loads(line) for line in path.read_bytes().splitlines()]
     return lines[0], [d for d in lines[1:] if "seq" in d]
 
-
-def _replay(records: Sequence[dict[str, Any]]) -> list[str]:
-    """Problems found by replaying the records in seq order: two non-terminal runs of one
-    machine at once, ids out of creation order, versions out of revision order."""
-    problems = []
-    status: dict[str, str] = {}
-    revision: dict[str, int] = {}
-    active: dict[str, set[str]] = collections.defaultdict(set)
-    last_created = ""
-    for d in records:
-        run_id, machine = d["id"], d["machine"]
-        if d["change"] == "run_created":
-            if run_id in status:
-                problems.append(f"seq {d['seq']}: id {run_id} created twice")
-            if run_id <= last_created:
-                problems.append(f"seq {d['seq']}: id {run_id} sorts before {last_created}")
-            last_created = run_id
-        elif d["revision"] != revision.get(run_id, 0) + 1:
-            problems.append(f"seq {d['seq']}: {run_id} revision {d['revision']} after "
-                            f"{revision.get(run_id)}")
-        status[run_id], revision[run_id] = d["status"], d["revision"]
-        if d["status"] in ("pending", "running"):
-            active[machine].add(run_id)
-        else:
-            active[machine].discard(run_id)
-        if len(active[machine]) > 1:
-            problems.append(f"seq {d['seq']}: {machine} has active runs {sorted(active[machine])}")
-    return problems
 
 
 def _check_race(result: dict[str, Any], state_dir: pathlib.Path, *,

@@ -31,6 +31,7 @@ from runstore import (
     Store,
     StoreIOError,
     _limits,
+    fsio,
     interchange,
     journal,
 )
@@ -310,10 +311,13 @@ def test_a_failed_archive_prunes_nothing_and_leaves_the_archive_as_it_was(
     before = _grow(state)
     archive.write_bytes(b'{"id":"older"}\n')
     with Store(state) as s:
-        monkeypatch.setattr(interchange, "os", _archive_os(**ARCHIVE_FAILURES[failure]))
+        proxy = _archive_os(**ARCHIVE_FAILURES[failure])
+        monkeypatch.setattr(interchange, "os", proxy)
+        monkeypatch.setattr(interchange, "sync_file", proxy.fsync)  # the archive's sync
         with pytest.raises(StoreIOError) as info:
             s.prune(keep_last=KEEP, archive=archive)
         monkeypatch.setattr(interchange, "os", os)
+        monkeypatch.setattr(interchange, "sync_file", fsio.sync_file)
         exc = info.value
         assert exc.kind is IOKind.ARCHIVE and exc.path == str(archive)
         assert _reported(exc) == "old" and str(archive) in str(exc)

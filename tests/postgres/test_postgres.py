@@ -19,7 +19,10 @@ import attrs
 import psycopg
 import pytest
 from backends import Backend, fresh_table
-from test_concurrency import _merge, _overlaps, _replay, _threads
+from racing import merge as _merge
+from racing import overlaps as _overlaps
+from racing import replay as _replay
+from racing import threads as _threads
 
 from runstore import (
     CorruptStoreError,
