@@ -386,7 +386,10 @@ def checked_fields(run: Run, extra: dict[str, Any] | None = None,
     try:
         if fields is None:
             fields = record_fields(run, extra)
-        rid = run.id  # as a JSON string: between quotes, unescaped, when plain ASCII
+        rid = run.id
+        if rid.isascii() and len(fields) + 6 * len(rid) + 2 <= MAX_RECORD_BYTES:
+            return fields  # within the limit however its ASCII escapes (\u00XX at most)
+        # as a JSON string: between quotes, unescaped, when plain ASCII
         plain = rid.isascii() and rid.isprintable() and '"' not in rid and "\\" not in rid
         size = len(fields) + (len(rid) + 2 if plain else len(json_string(rid)))
     except orjson.JSONEncodeError as exc:

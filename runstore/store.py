@@ -883,8 +883,10 @@ class Store:
         lines = []
         for change, run in changes:
             made = self._made.pop(run.id, None)
-            fields = codec.checked_fields(run, self._extras.get(run.id), made[1]
-                                          if made is not None and made[0] is run else None)
+            if made is not None and made[0] is run:
+                fields = made[1]  # made, and checked, by ``checked_fields`` (``_write_step``)
+            else:
+                fields = codec.checked_fields(run, self._extras.get(run.id))
             lines.append(codec.encode_record(seq, change, now, durable, run, None, fields))
             seq += 1
         start = cur.end
