@@ -646,12 +646,12 @@ def is_mark(line: bytes, data: dict[str, Any], legacy: bool = False) -> bool:
     read (and lost) as a mark then, and later seqs were handed out again past it, so it is
     read the same way still (``check`` reports it). Raises ``BadLine`` for a line that
     begins with neither key."""
-    if line.startswith(MARK_START):
-        return True
-    if not line.startswith(RECORD_START):
+    if line.startswith(RECORD_START):  # the common line first: one test for a record
+        return legacy and "mark" in data
+    if not line.startswith(MARK_START):
         raise BadLine('neither a record nor a mark line (it does not begin with "seq" or '
                       '"mark", as runstore writes them)')
-    return legacy and "mark" in data
+    return True
 
 
 def check_record(data: dict[str, Any]) -> None:
