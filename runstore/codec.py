@@ -59,6 +59,8 @@ RESERVED_KEYS = META_KEYS | {"mark"}
 #: does (``encode_mark``, ``encode_checkpoint``)
 RECORD_START = b'{"seq":'
 MARK_START = b'{"mark":'
+#: a line's last byte, ``}`` (indexing a byte is cheaper than ``bytes.endswith``)
+_CLOSE = ord("}")
 #: the most bytes a run's record may take (its id and other fields as a journal line holds
 #: them, kept fields included; the line adds its meta fields, under 200 bytes): a larger
 #: one is refused when written, on every backend (``checked_fields``)
@@ -620,7 +622,7 @@ def encode_checkpoint(point: Checkpoint) -> bytes:
 def decode_line(line: bytes) -> dict[str, Any]:
     """Parse and verify one line (without its newline); raise ``BadLine`` if it is not sound."""
     cut = line.rfind(_CRC_SEP)
-    if cut < 0 or not line.endswith(b"}"):
+    if cut < 0 or line[-1] != _CLOSE:  # (not empty when it holds the separator)
         raise BadLine("no checksum field (torn, truncated or not written by runstore)", torn=True)
     try:
         expected = int(line[cut + len(_CRC_SEP):-1])
