@@ -254,12 +254,16 @@ def options(durable: object, lock_timeout: object) -> float:
 def prepare_atomic(machine: object, test_dir_hash: object, make: object,
                    reap: object) -> None:
     """``prepare_atomic(machine, test_dir_hash, make, *, reap)``."""
-    text("machine", machine)
-    text("test_dir_hash", test_dir_hash)
+    if not (type(machine) is str and machine and machine.isascii() and "\x00" not in machine):
+        text("machine", machine)  # (as ``text`` does first, without a call in the common case)
+    if not (type(test_dir_hash) is str and test_dir_hash and test_dir_hash.isascii()
+            and "\x00" not in test_dir_hash):
+        text("test_dir_hash", test_dir_hash)
     if not callable(make):
         raise InvalidRunError(f"make must be a callable returning a runstore.Run, "
                               f"got {make!r}")
-    flag("reap", reap)
+    if reap is not False and reap is not True:
+        flag("reap", reap)
 
 
 def updated_run(value: object) -> Run:
@@ -272,11 +276,13 @@ def updated_run(value: object) -> Run:
 def finish(run_id_: object, exit_code: object, error_code: object, error_msg: object) -> None:
     """``finish(run_id, status, *, exit_code, error_code, error_msg)`` (the status is read by
     ``transitions.terminal_status``)."""
-    run_id(run_id_)
+    if not (type(run_id_) is str and run_id_ and run_id_.isascii() and "\x00" not in run_id_):
+        run_id(run_id_)  # (as ``run_id`` does first, without a call in the common case)
     if exit_code is not None:
         if type(exit_code) is not int:
             raise InvalidRunError(f"exit_code must be an int or None, got {exit_code!r}")
-        int64("exit_code", exit_code)
+        if not INT64_MIN <= exit_code <= INT64_MAX:
+            int64("exit_code", exit_code)
     if not isinstance(error_code, str) or not isinstance(error_msg, str):
         raise InvalidRunError("error_code and error_msg must be strings")
     if error_code:

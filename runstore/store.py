@@ -828,7 +828,7 @@ class Store:
                     self._resync = True
                     raise
                 self._synced = max(self._synced, wrote_to)
-            elif wrote_to < 0 and shows:
+            elif wrote_to < 0 and shows and self.durable:
                 self._make_visible()
             if wrote_to >= 0 and self._compaction_due():
                 try:
