@@ -827,7 +827,8 @@ class Store:
                     self._keep_intact(appended[2] if appended else -1, wrote_to)
                     self._resync = True
                     raise
-                self._synced = max(self._synced, wrote_to)
+                if wrote_to > self._synced:
+                    self._synced = wrote_to
             elif wrote_to < 0 and shows and self.durable:
                 self._make_visible()
             if wrote_to >= 0 and self._compaction_due():
@@ -865,7 +866,9 @@ class Store:
         cur = self._cur
         assert cur is not None
         now = _utcnow()
-        durable = max(self._synced, cur.durable)
+        durable = self._synced  # the greater of it and cur.durable (max() costs more)
+        if cur.durable > durable:
+            durable = cur.durable
         seq = cur.next_seq
         head = b""
         if seq - cur.checkpoint_seq >= CHECKPOINT_EVERY:
@@ -926,7 +929,8 @@ class Store:
         """Whether the lines that are not a run's latest version exceed what the file may
         hold beyond its live runs."""
         live = self._live()
-        return self._lines - live > RETAIN_CHANGES + max(COMPACT_MIN_SUPERSEDED, live)
+        beyond = COMPACT_MIN_SUPERSEDED if COMPACT_MIN_SUPERSEDED > live else live  # (max())
+        return self._lines - live > RETAIN_CHANGES + beyond
 
     def _compact(self, retain: int = RETAIN_CHANGES, pruned: _Pruned | None = None) -> None:
         """Rewrite the file now, the lock held (``compact()``, and after a failed sync):
@@ -1229,7 +1233,7 @@ class Store:
         failed sync, so that whatever it shows then is durable."""
         cur, j = self._cur, self._journal
         if (not self.durable or cur is None or j.fd is None
-                or cur.end <= max(self._synced, cur.durable)):
+                or cur.end <= self._synced or cur.end <= cur.durable):
             return
         try:
             j.sync()
