@@ -184,12 +184,12 @@ def run(value: object) -> Run:
         started, ended, beat = value.started_at, value.ended_at, value.heartbeat_at
         if (value.machine and value.test_dir_hash and joined.isascii()
                 and "\x00" not in joined and type(value.status) is Status
-                and (code is None or type(code) is int and INT64_MIN <= code <= INT64_MAX)
-                and (pid is None or type(pid) is int and INT64_MIN <= pid <= INT64_MAX)
+                and (code is None or (type(code) is int and INT64_MIN <= code <= INT64_MAX))
+                and (pid is None or (type(pid) is int and INT64_MIN <= pid <= INT64_MAX))
                 and type(revision) is int and INT64_MIN <= revision <= INT64_MAX
-                and (started is None or type(started) is _DATETIME and started.tzinfo is _UTC)
-                and (ended is None or type(ended) is _DATETIME and ended.tzinfo is _UTC)
-                and (beat is None or type(beat) is _DATETIME and beat.tzinfo is _UTC)):
+                and (started is None or (type(started) is _DATETIME and started.tzinfo is _UTC))
+                and (ended is None or (type(ended) is _DATETIME and ended.tzinfo is _UTC))
+                and (beat is None or (type(beat) is _DATETIME and beat.tzinfo is _UTC))):
             return value
     if not isinstance(value, Run):
         raise InvalidRunError(f"expected a runstore.Run, got {type(value).__name__}")
