@@ -929,7 +929,8 @@ class Store:
         """Whether the lines that are not a run's latest version exceed what the file may
         hold beyond its live runs."""
         live = self._live()
-        beyond = COMPACT_MIN_SUPERSEDED if live < COMPACT_MIN_SUPERSEDED else live  # (max())
+        # the greater of the two, as max() gives it, without its call
+        beyond = COMPACT_MIN_SUPERSEDED if live < COMPACT_MIN_SUPERSEDED else live
         return self._lines - live > RETAIN_CHANGES + beyond
 
     def _compact(self, retain: int = RETAIN_CHANGES, pruned: _Pruned | None = None) -> None:
