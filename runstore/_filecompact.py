@@ -53,8 +53,10 @@ class _Compacting(_Opening):
         """Whether the lines that are not a run's latest version exceed what the file may
         hold beyond its live runs."""
         live = self._view.live()
-        return (self._view.lines - live
-                > _limits.RETAIN_CHANGES + max(_limits.COMPACT_MIN_SUPERSEDED, live))
+        # the greater of the two, as max() gives it, without its call
+        least = _limits.COMPACT_MIN_SUPERSEDED
+        beyond = least if live < least else live
+        return self._view.lines - live > _limits.RETAIN_CHANGES + beyond
 
     def _compact(self, retain: int | None = None, pruned: _Pruned | None = None) -> None:
         """Rewrite the file now, the lock held (``compact()``, and after a failed sync):

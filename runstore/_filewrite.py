@@ -118,8 +118,9 @@ class _Writing(_Compacting):
                     self._keep_intact(appended[2] if appended else -1, wrote_to)
                     self._resync = True
                     raise
-                self._synced = max(self._synced, wrote_to)
-            elif wrote_to < 0 and shows:
+                if wrote_to > self._synced:
+                    self._synced = wrote_to
+            elif wrote_to < 0 and shows and self.durable:
                 self._make_visible()
             if wrote_to >= 0 and self._compaction_due():
                 try:
@@ -156,7 +157,9 @@ class _Writing(_Compacting):
         cur = self._view.cur
         assert cur is not None
         now = ids.utcnow()
-        durable = max(self._synced, cur.durable)
+        durable = self._synced  # the greater of it and cur.durable (max() costs more)
+        if cur.durable > durable:
+            durable = cur.durable
         seq = cur.next_seq
         head = b""
         if seq - cur.checkpoint_seq >= _limits.CHECKPOINT_EVERY:
@@ -174,8 +177,10 @@ class _Writing(_Compacting):
         lines = []
         for change, run in changes:
             made = self._made.pop(run.id, None)
-            fields = codec.checked_fields(run, self._view.extras.get(run.id), made[1]
-                                          if made is not None and made[0] is run else None)
+            if made is not None and made[0] is run:
+                fields = made[1]  # made, and checked, by ``checked_fields`` (``_step``)
+            else:
+                fields = codec.checked_fields(run, self._view.extras.get(run.id))
             lines.append(codec.encode_record(seq, change, now, durable, run, None, fields))
             seq += 1
         start = cur.end
@@ -314,7 +319,7 @@ class _Writing(_Compacting):
         failed sync, so that whatever it shows then is durable."""
         cur, j = self._view.cur, self._journal
         if (not self.durable or cur is None or j.fd is None
-                or cur.end <= max(self._synced, cur.durable)):
+                or cur.end <= self._synced or cur.end <= cur.durable):
             return
         try:
             j.sync()

@@ -43,6 +43,7 @@ _TEXT_FIELDS = ("test_dir", "artifacts_path", "logs_path", "error_code", "error_
                 "batch_id", "plan_entry", "owner_host", "owner_start")
 _INT_FIELDS = ("exit_code", "owner_pid")
 _TIME_FIELDS = ("started_at", "ended_at", "heartbeat_at")
+_DATETIME, _UTC = _dt.datetime, _dt.UTC
 
 
 # -- the building blocks -------------------------------------------------------------------
@@ -50,6 +51,8 @@ _TIME_FIELDS = ("started_at", "ended_at", "heartbeat_at")
 
 def storable(name: str, value: str) -> str:
     """``value`` (a string) when both backends can store it: no NUL, no lone surrogate."""
+    if value.isascii() and "\x00" not in value:  # the common case, at once
+        return value
     if "\x00" in value:
         raise InvalidRunError(f"{name} must not contain NUL characters, got {value!r}")
     if not value.isascii():
@@ -64,6 +67,8 @@ def storable(name: str, value: str) -> str:
 
 def text(name: str, value: object) -> str:
     """A non-empty, storable string (an id, a machine, a hash)."""
+    if type(value) is str and value and value.isascii() and "\x00" not in value:
+        return value  # the common case, at once (the checks below say what is wrong)
     if not isinstance(value, str) or not value:
         raise InvalidRunError(f"{name} must be a non-empty string, got {value!r}")
     return storable(name, value)
@@ -71,6 +76,8 @@ def text(name: str, value: object) -> str:
 
 def run_id(value: object) -> str:
     """A run id: a non-empty, storable string."""
+    if type(value) is str and value and value.isascii() and "\x00" not in value:
+        return value  # as ``text`` does first, one call less for every call by id
     return text("run id", value)
 
 
@@ -162,6 +169,28 @@ def run(value: object) -> Run:
     """A run about to be stored, checked field by field (the id is checked by the callers
     that keep it: ``update`` and ``import_runs``); returned with its status a ``Status``
     and its timestamps in UTC."""
+    if type(value) is Run:
+        # the common case at a glance, every rule below at once: plain ASCII text without
+        # NUL (a non-string fails the join), plain ints in range, times None or in UTC;
+        # anything else goes through the checks field by field, which say what is wrong
+        try:
+            joined = "".join((value.machine, value.test_dir_hash, value.test_dir,
+                              value.artifacts_path, value.logs_path, value.error_code,
+                              value.error_msg, value.batch_id, value.plan_entry,
+                              value.owner_host, value.owner_start))
+        except TypeError:
+            joined = "\x00"
+        code, pid, revision = value.exit_code, value.owner_pid, value.revision
+        started, ended, beat = value.started_at, value.ended_at, value.heartbeat_at
+        if (value.machine and value.test_dir_hash and joined.isascii()
+                and "\x00" not in joined and type(value.status) is Status
+                and (code is None or (type(code) is int and INT64_MIN <= code <= INT64_MAX))
+                and (pid is None or (type(pid) is int and INT64_MIN <= pid <= INT64_MAX))
+                and type(revision) is int and INT64_MIN <= revision <= INT64_MAX
+                and (started is None or (type(started) is _DATETIME and started.tzinfo is _UTC))
+                and (ended is None or (type(ended) is _DATETIME and ended.tzinfo is _UTC))
+                and (beat is None or (type(beat) is _DATETIME and beat.tzinfo is _UTC))):
+            return value
     if not isinstance(value, Run):
         raise InvalidRunError(f"expected a runstore.Run, got {type(value).__name__}")
     rid = value.id or "<new>"
@@ -225,12 +254,16 @@ def options(durable: object, lock_timeout: object) -> float:
 def prepare_atomic(machine: object, test_dir_hash: object, make: object,
                    reap: object) -> None:
     """``prepare_atomic(machine, test_dir_hash, make, *, reap)``."""
-    text("machine", machine)
-    text("test_dir_hash", test_dir_hash)
+    if not (type(machine) is str and machine and machine.isascii() and "\x00" not in machine):
+        text("machine", machine)  # (as ``text`` does first, without a call in the common case)
+    if not (type(test_dir_hash) is str and test_dir_hash and test_dir_hash.isascii()
+            and "\x00" not in test_dir_hash):
+        text("test_dir_hash", test_dir_hash)
     if not callable(make):
         raise InvalidRunError(f"make must be a callable returning a runstore.Run, "
                               f"got {make!r}")
-    flag("reap", reap)
+    if reap is not False and reap is not True:
+        flag("reap", reap)
 
 
 def updated_run(value: object) -> Run:
@@ -243,11 +276,13 @@ def updated_run(value: object) -> Run:
 def finish(run_id_: object, exit_code: object, error_code: object, error_msg: object) -> None:
     """``finish(run_id, status, *, exit_code, error_code, error_msg)`` (the status is read by
     ``transitions.terminal_status``)."""
-    run_id(run_id_)
+    if not (type(run_id_) is str and run_id_ and run_id_.isascii() and "\x00" not in run_id_):
+        run_id(run_id_)  # (as ``run_id`` does first, without a call in the common case)
     if exit_code is not None:
         if type(exit_code) is not int:
             raise InvalidRunError(f"exit_code must be an int or None, got {exit_code!r}")
-        int64("exit_code", exit_code)
+        if not INT64_MIN <= exit_code <= INT64_MAX:
+            int64("exit_code", exit_code)
     if not isinstance(error_code, str) or not isinstance(error_msg, str):
         raise InvalidRunError("error_code and error_msg must be strings")
     if error_code:

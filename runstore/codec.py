@@ -59,6 +59,8 @@ RESERVED_KEYS = META_KEYS | {"mark"}
 #: does (``encode_mark``, ``encode_checkpoint``)
 RECORD_START = b'{"seq":'
 MARK_START = b'{"mark":'
+#: a line's last byte, ``}`` (indexing a byte is cheaper than ``bytes.endswith``)
+_CLOSE = ord("}")
 #: the most bytes a run's record may take (its id and other fields as a journal line holds
 #: them, kept fields included; the line adds its meta fields, under 200 bytes): a larger
 #: one is refused when written, on every backend (``checked_fields``)
@@ -386,7 +388,10 @@ def checked_fields(run: Run, extra: dict[str, Any] | None = None,
     try:
         if fields is None:
             fields = record_fields(run, extra)
-        rid = run.id  # as a JSON string: between quotes, unescaped, when plain ASCII
+        rid = run.id
+        if rid.isascii() and len(fields) + 6 * len(rid) + 2 <= MAX_RECORD_BYTES:
+            return fields  # within the limit however its ASCII escapes (\u00XX at most)
+        # as a JSON string: between quotes, unescaped, when plain ASCII
         plain = rid.isascii() and rid.isprintable() and '"' not in rid and "\\" not in rid
         size = len(fields) + (len(rid) + 2 if plain else len(json_string(rid)))
     except orjson.JSONEncodeError as exc:
@@ -617,7 +622,7 @@ def encode_checkpoint(point: Checkpoint) -> bytes:
 def decode_line(line: bytes) -> dict[str, Any]:
     """Parse and verify one line (without its newline); raise ``BadLine`` if it is not sound."""
     cut = line.rfind(_CRC_SEP)
-    if cut < 0 or not line.endswith(b"}"):
+    if cut < 0 or line[-1] != _CLOSE:  # (not empty when it holds the separator)
         raise BadLine("no checksum field (torn, truncated or not written by runstore)", torn=True)
     try:
         expected = int(line[cut + len(_CRC_SEP):-1])
@@ -643,12 +648,12 @@ def is_mark(line: bytes, data: dict[str, Any], legacy: bool = False) -> bool:
     read (and lost) as a mark then, and later seqs were handed out again past it, so it is
     read the same way still (``check`` reports it). Raises ``BadLine`` for a line that
     begins with neither key."""
-    if line.startswith(MARK_START):
-        return True
-    if not line.startswith(RECORD_START):
+    if line.startswith(RECORD_START):  # the common line first: one test for a record
+        return legacy and "mark" in data
+    if not line.startswith(MARK_START):
         raise BadLine('neither a record nor a mark line (it does not begin with "seq" or '
                       '"mark", as runstore writes them)')
-    return legacy and "mark" in data
+    return True
 
 
 def check_record(data: dict[str, Any]) -> None:
