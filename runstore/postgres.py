@@ -3,25 +3,28 @@
 Same methods, return values and errors as ``Store`` (both satisfy ``RunStore``); what differs
 is documented on the class. How the guarantees are kept:
 
+- **One statement per write** (``_pgsql``): the run row and its change-feed row are written by
+  one autocommit statement, which is its own transaction: one round trip, no table lock.
 - **One active run per machine** is enforced by PostgreSQL itself: a partial unique index on
-  ``machine`` for pending/running rows refuses a second one whoever writes it. ``prepare_atomic``
-  is one transaction: ``SELECT ... FOR UPDATE`` of the machine's non-terminal run, then either
-  REUSE/BUSY or an ``INSERT``; when a concurrent creator wins the race, the insert fails on the
-  index, the transaction rolls back and is retried, and the retry sees the winner's run.
-- **No lost updates**: every write is ``UPDATE ... WHERE id = %s AND revision = %s``; zero rows
-  means another writer got there first (``ConflictError`` for ``update()``, a fresh read and
-  another try for ``start``/``finish``/``heartbeat``, which take an id, not a copy).
-- **The change feed** (``<table>_changes``, ``seq`` from the sequence ``<table>_seq``) is written
-  in the same transaction as the change, under a short exclusive lock on the changes table
-  taken at the end of the transaction: seqs are handed out in commit order, so a follower that
-  has read seq N never later finds a committed change below N. ``watch`` is woken by
-  ``LISTEN/NOTIFY`` and reads the feed; it falls back to polling if the listening connection
-  fails.
+  ``machine`` for pending/running rows refuses a second one whoever writes it.
+  ``prepare_atomic`` reads the machine's non-terminal run (REUSE/BUSY), else calls ``make()``
+  and inserts with ``ON CONFLICT DO NOTHING`` on that index; when a concurrent creator won,
+  it reads again and answers with the winner's run. Two round trips when it creates.
+- **No lost updates**: ``start``/``finish``/``heartbeat`` carry the transition rule in the
+  ``UPDATE``'s ``WHERE`` (the row lock orders concurrent writers); ``update`` and every
+  read-decide-write carry ``revision = <expected>``. Zero rows: the run is read and the rule
+  decides (``ConflictError``, ``InvalidTransitionError``, an idempotent no-op, or another
+  try when another writer got there first).
+- **The change feed** is numbered by its followers below a transaction-id horizon: see
+  ``_pgfeed`` for the design and why no committed change is skipped or repeated. ``watch``
+  polls it, backing off while nothing happens.
 - **Connection loss** mid-operation raises ``DatabaseConnectionError`` naming the server (never
-  the password) and whether the change was rolled back (always, unless the connection died
-  during COMMIT itself, when the outcome is unknown and the message says so). Connections come
-  from a ``psycopg_pool.ConnectionPool`` that checks each one before handing it out, so the next
-  call reconnects; threads share one store; a forked child builds its own pool.
+  the password) and whether the change was applied: not at all when the server refused it or
+  the connection broke inside a transaction that never reached COMMIT; unknown when the
+  connection broke during a write statement (each is its own COMMIT) or a COMMIT. Connections
+  come from a ``psycopg_pool.ConnectionPool``; one whose server ended it while idle is found
+  at checkout without a round trip (its socket has something to read) and replaced, so the
+  next call reconnects; threads share one store; a forked child builds its own pool.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
+import select
 import threading
 import time
 import weakref
@@ -38,12 +42,24 @@ from typing import IO, Any, TypeVar
 import orjson
 import psycopg
 import psycopg.errors
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb, set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from . import _validate, codec, ids, interchange, owner, pgschema, reaping, retention, transitions
+from . import (
+    _pgfeed,
+    _pgimport,
+    _pgsql,
+    _validate,
+    codec,
+    ids,
+    interchange,
+    owner,
+    pgschema,
+    reaping,
+    retention,
+    transitions,
+)
 from .errors import (
     CorruptStoreError,
     DatabaseConnectionError,
@@ -55,7 +71,16 @@ from .errors import (
     RunstoreError,
     TableLockTimeoutError,
 )
-from .model import BatchSummary, Change, ChangeType, PrepareOutcome, Run, Status, StoreStats
+from .model import (
+    BatchSummary,
+    Change,
+    ChangeType,
+    PrepareOutcome,
+    Run,
+    Status,
+    StoreStats,
+    replace_run,
+)
 from .store import RETAIN_CHANGES
 
 # The backend's errors are defined in runstore.errors (importing runstore must not import
@@ -72,24 +97,21 @@ __all__ = [
 T = TypeVar("T")
 _Conn = psycopg.Connection[Any]
 _Runs = list[Run]  # inside PostgresStore, ``list`` names the method
-_Changes = list[tuple[ChangeType, Run]]
 
-#: the changes table is trimmed to the last RETAIN_CHANGES whenever the seq crosses a multiple
-#: of this, so it holds between RETAIN_CHANGES and RETAIN_CHANGES + TRIM_EVERY rows
+#: the feed is trimmed to the last RETAIN_CHANGES positions when it has grown this far past
+#: them, so it holds between RETAIN_CHANGES and RETAIN_CHANGES + TRIM_EVERY numbered rows;
+#: every store also numbers (and trims) the feed once per this many of its own writes, so the
+#: feed stays bounded when nobody follows it
 TRIM_EVERY = 1024
-#: how often a transaction is retried after losing a race (unique index, revision check,
+#: how often a call is retried after losing a race (unique index, revision check,
 #: deadlock); each retry means another writer made progress, so this is never reached in
 #: practice
 MAX_ATTEMPTS = 50
-#: the longest ``watch`` sleeps on LISTEN before reading the feed anyway
-_WATCH_WAKEUP = 1.0
+#: the longest ``watch`` waits between two reads of the feed while nothing happens
+_WATCH_WAKEUP = 0.2
 _FIELDS = codec.RUN_FIELDS
 #: rows fetched at a time by ``iter_runs`` and ``export``
 _FETCH = 2000
-
-
-def _columns_sql(names: list[str]) -> sql.Composable:
-    return sql.SQL(", ").join(map(sql.Identifier, names))
 
 
 def _utcnow() -> _dt.datetime:
@@ -129,6 +151,9 @@ class _Retry(Exception):
     """Internal: the transaction lost a race; roll back and run it again."""
 
 
+_NON_TERMINAL = (Status.PENDING, Status.RUNNING)
+
+
 # -- the store -------------------------------------------------------------------------------
 
 
@@ -150,26 +175,30 @@ class PostgresStore:
 
     Where it differs from ``Store``:
 
-    - ``seq`` comes from a PostgreSQL sequence. Changes are numbered in commit order and
-      ``changes()``/``watch()`` never skip or repeat one, but the numbers can have *gaps*:
-      a transaction that loses its connection after drawing its seq, and a server crash
-      (sequences are not rolled back), leave numbers unused. The file store's seqs are
-      gap-free. ``last_seq()`` is the latest committed seq.
+    - Writers never serialise on a lock of the change feed: a change's ``seq`` is assigned
+      by the readers of the feed (``_pgfeed``), gap-free and increasing like the file
+      store's, in transaction-id order (commit order per run). A follower sees a change once
+      every transaction in the cluster that was writing when it committed has ended: an
+      open writing transaction (a long ``import_runs``, another program's) holds the feed
+      back, never the writers. ``last_seq()`` is the latest numbered change.
     - ``compact()`` trims the change feed to the last ``RETAIN_CHANGES`` changes (the file
       store also rewrites its file); the table itself is left to autovacuum. The feed is also
       trimmed automatically every ``TRIM_EVERY`` changes. ``stats()`` reports
       ``file_size`` as the bytes of the tables and indexes, ``live_lines`` as runs and
       ``superseded_lines`` as retained changes; ``path`` is the DSN without its password.
-    - Insertion order (``list()``) and new ids are assigned under the same lock as seqs, so
-      ids still increase in insertion order across hosts, but a new id is based on the
-      client's clock like the file store's: hosts should keep their clocks in sync (an id
-      after a clock step back is still greater, just not a true time).
-    - ``prepare_atomic`` calls ``make()`` inside its transaction but, since the machine had
-      no active run, without any lock on the machine: if a concurrent creator for the same
-      machine commits first, ``make()``'s run is discarded and the call returns that
-      creator's run (REUSE/BUSY), so ``make()`` may have been called for nothing. Calling
-      the store from inside ``make()`` uses another pooled connection (with ``pool_size=1``
-      it waits for ``lock_timeout`` and fails) instead of timing out on the lock.
+    - A new id is made by the client, from its clock like the file store's, and the insert
+      is refused (and retried with a greater id) unless it sorts after every stored id, so
+      ids increase from call to call, but two creates running at once on different hosts
+      may be stored (``list()``'s insertion order) in the other order than their ids. Hosts
+      should keep their clocks in sync (an id after a clock step back is still greater, just
+      not a true time).
+    - ``prepare_atomic`` reads the machine's run, then calls ``make()`` without any lock on
+      the machine: if a concurrent creator for the same machine commits first, ``make()``'s
+      run is discarded and the call returns that creator's run (REUSE/BUSY), so ``make()``
+      may have been called for nothing. Calling the store from inside ``make()`` uses
+      another pooled connection (with ``pool_size=1`` it waits for ``lock_timeout`` and
+      fails). With ``reap=True``, the dead run is interrupted by one statement and the new
+      run created by another.
     - Timestamps (``started_at``, ``heartbeat_at``, change times) come from each client's
       clock, as in the file store; reaping by heartbeat compares them with the reaper's
       clock. ``owner_gone`` reaping only judges runs owned by a process on the reaper's host.
@@ -202,11 +231,19 @@ class PostgresStore:
         self.server = safe_dsn(dsn)
         self._where = f"table {table!r} on {self.server}"
         self._sql = pgschema.Statements(self._names)
+        self._w = _pgsql.Writes(self._names)
+        self._read_feed = _pgfeed.read_sql(self._names)
+        self._last_seq = _pgfeed.last_seq_sql(self._names)
+        #: the greatest id this store made or saw refused: new ids sort after it
+        self._last_id = ""
+        #: writes since this store last numbered the feed (``_count_write``)
+        self._writes = 0
         self._closed = False
         self._pid = os.getpid()
         self._pool_lock = threading.Lock()
-        #: test-only: called as hook(point, connection) at "before_feed" (the run rows are
-        #: written, the change feed not yet) and "before_commit"
+        #: test-only: called as hook(point, connection) at "before_commit" (before a write
+        #: statement is sent, or a transaction's COMMIT) and "before_feed" (an import's run
+        #: rows are written, its changes not yet)
         self._test_hook: Callable[[str, _Conn], None] | None = None
         self.schema_version = self._migrate()
         self._pool = self._new_pool()
@@ -247,7 +284,7 @@ class PostgresStore:
         return ConnectionPool(
             self.dsn, min_size=1, max_size=self.pool_size, open=True,
             kwargs={"autocommit": True, "application_name": "runstore"},
-            configure=self._configure, check=ConnectionPool.check_connection,
+            configure=self._configure, check=_check_idle,
             timeout=max(self.lock_timeout, 1.0), name=f"runstore-{self.table}", num_workers=1)
 
     def _pool_here(self) -> ConnectionPool[_Conn]:
@@ -276,8 +313,6 @@ class PostgresStore:
 
     def _hit(self, point: str, conn: _Conn) -> None:
         if self._test_hook is not None:
-            with conn.pipeline() as pipeline:
-                pipeline.sync()  # what was queued so far has reached the server
             self._test_hook(point, conn)
 
     def _translate(self, exc: psycopg.Error, conn: _Conn, action: str,
@@ -299,9 +334,7 @@ class PostgresStore:
             with self._connection(action) as conn:
                 committing = False
                 try:
-                    # pipeline mode: BEGIN travels with the first statement, and statements
-                    # whose results nobody reads (COMMIT, the feed's trim) with the next sync
-                    with conn.pipeline(), conn.transaction():
+                    with conn.transaction():
                         result = body(conn)
                         self._hit("before_commit", conn)
                         committing = True
@@ -348,67 +381,107 @@ class PostgresStore:
             raise RunNotFoundError(run_id, self._where)
         return self._run(row)
 
-    def _lock_feed(self, conn: _Conn) -> None:
-        conn.execute(self._sql.lock_feed)
+    def _execute(self, conn: _Conn, statement: str, params: Any, action: str,
+                 write: bool = True) -> list[Any]:
+        """One statement on ``conn`` (autocommit: a write is its own transaction), its rows.
+        A connection that breaks during a write leaves its outcome unknown."""
+        if write:
+            self._hit("before_commit", conn)
+        try:
+            return conn.execute(statement, params).fetchall()
+        except psycopg.Error as exc:
+            if write and exc.sqlstate is None and isinstance(exc, psycopg.DataError):
+                # the server wrote it; a value it sent back cannot be read here
+                raise CorruptStoreError(self._where, None, f"a stored run is unreadable "
+                                        f"({_reason(exc)})", "fix or delete the row by hand"
+                                        ) from None
+            applied = None if write and (conn.closed or conn.broken) else False
+            raise self._translate(exc, conn, action, applied) from None
 
-    def _insert_new(self, conn: _Conn, run: Run, now: _dt.datetime) -> Run:
-        """Store a fresh run: a new id after every existing one, revision 1, this process as
-        owner when non-terminal. Takes the feed lock first, so ids, insertion order and
-        seqs are all handed out in commit order."""
-        self._lock_feed(conn)
-        if not run.status.is_terminal and conn.execute(
-                self._sql.active_of_machine_now, [run.machine]).fetchone() is not None:
-            # A run of this machine committed since our SELECT ... FOR UPDATE. Never wait for
-            # it while holding the feed lock (its writer may be waiting for that lock, a
-            # deadlock): roll back and start again, and that SELECT sees the run.
-            raise _Retry
-        row = conn.execute(self._sql.max_id).fetchone()
-        new = transitions.fresh(run, ids.new_run_id(row[0] if row and row[0] else ""),
-                                owner.current())
-        conn.execute(self._sql.insert, _params(new, now, None))
-        return new
+    def _count_write(self) -> None:
+        """Number (and trim) the feed once per ``TRIM_EVERY`` writes of this store, so it
+        stays bounded when nobody follows it."""
+        self._writes += 1
+        if self._writes >= TRIM_EVERY:
+            self._writes = 0
+            self._sequence("numbering the change feed of")
 
-    def _write(self, conn: _Conn, expected: int, new: Run, now: _dt.datetime) -> bool:
-        """Store ``new`` over the version with revision ``expected``; False when that is no
-        longer the stored version (another writer got there first)."""
+    def _sequence(self, action: str, trim_every: int | None = None) -> None:
+        """Number the changes below the horizon, and trim (``_pgfeed``): one round trip."""
+        script = _pgfeed.sequencer_sql(self._names, RETAIN_CHANGES,
+                                       TRIM_EVERY if trim_every is None else trim_every)
+        with self._connection(action) as conn:
+            try:
+                conn.execute(script.encode())
+            except psycopg.Error as exc:
+                raise self._translate(exc, conn, action, False) from None
+
+    def _write(self, conn: _Conn, expected: int, new: Run, now: _dt.datetime, action: str,
+               change: ChangeType | None, allowed: Iterable[Status] = _NON_TERMINAL) -> bool:
+        """Store ``new`` over the version with revision ``expected`` (if its status is one of
+        ``allowed``) and its change (``change``, or as ``update()`` names it); False when
+        that is no longer the stored version (another writer got there first)."""
         params = _params(new, now, None)
         params["expected"] = expected
-        return conn.execute(self._sql.update, params).fetchone() is not None
-
-    def _feed(self, conn: _Conn, changes: _Changes, now: _dt.datetime) -> None:
-        """Append ``changes`` to the change feed (in this transaction) and notify watchers."""
-        self._hit("before_feed", conn)
-        self._lock_feed(conn)  # queued in the transaction's pipeline with every change
-        cursors = [conn.execute(self._sql.append,
-                                [now, change.value, Jsonb(codec.run_to_json(run))])
-                   for change, run in changes]
-        seqs = [int(row[0]) for row in (cur.fetchone() for cur in cursors) if row is not None]
-        if seqs[0] // TRIM_EVERY != seqs[-1] // TRIM_EVERY or seqs[-1] % TRIM_EVERY == 0:
-            self._trim(conn, seqs[-1] - RETAIN_CHANGES)
-
-    def _trim(self, conn: _Conn, through: int) -> None:
-        if through > 0:
-            conn.execute(self._sql.trim, [through])
-            conn.execute(self._sql.set_compacted, [through])
+        params["change"] = None if change is None else change.value
+        params["from"] = [s.value for s in allowed]
+        done = bool(self._execute(conn, self._w.write, params, action))
+        if done:
+            self._count_write()
+        return done
 
     def _modify(self, run_id: str, decide: Callable[[Run], tuple[Run, ChangeType] | None],
                 action: str) -> Run:
-        """The read-decide-write path of start/finish/heartbeat/update: ``decide`` returns
-        the new version and its change type, or None to return the stored run unchanged."""
+        """The read-decide-write path: ``decide`` returns the new version and its change
+        type, or None to return the stored run unchanged. Two round trips; taken when the
+        one-statement form of a call did not apply."""
+        for _ in range(MAX_ATTEMPTS):
+            with self._connection(action) as conn:
+                stored = self._get_on(conn, run_id, action)
+                decided = decide(stored)
+                if decided is None:
+                    return stored
+                new, change = decided
+                if self._write(conn, stored.revision, new, _utcnow(), action, change,
+                               [stored.status]):
+                    return new
+        raise RunstoreError(f"{action} {self._where} lost {MAX_ATTEMPTS} races in a row to "
+                            "other writers; nothing was applied; try again")
 
-        def body(conn: _Conn) -> Run:
-            stored = self._get(conn, run_id)
-            decided = decide(stored)
-            if decided is None:
-                return stored
-            new, change = decided
-            now = _utcnow()
-            if not self._write(conn, stored.revision, new, now):
-                raise _Retry  # changed since we read it: decide again on the new version
-            self._feed(conn, [(change, new)], now)
-            return new
+    def _transition(self, statement: str, params: dict[str, Any], action: str) -> Run | None:
+        """A one-statement transition (``start``/``finish``/``heartbeat``): the run as
+        stored, or None when its rule did not apply (or its record might not fit)."""
+        added = sum(len(v.encode("utf-8", "surrogatepass")) for v in params.values()
+                    if isinstance(v, str))
+        params["room"] = (codec.MAX_RECORD_BYTES - _pgsql.RECORD_OVERHEAD
+                          - _pgsql.ESCAPED * added)
+        with self._connection(action) as conn:
+            rows = self._execute(conn, statement, params, action)
+        if not rows:
+            return None
+        self._count_write()
+        return self._run(rows[0])
 
-        return self._transact(body, action)
+    def _get_on(self, conn: _Conn, run_id: str, action: str) -> Run:
+        try:
+            return self._get(conn, run_id)
+        except psycopg.Error as exc:
+            raise self._translate(exc, conn, action, False) from None
+
+    def _create(self, conn: _Conn, run: Run, action: str) -> Run | None:
+        """Insert ``run`` as a fresh run (new id, revision 1, this process as owner when
+        non-terminal); None when the machine already has a non-terminal run."""
+        while True:
+            new = transitions.fresh(run, ids.new_run_id(self._last_id), owner.current())
+            params = _params(new, _utcnow(), None)
+            ((inserted, greatest),) = self._execute(conn, self._w.create, params, action)
+            if inserted:
+                self._last_id = new.id
+                self._count_write()
+                return new
+            if greatest is None or greatest < new.id:
+                return None  # the machine is taken (and our id was fine)
+            self._last_id = greatest  # a greater id is stored (imported, or a clock ahead)
 
     # -- the public contract ------------------------------------------------------------
 
@@ -420,45 +493,47 @@ class PostgresStore:
         With ``reap=True`` a non-terminal run whose owner process is provably gone is first
         interrupted (``error_code="owner_gone"``) in the same transaction."""
         _validate.prepare_atomic(machine, test_dir_hash, make, reap)
-
-        def body(conn: _Conn) -> tuple[Run, PrepareOutcome]:
-            now = _utcnow()
-            changes: _Changes = []
-            row = conn.execute(self._sql.active_for_update, [machine]).fetchone()
-            active = None if row is None else self._run(row)
-            if active is not None and reap:
-                dead = reaping.reaped(active, None, now, None)
-                if dead is not None:
-                    if not self._write(conn, active.revision, dead, now):
-                        raise _Retry
-                    changes.append((ChangeType.RUN_REAPED, dead))
-                    active = None
-            if active is not None:
-                same = active.test_dir_hash == test_dir_hash
-                return active, PrepareOutcome.REUSE if same else PrepareOutcome.BUSY
-            made = transitions.check_made(make(), machine, test_dir_hash)
-            run = self._insert_new(conn, transitions.validate(transitions.as_pending(made)), now)
-            changes.append((ChangeType.RUN_CREATED, run))
-            self._feed(conn, changes, now)
-            return run, PrepareOutcome.CREATED
-
-        return self._transact(body, "prepare_atomic in")
+        action = "prepare_atomic in"
+        pending: Run | None = None
+        for _ in range(MAX_ATTEMPTS):
+            with self._connection(action) as conn:
+                rows = self._execute(conn, self._sql.active_of, [machine], action, False)
+                active = self._run(rows[0]) if rows else None
+                if active is not None and reap:
+                    now = _utcnow()
+                    dead = reaping.reaped(active, None, now, None)
+                    if dead is not None:
+                        if not self._write(conn, active.revision, dead, now, action,
+                                           ChangeType.RUN_REAPED, [active.status]):
+                            continue  # changed meanwhile: judge it again
+                        active = None
+                if active is not None:
+                    same = active.test_dir_hash == test_dir_hash
+                    return active, PrepareOutcome.REUSE if same else PrepareOutcome.BUSY
+                if pending is None:
+                    made = transitions.check_made(make(), machine, test_dir_hash)
+                    pending = transitions.validate(transitions.as_pending(made))
+                run = self._create(conn, pending, action)
+                if run is not None:
+                    return run, PrepareOutcome.CREATED
+                # a concurrent creator took the machine: the next read sees its run
+        raise RunstoreError(f"{action} {self._where} lost {MAX_ATTEMPTS} races in a row to "
+                            "other writers; nothing was applied; try again")
 
     def create(self, run: Run) -> Run:
         """Store ``run`` under a new unique id (any id it has is overwritten)."""
         run = transitions.validate(run)
-
-        def body(conn: _Conn) -> Run:
-            if not run.status.is_terminal:
-                row = conn.execute(self._sql.active_for_update, [run.machine]).fetchone()
-                if row is not None:
-                    raise MachineBusyError(run.machine, self._run(row).id)
-            now = _utcnow()
-            new = self._insert_new(conn, run, now)
-            self._feed(conn, [(ChangeType.RUN_CREATED, new)], now)
-            return new
-
-        return self._transact(body, "creating a run in")
+        action = "creating a run in"
+        with self._connection(action) as conn:
+            for _ in range(MAX_ATTEMPTS):
+                new = self._create(conn, run, action)
+                if new is not None:
+                    return new
+                rows = self._execute(conn, self._sql.active_of, [run.machine], action, False)
+                if rows:
+                    raise MachineBusyError(run.machine, self._run(rows[0]).id)
+        raise RunstoreError(f"{action} {self._where} lost {MAX_ATTEMPTS} races in a row to "
+                            "other writers; nothing was applied; try again")
 
     def get(self, run_id: str) -> Run:
         """The run with this id; ``RunNotFoundError`` if there is none."""
@@ -471,14 +546,25 @@ class PostgresStore:
         and a change of machine or hash (``InvalidRunError``). An unchanged copy of a
         terminal run is an idempotent no-op."""
         run = _validate.updated_run(run)
-        return self._modify(run.id, lambda stored: transitions.updated(stored, run),
-                            "updating a run in")
+        action = "updating a run in"
+        new = replace_run(run, revision=run.revision + 1)
+        allowed = [s for s in _NON_TERMINAL if run.status in transitions.ALLOWED[s]]
+        with self._connection(action) as conn:
+            if allowed and self._write(conn, run.revision, new, _utcnow(), action, None,
+                                       allowed):
+                return new
+        return self._modify(run.id, lambda stored: transitions.updated(stored, run), action)
 
     def start(self, run_id: str) -> Run:
         """pending -> running: sets ``started_at`` and makes this process the owner."""
         _validate.run_id(run_id)
-        return self._modify(run_id, lambda stored: transitions.started(
-            stored, _utcnow(), owner.current()), "starting a run in")
+        host, pid, since = owner.current()
+        done = self._transition(self._w.start, {"id": run_id, "now": _utcnow(), "host": host,
+                                                "pid": pid, "since": since},
+                                "starting a run in")
+        return done if done is not None else self._modify(
+            run_id, lambda stored: transitions.started(stored, _utcnow(), owner.current()),
+            "starting a run in")
 
     def finish(
         self,
@@ -493,14 +579,23 @@ class PostgresStore:
         terminal status returns it unchanged; any other change of a terminal run is refused."""
         _validate.finish(run_id, exit_code, error_code, error_msg)
         target = transitions.terminal_status(run_id, status)
-        return self._modify(run_id, lambda stored: transitions.finished(
-            stored, target, _utcnow(), exit_code, error_code, error_msg), "finishing a run in")
+        allowed = [s.value for s in _NON_TERMINAL if target in transitions.ALLOWED[s]]
+        done = self._transition(self._w.finish, {
+            "id": run_id, "now": _utcnow(), "status": target.value, "from": allowed,
+            "exit_code": exit_code, "error_code": error_code, "error_msg": error_msg},
+            "finishing a run in")
+        return done if done is not None else self._modify(run_id, lambda stored: (
+            transitions.finished(stored, target, _utcnow(), exit_code, error_code,
+                                 error_msg)), "finishing a run in")
 
     def heartbeat(self, run_id: str) -> Run:
         """Refresh ``heartbeat_at`` of a non-terminal run (as cheap as any update)."""
         _validate.run_id(run_id)
-        return self._modify(run_id, lambda stored: transitions.beat(stored, _utcnow()),
-                            "recording a heartbeat in")
+        done = self._transition(self._w.beat, {"id": run_id, "now": _utcnow()},
+                                "recording a heartbeat in")
+        return done if done is not None else self._modify(
+            run_id, lambda stored: transitions.beat(stored, _utcnow()),
+            "recording a heartbeat in")
 
     def list(
         self,
@@ -582,12 +677,7 @@ class PostgresStore:
         """Trim the change feed to the last ``RETAIN_CHANGES`` changes (PostgreSQL's
         autovacuum reclaims the space of superseded row versions on its own)."""
 
-        def body(conn: _Conn) -> None:
-            self._lock_feed(conn)
-            row = conn.execute(self._sql.last_seq).fetchone()
-            self._trim(conn, (int(row[0]) if row else 0) - RETAIN_CHANGES)
-
-        self._transact(body, "trimming the change feed of")
+        self._sequence("trimming the change feed of", trim_every=1)
 
     # -- owners and reaping -------------------------------------------------------------
 
@@ -600,23 +690,22 @@ class PostgresStore:
         its owner while being judged is left alone (its owner is alive)."""
         _validate.reap(stale_after, dry_run)
 
-        def body(conn: _Conn) -> _Runs:
+        action = "reaping runs in"
+        with self._connection(action) as conn:
             now = _utcnow()
             judged = []
-            for row in conn.execute(self._sql.active_with_changed_at):
+            for row in self._execute(conn, self._sql.active_with_changed_at, (), action, False):
                 run = self._run(row)
                 dead = reaping.reaped(run, row[-1], now, stale_after)
                 if dead is not None:
-                    judged.append((run.revision, dead))
+                    judged.append((run, dead))
             if dry_run:
                 return [dead for _, dead in judged]
-            reaped = [dead for revision, dead in judged
-                      if self._write(conn, revision, dead, now)]
-            if reaped:
-                self._feed(conn, [(ChangeType.RUN_REAPED, r) for r in reaped], now)
-            return reaped
-
-        return self._transact(body, "reaping runs in")
+            # one statement per run, each with its revision check: a run changed since it
+            # was judged (its owner is alive) is left alone
+            return [dead for run, dead in judged
+                    if self._write(conn, run.revision, dead, now, action,
+                                   ChangeType.RUN_REAPED, [run.status])]
 
     # -- retention ----------------------------------------------------------------------
 
@@ -635,7 +724,10 @@ class PostgresStore:
         _validate.prune(older_than, keep_last, archive, dry_run)
 
         def body(conn: _Conn) -> int:
-            self._lock_feed(conn)  # one pruner at a time; terminal runs change no more
+            # one pruner at a time (a lock of its own: writers do not wait for it); terminal
+            # runs change no more
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
+                         [f"runstore.prune.{self.table}"])
             terminal: list[tuple[Run, Any]] = [
                 (self._run(row), row[-1]) for row in conn.execute(self._sql.terminal_with_extra)]
             doomed = retention.doomed(terminal, lambda item: item[0], older_than=older_than,
@@ -646,8 +738,9 @@ class PostgresStore:
             if archive is not None:
                 interchange.append_archive(os.fspath(archive), runs,
                                            {r.id: x for r, x in doomed if x})
-            conn.execute(self._sql.delete, [[r.id for r in runs]])
-            self._feed(conn, [(ChangeType.RUN_PRUNED, r) for r in runs], _utcnow())
+            # the runs and their changes in one statement (its transaction id is taken after
+            # its snapshot, as every write's: ``_pgfeed``)
+            conn.execute(self._w.prune, {"ids": [r.id for r in runs], "changed_at": _utcnow()})
             return len(runs)
 
         removed = self._transact(body, "pruning runs in")
@@ -668,7 +761,8 @@ class PostgresStore:
         """The retained changes after ``since_seq``, in order. ``HistoryTruncatedError`` when
         changes after ``since_seq`` were trimmed away (resynchronise from ``list()``)."""
         transitions.require_seq("since_seq", since_seq)
-        rows = self._read(lambda conn: conn.execute(self._sql.changes, [since_seq]).fetchall(),
+        self._sequence("numbering the change feed of")
+        rows = self._read(lambda conn: conn.execute(self._read_feed, [since_seq]).fetchall(),
                           "reading the change feed of")
         compacted = int(rows[0][0]) if rows else 0
         if since_seq < compacted:
@@ -689,7 +783,8 @@ class PostgresStore:
 
     def last_seq(self) -> int:
         """The sequence number of the latest committed change (0 for an empty store)."""
-        row = self._read(lambda conn: conn.execute(self._sql.last_seq).fetchone(),
+        self._sequence("numbering the change feed of")
+        row = self._read(lambda conn: conn.execute(self._last_seq).fetchone(),
                          "reading the change feed of")
         return int(row[0]) if row else 0
 
@@ -701,9 +796,9 @@ class PostgresStore:
         poll_interval: float = 0.005,
     ) -> Iterator[Change]:
         """Follow changes written by any process on any host, live, until ``timeout``
-        seconds have passed (None: forever). ``since_seq=None`` starts from now. Woken by
-        LISTEN/NOTIFY on a connection of its own; if that connection cannot be opened or
-        fails, it polls the feed every ``poll_interval`` seconds instead. ``inf`` is refused
+        seconds have passed (None: forever). ``since_seq=None`` starts from now. Reads the
+        feed every ``poll_interval`` seconds while changes come, backing off (doubling the
+        wait) to one read per ``_WATCH_WAKEUP`` seconds while none do. ``inf`` is refused
         as a timeout (None is no limit); the arguments are checked when it is called."""
         _validate.watch(since_seq, timeout, poll_interval)
         return self._watch(since_seq, timeout, poll_interval)
@@ -712,41 +807,21 @@ class PostgresStore:
                poll_interval: float) -> Iterator[Change]:
         seq = self.last_seq() if since_seq is None else since_seq
         deadline = None if timeout is None else time.monotonic() + timeout
-        listener = self._listen()
-        try:
-            while True:
-                for change in self.changes(seq):
-                    seq = change.seq
-                    yield change
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return
-                if listener is not None:
-                    wait = _WATCH_WAKEUP if left is None else min(left, _WATCH_WAKEUP)
-                    try:
-                        for _ in listener.notifies(timeout=wait, stop_after=1):
-                            pass
-                    except psycopg.Error:
-                        listener.close()
-                        listener = None  # poll from now on; a new watch() listens again
-                else:
-                    time.sleep(poll_interval if left is None else min(poll_interval, left))
-        finally:
-            if listener is not None:
-                listener.close()
-
-    def _listen(self) -> _Conn | None:
-        self._pool_here()  # refuse when closed, like every other call
-        try:
-            conn = psycopg.connect(self.dsn, autocommit=True, application_name="runstore")
-        except psycopg.Error:
-            return None
-        try:
-            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._names.channel)))
-        except psycopg.Error:
-            conn.close()
-            return None
-        return conn
+        wait = poll_interval
+        while True:
+            found = False
+            for change in self.changes(seq):
+                seq = change.seq
+                found = True
+                yield change
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            # no pg_notify from writers (it would serialise their commits): poll, quickly
+            # while changes come, then less and less often
+            wait = poll_interval if found else min(max(wait * 2, poll_interval),
+                                                   max(_WATCH_WAKEUP, poll_interval))
+            time.sleep(wait if left is None else min(wait, left))
 
     # -- export and import --------------------------------------------------------------
 
@@ -777,7 +852,7 @@ class PostgresStore:
 
         The input is read as it is imported, in memory that does not grow with it: the
         records are sent with ``COPY`` into a temporary table, then checked and inserted
-        by the server; the change feed's lock is taken only for that last step."""
+        by the server (``_pgimport``); no table lock is taken."""
         _validate.import_source(source)
         return self._import_runs(interchange.iter_import(source))
 
@@ -791,108 +866,13 @@ class PostgresStore:
             committing = False
             try:
                 with conn.transaction():
-                    count = self._stage_import(conn, records, on_conflict)
+                    count = _pgimport.stage(self, conn, records, on_conflict, RETAIN_CHANGES)
                     self._hit("before_commit", conn)
                     committing = True
                 return count
             except psycopg.Error as exc:
                 raise self._translate(exc, conn, action,
                                       None if committing else False) from None
-
-    def _stage_import(self, conn: _Conn, records: Iterable[tuple[int, Run, dict[str, Any]]],
-                      on_conflict: Callable[[Run, Run], None] | None) -> int:
-        """In the caller's transaction: COPY ``records`` into a temporary table, refuse an
-        id twice, an existing id (or, with ``on_conflict``, skip identical ones and call it
-        for the first that differs) and a second non-terminal run on a machine, then insert
-        the rest in record order and write their changes to the feed."""
-        names, imp = self._names, sql.Identifier("runstore_import")
-        cols = _columns_sql([*_FIELDS, "extra", "run"])
-        conn.execute(sql.SQL(
-            "CREATE TEMPORARY TABLE {imp} (n bigint NOT NULL, LIKE {runs}, run jsonb NOT NULL)"
-            " ON COMMIT DROP").format(imp=imp, runs=names.runs))
-        conn.execute(sql.SQL("ALTER TABLE {imp} DROP COLUMN inserted, DROP COLUMN changed_at")
-                     .format(imp=imp))
-        with conn.cursor().copy(sql.SQL("COPY {imp} (n, {cols}) FROM STDIN")
-                                .format(imp=imp, cols=cols)) as copy:
-            for n, run, extra in records:
-                values = codec.converter.unstructure(run)
-                values["status"] = run.status.value
-                copy.write_row([n, *(values[f] for f in _FIELDS),
-                                Jsonb(extra) if extra else None,
-                                Jsonb(codec.run_to_json(run))])
-        conn.execute(sql.SQL("CREATE INDEX ON {imp} (id)").format(imp=imp))
-        conn.execute(sql.SQL("ANALYZE {imp}").format(imp=imp))
-        twice = conn.execute(sql.SQL(
-            "SELECT max(n), id FROM {imp} GROUP BY id HAVING count(*) > 1 ORDER BY 1 LIMIT 1")
-            .format(imp=imp)).fetchone()
-        if twice is not None:
-            raise InvalidRunError(f"record {twice[0]}: run {twice[1]!r} appears twice; "
-                                  "nothing was imported")
-        self._lock_feed(conn)  # no other run is created until we commit
-        same = sql.SQL(" AND ").join(
-            sql.SQL("i.{f} IS NOT DISTINCT FROM r.{f}").format(f=sql.Identifier(f))
-            for f in _FIELDS)
-        refused = sql.SQL("TRUE") if on_conflict is None else sql.SQL("NOT ({})").format(same)
-        found = conn.execute(sql.SQL(
-            "SELECT i.n, i.id FROM {imp} i JOIN {runs} r USING (id) WHERE {refused} "
-            "ORDER BY i.n LIMIT 1").format(refused=refused, imp=imp, runs=names.runs)
-            ).fetchone()
-        if found is not None:
-            n, run_id = found
-            if on_conflict is not None:
-                new = conn.execute(sql.SQL("SELECT {cols} FROM {imp} WHERE id = %s").format(
-                    cols=_columns_sql(list(_FIELDS)), imp=imp), [run_id]).fetchone()
-                assert new is not None
-                on_conflict(self._get(conn, run_id), self._run(new))
-            raise InvalidRunError(f"record {n}: run {run_id!r} already exists in "
-                                  f"{self._where}; nothing was imported")
-        if on_conflict is not None:  # what is left in both is identical: skipped
-            conn.execute(sql.SQL("DELETE FROM {imp} i USING {runs} r WHERE i.id = r.id")
-                         .format(imp=imp, runs=names.runs))
-        active = conn.execute(sql.SQL(
-            "SELECT n, id, status, machine FROM {imp} WHERE status IN ('pending', 'running')"
-            " ORDER BY n").format(imp=imp)).fetchall()
-        busy = dict(conn.execute(self._sql.active_of_machines,
-                                 [sorted({row[3] for row in active})]).fetchall())
-        for n, run_id, status, machine in active:
-            if machine in busy:
-                raise InvalidRunError(
-                    f"record {n}: run {run_id!r} is {status} on machine {machine!r}, which "
-                    f"already has the non-terminal run {busy[machine]!r}; nothing was "
-                    "imported")
-            busy[machine] = run_id
-        now = _utcnow()
-        inserted = conn.execute(sql.SQL(
-            "INSERT INTO {runs} ({cols}, changed_at, extra) "
-            "SELECT {cols}, %s, extra FROM {imp} ORDER BY n")
-            .format(runs=names.runs, cols=_columns_sql(list(_FIELDS)), imp=imp), [now])
-        count = inserted.rowcount
-        if count <= 0:
-            return 0
-        self._feed_import(conn, imp, count, now)
-        return count
-
-    def _feed_import(self, conn: _Conn, imp: sql.Identifier, count: int,
-                     now: _dt.datetime) -> None:
-        """The ``run_created`` changes of ``count`` imported runs: their seqs are drawn at
-        once, and only the last ``RETAIN_CHANGES`` of them are written (a trim would remove
-        the others at once, as ``_feed`` does when the seq crosses a ``TRIM_EVERY``)."""
-        self._hit("before_feed", conn)
-        row = conn.execute("SELECT nextval(%s)", [self._names.seq.as_string()]).fetchone()
-        assert row is not None
-        first = int(row[0])
-        last = first + count - 1
-        if count > 1:
-            conn.execute("SELECT setval(%s, %s)", [self._names.seq.as_string(), last])
-        conn.execute(sql.SQL(
-            "INSERT INTO {changes} (seq, time, change, run) "
-            "SELECT s, %s, %s, run FROM (SELECT %s - 1 + row_number() OVER (ORDER BY n) AS s,"
-            " run FROM {imp}) t WHERE s > %s")
-            .format(changes=self._names.changes, imp=imp),
-            [now, ChangeType.RUN_CREATED.value, first, last - RETAIN_CHANGES])
-        conn.execute("SELECT pg_notify(%s, 'changed')", [self._names.channel])
-        if first // TRIM_EVERY != last // TRIM_EVERY or last % TRIM_EVERY == 0:
-            self._trim(conn, last - RETAIN_CHANGES)
 
     # -- statistics ---------------------------------------------------------------------
 
@@ -915,6 +895,7 @@ class PostgresStore:
                 runs_by_machine=by_machine, live_lines=total, superseded_lines=retained,
                 last_seq=last, oldest_seq=compacted + 1, durable=self.durable)
 
+        self._sequence("numbering the change feed of")
         return self._transact(body, "reading statistics of")
 
     # -- life cycle ---------------------------------------------------------------------
@@ -957,6 +938,18 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _check_idle(conn: _Conn) -> None:
+    """The pool's check of a connection it hands out, without a round trip: an idle
+    connection has nothing to read unless its server ended it (or is ending it), which then
+    sent an error and closed the socket. Raises so that the pool opens another one."""
+    if conn.closed or conn.broken:
+        raise psycopg.OperationalError("the connection is closed")
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    if readable:
+        conn.close()  # so that the pool discards it rather than taking it back
+        raise psycopg.OperationalError("the server ended the idle connection")
 
 
 def _reason(exc: psycopg.Error) -> str:
