@@ -24,7 +24,7 @@ from .errors import InvalidRunError
 from .model import ChangeType, Run
 
 if TYPE_CHECKING:
-    from .postgres import PostgresStore
+    from ._pgbase import PostgresBase
 
 _Conn = psycopg.Connection[Any]
 _FIELDS = codec.RUN_FIELDS
@@ -34,7 +34,7 @@ def _columns_sql(names: list[str]) -> sql.Composable:
     return sql.SQL(", ").join(map(sql.Identifier, names))
 
 
-def stage(store: PostgresStore, conn: _Conn,
+def stage(store: PostgresBase, conn: _Conn,
           records: Iterable[tuple[int, Run, dict[str, Any]]],
           on_conflict: Callable[[Run, Run], None] | None, retain: int) -> int:
     """In the caller's transaction: COPY ``records`` into a temporary table, refuse an

@@ -22,43 +22,42 @@ is documented on the class. How the guarantees are kept:
   the password) and whether the change was applied: not at all when the server refused it or
   the connection broke inside a transaction that never reached COMMIT; unknown when the
   connection broke during a write statement (each is its own COMMIT) or a COMMIT. Connections
-  come from a ``psycopg_pool.ConnectionPool``; one whose server ended it while idle is found
-  at checkout without a round trip (its socket has something to read) and replaced, so the
-  next call reconnects; threads share one store; a forked child builds its own pool.
+  come from a pool of the store's (``_pgpool``); one whose server ended it while idle is
+  found at checkout without a round trip (its socket has something to read) and replaced, so
+  the next call reconnects; threads share one store; a forked child builds its own pool.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import os
-import select
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any, TypeVar
 
-import orjson
 import psycopg
 import psycopg.errors
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.types.json import Jsonb, set_json_loads
-from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import (
     _pgfeed,
-    _pgimport,
     _pgsql,
     _validate,
     codec,
-    ids,
     interchange,
     owner,
     pgschema,
     reaping,
     retention,
     transitions,
+)
+from ._pgbase import (
+    _NON_TERMINAL,
+    MAX_ATTEMPTS,
+    PostgresBase,
+    _stores,
+    _utcnow,
+    safe_dsn,
 )
 from .errors import (
     CorruptStoreError,
@@ -67,7 +66,6 @@ from .errors import (
     HistoryTruncatedError,
     InvalidRunError,
     MachineBusyError,
-    RunNotFoundError,
     RunstoreError,
     TableLockTimeoutError,
 )
@@ -103,10 +101,6 @@ _Runs = list[Run]  # inside PostgresStore, ``list`` names the method
 #: every store also numbers (and trims) the feed once per this many of its own writes, so the
 #: feed stays bounded when nobody follows it
 TRIM_EVERY = 1024
-#: how often a call is retried after losing a race (unique index, revision check,
-#: deadlock); each retry means another writer made progress, so this is never reached in
-#: practice
-MAX_ATTEMPTS = 50
 #: the longest ``watch`` waits between two reads of the feed while nothing happens
 _WATCH_WAKEUP = 0.2
 _FIELDS = codec.RUN_FIELDS
@@ -114,50 +108,10 @@ _FIELDS = codec.RUN_FIELDS
 _FETCH = 2000
 
 
-def _utcnow() -> _dt.datetime:
-    return _dt.datetime.now(_dt.UTC)
-
-
-#: every ``PostgresStore`` of this process, for the at-fork hook (``_after_fork_in_child``)
-_stores: weakref.WeakSet[PostgresStore] = weakref.WeakSet()
-#: in a forked child, the pools inherited from the parent: kept referenced and never used,
-#: closed or collected (a pool's finaliser signals its worker threads through locks that a
-#: parent's thread may have held at the fork, and no worker runs in the child)
-_parent_pools: list[object] = []
-
-
-def _aware_utc(value: Any, _type: Any) -> _dt.datetime:
-    if not isinstance(value, _dt.datetime) or value.tzinfo is None:
-        raise TypeError(f"expected an aware datetime, got {value!r}")
-    return value.astimezone(_dt.UTC)
-
-
-#: the codec's converter (strict types), taught that rows carry datetimes rather than strings
-_ROWS = codec.make_converter()
-_ROWS.register_structure_hook(_dt.datetime, _aware_utc)
-
-
-def safe_dsn(dsn: str) -> str:
-    """The connection string without its password, fit for messages and ``stats()``."""
-    try:
-        params = conninfo_to_dict(dsn)
-    except psycopg.Error:
-        return "<unparsable DSN>"
-    params.pop("password", None)
-    return make_conninfo("", **params)
-
-
-class _Retry(Exception):
-    """Internal: the transaction lost a race; roll back and run it again."""
-
-
-_NON_TERMINAL = (Status.PENDING, Status.RUNNING)
-
-
 # -- the store -------------------------------------------------------------------------------
 
 
-class PostgresStore:
+class PostgresStore(PostgresBase):
     """Run records in the PostgreSQL table ``table`` (created or migrated on first use);
     safe across threads, processes and hosts. ``dsn`` is a libpq connection string or
     ``postgresql://`` URL.
@@ -249,154 +203,8 @@ class PostgresStore:
         self._pool = self._new_pool()
         _stores.add(self)
 
-    # -- connections ----------------------------------------------------------------------
-
-    def _connect(self, action: str) -> _Conn:
-        try:
-            return psycopg.connect(self.dsn, autocommit=True, application_name="runstore")
-        except psycopg.Error as exc:
-            raise DatabaseConnectionError(self.server, action, _reason(exc)) from None
-
-    def _migrate(self) -> int:
-        with self._connect("connecting to") as conn:
-            try:
-                return pgschema.migrate(conn, self.table, self.server)[1]
-            except psycopg.errors.LockNotAvailable:
-                raise TableLockTimeoutError(self._where, self.lock_timeout) from None
-            except psycopg.Error as exc:
-                raise self._translate(exc, conn, "creating or migrating the schema of",
-                                      False) from None
-
-    def _configure(self, conn: _Conn) -> None:
-        """Per-connection settings: UTC, lock_timeout, and synchronous_commit when not
-        durable (PostgreSQL's 0 means "wait forever", so 0 s becomes 1 ms). jsonb is read
-        with orjson, as the file store reads its lines: jsonb writes a float such as 1e20
-        as the digits of an integer, which json would read back as an integer beyond 64
-        bits (that ``export`` cannot write) where orjson reads the float it was."""
-        set_json_loads(orjson.loads, conn)
-        millis = max(1, round(self.lock_timeout * 1000))
-        conn.execute(
-            "SELECT set_config('TimeZone', 'UTC', false), set_config('lock_timeout', %s, false),"
-            " set_config('synchronous_commit', %s, false)",
-            [f"{millis}ms", "on" if self.durable else "off"])
-
-    def _new_pool(self) -> ConnectionPool[_Conn]:
-        return ConnectionPool(
-            self.dsn, min_size=1, max_size=self.pool_size, open=True,
-            kwargs={"autocommit": True, "application_name": "runstore"},
-            configure=self._configure, check=_check_idle,
-            timeout=max(self.lock_timeout, 1.0), name=f"runstore-{self.table}", num_workers=1)
-
-    def _pool_here(self) -> ConnectionPool[_Conn]:
-        if self._closed:
-            raise ValueError(f"the store for {self._where} is closed")
-        if self._pid != os.getpid():
-            with self._pool_lock:
-                if self._pid != os.getpid():
-                    # forked: the parent's pooled connections are the parent's; leave them
-                    # untouched (closing them here would end the parent's sessions)
-                    self._pool = self._new_pool()
-                    self._pid = os.getpid()
-        return self._pool
-
-    @contextlib.contextmanager
-    def _connection(self, action: str) -> Iterator[_Conn]:
-        pool = self._pool_here()
-        try:
-            with pool.connection() as conn:
-                yield conn
-        except PoolTimeout as exc:
-            raise DatabaseConnectionError(
-                self.server, action, f"no connection within {pool.timeout:g} s: the server "
-                f"is unreachable or all {self.pool_size} pooled connections stayed busy "
-                f"({exc})") from None
-
-    def _hit(self, point: str, conn: _Conn) -> None:
-        if self._test_hook is not None:
-            self._test_hook(point, conn)
-
-    def _translate(self, exc: psycopg.Error, conn: _Conn, action: str,
-                   applied: bool | None) -> Exception:
-        """The runstore error for a psycopg error raised during ``action``."""
-        reason = _reason(exc)
-        if isinstance(exc, psycopg.errors.LockNotAvailable):
-            return TableLockTimeoutError(self._where, self.lock_timeout)
-        if isinstance(exc, psycopg.DataError | psycopg.errors.IntegrityError):
-            return InvalidRunError(f"{self._where} refused the run: {reason}; nothing was "
-                                   "stored")
-        if conn.closed or conn.broken or isinstance(exc, psycopg.errors.AdminShutdown):
-            return DatabaseConnectionError(self.server, action, reason, applied)
-        return DatabaseError(self.server, action, reason, applied)
-
-    def _transact(self, body: Callable[[_Conn], T], action: str) -> T:
-        """Run ``body`` in one transaction and commit; retry when it lost a race."""
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            with self._connection(action) as conn:
-                committing = False
-                try:
-                    with conn.transaction():
-                        result = body(conn)
-                        self._hit("before_commit", conn)
-                        committing = True
-                    return result
-                except _Retry:
-                    pass
-                except psycopg.errors.UniqueViolation as exc:
-                    # a concurrent creator took the machine first: the retry sees its run
-                    if exc.diag.constraint_name != self._names.one_active:
-                        raise self._translate(exc, conn, action, False) from None
-                except (psycopg.errors.DeadlockDetected,
-                        psycopg.errors.SerializationFailure) as exc:
-                    if attempt == MAX_ATTEMPTS:
-                        raise self._translate(exc, conn, action, False) from None
-                except psycopg.Error as exc:
-                    raise self._translate(exc, conn, action,
-                                          None if committing else False) from None
-        raise RunstoreError(f"{action} {self._where} lost {MAX_ATTEMPTS} races in a row to "
-                            "other writers; nothing was applied; try again")
-
-    def _read(self, body: Callable[[_Conn], T], action: str) -> T:
-        """Run a read-only ``body`` (one statement, or a consistent set of them)."""
-        with self._connection(action) as conn:
-            try:
-                return body(conn)
-            except psycopg.Error as exc:
-                raise self._translate(exc, conn, action, False) from None
-
-    # -- rows -----------------------------------------------------------------------------
-
-    def _run(self, row: Sequence[Any]) -> Run:
-        try:
-            return _ROWS.structure(dict(zip(_FIELDS, row, strict=False)), Run)
-        except Exception as exc:  # cattrs raises an ExceptionGroup of per-field errors
-            raise CorruptStoreError(self._where, None, f"a stored run is unreadable ({exc})",
-                                    "fix or delete the row by hand") from None
-
-    def _runs(self, conn: _Conn, query: str, params: Sequence[Any] = ()) -> _Runs:
-        return [self._run(row) for row in conn.execute(query, params)]
-
-    def _get(self, conn: _Conn, run_id: str) -> Run:
-        row = conn.execute(self._sql.get, [run_id]).fetchone()
-        if row is None:
-            raise RunNotFoundError(run_id, self._where)
-        return self._run(row)
-
-    def _execute(self, conn: _Conn, statement: str, params: Any, action: str,
-                 write: bool = True) -> list[Any]:
-        """One statement on ``conn`` (autocommit: a write is its own transaction), its rows.
-        A connection that breaks during a write leaves its outcome unknown."""
-        if write:
-            self._hit("before_commit", conn)
-        try:
-            return conn.execute(statement, params).fetchall()
-        except psycopg.Error as exc:
-            if write and exc.sqlstate is None and isinstance(exc, psycopg.DataError):
-                # the server wrote it; a value it sent back cannot be read here
-                raise CorruptStoreError(self._where, None, f"a stored run is unreadable "
-                                        f"({_reason(exc)})", "fix or delete the row by hand"
-                                        ) from None
-            applied = None if write and (conn.closed or conn.broken) else False
-            raise self._translate(exc, conn, action, applied) from None
+    def _retain_changes(self) -> int:
+        return RETAIN_CHANGES
 
     def _count_write(self) -> None:
         """Number (and trim) the feed once per ``TRIM_EVERY`` writes of this store, so it
@@ -415,73 +223,6 @@ class PostgresStore:
                 conn.execute(script.encode())
             except psycopg.Error as exc:
                 raise self._translate(exc, conn, action, False) from None
-
-    def _write(self, conn: _Conn, expected: int, new: Run, now: _dt.datetime, action: str,
-               change: ChangeType | None, allowed: Iterable[Status] = _NON_TERMINAL) -> bool:
-        """Store ``new`` over the version with revision ``expected`` (if its status is one of
-        ``allowed``) and its change (``change``, or as ``update()`` names it); False when
-        that is no longer the stored version (another writer got there first)."""
-        params = _params(new, now, None)
-        params["expected"] = expected
-        params["change"] = None if change is None else change.value
-        params["from"] = [s.value for s in allowed]
-        done = bool(self._execute(conn, self._w.write, params, action))
-        if done:
-            self._count_write()
-        return done
-
-    def _modify(self, run_id: str, decide: Callable[[Run], tuple[Run, ChangeType] | None],
-                action: str) -> Run:
-        """The read-decide-write path: ``decide`` returns the new version and its change
-        type, or None to return the stored run unchanged. Two round trips; taken when the
-        one-statement form of a call did not apply."""
-        for _ in range(MAX_ATTEMPTS):
-            with self._connection(action) as conn:
-                stored = self._get_on(conn, run_id, action)
-                decided = decide(stored)
-                if decided is None:
-                    return stored
-                new, change = decided
-                if self._write(conn, stored.revision, new, _utcnow(), action, change,
-                               [stored.status]):
-                    return new
-        raise RunstoreError(f"{action} {self._where} lost {MAX_ATTEMPTS} races in a row to "
-                            "other writers; nothing was applied; try again")
-
-    def _transition(self, statement: str, params: dict[str, Any], action: str) -> Run | None:
-        """A one-statement transition (``start``/``finish``/``heartbeat``): the run as
-        stored, or None when its rule did not apply (or its record might not fit)."""
-        added = sum(len(v.encode("utf-8", "surrogatepass")) for v in params.values()
-                    if isinstance(v, str))
-        params["room"] = (codec.MAX_RECORD_BYTES - _pgsql.RECORD_OVERHEAD
-                          - _pgsql.ESCAPED * added)
-        with self._connection(action) as conn:
-            rows = self._execute(conn, statement, params, action)
-        if not rows:
-            return None
-        self._count_write()
-        return self._run(rows[0])
-
-    def _get_on(self, conn: _Conn, run_id: str, action: str) -> Run:
-        try:
-            return self._get(conn, run_id)
-        except psycopg.Error as exc:
-            raise self._translate(exc, conn, action, False) from None
-
-    def _create(self, conn: _Conn, run: Run, action: str) -> Run | None:
-        """Insert ``run`` as a fresh run (new id, revision 1, this process as owner when
-        non-terminal); None when the machine already has a non-terminal run."""
-        while True:
-            new = transitions.fresh(run, ids.new_run_id(self._last_id), owner.current())
-            params = _params(new, _utcnow(), None)
-            ((inserted, greatest),) = self._execute(conn, self._w.create, params, action)
-            if inserted:
-                self._last_id = new.id
-                self._count_write()
-                return new
-            if greatest is None or greatest < new.id:
-                return None  # the machine is taken (and our id was fine)
-            self._last_id = greatest  # a greater id is stored (imported, or a clock ahead)
 
     # -- the public contract ------------------------------------------------------------
 
@@ -538,7 +279,11 @@ class PostgresStore:
     def get(self, run_id: str) -> Run:
         """The run with this id; ``RunNotFoundError`` if there is none."""
         _validate.run_id(run_id)
-        return self._read(lambda conn: self._get(conn, run_id), "reading a run from")
+        conn = self._checkout("reading a run from")
+        try:
+            return self._get(conn, run_id)
+        finally:
+            self._pool.put(conn)
 
     def update(self, run: Run) -> Run:
         """Replace the stored run with the same id; returns what was stored. Refuses a
@@ -639,20 +384,6 @@ class PostgresStore:
             where.append("batch_id = %s")
             params.append(batch_id)
         return self._sql.select_where(where), params
-
-    def _stream(self, query: str, params: Sequence[Any], action: str,
-                make: Callable[[Sequence[Any]], T]) -> Iterator[T]:
-        """``make(row)`` for each row of ``query``, read through a server-side cursor in
-        one read-only transaction, ``_FETCH`` rows at a time."""
-        with self._connection(action) as conn:
-            try:
-                with conn.transaction(), conn.cursor(name=f"{self.table}_stream") as cur:
-                    cur.execute(query, params)
-                    while rows := cur.fetchmany(_FETCH):
-                        for row in rows:
-                            yield make(row)
-            except psycopg.Error as exc:
-                raise self._translate(exc, conn, action, False) from None
 
     def active_by_machine(self, machine: str) -> Run | None:
         """The non-terminal run of ``machine``, or None."""
@@ -835,16 +566,6 @@ class PostgresStore:
             return interchange.export_to_path(os.fspath(fp), self._write_export)
         return self._write_export(fp)
 
-    def _write_export(self, fp: IO[str] | IO[bytes]) -> int:
-        return interchange.write_export(fp, self._iter_export())
-
-    def _iter_export(self) -> Iterator[tuple[Run, dict[str, Any]]]:
-        """Every run with its extra fields, in insertion order, read as it is iterated
-        (``_stream``: one query, one snapshot); holds one pooled connection until the
-        iteration ends."""
-        return self._stream(self._sql.all_with_extra, (), "exporting runs from",
-                            lambda row: (self._run(row), row[-1] or {}))
-
     def import_runs(self, source: IO[str] | IO[bytes] | Iterable[Run | dict[str, Any]]) -> int:
         """Add runs keeping their ids, from a JSON array document or JSON lines (a file), or
         from an iterable of ``Run``/dicts. All or nothing (one transaction): a duplicate or
@@ -855,24 +576,6 @@ class PostgresStore:
         by the server (``_pgimport``); no table lock is taken."""
         _validate.import_source(source)
         return self._import_runs(interchange.iter_import(source))
-
-    def _import_runs(self, records: Iterable[tuple[int, Run, dict[str, Any]]],
-                     on_conflict: Callable[[Run, Run], None] | None = None) -> int:
-        """``import_runs`` of validated (record number, run, extra fields); see
-        ``Store._import_runs`` for ``on_conflict``. Never retried: the records are read
-        once."""
-        action = "importing runs into"
-        with self._connection(action) as conn:
-            committing = False
-            try:
-                with conn.transaction():
-                    count = _pgimport.stage(self, conn, records, on_conflict, RETAIN_CHANGES)
-                    self._hit("before_commit", conn)
-                    committing = True
-                return count
-            except psycopg.Error as exc:
-                raise self._translate(exc, conn, action,
-                                      None if committing else False) from None
 
     # -- statistics ---------------------------------------------------------------------
 
@@ -900,13 +603,6 @@ class PostgresStore:
 
     # -- life cycle ---------------------------------------------------------------------
 
-    def _forget_parent_pool(self) -> None:
-        """In a forked child: set the parent's pool aside (its connections are the parent's
-        sessions, possibly mid-transaction in a thread that does not exist here) and take a
-        fresh pool lock; the child's first call opens its own pool (``_pool_here``)."""
-        self._pool_lock = threading.Lock()
-        _parent_pools.append(self._pool)
-
     def close(self) -> None:
         """Close the pooled connections (a forked child leaves its parent's alone)."""
         if self._closed:
@@ -932,39 +628,4 @@ def migrate(dsn: str, table: str = "runs") -> tuple[int, int]:
         return pgschema.migrate(conn, table, safe_dsn(dsn))
 
 
-def _after_fork_in_child() -> None:
-    for store in list(_stores):
-        store._forget_parent_pool()
 
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _check_idle(conn: _Conn) -> None:
-    """The pool's check of a connection it hands out, without a round trip: an idle
-    connection has nothing to read unless its server ended it (or is ending it), which then
-    sent an error and closed the socket. Raises so that the pool opens another one."""
-    if conn.closed or conn.broken:
-        raise psycopg.OperationalError("the connection is closed")
-    readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    if readable:
-        conn.close()  # so that the pool discards it rather than taking it back
-        raise psycopg.OperationalError("the server ended the idle connection")
-
-
-def _reason(exc: psycopg.Error) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def _params(run: Run, now: _dt.datetime, extra: dict[str, Any] | None) -> dict[str, Any]:
-    """The statement parameters storing ``run`` (and ``extra``, on an insert), refused as
-    the file store refuses them (``codec.checked_fields``: ``MAX_RECORD_BYTES``, fields
-    that cannot be written as JSON). An update leaves the kept fields in their column, so
-    only the run's own fields count for it."""
-    codec.checked_fields(run, extra)
-    params: dict[str, Any] = codec.converter.unstructure(run)
-    params["status"] = run.status.value
-    params["changed_at"] = now
-    params["extra"] = Jsonb(extra) if extra else None
-    return params

@@ -133,7 +133,7 @@ def _older_open_change(store: PostgresStore, conn: psycopg.Connection[Any]) -> N
     """In ``conn``'s open transaction, create a run with the store's own statement: its
     change is stamped with a transaction id older than any later write's."""
     from runstore import owner, transitions
-    from runstore.postgres import _params
+    from runstore._pgbase import _params
 
     run = transitions.fresh(Run("old", "/t", "h"), "00000000T000000.000000Z-old",
                             owner.current())
