@@ -145,6 +145,7 @@ def _client(impl: str, where: str, index: int, seconds: float, barrier: Any,
         machines = [f"c{index}-m{i}" for i in range(4)]
         ops = cycles = 0
         barrier.wait(120)
+        cpu = time.process_time()
         deadline = time.monotonic() + seconds
         k = 0
         while time.monotonic() < deadline:
@@ -162,14 +163,17 @@ def _client(impl: str, where: str, index: int, seconds: float, barrier: Any,
             store.finish(run_id)
             ops += 3
             cycles += 1
+        cpu = time.process_time() - cpu
         store.close()
-        out.put({"ops": ops, "cycles": cycles, "error": None})
+        out.put({"ops": ops, "cycles": cycles, "cpu": cpu, "error": None})
     except Exception:
-        out.put({"ops": 0, "cycles": 0, "error": traceback.format_exc()})
+        out.put({"ops": 0, "cycles": 0, "cpu": 0.0, "error": traceback.format_exc()})
 
 
-def run_case(impl: str, where: str, clients: int, seconds: float) -> tuple[int, float, list[str]]:
-    """(operations, wall seconds, errors) of ``clients`` processes for ``seconds``."""
+def run_case(impl: str, where: str, clients: int,
+             seconds: float) -> tuple[int, float, float, list[str]]:
+    """(operations, wall seconds, client CPU seconds, errors) of ``clients`` processes for
+    ``seconds``."""
     barrier = _CTX.Barrier(clients + 1)
     out: Any = _CTX.Queue()
     procs = [_CTX.Process(target=_client, args=(impl, where, i, seconds, barrier, out))
@@ -188,7 +192,7 @@ def run_case(impl: str, where: str, clients: int, seconds: float) -> tuple[int, 
                 p.kill()
                 p.join()
     errors = [r["error"] for r in results if r["error"]]
-    return sum(r["ops"] for r in results), wall, errors
+    return sum(r["ops"] for r in results), wall, sum(r["cpu"] for r in results), errors
 
 
 # -- the whole run ------------------------------------------------------------------------------
@@ -228,16 +232,18 @@ def _measure(args: argparse.Namespace, wheres: dict[str, str], label: str,
         order = names[r % len(names):] + names[:r % len(names)]
         for clients in counts:
             for impl in order:
-                ops, wall, errors = run_case(impl, wheres[impl], clients, args.seconds)
-                t = totals.setdefault((impl, clients), [0, 0.0])
+                ops, wall, cpu, errors = run_case(impl, wheres[impl], clients, args.seconds)
+                t = totals.setdefault((impl, clients), [0, 0.0, 0.0])
                 t[0] += ops
                 t[1] += wall
+                t[2] += cpu
                 problems.setdefault((impl, clients), []).extend(errors[:2])
                 print(f"  [{label}] round {r + 1} {impl:12} {clients:2} clients: "
                       f"{ops / wall:8.0f} ops/s" + (f"  ERRORS: {errors[0]}" if errors else ""),
                       flush=True)
     return [{"impl": impl, "clients": c, "via": label, "ops": int(t[0]), "seconds": t[1],
-             "ops_per_s": t[0] / t[1], "problems": problems[(impl, c)]}
+             "ops_per_s": t[0] / t[1], "client_cpu_us_per_op": 1e6 * t[2] / max(t[0], 1),
+             "problems": problems[(impl, c)]}
             for (impl, c), t in totals.items()]
 
 
@@ -247,7 +253,8 @@ def _summarise(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (impl, clients, via), case in sorted(by.items()):
         anchor = by.get((ANCHOR, clients, via))
         one = by.get((impl, 1, via))
-        rows.append({**{k: case[k] for k in ("impl", "clients", "via", "ops_per_s")},
+        rows.append({**{k: case[k] for k in ("impl", "clients", "via", "ops_per_s",
+                                             "client_cpu_us_per_op")},
                      "vs_anchor": case["ops_per_s"] / anchor["ops_per_s"] if anchor else None,
                      "vs_one_client": case["ops_per_s"] / one["ops_per_s"] if one else None})
     return rows
@@ -257,13 +264,15 @@ def _markdown(result: dict[str, Any]) -> str:
     lines = [f"# Dispatcher cycle vs client processes (durable) — {result['when']}", "",
              f"{result['machine']}; {result['seconds']} s x {result['rounds']} rounds per "
              f"case; PostgreSQL {result['server_version']}.", "",
-             "| via | clients | implementation | ops/s | vs anchor | vs 1 client |",
-             "|---|---|---|---|---|---|"]
+             "| via | clients | implementation | ops/s | vs anchor | vs 1 client "
+             "| client CPU µs/op |",
+             "|---|---|---|---|---|---|---|"]
     for row in result["summary"]:
         ratio = "" if row["vs_anchor"] is None else f"{row['vs_anchor']:.2f}"
         scale = "" if row["vs_one_client"] is None else f"{row['vs_one_client']:.2f}"
         lines.append(f"| {row['via']} | {row['clients']} | {row['impl']} | "
-                     f"{row['ops_per_s']:,.0f} | {ratio} | {scale} |")
+                     f"{row['ops_per_s']:,.0f} | {ratio} | {scale} | "
+                     f"{row['client_cpu_us_per_op']:.0f} |")
     lines += ["", "8/1 scaling ratio relative to the anchor's own: "
               + ", ".join(f"{k}: {v:.2f}" for k, v in result["scaling_vs_anchor"].items()), ""]
     return "\n".join(lines)

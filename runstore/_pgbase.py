@@ -357,7 +357,8 @@ class PostgresBase:
                 self._last_id = new.id
                 self._count_write()
                 return new
-            if greatest is None or greatest < new.id:
+            second = _pgsql.ID_SECOND
+            if greatest is None or greatest[:second] <= new.id[:second]:
                 return None  # the machine is taken (and our id was fine)
             self._last_id = greatest  # a greater id is stored (imported, or a clock ahead)
 

@@ -4,8 +4,11 @@ CTE), so a call is one round trip and holds its row lock only for that statement
 
 - ``create``: ``INSERT ... ON CONFLICT (machine) WHERE <active> DO NOTHING`` on the partial
   unique index (a concurrent creator of the machine's run wins, nobody waits for a table
-  lock), refused unless the client's new id sorts after every stored id (``max(id)``: one
-  step of the primary key's index); it answers (inserted?, greatest id).
+  lock), refused when the second of the client's new id (its first ``ID_SECOND``
+  characters) is earlier than the greatest stored id's (``max(id)``: one step of the primary
+  key's index): an imported id from later, or a client clock behind the others. Ids made by
+  concurrent creators within the same second are all accepted, in whatever order they
+  commit. It answers (inserted?, greatest id).
 - ``start``/``finish``/``beat``: the transition rule and the new values in the ``UPDATE``
   itself (``WHERE status = ...``); zero rows means the rule does not allow it (or no such
   run), and the caller then reads the run to raise the right error.
@@ -28,6 +31,8 @@ from .model import ChangeType, Status
 from .pgschema import Names
 
 _ACTIVE = "status IN ('pending', 'running')"
+#: the characters of a run id up to its second (``YYYYMMDDTHHMMSS``)
+ID_SECOND = len("20260101T000000")
 #: the SQL type of each run column (for the typed placeholders of INSERT ... SELECT)
 _TYPES = {"exit_code": "bigint", "revision": "bigint", "owner_pid": "bigint",
           "started_at": "timestamptz", "ended_at": "timestamptz",
@@ -73,7 +78,8 @@ class Writes:
         self.create = (
             f"WITH ins AS (INSERT INTO {runs} ({cols}, changed_at, extra) "
             f"SELECT {typed}, %(changed_at)s::timestamptz, %(extra)s::jsonb "
-            f"WHERE %(id)s::text COLLATE \"C\" > coalesce((SELECT max(id) FROM {runs}), '') "
+            f"WHERE left(%(id)s::text, {ID_SECOND}) COLLATE \"C\" "
+            f">= left(coalesce((SELECT max(id) FROM {runs}), ''), {ID_SECOND}) "
             f"ON CONFLICT (machine) WHERE {_ACTIVE} DO NOTHING "
             f"RETURNING {run_json(runs)} AS run), "
             f"f AS ({_feed_insert(changes, 'ins', repr(ChangeType.RUN_CREATED.value))}) "

@@ -168,7 +168,8 @@ def _v3_xid_feed(n: Names) -> list[sql.Composed]:
         sql.SQL("ALTER TABLE {changes} ALTER COLUMN seq DROP NOT NULL, "
                 "ADD COLUMN xid xid8, ADD COLUMN ord integer NOT NULL DEFAULT 0, "
                 "ADD COLUMN skip bigint NOT NULL DEFAULT 0").format(changes=n.changes),
-        sql.SQL("CREATE UNIQUE INDEX {name} ON {changes} (seq)").format(
+        # numbered rows only: a write inserts no entry here, the numbering does
+        sql.SQL("CREATE UNIQUE INDEX {name} ON {changes} (seq) WHERE seq IS NOT NULL").format(
             name=n.ident("_changes_seq"), changes=n.changes),
         sql.SQL("CREATE UNIQUE INDEX {name} ON {changes} (xid, ord) WHERE seq IS NULL")
         .format(name=n.ident("_changes_unplaced"), changes=n.changes),

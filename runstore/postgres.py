@@ -140,12 +140,13 @@ class PostgresStore(PostgresBase):
       trimmed automatically every ``TRIM_EVERY`` changes. ``stats()`` reports
       ``file_size`` as the bytes of the tables and indexes, ``live_lines`` as runs and
       ``superseded_lines`` as retained changes; ``path`` is the DSN without its password.
-    - A new id is made by the client, from its clock like the file store's, and the insert
-      is refused (and retried with a greater id) unless it sorts after every stored id, so
-      ids increase from call to call, but two creates running at once on different hosts
-      may be stored (``list()``'s insertion order) in the other order than their ids. Hosts
-      should keep their clocks in sync (an id after a clock step back is still greater, just
-      not a true time).
+    - A new id is made by the client, from its clock like the file store's (after the
+      greatest id this store made). The insert is refused, and the id made again after the
+      greatest stored one, when its second is earlier than that id's (ids imported from
+      later, a clock behind), so a new id sorts after every id stored before the call except
+      ids of the same second; creates running at once are stored (``list()``'s insertion
+      order, the feed's order) in whatever order they commit, not always in id order. Hosts
+      should keep their clocks in sync.
     - ``prepare_atomic`` reads the machine's run, then calls ``make()`` without any lock on
       the machine: if a concurrent creator for the same machine commits first, ``make()``'s
       run is discarded and the call returns that creator's run (REUSE/BUSY), so ``make()``
