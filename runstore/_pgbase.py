@@ -326,8 +326,8 @@ class PostgresBase:
     def _transition(self, statement: str, params: dict[str, Any], action: str) -> Run | None:
         """A one-statement transition (``start``/``finish``/``heartbeat``): the run as
         stored, or None when its rule did not apply (or its record might not fit)."""
-        added = sum(len(v.encode("utf-8", "surrogatepass")) for v in params.values()
-                    if isinstance(v, str))
+        # at most ESCAPED bytes of JSON per character, whatever the character
+        added = sum(len(v) for v in params.values() if isinstance(v, str))
         params["room"] = (codec.MAX_RECORD_BYTES - _pgsql.RECORD_OVERHEAD
                           - _pgsql.ESCAPED * added)
         conn = self._checkout(action)

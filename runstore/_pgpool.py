@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import select
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -49,8 +50,10 @@ class Pool:
         self.size = size
         self.timeout = timeout
         self._idle: list[_Conn] = []
-        self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(size)
+        self._in_use = 0
+        self._waiting = 0
+        # one C lock for the common case; its condition only when all connections are out
+        self._cond = threading.Condition(threading.Lock())
         self._closed = False
 
     @contextlib.contextmanager
@@ -64,48 +67,64 @@ class Pool:
 
     def get(self) -> _Conn:
         """A connection, to be given back with ``put`` (``connection`` does both)."""
-        if not self._slots.acquire(timeout=self.timeout):
-            raise PoolTimeout(f"all {self.size} connections stayed busy")
+        with self._cond:
+            if self._in_use >= self.size:
+                self._wait_for_one()
+            self._in_use += 1
+            conn = self._idle.pop() if self._idle else None
         try:
-            return self._take()
+            while conn is not None and not usable(conn):
+                conn.close()
+                with self._cond:
+                    conn = self._idle.pop() if self._idle else None
+            return conn if conn is not None else self._new()
         except BaseException:
-            self._slots.release()
+            self._release()
             raise
+
+    def _wait_for_one(self) -> None:
+        """Under the lock: wait until a connection is given back, at most ``timeout``."""
+        deadline = time.monotonic() + self.timeout
+        self._waiting += 1
+        try:
+            while self._in_use >= self.size:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PoolTimeout(f"all {self.size} connections stayed busy")
+                self._cond.wait(left)
+        finally:
+            self._waiting -= 1
+
+    def _new(self) -> _Conn:
+        try:
+            return self._connect()
+        except psycopg.Error as exc:
+            text = str(exc).strip().splitlines()
+            raise ConnectFailed(text[0] if text else type(exc).__name__) from None
 
     def put(self, conn: _Conn) -> None:
         """Give back a connection ``get`` returned."""
-        try:
-            self._give_back(conn)
-        finally:
-            self._slots.release()
-
-    def _take(self) -> _Conn:
-        while True:
-            with self._lock:
-                conn = self._idle.pop() if self._idle else None
-            if conn is None:
-                try:
-                    return self._connect()
-                except psycopg.Error as exc:
-                    text = str(exc).strip().splitlines()
-                    raise ConnectFailed(text[0] if text else type(exc).__name__) from None
-            if usable(conn):
-                return conn
-            conn.close()
-
-    def _give_back(self, conn: _Conn) -> None:
-        idle = (not conn.closed and not conn.broken
+        keep = (not self._closed and not conn.closed and not conn.broken
                 and conn.info.transaction_status == pq.TransactionStatus.IDLE)
-        if not idle or self._closed:
+        if not keep:
             conn.close()
-            return
-        with self._lock:
-            self._idle.append(conn)
+        with self._cond:
+            if keep:
+                self._idle.append(conn)
+            self._in_use -= 1
+            if self._waiting:
+                self._cond.notify()
+
+    def _release(self) -> None:
+        with self._cond:
+            self._in_use -= 1
+            if self._waiting:
+                self._cond.notify()
 
     def close(self) -> None:
         """Close the idle connections; those in use are closed when given back."""
         self._closed = True
-        with self._lock:
+        with self._cond:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()

@@ -565,3 +565,44 @@ def test_names_are_derived_from_the_table() -> None:
     """Every object's name starts with the table's, so stores share a database safely."""
     n = Names.of("jobs")
     assert (n.one_active, n.channel) == ("jobs_one_active", "jobs_changes")
+
+
+def test_a_store_called_from_make_with_one_connection_fails_after_lock_timeout(
+    opened: Callable[..., PostgresStore]
+) -> None:
+    """With pool_size=1, calling the store from inside make() waits for the one pooled
+    connection for lock_timeout, then fails clearly; the store works afterwards."""
+    store = opened(pool_size=1, lock_timeout=0.3)
+
+    def make() -> Run:
+        store.list()
+        return Run("m1", "/t", "h")
+
+    started = time.monotonic()
+    with pytest.raises(DatabaseConnectionError, match="all 1 pooled connections stayed busy"):
+        store.prepare_atomic("m1", "h", make)
+    assert 0.25 < time.monotonic() - started < 5
+    assert store.prepare_atomic("m1", "h", _make("m1"))[1] is PrepareOutcome.CREATED
+
+
+def test_pooled_connections_are_reused_and_a_dead_one_replaced(
+    opened: Callable[..., PostgresStore], admin: psycopg.Connection[Any]
+) -> None:
+    """Sequential calls use one server session; once that session is ended while idle, the
+    next call finds it out at checkout (no error) and uses a new one."""
+    store = opened()
+    store.create(Run("m1", "/t", "h"))
+
+    def sessions() -> set[int]:
+        rows = admin.execute("SELECT pid FROM pg_stat_activity WHERE application_name = "
+                             "'runstore' AND pid <> pg_backend_pid()").fetchall()
+        return {r[0] for r in rows}
+
+    before = sessions()
+    for _ in range(20):
+        store.list()
+    assert sessions() == before and len(before) == 1
+    admin.execute("SELECT pg_terminate_backend(%s, 10000)", [next(iter(before))])
+    assert len(store.list()) == 1
+    after = sessions()
+    assert len(after) == 1 and after != before
