@@ -34,15 +34,19 @@ increasing, and ``changes(since)`` is resumed from any seq returned, as in the f
    past every finished transaction as soon as the transactions older than it end.
 3. The order is stable and depends on no follower's timing: positions follow ``(xid, ord)``
    over the rows below the horizon, and no row with an id below a past horizon can appear
-   later. A sequencer whose commit is lost (it commits without waiting for the WAL flush,
-   so that following costs no disk sync) is redone on the same rows in the same order. The
-   order is per-run commit order: a change of a run is written by a statement that waited
-   for the run's previous change to commit before it got its transaction id, so that id is
-   greater.
+   later. The numbering commits as the store that runs it does (``durable``): a durable
+   store's numbering is on disk before any follower reads it, and with it every change it
+   numbered (the WAL is written in order); a numbering by a ``durable=False`` store that a
+   server crash loses is redone on the same rows in the same order, the horizon having
+   kept out every row whose transaction was still open. The order is per-run commit order:
+   a change of a run is written by a statement that waited for the run's previous change
+   to commit before it got its transaction id, so that id is greater.
 
-**What it costs.** A follower lags behind the oldest transaction in the cluster that holds
-a transaction id (an open ``import_runs``, any long writing transaction on the server): the
-feed shows nothing after it until it ends; writers never wait for it. Feed order is
+**What it costs.** A durable follower that finds new changes waits for one WAL flush (shared
+with concurrent commits); one that finds none writes nothing. A follower lags behind the
+oldest transaction in the cluster that holds a transaction id (an open ``import_runs``, any
+long writing transaction on the server): the feed shows nothing after it until it ends;
+writers never wait for it. Feed order is
 transaction-id order (commit order per run). The numbering is done by readers, so reading the
 feed writes to it (a follower needs write access to the changes table).
 """
@@ -63,7 +67,6 @@ def sequencer_sql(n: Names, retain: int, trim_every: int) -> str:
     changes, feed = n.changes.as_string(), n.feed.as_string()
     key = f"'runstore.feed.{n.table}'"
     return f"""BEGIN;
-SET LOCAL synchronous_commit = off;
 SELECT pg_advisory_xact_lock(hashtext({key}));
 WITH h AS (SELECT {HORIZON} AS x),
 b AS (SELECT greatest((SELECT max(seq) FROM {changes}),

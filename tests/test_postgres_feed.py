@@ -147,8 +147,9 @@ def _now() -> Any:
 
 
 def _lose_numbering(admin: psycopg.Connection[Any], table: str) -> None:
-    """What a server crash does to a numbering whose commit was not flushed yet (the
-    sequencer commits without waiting for the disk): its positions are gone."""
+    """What a server crash does to a numbering whose commit was not flushed yet (made by
+    a ``durable=False`` store, which commits without waiting for the disk): its positions
+    are gone."""
     admin.execute(f"UPDATE {table}_changes SET seq = NULL WHERE xid IS NOT NULL")
 
 
@@ -177,7 +178,7 @@ def test_the_horizon_keeps_a_follower_whole_through_a_lost_numbering(
     """While an older transaction is open, the newer change is not numbered; so a numbering
     lost in a crash is redone the same way, and the follower sees both changes once, in
     transaction-id order."""
-    assert _follow_through_a_lost_numbering(opened(), pg) == ["old", "new"]
+    assert _follow_through_a_lost_numbering(opened(durable=False), pg) == ["old", "new"]
 
 
 def test_without_the_horizon_a_lost_numbering_skips_and_repeats(
@@ -187,7 +188,7 @@ def test_without_the_horizon_a_lost_numbering_skips_and_repeats(
     before the older commits; once that numbering is lost, the older change takes seq 1, and
     the follower, already past 1, skips it and sees the newer one twice."""
     monkeypatch.setattr(_pgfeed, "HORIZON", NO_HORIZON)
-    assert _follow_through_a_lost_numbering(opened(), pg) == ["new", "new"]
+    assert _follow_through_a_lost_numbering(opened(durable=False), pg) == ["new", "new"]
 
 
 def test_an_open_writing_transaction_holds_the_feed_back_not_the_writers(
