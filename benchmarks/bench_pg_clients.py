@@ -295,6 +295,8 @@ def _plot(result: dict[str, Any], path: Path) -> None:
         ax.scatter([row["clients"]], [row["ops_per_s"]], marker="x",
                    label=f"{row['impl']} via {row['via']}")
     ax.set_xscale("log", base=2)
+    counts = sorted({r["clients"] for r in result["summary"]})
+    ax.set_xticks(counts, [str(c) for c in counts])
     ax.set_xlabel("client processes")
     ax.set_ylabel("operations per second")
     ax.set_title("Dispatcher cycle, durable, one PostgreSQL server")

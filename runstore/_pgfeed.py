@@ -46,9 +46,9 @@ increasing, and ``changes(since)`` is resumed from any seq returned, as in the f
 with concurrent commits); one that finds none writes nothing. A follower lags behind the
 oldest transaction in the cluster that holds a transaction id (an open ``import_runs``, any
 long writing transaction on the server): the feed shows nothing after it until it ends;
-writers never wait for it. Feed order is
-transaction-id order (commit order per run). The numbering is done by readers, so reading the
-feed writes to it (a follower needs write access to the changes table).
+writers never wait for it. Feed order is transaction-id order (commit order per run). The
+numbering is done by readers, so reading the feed writes to it (a follower needs write
+access to the changes table).
 """
 
 from __future__ import annotations
