@@ -74,15 +74,12 @@ class StoreBase(abc.ABC):
         (``InvalidTransitionError``) and a change of machine or hash (``InvalidRunError``).
         An unchanged copy of a terminal run is an idempotent no-op.
         """
-        run = _validate.updated_run(run)
-        return self._step(run.id, lambda stored: transitions.updated(stored, run),
-                          "updating a run in")
+        return self._update(_validate.updated_run(run))
 
     def start(self, run_id: str) -> Run:
         """pending -> running: sets ``started_at`` and makes this process the owner."""
         _validate.run_id(run_id)
-        return self._step(run_id, lambda stored: transitions.started(
-            stored, ids.utcnow(), owner.current()), "starting a run in")
+        return self._start(run_id)
 
     def finish(
         self,
@@ -98,15 +95,12 @@ class StoreBase(abc.ABC):
         (``InvalidTransitionError``)."""
         _validate.finish(run_id, exit_code, error_code, error_msg)
         target = transitions.terminal_status(run_id, status)
-        return self._step(run_id, lambda stored: transitions.finished(
-            stored, target, ids.utcnow(), exit_code, error_code, error_msg),
-            "finishing a run in")
+        return self._finish(run_id, target, exit_code, error_code, error_msg)
 
     def heartbeat(self, run_id: str) -> Run:
         """Refresh ``heartbeat_at`` of a non-terminal run (as cheap as any update)."""
         _validate.run_id(run_id)
-        return self._step(run_id, lambda stored: transitions.beat(stored, ids.utcnow()),
-                          "recording a heartbeat in")
+        return self._beat(run_id)
 
     # -- reading runs -------------------------------------------------------------------
 
@@ -291,7 +285,27 @@ class StoreBase(abc.ABC):
     @abc.abstractmethod
     def _step(self, run_id: str, step_of: _StepOf, action: str) -> Run:
         """Store the run's next version by ``step_of(stored)`` (None: unchanged, nothing
-        written) in one critical section; ``action`` names the call in error messages."""
+        written) in one critical section; ``action`` names the call in error messages.
+        ``_update``, ``_start``, ``_finish`` and ``_beat`` go through it unless a backend
+        has a shorter way."""
+
+    def _update(self, run: Run) -> Run:
+        return self._step(run.id, lambda stored: transitions.updated(stored, run),
+                          "updating a run in")
+
+    def _start(self, run_id: str) -> Run:
+        return self._step(run_id, lambda stored: transitions.started(
+            stored, ids.utcnow(), owner.current()), "starting a run in")
+
+    def _finish(self, run_id: str, target: Status, exit_code: int | None, error_code: str,
+                error_msg: str) -> Run:
+        return self._step(run_id, lambda stored: transitions.finished(
+            stored, target, ids.utcnow(), exit_code, error_code, error_msg),
+            "finishing a run in")
+
+    def _beat(self, run_id: str) -> Run:
+        return self._step(run_id, lambda stored: transitions.beat(stored, ids.utcnow()),
+                          "recording a heartbeat in")
 
     @abc.abstractmethod
     def _get_run(self, run_id: str) -> Run: ...

@@ -8,8 +8,11 @@ tests, can share one database::
                     this library does not know, kept from an import)
     runs_one_active the partial unique index: one pending/running run per machine, enforced
                     by PostgreSQL whoever writes (even raw SQL)
-    runs_seq        the change feed's sequence
-    runs_changes    the retained changes (seq, time, change, run as JSON)
+    runs_seq        the change feed's sequence (version 2; unused since version 3, kept)
+    runs_changes    the retained changes: the writing transaction's id and the change's
+                    order in it (xid, ord), its position ``seq`` once a follower has
+                    assigned it (NULL before), the positions left out before it (skip),
+                    time, change, run as JSON (see ``_pgfeed``)
     runs_feed       one row: ``compacted_through``, the greatest seq trimmed away
     runs_schema     one row per applied migration (version, applied_at)
 
@@ -35,7 +38,7 @@ from .errors import CorruptStoreError, InvalidRunError
 from .model import ChangeType, Status
 
 #: the schema this runstore writes and understands
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: a plain lower-case identifier, short enough that every derived name fits in 63 bytes
 _TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")
 
@@ -155,8 +158,27 @@ def _v2_feed(n: Names) -> list[sql.Composed]:
     ]
 
 
+def _v3_xid_feed(n: Names) -> list[sql.Composed]:
+    """Version 3: changes are written without a table lock, stamped with their
+    transaction's id and order in it; followers assign their ``seq`` (``_pgfeed``). Rows
+    already there keep their seq."""
+    return [
+        sql.SQL("ALTER TABLE {changes} DROP CONSTRAINT {pkey}").format(
+            changes=n.changes, pkey=n.ident("_changes_pkey")),
+        sql.SQL("ALTER TABLE {changes} ALTER COLUMN seq DROP NOT NULL, "
+                "ADD COLUMN xid xid8, ADD COLUMN ord integer NOT NULL DEFAULT 0, "
+                "ADD COLUMN skip bigint NOT NULL DEFAULT 0").format(changes=n.changes),
+        # numbered rows only: a write inserts no entry here, the numbering does
+        sql.SQL("CREATE UNIQUE INDEX {name} ON {changes} (seq) WHERE seq IS NOT NULL").format(
+            name=n.ident("_changes_seq"), changes=n.changes),
+        sql.SQL("CREATE UNIQUE INDEX {name} ON {changes} (xid, ord) WHERE seq IS NULL")
+        .format(name=n.ident("_changes_unplaced"), changes=n.changes),
+    ]
+
+
 #: version -> the statements that bring version - 1 to it
-MIGRATIONS: dict[int, Callable[[Names], list[sql.Composed]]] = {1: _v1_runs, 2: _v2_feed}
+MIGRATIONS: dict[int, Callable[[Names], list[sql.Composed]]] = {
+    1: _v1_runs, 2: _v2_feed, 3: _v3_xid_feed}
 
 
 def current_version(conn: psycopg.Connection[Any], names: Names) -> int:
@@ -262,19 +284,6 @@ class Statements:
             "WHERE id = %(id)s AND revision = %(expected)s RETURNING revision",
             runs=n.runs, names=_columns(settable),
             values=sql.SQL(", ").join(map(sql.Placeholder, settable)))
-        # EXCLUSIVE: conflicts with every writer of the feed and with itself, never with
-        # readers; taken at the end of a writing transaction, so seqs follow commit order
-        self.lock_feed = _render("LOCK TABLE {changes} IN EXCLUSIVE MODE", **q)
-        # NOTIFY is delivered at commit, once per distinct payload: watchers wake up once
-        self.append = _render(
-            "WITH c AS (INSERT INTO {changes} (seq, time, change, run) "
-            "VALUES (nextval({seq}), %s, %s, %s) RETURNING seq) "
-            "SELECT seq, pg_notify({channel}, 'changed') FROM c",
-            changes=n.changes, seq=sql.Literal(n.seq.as_string()),
-            channel=sql.Literal(n.channel))
-        self.trim = _render("DELETE FROM {changes} WHERE seq <= %s", **q)
-        self.set_compacted = _render(
-            "UPDATE {feed} SET compacted_through = greatest(compacted_through, %s)", **q)
         self.last_seq = _render(
             "SELECT greatest((SELECT max(seq) FROM {changes}), "
             "(SELECT compacted_through FROM {feed}), 0)", **q)

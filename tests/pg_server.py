@@ -29,6 +29,8 @@ _NOBODY_UID = 65534
 _PORT = 5432  # only names the socket file (.s.PGSQL.5432) in our private directory
 _START_TIMEOUT = 60.0
 _STOP_TIMEOUT = 30.0
+#: DSN -> what restarts its server: (argv, user, root, log path, [the running Popen])
+_RUNNING: dict[str, tuple[list[str], int | None, Path, Path, list[subprocess.Popen[bytes]]]] = {}
 
 
 def postgres_bin_dir() -> Path | None:
@@ -81,6 +83,8 @@ def throwaway_postgres(
     owner = os.getpid()
     server: subprocess.Popen[bytes] | None = None
     log_path = root / "server.log"
+    dsn = dsn_for(root)
+    holder: list[subprocess.Popen[bytes]] = []
     try:
         root.chmod(0o700)
         _give_away(root)
@@ -105,17 +109,40 @@ def throwaway_postgres(
         argv = [str(bin_dir / "postgres"), "-D", str(data)]
         for name, value in conf.items():
             argv += ["-c", f"{name}={value}"]
-        with open(log_path, "wb") as log:
-            server = subprocess.Popen(argv, cwd=root, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True, user=uid, group=uid,
-                                      extra_groups=groups)
+        server = _launch(argv, uid, root, log_path)
+        holder.append(server)
         _wait_ready(bin_dir, root, server, log_path)
-        yield dsn_for(root)
+        _RUNNING[dsn] = (argv, uid, root, log_path, holder)
+        yield dsn
     finally:
         if os.getpid() == owner:  # a forked child leaving the block must not stop it
-            if server is not None:
-                _stop(server)
+            _RUNNING.pop(dsn, None)
+            for running in holder:
+                _stop(running)
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _launch(argv: list[str], uid: int | None, root: Path,
+            log_path: Path) -> subprocess.Popen[bytes]:
+    groups: list[int] | None = None if uid is None else []
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(argv, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, user=uid, group=uid,
+                                extra_groups=groups)
+
+
+def crash_and_restart(dsn: str) -> None:
+    """Stop the server of ``dsn`` (a ``throwaway_postgres`` one) the way ``pg_ctl stop -m
+    immediate`` does, SIGQUIT to the postmaster (no checkpoint: recovery replays the WAL on
+    the next start), wait for it to exit, and start it again on the same data."""
+    argv, uid, root, log_path, holder = _RUNNING[dsn]
+    server = holder[-1]
+    server.send_signal(signal.SIGQUIT)
+    server.wait(_STOP_TIMEOUT)
+    bin_dir = Path(argv[0]).parent
+    restarted = _launch(argv, uid, root, log_path)
+    holder.append(restarted)
+    _wait_ready(bin_dir, root, restarted, log_path)
 
 
 def _wait_ready(bin_dir: Path, root: Path, server: subprocess.Popen[bytes],

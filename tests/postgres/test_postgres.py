@@ -216,8 +216,8 @@ def _race_worker(backend: Backend, machines: list[str], attempts: int, threads: 
 
 def _check_race(result: dict[str, Any], store: PostgresStore) -> dict[str, int]:
     """The file store's race checks, on the database: no overlap of two active runs of one
-    machine, no duplicate id, a change feed in commit order that replays without a second
-    active run, a skipped revision or an id out of order, and every run completed."""
+    machine, no duplicate id, a gap-free change feed that replays without a second active
+    run or a skipped revision, and every run completed."""
     assert not result["errors"], "\n".join(result["errors"][:3])
     created = result["created"]
     ids = [c[1] for c in created]
@@ -229,13 +229,14 @@ def _check_race(result: dict[str, Any], store: PostgresStore) -> dict[str, int]:
     assert seqs == list(range(1, len(seqs) + 1)), "seqs out of commit order or with gaps"
     records = [{"seq": c.seq, "change": c.type.value, "id": c.run.id, "machine": c.run.machine,
                 "status": c.run.status.value, "revision": c.run.revision} for c in changes]
-    problems = _replay(records)
+    # ids are made by each client (documented): two creates running at once may be in the
+    # feed in the other order than their ids, so only that check of the replay is left out
+    problems = [p for p in _replay(records) if "sorts before" not in p]
     assert not problems, problems[:5]
     heartbeats = sum(1 for c in changes if c.type.value == "heartbeat")
     assert len(changes) == 3 * len(ids) + heartbeats
     runs = store.list()
     assert sorted(r.id for r in runs) == sorted(ids)
-    assert [r.id for r in runs] == sorted(ids), "insertion order is not id order"
     assert store.active() == []
     assert all(r.status is Status.COMPLETED and r.revision >= 3 for r in runs)
     return {"created": len(ids), "changes": len(changes)}
@@ -285,19 +286,35 @@ def test_threads_share_one_store_through_its_pool(opened: Callable[..., Postgres
 
 
 def _kill_at(point: str, admin: psycopg.Connection[Any], table: str,
-             wrote: list[bool]) -> Callable[[str, Any], None]:
+             wrote: list[bool], locked: bool = False) -> Callable[[str, Any], None]:
     """A test hook that terminates the store's own server session once, at ``point``,
-    while its transaction is open, and waits until the session is gone. ``wrote`` gets
-    whether that transaction had written to ``table`` by then (it holds a RowExclusiveLock)."""
+    and waits until the session is gone. ``wrote`` gets whether its transaction had written
+    to ``table`` by then (it holds a RowExclusiveLock). With ``locked``, the session is
+    terminated from another thread once its next statement waits for a lock."""
 
     def hook(at: str, conn: Any) -> None:
-        if at == point and not wrote:
-            pid = conn.info.backend_pid
-            row = admin.execute("SELECT count(*) FROM pg_locks WHERE pid = %s AND mode = "
-                                "'RowExclusiveLock' AND relation = %s::regclass",
-                                [pid, table]).fetchone()
-            wrote.append(bool(row and row[0]))
+        if at != point or wrote:
+            return
+        pid = conn.info.backend_pid
+        row = admin.execute("SELECT count(*) FROM pg_locks WHERE pid = %s AND mode = "
+                            "'RowExclusiveLock' AND relation = %s::regclass",
+                            [pid, table]).fetchone()
+        wrote.append(bool(row and row[0]))
+        if not locked:
             admin.execute("SELECT pg_terminate_backend(%s, 10000)", [pid])
+            return
+
+        def kill_when_waiting() -> None:
+            with psycopg.connect(admin.info.dsn, autocommit=True) as killer:
+                for _ in range(1000):
+                    found = killer.execute("SELECT wait_event_type FROM pg_stat_activity "
+                                           "WHERE pid = %s", [pid]).fetchone()
+                    if found and found[0] == "Lock":
+                        break
+                    time.sleep(0.01)
+                killer.execute("SELECT pg_terminate_backend(%s, 10000)", [pid])
+
+        threading.Thread(target=kill_when_waiting, daemon=True).start()
 
     return hook
 
@@ -319,21 +336,24 @@ def _check_clear(err: DatabaseConnectionError, applied: bool | None) -> None:
     assert err.applied is applied
     if applied is False:
         assert "rolled back: nothing of this call was applied" in text
+    else:
+        assert "may or may not have been applied" in text
     assert isinstance(err, StoreIOError) and isinstance(err, ConnectionError)
     assert str(pickle.loads(pickle.dumps(err))) == text
 
 
-def test_connection_killed_inside_prepare_atomic_applies_nothing(
+def test_connection_killed_before_prepare_atomic_writes(
     secret_store: PostgresStore, admin: psycopg.Connection[Any]
 ) -> None:
-    """Killed after the run row was inserted, before the change feed and COMMIT: a clear
-    error, no run and no change stored, and the next call reconnects and succeeds."""
+    """Killed just before the statement that creates the run is sent (each write is one
+    autocommit statement, its own COMMIT): a clear error saying the outcome is unknown; no
+    run and no change stored; the next call reconnects and succeeds."""
     store, wrote = secret_store, []
-    store._test_hook = _kill_at("before_feed", admin, store.table, wrote)
+    store._test_hook = _kill_at("before_commit", admin, store.table, wrote)
     with pytest.raises(DatabaseConnectionError) as info:
         store.prepare_atomic("m1", "h", _make("m1"))
-    assert wrote == [True], "the run row was not written when the connection was killed"
-    _check_clear(info.value, applied=False)
+    assert wrote == [False]
+    _check_clear(info.value, applied=None)
     store._test_hook = None
     assert store.list() == [] and store.last_seq() == 0
     run, outcome = store.prepare_atomic("m1", "h", _make("m1"))
@@ -341,61 +361,59 @@ def test_connection_killed_inside_prepare_atomic_applies_nothing(
     assert [c.run.id for c in store.changes()] == [run.id]
 
 
-def test_connection_killed_before_commit_is_all_or_nothing(
-    secret_store: PostgresStore, admin: psycopg.Connection[Any]
+@pytest.mark.parametrize("call", ["start", "update", "create"])
+def test_connection_killed_during_a_write_applies_nothing(
+    secret_store: PostgresStore, admin: psycopg.Connection[Any], pg: Backend, call: str
 ) -> None:
-    """Killed with everything written but not committed: the error says the outcome is
-    unknown; the run and its change are both there or both absent; the next call works."""
-    store, wrote = secret_store, []
-    store._test_hook = _kill_at("before_commit", admin, store.table, wrote)
-    with pytest.raises(DatabaseConnectionError) as info:
-        store.prepare_atomic("m1", "h", _make("m1"))
-    assert wrote == [True]
-    _check_clear(info.value, applied=None)
-    assert "may or may not have been applied" in str(info.value)
-    store._test_hook = None
-    runs, changes = store.list(), list(store.changes())
-    assert [r.id for r in runs] == [c.run.id for c in changes]
-    assert store.prepare_atomic("m1", "h", _make("m1"))[1] is (
-        PrepareOutcome.REUSE if runs else PrepareOutcome.CREATED)
-
-
-def test_connection_killed_inside_update_applies_nothing(
-    secret_store: PostgresStore, admin: psycopg.Connection[Any]
-) -> None:
-    """Killed after the UPDATE, before the change feed and COMMIT: the stored run keeps its
-    revision, the same copy updates cleanly on the next call."""
-    store, wrote = secret_store, []
-    run = store.prepare_atomic("m1", "h", _make("m1"))[0]
-    store._test_hook = _kill_at("before_feed", admin, store.table, wrote)
-    with pytest.raises(DatabaseConnectionError) as info:
-        store.start(run.id)
-    assert wrote == [True], "the UPDATE had not run when the connection was killed"
-    _check_clear(info.value, applied=False)
-    store._test_hook = None
-    assert store.get(run.id) == run and store.last_seq() == 1
-    started = store.start(run.id)
-    assert started.revision == run.revision + 1 and started.status is Status.RUNNING
-    assert [c.seq for c in store.changes()] == [1, 2]
-
-
-def test_connection_killed_inside_a_plain_update_applies_nothing(
-    secret_store: PostgresStore, admin: psycopg.Connection[Any]
-) -> None:
-    """The same through ``update()`` itself: the new field is not stored, the revision is
-    unchanged, and the same stale-free copy is accepted on the next call."""
+    """Killed while its write statement waits for a row lock (the run row and its change
+    are one statement): the error says the outcome is unknown, and indeed neither the run
+    nor the feed changed; the same call then succeeds."""
     store, wrote = secret_store, []
     run = store.prepare_atomic("m1", "h", _make("m1"))[0]
     edited = attrs.evolve(run, logs_path="/logs/m1")
+    with psycopg.connect(pg.location) as holder:
+        if call == "create":  # an uncommitted pending run of m2: the insert waits for it
+            holder.execute(f"INSERT INTO {pg.table} (id, machine, test_dir, test_dir_hash, "
+                           "status, revision) VALUES ('held', 'm2', '/t', 'h', 'pending', 1)")
+        else:
+            holder.execute(f"SELECT 1 FROM {pg.table} WHERE id = %s FOR UPDATE", [run.id])
+        store._test_hook = _kill_at("before_commit", admin, store.table, wrote, locked=True)
+        with pytest.raises(DatabaseConnectionError) as info:
+            if call == "start":
+                store.start(run.id)
+            elif call == "update":
+                store.update(edited)
+            else:
+                store.create(Run("m2", "/t", "h"))
+        holder.rollback()
+    _check_clear(info.value, applied=None)
+    store._test_hook = None
+    assert store.list() == [run] and store.last_seq() == 1
+    if call == "start":
+        assert store.start(run.id).revision == run.revision + 1
+    elif call == "update":
+        assert store.update(edited).logs_path == "/logs/m1"
+    else:
+        assert store.create(Run("m2", "/t", "h")).machine == "m2"
+    assert [c.seq for c in store.changes()] == [1, 2]
+
+
+def test_connection_killed_inside_an_import_applies_nothing(
+    secret_store: PostgresStore, admin: psycopg.Connection[Any]
+) -> None:
+    """Killed inside the import's transaction, its runs written and its changes not yet:
+    rolled back (the error says so), nothing imported; the next import works."""
+    store, wrote = secret_store, []
+    runs = [Run(f"m{i}", "/t", "h", id=f"imp-{i}", status=Status.COMPLETED) for i in range(3)]
     store._test_hook = _kill_at("before_feed", admin, store.table, wrote)
     with pytest.raises(DatabaseConnectionError) as info:
-        store.update(edited)
-    assert wrote == [True], "the UPDATE had not run when the connection was killed"
+        store.import_runs(runs)
+    assert wrote == [True], "the run rows were not written when the connection was killed"
     _check_clear(info.value, applied=False)
     store._test_hook = None
-    assert store.get(run.id) == run and store.last_seq() == 1
-    stored = store.update(edited)
-    assert stored.logs_path == "/logs/m1" and stored.revision == run.revision + 1
+    assert store.list() == [] and store.last_seq() == 0
+    assert store.import_runs(runs) == 3
+    assert [c.run.id for c in store.changes()] == ["imp-0", "imp-1", "imp-2"]
 
 
 def test_all_pooled_connections_killed_then_next_call_reconnects(
@@ -424,19 +442,27 @@ def test_an_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:
 def test_a_held_lock_times_out_after_lock_timeout(
     opened: Callable[..., PostgresStore], pg: Backend, pg_dsn: str
 ) -> None:
-    """A session holding the change feed's lock makes writers fail after lock_timeout with
-    LockTimeoutError naming the table; nothing is stored; they work once it is released."""
+    """A session holding a run's row lock makes a writer of that run fail after lock_timeout
+    with LockTimeoutError naming the table; so does an uncommitted active run of a machine
+    for a creator of that machine; nothing is stored, readers and other writers never wait,
+    and the writers work once the locks are released."""
     store = opened(lock_timeout=0.3)
+    run = store.create(Run("m1", "/t", "h"))
     with psycopg.connect(pg_dsn) as holder:
-        holder.execute(f"LOCK TABLE {pg.table}_changes IN EXCLUSIVE MODE")
-        started = time.monotonic()
-        with pytest.raises(LockTimeoutError, match=f"{pg.table}.*0.3 s") as info:
-            store.create(Run("m1", "/t", "h"))
-        assert 0.25 < time.monotonic() - started < 5
-        assert isinstance(info.value, TimeoutError)
-        assert store.list() == []  # reading never waits for the lock
+        holder.execute(f"SELECT 1 FROM {pg.table} WHERE id = %s FOR UPDATE", [run.id])
+        holder.execute(f"INSERT INTO {pg.table} (id, machine, test_dir, test_dir_hash, "
+                       "status, revision) VALUES ('held', 'm2', '/t', 'h', 'pending', 1)")
+        for write in (lambda: store.start(run.id), lambda: store.create(Run("m2", "/t", "h"))):
+            started = time.monotonic()
+            with pytest.raises(LockTimeoutError, match=f"{pg.table}.*0.3 s") as info:
+                write()
+            assert 0.25 < time.monotonic() - started < 5
+            assert isinstance(info.value, TimeoutError)
+        assert store.list() == [run]  # reading never waits for the lock
+        assert store.create(Run("m3", "/t", "h")).machine == "m3"  # nor do other writers
         holder.rollback()
-    assert store.create(Run("m1", "/t", "h")).revision == 1
+    assert store.start(run.id).revision == 2
+    assert store.create(Run("m2", "/t", "h")).revision == 1
 
 
 @pytest.mark.parametrize("durable", [True, False])
@@ -477,28 +503,21 @@ def test_forked_child_uses_its_own_connections(
 # -- the change feed -------------------------------------------------------------------------
 
 
-def test_watch_is_woken_by_notify_from_another_store(
-    opened: Callable[..., PostgresStore], monkeypatch: pytest.MonkeyPatch,
-    admin: psycopg.Connection[Any]
+def test_watch_sees_another_stores_change_promptly_while_idle(
+    opened: Callable[..., PostgresStore]
 ) -> None:
-    """A change committed by another store reaches a waiting watch() at once (LISTEN/NOTIFY,
-    not the periodic re-read, which is made 30 s here)."""
-    monkeypatch.setattr(pg_module, "_WATCH_WAKEUP", 30.0)
+    """A change committed by another store reaches a watch() that has been idle for a while
+    (backed off to its longest wait) within that wait and a read."""
     watcher, writer = opened(), opened()
     since = watcher.last_seq()
     written: list[float] = []
 
-    def write_when_listening() -> None:
-        for _ in range(500):  # wait until the watcher's session is LISTENing
-            row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
-                                "'LISTEN%%' AND state = 'idle'").fetchone()
-            if row and row[0]:
-                break
-            time.sleep(0.01)
+    def write_later() -> None:
+        time.sleep(1.0)
         written.append(time.monotonic())
         writer.create(Run("m1", "/t", "h"))
 
-    thread = threading.Thread(target=write_when_listening)
+    thread = threading.Thread(target=write_later)
     thread.start()
     try:
         change = next(watcher.watch(since, timeout=20))
@@ -506,18 +525,20 @@ def test_watch_is_woken_by_notify_from_another_store(
     finally:
         thread.join()
     assert change.run.machine == "m1" and change.seq == since + 1
-    assert delivered - written[0] < 2.0, f"delivered after {delivered - written[0]:.2f} s"
+    assert delivered - written[0] < pg_module._WATCH_WAKEUP + 0.5
 
 
-def test_watch_polls_when_it_cannot_listen(
+def test_watch_backs_off_while_nothing_happens(
     opened: Callable[..., PostgresStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without a listening connection watch() falls back to polling and still delivers."""
+    """An idle watch() reads the feed a few times a second, not every poll_interval."""
     store = opened()
-    monkeypatch.setattr(PostgresStore, "_listen", lambda self: None)
-    run = store.create(Run("m1", "/t", "h"))
-    got = [c.run.id for c in store.watch(0, timeout=0.2, poll_interval=0.01)]
-    assert got == [run.id]
+    reads: list[int] = []
+    real = PostgresStore.changes
+    monkeypatch.setattr(PostgresStore, "changes",
+                        lambda self, since=0: (reads.append(since), real(self, since))[1])
+    assert list(store.watch(0, timeout=1.0, poll_interval=0.005)) == []
+    assert 3 <= len(reads) <= 1 / pg_module._WATCH_WAKEUP + 10, len(reads)
 
 
 def test_feed_is_trimmed_automatically_and_says_so(
@@ -548,3 +569,44 @@ def test_names_are_derived_from_the_table() -> None:
     """Every object's name starts with the table's, so stores share a database safely."""
     n = Names.of("jobs")
     assert (n.one_active, n.channel) == ("jobs_one_active", "jobs_changes")
+
+
+def test_a_store_called_from_make_with_one_connection_fails_after_lock_timeout(
+    opened: Callable[..., PostgresStore]
+) -> None:
+    """With pool_size=1, calling the store from inside make() waits for the one pooled
+    connection for lock_timeout, then fails clearly; the store works afterwards."""
+    store = opened(pool_size=1, lock_timeout=0.3)
+
+    def make() -> Run:
+        store.list()
+        return Run("m1", "/t", "h")
+
+    started = time.monotonic()
+    with pytest.raises(DatabaseConnectionError, match="all 1 pooled connections stayed busy"):
+        store.prepare_atomic("m1", "h", make)
+    assert 0.25 < time.monotonic() - started < 5
+    assert store.prepare_atomic("m1", "h", _make("m1"))[1] is PrepareOutcome.CREATED
+
+
+def test_pooled_connections_are_reused_and_a_dead_one_replaced(
+    opened: Callable[..., PostgresStore], admin: psycopg.Connection[Any]
+) -> None:
+    """Sequential calls use one server session; once that session is ended while idle, the
+    next call finds it out at checkout (no error) and uses a new one."""
+    store = opened()
+    store.create(Run("m1", "/t", "h"))
+
+    def sessions() -> set[int]:
+        rows = admin.execute("SELECT pid FROM pg_stat_activity WHERE application_name = "
+                             "'runstore' AND pid <> pg_backend_pid()").fetchall()
+        return {r[0] for r in rows}
+
+    before = sessions()
+    for _ in range(20):
+        store.list()
+    assert sessions() == before and len(before) == 1
+    admin.execute("SELECT pg_terminate_backend(%s, 10000)", [next(iter(before))])
+    assert len(store.list()) == 1
+    after = sessions()
+    assert len(after) == 1 and after != before

@@ -230,3 +230,27 @@ def test_inlock_benchmark_runs() -> None:
     turns = _run("benchmarks.bench_inlock", "--turns", "5")
     assert turns.returncode == 0, turns.stdout + turns.stderr
     assert 10 <= int(turns.stdout.split()[0]) <= 40
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(180)
+def test_pg_clients_benchmark_quick(tmp_path: Path) -> None:
+    """bench_pg_clients --quick, through its delaying proxy too: every case measured without
+    a client error, ratios to the anchor reported (skipped without PostgreSQL, failed
+    instead when RUNSTORE_REQUIRE_POSTGRES=1)."""
+    reason = importlib.import_module("benchmarks.impls").RunstorePgImpl.unavailable()
+    if reason:
+        if os.environ.get("RUNSTORE_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"RUNSTORE_REQUIRE_POSTGRES=1 but {reason}")
+        pytest.skip(reason)
+    done = _run("benchmarks.bench_pg_clients", "--quick", "--proxy-delay-ms", "1",
+                "--out", str(tmp_path), "--no-plot", timeout=170)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((tmp_path / "pg_clients.json").read_text())
+    got = {(c["impl"], c["clients"], c["via"]) for c in results["cases"]}
+    assert got == {*((i, n, "direct") for i in ("postgres", "runstore-pg", "runstore")
+                     for n in (1, 2)),
+                   ("postgres", 2, "proxy 1 ms"), ("runstore-pg", 2, "proxy 1 ms")}
+    assert all(c["ops"] > 0 and c["problems"] == [] for c in results["cases"])
+    assert all(r["vs_anchor"] is not None for r in results["summary"])
+    assert "vs anchor" in (tmp_path / "pg_clients.md").read_text()

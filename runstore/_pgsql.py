@@ -1,0 +1,130 @@
+"""The writing statements of ``PostgresStore``: each write of a run is ONE autocommit
+statement that changes the run row and appends its change to the feed (a data-modifying
+CTE), so a call is one round trip and holds its row lock only for that statement.
+
+- ``create``: ``INSERT ... ON CONFLICT (machine) WHERE <active> DO NOTHING`` on the partial
+  unique index (a concurrent creator of the machine's run wins, nobody waits for a table
+  lock), refused when the second of the client's new id (its first ``ID_SECOND``
+  characters) is earlier than the greatest stored id's (``max(id)``: one step of the primary
+  key's index): an imported id from later, or a client clock behind the others. Ids made by
+  concurrent creators within the same second are all accepted, in whatever order they
+  commit. It answers (inserted?, greatest id).
+- ``start``/``finish``/``beat``: the transition rule and the new values in the ``UPDATE``
+  itself (``WHERE status = ...``); zero rows means the rule does not allow it (or no such
+  run), and the caller then reads the run to raise the right error.
+- ``write``: a run's next version decided by the client, over the version with revision
+  ``expected`` only (the revision check); ``update()`` and the general read-decide-write path.
+- ``prune``: delete terminal runs and append their ``run_pruned`` changes.
+
+The feed row is ``(xid, ord, time, change, run)``: the writing transaction's id (assigned
+by the statement's first write), the change's order within the statement, and the run as
+stored, as JSON built from the row itself. Its ``seq`` is assigned later by followers
+(``_pgfeed``).
+"""
+
+from __future__ import annotations
+
+from psycopg import sql
+
+from .codec import RUN_FIELDS
+from .model import ChangeType, Status
+from .pgschema import Names
+
+_ACTIVE = "status IN ('pending', 'running')"
+#: the characters of a run id up to its second (``YYYYMMDDTHHMMSS``)
+ID_SECOND = len("20260101T000000")
+#: the SQL type of each run column (for the typed placeholders of INSERT ... SELECT)
+_TYPES = {"exit_code": "bigint", "revision": "bigint", "owner_pid": "bigint",
+          "started_at": "timestamptz", "ended_at": "timestamptz",
+          "heartbeat_at": "timestamptz"}
+_FIELDS = list(RUN_FIELDS)
+#: the text columns of a run, whose size decides whether its record fits
+_TEXT = [f for f in _FIELDS if f not in _TYPES]
+#: a bound on a record's JSON bytes besides its text: keys, numbers, times, quotes
+RECORD_OVERHEAD = 4096
+#: the most JSON bytes one byte of text can take (a control character: ``\u00XX``)
+ESCAPED = 6
+#: how the change type of ``update()`` follows from the stored status (``old``) and the new
+#: one (``transitions.change_type`` in SQL)
+_CHANGE_OF_UPDATE = (
+    "CASE WHEN u.old = %(status)s THEN 'run_updated' "
+    "WHEN %(status)s = 'running' THEN 'run_started' "
+    "WHEN %(status)s IN ({terminal}) THEN 'run_finished' ELSE 'run_updated' END").format(
+    terminal=", ".join(f"'{s.value}'" for s in Status if s.is_terminal))
+
+
+def _cols(names: list[str], prefix: str = "") -> str:
+    return ", ".join(prefix + sql.Identifier(n).as_string() for n in names)
+
+
+def run_json(alias: str) -> str:
+    """A jsonb object of the run columns of row ``alias`` (field names as ``Run``'s)."""
+    return "jsonb_build_object(" + ", ".join(
+        f"'{n}', {alias}.{sql.Identifier(n).as_string()}" for n in _FIELDS) + ")"
+
+
+def _feed_insert(changes: str, source: str, change: str, time: str = "%(changed_at)s") -> str:
+    return (f"INSERT INTO {changes} (xid, ord, time, change, run) "
+            f"SELECT pg_current_xact_id(), 0, {time}, {change}, run FROM {source}")
+
+
+class Writes:
+    """The writing statements of one table, rendered once."""
+
+    def __init__(self, n: Names) -> None:
+        runs, changes = n.runs.as_string(), n.changes.as_string()
+        cols = _cols(_FIELDS)
+        typed = ", ".join(f"%({f})s::{_TYPES.get(f, 'text')}" for f in _FIELDS)
+        self.create = (
+            f"WITH ins AS (INSERT INTO {runs} ({cols}, changed_at, extra) "
+            f"SELECT {typed}, %(changed_at)s::timestamptz, %(extra)s::jsonb "
+            f"WHERE left(%(id)s::text, {ID_SECOND}) COLLATE \"C\" "
+            f">= left(coalesce((SELECT max(id) FROM {runs}), ''), {ID_SECOND}) "
+            f"ON CONFLICT (machine) WHERE {_ACTIVE} DO NOTHING "
+            f"RETURNING {run_json(runs)} AS run), "
+            f"f AS ({_feed_insert(changes, 'ins', repr(ChangeType.RUN_CREATED.value))}) "
+            f"SELECT (SELECT count(*) FROM ins), (SELECT max(id) FROM {runs})")
+        size = " + ".join(f"octet_length(r.{sql.Identifier(f).as_string()})" for f in _TEXT)
+        returning = f"RETURNING {_cols(_FIELDS, 'r.')}, {run_json('r')} AS run"
+        tail = f"SELECT {cols} FROM u"
+
+        def transition(sets: str, where: str, change: ChangeType) -> str:
+            # the record certainly fits (``room``: the size limit less the overhead and
+            # the new values): else no row, and the read-decide-write path checks it exactly
+            return (f"WITH u AS (UPDATE {runs} r SET {sets}, revision = r.revision + 1, "
+                    f"changed_at = %(now)s WHERE r.id = %(id)s AND {where} "
+                    f"AND {ESCAPED} * ({size}) <= %(room)s {returning}), "
+                    f"f AS ({_feed_insert(changes, 'u', repr(change.value), '%(now)s')}) "
+                    f"{tail}")
+
+        self.start = transition(
+            "status = 'running', started_at = %(now)s, owner_host = %(host)s, "
+            "owner_pid = %(pid)s, owner_start = %(since)s", "r.status = 'pending'",
+            ChangeType.RUN_STARTED)
+        self.finish = transition(
+            "status = %(status)s, ended_at = %(now)s, exit_code = %(exit_code)s, "
+            "error_code = %(error_code)s, error_msg = %(error_msg)s",
+            "r.status = ANY(%(from)s)", ChangeType.RUN_FINISHED)
+        self.beat = transition("heartbeat_at = %(now)s", f"r.{_ACTIVE}",
+                               ChangeType.HEARTBEAT)
+        settable = [f for f in _FIELDS if f != "id"] + ["changed_at"]
+        values = ", ".join(f"%({f})s" for f in settable)
+        # ``o`` is the version the statement's snapshot sees; when the revision matches,
+        # it is the version being replaced, so its status is the old one
+        change_of_update = f"coalesce(%(change)s, {_CHANGE_OF_UPDATE})"
+        self.write = (
+            f"WITH u AS (UPDATE {runs} r SET ({_cols(settable)}) = ({values}) "
+            f"FROM (SELECT status FROM {runs} WHERE id = %(id)s) o "
+            f"WHERE r.id = %(id)s AND r.revision = %(expected)s "
+            f"AND r.status = ANY(%(from)s) AND r.machine = %(machine)s "
+            f"AND r.test_dir_hash = %(test_dir_hash)s "
+            f"RETURNING {run_json('r')} AS run, o.status AS old), "
+            f"f AS ({_feed_insert(changes, 'u', change_of_update)}) "
+            f"SELECT old FROM u")
+        self.prune = (
+            f"WITH d AS (DELETE FROM {runs} r WHERE r.id = ANY(%(ids)s) AND NOT r.{_ACTIVE} "
+            f"RETURNING r.inserted, {run_json('r')} AS run), "
+            f"f AS (INSERT INTO {changes} (xid, ord, time, change, run) "
+            f"SELECT pg_current_xact_id(), row_number() OVER (ORDER BY inserted), "
+            f"%(changed_at)s, '{ChangeType.RUN_PRUNED.value}', run FROM d) "
+            f"SELECT count(*) FROM d")
