@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .codec import MAX_RECORD_BYTES
+from ._fields import MAX_RECORD_BYTES
 from .errors import (
     ConflictError,
     CorruptStoreError,

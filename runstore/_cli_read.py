@@ -11,13 +11,13 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from . import _clifmt as fmt
-from . import _location, codec
+from . import _fields, _location
 from ._cli_context import EXIT_FAILURE, EXIT_OK, Context, UsageError, _dumps, _json_array, _plural
 from .model import Run
 from .store import Store
 
 #: the fields of a run in the order ``show`` prints them (the order of the JSON record)
-SHOW_FIELDS = ("id", *(name for name in codec.RUN_FIELDS if name != "id"))
+SHOW_FIELDS = ("id", *(name for name in _fields.RUN_FIELDS if name != "id"))
 #: the keys of ``stats --json`` that come from ``Store.stats()``
 STATS_FIELDS = ("location", "size_bytes", "runs_by_status", "runs_by_machine",
                 "retained_changes", "superseded_lines", "last_seq", "oldest_seq",
@@ -62,7 +62,7 @@ def _run_table(ctx: Context, runs: Sequence[Run]) -> list[str]:
 
 def _emit_runs(ctx: Context, runs: Sequence[Run], as_json: bool, empty: str) -> int:
     if as_json:
-        ctx.print(_json_array([codec.run_to_json(run) for run in runs]))
+        ctx.print(_json_array([_fields.run_to_json(run) for run in runs]))
     elif runs:
         ctx.print_lines(_run_table(ctx, runs))
     else:
@@ -100,7 +100,7 @@ def _stream_runs(ctx: Context, runs: Iterable[Run], mode: str, empty: str) -> in
     block at a time, so that the first rows show at once and memory stays bounded."""
     out, count = ctx.out, 0
     if mode:
-        return _stream_json(ctx, (codec.run_to_json(run) for run in runs), mode)
+        return _stream_json(ctx, (_fields.run_to_json(run) for run in runs), mode)
     rows = ([run.id, run.machine, ctx.paint.status(run.status.value), run.test_dir_hash[:12],
              fmt.ago(run.started_at, ctx.now), _run_duration(run, ctx.now),
              "-" if run.exit_code is None else str(run.exit_code)] for run in runs)
@@ -116,7 +116,7 @@ def _stream_runs(ctx: Context, runs: Iterable[Run], mode: str, empty: str) -> in
 
 
 def _stream_json(ctx: Context, items: Iterable[dict[str, Any]], mode: str) -> int:
-    """``_stream_runs`` of runs as ``codec.run_to_json`` makes them: one JSON array
+    """``_stream_runs`` of runs as ``_fields.run_to_json`` makes them: one JSON array
     (``mode`` "json") or JSON lines ("jsonl")."""
     out, count = ctx.out, 0
     lines = (_dumps(item) for item in items)
@@ -147,7 +147,7 @@ def _cmd_show(ctx: Context, args: argparse.Namespace) -> int:
     with ctx.store(existing=True) as store:
         run = store.get(args.run_id)
     if args.json:
-        ctx.print(_dumps(codec.run_to_json(run), indent=True))
+        ctx.print(_dumps(_fields.run_to_json(run), indent=True))
     else:
         pairs = [(name, _field_text(ctx, run, name)) for name in SHOW_FIELDS]
         pairs.append(("duration", _run_duration(run, ctx.now)))

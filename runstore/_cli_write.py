@@ -7,7 +7,7 @@ import argparse
 import os
 
 from . import _clifmt as fmt
-from . import codec, transitions
+from . import _fields, transitions
 from ._cli_context import EXIT_OK, Context, UsageError, _dumps, _json_array, _plural
 from .model import Status
 
@@ -16,7 +16,7 @@ def _cmd_reap(ctx: Context, args: argparse.Namespace) -> int:
     with ctx.store(existing=False) as store:
         runs = store.reap(stale_after=args.stale_after, dry_run=args.dry_run)
     if args.json:
-        ctx.print(_json_array([codec.run_to_json(run) for run in runs]))
+        ctx.print(_json_array([_fields.run_to_json(run) for run in runs]))
         return EXIT_OK
     if not runs:
         ctx.print("no runs to reap")
@@ -76,7 +76,7 @@ def _cmd_mark(ctx: Context, args: argparse.Namespace) -> int:
             transitions.check_transition(args.run_id, before.status, target)
             after = before
     if args.json:
-        ctx.print(_dumps(codec.run_to_json(after), indent=True))
+        ctx.print(_dumps(_fields.run_to_json(after), indent=True))
     elif after.revision == before.revision:
         ctx.print(f"run {fmt.visible(after.id)} is already "
                   f"{ctx.paint.status(after.status.value)}; nothing changed")

@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 
 from . import (
+    _fields,
     _limits,
     codec,
     compaction,
@@ -108,7 +109,7 @@ class _Compacting(_Opening):
             for offset, data in pruned.last:
                 line = codec.encode_record(next_seq, ChangeType.RUN_PRUNED, now, durable,
                                            self._run_of(data, offset),
-                                           codec.extra_fields(data) or None)
+                                           _fields.extra_fields(data) or None)
                 recent.append(at)
                 at += len(line)
                 next_seq += 1

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import (
+    _fields,
     _limits,
     codec,
     ids,
@@ -59,7 +60,7 @@ class _Importing(_Pruning):
         size = 0
         for record in it:
             head.append(record)
-            size += len(codec.record_fields(record[1], record[2]))
+            size += len(_fields.record_fields(record[1], record[2]))
             if len(head) > _limits.SMALL_IMPORT or size > _limits.SMALL_IMPORT_BYTES:
                 return self._transact(lambda: self._stage_import(
                     itertools.chain(head, it), on_conflict))

@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 import attrs
 
 from . import (
+    _fields,
     _forks,
     _limits,
-    codec,
     owner,
 )
 from ._scan import Damage, Header, cursor_after_header, judge, scan
@@ -390,7 +390,7 @@ class _Opening:
 
     def _run_of(self, data: dict[str, Any], offset: int) -> Run:
         try:
-            return codec.run_from_dict(data)
-        except codec.BadLine as exc:
+            return _fields.run_from_dict(data)
+        except _fields.BadLine as exc:
             raise CorruptStoreError(self._journal.path, offset,
                                     f"a stored run is unreadable: {exc.reason}") from None

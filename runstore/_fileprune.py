@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import (
-    codec,
+    _fields,
     failpoints,
     gather,
     ids,
@@ -114,7 +114,7 @@ class _Pruning(_Writing):
             if now is not None and older_than is not None:
                 if not retention.ended_before(self._run_of(data, offset), now, older_than):
                     continue
-            elif not codec.fields_sound(data):
+            elif not _fields.fields_sound(data):
                 self._run_of(data, offset)  # refuses a malformed record, as listing does
             yield run_id, offset, data
 

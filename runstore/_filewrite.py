@@ -26,6 +26,7 @@ import os
 from collections.abc import Callable, Iterator
 
 from . import (
+    _fields,
     _forks,
     _limits,
     codec,
@@ -180,7 +181,7 @@ class _Writing(_Compacting):
             if made is not None and made[0] is run:
                 fields = made[1]  # made, and checked, by ``checked_fields`` (``_step``)
             else:
-                fields = codec.checked_fields(run, self._view.extras.get(run.id))
+                fields = _fields.checked_fields(run, self._view.extras.get(run.id))
             lines.append(codec.encode_record(seq, change, now, durable, run, None, fields))
             seq += 1
         start = cur.end
@@ -220,11 +221,11 @@ class _Writing(_Compacting):
         raw = self._journal.read_line(offset) if line is None else line
         try:
             data = codec.decode_line(raw)
-            run = codec.run_from_dict(data)
-        except codec.BadLine as exc:
+            run = _fields.run_from_dict(data)
+        except _fields.BadLine as exc:
             raise CorruptStoreError(self._journal.path, offset,
                                     f"a stored run is unreadable: {exc.reason}") from None
-        extra = codec.extra_fields(data)
+        extra = _fields.extra_fields(data)
         if extra:  # a base opened from its summary learns unknown fields as runs are read
             self._view.extras[run.id] = extra
         return run
@@ -427,7 +428,7 @@ class _Writing(_Compacting):
         unread = st.st_size - cur.end
         if not 0 <= unread <= _limits.UNREAD_LIMIT:
             return False
-        return unread == 0 or (about is not None and codec.json_string(about)
+        return unread == 0 or (about is not None and _fields.json_string(about)
                                not in j.fs.pread(j.fd, unread, cur.end))
 
     def _step(self, run_id: str, step_of: Callable[[Run], transitions.Step | None],
@@ -450,7 +451,7 @@ class _Writing(_Compacting):
                 step = step_of(stored)
             except RunstoreError:
                 return  # decided again under the flock, where it raises for real
-            fields = b"" if step is None else codec.checked_fields(step[0],
+            fields = b"" if step is None else _fields.checked_fields(step[0],
                                                                    self._view.extras.get(run_id))
             early.append((stored, step, fields))
 

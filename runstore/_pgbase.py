@@ -17,11 +17,11 @@ import psycopg.errors
 from psycopg.types.json import Jsonb, set_json_loads
 
 from . import (
+    _fields,
     _forks,
     _pgimport,
     _pgpool,
     _pgsql,
-    codec,
     ids,
     interchange,
     owner,
@@ -46,7 +46,7 @@ _Runs = list[Run]
 #: deadlock); each retry means another writer made progress, so this is never reached in
 #: practice
 MAX_ATTEMPTS = 50
-_FIELDS = codec.RUN_FIELDS
+_FIELDS = _fields.RUN_FIELDS
 #: rows fetched at a time by ``iter_runs`` and ``export``
 _FETCH = 2000
 
@@ -70,7 +70,7 @@ def _aware_utc(value: Any, _type: Any) -> _dt.datetime:
 
 
 #: the codec's converter (strict types), taught that rows carry datetimes rather than strings
-_ROWS = codec.make_converter()
+_ROWS = _fields.make_converter()
 _ROWS.register_structure_hook(_dt.datetime, _aware_utc)
 
 
@@ -327,7 +327,7 @@ class PostgresBase:
         stored, or None when its rule did not apply (or its record might not fit)."""
         # at most ESCAPED bytes of JSON per character, whatever the character
         added = sum(len(v) for v in params.values() if isinstance(v, str))
-        params["room"] = (codec.MAX_RECORD_BYTES - _pgsql.RECORD_OVERHEAD
+        params["room"] = (_fields.MAX_RECORD_BYTES - _pgsql.RECORD_OVERHEAD
                           - _pgsql.ESCAPED * added)
         conn = self._checkout(action)
         try:
@@ -429,11 +429,11 @@ def _reason(exc: psycopg.Error) -> str:
 
 def _params(run: Run, now: _dt.datetime, extra: dict[str, Any] | None) -> dict[str, Any]:
     """The statement parameters storing ``run`` (and ``extra``, on an insert), refused as
-    the file store refuses them (``codec.checked_fields``: ``MAX_RECORD_BYTES``, fields
+    the file store refuses them (``_fields.checked_fields``: ``MAX_RECORD_BYTES``, fields
     that cannot be written as JSON). An update leaves the kept fields in their column, so
     only the run's own fields count for it."""
-    codec.checked_fields(run, extra)
-    params: dict[str, Any] = codec.converter.unstructure(run)
+    _fields.checked_fields(run, extra)
+    params: dict[str, Any] = _fields.converter.unstructure(run)
     params["status"] = run.status.value
     params["changed_at"] = now
     params["extra"] = Jsonb(extra) if extra else None

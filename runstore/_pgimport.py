@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from . import codec
+from . import _fields
 from .errors import InvalidRunError
 from .model import ChangeType, Run
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ._pgbase import PostgresBase
 
 _Conn = psycopg.Connection[Any]
-_FIELDS = codec.RUN_FIELDS
+_FIELDS = _fields.RUN_FIELDS
 
 
 def _columns_sql(names: list[str]) -> sql.Composable:
@@ -52,11 +52,11 @@ def stage(store: PostgresBase, conn: _Conn,
     with conn.cursor().copy(sql.SQL("COPY {imp} (n, {cols}) FROM STDIN")
                             .format(imp=imp, cols=cols)) as copy:
         for n, run, extra in records:
-            values = codec.converter.unstructure(run)
+            values = _fields.converter.unstructure(run)
             values["status"] = run.status.value
             copy.write_row([n, *(values[f] for f in _FIELDS),
                             Jsonb(extra) if extra else None,
-                            Jsonb(codec.run_to_json(run))])
+                            Jsonb(_fields.run_to_json(run))])
     conn.execute(sql.SQL("CREATE INDEX ON {imp} (id)").format(imp=imp))
     conn.execute(sql.SQL("ANALYZE {imp}").format(imp=imp))
     twice = conn.execute(sql.SQL(

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from .codec import RUN_FIELDS
+from ._fields import RUN_FIELDS
 from .model import ChangeType, Status
 from .pgschema import Names
 

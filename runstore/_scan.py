@@ -20,7 +20,7 @@ from typing import Any
 
 import attrs
 
-from . import codec
+from . import _fields, codec
 from ._statedir import LOCK_NAME
 from .errors import CorruptStoreError
 
@@ -117,13 +117,13 @@ def scan(buf: bytes, start: int, cur: Cursor) -> ScanResult:
                     shadowed.append((offset, data))
                 mark = data.get("durable")
                 if type(mark) is not int or not 0 <= mark <= offset or offset < cur.base_end:
-                    raise codec.BadLine(f"bad durable mark {mark!r}")
+                    raise _fields.BadLine(f"bad durable mark {mark!r}")
                 if data["mark"] == "checkpoint":
                     says = data.get("next_seq")
                     if cur.next_seq == 0 and type(says) is int:
                         cur.next_seq = says
                     if says != cur.next_seq:
-                        raise codec.BadLine(f"a checkpoint says the next seq is {says!r} "
+                        raise _fields.BadLine(f"a checkpoint says the next seq is {says!r} "
                                             f"where it is {cur.next_seq}")
                     cur.checkpoint_seq = cur.next_seq
                 # a mark that vouches for every byte before it vouches for itself too: it
@@ -138,18 +138,18 @@ def scan(buf: bytes, start: int, cur: Cursor) -> ScanResult:
                 if offset < cur.latest_end:
                     pass  # the compacted base: latest versions, in insertion order
                 elif seq != cur.next_seq and cur.next_seq:
-                    raise codec.BadLine(f"seq {seq} where {cur.next_seq} was expected")
+                    raise _fields.BadLine(f"seq {seq} where {cur.next_seq} was expected")
                 elif offset < cur.base_end:
                     cur.next_seq = seq + 1  # retained history copied by compaction
                 else:
                     durable = data["durable"]
                     if durable > offset:
-                        raise codec.BadLine("durable mark points past the line itself")
+                        raise _fields.BadLine("durable mark points past the line itself")
                     cur.next_seq = seq + 1
                     if durable > cur.durable:  # (max() costs several times more)
                         cur.durable = durable
                 records.append((offset, data))
-        except codec.BadLine as exc:
+        except _fields.BadLine as exc:
             return ScanResult(records, Damage(offset, exc.reason, exc.torn), shadowed)
         pos = nl + 1
         cur.end = start + pos
@@ -241,7 +241,7 @@ def _decode_edited(line: bytes) -> tuple[dict[str, Any], str] | None:
     for candidate, how in _normalised(line):
         try:
             return codec.decode_line(candidate), how
-        except codec.BadLine:
+        except _fields.BadLine:
             continue
     return None
 
@@ -284,7 +284,7 @@ def durable_beyond(read: Read, end: int, damage: Damage) -> int | None:
 def _decode_proof(line: bytes) -> dict[str, Any] | None:
     try:
         return codec.decode_line(line)
-    except codec.BadLine:
+    except _fields.BadLine:
         edited = _decode_edited(line)
         return edited[0] if edited is not None else None
 
@@ -335,7 +335,7 @@ def parse_header(line: bytes, path: str) -> Header:
     """Decode and check the first line of a journal."""
     try:
         data = codec.decode_line(line)
-    except codec.BadLine as exc:
+    except _fields.BadLine as exc:
         edited = _decode_edited(line) if exc.torn else None
         how = f"; it passes its checksum once the edit is undone ({edited[1]})" if edited else ""
         raise CorruptStoreError(path, 0,

@@ -7,7 +7,7 @@ from typing import BinaryIO
 
 import attrs
 
-from . import codec
+from . import _fields, codec
 
 
 @attrs.define
@@ -45,7 +45,7 @@ def check_journal(path: str) -> JournalCheck:
             head = codec.decode_line(first[:-1])
             through, base = int(head["compacted_through"]), int(head["base_bytes"])
             legacy = int(head["version"]) < codec.KINDS_BY_FIRST_KEY
-        except (codec.BadLine, KeyError, TypeError, ValueError, IndexError) as exc:
+        except (_fields.BadLine, KeyError, TypeError, ValueError, IndexError) as exc:
             out.problems.append(f"bad header: {exc}")
             return out
         _check_journal_lines(f, len(first), through, base, legacy, out)
@@ -68,7 +68,7 @@ def _check_journal_lines(f: BinaryIO, offset: int, through: int, base: int, lega
         try:
             rec = codec.decode_line(line)
             mark = codec.is_mark(line, rec, legacy)
-        except codec.BadLine as exc:
+        except _fields.BadLine as exc:
             out.problems.append(f"byte {offset}: {exc.reason}")
             offset += len(line) + 1
             continue

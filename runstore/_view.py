@@ -18,7 +18,7 @@ import itertools
 import zlib
 from typing import Any
 
-from . import codec
+from . import _fields, codec
 from ._base import RETAIN_CHANGES
 from ._scan import Cursor, Header, cursor_after_header, scan
 from .active import ActiveRuns
@@ -129,12 +129,12 @@ class View:
                 active = data
             else:
                 try:
-                    active = codec.run_from_dict(data)
-                except codec.BadLine as exc:
+                    active = _fields.run_from_dict(data)
+                except _fields.BadLine as exc:
                     raise CorruptStoreError(self.path, offset,
                                             f"run {run_id!r} has a malformed field: "
                                             f"{exc.reason}") from None
-        extra = codec.extra_fields(data)
+        extra = _fields.extra_fields(data)
         if extra:
             self.extras[run_id] = extra
         else:
@@ -240,7 +240,7 @@ def decode_at(path: str, offset: int, line: bytes) -> dict[str, Any]:
     try:
         data = codec.decode_line(line)
         codec.check_record(data)
-    except codec.BadLine as exc:
+    except _fields.BadLine as exc:
         raise CorruptStoreError(path, offset,
                                 f"a stored run is unreadable: {exc.reason}") from None
     return data

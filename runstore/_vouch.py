@@ -10,7 +10,7 @@ import os
 
 import attrs
 
-from . import codec
+from . import _fields, codec
 from ._scan import Header
 from ._statedir import LOCK_NAME
 from .errors import CorruptStoreError
@@ -53,7 +53,7 @@ class Vouch:
             return None
         try:
             line = codec.decode_line(data[:nl])
-        except codec.BadLine:
+        except _fields.BadLine:
             return None
         by, store_id, header_crc = line.get("vouch"), line.get("store_id"), line.get("header_crc")
         length, seq = line.get("length"), line.get("seq")

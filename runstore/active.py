@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from . import codec
+from . import _fields
 from .errors import CorruptStoreError
 from .model import Run
 
@@ -73,8 +73,8 @@ class ActiveRuns:
     def _read(self, run_id: str, unread: _Unread) -> Run:
         offset, data = unread
         try:
-            run = codec.run_from_dict(data)
-        except codec.BadLine as exc:
+            run = _fields.run_from_dict(data)
+        except _fields.BadLine as exc:
             raise CorruptStoreError(self._path, offset,
                                     f"run {run_id!r} has a malformed field: {exc.reason}"
                                     ) from None

@@ -21,7 +21,7 @@ from collections.abc import Container, Iterator
 
 import attrs
 
-from . import codec, gather
+from . import _fields, codec, gather
 from .errors import CorruptStoreError
 from .gather import Read
 
@@ -139,7 +139,7 @@ def reseal_tail(lines: bytes, old_at: int, new_at: int, durable: int,
         if not lines.startswith(_MARK, pos) and not (legacy and _legacy_mark(lines[pos:nl])):
             try:
                 line = codec.restamp(lines[pos:nl], durable)
-            except codec.BadLine as exc:  # it passed its checks when read: the file changed
+            except _fields.BadLine as exc:  # it passed its checks when read: the file changed
                 raise CorruptStoreError(path, old_at + pos, f"a line changed while "
                                         f"compacting: {exc.reason}") from None
             moves[old_at + pos] = new_at
@@ -156,7 +156,7 @@ def _legacy_mark(line: bytes) -> bool:
         return False
     try:
         return codec.is_mark(line, codec.decode_line(line), legacy=True)
-    except codec.BadLine:
+    except _fields.BadLine:
         return False  # it passed its checks when read: restamp() reports the change
 
 

@@ -24,7 +24,7 @@ from typing import IO, Any
 import attrs
 import orjson
 
-from . import codec, transitions
+from . import _fields, codec, transitions
 from .errors import InvalidRunError, IOKind, StoreIOError
 from .fsio import sync_file
 from .model import Run
@@ -38,7 +38,7 @@ _EXPORT_CHUNK = 1 << 20
 def _exported(run: Run, extra: dict[str, Any]) -> bytes:
     """One run as exported and archived: the snake_case field names, then ``extra`` (the fields
     this library does not know), as one JSON object."""
-    data = codec.run_to_dict(run)
+    data = _fields.run_to_dict(run)
     for key, value in extra.items():
         data.setdefault(key, value)
     return codec.dumps(data)
@@ -58,12 +58,12 @@ def write_export(fp: IO[str] | IO[bytes], runs: Iterable[tuple[Run, dict[str, An
 
 def export_item(data: dict[str, Any], run_of: Callable[[], Run]) -> bytes:
     """A stored record (decoded and checked) as ``export`` writes it: straight from its
-    fields when they are as this library writes them (``codec.exported_dict``), else
+    fields when they are as this library writes them (``_fields.exported_dict``), else
     through its ``Run`` (``run_of()``, which refuses a malformed record)."""
-    fields = codec.exported_dict(data)
+    fields = _fields.exported_dict(data)
     if fields is not None:
         return codec.dumps(fields)
-    return _exported(run_of(), codec.extra_fields(data))
+    return _exported(run_of(), _fields.extra_fields(data))
 
 
 def write_export_items(fp: IO[str] | IO[bytes], items: Iterable[bytes]) -> int:
@@ -334,12 +334,12 @@ def _validated(n: int, item: object) -> tuple[Run, dict[str, Any]]:
         run = item
     elif isinstance(item, dict):
         try:
-            run = codec.run_from_dict(item)
-        except codec.BadLine as exc:
+            run = _fields.run_from_dict(item)
+        except _fields.BadLine as exc:
             raise InvalidRunError(f"record {n} ({item.get('id', '?')!r}): {exc.reason}; "
                                   "nothing was imported") from None
-        extra = codec.kept_fields(item)
-        problem = codec.extra_problem(extra)
+        extra = _fields.kept_fields(item)
+        problem = _fields.extra_problem(extra)
         if problem is not None:
             raise InvalidRunError(f"record {n} ({run.id!r}): {problem}; nothing was "
                                   "imported")
@@ -349,7 +349,7 @@ def _validated(n: int, item: object) -> tuple[Run, dict[str, Any]]:
     try:
         transitions.require_text("id", run.id)
         run = transitions.validate(run)
-        codec.checked_fields(run, extra)
+        _fields.checked_fields(run, extra)
     except InvalidRunError as exc:
         raise InvalidRunError(f"record {n}: {exc}; nothing was imported") from None
     if run.revision < 1:

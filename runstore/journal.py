@@ -31,7 +31,7 @@ import stat
 import zlib
 from collections.abc import Callable, Iterator
 
-from . import _forks, codec, failpoints
+from . import _fields, _forks, codec, failpoints
 from ._scan import (
     _READ_CHUNK,
     LINE_LIMIT,
@@ -456,7 +456,7 @@ class Journal(TempFiles):
         try:
             line = self.read_line(offset)
             point = codec.Checkpoint.from_mark(codec.decode_line(line))
-        except (CorruptStoreError, codec.BadLine):  # torn, or not one
+        except (CorruptStoreError, _fields.BadLine):  # torn, or not one
             return None
         end = offset + len(line) + 1
         if (point is None or end > hi or point.durable > offset

@@ -15,7 +15,7 @@ goes (memory does not grow with the number of runs, beyond a file target's own i
    with the same ids in the target (``MigrationVerifyError`` when they differ).
 
 Running it again after a successful copy copies nothing and verifies again
-(idempotent). The checksum is the SHA-256 of the canonical JSON (``codec.run_to_json``, keys
+(idempotent). The checksum is the SHA-256 of the canonical JSON (``_fields.run_to_json``, keys
 sorted, one run per line, sorted by id) of every run; it covers every field of ``Run``,
 ``revision`` and the owner fields included, but not the unknown extra fields a file record
 may carry (they are copied when the target keeps them).
@@ -35,7 +35,7 @@ from typing import IO, Any
 import attrs
 import orjson
 
-from . import codec
+from . import _fields
 from .errors import RunstoreError
 from .model import Run
 from .protocol import RunStore
@@ -111,9 +111,9 @@ class MigrationReport:
 
 
 def canonical(run: Run) -> bytes:
-    """The canonical JSON of a run: the record of ``codec.run_to_json`` (RFC 3339 UTC times
+    """The canonical JSON of a run: the record of ``_fields.run_to_json`` (RFC 3339 UTC times
     with ``Z``, empty optional fields omitted) with sorted keys and no whitespace."""
-    return orjson.dumps(codec.run_to_dict(run), option=_CANONICAL)
+    return orjson.dumps(_fields.run_to_dict(run), option=_CANONICAL)
 
 
 def checksum(runs: Iterable[Run]) -> str:
@@ -132,7 +132,7 @@ def _digest(canonical_by_id: dict[str, bytes]) -> str:
 def _differing_fields(a: bytes, b: bytes) -> list[str]:
     """The fields (in ``Run``'s order) whose values differ between two canonical runs."""
     ja, jb = orjson.loads(a), orjson.loads(b)
-    return [k for k in codec.RUN_FIELDS if ja.get(k) != jb.get(k)]
+    return [k for k in _fields.RUN_FIELDS if ja.get(k) != jb.get(k)]
 
 
 #: bytes of (id, canonical JSON) lines a ``_Spool`` keeps before it sorts them into a temp file
@@ -191,7 +191,7 @@ def _stream(store: RunStore) -> Iterator[tuple[Run, dict[str, Any]]]:
     buf = io.BytesIO()
     store.export(buf)
     for record in orjson.loads(buf.getvalue()):
-        yield codec.run_from_dict(record), codec.extra_fields(record)
+        yield _fields.run_from_dict(record), _fields.extra_fields(record)
 
 
 def _import(target: RunStore, records: Iterator[tuple[int, Run, dict[str, Any]]],
@@ -206,7 +206,7 @@ def _import(target: RunStore, records: Iterator[tuple[int, Run, dict[str, Any]]]
     for _n, run, extra in records:
         there = existing.get(run.id)
         if there is None:
-            missing.append({**codec.run_to_json(run), **extra})
+            missing.append({**_fields.run_to_json(run), **extra})
         elif there != run:
             on_conflict(there, run)
     return target.import_runs(missing) if missing else 0

@@ -33,7 +33,7 @@ import attrs
 import psycopg
 from psycopg import sql
 
-from .codec import RUN_FIELDS
+from ._fields import RUN_FIELDS
 from .errors import CorruptStoreError, InvalidRunError
 from .model import ChangeType, Status
 

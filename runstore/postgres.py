@@ -40,11 +40,11 @@ import psycopg
 import psycopg.errors
 
 from . import (
+    _fields,
     _forks,
     _pgfeed,
     _pgsql,
     _validate,
-    codec,
     interchange,
     owner,
     pgschema,
@@ -103,7 +103,7 @@ _Runs = list[Run]  # inside PostgresStore, ``list`` names the method
 TRIM_EVERY = 1024
 #: the longest ``watch`` waits between two reads of the feed while nothing happens
 _WATCH_WAKEUP = 0.2
-_FIELDS = codec.RUN_FIELDS
+_FIELDS = _fields.RUN_FIELDS
 #: rows fetched at a time by ``iter_runs`` and ``export``
 _FETCH = 2000
 
@@ -424,8 +424,8 @@ class PostgresStore(PostgresBase, StoreBase):
             if seq is None:
                 continue
             try:
-                run = codec.run_from_dict(data)
-            except codec.BadLine as exc:
+                run = _fields.run_from_dict(data)
+            except _fields.BadLine as exc:
                 raise CorruptStoreError(self._where, None, f"change {seq} is unreadable "
                                         f"({exc.reason})", "fix or delete the row by hand"
                                         ) from None

@@ -31,7 +31,7 @@ from typing import Any
 
 import attrs
 
-from . import codec, gather
+from . import _fields, codec, gather
 from ._scan import Cursor, Header, scan
 from .errors import CorruptStoreError
 from .journal import Journal
@@ -269,7 +269,7 @@ def _decode(line: bytes, offset: int, path: str) -> dict[str, Any]:
     try:
         data = codec.decode_line(line)
         codec.check_record(data)
-    except codec.BadLine as exc:
+    except _fields.BadLine as exc:
         raise CorruptStoreError(path, offset, f"a stored run is unreadable: {exc.reason}"
                                 ) from None
     return data

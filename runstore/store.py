@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 from . import (
+    _fields,
     _forks,
     _targets,
     _validate,
@@ -197,15 +198,15 @@ class FileStore(_Importing, StoreBase):
         batch_id: str | None = None,
         limit: int | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """``codec.run_to_json`` of each run ``_runs`` yields with the same arguments,
+        """``_fields.run_to_json`` of each run ``_runs`` yields with the same arguments,
         read the same way, made straight from each record's fields
-        (``codec.exported_dict``) unless they are not as this library writes them (the
+        (``_fields.exported_dict``) unless they are not as this library writes them (the
         CLI's ``list --json`` and ``--jsonl``)."""
         keep = _record_filter(machine, status, batch_id)
         for offset, data in self._selected(keep, limit):
-            fields = codec.exported_dict(data, extras=False)
+            fields = _fields.exported_dict(data, extras=False)
             yield (fields if fields is not None
-                   else codec.run_to_json(self._run_of(data, offset)))
+                   else _fields.run_to_json(self._run_of(data, offset)))
 
     def _selected(self, keep: Callable[[dict[str, Any]], bool],
                   limit: int | None) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -338,7 +339,7 @@ class FileStore(_Importing, StoreBase):
         """Every run with its extra fields, as ``export`` writes them, read as it is
         iterated from the file as it was at the call (``iter_runs``'s reading)."""
         for offset, data in self._stream_records():
-            yield self._run_of(data, offset), codec.extra_fields(data)
+            yield self._run_of(data, offset), _fields.extra_fields(data)
 
     def _check_output(self, target: str | int, what: str, name: object = None) -> None:
         """Refuse (``OutputTargetError``) to write ``target`` (a path or a descriptor) when
@@ -487,9 +488,9 @@ def _changes_in(buf: bytes, since_seq: int, path: str,
             data = codec.decode_line(line)
             if codec.is_mark(line, data, legacy) or data["seq"] <= since_seq:
                 continue
-            run = codec.run_from_dict(data)
+            run = _fields.run_from_dict(data)
             when = _dt.datetime.fromisoformat(data["time"])
-        except (codec.BadLine, KeyError, TypeError, ValueError) as exc:
+        except (_fields.BadLine, KeyError, TypeError, ValueError) as exc:
             raise CorruptStoreError(path, None,
                                     f"a retained change is unreadable ({exc})") from None
         yield Change(seq=data["seq"], time=when, type=ChangeType(data["change"]), run=run)

@@ -13,7 +13,7 @@ import time
 
 import attrs
 
-from . import codec
+from . import _fields
 from ._scan import (
     _READ_CHUNK,
     LINE_LIMIT,
@@ -212,11 +212,11 @@ def _check_bytes(buf: bytes, path: str, vouch: Vouch | None = None,
                 "and mark fields and `runstore import` it (its id is free)"))
         for offset, data in result.records:
             records += 1
-            if codec.fields_sound(data):  # as this library writes them: no Run needed
+            if _fields.fields_sound(data):  # as this library writes them: no Run needed
                 continue
             try:
-                codec.run_from_dict(data)
-            except codec.BadLine as exc:
+                _fields.run_from_dict(data)
+            except _fields.BadLine as exc:
                 line_no = newlines + chunk.count(b"\n", 0, offset - chunk_at) + 1
                 problems.append(Problem(offset, line_no, f"run {data.get('id')!r}: {exc.reason}",
                                         "restore the file from a backup or fix the record "

@@ -31,8 +31,8 @@ from runstore import (
     Store,
     StoreIOError,
     UnsafeStoreError,
+    _fields,
     cli,
-    codec,
 )
 
 UTC = dt.UTC
@@ -61,7 +61,7 @@ def _file_records(state_dir: str) -> dict[str, dict[str, Any]]:
             data = json.loads(raw)
             if "mark" in data:
                 continue
-            latest[data["id"]] = {k: v for k, v in data.items() if k not in codec.META_KEYS}
+            latest[data["id"]] = {k: v for k, v in data.items() if k not in _fields.META_KEYS}
     return latest
 
 
@@ -277,7 +277,7 @@ def test_list_json_is_the_file_records_field_by_field(
         assert set(record) == set(expected), record["id"]
         for key, value in expected.items():
             assert record[key] == value and type(record[key]) is type(value), key
-        assert record == codec.run_to_json(runs[record["id"]])
+        assert record == _fields.run_to_json(runs[record["id"]])
     pending = next(r for r in printed if r["id"] == demo["pending"])
     assert pending["started_at"] is None and pending["exit_code"] is None  # unset: null
     assert "batch_id" not in pending and "plan_entry" not in pending  # empty: omitted

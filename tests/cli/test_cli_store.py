@@ -19,7 +19,7 @@ import attrs
 import pytest
 from demo_runs import four_runs
 
-from runstore import Run, RunStore, Store, cli, migrate, opener
+from runstore import Run, RunStore, Store, _fields, cli, migrate, opener
 from runstore.migrate import MigrationConflictError, MigrationVerifyError
 
 Cli = Callable[..., tuple[int, str, str]]
@@ -675,11 +675,10 @@ def test_migrate_to_postgres_keeps_unknown_fields(
 def test_canonical_json_is_the_json_record_with_sorted_keys(source: dict[str, str]) -> None:
     """canonical() is run_to_json's record, keys sorted, no whitespace: what the file and
     `export` hold, so a checksum can be recomputed with jq -cS."""
-    from runstore import codec
 
     with Store(source["dir"]) as store:
         for run in store.list():
-            record = codec.run_to_json(run)
+            record = _fields.run_to_json(run)
             assert migrate.canonical(run) == json.dumps(
                 record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 

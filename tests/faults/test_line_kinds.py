@@ -38,6 +38,7 @@ from runstore import (
     RunStore,
     Status,
     Store,
+    _fields,
     _scan,
     codec,
     compaction,
@@ -46,7 +47,7 @@ from runstore import (
 from runstore.journal import DATA_NAME, check
 
 #: the names a kept field may not have
-RESERVED = sorted(codec.RESERVED_KEYS)
+RESERVED = sorted(_fields.RESERVED_KEYS)
 
 
 def _key_based(line: bytes, data: dict[str, Any], legacy: bool = False) -> bool:
@@ -78,7 +79,7 @@ def _store_with_a_mark_field(state_dir: pathlib.Path, monkeypatch: pytest.Monkey
     with Store(state_dir) as store:
         store.create(Run("m1", "/t", "h"))
         with monkeypatch.context() as patch:
-            patch.setattr(codec, "extra_problem", lambda extra: None)
+            patch.setattr(_fields, "extra_problem", lambda extra: None)
             store.import_runs([_record("r-marked", mark="clean_close", note=1)])
     assert b'"mark":"clean_close"' in _journal(state_dir).splitlines()[2]
     return "r-marked"
@@ -149,7 +150,7 @@ def _version_1_store(state_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -
     a later process created. Returns the lost run's id."""
     with monkeypatch.context() as patch:
         patch.setattr(codec, "FORMAT_VERSION", 1)
-        patch.setattr(codec, "extra_problem", lambda extra: None)
+        patch.setattr(_fields, "extra_problem", lambda extra: None)
         with Store(state_dir) as store:
             store.create(Run("m1", "/t", "h"))
             store.import_runs([_record("r-lost", mark="x")])
@@ -258,11 +259,11 @@ def test_nesting_deeper_than_the_limit_is_refused(store_dir: pathlib.Path) -> No
         return value
 
     with Store(store_dir) as store:
-        store.import_runs([_record("r1", deep=nested(codec.MAX_FIELD_DEPTH))])
+        store.import_runs([_record("r1", deep=nested(_fields.MAX_FIELD_DEPTH))])
         with pytest.raises(InvalidRunError, match=r"field 'deep'.*nested deeper"):
-            store.import_runs([_record("r2", deep=nested(codec.MAX_FIELD_DEPTH + 1))])
+            store.import_runs([_record("r2", deep=nested(_fields.MAX_FIELD_DEPTH + 1))])
     with Store(store_dir) as store:
-        assert _exported(store)["r1"]["deep"] == nested(codec.MAX_FIELD_DEPTH)
+        assert _exported(store)["r1"]["deep"] == nested(_fields.MAX_FIELD_DEPTH)
 
 
 def test_a_long_integer_in_an_import_file_is_refused_not_rounded(
@@ -293,7 +294,7 @@ _JSON = st.recursive(
     | st.floats(allow_nan=True, allow_infinity=True),
     _nested, max_leaves=12)
 _EXTRAS = st.dictionaries(
-    (_TEXT | st.sampled_from(RESERVED)).filter(lambda k: k not in codec.RUN_FIELDS),
+    (_TEXT | st.sampled_from(RESERVED)).filter(lambda k: k not in _fields.RUN_FIELDS),
     _JSON, max_size=4)
 
 
@@ -307,7 +308,7 @@ def _storable(value: Any, depth: int = 0) -> bool:
         return -(1 << 63) <= value < 1 << 64
     if isinstance(value, float):
         return math.isfinite(value)
-    if depth > codec.MAX_FIELD_DEPTH:
+    if depth > _fields.MAX_FIELD_DEPTH:
         return False
     if isinstance(value, list):
         return all(_storable(v, depth + 1) for v in value)
@@ -328,11 +329,11 @@ def test_kept_fields_round_trip_exactly_or_are_refused(extra: dict[str, Any]) ->
             try:
                 store.import_runs([_record("r1", **extra)])
             except InvalidRunError as exc:
-                assert not _storable(extra) or codec.RESERVED_KEYS & extra.keys(), exc
+                assert not _storable(extra) or _fields.RESERVED_KEYS & extra.keys(), exc
                 assert any(f"field {key!r}" in str(exc) for key in extra), exc
                 assert _journal(state_dir) == before
                 return
-            assert not codec.RESERVED_KEYS & extra.keys() and _storable(extra)
+            assert not _fields.RESERVED_KEYS & extra.keys() and _storable(extra)
         with Store(state_dir) as store, Store(state_dir) as other:
             got = _exported(store)["r1"]
             assert {k: got[k] for k in extra} == extra
@@ -349,8 +350,8 @@ def test_kept_fields_round_trip_exactly_or_are_refused(extra: dict[str, Any]) ->
 
 def _padded(run_id: str, size: int) -> dict[str, Any]:
     """A record to import whose size as stored is exactly ``size`` bytes."""
-    bare = codec.run_from_dict(_record(run_id))
-    base = len(codec.record_fields(bare, {"pad": ""})) + len(codec.json_string(run_id))
+    bare = _fields.run_from_dict(_record(run_id))
+    base = len(_fields.record_fields(bare, {"pad": ""})) + len(_fields.json_string(run_id))
     return _record(run_id, pad="x" * (size - base))
 
 
@@ -424,9 +425,9 @@ def test_broken_variant_without_the_limit_a_torn_record_makes_the_store_unopenab
     store.create(Run("m1", "/t", "h"))
     with pytest.raises(InvalidRunError):
         store.import_runs([record])
-    monkeypatch.setattr(codec, "checked_fields",
+    monkeypatch.setattr(_fields, "checked_fields",
                         lambda run, extra=None, fields=None:
-                        codec.record_fields(run, extra) if fields is None else fields)
+                        _fields.record_fields(run, extra) if fields is None else fields)
     store.import_runs([record])
     _tear_last_record(store_dir)
     with pytest.raises(CorruptStoreError, match="too much to be a torn write"):
@@ -438,7 +439,7 @@ def test_the_limit_leaves_earlier_large_records_readable(store_dir: pathlib.Path
     compacts and exports it: the limit is checked on writes only."""
     record = _padded("r-big", MAX_RECORD_BYTES + 10)
     with Store(store_dir) as store, pytest.MonkeyPatch.context() as patch:
-        patch.setattr(codec, "MAX_RECORD_BYTES", 1 << 30)
+        patch.setattr(_fields, "MAX_RECORD_BYTES", 1 << 30)
         store.import_runs([record])
     with Store(store_dir) as store:
         store.compact()

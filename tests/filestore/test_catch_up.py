@@ -17,6 +17,7 @@ from runstore import (
     RunNotFoundError,
     Status,
     Store,
+    _fields,
     _limits,
     codec,
 )
@@ -60,7 +61,7 @@ def test_a_history_longer_than_a_read_chunk_reopens_the_same(
     """The file is read about a megabyte at a time: lines across chunk ends, a line longer
     than a chunk and a torn last line are all handled as in one piece."""
     # a run this large is refused now, but a journal written before may hold one
-    monkeypatch.setattr(codec, "MAX_RECORD_BYTES", 4 << 20)
+    monkeypatch.setattr(_fields, "MAX_RECORD_BYTES", 4 << 20)
     with Store(store_dir, durable=False) as s:
         for i in range(2500):  # ~1.2 MB of history, never compacted
             s.create(Run(f"m{i % 7}", "/t", f"h{i}", status=Status.COMPLETED))

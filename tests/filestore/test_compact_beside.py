@@ -26,6 +26,7 @@ from runstore import (
     Run,
     Status,
     Store,
+    _fields,
     _limits,
     _temps,
     codec,
@@ -218,7 +219,7 @@ def test_restamp_changes_only_the_durable_mark() -> None:
     assert data["durable"] == 4096 and data["test_dir"] == '/t/"durable":7'
     assert {k: v for k, v in data.items() if k not in ("durable", "crc")} == \
         {k: v for k, v in before.items() if k not in ("durable", "crc")}
-    with pytest.raises(codec.BadLine):
+    with pytest.raises(_fields.BadLine):
         codec.restamp(b'{"seq":1,"crc":5}', 9)
 
 

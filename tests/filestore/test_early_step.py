@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from runstore import InvalidTransitionError, Run, Status, Store, codec
+from runstore import InvalidTransitionError, Run, Status, Store, _fields
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def _meanwhile(monkeypatch: pytest.MonkeyPatch, act: Callable[[], object]) -> li
     """Run ``act`` (another store's write) the first time a next version's fields are made
     early, i.e. after this store took its mutex and before it takes the flock. Returns a
     list that counts the calls of ``record_fields``."""
-    real = codec.record_fields
+    real = _fields.record_fields
     calls: list[int] = []
 
     def spy(run: Run, extra: dict[str, Any] | None = None) -> bytes:
@@ -32,7 +32,7 @@ def _meanwhile(monkeypatch: pytest.MonkeyPatch, act: Callable[[], object]) -> li
             act()
         return real(run, extra)
 
-    monkeypatch.setattr(codec, "record_fields", spy)
+    monkeypatch.setattr(_fields, "record_fields", spy)
     return calls
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 import pytest
 
-from runstore import InvalidRunError, Run, RunStore, Status, Store, StoreIOError, codec
+from runstore import InvalidRunError, Run, RunStore, Status, Store, StoreIOError, _fields
 from runstore.migrate import MigrationConflictError, migrate
 from tests.backends import ROOT, Backend, fresh_table
 from tests.faults import FailingFS, figure, sized, snapshot_dir
@@ -56,7 +56,7 @@ def normal(items: Iterable[dict[str, Any]]) -> list[bytes]:
     """Records as canonical JSON with their unknown fields, sorted: what must survive."""
     out = []
     for item in items:
-        data = {**codec.run_to_json(codec.run_from_dict(item)), **codec.extra_fields(item)}
+        data = {**_fields.run_to_json(_fields.run_from_dict(item)), **_fields.extra_fields(item)}
         data["revision"] = max(data["revision"], 1)
         out.append(orjson.dumps(data, option=orjson.OPT_SORT_KEYS))
     return sorted(out)
@@ -409,7 +409,7 @@ def measure(request: pytest.FixtureRequest, tmp_path: pathlib.Path, n: int,
         lines = tmp_path / f"runs{n}.jsonl"
         with Store(src) as store, open(lines, "wb") as fp:
             for run, extra in store._iter_export():
-                fp.write(orjson.dumps({**codec.run_to_json(run), **extra}) + b"\n")
+                fp.write(orjson.dumps({**_fields.run_to_json(run), **extra}) + b"\n")
         return peak_rss_mb("--state-dir", str(tmp_path / f"dst{n}"), "import", str(lines))
     if what == "file":
         dest = str(tmp_path / f"dst{n}")

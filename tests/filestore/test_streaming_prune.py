@@ -30,6 +30,7 @@ from runstore import (
     Status,
     Store,
     _cli_context,
+    _fields,
     codec,
     interchange,
     journal,
@@ -71,7 +72,7 @@ def _history(state: pathlib.Path) -> None:
     re-created after its prune), extra fields, a checkpoint, non-terminal runs."""
     with Store(state, durable=False) as store:
         store.import_runs([_finished(i) for i in range(300)])
-        store.import_runs([{**codec.run_to_json(_finished(i)), "ticket": f"T-{i}",
+        store.import_runs([{**_fields.run_to_json(_finished(i)), "ticket": f"T-{i}",
                             "labels": {"k": [i, None]}} for i in range(300, 320)])
         store.import_runs([Run(f"r{k}", "/t", "h", status=Status.RUNNING,
                                started_at=_BASE + _dt.timedelta(seconds=k),
@@ -178,7 +179,7 @@ def test_prune_malformed_broken_variant(tmp_path: pathlib.Path,
     """Proof the refusal is needed: vouching for every record prunes the malformed run
     with the rest, unseen."""
     state = _malformed_early(tmp_path)
-    monkeypatch.setattr(codec, "fields_sound", lambda data: True)
+    monkeypatch.setattr(_fields, "fields_sound", lambda data: True)
     with Store(state) as store:
         assert store.prune(keep_last=0) == 6000
 
@@ -232,7 +233,7 @@ def test_prune_older_than_streams_the_same_choice(tmp_path: pathlib.Path) -> Non
 
 def _list_json_before(store: Store, mode: str) -> str:
     """What `list --json`/`--jsonl` printed when each record went through its Run."""
-    items = [_cli_context._dumps(codec.run_to_json(run)) for run in store.iter_runs()]
+    items = [_cli_context._dumps(_fields.run_to_json(run)) for run in store.iter_runs()]
     if mode == "--json":
         return "[\n" + ",\n".join(items) + "\n]\n" if items else "[]\n"
     return "".join(item + "\n" for item in items)
@@ -249,7 +250,7 @@ def _odd_store(state: pathlib.Path) -> None:
 def _outputs_match(state: pathlib.Path, run_cli: Any) -> None:
     with Store(state) as store:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(codec, "_sound_values", lambda data: None)  # each through its Run
+            patch.setattr(_fields, "_sound_values", lambda data: None)  # each through its Run
             fresh = io.BytesIO()
             interchange.write_export(fresh, store._iter_export())
             before = {mode: _list_json_before(store, mode) for mode in ("--json", "--jsonl")}
@@ -285,7 +286,7 @@ def test_export_odd_records_broken_variant(tmp_path: pathlib.Path, run_cli: Any,
     the form this library writes) passes "+00:00" through where a Run writes "Z"."""
     state = tmp_path / "s"
     _odd_store(state)
-    monkeypatch.setattr(codec, "_CANONICAL_TIME", _AnyText())
+    monkeypatch.setattr(_fields, "_CANONICAL_TIME", _AnyText())
     with pytest.raises(AssertionError):
         _outputs_match(state, run_cli)
 
@@ -303,16 +304,16 @@ def test_exported_dict_is_run_to_dict(run: Run, extra: dict[str, Any]) -> None:
     gives (export's object and list --json's)."""
     data = codec.decode_line(codec.encode_record(1, ChangeType.RUN_UPDATED, _BASE, 0,
                                                  run, extra)[:-1])
-    want = codec.run_to_dict(run)
+    want = _fields.run_to_dict(run)
     for key, value in extra.items():
         want.setdefault(key, value)
-    got = codec.exported_dict(data)
+    got = _fields.exported_dict(data)
     assert got is not None
     assert codec.dumps(got) == codec.dumps(want)
-    bare = codec.exported_dict(data, extras=False)
-    assert bare is not None and orjson.loads(codec.dumps(bare)) == codec.run_to_json(run)
-    assert codec.fields_sound(data)
-    assert codec.run_from_dict(data) == run
+    bare = _fields.exported_dict(data, extras=False)
+    assert bare is not None and orjson.loads(codec.dumps(bare)) == _fields.run_to_json(run)
+    assert _fields.fields_sound(data)
+    assert _fields.run_from_dict(data) == run
 
 
 def _malformed_store(state: pathlib.Path) -> None:
@@ -328,7 +329,7 @@ def test_check_reports_as_through_each_run(tmp_path: pathlib.Path,
     _malformed_store(state)
     report = journal.check(state)
     assert not report.ok and "exit_code" in report.problems[0].message
-    monkeypatch.setattr(codec, "_sound_values", lambda data: None)  # each through its Run
+    monkeypatch.setattr(_fields, "_sound_values", lambda data: None)  # each through its Run
     assert journal.check(state) == report
 
 
@@ -337,7 +338,7 @@ def test_check_malformed_field_broken_variant(tmp_path: pathlib.Path,
     """Proof the check of fields matters: vouching for every record misses it."""
     state = tmp_path / "s"
     _malformed_store(state)
-    monkeypatch.setattr(codec, "fields_sound", lambda data: True)
+    monkeypatch.setattr(_fields, "fields_sound", lambda data: True)
     assert journal.check(state).ok
 
 
@@ -357,7 +358,7 @@ def _limits_match(state: pathlib.Path, store: Store) -> None:
             for n in (1, 3, 50, 400, 5000):
                 assert list(store._runs(limit=n, **filters)) == every[-n:], (filters, n)
                 assert list(store._iter_json(limit=n, **filters)) == [
-                    codec.run_to_json(r) for r in every[-n:]], (filters, n)
+                    _fields.run_to_json(r) for r in every[-n:]], (filters, n)
 
 
 def test_limit_is_the_last_of_the_list(tmp_path: pathlib.Path) -> None:

@@ -243,7 +243,7 @@ def test_a_large_field_is_refused_at_once_and_blocks_nobody(
 
 def test_a_field_just_under_the_limit_round_trips(opened: Callable[..., PostgresStore]) -> None:
     """A field of 1 MiB less a few KiB is stored, read back and in the feed, whole."""
-    from runstore.codec import MAX_RECORD_BYTES
+    from runstore._fields import MAX_RECORD_BYTES
 
     store = opened()
     big = "y" * (MAX_RECORD_BYTES - 8192)

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies import runs, utc_datetimes
 
-from runstore import Run, Status, Store, codec
+from runstore import Run, Status, Store, _fields, codec
 from runstore.model import ChangeType
 
 NOW = _dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=_dt.UTC)
@@ -34,7 +34,7 @@ def _lines(path: pathlib.Path) -> list[dict[str, Any]]:
 @given(runs())
 def test_run_round_trips_through_json(run: Run) -> None:
     """run -> JSON object -> run gives the same run, field for field."""
-    assert codec.run_from_dict(codec.run_to_json(run)) == run
+    assert _fields.run_from_dict(_fields.run_to_json(run)) == run
 
 
 @given(runs())
@@ -45,10 +45,10 @@ def test_record_line_round_trips(run: Run) -> None:
     data = codec.decode_line(line[:-1])
     codec.check_record(data)
     assert data["seq"] == 7 and data["durable"] == 3 and data["change"] == "run_created"
-    assert codec.run_from_dict(data) == run
+    assert _fields.run_from_dict(data) == run
 
 
-_EXTRA = st.dictionaries(st.text(min_size=1).filter(lambda k: k not in codec._KNOWN_KEYS),
+_EXTRA = st.dictionaries(st.text(min_size=1).filter(lambda k: k not in _fields._KNOWN_KEYS),
                          st.integers(-(2**63), 2**63 - 1) | st.text(), max_size=3)
 
 
@@ -60,12 +60,12 @@ def test_record_line_is_one_object_in_field_order(run: Run, extra: dict[str, Any
     made beforehand (``record_fields``) or with the line."""
     line = codec.encode_record(seq, ChangeType.RUN_UPDATED, NOW, durable, run, extra)
     early = codec.encode_record(seq, ChangeType.RUN_UPDATED, NOW, durable, run,
-                                fields=codec.record_fields(run, extra))
+                                fields=_fields.record_fields(run, extra))
     assert early == line
     expected: dict[str, Any] = {"seq": seq, "id": run.id, "status": run.status.value,
                                 "change": "run_updated", "time": "2026-01-02T03:04:05.678901Z",
                                 "durable": durable}
-    expected.update(codec.run_to_json(run))
+    expected.update(_fields.run_to_json(run))
     expected.update(extra)
     data = orjson.loads(line)
     crc = data.pop("crc")
@@ -76,14 +76,14 @@ def test_record_line_is_one_object_in_field_order(run: Run, extra: dict[str, Any
 def test_timestamps_are_rfc3339_utc_with_z() -> None:
     """Timestamps are written as RFC 3339 UTC strings ending in Z."""
     run = Run("m1", "/t", "h", id="r1", started_at=NOW, ended_at=NOW, heartbeat_at=NOW)
-    data = codec.run_to_json(run)
+    data = _fields.run_to_json(run)
     for name in ("started_at", "ended_at", "heartbeat_at"):
         assert data[name] == "2026-01-02T03:04:05.678901Z"
 
 
 def test_unset_pointers_are_null() -> None:
     """Unset exit_code, started_at and ended_at are written as null, not left out."""
-    data = codec.run_to_json(Run("m1", "/t", "h", id="r1"))
+    data = _fields.run_to_json(Run("m1", "/t", "h", id="r1"))
     assert data["exit_code"] is None
     assert data["started_at"] is None
     assert data["ended_at"] is None
@@ -91,14 +91,14 @@ def test_unset_pointers_are_null() -> None:
 
 def test_empty_batch_id_and_plan_entry_are_omitted() -> None:
     """batch_id and plan_entry are left out when empty and written when set."""
-    assert not {"batch_id", "plan_entry"} & set(codec.run_to_json(Run("m1", "/t", "h")))
-    data = codec.run_to_json(Run("m1", "/t", "h", batch_id="b1", plan_entry="p/1"))
+    assert not {"batch_id", "plan_entry"} & set(_fields.run_to_json(Run("m1", "/t", "h")))
+    data = _fields.run_to_json(Run("m1", "/t", "h", batch_id="b1", plan_entry="p/1"))
     assert (data["batch_id"], data["plan_entry"]) == ("b1", "p/1")
 
 
 def test_status_is_written_as_its_string() -> None:
     """The status is the plain lower-case string."""
-    assert codec.run_to_json(Run("m1", "/t", "h", status=Status.TIMEOUT))["status"] == "timeout"
+    assert _fields.run_to_json(Run("m1", "/t", "h", status=Status.TIMEOUT))["status"] == "timeout"
 
 
 @pytest.mark.parametrize(
@@ -116,18 +116,18 @@ def test_status_is_written_as_its_string() -> None:
 )
 def test_malformed_fields_are_refused(field: str, value: Any) -> None:
     """A record with a wrongly typed field is a BadLine naming the field."""
-    data = codec.run_to_json(Run("m1", "/t", "h", id="r1"))
+    data = _fields.run_to_json(Run("m1", "/t", "h", id="r1"))
     data[field] = value
-    with pytest.raises(codec.BadLine, match=field):
-        codec.run_from_dict(data)
+    with pytest.raises(_fields.BadLine, match=field):
+        _fields.run_from_dict(data)
 
 
 def test_missing_required_field_is_refused() -> None:
     """A record without machine is a BadLine."""
-    data = codec.run_to_json(Run("m1", "/t", "h", id="r1"))
+    data = _fields.run_to_json(Run("m1", "/t", "h", id="r1"))
     del data["machine"]
-    with pytest.raises(codec.BadLine):
-        codec.run_from_dict(data)
+    with pytest.raises(_fields.BadLine):
+        _fields.run_from_dict(data)
 
 
 # -- the checksum ---------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def test_any_single_byte_change_is_detected(run: Run, data: st.DataObject) -> No
     pos = data.draw(st.integers(min_value=0, max_value=len(line) - 1), label="pos")
     new = data.draw(st.integers(min_value=0, max_value=255).filter(lambda b: b != line[pos]))
     line[pos] = new
-    with pytest.raises(codec.BadLine):
+    with pytest.raises(_fields.BadLine):
         codec.decode_line(bytes(line))
 
 
@@ -156,7 +156,7 @@ def test_any_truncation_is_detected(run: Run, data: st.DataObject) -> None:
     """Every proper prefix of a record line is a BadLine."""
     line = _record(run)[:-1]
     cut = data.draw(st.integers(min_value=0, max_value=len(line) - 1), label="cut")
-    with pytest.raises(codec.BadLine):
+    with pytest.raises(_fields.BadLine):
         codec.decode_line(line[:cut])
 
 
@@ -164,7 +164,7 @@ def test_any_truncation_is_detected(run: Run, data: st.DataObject) -> None:
     "line", [b"", b"\x00" * 40, b"{}", b"not json at all", b'{"a":1,"crc":x}', b"[1,2,3]"])
 def test_lines_not_written_by_runstore_are_refused(line: bytes) -> None:
     """Empty, zero-filled or foreign lines are BadLines."""
-    with pytest.raises(codec.BadLine):
+    with pytest.raises(_fields.BadLine):
         codec.decode_line(line)
 
 
@@ -180,7 +180,7 @@ def test_check_record_refuses_bad_meta_fields(key: str, value: Any) -> None:
     """check_record refuses a bad seq, durable mark, id, status or change type."""
     data = codec.decode_line(_record(Run("m1", "/t", "h", id="r1"))[:-1])
     data[key] = value
-    with pytest.raises(codec.BadLine):
+    with pytest.raises(_fields.BadLine):
         codec.check_record(data)
 
 
@@ -188,7 +188,7 @@ def test_unknown_fields_are_kept_on_reencoding() -> None:
     """Fields runstore does not know come back from extra_fields and survive a rewrite."""
     line = _record(Run("m1", "/t", "h", id="r1"), x_future={"k": [1, 2]}, x_flag=True)
     data = codec.decode_line(line[:-1])
-    assert codec.extra_fields(data) == {"x_future": {"k": [1, 2]}, "x_flag": True}
+    assert _fields.extra_fields(data) == {"x_future": {"k": [1, 2]}, "x_flag": True}
     again = codec.decode_line(codec.reseal(data)[:-1])
     assert again == data
 

@@ -13,12 +13,12 @@ import pytest
 from hypothesis import given
 from strategies import runs
 
-from runstore import InvalidRunError, Run, Status, StoreIOError, codec
+from runstore import InvalidRunError, Run, Status, StoreIOError, _fields
 from runstore.interchange import append_archive, archive_lines, parse_import
 
 
 def _record(run_id: str, **extra: object) -> dict[str, object]:
-    return {**codec.run_to_dict(Run("m1", "/t", "h", id=run_id, revision=1)), **extra}
+    return {**_fields.run_to_dict(Run("m1", "/t", "h", id=run_id, revision=1)), **extra}
 
 
 # -- parse_import ---------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from runstore import (
     TableLockTimeoutError,
     UnsafeStoreError,
 )
-from runstore.codec import RUN_FIELDS
+from runstore._fields import RUN_FIELDS
 from runstore.model import replace_run
 
 # -- Run ------------------------------------------------------------------------------------
