@@ -13,7 +13,7 @@ from typing import Any, TextIO
 import orjson
 
 from . import _clifmt as fmt
-from . import _location, opener
+from . import _location, ids, opener
 from ._location import Location, LocationError
 from .errors import (
     CorruptStoreError,
@@ -156,7 +156,7 @@ class Context:
         self.out = out
         self.err = err
         self.paint = fmt.Painter(fmt.colour_wanted(out, args.color))
-        self.now = fmt.utcnow()
+        self.now = ids.utcnow()
         self.progress_enabled = fmt.is_terminal(err)
 
     @property

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from . import _clifmt as fmt
-from . import _fields, _location
+from . import _fields, _location, ids
 from ._cli_context import EXIT_FAILURE, EXIT_OK, Context, UsageError, _dumps, _json_array, _plural
 from .model import Run
 from .store import Store
@@ -22,23 +22,13 @@ SHOW_FIELDS = ("id", *(name for name in _fields.RUN_FIELDS if name != "id"))
 STATS_FIELDS = ("location", "size_bytes", "runs_by_status", "runs_by_machine",
                 "retained_changes", "superseded_lines", "last_seq", "oldest_seq",
                 "torn_tail_offset", "torn_tail_bytes")
-_ID_TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"  # the time prefix of ids made by runstore.ids
-_ID_TIME_LEN = len("20260101T000000.000000Z")
 #: how many runs ``list`` formats and writes at a time
 _BLOCK = 1000
 
 
-def _id_time(run_id: str) -> _dt.datetime | None:
-    try:
-        moment = _dt.datetime.strptime(run_id[:_ID_TIME_LEN], _ID_TIME_FORMAT)
-    except ValueError:
-        return None  # an imported id of another shape
-    return moment.replace(tzinfo=_dt.UTC)
-
-
 def _run_time(run: Run) -> _dt.datetime | None:
     """When a run started; for one never started, when it was created (its id says)."""
-    return run.started_at or _id_time(run.id) or run.ended_at
+    return run.started_at or ids.time_of(run.id) or run.ended_at
 
 
 def _run_duration(run: Run, now: _dt.datetime) -> str:

@@ -199,10 +199,6 @@ def key_values(pairs: Sequence[tuple[str, str]], paint: Painter) -> list[str]:
 
 # -- times and sizes ------------------------------------------------------------------------
 
-def utcnow() -> _dt.datetime:
-    return _dt.datetime.now(_dt.UTC)
-
-
 def duration(delta: _dt.timedelta) -> str:
     """A short duration: ``0.4s``, ``42s``, ``3m 07s``, ``2h 05m``, ``3d 4h``."""
     seconds = delta.total_seconds()

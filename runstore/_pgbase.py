@@ -51,10 +51,6 @@ _FIELDS = _fields.RUN_FIELDS
 _FETCH = 2000
 
 
-def _utcnow() -> _dt.datetime:
-    return _dt.datetime.now(_dt.UTC)
-
-
 #: every store of this process, for the at-fork hook (``_after_fork_in_child``)
 _stores: weakref.WeakSet[PostgresBase] = weakref.WeakSet()
 #: in a forked child, the pools inherited from the parent: kept referenced and never used,
@@ -316,7 +312,7 @@ class PostgresBase:
                 if decided is None:
                     return stored
                 new, change = decided
-                if self._write(conn, stored.revision, new, _utcnow(), action, change,
+                if self._write(conn, stored.revision, new, ids.utcnow(), action, change,
                                [stored.status]):
                     return new
         raise RunstoreError(f"{action} {self._where} lost {MAX_ATTEMPTS} races in a row to "
@@ -350,7 +346,7 @@ class PostgresBase:
         non-terminal); None when the machine already has a non-terminal run."""
         while True:
             new = transitions.fresh(run, ids.new_run_id(self._last_id), owner.current())
-            params = _params(new, _utcnow(), None)
+            params = _params(new, ids.utcnow(), None)
             ((inserted, greatest),) = self._execute(conn, self._w.create, params, action)
             if inserted:
                 self._last_id = new.id

@@ -26,6 +26,16 @@ def utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC)
 
 
+def time_of(run_id: str) -> _dt.datetime | None:
+    """When a run id made by ``new_run_id`` was made (its prefix), or None for an id of
+    another shape (an imported one)."""
+    try:
+        moment = _dt.datetime.strptime(run_id[:_PREFIX_LEN], _FORMAT)
+    except ValueError:
+        return None
+    return moment.replace(tzinfo=_dt.UTC)
+
+
 def new_run_id(after: str = "", now: _dt.datetime | None = None) -> str:
     """Return a new id that sorts after ``after`` (the greatest id the store holds)."""
     moment = now.astimezone(_dt.UTC) if now is not None else utcnow()

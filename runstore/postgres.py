@@ -45,6 +45,7 @@ from . import (
     _pgfeed,
     _pgsql,
     _validate,
+    ids,
     interchange,
     owner,
     pgschema,
@@ -59,7 +60,6 @@ from ._pgbase import (
     MAX_ATTEMPTS,
     PostgresBase,
     _stores,
-    _utcnow,
 )
 from .errors import (
     CorruptStoreError,
@@ -239,7 +239,7 @@ class PostgresStore(PostgresBase, StoreBase):
                 rows = self._execute(conn, self._sql.active_of, [machine], action, False)
                 active = self._run(rows[0]) if rows else None
                 if active is not None and reap:
-                    now = _utcnow()
+                    now = ids.utcnow()
                     dead = reaping.reaped(active, None, now, None)
                     if dead is not None:
                         if not self._write(conn, active.revision, dead, now, action,
@@ -290,15 +290,15 @@ class PostgresStore(PostgresBase, StoreBase):
         new = replace_run(run, revision=run.revision + 1)
         allowed = [s for s in _NON_TERMINAL if run.status in transitions.ALLOWED[s]]
         with self._connection(action) as conn:
-            if allowed and self._write(conn, run.revision, new, _utcnow(), action, None,
+            if allowed and self._write(conn, run.revision, new, ids.utcnow(), action, None,
                                        allowed):
                 return new
         return super()._update(run)
 
     def _start(self, run_id: str) -> Run:
         host, pid, since = owner.current()
-        done = self._transition(self._w.start, {"id": run_id, "now": _utcnow(), "host": host,
-                                                "pid": pid, "since": since},
+        done = self._transition(self._w.start, {"id": run_id, "now": ids.utcnow(),
+                                                "host": host, "pid": pid, "since": since},
                                 "starting a run in")
         return done if done is not None else super()._start(run_id)
 
@@ -306,14 +306,14 @@ class PostgresStore(PostgresBase, StoreBase):
                 error_msg: str) -> Run:
         allowed = [s.value for s in _NON_TERMINAL if target in transitions.ALLOWED[s]]
         done = self._transition(self._w.finish, {
-            "id": run_id, "now": _utcnow(), "status": target.value, "from": allowed,
+            "id": run_id, "now": ids.utcnow(), "status": target.value, "from": allowed,
             "exit_code": exit_code, "error_code": error_code, "error_msg": error_msg},
             "finishing a run in")
         return done if done is not None else super()._finish(
             run_id, target, exit_code, error_code, error_msg)
 
     def _beat(self, run_id: str) -> Run:
-        done = self._transition(self._w.beat, {"id": run_id, "now": _utcnow()},
+        done = self._transition(self._w.beat, {"id": run_id, "now": ids.utcnow()},
                                 "recording a heartbeat in")
         return done if done is not None else super()._beat(run_id)
 
@@ -369,7 +369,7 @@ class PostgresStore(PostgresBase, StoreBase):
         owner while being judged is left alone (its owner is alive)."""
         action = "reaping runs in"
         with self._connection(action) as conn:
-            now = _utcnow()
+            now = ids.utcnow()
             judged = []
             for row in self._execute(conn, self._sql.active_with_changed_at, (), action, False):
                 run = self._run(row)
@@ -394,7 +394,7 @@ class PostgresStore(PostgresBase, StoreBase):
             terminal: list[tuple[Run, Any]] = [
                 (self._run(row), row[-1]) for row in conn.execute(self._sql.terminal_with_extra)]
             doomed = retention.doomed(terminal, lambda item: item[0], older_than=older_than,
-                                      keep_last=keep_last, now=_utcnow())
+                                      keep_last=keep_last, now=ids.utcnow())
             if dry_run or not doomed:
                 return len(doomed)
             runs = [r for r, _ in doomed]
@@ -403,7 +403,8 @@ class PostgresStore(PostgresBase, StoreBase):
                                            {r.id: x for r, x in doomed if x})
             # the runs and their changes in one statement (its transaction id is taken after
             # its snapshot, as every write's: ``_pgfeed``)
-            conn.execute(self._w.prune, {"ids": [r.id for r in runs], "changed_at": _utcnow()})
+            conn.execute(self._w.prune, {"ids": [r.id for r in runs],
+                                         "changed_at": ids.utcnow()})
             return len(runs)
 
         removed = self._transact(body, "pruning runs in")
