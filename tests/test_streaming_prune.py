@@ -106,9 +106,9 @@ import sys
 from runstore import Store, cli, store
 if sys.argv[1] == "hold":  # as prune did: every terminal run held through the rewrite
     doomed = store.Store._doomed
-    def holding(self, older_than, keep_last):
+    def holding(self, *args):
         self._held_runs = [r for r in self._all_runs() if r.status.is_terminal]
-        return doomed(self, older_than, keep_last)
+        return doomed(self, *args)
     store.Store._doomed = holding
 code = cli.main(sys.argv[2:])
 with open("/proc/self/status") as status:
