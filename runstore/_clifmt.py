@@ -370,10 +370,16 @@ def table_stream(headers: Sequence[str], rows: Iterable[Sequence[str]], paint: P
     first = True
     it = iter(rows)
     while batch := list(itertools.islice(it, block)):
-        sized = [(row, [visible_len(cell) for cell in row]) for row in batch]
-        for _, lengths in sized:
-            widths = list(map(max, widths, lengths))
-        lines = [line(row, lengths) for row, lengths in sized]
+        if "\x1b" in "".join(itertools.chain.from_iterable(batch)):
+            sized = [(row, [visible_len(cell) for cell in row]) for row in batch]
+            for _, lengths in sized:
+                widths = list(map(max, widths, lengths))
+            lines = [line(row, lengths) for row, lengths in sized]
+        else:  # no style in the block: a cell's length is its width, one format per row
+            widths = [max(w, *map(len, column)) for w, column in zip(widths, zip(*batch))]
+            form = "  ".join(f"{{:{'>' if i in right else '<'}{w}}}"
+                             for i, w in enumerate(widths)).format
+            lines = [form(*row).rstrip() for row in batch]
         if first:
             lines.insert(0, line([paint.bold(h) for h in headers], [len(h) for h in headers]))
             first = False
