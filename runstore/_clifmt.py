@@ -376,7 +376,9 @@ def table_stream(headers: Sequence[str], rows: Iterable[Sequence[str]], paint: P
                 widths = list(map(max, widths, lengths))
             lines = [line(row, lengths) for row, lengths in sized]
         else:  # no style in the block: a cell's length is its width, one format per row
-            widths = [max(w, *map(len, column)) for w, column in zip(widths, zip(*batch))]
+            columns = zip(*batch, strict=True)
+            widths = [max(w, *map(len, column))
+                      for w, column in zip(widths, columns, strict=True)]
             form = "  ".join(f"{{:{'>' if i in right else '<'}{w}}}"
                              for i, w in enumerate(widths)).format
             lines = [form(*row).rstrip() for row in batch]

@@ -201,6 +201,52 @@ _CANONICAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9
                              r"(?:\.(?!000000)[0-9]{6})?Z")
 
 
+
+def _sound_record_pattern() -> re.Pattern[bytes]:
+    """A record line (without its newline) in the form this library writes, every value
+    of a type ``check_record`` and ``fields_sound`` take and in no form ``orjson`` refuses:
+    strings without escapes or control characters (the line must also be ASCII), integers
+    within 64 bits, timestamps canonical (``_CANONICAL_TIME``; the ``t<n>`` groups, still to
+    be checked as dates), run fields in ``Run``'s order, those left out when empty
+    optional, nothing else. Its ``seq``, ``durable``, ``crc`` groups and the bytes before
+    ``,"crc":`` (group ``body``) are what a reader checks of it."""
+    text = rb'"[^"\\\x00-\x1f]*"'
+    integer = rb"-?(?:0|[1-9][0-9]{0,17})"
+    time = b'"(' + _CANONICAL_TIME.pattern.encode() + b')"'
+    parts = [rb'\{"seq":(?P<seq>[1-9][0-9]{0,17}),"id":"[^"\\\x00-\x1f]+","status":"(?:'
+             + b"|".join(re.escape(v.encode()) for v in sorted(_STATUS_VALUES))
+             + rb')","change":"(?:'
+             + b"|".join(re.escape(v.encode()) for v in sorted(_CHANGE_VALUES))
+             + rb')","time":' + text + rb',"durable":(?P<durable>0|[1-9][0-9]{0,17})']
+    times = 0
+    for name in RUN_FIELDS:
+        if name in ("id", "status"):
+            continue
+        kind = _FIELD_TYPES[name]
+        if kind == (str,):
+            value = text
+        elif kind == (int,):
+            value = integer
+        elif kind == (str, type(None)):
+            value = b"(?:" + time.replace(b"(", b"(?P<t%d>" % times, 1) + b"|null)"
+            times += 1
+        else:
+            assert kind == (int, type(None)), kind
+            value = b"(?:" + integer + b"|null)"
+        field = b',"' + name.encode() + b'":' + value
+        parts.append(b"(?:" + field + b")?" if name in _OMIT_WHEN else field)
+    return re.compile(b"(?P<body>" + b"".join(parts) + rb'),"crc":(?P<crc>0|[1-9][0-9]{0,9})\}')
+
+
+#: ``_sound_record_pattern``: a line it matches in full, whose ``body`` has the CRC-32 in
+#: ``crc``, whose ``t<n>`` groups are dates and that is ASCII, is a record ``decode_line``,
+#: ``check_record`` and ``fields_sound`` all take (``check`` reads such lines without
+#: decoding them; any other line is decoded and judged as before)
+SOUND_RECORD = _sound_record_pattern()
+SOUND_RECORD_TIMES = tuple(f"t{i}" for i in range(SOUND_RECORD.groups) if
+                           f"t{i}" in SOUND_RECORD.groupindex)
+
+
 @attrs.define
 class _Layout:
     """How ``exported_dict`` reads the records whose keys come in one order: the run fields
