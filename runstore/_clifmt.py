@@ -234,7 +234,10 @@ def ago(moment: _dt.datetime | None, now: _dt.datetime) -> str:
     if seconds < 1:
         return "just now"
     if seconds >= 30 * 86400:
-        return moment.astimezone().strftime("%Y-%m-%d")
+        local = moment.astimezone()
+        # isoformat is strftime's "%Y-%m-%d" at a third of its cost (but for years before
+        # 1000, which strftime does not pad)
+        return local.date().isoformat() if local.year >= 1000 else local.strftime("%Y-%m-%d")
     return _coarse(seconds) + " ago"
 
 
