@@ -7,13 +7,13 @@ import argparse
 import collections
 import datetime as _dt
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from . import _clifmt as fmt
 from . import _location, codec
 from ._cli_context import EXIT_FAILURE, EXIT_OK, Context, UsageError, _dumps, _json_array, _plural
-from .model import Run
+from .model import Run, Status
 from .store import Store
 
 #: the fields of a run in the order ``show`` prints them (the order of the JSON record)
@@ -26,6 +26,7 @@ _ID_TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"  # the time prefix of ids made by runstore
 _ID_TIME_LEN = len("20260101T000000.000000Z")
 #: how many runs ``list`` formats and writes at a time
 _BLOCK = 1000
+_TERMINAL = frozenset(s.value for s in Status if s.is_terminal)
 
 
 def _id_time(run_id: str) -> _dt.datetime | None:
@@ -82,9 +83,9 @@ def _cmd_list(ctx: Context, args: argparse.Namespace) -> int:
                 return _stream_json(ctx, store._iter_json(
                     machine=args.machine, status=args.status, batch_id=args.batch,
                     limit=args.limit), mode)
-            return _stream_runs(ctx, store._runs(
+            return _stream_table(ctx, _exported_rows(ctx, store._iter_json(
                 machine=args.machine, status=args.status, batch_id=args.batch,
-                limit=args.limit), mode, empty)
+                limit=args.limit)), empty)
         runs: Iterable[Run] = store.iter_runs(machine=args.machine, status=args.status,
                                               batch_id=args.batch)
         if args.since is not None:
@@ -98,12 +99,34 @@ def _cmd_list(ctx: Context, args: argparse.Namespace) -> int:
 def _stream_runs(ctx: Context, runs: Iterable[Run], mode: str, empty: str) -> int:
     """Print ``runs`` as they come (a table, one JSON array, or JSON lines: ``mode``), a
     block at a time, so that the first rows show at once and memory stays bounded."""
-    out, count = ctx.out, 0
     if mode:
         return _stream_json(ctx, (codec.run_to_json(run) for run in runs), mode)
     rows = ([run.id, run.machine, ctx.paint.status(run.status.value), run.test_dir_hash[:12],
              fmt.ago(run.started_at, ctx.now), _run_duration(run, ctx.now),
              "-" if run.exit_code is None else str(run.exit_code)] for run in runs)
+    return _stream_table(ctx, rows, empty)
+
+
+def _exported_rows(ctx: Context, items: Iterable[dict[str, Any]]) -> Iterator[list[str]]:
+    """``_stream_runs``'s rows, made from runs as ``codec.run_to_json`` gives them (no
+    ``Run`` is built: a third of the cost of a row): the same cells."""
+    now, paint, ago, parse = ctx.now, ctx.paint, fmt.ago, _dt.datetime.fromisoformat
+    for item in items:
+        status, started, code = item["status"], item.get("started_at"), item.get("exit_code")
+        start = None if started is None else parse(started)
+        if start is None:
+            took = "-"
+        else:
+            ended = item.get("ended_at")
+            end = parse(ended) if ended is not None else None if status in _TERMINAL else now
+            took = "-" if end is None else fmt.duration(end - start)
+        yield [item["id"], item["machine"], paint.status(status), item["test_dir_hash"][:12],
+               ago(start, now), took, "-" if code is None else str(code)]
+
+
+def _stream_table(ctx: Context, rows: Iterable[Sequence[str]], empty: str) -> int:
+    """``list``'s table of ``rows``, printed a block at a time (``_stream_runs``)."""
+    out, count = ctx.out, 0
     headers = ("ID", "MACHINE", "STATUS", "HASH", "STARTED", "DURATION", "EXIT")
     for block in fmt.table_stream(headers, rows, ctx.paint, right=frozenset({5, 6}),
                                   block=_BLOCK):
