@@ -7,12 +7,10 @@ taken, when the lock file can be opened, so that no write is half-seen; the repo
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import stat
 import time
 import zlib
-from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -281,7 +279,7 @@ def _scan_sound(chunk: bytes, chunk_at: int, cur: Cursor) -> tuple[int, ScanResu
     line goes through ``scan``, which judges it as before."""
     if cur.legacy:  # a version 1 journal: a record may be read as a mark
         return 0, scan(chunk, chunk_at, cur)
-    match, crc32, parse = codec.SOUND_RECORD.fullmatch, zlib.crc32, _dt.datetime.fromisoformat
+    match, crc32, dates = codec.SOUND_RECORD.fullmatch, zlib.crc32, codec.sound_dates
     times = codec.SOUND_RECORD_TIMES
     ascii_chunk = chunk.isascii()
     view = memoryview(chunk)
@@ -297,7 +295,7 @@ def _scan_sound(chunk: bytes, chunk_at: int, cur: Cursor) -> tuple[int, ScanResu
         m = match(chunk, pos, nl)
         if (m is not None and (ascii_chunk or chunk[pos:nl].isascii())
                 and crc32(view[pos:m.end("body")]) == int(m["crc"])
-                and _dates(m.group(*times), parse)):
+                and dates(m.group(*times))):
             seq = int(m["seq"])
             if offset < cur.latest_end:
                 pass  # the compacted base
@@ -324,18 +322,6 @@ def _scan_sound(chunk: bytes, chunk_at: int, cur: Cursor) -> tuple[int, ScanResu
     result = scan(chunk[pos:], chunk_at + pos, cur)  # an incomplete last line, if any
     return sound, ScanResult(records + result.records, result.damage,
                              shadowed + result.shadowed)
-
-
-def _dates(values: tuple[bytes | None, ...],
-           parse: Callable[[str], _dt.datetime]) -> bool:
-    """Whether each canonical timestamp of ``values`` (None: null or left out) is a date."""
-    try:
-        for value in values:
-            if value is not None:
-                parse(value.decode())
-    except ValueError:
-        return False
-    return True
 
 
 def _first_line(read: Read, limit: int) -> bytes:

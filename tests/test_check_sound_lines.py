@@ -5,7 +5,10 @@ with a valid CRC-32 that only the decoding, or the seq and durable rules, can re
 
 from __future__ import annotations
 
+import datetime as _dt
+import io
 import pathlib
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -120,5 +123,77 @@ def test_check_reports_what_decoding_reports_broken_variant(
     """Taking the timestamps' shape for a date lets an impossible date through."""
     journal = _store(store_dir)
     _edit(journal, 4, _CASES["impossible date"])
-    monkeypatch.setattr(verify, "_dates", lambda values, parse: True)
+    monkeypatch.setattr(codec, "sound_dates", lambda values: True)
     assert runstore.check(store_dir).ok
+
+
+# -- export: the run made from a sound line's bytes ------------------------------------------
+
+def _odd_store(store_dir: pathlib.Path) -> None:
+    """A compacted base of runs in every form: escapes, non-ASCII, kept fields, empty and
+    filled optional fields, nulls, negative and large exit codes."""
+    runs: list[Run | dict[str, Any]] = [
+        Run("m", "/t", "h", id="plain", status=Status.COMPLETED, exit_code=0,
+            started_at=_dt.datetime(2026, 1, 1, tzinfo=_dt.UTC),
+            ended_at=_dt.datetime(2026, 1, 1, 0, 0, 1, 5, tzinfo=_dt.UTC)),
+        Run("m", "/t", "h", id='quote"d', status=Status.FAILED, exit_code=-1),
+        Run("mé", "/t", "h", id="non-ascii", status=Status.TIMEOUT, batch_id="b"),
+        Run("m", "/t\tx", "h", id="tab", status=Status.INTERRUPTED, exit_code=1 << 62),
+        Run("m", "/t", "h", id="plan", status=Status.COMPLETED, plan_entry="e",
+            owner_host="host", owner_pid=0, owner_start="s",
+            heartbeat_at=_dt.datetime(2026, 2, 1, tzinfo=_dt.UTC)),
+        {"id": "kept", "machine": "m", "test_dir": "/t", "test_dir_hash": "h",
+         "status": "completed", "team": "infra"},
+        Run("n", "/t", "h", id="pending"),
+    ]
+    with Store(store_dir, durable=False) as s:
+        s.import_runs(runs)  # type: ignore[arg-type]
+        s.compact()
+
+
+def _export(store_dir: pathlib.Path) -> bytes:
+    out = io.BytesIO()
+    with Store(store_dir, durable=False) as s:
+        s.export(out)
+    return out.getvalue()
+
+
+def test_export_of_sound_lines_is_the_decoded_export(store_dir: pathlib.Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    _odd_store(store_dir)
+    made = _export(store_dir)
+    monkeypatch.setattr(codec, "sound_export", lambda line: None)
+    assert made == _export(store_dir)
+    assert len(orjson.loads(made)) == 7
+
+
+def _impossible_date_in_base(store_dir: pathlib.Path) -> None:
+    """Run "plain" started on 30 February: its base line has a valid checksum, and so has
+    the base (as if compaction had written it)."""
+    _odd_store(store_dir)
+    journal = store_dir / "runs.jsonl"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if b'"2026-01-01T00:00:00Z"' in line)
+    record = orjson.loads(lines[at])
+    del record["crc"]
+    record["started_at"] = "2026-02-30T00:00:00Z"
+    lines[at] = codec._seal(record)
+    header = orjson.loads(lines[0])
+    body = b"".join(lines[1:])
+    header["base_crc"] = zlib.crc32(body[:header["base_bytes"] + header["history_bytes"]])
+    del header["crc"]
+    journal.write_bytes(codec._seal(header) + body)
+
+
+def test_export_refuses_an_impossible_date_in_the_base(store_dir: pathlib.Path) -> None:
+    _impossible_date_in_base(store_dir)
+    with pytest.raises(runstore.CorruptStoreError, match="started_at"):
+        _export(store_dir)
+
+
+def test_export_refuses_an_impossible_date_broken_variant(
+        store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Taking the timestamps' shape for a date exports the impossible date."""
+    _impossible_date_in_base(store_dir)
+    monkeypatch.setattr(codec, "sound_dates", lambda values: True)
+    assert b"2026-02-30" in _export(store_dir)
