@@ -79,6 +79,8 @@ def _cmd_list(ctx: Context, args: argparse.Namespace) -> int:
         mode = "json" if args.json else "jsonl" if args.jsonl else ""
         empty = "no runs match" if filtered else "no runs"
         if args.since is None and isinstance(store, Store):  # --limit read from the end
+            if mode and not filtered and args.limit is None:  # every run, as export reads
+                return _stream_json_text(ctx, _every_run_json(store), mode)
             if mode:  # and no Run needed
                 return _stream_json(ctx, store._iter_json(
                     machine=args.machine, status=args.status, batch_id=args.batch,
@@ -141,8 +143,27 @@ def _stream_table(ctx: Context, rows: Iterable[Sequence[str]], empty: str) -> in
 def _stream_json(ctx: Context, items: Iterable[dict[str, Any]], mode: str) -> int:
     """``_stream_runs`` of runs as ``codec.run_to_json`` makes them: one JSON array
     (``mode`` "json") or JSON lines ("jsonl")."""
+    return _stream_json_text(ctx, (_dumps(item) for item in items), mode)
+
+
+def _every_run_json(store: Store) -> Iterator[str]:
+    """``_dumps`` of what ``Store._iter_json()`` yields (every run, no filter), read as
+    ``export`` reads them: a base line proven sound gives its run's JSON from its bytes
+    (``runscan.exported``; ASCII, so ``json_visible`` has only DEL-like characters to
+    escape, as for any item)."""
+    for offset, data in store._stream_records(sound=True):
+        if isinstance(data, bytes):
+            yield fmt.json_visible(data.decode())
+        else:
+            fields = codec.exported_dict(data, extras=False)
+            yield _dumps(fields if fields is not None
+                         else codec.run_to_json(store._run_of(data, offset)))
+
+
+def _stream_json_text(ctx: Context, lines: Iterable[str], mode: str) -> int:
+    """``_stream_json`` of items already dumped (``_dumps``)."""
     out, count = ctx.out, 0
-    lines = (_dumps(item) for item in items)
+    lines = iter(lines)
     sep, first, last = (",\n", "[\n", "\n]\n") if mode == "json" else ("\n", "", "\n")
     while block := list(itertools.islice(lines, _BLOCK)):
         out.write((first if not count else sep) + sep.join(block))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import pathlib
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +15,7 @@ import orjson
 import pytest
 
 import runstore
-from runstore import Run, Status, Store, codec, verify
+from runstore import Run, Status, Store, cli, codec, verify
 from runstore._scan import scan
 
 
@@ -167,33 +166,42 @@ def test_export_of_sound_lines_is_the_decoded_export(store_dir: pathlib.Path,
     assert len(orjson.loads(made)) == 7
 
 
-def _impossible_date_in_base(store_dir: pathlib.Path) -> None:
-    """Run "plain" started on 30 February: its base line has a valid checksum, and so has
-    the base (as if compaction had written it)."""
+def _impossible_date_line(store_dir: pathlib.Path) -> bytes:
+    """The base line of run "plain", started on 30 February, with a valid checksum."""
     _odd_store(store_dir)
-    journal = store_dir / "runs.jsonl"
-    lines = journal.read_bytes().splitlines(keepends=True)
-    at = next(i for i, line in enumerate(lines) if b'"2026-01-01T00:00:00Z"' in line)
-    record = orjson.loads(lines[at])
+    lines = (store_dir / "runs.jsonl").read_bytes().splitlines()
+    record = orjson.loads(next(line for line in lines if b'"id":"plain"' in line))
     del record["crc"]
     record["started_at"] = "2026-02-30T00:00:00Z"
-    lines[at] = codec._seal(record)
-    header = orjson.loads(lines[0])
-    body = b"".join(lines[1:])
-    header["base_crc"] = zlib.crc32(body[:header["base_bytes"] + header["history_bytes"]])
-    del header["crc"]
-    journal.write_bytes(codec._seal(header) + body)
+    return codec._seal(record)[:-1]
 
 
-def test_export_refuses_an_impossible_date_in_the_base(store_dir: pathlib.Path) -> None:
-    _impossible_date_in_base(store_dir)
-    with pytest.raises(runstore.CorruptStoreError, match="started_at"):
-        _export(store_dir)
+def test_an_impossible_date_is_left_to_the_decoding(store_dir: pathlib.Path) -> None:
+    """``sound_export`` declines the line; the decoding then refuses it, naming the field."""
+    line = _impossible_date_line(store_dir)
+    assert codec.SOUND_RECORD.fullmatch(line) is not None  # it has a timestamp's shape
+    assert codec.sound_export(line) is None
+    with pytest.raises(codec.BadLine, match="started_at"):
+        codec.run_from_dict(codec.decode_line(line))
 
 
-def test_export_refuses_an_impossible_date_broken_variant(
+def test_an_impossible_date_is_left_to_the_decoding_broken_variant(
         store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Taking the timestamps' shape for a date exports the impossible date."""
-    _impossible_date_in_base(store_dir)
+    line = _impossible_date_line(store_dir)
     monkeypatch.setattr(codec, "sound_dates", lambda values: True)
-    assert b"2026-02-30" in _export(store_dir)
+    found = codec.sound_export(line)
+    assert found is not None and b"2026-02-30" in found[1]
+
+
+@pytest.mark.parametrize("mode", ["--json", "--jsonl"])
+def test_list_json_of_sound_lines_is_the_decoded_one(
+        store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], mode: str) -> None:
+    _odd_store(store_dir)
+    assert cli.main(["--state-dir", str(store_dir), "list", mode]) == 0
+    made = capsys.readouterr().out
+    monkeypatch.setattr(codec, "sound_export", lambda line: None)
+    assert cli.main(["--state-dir", str(store_dir), "list", mode]) == 0
+    assert made == capsys.readouterr().out
+    assert "m\u00e9" in made and "kept" in made and "team" not in made
