@@ -10,6 +10,8 @@ import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import orjson
+
 from . import _clifmt as fmt
 from . import _location, codec
 from ._cli_context import EXIT_FAILURE, EXIT_OK, Context, UsageError, _dumps, _json_array, _plural
@@ -85,6 +87,10 @@ def _cmd_list(ctx: Context, args: argparse.Namespace) -> int:
                 return _stream_json(ctx, store._iter_json(
                     machine=args.machine, status=args.status, batch_id=args.batch,
                     limit=args.limit), mode)
+            if not filtered and args.limit is None:
+                return _stream_table(ctx, _exported_rows(ctx, (
+                    orjson.loads(item) if isinstance(item, bytes) else item
+                    for item in _every_run_exported(store))), empty)
             return _stream_table(ctx, _exported_rows(ctx, store._iter_json(
                 machine=args.machine, status=args.status, batch_id=args.batch,
                 limit=args.limit)), empty)
@@ -146,18 +152,23 @@ def _stream_json(ctx: Context, items: Iterable[dict[str, Any]], mode: str) -> in
     return _stream_json_text(ctx, (_dumps(item) for item in items), mode)
 
 
-def _every_run_json(store: Store) -> Iterator[str]:
-    """``_dumps`` of what ``Store._iter_json()`` yields (every run, no filter), read as
-    ``export`` reads them: a base line proven sound gives its run's JSON from its bytes
-    (``runscan.exported``; ASCII, so ``json_visible`` has only DEL-like characters to
-    escape, as for any item)."""
+def _every_run_exported(store: Store) -> Iterator[dict[str, Any] | bytes]:
+    """What ``Store._iter_json()`` yields (every run, no filter), read as ``export`` reads
+    them: for a base line proven sound, that run's JSON made from its bytes
+    (``runscan.exported``; ``orjson.loads`` of it is the dict)."""
     for offset, data in store._stream_records(sound=True):
         if isinstance(data, bytes):
-            yield fmt.json_visible(data.decode())
+            yield data
         else:
             fields = codec.exported_dict(data, extras=False)
-            yield _dumps(fields if fields is not None
-                         else codec.run_to_json(store._run_of(data, offset)))
+            yield fields if fields is not None else codec.run_to_json(store._run_of(data, offset))
+
+
+def _every_run_json(store: Store) -> Iterator[str]:
+    """``_dumps`` of each run ``_every_run_exported`` gives (a sound line's is ASCII, so
+    ``json_visible`` has only DEL-like characters to escape, as for any item)."""
+    for item in _every_run_exported(store):
+        yield fmt.json_visible(item.decode()) if isinstance(item, bytes) else _dumps(item)
 
 
 def _stream_json_text(ctx: Context, lines: Iterable[str], mode: str) -> int:

@@ -194,14 +194,15 @@ def test_an_impossible_date_is_left_to_the_decoding_broken_variant(
     assert found is not None and b"2026-02-30" in found[1]
 
 
-@pytest.mark.parametrize("mode", ["--json", "--jsonl"])
+@pytest.mark.parametrize("mode", ["--json", "--jsonl", "--table"])
 def test_list_json_of_sound_lines_is_the_decoded_one(
         store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str], mode: str) -> None:
     _odd_store(store_dir)
-    assert cli.main(["--state-dir", str(store_dir), "list", mode]) == 0
+    argv = ["--state-dir", str(store_dir), "list", *([mode] if mode != "--table" else [])]
+    assert cli.main(argv) == 0
     made = capsys.readouterr().out
     monkeypatch.setattr(codec, "sound_export", lambda line: None)
-    assert cli.main(["--state-dir", str(store_dir), "list", mode]) == 0
+    assert cli.main(argv) == 0
     assert made == capsys.readouterr().out
     assert "m\u00e9" in made and "kept" in made and "team" not in made
