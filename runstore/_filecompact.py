@@ -11,7 +11,6 @@ import collections
 import itertools
 import os
 import zlib
-from typing import Any
 
 import attrs
 
@@ -25,6 +24,7 @@ from . import (
 from ._fileopen import _Opening
 from ._scan import Cursor
 from ._statedir import COMPACTING_NAME
+from ._view import decode_at
 from .errors import (
     LockTimeoutError,
 )
@@ -39,19 +39,20 @@ class _Pruned:
     """The runs a prune removes, as its compaction needs them: ``latest``, the offsets of
     every run's latest version in insertion order (``View.latest_offsets``), with ``gone``
     marking the positions of the pruned ones (a byte per run: no id is held), and the last
-    ``RETAIN_CHANGES`` of them (offset and record) in the order pruned, whose
-    ``run_pruned`` lines the retained history keeps (earlier ones fall out of it)."""
+    ``RETAIN_CHANGES`` of them (offset and line, decoded when the compaction is laid out)
+    in the order pruned, whose ``run_pruned`` lines the retained history keeps (earlier
+    ones fall out of it)."""
 
     latest: array.array[int] = attrs.field(factory=lambda: array.array("q"))
     gone: bytearray = attrs.field(factory=bytearray)
     count: int = 0
-    last: collections.deque[tuple[int, dict[str, Any]]] = attrs.field(
+    last: collections.deque[tuple[int, bytes]] = attrs.field(
         factory=lambda: collections.deque(maxlen=_limits.RETAIN_CHANGES))
 
-    def add(self, position: int, offset: int, data: dict[str, Any]) -> None:
+    def add(self, position: int, offset: int, line: bytes) -> None:
         self.gone[position] = 1
         self.count += 1
-        self.last.append((offset, data))
+        self.last.append((offset, line))
 
 
 class _Compacting(_Opening):
@@ -118,7 +119,8 @@ class _Compacting(_Opening):
             lines = []
             at = cur.end
             next_seq += pruned.count - len(pruned.last)
-            for offset, data in pruned.last:
+            for offset, old in pruned.last:
+                data = decode_at(j.path, offset, old)
                 line = codec.encode_record(next_seq, ChangeType.RUN_PRUNED, now, durable,
                                            self._run_of(data, offset),
                                            codec.extra_fields(data) or None)

@@ -58,9 +58,9 @@ class _Pruning(_Writing):
                 return 0, []
             chosen = itertools.chain((first,), chosen)
 
-            def taken() -> Iterator[tuple[int, dict[str, Any]]]:
-                for position, offset, data in chosen:
-                    pruned.add(position, offset, data)
+            def taken() -> Iterator[tuple[int, dict[str, Any] | bytes]]:
+                for position, offset, line, data in chosen:
+                    pruned.add(position, offset, line)
                     yield offset, data
 
             j = self._journal
@@ -70,6 +70,7 @@ class _Pruning(_Writing):
             try:
                 if archive is not None:
                     archived = interchange.append_archive_items(os.fspath(archive), (
+                        data if isinstance(data, bytes) else  # made from a sound line
                         interchange.export_item(data, functools.partial(self._run_of, data,
                                                                         offset))
                         for offset, data in taken()))
@@ -85,12 +86,14 @@ class _Pruning(_Writing):
         return self._transact(decide)
 
     def _doomed(self, older_than: _dt.timedelta | None, keep_last: int | None,
-                pruned: _Pruned) -> Iterator[tuple[int, int, dict[str, Any]]]:
-        """(position in insertion order, offset, record) of the runs ``prune()`` removes
-        (``retention``'s rule), in insertion order, read from the file as the iteration
-        goes. Only offsets are held, never the runs nor their ids: ``pruned.latest`` gets
-        the offset of every run's latest version (``View.latest_offsets``; the view stays
-        lazy) and ``pruned.gone`` a byte per run. The terminal runs are those whose latest
+                pruned: _Pruned) -> Iterator[tuple[int, int, bytes, dict[str, Any] | bytes]]:
+        """(position in insertion order, offset, line, record) of the runs ``prune()``
+        removes (``retention``'s rule), in insertion order, read from the file as the
+        iteration goes; with ``keep_last``, a line ``codec.sound_export`` proves sound
+        comes with the run as ``export`` writes it (bytes) instead of its record. Only
+        offsets are held, never the runs nor their ids: ``pruned.latest`` gets the offset
+        of every run's latest version (``View.latest_offsets``; the view stays lazy) and
+        ``pruned.gone`` a byte per run. The terminal runs are those whose latest
         versions are not a non-terminal run's, so ``keep_last`` picks its runs without
         reading any (a record is made a ``Run`` only to judge ``older_than``)."""
         self._take_held()
@@ -113,13 +116,16 @@ class _Pruning(_Writing):
         offsets = array.array("q", (latest[p] for p in positions))
         lines = gather.lines(j.reader(), offsets, j.path)
         for position, offset, line in zip(positions, offsets, lines, strict=True):
+            if now is None and (proven := codec.sound_export(line)) is not None:
+                yield position, offset, line, proven[1]
+                continue
             data = decode_at(self._journal.path, offset, line)
             if now is not None and older_than is not None:
                 if not retention.ended_before(self._run_of(data, offset), now, older_than):
                     continue
             elif not codec.fields_sound(data):
                 self._run_of(data, offset)  # refuses a malformed record, as listing does
-            yield position, offset, data
+            yield position, offset, line, data
 
     def _prune_failed(self, exc: StoreIOError, count: int,
                       archive: str | os.PathLike[str] | None, archived: int,

@@ -206,3 +206,19 @@ def test_list_json_of_sound_lines_is_the_decoded_one(
     assert cli.main(argv) == 0
     assert made == capsys.readouterr().out
     assert "m\u00e9" in made and "kept" in made and "team" not in made
+
+
+def test_prune_archive_of_sound_lines_is_the_decoded_one(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archives = []
+    for decoded in (False, True):
+        if decoded:
+            monkeypatch.setattr(codec, "sound_export", lambda line: None)
+        where = tmp_path / f"store-{decoded}"
+        _odd_store(where)
+        with Store(where, durable=False) as s:
+            assert s.prune(keep_last=0, archive=tmp_path / f"{decoded}.jsonl") == 6
+            tail = [(c.type, c.run) for c in s.changes(0)][-6:]
+        archives.append(((tmp_path / f"{decoded}.jsonl").read_bytes(), tail))
+    assert archives[0] == archives[1]
+    assert b"team" in archives[0][0]  # the kept field, from the decoded record
