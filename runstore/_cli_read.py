@@ -7,13 +7,15 @@ import argparse
 import collections
 import datetime as _dt
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
+
+import orjson
 
 from . import _clifmt as fmt
 from . import _fields, _location, ids
 from ._cli_context import EXIT_FAILURE, EXIT_OK, Context, UsageError, _dumps, _json_array, _plural
-from .model import Run
+from .model import Run, Status
 from .store import Store
 
 #: the fields of a run in the order ``show`` prints them (the order of the JSON record)
@@ -24,6 +26,7 @@ STATS_FIELDS = ("location", "size_bytes", "runs_by_status", "runs_by_machine",
                 "torn_tail_offset", "torn_tail_bytes")
 #: how many runs ``list`` formats and writes at a time
 _BLOCK = 1000
+_TERMINAL = frozenset(s.value for s in Status if s.is_terminal)
 
 
 def _run_time(run: Run) -> _dt.datetime | None:
@@ -68,13 +71,19 @@ def _cmd_list(ctx: Context, args: argparse.Namespace) -> int:
         mode = "json" if args.json else "jsonl" if args.jsonl else ""
         empty = "no runs match" if filtered else "no runs"
         if args.since is None and isinstance(store, Store):  # --limit read from the end
+            if mode and not filtered and args.limit is None:  # every run, as export reads
+                return _stream_json_text(ctx, _every_run_json(store), mode)
             if mode:  # and no Run needed
                 return _stream_json(ctx, store._iter_json(
                     machine=args.machine, status=args.status, batch_id=args.batch,
                     limit=args.limit), mode)
-            return _stream_runs(ctx, store._runs(
+            if not filtered and args.limit is None:
+                return _stream_table(ctx, _exported_rows(ctx, (
+                    orjson.loads(item) if isinstance(item, bytes) else item
+                    for item in _every_run_exported(store))), empty)
+            return _stream_table(ctx, _exported_rows(ctx, store._iter_json(
                 machine=args.machine, status=args.status, batch_id=args.batch,
-                limit=args.limit), mode, empty)
+                limit=args.limit)), empty)
         runs: Iterable[Run] = store.iter_runs(machine=args.machine, status=args.status,
                                               batch_id=args.batch)
         if args.since is not None:
@@ -88,12 +97,34 @@ def _cmd_list(ctx: Context, args: argparse.Namespace) -> int:
 def _stream_runs(ctx: Context, runs: Iterable[Run], mode: str, empty: str) -> int:
     """Print ``runs`` as they come (a table, one JSON array, or JSON lines: ``mode``), a
     block at a time, so that the first rows show at once and memory stays bounded."""
-    out, count = ctx.out, 0
     if mode:
         return _stream_json(ctx, (_fields.run_to_json(run) for run in runs), mode)
     rows = ([run.id, run.machine, ctx.paint.status(run.status.value), run.test_dir_hash[:12],
              fmt.ago(run.started_at, ctx.now), _run_duration(run, ctx.now),
              "-" if run.exit_code is None else str(run.exit_code)] for run in runs)
+    return _stream_table(ctx, rows, empty)
+
+
+def _exported_rows(ctx: Context, items: Iterable[dict[str, Any]]) -> Iterator[list[str]]:
+    """``_stream_runs``'s rows, made from runs as ``codec.run_to_json`` gives them (no
+    ``Run`` is built: a third of the cost of a row): the same cells."""
+    now, paint, ago, parse = ctx.now, ctx.paint, fmt.ago, _dt.datetime.fromisoformat
+    for item in items:
+        status, started, code = item["status"], item.get("started_at"), item.get("exit_code")
+        start = None if started is None else parse(started)
+        if start is None:
+            took = "-"
+        else:
+            ended = item.get("ended_at")
+            end = parse(ended) if ended is not None else None if status in _TERMINAL else now
+            took = "-" if end is None else fmt.duration(end - start)
+        yield [item["id"], item["machine"], paint.status(status), item["test_dir_hash"][:12],
+               ago(start, now), took, "-" if code is None else str(code)]
+
+
+def _stream_table(ctx: Context, rows: Iterable[Sequence[str]], empty: str) -> int:
+    """``list``'s table of ``rows``, printed a block at a time (``_stream_runs``)."""
+    out, count = ctx.out, 0
     headers = ("ID", "MACHINE", "STATUS", "HASH", "STARTED", "DURATION", "EXIT")
     for block in fmt.table_stream(headers, rows, ctx.paint, right=frozenset({5, 6}),
                                   block=_BLOCK):
@@ -108,8 +139,32 @@ def _stream_runs(ctx: Context, runs: Iterable[Run], mode: str, empty: str) -> in
 def _stream_json(ctx: Context, items: Iterable[dict[str, Any]], mode: str) -> int:
     """``_stream_runs`` of runs as ``_fields.run_to_json`` makes them: one JSON array
     (``mode`` "json") or JSON lines ("jsonl")."""
+    return _stream_json_text(ctx, (_dumps(item) for item in items), mode)
+
+
+def _every_run_exported(store: Store) -> Iterator[dict[str, Any] | bytes]:
+    """What ``Store._iter_json()`` yields (every run, no filter), read as ``export`` reads
+    them: for a base line proven sound, that run's JSON made from its bytes
+    (``runscan.exported``; ``orjson.loads`` of it is the dict)."""
+    for offset, data in store._stream_records(sound=True):
+        if isinstance(data, bytes):
+            yield data
+        else:
+            fields = _fields.exported_dict(data, extras=False)
+            yield fields if fields is not None else _fields.run_to_json(store._run_of(data, offset))
+
+
+def _every_run_json(store: Store) -> Iterator[str]:
+    """``_dumps`` of each run ``_every_run_exported`` gives (a sound line's is ASCII, so
+    ``json_visible`` has only DEL-like characters to escape, as for any item)."""
+    for item in _every_run_exported(store):
+        yield fmt.json_visible(item.decode()) if isinstance(item, bytes) else _dumps(item)
+
+
+def _stream_json_text(ctx: Context, lines: Iterable[str], mode: str) -> int:
+    """``_stream_json`` of items already dumped (``_dumps``)."""
     out, count = ctx.out, 0
-    lines = (_dumps(item) for item in items)
+    lines = iter(lines)
     sep, first, last = (",\n", "[\n", "\n]\n") if mode == "json" else ("\n", "", "\n")
     while block := list(itertools.islice(lines, _BLOCK)):
         out.write((first if not count else sep) + sep.join(block))

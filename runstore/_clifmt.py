@@ -230,7 +230,10 @@ def ago(moment: _dt.datetime | None, now: _dt.datetime) -> str:
     if seconds < 1:
         return "just now"
     if seconds >= 30 * 86400:
-        return moment.astimezone().strftime("%Y-%m-%d")
+        local = moment.astimezone()
+        # isoformat is strftime's "%Y-%m-%d" at a third of its cost (but for years before
+        # 1000, which strftime does not pad)
+        return local.date().isoformat() if local.year >= 1000 else local.strftime("%Y-%m-%d")
     return _coarse(seconds) + " ago"
 
 
@@ -366,10 +369,18 @@ def table_stream(headers: Sequence[str], rows: Iterable[Sequence[str]], paint: P
     first = True
     it = iter(rows)
     while batch := list(itertools.islice(it, block)):
-        sized = [(row, [visible_len(cell) for cell in row]) for row in batch]
-        for _, lengths in sized:
-            widths = list(map(max, widths, lengths))
-        lines = [line(row, lengths) for row, lengths in sized]
+        if "\x1b" in "".join(itertools.chain.from_iterable(batch)):
+            sized = [(row, [visible_len(cell) for cell in row]) for row in batch]
+            for _, lengths in sized:
+                widths = list(map(max, widths, lengths))
+            lines = [line(row, lengths) for row, lengths in sized]
+        else:  # no style in the block: a cell's length is its width, one format per row
+            columns = zip(*batch, strict=True)
+            widths = [max(w, *map(len, column))
+                      for w, column in zip(widths, columns, strict=True)]
+            form = "  ".join(f"{{:{'>' if i in right else '<'}{w}}}"
+                             for i, w in enumerate(widths)).format
+            lines = [form(*row).rstrip() for row in batch]
         if first:
             lines.insert(0, line([paint.bold(h) for h in headers], [len(h) for h in headers]))
             first = False

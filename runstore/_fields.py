@@ -51,7 +51,7 @@ _RUN_FIELD_SET = frozenset(RUN_FIELDS)
 _KNOWN_KEYS = _RUN_FIELD_SET | META_KEYS
 
 #: omitted from the JSON when they hold these values
-_OMIT_WHEN = {
+OMIT_WHEN = {
     "batch_id": "",
     "plan_entry": "",
     "owner_host": "",
@@ -113,12 +113,12 @@ def make_converter() -> cattrs.Converter:
 
 converter = make_converter()
 
-#: the ``_OMIT_WHEN`` fields that come last in a run: cattrs's generated code can leave them
+#: the ``OMIT_WHEN`` fields that come last in a run: cattrs's generated code can leave them
 #: out (it adds the fields it may omit after the others, so the order stays ``_SEED_ORDER``)
 _OMIT_LAST = ("owner_host", "owner_pid", "owner_start", "heartbeat_at")
 
 #: ... and those before ``revision``, left out by ``record_fields`` itself
-_OMIT_INNER = tuple(name for name in _OMIT_WHEN if name not in _OMIT_LAST)
+_OMIT_INNER = tuple(name for name in OMIT_WHEN if name not in _OMIT_LAST)
 
 #: a run's fields for its journal line but ``id`` and ``status`` (they come first, with the
 #: meta fields)
@@ -131,7 +131,7 @@ _unstructure_fields = make_dict_unstructure_fn(Run, converter, **_FIELD_OVERRIDE
 def run_to_dict(run: Run) -> dict[str, Any]:
     """The JSON-ready record of a run: snake_case field names, empty optional fields omitted."""
     raw: dict[str, Any] = converter.unstructure(run)
-    return {k: raw[k] for k in _SEED_ORDER if raw[k] != _OMIT_WHEN.get(k, _KEEP)}
+    return {k: raw[k] for k in _SEED_ORDER if raw[k] != OMIT_WHEN.get(k, _KEEP)}
 
 def run_to_json(run: Run) -> dict[str, Any]:
     """Like ``run_to_dict`` but with plain JSON values (strings for statuses and times)."""
@@ -172,7 +172,7 @@ _CACHE_LIMIT = 1024
 
 #: a timestamp exactly as this library writes one (``dumps``: UTC, ``Z``, microseconds
 #: only when not zero)
-_CANONICAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}"
+CANONICAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}"
                              r"(?:\.(?!000000)[0-9]{6})?Z")
 
 @attrs.define
@@ -197,15 +197,15 @@ def _layout(keys: tuple[str, ...]) -> _Layout | None:
     always holds (one not left out when empty) is missing: such a record goes through its
     ``Run`` (which refuses it, or takes the field's default)."""
     present = set(keys)
-    if any(name not in present and name not in _OMIT_WHEN for name in _SEED_ORDER):
+    if any(name not in present and name not in OMIT_WHEN for name in _SEED_ORDER):
         return None
     names = tuple(name for name in _SEED_ORDER if name in present)
     return _Layout(names=names, get=operator.itemgetter(*names),
                    times=tuple(i for i, name in enumerate(names)
                                if FIELD_TYPES[name] == (str, type(None))),
                    status_at=names.index("status"),
-                   omit=tuple((name, _OMIT_WHEN[name]) for name in names
-                              if name in _OMIT_WHEN),
+                   omit=tuple((name, OMIT_WHEN[name]) for name in names
+                              if name in OMIT_WHEN),
                    extra=tuple(key for key in keys if key not in _KNOWN_KEYS))
 
 def exported_dict(data: dict[str, Any], extras: bool = True) -> dict[str, Any] | None:
@@ -259,7 +259,7 @@ def _sound_values(data: dict[str, Any]) -> tuple[_Layout, tuple[Any, ...]] | Non
     for i in layout.times:
         value = values[i]
         if value is not None:
-            if _CANONICAL_TIME.fullmatch(value) is None:
+            if CANONICAL_TIME.fullmatch(value) is None:
                 return None
             try:
                 _dt.datetime.fromisoformat(value)

@@ -6,10 +6,11 @@ meanwhile is copied in under it). The layout itself is ``compaction.plan``.
 
 from __future__ import annotations
 
+import array
 import collections
+import itertools
 import os
 import zlib
-from typing import Any
 
 import attrs
 
@@ -24,27 +25,35 @@ from . import (
 from ._fileopen import _Opening
 from ._scan import Cursor
 from ._statedir import COMPACTING_NAME
+from ._view import decode_at
 from .errors import (
     LockTimeoutError,
 )
 from .model import ChangeType
 
+#: ``_Pruned.gone`` turned into the selectors of the kept runs
+_KEPT = bytes([1]) + bytes(255)
+
 
 @attrs.define
 class _Pruned:
-    """The runs a prune removes, as its compaction needs them: their ids, and the last
-    ``RETAIN_CHANGES`` of them (offset and record) in the order pruned, whose
-    ``run_pruned`` lines the retained history keeps (earlier ones fall out of it)."""
+    """The runs a prune removes, as its compaction needs them: ``latest``, the offsets of
+    every run's latest version in insertion order (``View.latest_offsets``), with ``gone``
+    marking the positions of the pruned ones (a byte per run: no id is held), and the last
+    ``RETAIN_CHANGES`` of them (offset and line, decoded when the compaction is laid out)
+    in the order pruned, whose ``run_pruned`` lines the retained history keeps (earlier
+    ones fall out of it)."""
 
-    ids: set[str] = attrs.field(factory=set)
+    latest: array.array[int] = attrs.field(factory=lambda: array.array("q"))
+    gone: bytearray = attrs.field(factory=bytearray)
     count: int = 0
-    last: collections.deque[tuple[int, dict[str, Any]]] = attrs.field(
+    last: collections.deque[tuple[int, bytes]] = attrs.field(
         factory=lambda: collections.deque(maxlen=_limits.RETAIN_CHANGES))
 
-    def add(self, run_id: str, offset: int, data: dict[str, Any]) -> None:
-        self.ids.add(run_id)
+    def add(self, position: int, offset: int, line: bytes) -> None:
+        self.gone[position] = 1
         self.count += 1
-        self.last.append((offset, data))
+        self.last.append((offset, line))
 
 
 class _Compacting(_Opening):
@@ -71,14 +80,18 @@ class _Compacting(_Opening):
         try:
             self._journal.replace_with(plan.chunks(), lambda: self._vouch(
                 zlib.crc32(plan.head[:-1]), plan.base_end, seq, "compaction"))
+            if pruned is not None and pruned.count:
+                # the plan holds no id index: open the new file as any process would, from
+                # its base's summary (its runs indexed when a query needs them)
+                self._load()
+                self._unmarked_writes = False
+                return
             self._view.header = self._journal.open()
         except BaseException:
             self._stale = True
             raise
         cur = self._view.cur
         assert cur is not None
-        for run_id in pruned.ids if pruned is not None else ():
-            self._view.extras.pop(run_id, None)
         cur.next_seq = plan.compacted_through + 1 + len(plan.history)
         self._adopt(plan, {}, plan.base_end)
         self._unmarked_writes = False  # all this process wrote is in the synced new file
@@ -92,7 +105,8 @@ class _Compacting(_Opening):
         history can keep are encoded (``pruned.last``): the earlier ones take their seqs
         and are compacted away, so they are never read. ``retain`` is
         ``_limits.RETAIN_CHANGES`` unless given."""
-        self._ensure_index()
+        if pruned is None or not pruned.count:
+            self._ensure_index()
         self._view.active.values()  # structure deferred records now: refuse a malformed one
         cur, header = self._view.cur, self._view.header
         assert cur is not None and header is not None
@@ -101,12 +115,15 @@ class _Compacting(_Opening):
         recent = collections.deque(self._view.recent, maxlen=self._view.recent.maxlen)
         if pruned is not None and pruned.count:
             now, durable = ids.utcnow(), max(self._synced, cur.durable)
-            gone = pruned.ids
-            index = {run_id: at for run_id, at in index.items() if run_id not in gone}
+            kept = array.array("q", itertools.compress(pruned.latest,
+                                                       pruned.gone.translate(_KEPT)))
+            active_at = set(self._view.active_at.values())
+            active = [i for i, offset in enumerate(kept) if offset in active_at]
             lines = []
             at = cur.end
             next_seq += pruned.count - len(pruned.last)
-            for offset, data in pruned.last:
+            for offset, old in pruned.last:
+                data = decode_at(j.path, offset, old)
                 line = codec.encode_record(next_seq, ChangeType.RUN_PRUNED, now, durable,
                                            self._run_of(data, offset),
                                            _fields.extra_fields(data) or None)
@@ -118,6 +135,11 @@ class _Compacting(_Opening):
         if retain is None:
             retain = _limits.RETAIN_CHANGES
         history = list(recent)[len(recent) - retain:] if retain else []
+        if pruned is not None and pruned.count:
+            return compaction.plan_lines(read, kept, active, history, store_id=header.store_id,
+                                         created=header.created, next_seq=next_seq,
+                                         max_id=self._view.max_id, old_end=cur.end,
+                                         path=j.path)
         return compaction.plan(read, index, self._view.active, history,
                                store_id=header.store_id, created=header.created,
                                next_seq=next_seq, max_id=self._view.max_id, old_end=cur.end,

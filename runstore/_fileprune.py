@@ -18,6 +18,7 @@ from typing import Any
 
 from . import (
     _fields,
+    _sound,
     failpoints,
     gather,
     ids,
@@ -49,18 +50,18 @@ class _Pruning(_Writing):
         holds the runs, which a retry then appends again."""
 
         def decide() -> Decision[int]:
-            chosen = self._doomed(older_than, keep_last)
+            pruned = _Pruned()
+            chosen = self._doomed(older_than, keep_last, pruned)
             if dry_run:
                 return sum(1 for _ in chosen), []
             first = next(chosen, None)
             if first is None:
                 return 0, []
             chosen = itertools.chain((first,), chosen)
-            pruned = _Pruned()
 
-            def taken() -> Iterator[tuple[int, dict[str, Any]]]:
-                for run_id, offset, data in chosen:
-                    pruned.add(run_id, offset, data)
+            def taken() -> Iterator[tuple[int, dict[str, Any] | bytes]]:
+                for position, offset, line, data in chosen:
+                    pruned.add(position, offset, line)
                     yield offset, data
 
             j = self._journal
@@ -70,6 +71,7 @@ class _Pruning(_Writing):
             try:
                 if archive is not None:
                     archived = interchange.append_archive_items(os.fspath(archive), (
+                        data if isinstance(data, bytes) else  # made from a sound line
                         interchange.export_item(data, functools.partial(self._run_of, data,
                                                                         offset))
                         for offset, data in taken()))
@@ -84,39 +86,47 @@ class _Pruning(_Writing):
 
         return self._transact(decide)
 
-    def _doomed(self, older_than: _dt.timedelta | None,
-                 keep_last: int | None) -> Iterator[tuple[str, int, dict[str, Any]]]:
-        """(id, offset, record) of the runs ``prune()`` removes (``retention``'s rule), in
-        insertion order, read from the file as the iteration goes: only the offsets of the
-        candidates are held, never the runs. The terminal runs are the indexed ones that
-        are not active, so ``keep_last`` picks its runs without reading any (a record is
-        made a ``Run`` only to judge ``older_than``)."""
-        self._ensure_index()
-        active, index = self._view.active, self._view.index
+    def _doomed(self, older_than: _dt.timedelta | None, keep_last: int | None,
+                pruned: _Pruned) -> Iterator[tuple[int, int, bytes, dict[str, Any] | bytes]]:
+        """(position in insertion order, offset, line, record) of the runs ``prune()``
+        removes (``retention``'s rule), in insertion order, read from the file as the
+        iteration goes; with ``keep_last``, a line ``_sound.sound_export`` proves sound
+        comes with the run as ``export`` writes it (bytes) instead of its record. Only
+        offsets are held, never the runs nor their ids: ``pruned.latest`` gets the offset
+        of every run's latest version (``View.latest_offsets``; the view stays lazy) and
+        ``pruned.gone`` a byte per run. The terminal runs are those whose latest
+        versions are not a non-terminal run's, so ``keep_last`` picks its runs without
+        reading any (a record is made a ``Run`` only to judge ``older_than``)."""
+        self._take_held()
+        latest = pruned.latest = self._view.latest_offsets(self._journal)
+        pruned.gone = bytearray(len(latest))
+        active = set(self._view.active_at.values())
         if keep_last is not None:
-            count = max(len(index) - len(active) - keep_last, 0)
+            count = max(len(latest) - len(active) - keep_last, 0)
             now: _dt.datetime | None = None
         else:
-            count = len(index)
+            count = len(latest)
             now = ids.utcnow()
-        chosen: list[str] = []
-        offsets = array.array("q")
-        for run_id, offset in index.items():
-            if len(chosen) >= count:
+        positions = array.array("q")
+        for position, offset in enumerate(latest):
+            if len(positions) >= count:
                 break
-            if run_id not in active:
-                chosen.append(run_id)
-                offsets.append(offset)
+            if offset not in active:
+                positions.append(position)
         j = self._journal
+        offsets = array.array("q", (latest[p] for p in positions))
         lines = gather.lines(j.reader(), offsets, j.path)
-        for run_id, offset, line in zip(chosen, offsets, lines, strict=True):
+        for position, offset, line in zip(positions, offsets, lines, strict=True):
+            if now is None and (proven := _sound.sound_export(line)) is not None:
+                yield position, offset, line, proven[1]
+                continue
             data = decode_at(self._journal.path, offset, line)
             if now is not None and older_than is not None:
                 if not retention.ended_before(self._run_of(data, offset), now, older_than):
                     continue
             elif not _fields.fields_sound(data):
                 self._run_of(data, offset)  # refuses a malformed record, as listing does
-            yield run_id, offset, data
+            yield position, offset, line, data
 
     def _prune_failed(self, exc: StoreIOError, count: int,
                       archive: str | os.PathLike[str] | None, archived: int,

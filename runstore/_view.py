@@ -12,6 +12,7 @@ base (checked against the summary's CRC-32) when it is needed.
 
 from __future__ import annotations
 
+import array
 import collections
 import datetime as _dt
 import itertools
@@ -194,6 +195,55 @@ class View:
         self.lazy = False
         self.opened_at = None
         self.tail_pruned = set()
+
+    def latest_offsets(self, journal: Journal) -> array.array[int]:
+        """The offset of every run's latest version, in insertion order (``index``'s values
+        once ``ensure_index`` has run), without indexing the ids of a base opened from its
+        summary: its bytes are checked against the summary's CRC-32 and line count as
+        ``ensure_index`` checks them, and the view stays lazy. A million ids held as a dict
+        are about 170 MB; these offsets are 8 MB. Other views are indexed first."""
+        header = self.header
+        if not self.lazy or self.opened_at is not None or header is None or header.summary is None:
+            self.ensure_index(journal)
+            return array.array("q", self.index.values())
+        summary, j = header.summary, journal
+        moved, gone = self.index, self.tail_pruned  # the runs written or pruned after the base
+        offsets: array.array[int] = array.array("q")
+        in_base: set[str] = set()
+        crc = lines = 0
+        for chunk_at, chunk in j.read_lines(header.start, header.latest_end):
+            crc = zlib.crc32(chunk, crc)
+            count = chunk.count(b"\n")
+            lines += count
+            found = [(m.group(1), chunk_at + m.start())
+                     for m in codec.RECORD_ID.finditer(b"\n" + chunk)]
+            if len(found) != count:  # an id with escapes: parse these lines
+                found, pos = [], 0
+                while pos < len(chunk):
+                    nl = chunk.index(b"\n", pos)
+                    data = decode_at(j.path, chunk_at + pos, chunk[pos:nl])
+                    found.append((data["id"].encode(), chunk_at + pos))
+                    pos = nl + 1
+            if not moved and not gone:
+                offsets.extend(offset for _, offset in found)
+                continue
+            for raw, offset in found:
+                run_id = raw.decode()
+                if run_id in moved:
+                    in_base.add(run_id)
+                    offset = moved[run_id]
+                if run_id not in gone:
+                    offsets.append(offset)
+        crc, size = j.checksum(header.latest_end, header.base_end, crc)
+        if crc != summary.crc or size != header.base_end - header.latest_end:
+            refuse_damaged_base(header, j)
+        if lines != summary.lines:
+            raise CorruptStoreError(j.path, header.start,
+                                    f"the compacted base holds {lines} runs where its "
+                                    f"header says {summary.lines}")
+        offsets.extend(offset for run_id, offset in moved.items()
+                       if run_id not in in_base and run_id not in gone)
+        return offsets
 
     def _index_base(self, header: Header, j: Journal) -> dict[str, int]:
         """The base's id -> offset, from the ids at the start of its lines; its bytes are

@@ -61,7 +61,7 @@ MARK_START = b'{"mark":'
 #: a line's last byte, ``}`` (indexing a byte is cheaper than ``bytes.endswith``)
 _CLOSE = ord("}")
 
-_CHANGE_VALUES = frozenset(c.value for c in ChangeType)
+CHANGE_VALUES = frozenset(c.value for c in ChangeType)
 
 _CRC_SEP = b',"crc":'
 
@@ -271,7 +271,7 @@ def check_record(data: dict[str, Any]) -> None:
     if status not in STATUS_VALUES:
         raise BadLine(f"unknown status {status!r} for run {run_id!r}") from None
     change = data.get("change")
-    if change not in _CHANGE_VALUES:
+    if change not in CHANGE_VALUES:
         raise BadLine(f"unknown change type {change!r} for run {run_id!r}") from None
 
 def reseal(data: dict[str, Any]) -> bytes:

@@ -52,6 +52,8 @@ class Plan:
     compacted_through: int
     lines: int
     path: str
+    #: where each kept line lands, from the end of ``head`` (its last entry: the body's size)
+    at: array.array[int] = attrs.field(factory=lambda: array.array("q"))
 
     def chunks(self) -> Iterator[bytes]:
         """The new file, in chunks of about a megabyte."""
@@ -75,15 +77,33 @@ def plan(read: Read, index: dict[str, int], active: Container[str], history: lis
     ``index`` maps each run id to the offset of its latest version (insertion order),
     ``active`` holds the non-terminal run ids, ``history`` the offsets of the retained
     changes. ``path`` names the old file in errors."""
-    kept = array.array("q", index.values())
+    new = plan_lines(read, array.array("q", index.values()),
+                     [i for i, run_id in enumerate(index) if run_id in active], history,
+                     store_id=store_id, created=created, next_seq=next_seq, max_id=max_id,
+                     old_end=old_end, path=path)
+    # a run whose latest version is in the retained history points there (as a reader's)
+    moves, start, at = new.history_moves, len(new.head), new.at
+    new.index = {run_id: moves.get(old, start + at[i])
+                 for i, (run_id, old) in enumerate(index.items())}
+    return new
+
+
+def plan_lines(read: Read, latest: array.array[int], active: list[int], history: list[int],
+               *, store_id: str, created: str, next_seq: int, max_id: str, old_end: int,
+               path: str) -> Plan:
+    """``plan`` from the offsets alone, for a caller that holds no id index (a prune of a
+    million runs): ``latest`` are the offsets of the runs' latest versions in insertion
+    order, ``active`` the positions in it of the non-terminal runs (ascending). The plan's
+    ``index`` is left empty (``at`` gives where each line lands, from the body's start)."""
+    kept = array.array("q", latest)
     kept.extend(history)
     lengths = gather.line_lengths(read, kept, path)
     at = array.array("q", itertools.accumulate(lengths, initial=0))  # where each line lands
-    latest_count = len(index)
+    latest_count = len(latest)
     latest_bytes, size = at[latest_count], at[-1]
-    summary_active = tuple(at[i] for i, run_id in enumerate(index) if run_id in active)
+    summary_active = tuple(at[i] for i in active)
     starts, ends = _spans(kept, lengths)
-    del lengths
+    del lengths, kept
     crc = 0
     for piece in gather.ranges(read, starts, ends, path):
         crc = zlib.crc32(piece, crc)
@@ -95,13 +115,11 @@ def plan(read: Read, index: dict[str, int], active: Container[str], history: lis
     start = len(head)
     new_history = [start + at[latest_count + k] for k in range(len(history))]
     history_moves = dict(zip(history, new_history, strict=True))
-    # a run whose latest version is in the retained history points there (as a reader's)
-    new_index = {run_id: history_moves.get(old, start + at[i])
-                 for i, (run_id, old) in enumerate(index.items())}
-    return Plan(head=head, read=read, starts=starts, ends=ends, index=new_index,
+    return Plan(head=head, read=read, starts=starts, ends=ends, index={},
                 history=new_history, history_moves=history_moves, old_end=old_end,
                 latest_end=start + latest_bytes, base_end=start + size,
-                compacted_through=through, lines=len(kept), path=path)
+                compacted_through=through, lines=latest_count + len(history), path=path,
+                at=at)
 
 
 def with_tail(read: Read, old_end: int, tail: bytes) -> Read:

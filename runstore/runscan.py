@@ -31,7 +31,7 @@ from typing import Any
 
 import attrs
 
-from . import _fields, codec, gather
+from . import _fields, _sound, codec, gather
 from ._scan import Cursor, Header, scan
 from .errors import CorruptStoreError
 from .journal import Journal
@@ -65,7 +65,21 @@ class Snapshot:
 def records(journal: Journal, fd: int, snap: Snapshot) -> Iterator[tuple[int, dict[str, Any]]]:
     """(offset, decoded record) of the latest version of every run, in insertion order, read
     from ``fd`` (a held descriptor of the journal) as the iteration goes."""
+    return _records(journal, fd, snap, False)
+
+
+def exported(journal: Journal, fd: int,
+             snap: Snapshot) -> Iterator[tuple[int, dict[str, Any] | bytes]]:
+    """``records``, but a line of the compacted base that ``_sound.sound_export`` proves
+    sound is not decoded: its run as ``export`` writes it (bytes) comes instead of the
+    record."""
+    return _records(journal, fd, snap, True)
+
+
+def _records(journal: Journal, fd: int, snap: Snapshot, sound: bool) -> Iterator[tuple[int, Any]]:
+    """``records`` (``exported`` with ``sound``)."""
     path = journal.path
+    export = _sound.sound_export
 
     def read(offset: int, size: int) -> bytes:
         return journal.pread(fd, size, offset)
@@ -82,11 +96,16 @@ def records(journal: Journal, fd: int, snap: Snapshot) -> Iterator[tuple[int, di
     crc = 0
     for chunk_at, chunk in journal.read_lines(header.start, header.latest_end, fd):
         crc = zlib.crc32(chunk, crc)
-        batch: list[tuple[int, dict[str, Any] | None]] = []
+        batch: list[tuple[int, dict[str, Any] | bytes | None]] = []
         later = array.array("q")
         for offset, line in _lines(chunk, chunk_at):
-            data = _decode(line, offset, path)
-            run_id = data["id"]
+            proven = export(line) if sound else None
+            data: dict[str, Any] | bytes
+            if proven is not None:
+                run_id, data = proven
+            else:
+                data = _decode(line, offset, path)
+                run_id = data["id"]
             base_runs += 1
             if run_id in pruned:
                 continue

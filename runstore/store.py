@@ -222,9 +222,10 @@ class FileStore(_Importing, StoreBase):
             records.close()
         return iter(last)
 
-    def _stream_records(self) -> _HeldRecords:
+    def _stream_records(self, sound: bool = False) -> _HeldRecords:
         """(offset, record) of every run's latest version, insertion order, read as the
-        iteration goes from the file as it is now (``runscan``)."""
+        iteration goes from the file as it is now (``runscan``); with ``sound``, the runs
+        the base's lines prove sound as ``export`` writes them (``runscan.exported``)."""
 
         def snapshot() -> tuple[int, runscan.Snapshot]:
             header, cur = self._view.header, self._view.cur
@@ -240,7 +241,7 @@ class FileStore(_Importing, StoreBase):
             return self._journal.hold(), snap
 
         fd, snap = self._read(snapshot)
-        return _HeldRecords(self._journal, fd, snap)
+        return _HeldRecords(self._journal, fd, snap, sound)
 
     def _active_of(self, machine: str) -> Run | None:
         def answer() -> Run | None:
@@ -332,8 +333,12 @@ class FileStore(_Importing, StoreBase):
         """Every run as ``export`` writes it (``interchange.export_item``), read as
         ``_iter_export`` reads them; a record is made a ``Run`` only when its fields are not
         as this library writes them."""
-        for offset, data in self._stream_records():
-            yield interchange.export_item(data, functools.partial(self._run_of, data, offset))
+        for offset, data in self._stream_records(sound=True):
+            if isinstance(data, bytes):  # proven sound and made from the line's bytes
+                yield data
+            else:
+                yield interchange.export_item(data, functools.partial(self._run_of, data,
+                                                                      offset))
 
     def _iter_export(self) -> Iterator[tuple[Run, dict[str, Any]]]:
         """Every run with its extra fields, as ``export`` writes them, read as it is
@@ -419,10 +424,12 @@ class _HeldRecords:
     """``runscan.records`` of the journal held open as ``fd``; ``fd`` is closed when the
     iteration ends or fails, or when the iterator is dropped unfinished."""
 
-    def __init__(self, journal: Journal, fd: int, snap: runscan.Snapshot) -> None:
+    def __init__(self, journal: Journal, fd: int, snap: runscan.Snapshot,
+                 sound: bool = False) -> None:
         self.journal, self.fd, self.snap = journal, fd, snap
         self._close = weakref.finalize(self, journal.close_held, fd)
-        self._records = runscan.records(journal, fd, snap)
+        self._records: Iterator[tuple[int, Any]] = (
+            runscan.exported(journal, fd, snap) if sound else runscan.records(journal, fd, snap))
 
     def close(self) -> None:
         """Close the descriptor now (the iteration, if it goes on, fails)."""

@@ -1,0 +1,224 @@
+"""``check`` takes a record line in the form this library writes without decoding it
+(``_sound.SOUND_RECORD``); every other line is decoded and judged as before. Whatever a line
+holds, the report must be the one the line-by-line decoding gives: each case below is a line
+with a valid CRC-32 that only the decoding, or the seq and durable rules, can refuse."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+
+import runstore
+from runstore import Run, Status, Store, _fields, _sound, cli, codec, verify
+from runstore._scan import scan
+
+
+def _store(store_dir: pathlib.Path) -> pathlib.Path:
+    with Store(store_dir, durable=False) as s:
+        for i in range(6):
+            run, _ = s.prepare_atomic(f"m{i}", "h", lambda i=i: Run(f"m{i}", "/t", "h"))
+            s.start(run.id)
+            s.finish(run.id, Status.COMPLETED, exit_code=0)
+    return store_dir / "runs.jsonl"
+
+
+def _edit(journal: pathlib.Path, line: int, change: Callable[[dict[str, Any]], bytes]) -> None:
+    """Replace line ``line`` (0: the header) by ``change`` of its record (bytes, sealed)."""
+    lines = journal.read_bytes().splitlines(keepends=True)
+    data = orjson.loads(lines[line])
+    del data["crc"]
+    lines[line] = change(data)
+    journal.write_bytes(b"".join(lines))
+
+
+def _sealed(data: dict[str, Any]) -> bytes:
+    return codec._seal(data)
+
+
+def _with(**fields: Any) -> Callable[[dict[str, Any]], bytes]:
+    return lambda data: _sealed({**data, **fields})
+
+
+def _raw(old: bytes, new: bytes) -> Callable[[dict[str, Any]], bytes]:
+    """A sealed line whose encoded bytes have ``old`` replaced by ``new``."""
+    def change(data: dict[str, Any]) -> bytes:
+        head = orjson.dumps(data)[:-1]
+        assert old in head
+        return codec._sealed(head.replace(old, new, 1))
+    return change
+
+
+_CASES: dict[str, Callable[[dict[str, Any]], bytes]] = {
+    "impossible date": _with(started_at="2026-02-30T00:00:00Z"),
+    "non-canonical time": _with(ended_at="2026-01-01 00:00:00"),
+    "exit code a string": _with(exit_code="0"),
+    "exit code a bool": _with(exit_code=True),
+    "exit code past 64 bits": _raw(b'"exit_code":null',
+                                   b'"exit_code":99999999999999999999'),
+    "unknown status": _with(status="exploded"),
+    "unknown change": _with(change="run_exploded"),
+    "seq out of order": _with(seq=99),
+    "durable past the line": _with(durable=1 << 40),
+    "empty id": _with(id=""),
+    "non-ASCII machine": _with(machine="m\u00e9"),
+    "escaped machine": _with(machine='m"q'),
+    "unknown field": _with(team="infra"),
+    "leading zero": _raw(b'"revision":', b'"revision":0'),
+    "invalid UTF-8": _raw(b'"machine":"m', b'"machine":"\xff'),
+    "duplicate key": _raw(b'"machine":', b'"machine":"x","machine":'),
+    "missing machine": lambda data: _sealed({k: v for k, v in data.items()
+                                             if k != "machine"}),
+}
+
+
+#: the cases that are sound records (taken through the decoding all the same)
+_SOUND = {"unknown field", "non-ASCII machine", "escaped machine", "duplicate key"}
+
+
+def _decoding_only(chunk: bytes, chunk_at: int, cur: Any) -> tuple[int, Any]:
+    return 0, scan(chunk, chunk_at, cur)
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+def test_check_reports_what_decoding_reports(store_dir: pathlib.Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             case: str) -> None:
+    journal = _store(store_dir)
+    _edit(journal, 4, _CASES[case])
+    report = runstore.check(store_dir)
+    monkeypatch.setattr(verify, "_scan_sound", _decoding_only)
+    decoded = runstore.check(store_dir)
+    assert report == decoded
+    assert report.ok == (case in _SOUND), report
+
+
+def test_sound_lines_are_read_without_decoding(store_dir: pathlib.Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = _store(store_dir)
+    records = [line for line in journal.read_bytes().splitlines()[1:]
+               if line.startswith(codec.RECORD_START)]
+    assert all(_sound.SOUND_RECORD.fullmatch(line) for line in records)
+    calls = []
+    decode = codec.decode_line
+
+    def counted(line: bytes) -> dict[str, Any]:
+        if line.startswith(codec.RECORD_START):
+            calls.append(line)
+        return decode(line)
+
+    monkeypatch.setattr(codec, "decode_line", counted)
+    report = runstore.check(store_dir)
+    assert report.ok and report.records == len(records) and not calls
+
+
+def test_check_reports_what_decoding_reports_broken_variant(
+        store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Taking the timestamps' shape for a date lets an impossible date through."""
+    journal = _store(store_dir)
+    _edit(journal, 4, _CASES["impossible date"])
+    monkeypatch.setattr(_sound, "sound_dates", lambda values: True)
+    assert runstore.check(store_dir).ok
+
+
+# -- export: the run made from a sound line's bytes ------------------------------------------
+
+def _odd_store(store_dir: pathlib.Path) -> None:
+    """A compacted base of runs in every form: escapes, non-ASCII, kept fields, empty and
+    filled optional fields, nulls, negative and large exit codes."""
+    runs: list[Run | dict[str, Any]] = [
+        Run("m", "/t", "h", id="plain", status=Status.COMPLETED, exit_code=0,
+            started_at=_dt.datetime(2026, 1, 1, tzinfo=_dt.UTC),
+            ended_at=_dt.datetime(2026, 1, 1, 0, 0, 1, 5, tzinfo=_dt.UTC)),
+        Run("m", "/t", "h", id='quote"d', status=Status.FAILED, exit_code=-1),
+        Run("mé", "/t", "h", id="non-ascii", status=Status.TIMEOUT, batch_id="b"),
+        Run("m", "/t\tx", "h", id="tab", status=Status.INTERRUPTED, exit_code=1 << 62),
+        Run("m", "/t", "h", id="plan", status=Status.COMPLETED, plan_entry="e",
+            owner_host="host", owner_pid=0, owner_start="s",
+            heartbeat_at=_dt.datetime(2026, 2, 1, tzinfo=_dt.UTC)),
+        {"id": "kept", "machine": "m", "test_dir": "/t", "test_dir_hash": "h",
+         "status": "completed", "team": "infra"},
+        Run("n", "/t", "h", id="pending"),
+    ]
+    with Store(store_dir, durable=False) as s:
+        s.import_runs(runs)  # type: ignore[arg-type]
+        s.compact()
+
+
+def _export(store_dir: pathlib.Path) -> bytes:
+    out = io.BytesIO()
+    with Store(store_dir, durable=False) as s:
+        s.export(out)
+    return out.getvalue()
+
+
+def test_export_of_sound_lines_is_the_decoded_export(store_dir: pathlib.Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    _odd_store(store_dir)
+    made = _export(store_dir)
+    monkeypatch.setattr(_sound, "sound_export", lambda line: None)
+    assert made == _export(store_dir)
+    assert len(orjson.loads(made)) == 7
+
+
+def _impossible_date_line(store_dir: pathlib.Path) -> bytes:
+    """The base line of run "plain", started on 30 February, with a valid checksum."""
+    _odd_store(store_dir)
+    lines = (store_dir / "runs.jsonl").read_bytes().splitlines()
+    record = orjson.loads(next(line for line in lines if b'"id":"plain"' in line))
+    del record["crc"]
+    record["started_at"] = "2026-02-30T00:00:00Z"
+    return codec._seal(record)[:-1]
+
+
+def test_an_impossible_date_is_left_to_the_decoding(store_dir: pathlib.Path) -> None:
+    """``sound_export`` declines the line; the decoding then refuses it, naming the field."""
+    line = _impossible_date_line(store_dir)
+    assert _sound.SOUND_RECORD.fullmatch(line) is not None  # it has a timestamp's shape
+    assert _sound.sound_export(line) is None
+    with pytest.raises(codec.BadLine, match="started_at"):
+        _fields.run_from_dict(codec.decode_line(line))
+
+
+def test_an_impossible_date_is_left_to_the_decoding_broken_variant(
+        store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Taking the timestamps' shape for a date exports the impossible date."""
+    line = _impossible_date_line(store_dir)
+    monkeypatch.setattr(_sound, "sound_dates", lambda values: True)
+    found = _sound.sound_export(line)
+    assert found is not None and b"2026-02-30" in found[1]
+
+
+@pytest.mark.parametrize("mode", ["--json", "--jsonl", "--table"])
+def test_list_json_of_sound_lines_is_the_decoded_one(
+        store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], mode: str) -> None:
+    _odd_store(store_dir)
+    argv = ["--state-dir", str(store_dir), "list", *([mode] if mode != "--table" else [])]
+    assert cli.main(argv) == 0
+    made = capsys.readouterr().out
+    monkeypatch.setattr(_sound, "sound_export", lambda line: None)
+    assert cli.main(argv) == 0
+    assert made == capsys.readouterr().out
+    assert "m\u00e9" in made and "kept" in made and "team" not in made
+
+
+def test_prune_archive_of_sound_lines_is_the_decoded_one(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archives = []
+    for decoded in (False, True):
+        if decoded:
+            monkeypatch.setattr(_sound, "sound_export", lambda line: None)
+        where = tmp_path / f"store-{decoded}"
+        _odd_store(where)
+        with Store(where, durable=False) as s:
+            assert s.prune(keep_last=0, archive=tmp_path / f"{decoded}.jsonl") == 6
+            tail = [(c.type, c.run) for c in s.changes(0)][-6:]
+        archives.append(((tmp_path / f"{decoded}.jsonl").read_bytes(), tail))
+    assert archives[0] == archives[1]
+    assert b"team" in archives[0][0]  # the kept field, from the decoded record
