@@ -139,12 +139,15 @@ class PostgresBase:
         durable (PostgreSQL's 0 means "wait forever", so 0 s becomes 1 ms). jsonb is read
         with orjson, as the file store reads its lines: jsonb writes a float such as 1e20
         as the digits of an integer, which json would read back as an integer beyond 64
-        bits (that ``export`` cannot write) where orjson reads the float it was."""
+        bits (that ``export`` cannot write) where orjson reads the float it was. JIT
+        compilation is off: the feed's trim (``_pgfeed``) is estimated costly enough to be
+        compiled, which took 130 ms of the 160 ms it ran, with every writer of the table
+        waiting behind it; no statement of the store runs long enough to gain from it."""
         set_json_loads(orjson.loads, conn)
         millis = max(1, round(self.lock_timeout * 1000))
         conn.execute(
             "SELECT set_config('TimeZone', 'UTC', false), set_config('lock_timeout', %s, false),"
-            " set_config('synchronous_commit', %s, false)",
+            " set_config('synchronous_commit', %s, false), set_config('jit', 'off', false)",
             [f"{millis}ms", "on" if self.durable else "off"])
 
     def _new_pool(self) -> _Pool:
