@@ -34,6 +34,7 @@ from runstore import (
     Status,
     StoreIOError,
 )
+from runstore import _pgbase as pgbase
 from runstore import postgres as pg_module
 from runstore.pgschema import SCHEMA_VERSION, Names
 from runstore.pgschema import migrate as migrate_schema
@@ -589,24 +590,51 @@ def test_a_store_called_from_make_with_one_connection_fails_after_lock_timeout(
     assert store.prepare_atomic("m1", "h", _make("m1"))[1] is PrepareOutcome.CREATED
 
 
+def _sessions(admin: psycopg.Connection[Any]) -> set[int]:
+    rows = admin.execute("SELECT pid FROM pg_stat_activity WHERE application_name = "
+                         "'runstore' AND pid <> pg_backend_pid()").fetchall()
+    return {r[0] for r in rows}
+
+
+def _pool_full(store: PostgresStore, admin: psycopg.Connection[Any]) -> set[int]:
+    """The store's sessions once its pool has opened all ``pool_size`` of them."""
+    deadline = time.monotonic() + 10
+    while len(sessions := _sessions(admin)) < store.pool_size:
+        assert time.monotonic() < deadline, sessions
+        time.sleep(0.02)
+    return sessions
+
+
 def test_pooled_connections_are_reused_and_a_dead_one_replaced(
     opened: Callable[..., PostgresStore], admin: psycopg.Connection[Any]
 ) -> None:
-    """Sequential calls use one server session; once that session is ended while idle, the
-    next call finds it out at checkout (no error) and uses a new one."""
-    store = opened()
+    """The pool keeps its pool_size sessions across calls; once one is ended while idle,
+    the call that takes it finds it out at checkout (no error), and the pool opens another
+    in its place."""
+    store = opened(pool_size=3)
     store.create(Run("m1", "/t", "h"))
-
-    def sessions() -> set[int]:
-        rows = admin.execute("SELECT pid FROM pg_stat_activity WHERE application_name = "
-                             "'runstore' AND pid <> pg_backend_pid()").fetchall()
-        return {r[0] for r in rows}
-
-    before = sessions()
+    before = _pool_full(store, admin)
     for _ in range(20):
         store.list()
-    assert sessions() == before and len(before) == 1
-    admin.execute("SELECT pg_terminate_backend(%s, 10000)", [next(iter(before))])
-    assert len(store.list()) == 1
-    after = sessions()
-    assert len(after) == 1 and after != before
+    assert _sessions(admin) == before and len(before) == 3
+    killed = next(iter(before))
+    admin.execute("SELECT pg_terminate_backend(%s, 10000)", [killed])
+    for _ in range(2 * store.pool_size):  # the pool hands its connections out in turn
+        assert len(store.list()) == 1
+    after = _pool_full(store, admin)
+    assert killed not in after and len(after & before) == 2
+
+
+def test_without_the_checkout_check_a_dead_session_fails_the_call(
+    opened: Callable[..., PostgresStore], admin: psycopg.Connection[Any],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken variant: with the socket check at checkout disabled, the call that takes the
+    ended session fails, which is what the check spares callers."""
+    store = opened(pool_size=1)
+    store.create(Run("m1", "/t", "h"))
+    (killed,) = _pool_full(store, admin)
+    monkeypatch.setattr(pgbase, "_usable", lambda conn: True)
+    admin.execute("SELECT pg_terminate_backend(%s, 10000)", [killed])
+    with pytest.raises(DatabaseConnectionError):
+        store.list()
