@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import psycopg
 import pytest
-from backends import Backend, fresh_table
+from backends import Backend
 from racing import merge as _merge
 from racing import overlaps as _overlaps
 from racing import replay as _replay
@@ -45,34 +45,10 @@ FORK = multiprocessing.get_context("fork")
 
 
 @pytest.fixture
-def pg(pg_dsn: str) -> Backend:
-    """A fresh table on the session's server."""
-    return Backend("postgres", pg_dsn, fresh_table())
-
-
-@pytest.fixture
 def admin(pg_dsn: str) -> Iterator[psycopg.Connection[Any]]:
     """A plain autocommit connection for raw SQL."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         yield conn
-
-
-@pytest.fixture
-def opened(pg: Backend) -> Iterator[Callable[..., PostgresStore]]:
-    """Open PostgresStores on ``pg``'s table; all are closed when the test ends."""
-    stores: list[PostgresStore] = []
-
-    def open_(**options: Any) -> PostgresStore:
-        s = pg.open(**options)
-        assert isinstance(s, PostgresStore)
-        stores.append(s)
-        return s
-
-    try:
-        yield open_
-    finally:
-        for s in stores:
-            s.close()
 
 
 def _make(machine: str, h: str = "h") -> Callable[[], Run]:

@@ -10,7 +10,7 @@ import multiprocessing
 import os
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,31 +25,6 @@ pytestmark = pytest.mark.postgres
 FORK = multiprocessing.get_context("fork")
 #: the horizon replaced by one that lets every visible change be numbered at once
 NO_HORIZON = "pg_snapshot_xmax(pg_current_snapshot())"
-
-
-@pytest.fixture
-def pg(pg_dsn: str) -> Backend:
-    return Backend("postgres", pg_dsn, fresh_table())
-
-
-@pytest.fixture
-def opened(pg: Backend) -> Iterator[Callable[..., PostgresStore]]:
-    stores: list[PostgresStore] = []
-
-    def open_(**options: Any) -> PostgresStore:
-        s = pg.open(**options)
-        assert isinstance(s, PostgresStore)
-        stores.append(s)
-        return s
-
-    try:
-        yield open_
-    finally:
-        for s in stores:
-            s.close()
-
-
-# -- many writers, one follower --------------------------------------------------------------
 
 
 def _writer(backend: Backend, k: int, cycles: int, out: str, go: Any) -> None:
