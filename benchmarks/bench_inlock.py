@@ -5,7 +5,7 @@ Three measurements, each of the cycle on a fresh store, not durable unless ``--d
 
 * ``--procs 2`` (default): P processes for ``--seconds``; operations/s, and per call the mean
   time under the flock and in all (the flock's taking and release are timed from inside
-  ``runstore.lock``, so the figures include that instrumentation); with ``--durable`` also
+  ``runstore._lock``, so the figures include that instrumentation); with ``--durable`` also
   the time in ``fdatasync`` (after the flock is released: group commit), which tells how
   much of a durable write the disk's cache flush is and how much is runstore's own work;
 * ``--against DIR``: the same without timing, alternating rounds between the runstore under
@@ -61,7 +61,7 @@ def _cycles(store: Any, run_cls: Any, created: Any, seconds: float, seed: int) -
 def _timed() -> dict[str, list[int]]:
     """Wrap runstore's lock, sync and Store calls: {call: [ns under the flock, ns in all,
     count, ns in fdatasync]}."""
-    from runstore import journal, lock, store
+    from runstore import _journal as journal, _lock as lock, store
 
     spent: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0, 0])
     now = time.perf_counter_ns

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._fields import MAX_RECORD_BYTES
+from ._opener import open_store as open  # runstore.open(url_or_path)
 from .errors import (
     ConflictError,
     CorruptStoreError,
@@ -33,7 +34,6 @@ from .errors import (
     UnsafeStoreError,
 )
 from .model import BatchSummary, Change, ChangeType, PrepareOutcome, Run, Status, StoreStats
-from .opener import open_store as open  # runstore.open(url_or_path)
 from .protocol import RunStore
 from .store import FileStore, Store
 from .verify import CheckReport, check

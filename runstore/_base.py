@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, Self
 
-from . import _validate, ids, interchange, owner, transitions
+from . import _ids, _interchange, _owner, _transitions, _validate
 from .model import BatchSummary, Change, PrepareOutcome, Run, Status, StoreStats
 
 #: how many of the latest changes a store keeps when it compacts (or trims) its change
@@ -28,7 +28,7 @@ RETAIN_CHANGES = 4096
 _Runs = list[Run]  # inside the class, ``list`` names the method
 _Wanted = frozenset[Status] | None
 #: a step of one run: from the stored run, its next version and the change (None: unchanged)
-_StepOf = Callable[[Run], "transitions.Step | None"]
+_StepOf = Callable[[Run], "_transitions.Step | None"]
 
 
 class StoreBase(abc.ABC):
@@ -63,7 +63,7 @@ class StoreBase(abc.ABC):
         """Store ``run`` under a new unique id (any id it has is overwritten), as revision 1;
         a non-terminal run is refused with ``MachineBusyError`` when its machine already
         has one."""
-        return self._create_run(transitions.validate(run))
+        return self._create_run(_transitions.validate(run))
 
     # -- changing runs ------------------------------------------------------------------
 
@@ -94,7 +94,7 @@ class StoreBase(abc.ABC):
         terminal status returns it unchanged; any other change of a terminal run is refused
         (``InvalidTransitionError``)."""
         _validate.finish(run_id, exit_code, error_code, error_msg)
-        target = transitions.terminal_status(run_id, status)
+        target = _transitions.terminal_status(run_id, status)
         return self._finish(run_id, target, exit_code, error_code, error_msg)
 
     def heartbeat(self, run_id: str) -> Run:
@@ -119,7 +119,7 @@ class StoreBase(abc.ABC):
         """Every run (the latest version of each) matching the filters, in insertion order.
         ``status`` is one status or several."""
         _validate.list_filters(machine, batch_id)
-        return self._list_runs(machine, transitions.status_set(status), batch_id)
+        return self._list_runs(machine, _transitions.status_set(status), batch_id)
 
     def iter_runs(
         self,
@@ -134,7 +134,7 @@ class StoreBase(abc.ABC):
         are not seen), and the iteration holds what it reads from (a file descriptor, a
         pooled connection) until it ends or the iterator is closed."""
         _validate.list_filters(machine, batch_id)
-        return self._iter_runs(machine, transitions.status_set(status), batch_id)
+        return self._iter_runs(machine, _transitions.status_set(status), batch_id)
 
     def active_by_machine(self, machine: str) -> Run | None:
         """The non-terminal run of ``machine``, or None."""
@@ -237,7 +237,7 @@ class StoreBase(abc.ABC):
         if isinstance(fp, str | os.PathLike):
             path = os.fspath(fp)
             self._check_output(path, "export")
-            return interchange.export_to_path(path, self._write_export)
+            return _interchange.export_to_path(path, self._write_export)
         try:
             fd: int | None = fp.fileno()
         except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: in memory
@@ -253,7 +253,7 @@ class StoreBase(abc.ABC):
         imported. The input is read as it is imported, in memory that does not grow with
         it."""
         _validate.import_source(source)
-        return self._import_runs(interchange.iter_import(source))
+        return self._import_runs(_interchange.iter_import(source))
 
     # -- statistics and life cycle ------------------------------------------------------
 
@@ -290,21 +290,21 @@ class StoreBase(abc.ABC):
         has a shorter way."""
 
     def _update(self, run: Run) -> Run:
-        return self._step(run.id, lambda stored: transitions.updated(stored, run),
+        return self._step(run.id, lambda stored: _transitions.updated(stored, run),
                           "updating a run in")
 
     def _start(self, run_id: str) -> Run:
-        return self._step(run_id, lambda stored: transitions.started(
-            stored, ids.utcnow(), owner.current()), "starting a run in")
+        return self._step(run_id, lambda stored: _transitions.started(
+            stored, _ids.utcnow(), _owner.current()), "starting a run in")
 
     def _finish(self, run_id: str, target: Status, exit_code: int | None, error_code: str,
                 error_msg: str) -> Run:
-        return self._step(run_id, lambda stored: transitions.finished(
-            stored, target, ids.utcnow(), exit_code, error_code, error_msg),
+        return self._step(run_id, lambda stored: _transitions.finished(
+            stored, target, _ids.utcnow(), exit_code, error_code, error_msg),
             "finishing a run in")
 
     def _beat(self, run_id: str) -> Run:
-        return self._step(run_id, lambda stored: transitions.beat(stored, ids.utcnow()),
+        return self._step(run_id, lambda stored: _transitions.beat(stored, _ids.utcnow()),
                           "recording a heartbeat in")
 
     @abc.abstractmethod

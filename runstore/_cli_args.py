@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 
-from . import _clifmt as fmt
-from . import _validate, ids
+from . import _clifmt as fmt, _ids, _validate
 from .errors import InvalidRunError
 
 
@@ -69,7 +68,7 @@ def _duration(text: str) -> _dt.timedelta:
 def _since(text: str) -> _dt.datetime:
     """``2h`` (that long ago) or a date/time (ISO 8601; without an offset: local time)."""
     try:
-        return ids.utcnow() - fmt.parse_duration(text)
+        return _ids.utcnow() - fmt.parse_duration(text)
     except ValueError:
         pass
     except OverflowError:  # more days than a timedelta holds, or before the year 1

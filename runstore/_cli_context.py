@@ -12,8 +12,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from . import _clifmt as fmt
-from . import _location, ids, opener
+from . import _clifmt as fmt, _ids, _location, _opener
 from ._location import Location, LocationError
 from .errors import (
     CorruptStoreError,
@@ -156,7 +155,7 @@ class Context:
         self.out = out
         self.err = err
         self.paint = fmt.Painter(fmt.colour_wanted(out, args.color))
-        self.now = ids.utcnow()
+        self.now = _ids.utcnow()
         self.progress_enabled = fmt.is_terminal(err)
 
     @property
@@ -221,7 +220,7 @@ class Context:
     def open(self, location: Location) -> RunStore:
         """``runstore.open`` on ``location``, with a missing PostgreSQL driver explained."""
         try:
-            return opener.open_store(location.target, lock_timeout=self.lock_timeout)
+            return _opener.open_store(location.target, lock_timeout=self.lock_timeout)
         except ModuleNotFoundError as exc:
             if not location.postgres:
                 raise

@@ -12,8 +12,7 @@ from typing import Any
 
 import orjson
 
-from . import _clifmt as fmt
-from . import _fields, _location, ids
+from . import _clifmt as fmt, _fields, _ids, _location
 from ._cli_context import EXIT_FAILURE, EXIT_OK, Context, UsageError, _dumps, _json_array, _plural
 from .model import Run, Status
 from .store import Store
@@ -31,7 +30,7 @@ _TERMINAL = frozenset(s.value for s in Status if s.is_terminal)
 
 def _run_time(run: Run) -> _dt.datetime | None:
     """When a run started; for one never started, when it was created (its id says)."""
-    return run.started_at or ids.time_of(run.id) or run.ended_at
+    return run.started_at or _ids.time_of(run.id) or run.ended_at
 
 
 def _run_duration(run: Run, now: _dt.datetime) -> str:

@@ -9,8 +9,7 @@ import io
 import sys
 from typing import IO, Any, cast
 
-from . import _clifmt as fmt
-from . import _targets, interchange
+from . import _clifmt as fmt, _interchange, _targets
 from ._cli_context import EXIT_OK, Context, UsageError, _dumps, _plural, parse_location
 from ._location import Location
 from .migrate import MigrationReport, copy_runs
@@ -59,7 +58,7 @@ def _check_stdout(ctx: Context) -> None:
 def _export_to_file(store: RunStore, path: str) -> int:
     """Export through a temp file renamed over ``path``: a failed export leaves no half
     file, and an existing one is replaced whole or not at all."""
-    return interchange.export_to_path(path, store.export)
+    return _interchange.export_to_path(path, store.export)
 
 
 

@@ -11,8 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from . import _clifmt as fmt
-from . import codec
+from . import _clifmt as fmt, _codec
 from ._cli_context import EXIT_OK, Context, _dumps
 from .errors import HistoryTruncatedError, RunstoreError
 from .model import Change
@@ -114,7 +113,7 @@ def _cmd_watch(ctx: Context, args: argparse.Namespace) -> int:
         for change in _follow(store, args.since, args.timeout, stop,
                               WATCH_SLICE if file_store else None):
             if args.json:
-                data = codec.change_to_json(change.seq, change.time, change.type, change.run)
+                data = _codec.change_to_json(change.seq, change.time, change.type, change.run)
                 line = _dumps(data)
             else:
                 line = _change_line(ctx, change)

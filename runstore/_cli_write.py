@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import _clifmt as fmt
-from . import _fields, transitions
+from . import _clifmt as fmt, _fields, _transitions
 from ._cli_context import EXIT_OK, Context, UsageError, _dumps, _json_array, _plural
 from .model import Status
 
@@ -73,7 +72,7 @@ def _cmd_mark(ctx: Context, args: argparse.Namespace) -> int:
             after = store.finish(args.run_id, target, exit_code=args.exit_code,
                                  error_code=args.error_code, error_msg=args.error_msg)
         else:  # back to pending: the state machine refuses it, in its own words
-            transitions.check_transition(args.run_id, before.status, target)
+            _transitions.check_transition(args.run_id, before.status, target)
             after = before
     if args.json:
         ctx.print(_dumps(_fields.run_to_json(after), indent=True))

@@ -15,12 +15,12 @@ import zlib
 import attrs
 
 from . import (
+    _codec,
+    _compaction,
+    _failpoints,
     _fields,
+    _ids,
     _limits,
-    codec,
-    compaction,
-    failpoints,
-    ids,
 )
 from ._fileopen import _Opening
 from ._scan import Cursor
@@ -75,7 +75,7 @@ class _Compacting(_Opening):
         rename, so that a failure leaves the file as it was)."""
         self._before_writing()
         plan = self._plan_compaction(retain, pruned)
-        failpoints.hit("compact.before_rewrite")
+        _failpoints.hit("compact.before_rewrite")
         seq = plan.compacted_through + len(plan.history)
         try:
             self._journal.replace_with(plan.chunks(), lambda: self._vouch(
@@ -97,7 +97,7 @@ class _Compacting(_Opening):
         self._unmarked_writes = False  # all this process wrote is in the synced new file
 
     def _plan_compaction(self, retain: int | None = None,
-                         pruned: _Pruned | None = None) -> compaction.Plan:
+                         pruned: _Pruned | None = None) -> _compaction.Plan:
         """Lay out the compaction of the file as far as the view has read it, keeping the
         last ``retain`` changes verbatim for lagging watchers. ``pruned``: runs left out,
         laid out as if their ``run_pruned`` lines had been appended first
@@ -114,7 +114,7 @@ class _Compacting(_Opening):
         read, index, next_seq = j.reader(), self._view.index, cur.next_seq
         recent = collections.deque(self._view.recent, maxlen=self._view.recent.maxlen)
         if pruned is not None and pruned.count:
-            now, durable = ids.utcnow(), max(self._synced, cur.durable)
+            now, durable = _ids.utcnow(), max(self._synced, cur.durable)
             kept = array.array("q", itertools.compress(pruned.latest,
                                                        pruned.gone.translate(_KEPT)))
             active_at = set(self._view.active_at.values())
@@ -124,28 +124,28 @@ class _Compacting(_Opening):
             next_seq += pruned.count - len(pruned.last)
             for offset, old in pruned.last:
                 data = decode_at(j.path, offset, old)
-                line = codec.encode_record(next_seq, ChangeType.RUN_PRUNED, now, durable,
+                line = _codec.encode_record(next_seq, ChangeType.RUN_PRUNED, now, durable,
                                            self._run_of(data, offset),
                                            _fields.extra_fields(data) or None)
                 recent.append(at)
                 at += len(line)
                 next_seq += 1
                 lines.append(line)
-            read = compaction.with_tail(read, cur.end, b"".join(lines))
+            read = _compaction.with_tail(read, cur.end, b"".join(lines))
         if retain is None:
             retain = _limits.RETAIN_CHANGES
         history = list(recent)[len(recent) - retain:] if retain else []
         if pruned is not None and pruned.count:
-            return compaction.plan_lines(read, kept, active, history, store_id=header.store_id,
+            return _compaction.plan_lines(read, kept, active, history, store_id=header.store_id,
                                          created=header.created, next_seq=next_seq,
                                          max_id=self._view.max_id, old_end=cur.end,
                                          path=j.path)
-        return compaction.plan(read, index, self._view.active, history,
+        return _compaction.plan(read, index, self._view.active, history,
                                store_id=header.store_id, created=header.created,
                                next_seq=next_seq, max_id=self._view.max_id, old_end=cur.end,
                                path=j.path)
 
-    def _adopt(self, plan: compaction.Plan, tail: dict[int, int], end: int) -> None:
+    def _adopt(self, plan: _compaction.Plan, tail: dict[int, int], end: int) -> None:
         """Point the view at the new file ``plan`` laid out (now in place, synced to
         ``end``); ``tail`` maps the lines copied after its base (old -> new offsets): the
         versions others wrote while it was being written, which the view has taken in."""
@@ -186,10 +186,10 @@ class _Compacting(_Opening):
         if fd is None:  # another process is compacting: let it, and ask again later
             self._compact_retry_at = self._view.lines + _limits.COMPACT_RETRY_LINES
             return
-        installed: tuple[compaction.Plan, dict[int, int], int] | None = None
+        installed: tuple[_compaction.Plan, dict[int, int], int] | None = None
         try:
             plan = self._plan_compaction()
-            failpoints.hit("compact.before_rewrite")
+            _failpoints.hit("compact.before_rewrite")
             j.write_temp(fd, plan.chunks())
             try:
                 self._lock.acquire_file(self.lock_timeout)
@@ -206,7 +206,7 @@ class _Compacting(_Opening):
                     return
                 self._view.active.values()  # structure what the catch-up deferred, as _plan does
                 appended = b"".join(chunk for _, chunk in j.read_lines(plan.old_end, cur.end))
-                tail, moves = compaction.reseal_tail(appended, plan.old_end, plan.base_end,
+                tail, moves = _compaction.reseal_tail(appended, plan.old_end, plan.base_end,
                                                      plan.base_end, j.path, cur.legacy)
                 installing, fd = fd, None
                 self._stale = True  # until the view is adopted

@@ -10,17 +10,17 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import (
+    _codec,
     _fields,
+    _ids,
     _limits,
-    codec,
-    ids,
 )
 from ._fileopen import Changes, Decision
 from ._fileprune import _Pruning
+from ._journal import log_warning
 from .errors import (
     InvalidRunError,
 )
-from .journal import log_warning
 from .model import ChangeType, Run
 
 _CREATED = ChangeType.RUN_CREATED.value
@@ -116,7 +116,7 @@ class _Importing(_Pruning):
         j, cur, header = self._journal, self._view.cur, self._view.header
         assert cur is not None and header is not None
         start = offset = cur.end
-        now, durable, seq = ids.utcnow(), max(self._synced, cur.durable), cur.next_seq
+        now, durable, seq = _ids.utcnow(), max(self._synced, cur.durable), cur.next_seq
         name, fd = j.new_temp()
         installing = False
         try:
@@ -133,7 +133,7 @@ class _Importing(_Pruning):
                 peers = self._view.machines.get(run.machine)
                 if not run.status.is_terminal and peers:
                     _refuse_busy(n, run, {run.machine: peers[0]})
-                line = codec.encode_record(seq, ChangeType.RUN_CREATED, now, durable, run,
+                line = _codec.encode_record(seq, ChangeType.RUN_CREATED, now, durable, run,
                                            extra or None)
                 if extra:
                     self._view.extras[run.id] = extra

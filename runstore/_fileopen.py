@@ -23,8 +23,10 @@ from . import (
     _fields,
     _forks,
     _limits,
-    owner,
+    _owner,
 )
+from ._journal import Journal
+from ._lock import StoreLock
 from ._scan import Damage, Header, cursor_after_header, judge, scan
 from ._view import View, decode_at, history_at
 from ._vouch import Vouch, cut_error, missing_error, read_vouch, write_vouch
@@ -32,8 +34,6 @@ from .errors import (
     CorruptStoreError,
     ReadOnlyStoreError,
 )
-from .journal import Journal
-from .lock import StoreLock
 from .model import ChangeType, Run, Status
 
 T = TypeVar("T")
@@ -236,7 +236,7 @@ class _Opening:
         at, end, point = found
         if point.next_seq < cur.next_seq:
             return False
-        if ((not point.boot or point.boot != owner.boot_id())
+        if ((not point.boot or point.boot != _owner.boot_id())
                 and not j.lines_follow(max(tail, point.durable), at, point.next_seq)):
             return False
         try:

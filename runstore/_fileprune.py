@@ -17,13 +17,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import (
+    _failpoints,
     _fields,
+    _gather,
+    _ids,
+    _interchange,
+    _retention,
     _sound,
-    failpoints,
-    gather,
-    ids,
-    interchange,
-    retention,
 )
 from ._filecompact import _Pruned
 from ._fileopen import Decision
@@ -70,12 +70,12 @@ class _Pruning(_Writing):
             archived = -1  # the archive's size before, once the runs are in it
             try:
                 if archive is not None:
-                    archived = interchange.append_archive_items(os.fspath(archive), (
+                    archived = _interchange.append_archive_items(os.fspath(archive), (
                         data if isinstance(data, bytes) else  # made from a sound line
-                        interchange.export_item(data, functools.partial(self._run_of, data,
+                        _interchange.export_item(data, functools.partial(self._run_of, data,
                                                                         offset))
                         for offset, data in taken()))
-                    failpoints.hit("prune.after_archive")
+                    _failpoints.hit("prune.after_archive")
                 else:
                     collections.deque(taken(), maxlen=0)
                 self._compact(pruned=pruned)
@@ -106,7 +106,7 @@ class _Pruning(_Writing):
             now: _dt.datetime | None = None
         else:
             count = len(latest)
-            now = ids.utcnow()
+            now = _ids.utcnow()
         positions = array.array("q")
         for position, offset in enumerate(latest):
             if len(positions) >= count:
@@ -115,14 +115,14 @@ class _Pruning(_Writing):
                 positions.append(position)
         j = self._journal
         offsets = array.array("q", (latest[p] for p in positions))
-        lines = gather.lines(j.reader(), offsets, j.path)
+        lines = _gather.lines(j.reader(), offsets, j.path)
         for position, offset, line in zip(positions, offsets, lines, strict=True):
             if now is None and (proven := _sound.sound_export(line)) is not None:
                 yield position, offset, line, proven[1]
                 continue
             data = decode_at(self._journal.path, offset, line)
             if now is not None and older_than is not None:
-                if not retention.ended_before(self._run_of(data, offset), now, older_than):
+                if not _retention.ended_before(self._run_of(data, offset), now, older_than):
                     continue
             elif not _fields.fields_sound(data):
                 self._run_of(data, offset)  # refuses a malformed record, as listing does
@@ -152,7 +152,7 @@ class _Pruning(_Writing):
                 outcome += "); fix the archive's path or free space, then retry"
             else:
                 if archive is not None and archived >= 0:
-                    if interchange.cut_archive(os.fspath(archive), archived):
+                    if _interchange.cut_archive(os.fspath(archive), archived):
                         outcome += ", and so is the archive"
                     else:
                         outcome += ", but the archive holds them too: a retry appends them again"

@@ -26,17 +26,18 @@ import os
 from collections.abc import Callable, Iterator
 
 from . import (
+    _codec,
     _fields,
     _forks,
+    _gather,
+    _ids,
     _limits,
-    codec,
-    gather,
-    ids,
-    owner,
-    transitions,
+    _owner,
+    _transitions,
 )
 from ._filecompact import _Compacting
 from ._fileopen import Changes, Decision, T
+from ._journal import log_warning
 from ._scan import cursor_after_header, parse_header
 from .errors import (
     CorruptStoreError,
@@ -47,7 +48,6 @@ from .errors import (
     RunstoreError,
     StoreIOError,
 )
-from .journal import log_warning
 from .model import Run
 
 
@@ -157,7 +157,7 @@ class _Writing(_Compacting):
         self._before_writing()
         cur = self._view.cur
         assert cur is not None
-        now = ids.utcnow()
+        now = _ids.utcnow()
         durable = self._synced  # the greater of it and cur.durable (max() costs more)
         if cur.durable > durable:
             durable = cur.durable
@@ -165,10 +165,10 @@ class _Writing(_Compacting):
         head = b""
         if seq - cur.checkpoint_seq >= _limits.CHECKPOINT_EVERY:
             self._take_held()  # the view is complete here
-            head = codec.encode_checkpoint(codec.Checkpoint(
+            head = _codec.encode_checkpoint(_codec.Checkpoint(
                 durable=durable, next_seq=seq, lines=self._view.lines, runs=self._view.live(),
                 max_id=self._view.max_id, active=tuple(self._view.active_at.values()),
-                boot=owner.boot_id()))
+                boot=_owner.boot_id()))
             if self._view.header is not None and durable > cur.vouched:
                 # what the checkpoint says was synced: one pwrite per _limits.CHECKPOINT_EVERY
                 # records, not synced (a lost one leaves an older, shorter vouch)
@@ -182,7 +182,7 @@ class _Writing(_Compacting):
                 fields = made[1]  # made, and checked, by ``checked_fields`` (``_step``)
             else:
                 fields = _fields.checked_fields(run, self._view.extras.get(run.id))
-            lines.append(codec.encode_record(seq, change, now, durable, run, None, fields))
+            lines.append(_codec.encode_record(seq, change, now, durable, run, None, fields))
             seq += 1
         start = cur.end
         try:
@@ -220,7 +220,7 @@ class _Writing(_Compacting):
     def _run_at(self, offset: int, line: bytes | None = None) -> Run:
         raw = self._journal.read_line(offset) if line is None else line
         try:
-            data = codec.decode_line(raw)
+            data = _codec.decode_line(raw)
             run = _fields.run_from_dict(data)
         except _fields.BadLine as exc:
             raise CorruptStoreError(self._journal.path, offset,
@@ -247,7 +247,7 @@ class _Writing(_Compacting):
         """Every run, in insertion order; the file is read in pieces, never whole."""
         self._ensure_index()
         j, index = self._journal, self._view.index
-        lines = gather.lines(j.reader(), array.array("q", index.values()), j.path)
+        lines = _gather.lines(j.reader(), array.array("q", index.values()), j.path)
         for (run_id, offset), line in zip(index.items(), lines, strict=True):
             run = self._view.active.get(run_id)
             yield self._run_at(offset, line) if run is None else run
@@ -255,7 +255,7 @@ class _Writing(_Compacting):
     def _new(self, run: Run) -> Run:
         """The first stored version of a validated ``run``: a new id, revision 1 and, when
         non-terminal, this process as owner."""
-        return transitions.fresh(run, ids.new_run_id(self._view.max_id), owner.current())
+        return _transitions.fresh(run, _ids.new_run_id(self._view.max_id), _owner.current())
 
     def _read(self, answer: Callable[[], T], about: str | None = None) -> T:
         """A read-only ``answer`` from the view: at once, without the flock, when the view
@@ -431,7 +431,7 @@ class _Writing(_Compacting):
         return unread == 0 or (about is not None and _fields.json_string(about)
                                not in j.fs.pread(j.fd, unread, cur.end))
 
-    def _step(self, run_id: str, step_of: Callable[[Run], transitions.Step | None],
+    def _step(self, run_id: str, step_of: Callable[[Run], _transitions.Step | None],
               action: str = "") -> Run:
         """Store the run's next version by ``step_of`` (None: unchanged, nothing written).
 
@@ -441,7 +441,7 @@ class _Writing(_Compacting):
         no newer version of the run (the view still holds the very ``Run`` they were made
         from), else made again from the stored run. The critical section then holds only
         the checks and the append."""
-        early: list[tuple[Run, transitions.Step | None, bytes]] = []
+        early: list[tuple[Run, _transitions.Step | None, bytes]] = []
 
         def guess() -> None:
             stored = None if self._stale else self._view.active.get(run_id)
@@ -476,7 +476,7 @@ class _Writing(_Compacting):
         assert cur is not None
         j = self._journal
         j.sync()
-        j.append(codec.encode_mark(cur.end), cur.end)
+        j.append(_codec.encode_mark(cur.end), cur.end)
         j.sync()
         cur.end = os.fstat(j.fd).st_size if j.fd is not None else cur.end
         self._unmarked_writes = False

@@ -168,7 +168,7 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
 
 def journal_file(directory: str) -> str:
     """The journal file of the file store in ``directory``."""
-    from .journal import DATA_NAME
+    from ._journal import DATA_NAME
 
     return os.path.join(directory, DATA_NAME)
 
@@ -196,11 +196,11 @@ def missing_store(location: Location, *, timeout: float = 30.0,
 def _postgres_schema_version(dsn: str, timeout: float, table: str) -> int:
     import psycopg
 
-    from . import pgschema
+    from . import _pgschema
 
     with psycopg.connect(dsn, autocommit=True, connect_timeout=max(1, round(timeout)),
                          application_name="runstore-cli") as conn:
-        return pgschema.current_version(conn, pgschema.Names.of(table))
+        return _pgschema.current_version(conn, _pgschema.Names.of(table))
 
 
 def check_file_store(directory: str, *, lock_timeout: float = 30.0) -> CheckReport:

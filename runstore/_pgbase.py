@@ -21,13 +21,13 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from . import (
     _fields,
     _forks,
+    _ids,
+    _interchange,
+    _owner,
     _pgimport,
+    _pgschema,
     _pgsql,
-    ids,
-    interchange,
-    owner,
-    pgschema,
-    transitions,
+    _transitions,
 )
 from .errors import (
     CorruptStoreError,
@@ -94,8 +94,8 @@ class PostgresBase:
     pool_size: int
     server: str
     _where: str
-    _names: pgschema.Names
-    _sql: pgschema.Statements
+    _names: _pgschema.Names
+    _sql: _pgschema.Statements
     _w: _pgsql.Writes
     _pool: _Pool
     _pool_lock: threading.Lock
@@ -123,7 +123,7 @@ class PostgresBase:
     def _migrate(self) -> int:
         with self._connect("connecting to") as conn:
             try:
-                return pgschema.migrate(conn, self.table, self.server)[1]
+                return _pgschema.migrate(conn, self.table, self.server)[1]
             except psycopg.errors.LockNotAvailable:
                 raise TableLockTimeoutError(self._where, self.lock_timeout) from None
             except psycopg.Error as exc:
@@ -325,7 +325,7 @@ class PostgresBase:
                 if decided is None:
                     return stored
                 new, change = decided
-                if self._write(conn, stored.revision, new, ids.utcnow(), action, change,
+                if self._write(conn, stored.revision, new, _ids.utcnow(), action, change,
                                [stored.status]):
                     return new
         raise RunstoreError(f"{action} {self._where} lost {MAX_ATTEMPTS} races in a row to "
@@ -358,8 +358,8 @@ class PostgresBase:
         """Insert ``run`` as a fresh run (new id, revision 1, this process as owner when
         non-terminal); None when the machine already has a non-terminal run."""
         while True:
-            new = transitions.fresh(run, ids.new_run_id(self._last_id), owner.current())
-            params = _params(new, ids.utcnow(), None)
+            new = _transitions.fresh(run, _ids.new_run_id(self._last_id), _owner.current())
+            params = _params(new, _ids.utcnow(), None)
             ((inserted, greatest),) = self._execute(conn, self._w.create, params, action)
             if inserted:
                 self._last_id = new.id
@@ -385,7 +385,7 @@ class PostgresBase:
                 raise self._translate(exc, conn, action, False) from None
 
     def _write_export(self, fp: IO[str] | IO[bytes]) -> int:
-        return interchange.write_export(fp, self._iter_export())
+        return _interchange.write_export(fp, self._iter_export())
 
     def _iter_export(self) -> Iterator[tuple[Run, dict[str, Any]]]:
         """Every run with its extra fields, in insertion order, read as it is iterated

@@ -53,7 +53,7 @@ access to the changes table).
 
 from __future__ import annotations
 
-from .pgschema import Names
+from ._pgschema import Names
 
 #: the visibility horizon: every transaction with an id below it has ended (tests replace
 #: it to show what is lost without it)

@@ -27,8 +27,8 @@ from __future__ import annotations
 from psycopg import sql
 
 from ._fields import RUN_FIELDS
+from ._pgschema import Names
 from .model import ChangeType, Status
-from .pgschema import Names
 
 _ACTIVE = "status IN ('pending', 'running')"
 #: the characters of a run id up to its second (``YYYYMMDDTHHMMSS``)

@@ -20,7 +20,7 @@ from typing import Any
 
 import attrs
 
-from . import _fields, codec
+from . import _codec, _fields
 from ._statedir import LOCK_NAME
 from .errors import CorruptStoreError
 
@@ -47,7 +47,7 @@ class Header:
     #: where the first record line starts (the header's length)
     start: int = 0
     #: written by compactions: lets a reader skip parsing the base (``codec.BaseSummary``)
-    summary: codec.BaseSummary | None = None
+    summary: _codec.BaseSummary | None = None
     #: CRC-32 of the header line: with the store id it names one journal file's content
     #: (every compaction writes a header of its own), which a ``Vouch`` is about
     crc: int = 0
@@ -102,7 +102,7 @@ def scan(buf: bytes, start: int, cur: Cursor) -> ScanResult:
     shadowed: list[tuple[int, dict[str, Any]]] = []
     pos = 0
     size = len(buf)
-    decode, check, is_mark = codec.decode_line, codec.check_record, codec.is_mark
+    decode, check, is_mark = _codec.decode_line, _codec.check_record, _codec.is_mark
     legacy = cur.legacy
     while pos < size:
         nl = buf.find(b"\n", pos)
@@ -113,7 +113,7 @@ def scan(buf: bytes, start: int, cur: Cursor) -> ScanResult:
             line = buf[pos:nl]
             data = decode(line)
             if is_mark(line, data, legacy):
-                if legacy and not line.startswith(codec.MARK_START):
+                if legacy and not line.startswith(_codec.MARK_START):
                     shadowed.append((offset, data))
                 mark = data.get("durable")
                 if type(mark) is not int or not 0 <= mark <= offset or offset < cur.base_end:
@@ -240,7 +240,7 @@ def _decode_edited(line: bytes) -> tuple[dict[str, Any], str] | None:
     because of a whole-file edit (``_normalised``), else None."""
     for candidate, how in _normalised(line):
         try:
-            return codec.decode_line(candidate), how
+            return _codec.decode_line(candidate), how
         except _fields.BadLine:
             continue
     return None
@@ -283,7 +283,7 @@ def durable_beyond(read: Read, end: int, damage: Damage) -> int | None:
 
 def _decode_proof(line: bytes) -> dict[str, Any] | None:
     try:
-        return codec.decode_line(line)
+        return _codec.decode_line(line)
     except _fields.BadLine:
         edited = _decode_edited(line)
         return edited[0] if edited is not None else None
@@ -295,7 +295,7 @@ def cursor_after_header(header: Header, start: int) -> Cursor:
                   latest_end=header.latest_end, base_end=header.base_end,
                   compacted_through=header.compacted_through,
                   checkpoint_seq=header.compacted_through + 1,
-                  legacy=header.version < codec.KINDS_BY_FIRST_KEY)
+                  legacy=header.version < _codec.KINDS_BY_FIRST_KEY)
 
 
 def judge(read: Read, end: int, cur: Cursor, damage: Damage) -> str | None:
@@ -334,24 +334,24 @@ def judge(read: Read, end: int, cur: Cursor, damage: Damage) -> str | None:
 def parse_header(line: bytes, path: str) -> Header:
     """Decode and check the first line of a journal."""
     try:
-        data = codec.decode_line(line)
+        data = _codec.decode_line(line)
     except _fields.BadLine as exc:
         edited = _decode_edited(line) if exc.torn else None
         how = f"; it passes its checksum once the edit is undone ({edited[1]})" if edited else ""
         raise CorruptStoreError(path, 0,
                                 f"the header line is damaged ({exc.reason}{how})") from None
-    if data.get("format") != codec.FORMAT_NAME:
+    if data.get("format") != _codec.FORMAT_NAME:
         raise CorruptStoreError(
             path, 0, f"not a runstore journal (format {data.get('format')!r})",
             "point runstore at its own state directory; this file was left untouched")
     version = data.get("version")
     if type(version) is not int or version < 1:
         raise CorruptStoreError(path, 0, f"bad format version {version!r}")
-    if version > codec.FORMAT_VERSION:
+    if version > _codec.FORMAT_VERSION:
         raise CorruptStoreError(
             path, 0,
             f"format version {version} is newer than this runstore understands "
-            f"(version {codec.FORMAT_VERSION})",
+            f"(version {_codec.FORMAT_VERSION})",
             "upgrade runstore to open this store; the file was left untouched")
     through = data.get("compacted_through")
     base, history = data.get("base_bytes"), data.get("history_bytes", 0)
@@ -366,7 +366,7 @@ def parse_header(line: bytes, path: str) -> Header:
         latest_end=len(line) + 1 + base,
         base_end=len(line) + 1 + base + history,
         start=len(line) + 1,
-        summary=codec.BaseSummary.from_header(data),
+        summary=_codec.BaseSummary.from_header(data),
         crc=zlib.crc32(line),
     )
 

@@ -13,8 +13,8 @@ import datetime as _dt
 import re
 import zlib
 
+from ._codec import CHANGE_VALUES
 from ._fields import CANONICAL_TIME, FIELD_TYPES, OMIT_WHEN, RUN_FIELDS, STATUS_VALUES
-from .codec import CHANGE_VALUES
 
 
 def _sound_record_pattern() -> re.Pattern[bytes]:

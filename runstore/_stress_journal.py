@@ -7,7 +7,7 @@ from typing import BinaryIO
 
 import attrs
 
-from . import _fields, codec
+from . import _codec, _fields
 
 
 @attrs.define
@@ -42,9 +42,9 @@ def check_journal(path: str) -> JournalCheck:
             out.problems.append("incomplete last line at byte 0")
             return out
         try:
-            head = codec.decode_line(first[:-1])
+            head = _codec.decode_line(first[:-1])
             through, base = int(head["compacted_through"]), int(head["base_bytes"])
-            legacy = int(head["version"]) < codec.KINDS_BY_FIRST_KEY
+            legacy = int(head["version"]) < _codec.KINDS_BY_FIRST_KEY
         except (_fields.BadLine, KeyError, TypeError, ValueError, IndexError) as exc:
             out.problems.append(f"bad header: {exc}")
             return out
@@ -66,8 +66,8 @@ def _check_journal_lines(f: BinaryIO, offset: int, through: int, base: int, lega
             break
         line = raw[:-1]
         try:
-            rec = codec.decode_line(line)
-            mark = codec.is_mark(line, rec, legacy)
+            rec = _codec.decode_line(line)
+            mark = _codec.is_mark(line, rec, legacy)
         except _fields.BadLine as exc:
             out.problems.append(f"byte {offset}: {exc.reason}")
             offset += len(line) + 1

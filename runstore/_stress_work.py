@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 import orjson
 
-from . import owner
+from . import _owner
 from .errors import InvalidTransitionError
 from .model import PrepareOutcome, Run, Status
 from .store import Store
@@ -128,7 +128,7 @@ def _cycle(cfg: Config, store: Store, hist_dir: str, slot: int, gen: int, t: int
                     ack(op, done)
             elif cfg.backoff and not cfg.kill:
                 time.sleep(rng.uniform(0, 2 * cfg.backoff))
-            elif cfg.kill and owner.is_gone(run.owner_host, run.owner_pid, run.owner_start):
+            elif cfg.kill and _owner.is_gone(run.owner_host, run.owner_pid, run.owner_start):
                 # its worker was killed: finish it for it, as a dispatcher's reaper would
                 done = call("finish", run.id, functools.partial(_reap_finish, store, run.id))
                 if done is not None:

@@ -12,7 +12,9 @@ import os
 import stat
 from collections.abc import Callable, Iterable
 
-from . import failpoints
+from . import _failpoints
+from ._fsio import FileSystem
+from ._lock import try_flock
 from ._scan import _READ_CHUNK
 from ._statedir import (
     _IO_ERRNOS,
@@ -25,8 +27,6 @@ from ._statedir import (
     check_regular,
 )
 from .errors import IOKind, StoreIOError
-from .fsio import FileSystem
-from .lock import try_flock
 
 
 class TempFiles:
@@ -110,9 +110,9 @@ class TempFiles:
         try:
             for chunk in chunks:
                 self._write_all(fd, chunk)
-            failpoints.hit("compact.after_tmp_write")
+            _failpoints.hit("compact.after_tmp_write")
             self.fs.fsync(fd)
-            failpoints.hit("compact.after_tmp_sync")
+            _failpoints.hit("compact.after_tmp_sync")
         except OSError as exc:
             raise StoreIOError(self.path, "rewriting", exc, IOKind.REWRITE) from None
 
@@ -138,7 +138,7 @@ class TempFiles:
             raise StoreIOError(self.path, "rewriting", exc, IOKind.REWRITE) from None
         with contextlib.suppress(OSError):  # written, synced and in place: nothing to lose
             self.fs.close(fd)
-        failpoints.hit("compact.after_replace")
+        _failpoints.hit("compact.after_replace")
         try:
             self.fs.fsync(self.dir_fd)
         except OSError as exc:

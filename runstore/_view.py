@@ -19,12 +19,12 @@ import itertools
 import zlib
 from typing import Any
 
-from . import _fields, codec
+from . import _codec, _fields
+from ._active import ActiveRuns
 from ._base import RETAIN_CHANGES
+from ._journal import Journal
 from ._scan import Cursor, Header, cursor_after_header, scan
-from .active import ActiveRuns
 from .errors import CorruptStoreError
-from .journal import Journal
 from .model import ChangeType, Run, Status
 
 _ACTIVE = frozenset({Status.PENDING.value, Status.RUNNING.value})
@@ -59,7 +59,7 @@ class View:
         self.tail_pruned: set[str] = set()  # runs pruned after it
         #: with ``lazy``, when opening began at a checkpoint: its offset and what it says
         #: (the lines between the base and it are indexed with the base)
-        self.opened_at: tuple[int, codec.Checkpoint] | None = None
+        self.opened_at: tuple[int, _codec.Checkpoint] | None = None
 
     def live(self) -> int:
         """How many runs the store holds."""
@@ -164,7 +164,7 @@ class View:
                          next_seq=header.compacted_through + 1 + len(recent),
                          durable=header.base_end, latest_end=header.latest_end,
                          base_end=header.base_end, compacted_through=header.compacted_through,
-                         legacy=header.version < codec.KINDS_BY_FIRST_KEY)
+                         legacy=header.version < _codec.KINDS_BY_FIRST_KEY)
         else:
             base, cur = {}, cursor_after_header(header, header.start)
         if self.opened_at is not None:  # opened at a checkpoint: the lines before it
@@ -216,7 +216,7 @@ class View:
             count = chunk.count(b"\n")
             lines += count
             found = [(m.group(1), chunk_at + m.start())
-                     for m in codec.RECORD_ID.finditer(b"\n" + chunk)]
+                     for m in _codec.RECORD_ID.finditer(b"\n" + chunk)]
             if len(found) != count:  # an id with escapes: parse these lines
                 found, pos = [], 0
                 while pos < len(chunk):
@@ -255,7 +255,7 @@ class View:
         for chunk_at, chunk in j.read_lines(header.start, header.latest_end):
             crc = zlib.crc32(chunk, crc)
             part = {m.group(1).decode(): chunk_at + m.start()
-                    for m in codec.RECORD_ID.finditer(b"\n" + chunk)}
+                    for m in _codec.RECORD_ID.finditer(b"\n" + chunk)}
             if len(part) != chunk.count(b"\n"):  # an id with escapes: parse these lines
                 part, pos = {}, 0
                 while pos < len(chunk):
@@ -288,8 +288,8 @@ def decode_at(path: str, offset: int, line: bytes) -> dict[str, Any]:
     """The record of the line at ``offset`` of ``path``; ``CorruptStoreError`` when it is
     not a sound record."""
     try:
-        data = codec.decode_line(line)
-        codec.check_record(data)
+        data = _codec.decode_line(line)
+        _codec.check_record(data)
     except _fields.BadLine as exc:
         raise CorruptStoreError(path, offset,
                                 f"a stored run is unreadable: {exc.reason}") from None

@@ -10,11 +10,11 @@ import os
 
 import attrs
 
-from . import _fields, codec
+from . import _codec, _fields
+from ._fsio import sync_data
 from ._scan import Header
 from ._statedir import LOCK_NAME
 from .errors import CorruptStoreError
-from .fsio import sync_data
 
 #: how many bytes at the start of the lock file hold the vouch (``Vouch``)
 _VOUCH_SIZE = 4096
@@ -40,7 +40,7 @@ class Vouch:
         return (self.store_id, self.header_crc) == (header.store_id, header.crc)
 
     def encode(self) -> bytes:
-        return codec.seal_line({"vouch": self.by, "store_id": self.store_id,
+        return _codec.seal_line({"vouch": self.by, "store_id": self.store_id,
                                 "header_crc": self.header_crc, "length": self.length,
                                 "seq": self.seq})
 
@@ -52,7 +52,7 @@ class Vouch:
         if nl < 0:
             return None
         try:
-            line = codec.decode_line(data[:nl])
+            line = _codec.decode_line(data[:nl])
         except _fields.BadLine:
             return None
         by, store_id, header_crc = line.get("vouch"), line.get("store_id"), line.get("header_crc")

@@ -43,16 +43,16 @@ import psycopg.errors
 from . import (
     _fields,
     _forks,
+    _ids,
+    _interchange,
+    _owner,
     _pgfeed,
+    _pgschema,
     _pgsql,
+    _reaping,
+    _retention,
+    _transitions,
     _validate,
-    ids,
-    interchange,
-    owner,
-    pgschema,
-    reaping,
-    retention,
-    transitions,
 )
 from ._base import RETAIN_CHANGES, StoreBase
 from ._location import redact as safe_dsn  # the DSN fit for messages and stats()
@@ -176,7 +176,7 @@ class PostgresStore(PostgresBase, StoreBase):
         if not isinstance(dsn, str) or not dsn or "\x00" in dsn:  # never echo it: a password
             raise InvalidRunError("dsn must be a non-empty libpq connection string or "
                                   "postgresql:// URL without NUL characters")
-        self._names = pgschema.Names.of(table)
+        self._names = _pgschema.Names.of(table)
         if type(pool_size) is not int or pool_size < 1:
             raise InvalidRunError(f"pool_size must be a positive int, got {pool_size!r}")
         self.dsn = dsn
@@ -186,7 +186,7 @@ class PostgresStore(PostgresBase, StoreBase):
         self.pool_size = pool_size
         self.server = safe_dsn(dsn)
         self._where = f"table {table!r} on {self.server}"
-        self._sql = pgschema.Statements(self._names)
+        self._sql = _pgschema.Statements(self._names)
         self._w = _pgsql.Writes(self._names)
         self._read_feed = _pgfeed.read_sql(self._names)
         self._last_seq_sql = _pgfeed.last_seq_sql(self._names)
@@ -240,8 +240,8 @@ class PostgresStore(PostgresBase, StoreBase):
                 rows = self._execute(conn, self._sql.active_of, [machine], action, False)
                 active = self._run(rows[0]) if rows else None
                 if active is not None and reap:
-                    now = ids.utcnow()
-                    dead = reaping.reaped(active, None, now, None)
+                    now = _ids.utcnow()
+                    dead = _reaping.reaped(active, None, now, None)
                     if dead is not None:
                         if not self._write(conn, active.revision, dead, now, action,
                                            ChangeType.RUN_REAPED, [active.status]):
@@ -251,8 +251,8 @@ class PostgresStore(PostgresBase, StoreBase):
                     same = active.test_dir_hash == test_dir_hash
                     return active, PrepareOutcome.REUSE if same else PrepareOutcome.BUSY
                 if pending is None:
-                    made = transitions.check_made(make(), machine, test_dir_hash)
-                    pending = transitions.validate(transitions.as_pending(made))
+                    made = _transitions.check_made(make(), machine, test_dir_hash)
+                    pending = _transitions.validate(_transitions.as_pending(made))
                 run = self._create(conn, pending, action)
                 if run is not None:
                     return run, PrepareOutcome.CREATED
@@ -280,7 +280,7 @@ class PostgresStore(PostgresBase, StoreBase):
         finally:
             self._pool.putconn(conn)
 
-    def _step(self, run_id: str, step_of: Callable[[Run], transitions.Step | None],
+    def _step(self, run_id: str, step_of: Callable[[Run], _transitions.Step | None],
               action: str) -> Run:
         return self._modify(run_id, step_of, action)
 
@@ -289,32 +289,32 @@ class PostgresStore(PostgresBase, StoreBase):
         ``WHERE``; when it matches no row, the read-decide-write path says why."""
         action = "updating a run in"
         new = replace_run(run, revision=run.revision + 1)
-        allowed = [s for s in _NON_TERMINAL if run.status in transitions.ALLOWED[s]]
+        allowed = [s for s in _NON_TERMINAL if run.status in _transitions.ALLOWED[s]]
         with self._connection(action) as conn:
-            if allowed and self._write(conn, run.revision, new, ids.utcnow(), action, None,
+            if allowed and self._write(conn, run.revision, new, _ids.utcnow(), action, None,
                                        allowed):
                 return new
         return super()._update(run)
 
     def _start(self, run_id: str) -> Run:
-        host, pid, since = owner.current()
-        done = self._transition(self._w.start, {"id": run_id, "now": ids.utcnow(),
+        host, pid, since = _owner.current()
+        done = self._transition(self._w.start, {"id": run_id, "now": _ids.utcnow(),
                                                 "host": host, "pid": pid, "since": since},
                                 "starting a run in")
         return done if done is not None else super()._start(run_id)
 
     def _finish(self, run_id: str, target: Status, exit_code: int | None, error_code: str,
                 error_msg: str) -> Run:
-        allowed = [s.value for s in _NON_TERMINAL if target in transitions.ALLOWED[s]]
+        allowed = [s.value for s in _NON_TERMINAL if target in _transitions.ALLOWED[s]]
         done = self._transition(self._w.finish, {
-            "id": run_id, "now": ids.utcnow(), "status": target.value, "from": allowed,
+            "id": run_id, "now": _ids.utcnow(), "status": target.value, "from": allowed,
             "exit_code": exit_code, "error_code": error_code, "error_msg": error_msg},
             "finishing a run in")
         return done if done is not None else super()._finish(
             run_id, target, exit_code, error_code, error_msg)
 
     def _beat(self, run_id: str) -> Run:
-        done = self._transition(self._w.beat, {"id": run_id, "now": ids.utcnow()},
+        done = self._transition(self._w.beat, {"id": run_id, "now": _ids.utcnow()},
                                 "recording a heartbeat in")
         return done if done is not None else super()._beat(run_id)
 
@@ -370,11 +370,11 @@ class PostgresStore(PostgresBase, StoreBase):
         owner while being judged is left alone (its owner is alive)."""
         action = "reaping runs in"
         with self._connection(action) as conn:
-            now = ids.utcnow()
+            now = _ids.utcnow()
             judged = []
             for row in self._execute(conn, self._sql.active_with_changed_at, (), action, False):
                 run = self._run(row)
-                dead = reaping.reaped(run, row[-1], now, stale_after)
+                dead = _reaping.reaped(run, row[-1], now, stale_after)
                 if dead is not None:
                     judged.append((run, dead))
             if dry_run:
@@ -394,18 +394,18 @@ class PostgresStore(PostgresBase, StoreBase):
                          [f"runstore.prune.{self.table}"])
             terminal: list[tuple[Run, Any]] = [
                 (self._run(row), row[-1]) for row in conn.execute(self._sql.terminal_with_extra)]
-            doomed = retention.doomed(terminal, lambda item: item[0], older_than=older_than,
-                                      keep_last=keep_last, now=ids.utcnow())
+            doomed = _retention.doomed(terminal, lambda item: item[0], older_than=older_than,
+                                      keep_last=keep_last, now=_ids.utcnow())
             if dry_run or not doomed:
                 return len(doomed)
             runs = [r for r, _ in doomed]
             if archive is not None:
-                interchange.append_archive(os.fspath(archive), runs,
+                _interchange.append_archive(os.fspath(archive), runs,
                                            {r.id: x for r, x in doomed if x})
             # the runs and their changes in one statement (its transaction id is taken after
             # its snapshot, as every write's: ``_pgfeed``)
             conn.execute(self._w.prune, {"ids": [r.id for r in runs],
-                                         "changed_at": ids.utcnow()})
+                                         "changed_at": _ids.utcnow()})
             return len(runs)
 
         removed = self._transact(body, "pruning runs in")
@@ -501,7 +501,7 @@ def migrate(dsn: str, table: str = "runs") -> tuple[int, int]:
     """Create or migrate the schema of ``table`` without opening a store; returns the
     schema version before and after (``runstore migrate`` and deployment scripts)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        return pgschema.migrate(conn, table, safe_dsn(dsn))
+        return _pgschema.migrate(conn, table, safe_dsn(dsn))
 
 
 

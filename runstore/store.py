@@ -21,30 +21,29 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 from . import (
+    _codec,
     _fields,
     _forks,
+    _ids,
+    _interchange,
+    _reaping,
+    _runscan,
     _targets,
+    _transitions,
     _validate,
-    codec,
-    ids,
-    interchange,
-    reaping,
-    runscan,
-    transitions,
 )
 from ._base import RETAIN_CHANGES, StoreBase
 from ._fileimport import _Importing
 from ._fileopen import Changes, Decision
+from ._fsio import DEFAULT as DEFAULT_FS, FileSystem
+from ._journal import Journal
+from ._lock import StoreLock
 from .errors import (
     CorruptStoreError,
     HistoryTruncatedError,
     MachineBusyError,
     ReadOnlyStoreError,
 )
-from .fsio import DEFAULT as DEFAULT_FS
-from .fsio import FileSystem
-from .journal import Journal
-from .lock import StoreLock
 from .model import Change, ChangeType, PrepareOutcome, Run, Status, StoreStats
 
 __all__ = ["RETAIN_CHANGES", "FileStore", "Store"]
@@ -118,9 +117,9 @@ class FileStore(_Importing, StoreBase):
         def decide() -> Decision[tuple[Run, PrepareOutcome]]:
             reaped: Changes = []
             if reap:
-                now = ids.utcnow()
+                now = _ids.utcnow()
                 for run_id in list(self._view.machines.get(machine, ())):
-                    dead = reaping.reaped(self._view.active[run_id], None, now, None)
+                    dead = _reaping.reaped(self._view.active[run_id], None, now, None)
                     if dead is not None:
                         reaped.append((ChangeType.RUN_REAPED, dead))
             if reaped:
@@ -138,8 +137,8 @@ class FileStore(_Importing, StoreBase):
         self, before: Changes, machine: str, test_dir_hash: str,
         make: Callable[[], Run],
     ) -> Decision[tuple[Run, PrepareOutcome]]:
-        made = transitions.check_made(make(), machine, test_dir_hash)
-        run = self._new(transitions.validate(transitions.as_pending(made)))
+        made = _transitions.check_made(make(), machine, test_dir_hash)
+        run = self._new(_transitions.validate(_transitions.as_pending(made)))
         return (run, PrepareOutcome.CREATED), [*before, (ChangeType.RUN_CREATED, run)]
 
     def _create_run(self, run: Run) -> Run:
@@ -216,7 +215,7 @@ class FileStore(_Importing, StoreBase):
             return (item for item in self._stream_records() if keep(item[1]))
         records = self._stream_records()
         try:
-            last = runscan.last_records(records.journal, records.fd, records.snap, limit,
+            last = _runscan.last_records(records.journal, records.fd, records.snap, limit,
                                         keep)
         finally:
             records.close()
@@ -227,16 +226,16 @@ class FileStore(_Importing, StoreBase):
         iteration goes from the file as it is now (``runscan``); with ``sound``, the runs
         the base's lines prove sound as ``export`` writes them (``runscan.exported``)."""
 
-        def snapshot() -> tuple[int, runscan.Snapshot]:
+        def snapshot() -> tuple[int, _runscan.Snapshot]:
             header, cur = self._view.header, self._view.cur
             assert header is not None and cur is not None
             if self._view.lazy:
                 point = self._view.opened_at
-                snap = runscan.Snapshot(
+                snap = _runscan.Snapshot(
                     header, cur.end, dict(self._view.index), set(self._view.tail_pruned),
                     None if point is None else (point[0], point[1].next_seq))
             else:
-                snap = runscan.Snapshot(header, cur.end, {}, set(),
+                snap = _runscan.Snapshot(header, cur.end, {}, set(),
                                         offsets=array.array("q", self._view.index.values()))
             return self._journal.hold(), snap
 
@@ -264,8 +263,8 @@ class FileStore(_Importing, StoreBase):
     def _reap(self, stale_after: _dt.timedelta, dry_run: bool) -> _Runs:
 
         def decide() -> Decision[_Runs]:
-            now = ids.utcnow()
-            reaped = [r for r in (reaping.reaped(run, self._view.changed_at.get(run.id), now,
+            now = _ids.utcnow()
+            reaped = [r for r in (_reaping.reaped(run, self._view.changed_at.get(run.id), now,
                                                  stale_after)
                                   for run in self._view.active.values()) if r is not None]
             if dry_run:
@@ -327,7 +326,7 @@ class FileStore(_Importing, StoreBase):
             time.sleep(poll_interval)
 
     def _write_export(self, fp: IO[str] | IO[bytes]) -> int:
-        return interchange.write_export_items(fp, self._export_items())
+        return _interchange.write_export_items(fp, self._export_items())
 
     def _export_items(self) -> Iterator[bytes]:
         """Every run as ``export`` writes it (``interchange.export_item``), read as
@@ -337,7 +336,7 @@ class FileStore(_Importing, StoreBase):
             if isinstance(data, bytes):  # proven sound and made from the line's bytes
                 yield data
             else:
-                yield interchange.export_item(data, functools.partial(self._run_of, data,
+                yield _interchange.export_item(data, functools.partial(self._run_of, data,
                                                                       offset))
 
     def _iter_export(self) -> Iterator[tuple[Run, dict[str, Any]]]:
@@ -409,7 +408,7 @@ def _record_filter(machine: str | None, status: Status | str | Iterable[Status |
     """Whether a stored record matches ``iter_runs``'s filters (checked here, before any
     lock is taken)."""
     _validate.list_filters(machine, batch_id)
-    statuses = transitions.status_set(status)
+    statuses = _transitions.status_set(status)
     wanted = None if statuses is None else {s.value for s in statuses}
 
     def keep(data: dict[str, Any]) -> bool:
@@ -424,12 +423,12 @@ class _HeldRecords:
     """``runscan.records`` of the journal held open as ``fd``; ``fd`` is closed when the
     iteration ends or fails, or when the iterator is dropped unfinished."""
 
-    def __init__(self, journal: Journal, fd: int, snap: runscan.Snapshot,
+    def __init__(self, journal: Journal, fd: int, snap: _runscan.Snapshot,
                  sound: bool = False) -> None:
         self.journal, self.fd, self.snap = journal, fd, snap
         self._close = weakref.finalize(self, journal.close_held, fd)
         self._records: Iterator[tuple[int, Any]] = (
-            runscan.exported(journal, fd, snap) if sound else runscan.records(journal, fd, snap))
+            _runscan.exported(journal, fd, snap) if sound else _runscan.records(journal, fd, snap))
 
     def close(self) -> None:
         """Close the descriptor now (the iteration, if it goes on, fails)."""
@@ -492,8 +491,8 @@ def _changes_in(buf: bytes, since_seq: int, path: str,
         line = buf[pos:nl]
         pos = nl + 1
         try:
-            data = codec.decode_line(line)
-            if codec.is_mark(line, data, legacy) or data["seq"] <= since_seq:
+            data = _codec.decode_line(line)
+            if _codec.is_mark(line, data, legacy) or data["seq"] <= since_seq:
                 continue
             run = _fields.run_from_dict(data)
             when = _dt.datetime.fromisoformat(data["time"])

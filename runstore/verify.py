@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 
 from . import _fields, _sound
+from ._lock import flock_until
 from ._scan import (
     _READ_CHUNK,
     LINE_LIMIT,
@@ -33,7 +34,6 @@ from ._scan import (
 from ._statedir import _NOT_WRITABLE, _OPEN, DATA_NAME, LOCK_NAME, _unsafe, open_state_dir
 from ._vouch import Vouch, cut_error, read_vouch
 from .errors import CorruptStoreError, LockTimeoutError, UnsafeStoreError
-from .lock import flock_until
 
 #: more than a clean-close mark line can take (``check`` reads no further to find one)
 _MARK_LIMIT = 64 * 1024

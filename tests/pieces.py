@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from runstore import gather
+from runstore import _gather as gather
 
 
 def lines_file(count: int, rng: random.Random, head: bytes = b"") -> tuple[bytes, list[int]]:

@@ -19,7 +19,7 @@ import attrs
 import pytest
 from demo_runs import four_runs
 
-from runstore import Run, RunStore, Store, _fields, cli, migrate, opener
+from runstore import Run, RunStore, Store, _fields, _opener as opener, cli, migrate
 from runstore.migrate import MigrationConflictError, MigrationVerifyError
 
 Cli = Callable[..., tuple[int, str, str]]

@@ -7,9 +7,7 @@ import datetime as _dt
 import pathlib
 import types
 
-from runstore import Run, Status, Store
-from runstore import _cli_read as cli_read
-from runstore import _clifmt as fmt
+from runstore import Run, Status, Store, _cli_read as cli_read, _clifmt as fmt
 
 _BASE = _dt.datetime(2026, 1, 1, tzinfo=_dt.UTC)
 

@@ -24,7 +24,7 @@ import orjson
 import pytest
 from backends import Backend
 
-import runstore.ids
+import runstore._ids
 from runstore import InvalidRunError, Run, RunStore, Status, Store
 
 pytestmark = [pytest.mark.contract, pytest.mark.timeout(300)]
@@ -495,7 +495,7 @@ def test_cli_without_its_checks_fails_later(
 
     monkeypatch.setattr(cli, "_duration", _clifmt.parse_duration)
     monkeypatch.setattr(cli, "_since",
-                        lambda t: runstore.ids.utcnow() - _clifmt.parse_duration(t))
+                        lambda t: runstore._ids.utcnow() - _clifmt.parse_duration(t))
     monkeypatch.setattr(cli, "_seconds", float)
     Store(tmp_path / "s").close()
     code, _out, err = run_cli("--state-dir", str(tmp_path / "s"), "prune", "--older-than",

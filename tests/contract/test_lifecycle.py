@@ -33,7 +33,7 @@ from runstore import (
     Status,
     Store,
     _forks,
-    owner,
+    _owner as owner,
 )
 from runstore.store import RETAIN_CHANGES
 
@@ -141,8 +141,8 @@ def test_reused_pid_is_not_mistaken_for_the_owner(backend: Backend) -> None:
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         with backend.open() as store:
-            host, _, _ = runstore.owner.current()
-            real = runstore.owner.process_start(sleeper.pid)
+            host, _, _ = runstore._owner.current()
+            real = runstore._owner.process_start(sleeper.pid)
             assert real
             impostor = store.create(make("m1"))
             alive = store.create(make("m2"))
@@ -333,7 +333,7 @@ def test_change_json_shape_is_snake_case_with_string_enums(backend: Backend) -> 
     with backend.open() as store:
         store.create(make("m1"))
         change = next(iter(store.changes()))
-    data = runstore.codec.change_to_json(change.seq, change.time, change.type, change.run)
+    data = runstore._codec.change_to_json(change.seq, change.time, change.type, change.run)
     assert data["seq"] == 1 and data["type"] == "run_created" and data["time"].endswith("Z")
     assert data["run"]["test_dir_hash"] == "h1" and data["run"]["exit_code"] is None
     assert "batch_id" not in data["run"]

@@ -32,10 +32,10 @@ from runstore import (
     RunStore,
     Status,
     Store,
+    _codec as codec,
     _limits,
-    codec,
+    store as store_module,
 )
-from runstore import store as store_module
 
 pytestmark = pytest.mark.contract
 

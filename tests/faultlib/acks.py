@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 import orjson
 
-from runstore import Run, Status, Store, journal
+from runstore import Run, Status, Store, _journal as journal
 from runstore.errors import RunstoreError
 from runstore.stress import check_journal
 

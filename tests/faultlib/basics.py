@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from runstore import PrepareOutcome, Run, Status, Store, codec, journal
+from runstore import PrepareOutcome, Run, Status, Store, _codec as codec, _journal as journal
 
 # -- sizes and figures ----------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import os
 
-from runstore.fsio import FileSystem
+from runstore._fsio import FileSystem
 
 # -- a failing file system ------------------------------------------------------------------
 

@@ -15,7 +15,15 @@ from typing import Any
 
 import attrs
 
-from runstore import CorruptStoreError, Run, Status, Store, StoreIOError, journal, owner
+from runstore import (
+    CorruptStoreError,
+    Run,
+    Status,
+    Store,
+    StoreIOError,
+    _journal as journal,
+    _owner as owner,
+)
 from runstore.errors import RunstoreError
 
 from .basics import run_for

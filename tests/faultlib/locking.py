@@ -1,5 +1,5 @@
 """Broken locking, for the proofs that the race tests can fail: ``no_cross_process_lock``,
-``lockf_without_mutex`` and ``lock_the_data_file`` patch ``runstore.lock.StoreLock`` (and
+``lockf_without_mutex`` and ``lock_the_data_file`` patch ``runstore._lock.StoreLock`` (and
 the store) in the process that calls them; ``break_stress_workers`` makes every worker
 process of a stress run call one of them first; ``lock_held`` is another process holding
 the store's lock."""
@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-import runstore.lock
+import runstore._lock
 import runstore.store
-from runstore import _stress_work, journal
+from runstore import _journal as journal, _stress_work
 from runstore._stress_work import worker as _real_worker
 
 # -- broken locking (the race test must catch each) -----------------------------------------
@@ -39,14 +39,14 @@ def no_cross_process_lock() -> None:
     def lock_file(self: Any, fd: int, deadline: float, timeout: float) -> None:
         return None
 
-    runstore.lock.StoreLock._lock_file = lock_file  # type: ignore[method-assign]  # the bug
-    runstore.lock.StoreLock.release_file = lambda self: None  # type: ignore[method-assign]
+    runstore._lock.StoreLock._lock_file = lock_file  # type: ignore[method-assign]  # the bug
+    runstore._lock.StoreLock.release_file = lambda self: None  # type: ignore[method-assign]
 
 
 def lockf_without_mutex() -> None:
     """POSIX record locks (lockf) on the lock file and no thread mutex: threads of one
     process sharing a Store all get in (a process owns a record lock, not a thread)."""
-    original_init = runstore.lock.StoreLock.__init__
+    original_init = runstore._lock.StoreLock.__init__
 
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
@@ -59,9 +59,9 @@ def lockf_without_mutex() -> None:
         if self._fd is not None:
             fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
-    runstore.lock.StoreLock.__init__ = init  # type: ignore[method-assign]  # the bug
-    runstore.lock.StoreLock._lock_file = lock_file  # type: ignore[method-assign]
-    runstore.lock.StoreLock.release_file = release_file  # type: ignore[method-assign]
+    runstore._lock.StoreLock.__init__ = init  # type: ignore[method-assign]  # the bug
+    runstore._lock.StoreLock._lock_file = lock_file  # type: ignore[method-assign]
+    runstore._lock.StoreLock.release_file = release_file  # type: ignore[method-assign]
 
 
 def lock_the_data_file() -> None:
@@ -90,8 +90,8 @@ def lock_the_data_file() -> None:
             self._compact(retain=0)
         return end
 
-    runstore.lock.StoreLock._lock_file = lock_file  # type: ignore[method-assign]  # the bug
-    runstore.lock.StoreLock.release_file = release_file  # type: ignore[method-assign]
+    runstore._lock.StoreLock._lock_file = lock_file  # type: ignore[method-assign]  # the bug
+    runstore._lock.StoreLock.release_file = release_file  # type: ignore[method-assign]
     runstore.store.Store._append = append  # type: ignore[method-assign]
 
 

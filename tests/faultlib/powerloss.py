@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import attrs
 
-from runstore.fsio import FileSystem
+from runstore._fsio import FileSystem
 
 # -- a recording file system and the crash states it implies --------------------------------
 

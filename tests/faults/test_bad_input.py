@@ -30,8 +30,8 @@ from runstore import (
     Store,
     StoreIOError,
     UnsafeStoreError,
-    codec,
-    journal,
+    _codec as codec,
+    _journal as journal,
 )
 
 pytestmark = pytest.mark.timeout(120)

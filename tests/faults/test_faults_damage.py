@@ -22,7 +22,7 @@ from faults import audit_store, lost_acks, read_acks, snapshot_dir, spawn_python
 
 import runstore._scan as scan_module
 import runstore.store as store_module
-from runstore import CorruptStoreError, Run, Status, Store, _fileopen, _limits, journal
+from runstore import CorruptStoreError, Run, Status, Store, _fileopen, _journal as journal, _limits
 
 pytestmark = pytest.mark.timeout(300)
 

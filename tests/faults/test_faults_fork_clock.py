@@ -34,9 +34,9 @@ import attrs
 import pytest
 from faults import audit_store, figure, in_thread, sized, wait_pid
 
-import runstore.ids
-import runstore.owner
-from runstore import PrepareOutcome, Run, Status, Store, _limits, ids, journal
+import runstore._ids
+import runstore._owner
+from runstore import PrepareOutcome, Run, Status, Store, _ids as ids, _journal as journal, _limits
 
 # -- forks ----------------------------------------------------------------------------------
 
@@ -267,8 +267,8 @@ def clock_ahead(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
     """Call it to step the store's wall clock a day ahead (an NTP step, a resumed VM)."""
 
     def step() -> None:
-        real = runstore.ids.utcnow
-        monkeypatch.setattr(runstore.ids, "utcnow", lambda: real() + _dt.timedelta(days=1))
+        real = runstore._ids.utcnow
+        monkeypatch.setattr(runstore._ids, "utcnow", lambda: real() + _dt.timedelta(days=1))
 
     return step
 
@@ -343,7 +343,7 @@ def test_broken_a_reaper_trusting_the_wall_clock_reaps_a_live_run(
 ) -> None:
     """Broken variant: when the reaper does not ask whether the owner runs, the clock step
     reaps the live process's run as heartbeat_stale."""
-    monkeypatch.setattr(runstore.owner, "is_alive", lambda host, pid, start: False)
+    monkeypatch.setattr(runstore._owner, "is_alive", lambda host, pid, start: False)
     _pid, live_id = live_owner
     with Store(store_dir) as s:
         clock_ahead()
@@ -354,18 +354,18 @@ def test_broken_a_reaper_trusting_the_wall_clock_reaps_a_live_run(
 def test_a_live_owner_with_a_reused_pid_is_not_alive(store_dir: Path) -> None:
     """Liveness needs the recorded start time: the same pid started at another time (a
     reused pid) is not the owner, so its silent run is reaped."""
-    host, pid, start = runstore.owner.current()
-    assert runstore.owner.is_alive(host, pid, start)
-    assert not runstore.owner.is_alive(host, pid, start + "0")
-    assert not runstore.owner.is_alive(host, pid, "")
-    assert not runstore.owner.is_alive("elsewhere.invalid", pid, start)
+    host, pid, start = runstore._owner.current()
+    assert runstore._owner.is_alive(host, pid, start)
+    assert not runstore._owner.is_alive(host, pid, start + "0")
+    assert not runstore._owner.is_alive(host, pid, "")
+    assert not runstore._owner.is_alive("elsewhere.invalid", pid, start)
 
 
 # -- the id clock steps back ----------------------------------------------------------------
 
 
 class _Clock:
-    """A stand-in for the ``datetime`` module in ``runstore.ids`` whose now() is settable."""
+    """A stand-in for the ``datetime`` module in ``runstore._ids`` whose now() is settable."""
 
     def __init__(self, moment: _dt.datetime) -> None:
         self.moment = moment

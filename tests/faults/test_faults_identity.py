@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from faults import snapshot_dir
 
-import runstore.journal
+import runstore._journal
 import runstore.verify
 from runstore import (
     CorruptStoreError,
@@ -41,8 +41,8 @@ from runstore import (
     _forks,
     _limits,
 )
-from runstore.journal import DATA_NAME, LOCK_NAME, Journal
-from runstore.lock import StoreLock
+from runstore._journal import DATA_NAME, LOCK_NAME, Journal
+from runstore._lock import StoreLock
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -165,7 +165,7 @@ def _lock_race(state_dir: pathlib.Path, how: str, fresh: int = 3) -> list[str]:
     created = outcomes.count(PrepareOutcome.CREATED.value)
     if created != 1:
         problems.append(f"{created} processes got CREATED for m0")
-    report = runstore.journal.check(state_dir)
+    report = runstore._journal.check(state_dir)
     problems += [f"journal: {problem.message}" for problem in report.problems]
     if report.ok:
         with Store(state_dir) as s:

@@ -31,8 +31,8 @@ from faults import (
     sized,
 )
 
-from runstore import Run, Status, Store, StoreIOError, journal
-from runstore.fsio import FileSystem
+from runstore import Run, Status, Store, StoreIOError, _journal as journal
+from runstore._fsio import FileSystem
 
 pytestmark = pytest.mark.timeout(600)
 

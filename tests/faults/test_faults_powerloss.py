@@ -27,7 +27,7 @@ from faults import (
 
 import runstore.store as store_module
 from runstore import Status, Store, _limits
-from runstore.journal import Journal
+from runstore._journal import Journal
 
 pytestmark = pytest.mark.timeout(600)
 

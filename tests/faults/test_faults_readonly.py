@@ -26,7 +26,7 @@ import attrs
 import pytest
 from faults import run_for, snapshot_dir, wait_pid
 
-import runstore.journal
+import runstore._journal
 import runstore.store
 import runstore.verify
 from runstore import (
@@ -36,7 +36,7 @@ from runstore import (
     Status,
     Store,
     UnsafeStoreError,
-    journal,
+    _journal as journal,
 )
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("clean_cli_env")]
@@ -76,7 +76,7 @@ def _torn_store(state_dir: pathlib.Path) -> tuple[list[Run], int]:
 def _cutting_recover(self: Store, damage: Any) -> bool:
     """The old ``Store._recover``: cut a torn tail wherever it is found, reads included."""
     j = self._journal
-    verdict = runstore.journal.judge(j.reader(), os.fstat(j.fd).st_size, self._view.cur, damage)
+    verdict = runstore._journal.judge(j.reader(), os.fstat(j.fd).st_size, self._view.cur, damage)
     assert verdict is None
     j.truncate(damage.offset, damage.reason)
     self._stale = False
@@ -353,7 +353,7 @@ def test_a_read_only_mount_broken_variant(store_dir: pathlib.Path,
     the read-only mount unreadable."""
     _torn_store(store_dir)
     _read_only_mount(monkeypatch, store_dir)
-    monkeypatch.setattr(runstore.journal, "_NOT_WRITABLE", frozenset())
+    monkeypatch.setattr(runstore._journal, "_NOT_WRITABLE", frozenset())
     with pytest.raises(Exception) as info:
         Store(store_dir)
     assert info.value.errno == errno.EROFS or "Read-only" in str(info.value)  # type: ignore[attr-defined]

@@ -30,12 +30,12 @@ from runstore import (
     Status,
     Store,
     StoreIOError,
+    _fsio as fsio,
+    _interchange as interchange,
+    _journal as journal,
     _limits,
-    fsio,
-    interchange,
-    journal,
 )
-from runstore.fsio import FileSystem
+from runstore._fsio import FileSystem
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("clean_cli_env")]
 
@@ -152,7 +152,7 @@ class Disk(FileSystem):
 
 
 def _archive_os(**failing: Callable[..., Any]) -> types.SimpleNamespace:
-    """``os`` as ``runstore.interchange`` sees it, with some calls replaced."""
+    """``os`` as ``runstore._interchange`` sees it, with some calls replaced."""
     proxy = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os) if not k.startswith("__")})
     for name, call in failing.items():
         setattr(proxy, name, call)

@@ -22,8 +22,8 @@ import pytest
 from faults import run_for
 
 from runstore import IOKind, PrepareOutcome, Run, Status, Store, StoreIOError, _limits
-from runstore.fsio import FileSystem
-from runstore.journal import DATA_NAME
+from runstore._fsio import FileSystem
+from runstore._journal import DATA_NAME
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -267,7 +267,7 @@ def test_own_writes_and_reads_cost_no_extra_sync(tmp_path: pathlib.Path) -> None
 
 def _finish_then_die(state: str, run_id: str) -> None:
     os.environ["RUNSTORE_FAILPOINT"] = "append.after_write"
-    import runstore.failpoints as failpoints
+    import runstore._failpoints as failpoints
     failpoints._arm(os.environ["RUNSTORE_FAILPOINT"])
     Store(state).finish(run_id, Status.COMPLETED, exit_code=0)
 

@@ -24,8 +24,7 @@ from typing import Any
 import attrs
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import runstore
 from runstore import (
@@ -38,13 +37,13 @@ from runstore import (
     RunStore,
     Status,
     Store,
+    _codec as codec,
+    _compaction as compaction,
     _fields,
+    _journal as journal,
     _scan,
-    codec,
-    compaction,
-    journal,
 )
-from runstore.journal import DATA_NAME, check
+from runstore._journal import DATA_NAME, check
 
 #: the names a kept field may not have
 RESERVED = sorted(_fields.RESERVED_KEYS)
@@ -505,10 +504,10 @@ def test_kept_fields_at_the_edges_round_trip_on_every_backend(
 def test_no_append_can_be_longer_than_a_torn_tail_may_be() -> None:
     """The bounds that keep every torn append cuttable: a run, and an import written in one
     append, are far below the length past which a damaged tail is taken for corruption."""
-    import runstore.journal
+    import runstore._journal
     import runstore.store
 
-    limit = runstore.journal.TORN_TAIL_LIMIT
+    limit = runstore._journal.TORN_TAIL_LIMIT
     assert limit > runstore.MAX_RECORD_BYTES * 4
     assert limit > runstore._limits.SMALL_IMPORT_BYTES + 2 * runstore.MAX_RECORD_BYTES
 

@@ -25,8 +25,8 @@ from runstore import (
     RunstoreError,
     Status,
     Store,
+    _interchange as interchange,
     cli,
-    interchange,
 )
 
 pytestmark = [pytest.mark.usefixtures("clean_cli_env"), pytest.mark.timeout(120)]

@@ -17,9 +17,9 @@ from runstore import (
     RunNotFoundError,
     Status,
     Store,
+    _codec as codec,
     _fields,
     _limits,
-    codec,
 )
 
 

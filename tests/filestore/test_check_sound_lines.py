@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 import runstore
-from runstore import Run, Status, Store, _fields, _sound, cli, codec, verify
+from runstore import Run, Status, Store, _codec as codec, _fields, _sound, cli, verify
 from runstore._scan import scan
 
 

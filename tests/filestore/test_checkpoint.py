@@ -16,7 +16,15 @@ import orjson
 import pytest
 from faults import ReadLog, checkpoints, full_reading, view
 
-from runstore import Run, Status, Store, _limits, codec, journal, owner
+from runstore import (
+    Run,
+    Status,
+    Store,
+    _codec as codec,
+    _journal as journal,
+    _limits,
+    _owner as owner,
+)
 from runstore.errors import CorruptStoreError
 
 EVERY = 10

@@ -26,16 +26,16 @@ from runstore import (
     Run,
     Status,
     Store,
+    _codec as codec,
+    _compaction as compaction,
     _fields,
+    _journal as journal,
     _limits,
+    _lock as lock,
     _temps,
-    codec,
-    compaction,
-    journal,
-    lock,
 )
+from runstore._fsio import FileSystem
 from runstore.errors import CorruptStoreError, UnsafeStoreError
-from runstore.fsio import FileSystem
 
 _NOW = _dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=_dt.UTC)
 

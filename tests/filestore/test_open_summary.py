@@ -10,7 +10,7 @@ import attrs
 import orjson
 import pytest
 
-from runstore import ChangeType, CorruptStoreError, Run, Status, Store, codec
+from runstore import ChangeType, CorruptStoreError, Run, Status, Store, _codec as codec
 
 
 def _fill(s: Store, n: int = 40) -> None:

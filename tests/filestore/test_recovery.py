@@ -12,7 +12,7 @@ from collections.abc import Callable
 import attrs
 import pytest
 
-from runstore import CorruptStoreError, PrepareOutcome, Run, Status, Store, codec
+from runstore import CorruptStoreError, PrepareOutcome, Run, Status, Store, _codec as codec
 
 Op = Callable[[Store], object]
 

@@ -19,8 +19,8 @@ import pytest
 from backends import ROOT
 from faults import history
 
-from runstore import CorruptStoreError, Run, RunStore, Status, Store, runscan
-from runstore.journal import DATA_NAME
+from runstore import CorruptStoreError, Run, RunStore, Status, Store, _runscan as runscan
+from runstore._journal import DATA_NAME
 
 pytestmark = pytest.mark.contract
 

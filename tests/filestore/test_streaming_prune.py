@@ -19,8 +19,7 @@ import orjson
 import pytest
 from backends import ROOT
 from faults import history
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from strategies import runs as any_runs
 
 import runstore
@@ -30,14 +29,14 @@ from runstore import (
     Status,
     Store,
     _cli_context,
+    _codec as codec,
     _fields,
-    codec,
-    interchange,
-    journal,
-    runscan,
+    _interchange as interchange,
+    _journal as journal,
+    _runscan as runscan,
     verify,
 )
-from runstore.journal import DATA_NAME
+from runstore._journal import DATA_NAME
 from runstore.model import ChangeType
 
 pytestmark = pytest.mark.file_only

@@ -19,10 +19,7 @@ import attrs
 import psycopg
 import pytest
 from backends import Backend
-from racing import merge as _merge
-from racing import overlaps as _overlaps
-from racing import replay as _replay
-from racing import threads as _threads
+from racing import merge as _merge, overlaps as _overlaps, replay as _replay, threads as _threads
 
 from runstore import (
     CorruptStoreError,
@@ -33,11 +30,10 @@ from runstore import (
     Run,
     Status,
     StoreIOError,
+    _pgbase as pgbase,
+    postgres as pg_module,
 )
-from runstore import _pgbase as pgbase
-from runstore import postgres as pg_module
-from runstore.pgschema import SCHEMA_VERSION, Names
-from runstore.pgschema import migrate as migrate_schema
+from runstore._pgschema import SCHEMA_VERSION, Names, migrate as migrate_schema
 from runstore.postgres import DatabaseConnectionError, PostgresStore
 
 pytestmark = pytest.mark.postgres

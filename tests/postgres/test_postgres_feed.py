@@ -107,7 +107,7 @@ def test_a_follower_sees_every_committed_change_once_while_8_writers_run(
 def _older_open_change(store: PostgresStore, conn: psycopg.Connection[Any]) -> None:
     """In ``conn``'s open transaction, create a run with the store's own statement: its
     change is stamped with a transaction id older than any later write's."""
-    from runstore import owner, transitions
+    from runstore import _owner as owner, _transitions as transitions
     from runstore._pgbase import _params
 
     run = transitions.fresh(Run("old", "/t", "h"), "00000000T000000.000000Z-old",

@@ -21,14 +21,18 @@ from typing import Any
 import orjson
 import pytest
 from faults import lock_held
-from racing import merge as _merge
-from racing import overlaps as _overlaps
-from racing import replay as _replay
-from racing import threads as _threads
+from racing import merge as _merge, overlaps as _overlaps, replay as _replay, threads as _threads
 
-from runstore import LockTimeoutError, PrepareOutcome, Run, Status, Store, _limits
-from runstore import lock as lock_module
-from runstore import store as store_module
+from runstore import (
+    LockTimeoutError,
+    PrepareOutcome,
+    Run,
+    Status,
+    Store,
+    _limits,
+    _lock as lock_module,
+    store as store_module,
+)
 
 FORK = multiprocessing.get_context("fork")
 

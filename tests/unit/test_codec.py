@@ -10,11 +10,10 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 from strategies import runs, utc_datetimes
 
-from runstore import Run, Status, Store, _fields, codec
+from runstore import Run, Status, Store, _codec as codec, _fields
 from runstore.model import ChangeType
 
 NOW = _dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=_dt.UTC)

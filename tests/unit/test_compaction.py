@@ -1,8 +1,8 @@
-"""``runstore.compaction``: the layout of a compacted file, read from the old one in pieces.
+"""``runstore._compaction``: the layout of a compacted file, read from the old one in pieces.
 
 The plan must give exactly the bytes a plain layout gives (a header with the base's summary,
 the kept lines in order), whatever order the kept lines lie in in the old file and however
-the reads are cut (``runstore.gather``)."""
+the reads are cut (``runstore._gather``)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,17 @@ import zlib
 
 import pytest
 from faults import ReadLog
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from pieces import lines_file, reader
 
-from runstore import Run, Status, Store, compaction, gather, journal
+from runstore import (
+    Run,
+    Status,
+    Store,
+    _compaction as compaction,
+    _gather as gather,
+    _journal as journal,
+)
 from runstore.errors import CorruptStoreError
 
 _PATH = "/x/runs.jsonl"

@@ -1,4 +1,4 @@
-"""``runstore.gather``: lines and byte ranges of a file read at given offsets, in any order,
+"""``runstore._gather``: lines and byte ranges of a file read at given offsets, in any order,
 in reads no larger than ``READ_AHEAD`` that follow the ranges asked for."""
 
 from __future__ import annotations
@@ -8,11 +8,10 @@ import random
 from collections.abc import Callable
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from pieces import lines_file, reader
 
-from runstore import gather
+from runstore import _gather as gather
 from runstore.errors import CorruptStoreError
 
 _PATH = "/x/runs.jsonl"

@@ -8,11 +8,10 @@ import re
 import types
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 from strategies import utc_datetimes
 
-from runstore import Run, Store, ids
+from runstore import Run, Store, _ids as ids
 
 ID_SHAPE = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{16}$")
 
@@ -100,7 +99,7 @@ def test_ids_without_after_are_collision_safe() -> None:
 
 
 class _FrozenClock:
-    """A stand-in for the ``datetime`` module in ``runstore.ids`` whose now() is settable."""
+    """A stand-in for the ``datetime`` module in ``runstore._ids`` whose now() is settable."""
 
     def __init__(self, moment: _dt.datetime) -> None:
         self.moment = moment

@@ -14,7 +14,7 @@ from hypothesis import given
 from strategies import runs
 
 from runstore import InvalidRunError, Run, Status, StoreIOError, _fields
-from runstore.interchange import append_archive, archive_lines, parse_import
+from runstore._interchange import append_archive, archive_lines, parse_import
 
 
 def _record(run_id: str, **extra: object) -> dict[str, object]:

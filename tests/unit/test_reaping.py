@@ -7,7 +7,7 @@ import datetime as _dt
 import pytest
 
 from runstore import Run, Status
-from runstore.reaping import reaped
+from runstore._reaping import reaped
 
 NOW = _dt.datetime(2026, 3, 1, 12, 0, tzinfo=_dt.UTC)
 MINUTE = _dt.timedelta(minutes=1)

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from runstore import InvalidRunError, Run, Status, retention
+from runstore import InvalidRunError, Run, Status, _retention as retention
 
 NOW = dt.datetime(2026, 1, 10, tzinfo=dt.UTC)
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from runstore import Store, StoreIOError, fsio
+from runstore import Store, StoreIOError, _fsio as fsio
 
 #: the fake F_FULLFSYNC command number (the real one only exists on macOS)
 FAKE_FULLFSYNC = 0x7F51

@@ -18,9 +18,9 @@ from runstore import (
     InvalidTransitionError,
     Run,
     Status,
-    transitions,
+    _transitions as transitions,
 )
-from runstore.transitions import (
+from runstore._transitions import (
     change_type,
     check_transition,
     check_update,

@@ -31,10 +31,10 @@ from typing import Any
 
 import attrs
 
-from . import _fields, _sound, codec, gather
+from . import _codec, _fields, _gather, _sound
+from ._journal import Journal
 from ._scan import Cursor, Header, scan
 from .errors import CorruptStoreError
-from .journal import Journal
 
 _PRUNED = "run_pruned"
 _CREATED = b'"run_created"'
@@ -184,7 +184,7 @@ def _created_after_base(journal: Journal, fd: int, start: int, end: int) -> set[
         if _CREATED not in chunk:
             continue
         for offset, line in _lines(chunk, chunk_at):
-            if _CREATED in line and not line.startswith(codec.MARK_START):
+            if _CREATED in line and not line.startswith(_codec.MARK_START):
                 data = _decode(line, offset, journal.path)
                 if data["change"] == "run_created":
                     ids.add(data["id"])
@@ -273,7 +273,7 @@ def _check_base(journal: Journal, fd: int, header: Header, crc: int, runs: int) 
 def _at(read: Callable[[int, int], bytes], offsets: array.array[int],
         path: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """The decoded records at ``offsets``, in that order."""
-    for offset, line in zip(offsets, gather.lines(read, offsets, path), strict=True):
+    for offset, line in zip(offsets, _gather.lines(read, offsets, path), strict=True):
         yield offset, _decode(line, offset, path)
 
 
@@ -286,8 +286,8 @@ def _lines(chunk: bytes, chunk_at: int) -> Iterator[tuple[int, bytes]]:
 
 def _decode(line: bytes, offset: int, path: str) -> dict[str, Any]:
     try:
-        data = codec.decode_line(line)
-        codec.check_record(data)
+        data = _codec.decode_line(line)
+        _codec.check_record(data)
     except _fields.BadLine as exc:
         raise CorruptStoreError(path, offset, f"a stored run is unreadable: {exc.reason}"
                                 ) from None

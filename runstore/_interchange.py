@@ -24,9 +24,9 @@ from typing import IO, Any
 import attrs
 import orjson
 
-from . import _fields, codec, transitions
+from . import _codec, _fields, _transitions
+from ._fsio import sync_file
 from .errors import InvalidRunError, IOKind, StoreIOError
-from .fsio import sync_file
 from .model import Run
 
 #: a number an integer beyond 64 bits may be (or a long digit string)
@@ -41,7 +41,7 @@ def _exported(run: Run, extra: dict[str, Any]) -> bytes:
     data = _fields.run_to_dict(run)
     for key, value in extra.items():
         data.setdefault(key, value)
-    return codec.dumps(data)
+    return _codec.dumps(data)
 
 
 def archive_lines(runs: list[Run], extras: dict[str, dict[str, Any]]) -> bytes:
@@ -62,7 +62,7 @@ def export_item(data: dict[str, Any], run_of: Callable[[], Run]) -> bytes:
     through its ``Run`` (``run_of()``, which refuses a malformed record)."""
     fields = _fields.exported_dict(data)
     if fields is not None:
-        return codec.dumps(fields)
+        return _codec.dumps(fields)
     return _exported(run_of(), _fields.extra_fields(data))
 
 
@@ -347,8 +347,8 @@ def _validated(n: int, item: object) -> tuple[Run, dict[str, Any]]:
         raise InvalidRunError(f"record {n} is not a run object: {item!r}; "
                               "nothing was imported")
     try:
-        transitions.require_text("id", run.id)
-        run = transitions.validate(run)
+        _transitions.require_text("id", run.id)
+        run = _transitions.validate(run)
         _fields.checked_fields(run, extra)
     except InvalidRunError as exc:
         raise InvalidRunError(f"record {n}: {exc}; nothing was imported") from None

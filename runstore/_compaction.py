@@ -8,7 +8,7 @@ beside the lock was being written, for their place at the end of the new file.
 
 The old file is never held in memory whole (a million runs are ~550 MB of it): line lengths
 are found in one forward pass, then the kept bytes are read twice in the new file's order,
-once for the header's CRC-32 and once to write them (``runstore.gather``). A plan's own
+once for the header's CRC-32 and once to write them (``runstore._gather``). A plan's own
 bookkeeping is a few arrays of machine integers plus the new id index.
 """
 
@@ -21,9 +21,9 @@ from collections.abc import Container, Iterator
 
 import attrs
 
-from . import _fields, codec, gather
+from . import _codec, _fields, _gather
+from ._gather import Read
 from .errors import CorruptStoreError
-from .gather import Read
 
 _MARK = b'{"mark":'  # how a clean-close mark line begins (``codec.encode_mark``)
 #: about how much ``Plan.chunks`` hands to each write
@@ -60,7 +60,7 @@ class Plan:
         yield self.head
         parts: list[bytes | memoryview] = []
         total = 0
-        for piece in gather.ranges(self.read, self.starts, self.ends, self.path):
+        for piece in _gather.ranges(self.read, self.starts, self.ends, self.path):
             parts.append(piece)
             total += len(piece)
             if total >= _CHUNK:
@@ -97,7 +97,7 @@ def plan_lines(read: Read, latest: array.array[int], active: list[int], history:
     ``index`` is left empty (``at`` gives where each line lands, from the body's start)."""
     kept = array.array("q", latest)
     kept.extend(history)
-    lengths = gather.line_lengths(read, kept, path)
+    lengths = _gather.line_lengths(read, kept, path)
     at = array.array("q", itertools.accumulate(lengths, initial=0))  # where each line lands
     latest_count = len(latest)
     latest_bytes, size = at[latest_count], at[-1]
@@ -105,12 +105,12 @@ def plan_lines(read: Read, latest: array.array[int], active: list[int], history:
     starts, ends = _spans(kept, lengths)
     del lengths, kept
     crc = 0
-    for piece in gather.ranges(read, starts, ends, path):
+    for piece in _gather.ranges(read, starts, ends, path):
         crc = zlib.crc32(piece, crc)
     through = next_seq - 1 - len(history)
-    summary = codec.BaseSummary(lines=latest_count, crc=crc, max_id=max_id,
+    summary = _codec.BaseSummary(lines=latest_count, crc=crc, max_id=max_id,
                                 active=summary_active)
-    head = codec.encode_header(store_id, created, through, latest_bytes, size - latest_bytes,
+    head = _codec.encode_header(store_id, created, through, latest_bytes, size - latest_bytes,
                                summary)
     start = len(head)
     new_history = [start + at[latest_count + k] for k in range(len(history))]
@@ -156,7 +156,7 @@ def reseal_tail(lines: bytes, old_at: int, new_at: int, durable: int,
         nl = lines.index(b"\n", pos)
         if not lines.startswith(_MARK, pos) and not (legacy and _legacy_mark(lines[pos:nl])):
             try:
-                line = codec.restamp(lines[pos:nl], durable)
+                line = _codec.restamp(lines[pos:nl], durable)
             except _fields.BadLine as exc:  # it passed its checks when read: the file changed
                 raise CorruptStoreError(path, old_at + pos, f"a line changed while "
                                         f"compacting: {exc.reason}") from None
@@ -173,7 +173,7 @@ def _legacy_mark(line: bytes) -> bool:
     if b'"mark":' not in line or line.startswith(_MARK):
         return False
     try:
-        return codec.is_mark(line, codec.decode_line(line), legacy=True)
+        return _codec.is_mark(line, _codec.decode_line(line), legacy=True)
     except _fields.BadLine:
         return False  # it passed its checks when read: restamp() reports the change
 

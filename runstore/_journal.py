@@ -31,7 +31,8 @@ import stat
 import zlib
 from collections.abc import Callable, Iterator
 
-from . import _fields, _forks, codec, failpoints
+from . import _codec, _failpoints, _fields, _forks
+from ._fsio import FileSystem
 from ._scan import (
     _READ_CHUNK,
     LINE_LIMIT,
@@ -62,7 +63,6 @@ from ._statedir import (
 from ._temps import TempFiles
 from ._vouch import Vouch, cut_error, missing_error, read_vouch, write_vouch
 from .errors import CorruptStoreError, IOKind, ReadOnlyStoreError, StoreIOError
-from .fsio import FileSystem
 from .verify import CheckReport, Problem, TornTail, check
 
 __all__ = [  # defined here, then the names that moved, still importable from here
@@ -298,7 +298,7 @@ class Journal(TempFiles):
         if nl < 0:
             raise CorruptStoreError(self.path, 0, "the header line is truncated")
         header = parse_header(first[:nl], self.path)
-        self.legacy = header.version < codec.KINDS_BY_FIRST_KEY
+        self.legacy = header.version < _codec.KINDS_BY_FIRST_KEY
         if not self.store_id:
             self.store_id = header.store_id
         elif header.store_id != self.store_id:
@@ -320,7 +320,7 @@ class Journal(TempFiles):
         if self.store_id:
             raise self.gone_error()
         now = _dt.datetime.now(_dt.UTC).isoformat().replace("+00:00", "Z")
-        header = codec.encode_header(os.urandom(8).hex(), now, 0, 0, 0)
+        header = _codec.encode_header(os.urandom(8).hex(), now, 0, 0, 0)
         self.replace_with([header])
         return self.open()
 
@@ -429,13 +429,13 @@ class Journal(TempFiles):
 
         return read
 
-    def last_checkpoint(self, lo: int, hi: int) -> tuple[int, int, codec.Checkpoint] | None:
+    def last_checkpoint(self, lo: int, hi: int) -> tuple[int, int, _codec.Checkpoint] | None:
         """The last sound checkpoint line that lies in ``lo:hi`` (``lo`` a line start),
         looked for backwards from ``hi`` over at most ``CHECKPOINT_SEARCH`` bytes: (its
         offset, the offset after it, what it says), or None."""
         assert self.fd is not None
         floor = max(lo, hi - CHECKPOINT_SEARCH)
-        needle = b"\n" + codec.CHECKPOINT_START  # found by the newline before it
+        needle = b"\n" + _codec.CHECKPOINT_START  # found by the newline before it
         top = hi  # newlines at top or later were looked at
         while top > floor:
             at = max(floor - 1, top - _BACK_CHUNK)
@@ -450,12 +450,12 @@ class Journal(TempFiles):
         return None
 
     def _checkpoint_at(self, offset: int, lo: int,
-                       hi: int) -> tuple[int, int, codec.Checkpoint] | None:
+                       hi: int) -> tuple[int, int, _codec.Checkpoint] | None:
         if not lo <= offset < hi:
             return None
         try:
             line = self.read_line(offset)
-            point = codec.Checkpoint.from_mark(codec.decode_line(line))
+            point = _codec.Checkpoint.from_mark(_codec.decode_line(line))
         except (CorruptStoreError, _fields.BadLine):  # torn, or not one
             return None
         end = offset + len(line) + 1
@@ -497,7 +497,7 @@ class Journal(TempFiles):
     def append(self, data: bytes, start: int) -> None:
         """Write complete lines at the end (``start``); on failure cut back to ``start``."""
         assert self.fd is not None
-        failpoints.hit("append.before_write")
+        _failpoints.hit("append.before_write")
         try:
             written = self.fs.write(self.fd, data)  # all of it, unless the disk is full
             view = memoryview(data)[written:]
@@ -509,7 +509,7 @@ class Journal(TempFiles):
             except OSError:
                 pass  # a torn tail: the next reader recovers it (it lies past the durable mark)
             raise StoreIOError(self.path, "appending to", exc, IOKind.WRITE) from None
-        failpoints.hit("append.after_write")
+        _failpoints.hit("append.after_write")
 
     def sync(self) -> None:
         assert self.fd is not None
@@ -517,12 +517,12 @@ class Journal(TempFiles):
             self.fs.fdatasync(self.fd)
         except OSError as exc:
             raise StoreIOError(self.path, "syncing", exc, IOKind.SYNC) from None
-        failpoints.hit("append.after_sync")
+        _failpoints.hit("append.after_sync")
 
     def truncate(self, length: int, reason: str) -> None:
         """Cut a torn tail (recovery) and sync the cut."""
         assert self.fd is not None
-        failpoints.hit("recover.before_truncate")
+        _failpoints.hit("recover.before_truncate")
         size = os.fstat(self.fd).st_size
         log_warning("runstore: recovering %s: dropping %d bytes from offset %d (%s)",
                     self.path, size - length, length, reason)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import attrs
 
-from . import _validate, owner
+from . import _owner, _validate
 from .model import Run, Status
 
 
@@ -33,7 +33,7 @@ def reaped(
     now: _dt.datetime,
     stale_after: _dt.timedelta | None,
     *,
-    is_gone: Callable[[str, int | None, str], bool] = owner.is_gone,
+    is_gone: Callable[[str, int | None, str], bool] = _owner.is_gone,
     is_alive: Callable[[str, int | None, str], bool] | None = None,
 ) -> Run | None:
     """The interrupted version of ``run`` (ended at ``now``, next revision) if its owner is
@@ -47,7 +47,7 @@ def reaped(
         last = run.heartbeat_at or last_change
         if last is None or now - last <= stale_after:
             return None
-        if (is_alive or owner.is_alive)(run.owner_host, run.owner_pid, run.owner_start):
+        if (is_alive or _owner.is_alive)(run.owner_host, run.owner_pid, run.owner_start):
             return None  # its owner runs here: wall-clock silence alone proves nothing
         code = "heartbeat_stale"
         since = last.astimezone(_dt.UTC).isoformat().replace("+00:00", "Z")
