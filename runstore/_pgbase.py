@@ -102,7 +102,6 @@ class PostgresBase:
     _pid: int
     _closed: bool
     _last_id: str
-    _test_hook: Callable[[str, _Conn], None] | None
 
     def _count_write(self) -> None:
         """Called after each write that stored a change (``PostgresStore`` numbers the feed
@@ -199,8 +198,9 @@ class PostgresBase:
                 "busy") from None
 
     def _hit(self, point: str, conn: _Conn) -> None:
-        if self._test_hook is not None:
-            self._test_hook(point, conn)
+        """Nothing: the points a write passes (``before_commit``: its statement or COMMIT
+        is about to be sent; ``before_feed``: an import's runs are written, its changes not
+        yet), named for the fault tests, which replace this method to act there."""
 
     def _translate(self, exc: psycopg.Error, conn: _Conn, action: str,
                    applied: bool | None) -> Exception:

@@ -197,10 +197,6 @@ class PostgresStore(PostgresBase, StoreBase):
         self._closed = False
         self._pid = _forks.pid()
         self._pool_lock = threading.Lock()
-        #: test-only: called as hook(point, connection) at "before_commit" (before a write
-        #: statement is sent, or a transaction's COMMIT) and "before_feed" (an import's run
-        #: rows are written, its changes not yet)
-        self._test_hook: Callable[[str, _Conn], None] | None = None
         self.schema_version = self._migrate()
         self._pool = self._new_pool()
         _stores.add(self)

@@ -242,7 +242,7 @@ def test_a_postgres_child_forked_mid_transaction_uses_its_own_pool(
                 release.wait(30)
 
         main = threading.current_thread()
-        store._test_hook = hook
+        store._hit = hook
         t = in_thread(lambda: store.prepare_atomic("m1", "h", lambda: _run("m1")))
         assert inside.wait(30)
         err = tmp_path / "pg-child.err"

@@ -322,12 +322,12 @@ def test_connection_killed_before_prepare_atomic_writes(
     autocommit statement, its own COMMIT): a clear error saying the outcome is unknown; no
     run and no change stored; the next call reconnects and succeeds."""
     store, wrote = secret_store, []
-    store._test_hook = _kill_at("before_commit", admin, store.table, wrote)
+    store._hit = _kill_at("before_commit", admin, store.table, wrote)
     with pytest.raises(DatabaseConnectionError) as info:
         store.prepare_atomic("m1", "h", _make("m1"))
     assert wrote == [False]
     _check_clear(info.value, applied=None)
-    store._test_hook = None
+    del store._hit  # back to the class's
     assert store.list() == [] and store.last_seq() == 0
     run, outcome = store.prepare_atomic("m1", "h", _make("m1"))
     assert outcome is PrepareOutcome.CREATED
@@ -350,7 +350,7 @@ def test_connection_killed_during_a_write_applies_nothing(
                            "status, revision) VALUES ('held', 'm2', '/t', 'h', 'pending', 1)")
         else:
             holder.execute(f"SELECT 1 FROM {pg.table} WHERE id = %s FOR UPDATE", [run.id])
-        store._test_hook = _kill_at("before_commit", admin, store.table, wrote, locked=True)
+        store._hit = _kill_at("before_commit", admin, store.table, wrote, locked=True)
         with pytest.raises(DatabaseConnectionError) as info:
             if call == "start":
                 store.start(run.id)
@@ -360,7 +360,7 @@ def test_connection_killed_during_a_write_applies_nothing(
                 store.create(Run("m2", "/t", "h"))
         holder.rollback()
     _check_clear(info.value, applied=None)
-    store._test_hook = None
+    del store._hit  # back to the class's
     assert store.list() == [run] and store.last_seq() == 1
     if call == "start":
         assert store.start(run.id).revision == run.revision + 1
@@ -378,12 +378,12 @@ def test_connection_killed_inside_an_import_applies_nothing(
     rolled back (the error says so), nothing imported; the next import works."""
     store, wrote = secret_store, []
     runs = [Run(f"m{i}", "/t", "h", id=f"imp-{i}", status=Status.COMPLETED) for i in range(3)]
-    store._test_hook = _kill_at("before_feed", admin, store.table, wrote)
+    store._hit = _kill_at("before_feed", admin, store.table, wrote)
     with pytest.raises(DatabaseConnectionError) as info:
         store.import_runs(runs)
     assert wrote == [True], "the run rows were not written when the connection was killed"
     _check_clear(info.value, applied=False)
-    store._test_hook = None
+    del store._hit  # back to the class's
     assert store.list() == [] and store.last_seq() == 0
     assert store.import_runs(runs) == 3
     assert [c.run.id for c in store.changes()] == ["imp-0", "imp-1", "imp-2"]
