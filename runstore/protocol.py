@@ -2,8 +2,9 @@
 
 A structural ``typing.Protocol``: code written against ``RunStore`` runs unchanged on either
 backend, and mypy checks that each backend has every method with these exact signatures.
-The contract itself (what each method does, which error it raises) is documented on
-``Store`` and exercised by the same test suite against both backends.
+The contract itself (what each method does, which error it raises) is documented once, on
+``runstore._base.StoreBase``, which both backends derive from, and exercised by the same
+test suite against both backends.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ _Runs = list[Run]  # inside the class, ``list`` names the method
 
 
 class RunStore(Protocol):
-    """What a dispatcher may call on any run store. See ``Store`` for each method."""
+    """What a dispatcher may call on any run store. See ``StoreBase`` for each method."""
 
     durable: bool
     lock_timeout: float
