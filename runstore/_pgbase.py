@@ -122,7 +122,7 @@ class PostgresBase:
     def _migrate(self) -> int:
         with self._connect("connecting to") as conn:
             try:
-                return _pgschema.migrate(conn, self.table, self.server)[1]
+                return _pgschema.upgrade_schema(conn, self.table, self.server)[1]
             except psycopg.errors.LockNotAvailable:
                 raise TableLockTimeoutError(self._where, self.lock_timeout) from None
             except psycopg.Error as exc:

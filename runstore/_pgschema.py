@@ -231,11 +231,6 @@ def upgrade_schema(conn: psycopg.Connection[Any], table: str, where: str = "",
     return before, max(before, target)
 
 
-#: the name ``upgrade_schema`` had before (a schema upgrade, not ``runstore migrate``, which
-#: copies runs between stores)
-migrate = upgrade_schema
-
-
 def _render(template: str, **parts: sql.Composable) -> str:
     return sql.SQL(template).format(**parts).as_string()
 

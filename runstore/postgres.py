@@ -90,6 +90,7 @@ __all__ = [
     "PostgresStore",
     "TableLockTimeoutError",
     "migrate",
+    "upgrade_schema",
     "safe_dsn",
 ]
 
@@ -493,11 +494,16 @@ class PostgresStore(PostgresBase, StoreBase):
         return f"PostgresStore({self.server!r}, table={self.table!r}, durable={self.durable})"
 
 
-def migrate(dsn: str, table: str = "runs") -> tuple[int, int]:
-    """Create or migrate the schema of ``table`` without opening a store; returns the
-    schema version before and after (``runstore migrate`` and deployment scripts)."""
+def upgrade_schema(dsn: str, table: str = "runs") -> tuple[int, int]:
+    """Create the schema of ``table`` or upgrade it to this version's, without opening a
+    store; returns the schema version before and after (deployment scripts; opening a
+    store does it too). Copying runs between stores is ``runstore.migrate.copy_runs``."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        return _pgschema.migrate(conn, table, safe_dsn(dsn))
+        return _pgschema.upgrade_schema(conn, table, safe_dsn(dsn))
+
+
+#: the earlier name of ``upgrade_schema``
+migrate = upgrade_schema
 
 
 

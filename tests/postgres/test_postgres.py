@@ -33,7 +33,7 @@ from runstore import (
     _pgbase as pgbase,
     postgres as pg_module,
 )
-from runstore._pgschema import SCHEMA_VERSION, Names, migrate as migrate_schema
+from runstore._pgschema import SCHEMA_VERSION, Names, upgrade_schema as migrate_schema
 from runstore.postgres import DatabaseConnectionError, PostgresStore
 
 pytestmark = pytest.mark.postgres
