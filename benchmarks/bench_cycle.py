@@ -309,11 +309,7 @@ def run_round(impl_name: str, where: str, durable: bool, seconds: float,
                                            f"(exit codes {[p.exitcode for p in procs]})"
                                            ) from None
     finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        impls.join_or_kill(procs)
     return reports
 
 

@@ -186,11 +186,7 @@ def run_case(impl: str, where: str, clients: int,
         results = [out.get(timeout=seconds + 180) for _ in procs]
         wall = time.monotonic() - began
     finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        impls.join_or_kill(procs)
     errors = [r["error"] for r in results if r["error"]]
     return sum(r["ops"] for r in results), wall, sum(r["cpu"] for r in results), errors
 

@@ -49,6 +49,15 @@ _UTC = _dt.UTC
 Make = Callable[[], Run]
 
 
+def join_or_kill(procs: list[Any], timeout: float = 30.0) -> None:
+    """Wait for each worker process, killing one that is still alive after ``timeout``."""
+    for p in procs:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
 def _utcnow() -> _dt.datetime:
     return _dt.datetime.now(_UTC)
 
