@@ -42,7 +42,7 @@ _BASE = _dt.datetime(2026, 1, 1, tzinfo=_dt.UTC)
 _BUILD = textwrap.dedent("""
     import datetime as dt, sys
     from runstore import Run, Status, Store
-    n, where = int(sys.argv[1]), sys.argv[2]
+    n, where, compact = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "compact"
     base = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     with Store(where, durable=False) as store:
         for k in range(0, n, 20000):
@@ -53,7 +53,8 @@ _BUILD = textwrap.dedent("""
                     ended_at=base + dt.timedelta(seconds=i + 5), batch_id=f"b{i // 1000}",
                     logs_path=f"/srv/logs/{i}.log", id=f"20260101T000000.000000Z-{i:016x}")
                 for i in range(k, min(n, k + 20000))])
-        store.compact()
+        if compact:
+            store.compact()
 """)
 
 _MEASURE = textwrap.dedent("""
@@ -145,10 +146,15 @@ def _count(path: str, kind: str) -> int:
         return sum(1 for line in f if line.startswith(b"2026"))
 
 
-def bench(n: int, tmp: str) -> list[dict[str, Any]]:
+def bench(n: int, tmp: str, compact: bool = True) -> list[dict[str, Any]]:
+    """The commands on a store of ``n`` runs: freshly compacted, or (``compact=False``) as
+    its imports left it, every run a line of a tail no compaction ever summarised: the
+    most a store of ``n`` runs can hold outside a compacted base, since the automatic
+    compaction lets superseded lines grow only to about the live ones."""
     store = os.path.join(tmp, f"store-{n}")
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", _BUILD, str(n), store], env=_env(), check=True)
+    subprocess.run([sys.executable, "-c", _BUILD, str(n), store,
+                    "compact" if compact else "tail"], env=_env(), check=True)
     print(f"  built {n:,} runs in {time.perf_counter() - t:.1f} s", flush=True)
     db = os.path.join(tmp, f"runs-{n}.sqlite")
     _build_sqlite(db, store)
@@ -166,7 +172,8 @@ def bench(n: int, tmp: str) -> list[dict[str, Any]]:
         sql_s, sql_kib = _measure([sys.executable, "-c", _SQLITE_JOB, db, sql_job, str(n)], out)
         if kind == "json":
             assert _count(out, "json") == n
-        rows.append({"runs": n, "command": name, "seconds": seconds, "peak_mib": kib / 1024,
+        rows.append({"runs": n, "command": name + ("" if compact else " (tail)"),
+                     "seconds": seconds, "peak_mib": kib / 1024,
                      "sqlite_seconds": sql_s, "sqlite_peak_mib": sql_kib / 1024})
         print(f"  {name:<16} {seconds:7.2f} s {kib / 1024:7.1f} MiB   sqlite {sql_s:6.2f} s "
               f"{sql_kib / 1024:6.1f} MiB", flush=True)
@@ -177,7 +184,8 @@ def bench(n: int, tmp: str) -> list[dict[str, Any]]:
     assert _count(archive, "lines") == n // 2
     sql_s, sql_kib = _measure([sys.executable, "-c", _SQLITE_JOB, db, "prune", str(n),
                                archive + ".sqlite"], out)
-    rows.append({"runs": n, "command": "prune --archive", "seconds": seconds,
+    rows.append({"runs": n, "command": "prune --archive" + ("" if compact else " (tail)"),
+                 "seconds": seconds,
                  "peak_mib": kib / 1024, "sqlite_seconds": sql_s,
                  "sqlite_peak_mib": sql_kib / 1024})
     print(f"  {'prune --archive':<16} {seconds:7.2f} s {kib / 1024:7.1f} MiB   sqlite "
@@ -229,13 +237,28 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="100k,1M")
     p.add_argument("--plot", action="store_true")
+    p.add_argument("--tail", default="",
+                   help="sizes also measured uncompacted (every run in the tail): the worst "
+                        "case for memory, written to million-tail.md/json")
     args = p.parse_args(argv)
     rows: list[dict[str, Any]] = []
+    tail: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="runstore-million-") as tmp:
-        for n in (_parse_size(s) for s in args.sizes.split(",")):
+        for n in (_parse_size(s) for s in args.sizes.split(",") if s):
             print(f"{n:,} runs", flush=True)
             rows += bench(n, tmp)
+        for n in (_parse_size(s) for s in args.tail.split(",") if s):
+            print(f"{n:,} runs, uncompacted", flush=True)
+            tail += bench(n, tmp, compact=False)
     RESULTS.mkdir(exist_ok=True)
+    if tail:
+        (RESULTS / "million-tail.json").write_text(json.dumps(tail, indent=1) + "\n")
+        (RESULTS / "million-tail.md").write_text(
+            f"`python -m benchmarks.bench_million --sizes '' --tail {args.tail}`\n\n"
+            + _markdown(tail))
+        print(_markdown(tail))
+        if not rows:
+            return 0
     (RESULTS / "million.json").write_text(json.dumps(rows, indent=1) + "\n")
     (RESULTS / "million.md").write_text(
         f"`python -m benchmarks.bench_million --sizes {args.sizes}`\n\n" + _markdown(rows))
