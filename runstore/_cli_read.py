@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from . import _clifmt as fmt, _fields, _ids, _location
+from . import _clifmt as fmt, _fields, _ids, _location, verify
 from ._cli_context import EXIT_FAILURE, EXIT_OK, Context, UsageError, _dumps, _json_array, _plural
 from .model import Run, Status
 from .store import Store
@@ -265,7 +265,7 @@ def _cmd_check(ctx: Context, args: argparse.Namespace) -> int:
                            "again: it verifies count and checksum)")
     ctx.require_store()
     with ctx.progress(f"checking {ctx.journal_path}"):
-        report = _location.check_file_store(ctx.state_dir, lock_timeout=ctx.lock_timeout)
+        report = verify.check(ctx.state_dir, lock_timeout=ctx.lock_timeout)
     torn = report.torn_tail
     if args.json:
         ctx.print(_dumps({

@@ -15,7 +15,7 @@ or a fragment, a URL that does not parse. No message, and no ``Location.display`
 password the location was written with (``redact``).
 
 The file store's directory layout and the PostgreSQL schema stay private to their backends:
-``journal_file``, ``missing_store`` and ``check_file_store`` are what a caller (the command
+``journal_file`` and ``missing_store`` are what a caller (the command
 line) asks of them.
 """
 
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from .errors import RunstoreError
 
 if TYPE_CHECKING:
-    from .verify import CheckReport
+    pass
 
 _PG_SCHEMES = ("postgresql", "postgres")
 #: the table a PostgreSQL store uses unless told otherwise (``PostgresStore``'s default)
@@ -201,11 +201,3 @@ def _postgres_schema_version(dsn: str, timeout: float, table: str) -> int:
     with psycopg.connect(dsn, autocommit=True, connect_timeout=max(1, round(timeout)),
                          application_name="runstore-cli") as conn:
         return _pgschema.current_version(conn, _pgschema.Names.of(table))
-
-
-def check_file_store(directory: str, *, lock_timeout: float = 30.0) -> CheckReport:
-    """Verify the whole journal file of the file store in ``directory`` without modifying
-    it (``CheckReport``: ``ok``, each problem with its line, offset and remedy)."""
-    from .verify import check
-
-    return check(directory, lock_timeout=lock_timeout)

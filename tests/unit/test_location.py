@@ -3,7 +3,7 @@ and the one hider of their passwords (``redact``, also ``postgres.safe_dsn``).
 
 Every accepted form and what it names; every refused form with its message, from
 ``runstore.open`` and from the CLI alike; a password in none of those messages; the checks a
-caller asks of a location (``missing_store``, ``journal_file``, ``check_file_store``)."""
+caller asks of a location (``missing_store``, ``journal_file``)."""
 
 from __future__ import annotations
 
@@ -249,15 +249,15 @@ def test_missing_store_says_why_and_creates_nothing(tmp_path: pathlib.Path) -> N
     assert _location.missing_store(parse(tmp_path / "s")) is None
 
 
-def test_check_file_store_verifies_the_journal(tmp_path: pathlib.Path) -> None:
-    """``check_file_store`` is the journal's verifier: ok for a healthy store, a problem
-    with its line for a damaged one."""
+def test_the_journal_file_is_what_check_verifies(tmp_path: pathlib.Path) -> None:
+    """``runstore.check`` of the directory: ok for a healthy store, a problem with its line
+    once the file ``journal_file`` names is damaged."""
     with Store(tmp_path / "s") as store:
         store.create(runstore.Run("m1", "/t", "h"))
-    report = _location.check_file_store(str(tmp_path / "s"), lock_timeout=1)
+    report = runstore.check(str(tmp_path / "s"), lock_timeout=1)
     assert report.ok and report.records >= 1
     path = _location.journal_file(str(tmp_path / "s"))
     data = pathlib.Path(path).read_bytes()
     pathlib.Path(path).write_bytes(data.replace(b'"m1"', b'"m2"', 1))  # fails its checksum
-    damaged = _location.check_file_store(str(tmp_path / "s"), lock_timeout=1)
+    damaged = runstore.check(str(tmp_path / "s"), lock_timeout=1)
     assert not damaged.ok and damaged.problems[0].line >= 1
