@@ -11,6 +11,7 @@ from faultlib.basics import (
     figure,
     full_reading,
     history,
+    mixed,
     open_fds,
     run_for,
     scale,
@@ -36,13 +37,20 @@ from faultlib.powerloss import (
     materialise,
     replay,
 )
-from faultlib.procs import failpoint_names, in_thread, spawn_python, wait_pid, writer
+from faultlib.procs import (
+    failpoint_names,
+    in_thread,
+    spawn_python,
+    stop_all,
+    wait_pid,
+    writer,
+)
 
 __all__ = [
     "WRITE_FATES", "AckLog", "Acked", "FailingFS", "History", "Op", "ReadLog", "RecordingFS",
     "Replay", "Scratch", "audit_store", "break_stress_workers", "check_crash_state", "checkpoints",
     "crash_states", "cycle", "failpoint_names", "figure", "full_reading", "history", "in_thread",
-    "lock_held", "lock_the_data_file", "lockf_without_mutex", "lost_acks", "materialise",
+    "lock_held", "lock_the_data_file", "lockf_without_mutex", "lost_acks", "materialise", "mixed",
     "no_cross_process_lock", "open_fds", "read_acks", "record_history", "replay", "run_for",
-    "scale", "sized", "snapshot_dir", "spawn_python", "view", "wait_pid", "writer",
+    "scale", "sized", "snapshot_dir", "spawn_python", "stop_all", "view", "wait_pid", "writer",
 ]

@@ -21,6 +21,7 @@ import attrs
 import orjson
 import pytest
 from backends import Backend
+from faults import stop_all
 
 import runstore
 from runstore import (
@@ -398,10 +399,7 @@ def test_watch_sees_three_writers_in_order_exactly_once_across_compaction(
         compactor.join(30)
         got = json.loads(Path(out).read_text())
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join()
+        stop_all(procs)
     seqs = [g[0] for g in got]
     assert seqs == list(range(1, expected + 1))
     per_run: dict[str, list[str]] = {}

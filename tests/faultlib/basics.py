@@ -85,6 +85,19 @@ def history(store: Any, n: int, machines: int = 13, prefix: str = "m") -> None:
             store.finish(run.id, Status.COMPLETED, exit_code=0)
 
 
+def mixed(s: Store, n: int = 40) -> None:
+    """``n`` runs on machines ``m0``.. (hash ``h<i>``): most finished, failed or completed;
+    every fifth machine left pending, every fifth other one running."""
+    for i in range(n):
+        machine = f"m{i}"
+        run, _ = s.prepare_atomic(machine, f"h{i}", lambda m=machine, i=i: Run(m, "/t", f"h{i}"))
+        if i % 5 == 1:
+            continue  # stays pending
+        s.start(run.id)
+        if i % 5 != 2:  # else stays running
+            s.finish(run.id, Status.FAILED if i % 2 else Status.COMPLETED, exit_code=i % 3)
+
+
 def view(store: Store) -> tuple[object, ...]:
     """Everything a caller can see of a store's view, the change feed included."""
     stats = store.stats()

@@ -1,6 +1,6 @@
 """Child processes of the fault suite: ``writer`` (a dispatcher-like writer logging what it
 acknowledged, for the failpoint and SIGKILL tests), ``spawn_python``, ``wait_pid``,
-``in_thread`` and ``failpoint_names`` (every failpoint in the package's source)."""
+``stop_all``, ``in_thread`` and ``failpoint_names`` (every failpoint in the package's source)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,15 @@ def wait_pid(pid: int, timeout: float = 30.0) -> int:
             os.kill(pid, 9)
             return os.waitpid(pid, 0)[1]
         time.sleep(0.002)
+
+
+def stop_all(procs: Any) -> None:
+    """Kill each of ``procs`` (``multiprocessing`` processes) that is still alive, then join
+    them all: the ``finally`` of a test that started workers."""
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join()
 
 
 def in_thread(fn: Callable[[], Any]) -> threading.Thread:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from faults import snapshot_dir
+from faults import snapshot_dir, stop_all
 
 import runstore._journal
 import runstore.verify
@@ -81,10 +81,7 @@ def _reap(procs: list[Any], timeout: float) -> list[int | None]:
         for p in procs:
             p.join(max(0.1, deadline - time.monotonic()))
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join()
+        stop_all(procs)
     return [p.exitcode for p in procs]
 
 

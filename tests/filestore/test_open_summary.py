@@ -9,20 +9,9 @@ import pathlib
 import attrs
 import orjson
 import pytest
+from faults import mixed
 
 from runstore import ChangeType, CorruptStoreError, Run, Status, Store, _codec as codec
-
-
-def _fill(s: Store, n: int = 40) -> None:
-    """``n`` runs: most finished, every fifth machine left pending or running."""
-    for i in range(n):
-        machine = f"m{i}"
-        run, _ = s.prepare_atomic(machine, f"h{i}", lambda m=machine, i=i: Run(m, "/t", f"h{i}"))
-        if i % 5 == 1:
-            continue  # stays pending
-        s.start(run.id)
-        if i % 5 != 2:  # else stays running
-            s.finish(run.id, Status.FAILED if i % 2 else Status.COMPLETED, exit_code=i % 3)
 
 
 def _snapshot(s: Store) -> tuple[list[Run], list[Run], int, int]:
@@ -36,7 +25,7 @@ def _reopen(path: pathlib.Path) -> Store:
 def test_a_compacted_store_opens_from_its_summary_and_answers_the_same(
         store_dir: pathlib.Path) -> None:
     with Store(store_dir, durable=False) as s:
-        _fill(s)
+        mixed(s)
         s.compact()
         before = _snapshot(s)
         old_terminal = next(r for r in before[0] if r.is_terminal)
@@ -51,7 +40,7 @@ def test_a_compacted_store_opens_from_its_summary_and_answers_the_same(
 
 def test_changes_after_the_base_keep_order_and_counts(store_dir: pathlib.Path) -> None:
     with Store(store_dir, durable=False) as s:
-        _fill(s, 20)
+        mixed(s, 20)
         s.compact()
     with _reopen(store_dir) as writer, _reopen(store_dir) as reader:
         assert reader._view.lazy
@@ -70,7 +59,7 @@ def test_changes_after_the_base_keep_order_and_counts(store_dir: pathlib.Path) -
 def test_a_run_pruned_after_the_base_is_gone_once_the_base_is_indexed(
         store_dir: pathlib.Path) -> None:
     with Store(store_dir, durable=False) as s:
-        _fill(s, 10)
+        mixed(s, 10)
         s.compact()
         victim = next(r for r in s.list() if r.is_terminal)
     with _reopen(store_dir) as writer, _reopen(store_dir) as reader:
@@ -146,7 +135,7 @@ def test_damage_in_a_finished_run_of_the_base_is_refused_when_the_base_is_read(
     """Opening reads only the non-terminal runs; the first query that reads the base checks
     its CRC-32 and names the damaged line; a compaction never rewrites past it."""
     with Store(store_dir, durable=False) as s:
-        _fill(s, 10)
+        mixed(s, 10)
         s.compact()
         assert s.list()[3].is_terminal  # line 4 of the base
     journal = store_dir / "runs.jsonl"
@@ -165,7 +154,7 @@ def test_damage_in_a_finished_run_of_the_base_is_refused_when_the_base_is_read(
 def test_damage_in_a_non_terminal_run_of_the_base_is_refused_at_open(
         store_dir: pathlib.Path) -> None:
     with Store(store_dir, durable=False) as s:
-        _fill(s, 10)
+        mixed(s, 10)
         s.compact()
         assert s.list()[1].status is Status.PENDING  # line 2 of the base
     journal = store_dir / "runs.jsonl"
@@ -178,7 +167,7 @@ def test_damage_in_a_non_terminal_run_of_the_base_is_refused_at_open(
 def test_reordered_base_lines_fail_the_base_checksum(store_dir: pathlib.Path) -> None:
     """Every line still passes its own checksum; the base's CRC-32 catches the swap."""
     with Store(store_dir, durable=False) as s:
-        _fill(s, 10)
+        mixed(s, 10)
         s.compact()
     journal = store_dir / "runs.jsonl"
     lines = _lines(journal)
@@ -198,7 +187,7 @@ def test_reordered_base_lines_fail_the_base_checksum(store_dir: pathlib.Path) ->
 def test_a_header_without_a_usable_summary_is_read_line_by_line(
         store_dir: pathlib.Path, summary: dict[str, object] | None) -> None:
     with Store(store_dir, durable=False) as s:
-        _fill(s, 15)
+        mixed(s, 15)
         s.compact()
         before = _snapshot(s)
     _rewrite_header(store_dir / "runs.jsonl", summary or {},
@@ -212,7 +201,7 @@ def test_a_summary_that_disagrees_with_the_bytes_falls_back_to_parsing(
         store_dir: pathlib.Path) -> None:
     """A summary naming a finished run as active is not trusted: the base is parsed."""
     with Store(store_dir, durable=False) as s:
-        _fill(s, 10)
+        mixed(s, 10)
         s.compact()
         before = _snapshot(s)
     journal = store_dir / "runs.jsonl"
@@ -226,7 +215,7 @@ def test_a_summary_that_disagrees_with_the_bytes_falls_back_to_parsing(
 def test_writes_after_a_lazy_open_compact_correctly(store_dir: pathlib.Path) -> None:
     """Compacting a store opened lazily indexes the base first and keeps every run."""
     with Store(store_dir, durable=False) as s:
-        _fill(s, 30)
+        mixed(s, 30)
         s.compact()
     with _reopen(store_dir) as s:
         for run in s.active():
@@ -247,7 +236,7 @@ def test_reopening_finds_the_retained_history_where_compaction_put_it(
     """The offsets of the retained changes, as the compacting process knows them, are what a
     process opening the compacted file finds (they serve ``changes()`` after a reopen)."""
     with Store(store_dir, durable=False) as s:
-        _fill(s, 30)
+        mixed(s, 30)
         s.compact()
         written = list(s._view.recent)
         with _reopen(store_dir) as again:

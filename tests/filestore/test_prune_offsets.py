@@ -8,27 +8,16 @@ from __future__ import annotations
 import pathlib
 
 import pytest
+from faults import mixed
 
 from runstore import ChangeType, CorruptStoreError, Run, Status, Store
-
-
-def _fill(s: Store, n: int) -> None:
-    """``n`` runs: most finished, every fifth machine left pending or running."""
-    for i in range(n):
-        machine = f"m{i}"
-        run, _ = s.prepare_atomic(machine, f"h{i}", lambda m=machine, i=i: Run(m, "/t", f"h{i}"))
-        if i % 5 == 1:
-            continue  # stays pending
-        s.start(run.id)
-        if i % 5 != 2:  # else stays running
-            s.finish(run.id, Status.FAILED if i % 2 else Status.COMPLETED, exit_code=i % 3)
 
 
 def _with_tail(store_dir: pathlib.Path) -> None:
     """A compacted base of 30 runs, then after it: a base run finished, a base run pruned
     (its tombstone alone), a new run, and a new run pruned."""
     with Store(store_dir, durable=False) as s:
-        _fill(s, 30)
+        mixed(s, 30)
         s.compact()
         runs = s.list()
     with Store(store_dir, durable=False) as s:
@@ -86,7 +75,7 @@ def test_prune_of_a_lazy_store_keeps_what_an_indexed_one_keeps(
 
 def _damage_a_finished_base_line(store_dir: pathlib.Path) -> bytes:
     with Store(store_dir, durable=False) as s:
-        _fill(s, 10)
+        mixed(s, 10)
         s.compact()
         assert s.list()[3].is_terminal  # line 4 of the base
     journal = store_dir / "runs.jsonl"

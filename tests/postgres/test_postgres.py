@@ -19,6 +19,7 @@ import attrs
 import psycopg
 import pytest
 from backends import Backend
+from faults import stop_all
 from racing import merge as _merge, overlaps as _overlaps, replay as _replay, threads as _threads
 
 from runstore import (
@@ -236,10 +237,7 @@ def test_processes_racing_prepare_never_overlap(
         for w in workers:
             w.join(90)
     finally:
-        for w in workers:
-            if w.is_alive():
-                w.kill()
-            w.join()
+        stop_all(workers)
     assert [w.exitcode for w in workers] == [0] * procs
     result = _merge([json.loads(out.read_text()) for out in outs])
     assert sum(result["counts"].values()) == procs * threads * attempts

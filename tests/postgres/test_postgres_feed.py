@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 from backends import Backend, fresh_table, pg_server
+from faults import stop_all
 
 from runstore import InvalidRunError, PrepareOutcome, Run, Status, _pgfeed
 from runstore.postgres import DatabaseConnectionError, PostgresStore
@@ -84,9 +85,7 @@ def test_a_follower_sees_every_committed_change_once_while_8_writers_run(
     finally:
         for w in writers:
             w.join(60)
-            if w.is_alive():
-                w.kill()
-                w.join()
+        stop_all(writers)
     reports = [json.loads(o.read_text()) for o in outs]
     assert [r["error"] for r in reports] == [None] * 8, [r["error"] for r in reports]
     written = sorted(tuple(v) for r in reports for v in r["versions"])
@@ -287,10 +286,7 @@ def test_a_server_crash_mid_run_loses_nothing_acknowledged(
             for w in writers:
                 w.join(60)
         finally:
-            for w in writers:
-                if w.is_alive():
-                    w.kill()
-                w.join()
+            stop_all(writers)
         assert [w.exitcode for w in writers] == [0] * 4
         acked: dict[str, str] = {}
         for o in outs:

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 import pytest
-from faults import lock_held
+from faults import lock_held, stop_all
 from racing import merge as _merge, overlaps as _overlaps, replay as _replay, threads as _threads
 
 from runstore import (
@@ -103,10 +103,7 @@ def _race_processes(state_dir: pathlib.Path, tmp: pathlib.Path, *, procs: int, t
             p.join(max(0.1, deadline - time.monotonic()))
         hung = [p.pid for p in workers if p.is_alive()]
     finally:
-        for p in workers:
-            if p.is_alive():
-                p.kill()
-            p.join()
+        stop_all(workers)
     assert not hung, f"workers {hung} did not finish within {timeout} s"
     assert [p.exitcode for p in workers] == [0] * procs
     return _merge([json.loads(out.read_text()) for out in outs])
@@ -547,10 +544,7 @@ def test_spawned_processes_share_the_store(store_dir: pathlib.Path,
         for p in workers:
             p.join(45)
     finally:
-        for p in workers:
-            if p.is_alive():
-                p.kill()
-            p.join()
+        stop_all(workers)
     assert [o.read_text() for o in outs] == ["ok", "ok"]
     with Store(store_dir) as s:
         assert len(s.list(status=Status.FAILED)) == 40
