@@ -6,7 +6,7 @@ Opening reads the header, then the journal from its last checkpoint (or its comp
 base's summary), into the in-memory ``View``; catching up takes in what other processes
 appended since, or reloads when the file was replaced (a compaction elsewhere), and refuses
 a journal deleted, renamed or replaced by something else. Damage past what is known synced
-is judged (``journal.judge``): only a torn write is ever cut, and only by a writer
+is judged (``_scan.judge``): only a torn write is ever cut, and only by a writer
 (``_before_writing``); a read leaves it in place.
 """
 
@@ -189,7 +189,7 @@ class _Opening:
 
     def _create(self) -> Header:
         """Create the journal of a new store, after making sure there was none: a lock file
-        that records synced bytes of a journal (``journal.Vouch``) proves one existed, and
+        that records synced bytes of a journal (``_vouch.Vouch``) proves one existed, and
         a store is never reset to empty without being asked. The new journal is recorded
         there at once, so that from now on its loss is noticed too."""
         fd = self._lock.descriptor()
@@ -212,7 +212,7 @@ class _Opening:
     def _vouch(self, header_crc: int, length: int, seq: int, by: str, *,
                sync: bool = True) -> None:
         """Record in the lock file that the first ``length`` bytes of the journal whose
-        header has CRC ``header_crc`` are synced (see ``journal.Vouch``): at a clean close,
+        header has CRC ``header_crc`` are synced (see ``_vouch.Vouch``): at a clean close,
         a checkpoint and a compaction only, never per operation."""
         fd = self._lock.descriptor()
         if fd is None:

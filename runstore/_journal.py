@@ -35,15 +35,9 @@ from . import _codec, _failpoints, _fields, _forks
 from ._fsio import FileSystem
 from ._scan import (
     _READ_CHUNK,
-    LINE_LIMIT,
-    TORN_TAIL_LIMIT,
     Cursor,
-    Damage,
     Header,
-    ScanResult,
     _chunks,
-    cursor_after_header,
-    judge,
     parse_header,
     scan,
 )
@@ -51,27 +45,17 @@ from ._statedir import (
     _IO_ERRNOS,
     _NOT_WRITABLE,
     _OPEN,
-    COMPACTING_NAME,
     DATA_NAME,
     LOCK_NAME,
-    TMP_PREFIX,
-    TMP_SUFFIX,
     _unsafe,
     check_regular,
     open_state_dir,
 )
 from ._temps import TempFiles
-from ._vouch import Vouch, cut_error, missing_error, read_vouch, write_vouch
+from ._vouch import Vouch, read_vouch
 from .errors import CorruptStoreError, IOKind, ReadOnlyStoreError, StoreIOError
-from .verify import CheckReport, Problem, TornTail, check
 
-__all__ = [  # defined here, then the names that moved, still importable from here
-    "CHECKPOINT_SEARCH", "READ_ONLY_REMEDY", "Journal", "log_warning",
-    "COMPACTING_NAME", "DATA_NAME", "LINE_LIMIT", "LOCK_NAME", "TMP_PREFIX", "TMP_SUFFIX",
-    "TORN_TAIL_LIMIT", "CheckReport", "Cursor", "Damage", "Header", "Problem", "ScanResult",
-    "TornTail", "Vouch", "check", "cursor_after_header", "cut_error", "judge",
-    "missing_error", "open_state_dir", "parse_header", "read_vouch", "scan", "write_vouch",
-]
+__all__ = ["CHECKPOINT_SEARCH", "READ_ONLY_REMEDY", "Journal", "log_warning"]
 
 #: how far back from the end of the journal opening looks for the last checkpoint line
 CHECKPOINT_SEARCH = 16 * 1024 * 1024

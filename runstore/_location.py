@@ -168,7 +168,7 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
 
 def journal_file(directory: str) -> str:
     """The journal file of the file store in ``directory``."""
-    from ._journal import DATA_NAME
+    from ._statedir import DATA_NAME
 
     return os.path.join(directory, DATA_NAME)
 

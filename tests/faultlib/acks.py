@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 import orjson
 
-from runstore import Run, Status, Store, _journal as journal
+from runstore import Run, Status, Store, _statedir, verify
 from runstore.errors import RunstoreError
 from runstore.stress import check_journal
 
@@ -105,9 +105,9 @@ def audit_store(state_dir: str) -> tuple[dict[str, Run], list[str]]:
             runs = {r.id: r for r in store.list()}
     except (RunstoreError, OSError) as exc:
         return {}, [f"store unreadable: {type(exc).__name__}: {exc}"]
-    report = journal.check(state_dir)
+    report = verify.check(state_dir)
     problems.extend(f"check: {p.message}" for p in report.problems)
-    jc = check_journal(os.path.join(state_dir, journal.DATA_NAME))
+    jc = check_journal(os.path.join(state_dir, _statedir.DATA_NAME))
     problems.extend(f"journal: {p}" for p in jc.problems)
     active: dict[str, str] = {}
     for run in runs.values():

@@ -21,8 +21,9 @@ from runstore import (
     Status,
     Store,
     StoreIOError,
-    _journal as journal,
     _owner as owner,
+    _statedir,
+    verify,
 )
 from runstore.errors import RunstoreError
 
@@ -141,8 +142,8 @@ def _runs_in_copy(state_dir: str) -> dict[str, Run]:
     itself is left alone)."""
     copy = tempfile.mkdtemp()
     try:
-        shutil.copyfile(os.path.join(state_dir, journal.DATA_NAME),
-                        os.path.join(copy, journal.DATA_NAME))
+        shutil.copyfile(os.path.join(state_dir, _statedir.DATA_NAME),
+                        os.path.join(copy, _statedir.DATA_NAME))
         with Store(copy) as store:
             return {r.id: r for r in store.list()}
     finally:
@@ -179,7 +180,7 @@ def check_crash_state(scratch: Scratch, files: dict[str, bytes], h: History, k: 
             got = {r.id: r for r in store.list()}
             if write_after:
                 store.create(run_for("after-crash", "h", status=Status.COMPLETED))
-        report = journal.check(path)
+        report = verify.check(path)
         if not report.ok:
             return f"crash point {k}: the reopened file fails check: {report.problems[0]}"
         if write_after:

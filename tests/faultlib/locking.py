@@ -20,7 +20,7 @@ import pytest
 
 import runstore._lock
 import runstore.store
-from runstore import _journal as journal, _stress_work
+from runstore import _statedir, _stress_work
 from runstore._stress_work import worker as _real_worker
 
 # -- broken locking (the race test must catch each) -----------------------------------------
@@ -69,7 +69,7 @@ def lock_the_data_file() -> None:
     compact often: a process that waited on the replaced inode and one that opened the new
     file both hold "the" lock."""
     def lock_file(self: Any, fd: int, deadline: float, timeout: float) -> None:
-        path = os.path.join(os.path.dirname(self.lock_path), journal.DATA_NAME)
+        path = os.path.join(os.path.dirname(self.lock_path), _statedir.DATA_NAME)
         data_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         fcntl.flock(data_fd, fcntl.LOCK_EX)
         self._data_fd = data_fd

@@ -31,7 +31,8 @@ from runstore import (
     StoreIOError,
     UnsafeStoreError,
     _codec as codec,
-    _journal as journal,
+    _statedir,
+    verify,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -172,7 +173,7 @@ def test_damaged_file_is_refused_untouched(tmp_path: pathlib.Path, case: str, wh
         s.list()
     assert excerpt in str(info.value)
     assert path.read_bytes() == damaged
-    assert not journal.check(tmp_path / "s").ok
+    assert not verify.check(tmp_path / "s").ok
     assert path.read_bytes() == damaged
 
 
@@ -524,7 +525,7 @@ def test_temp_files_are_created_exclusively_without_following_links(
             s.compact()
     finally:
         os.umask(old)
-    temps = [(n, f) for n, f in rec.opened if n.startswith(journal.TMP_PREFIX)]
+    temps = [(n, f) for n, f in rec.opened if n.startswith(_statedir.TMP_PREFIX)]
     assert len(temps) >= 2  # creation and compaction
     want = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
     assert all(f & want == want for _n, f in temps), temps
@@ -540,17 +541,17 @@ def test_stale_temp_cleanup_removes_only_our_regular_files(tmp_path: pathlib.Pat
     d = tmp_path / "s"
     victim = tmp_path / "victim"
     victim.write_text("precious")
-    ours = d / f"{journal.TMP_PREFIX}0123456789abcdef{journal.TMP_SUFFIX}"
+    ours = d / f"{_statedir.TMP_PREFIX}0123456789abcdef{_statedir.TMP_SUFFIX}"
     ours.write_bytes(b"half a compaction")
-    link = d / f"{journal.TMP_PREFIX}link{journal.TMP_SUFFIX}"
+    link = d / f"{_statedir.TMP_PREFIX}link{_statedir.TMP_SUFFIX}"
     os.symlink(victim, link)
-    folder = d / f"{journal.TMP_PREFIX}dir{journal.TMP_SUFFIX}"
+    folder = d / f"{_statedir.TMP_PREFIX}dir{_statedir.TMP_SUFFIX}"
     folder.mkdir()
-    fifo = d / f"{journal.TMP_PREFIX}fifo{journal.TMP_SUFFIX}"
+    fifo = d / f"{_statedir.TMP_PREFIX}fifo{_statedir.TMP_SUFFIX}"
     os.mkfifo(fifo)
-    similar = d / f"{journal.TMP_PREFIX}x.tmp.keep"
+    similar = d / f"{_statedir.TMP_PREFIX}x.tmp.keep"
     similar.write_text("not ours")
-    theirs = d / f"{journal.TMP_PREFIX}theirs{journal.TMP_SUFFIX}"
+    theirs = d / f"{_statedir.TMP_PREFIX}theirs{_statedir.TMP_SUFFIX}"
     theirs.write_text("someone else's")
     if os.geteuid() == 0:
         os.chown(theirs, 65534, 65534)

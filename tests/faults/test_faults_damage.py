@@ -22,7 +22,17 @@ from faults import audit_store, lost_acks, read_acks, snapshot_dir, spawn_python
 
 import runstore._scan as scan_module
 import runstore.store as store_module
-from runstore import CorruptStoreError, Run, Status, Store, _fileopen, _journal as journal, _limits
+from runstore import (
+    CorruptStoreError,
+    Run,
+    Status,
+    Store,
+    _fileopen,
+    _limits,
+    _statedir,
+    _vouch,
+    verify,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -111,7 +121,7 @@ def written_once(state_dir: pathlib.Path) -> bytes:
         seq = s.last_seq() + 1
         s.create(Run("cutter", "/t", "h", status=Status.COMPLETED))
     lock.write_bytes(saved)
-    data = (state_dir / journal.DATA_NAME).read_bytes()
+    data = (state_dir / _statedir.DATA_NAME).read_bytes()
     return data[:data.rindex(b'{"seq":%d,' % seq)]
 
 
@@ -321,7 +331,7 @@ def test_cut_at_a_line_boundary_after_clean_close_is_refused(tmp_path: pathlib.P
     data = mutate(path, lambda d: _cut_at_line(d, back))
     err = refused(tmp_path / "s", f"first {size} bytes")
     assert err.offset == len(data) and "runs.lock" in err.remedy
-    report = journal.check(tmp_path / "s")
+    report = verify.check(tmp_path / "s")
     assert not report.ok and "was cut" in report.problems[0].message
 
 
@@ -404,7 +414,7 @@ def test_cut_after_compaction_beside_the_lock_is_refused(
     monkeypatch.setattr(store_module.Store, "_compaction_due",
                         lambda self: self._view.lines - self._view.live() > 2)
     path = make_store(tmp_path / "s", closed=False)
-    vouch = journal.read_vouch(os.open(tmp_path / "s" / "runs.lock", os.O_RDONLY))
+    vouch = _vouch.read_vouch(os.open(tmp_path / "s" / "runs.lock", os.O_RDONLY))
     assert vouch is not None and vouch.by == "compaction" and vouch.length <= path.stat().st_size
     mutate(path, lambda d: d[:d.rindex(b"\n", 0, vouch.length - 1) + 1])
     refused(tmp_path / "s", "was cut")

@@ -36,7 +36,15 @@ from faults import audit_store, figure, in_thread, sized, wait_pid
 
 import runstore._ids
 import runstore._owner
-from runstore import PrepareOutcome, Run, Status, Store, _ids as ids, _journal as journal, _limits
+from runstore import (
+    PrepareOutcome,
+    Run,
+    Status,
+    Store,
+    _ids as ids,
+    _limits,
+    verify,
+)
 
 # -- forks ----------------------------------------------------------------------------------
 
@@ -463,7 +471,7 @@ def test_create_after_an_id_at_the_end_of_time(store_dir: Path, edge: str) -> No
     assert chain == sorted(chain)
     assert len(set(chain)) == len(chain)
     assert max(map(len, made)) <= len(edge) + 40
-    assert not journal.check(store_dir).problems
+    assert not verify.check(store_dir).problems
 
 
 def test_broken_an_id_successor_without_the_end_of_time_fallback_fails(

@@ -41,8 +41,9 @@ from runstore import (
     _forks,
     _limits,
 )
-from runstore._journal import DATA_NAME, LOCK_NAME, Journal
+from runstore._journal import Journal
 from runstore._lock import StoreLock
+from runstore._statedir import DATA_NAME, LOCK_NAME
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -162,7 +163,7 @@ def _lock_race(state_dir: pathlib.Path, how: str, fresh: int = 3) -> list[str]:
     created = outcomes.count(PrepareOutcome.CREATED.value)
     if created != 1:
         problems.append(f"{created} processes got CREATED for m0")
-    report = runstore._journal.check(state_dir)
+    report = runstore.check(state_dir)
     problems += [f"journal: {problem.message}" for problem in report.problems]
     if report.ok:
         with Store(state_dir) as s:

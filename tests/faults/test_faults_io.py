@@ -31,7 +31,7 @@ from faults import (
     sized,
 )
 
-from runstore import Run, Status, Store, StoreIOError, _journal as journal
+from runstore import Run, Status, Store, StoreIOError, verify
 from runstore._fsio import FileSystem
 
 pytestmark = pytest.mark.timeout(600)
@@ -225,7 +225,7 @@ def test_short_writes_are_written_on_until_complete(tmp_path: pathlib.Path) -> N
         assert s.get(run.id) == done
         assert [c.type.value for c in s.changes()] == ["run_created", "run_started",
                                                         "run_finished"]
-    assert journal.check(state).ok
+    assert verify.check(state).ok
 
 
 def test_enospc_during_compaction_is_clean(tmp_path: pathlib.Path) -> None:

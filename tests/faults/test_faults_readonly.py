@@ -27,6 +27,7 @@ import pytest
 from faults import run_for, snapshot_dir, wait_pid
 
 import runstore._journal
+import runstore._scan
 import runstore.store
 import runstore.verify
 from runstore import (
@@ -36,7 +37,8 @@ from runstore import (
     Status,
     Store,
     UnsafeStoreError,
-    _journal as journal,
+    _statedir,
+    verify,
 )
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("clean_cli_env")]
@@ -66,7 +68,7 @@ def _store_with_runs(state_dir: pathlib.Path, *, closed: bool = True) -> list[Ru
 def _torn_store(state_dir: pathlib.Path) -> tuple[list[Run], int]:
     """A store whose last write was cut short by a crash: (its runs, where the tear begins)."""
     runs = _store_with_runs(state_dir, closed=False)
-    path = state_dir / journal.DATA_NAME
+    path = state_dir / _statedir.DATA_NAME
     size = path.stat().st_size
     with open(path, "ab") as f:
         f.write(TORN)
@@ -76,7 +78,7 @@ def _torn_store(state_dir: pathlib.Path) -> tuple[list[Run], int]:
 def _cutting_recover(self: Store, damage: Any) -> bool:
     """The old ``Store._recover``: cut a torn tail wherever it is found, reads included."""
     j = self._journal
-    verdict = runstore._journal.judge(j.reader(), os.fstat(j.fd).st_size, self._view.cur, damage)
+    verdict = runstore._scan.judge(j.reader(), os.fstat(j.fd).st_size, self._view.cur, damage)
     assert verdict is None
     j.truncate(damage.offset, damage.reason)
     self._stale = False
@@ -97,7 +99,7 @@ def _read_everything(state_dir: pathlib.Path, run_id: str) -> dict[str, Any]:
         }
         with tempfile.TemporaryFile("w+b") as f:
             out["exported"] = s.export(f)
-    out["check"] = journal.check(state_dir, lock_timeout=0.5)
+    out["check"] = verify.check(state_dir, lock_timeout=0.5)
     return out
 
 
@@ -129,7 +131,7 @@ def test_reads_leave_a_torn_tail_broken_variant(store_dir: pathlib.Path,
     _read_everything(store_dir, runs[0].id)
     after = snapshot_dir(str(store_dir))
     assert after != before
-    assert after[journal.DATA_NAME] == before[journal.DATA_NAME][:tear]
+    assert after[_statedir.DATA_NAME] == before[_statedir.DATA_NAME][:tear]
 
 
 def test_the_next_write_cuts_exactly_what_check_said(store_dir: pathlib.Path,
@@ -137,8 +139,8 @@ def test_the_next_write_cuts_exactly_what_check_said(store_dir: pathlib.Path,
     """The first write cuts the torn tail (bytes and offset as check reported them, logged
     as a warning) and appends after the valid lines; nothing before the tear changes."""
     _runs, tear = _torn_store(store_dir)
-    data = (store_dir / journal.DATA_NAME).read_bytes()
-    torn = journal.check(store_dir).torn_tail
+    data = (store_dir / _statedir.DATA_NAME).read_bytes()
+    torn = verify.check(store_dir).torn_tail
     assert torn is not None and (torn.offset, torn.end) == (tear, len(data))
     with caplog.at_level(logging.WARNING, logger="runstore"), Store(store_dir) as s:
         s.list()
@@ -146,9 +148,9 @@ def test_the_next_write_cuts_exactly_what_check_said(store_dir: pathlib.Path,
         s.create(run_for("m4", "h", status=Status.COMPLETED))
     [warning] = [r.getMessage() for r in caplog.records if r.name == "runstore"]
     assert f"dropping {torn.length} bytes from offset {torn.offset}" in warning
-    after = (store_dir / journal.DATA_NAME).read_bytes()
+    after = (store_dir / _statedir.DATA_NAME).read_bytes()
     assert after.startswith(data[:tear]) and TORN not in after
-    report = journal.check(store_dir)
+    report = verify.check(store_dir)
     assert report.ok and report.torn_tail is None and report.records == 8
 
 
@@ -192,7 +194,7 @@ def test_reading_commands_broken_variant(store_dir: pathlib.Path,
     monkeypatch.setattr(runstore.store.Store, "_recover", _cutting_recover)
     code, _out, _err = run_cli("--state-dir", str(store_dir), "stats")
     assert code == 0
-    assert snapshot_dir(str(store_dir))[journal.DATA_NAME] == before[journal.DATA_NAME][:tear]
+    assert snapshot_dir(str(store_dir))[_statedir.DATA_NAME] == before[_statedir.DATA_NAME][:tear]
 
 
 # -- 2. a read-only copy ----------------------------------------------------------------------
@@ -215,7 +217,7 @@ def shared_base() -> Iterator[pathlib.Path]:
 def _make_read_only(state: pathlib.Path, *, keep_lock: bool) -> None:
     """chmod a-w the directory and its files (given to uid 65534 when run as root)."""
     if not keep_lock:
-        (state / journal.LOCK_NAME).unlink()
+        (state / _statedir.LOCK_NAME).unlink()
     for p in [state, *state.iterdir()]:
         if os.geteuid() == 0:
             os.chown(p, NOBODY, NOBODY)
@@ -257,7 +259,7 @@ def _read_then_write(state: pathlib.Path) -> Callable[[], dict[str, Any]]:
                 out["active"] = [r.machine for r in s.active()]
                 out["watched"] = len(list(s.watch(0, timeout=0)))
                 out["dry_reap"] = len(s.reap(stale_after=dt.timedelta(0), dry_run=True))
-                report = journal.check(state, lock_timeout=0.5)
+                report = verify.check(state, lock_timeout=0.5)
                 out["check_ok"] = report.ok
                 out["check_torn"] = report.torn_tail is not None
                 for name, write in [("create", lambda: s.create(run_for("m9", "h"))),
@@ -339,10 +341,10 @@ def test_a_read_only_mount_reads_and_refuses_writes(store_dir: pathlib.Path,
         assert s.list() == runs and s.stats().torn_tail_bytes == len(TORN)
         with pytest.raises(ReadOnlyStoreError) as info:
             s.prepare_atomic("m9", "h", lambda: run_for("m9", "h"))
-        assert info.value.path == str(store_dir / journal.LOCK_NAME)
+        assert info.value.path == str(store_dir / _statedir.LOCK_NAME)
         assert "Read-only file system" in str(info.value)
         assert isinstance(info.value, PermissionError)
-    assert journal.check(store_dir).ok
+    assert verify.check(store_dir).ok
     monkeypatch.undo()
     assert snapshot_dir(str(store_dir)) == before
 
@@ -363,7 +365,7 @@ def test_a_write_to_a_read_only_journal_names_it(store_dir: pathlib.Path) -> Non
     """A journal opened for reading only (its lock file writable) refuses a write with
     ReadOnlyStoreError naming the journal; nothing is written."""
     _store_with_runs(store_dir)
-    path = store_dir / journal.DATA_NAME
+    path = store_dir / _statedir.DATA_NAME
     with Store(store_dir) as s:
         s._journal.read_only = "Permission denied"  # as open() sets it on EACCES
         before = path.read_bytes()
@@ -388,7 +390,7 @@ def test_check_never_claims_nothing_acknowledged_is_lost(
     assert "cannot be known" in out and "not known to be synced" in out
     shutil.rmtree(store_dir)
     _store_with_runs(store_dir, closed=True)
-    report = journal.check(store_dir)
+    report = verify.check(store_dir)
     assert report.ok and report.notes == ()
     assert report.synced == report.size
 
@@ -398,7 +400,7 @@ def test_check_unsynced_note_broken_variant(store_dir: pathlib.Path,
     """Broken variant: a reader that takes every line as synced (its durable mark ignored)
     makes no note about an unclosed store: the note above rests on the marks."""
     _store_with_runs(store_dir, closed=False)
-    assert any("not known to be synced" in n for n in journal.check(store_dir).notes)
+    assert any("not known to be synced" in n for n in verify.check(store_dir).notes)
     real_scan = runstore.verify.scan
 
     def trusting_scan(buf: bytes, start: int, cur: Any) -> Any:
@@ -407,7 +409,7 @@ def test_check_unsynced_note_broken_variant(store_dir: pathlib.Path,
         return result
 
     monkeypatch.setattr(runstore.verify, "scan", trusting_scan)
-    assert not any("not known to be synced" in n for n in journal.check(store_dir).notes)
+    assert not any("not known to be synced" in n for n in verify.check(store_dir).notes)
 
 
 # -- 4. followers do not depend on the writers' lock -----------------------------------------
@@ -510,13 +512,13 @@ def test_a_store_used_only_to_read_creates_no_lock_file(store_dir: pathlib.Path)
     """A store whose lock file is missing (a copy without it) opened and read leaves the
     directory as it was; its first write creates the lock file."""
     runs = _store_with_runs(store_dir)
-    (store_dir / journal.LOCK_NAME).unlink()
+    (store_dir / _statedir.LOCK_NAME).unlink()
     before = snapshot_dir(str(store_dir))
     with Store(store_dir) as s:
         assert s.list() == runs and s.stats().runs == 3
         assert snapshot_dir(str(store_dir)) == before
         s.create(run_for("m9", "h"))
-    assert (store_dir / journal.LOCK_NAME).is_file()
+    assert (store_dir / _statedir.LOCK_NAME).is_file()
 
 
 def test_unsafe_files_are_still_refused_when_only_reading(store_dir: pathlib.Path) -> None:
@@ -524,7 +526,7 @@ def test_unsafe_files_are_still_refused_when_only_reading(store_dir: pathlib.Pat
     refused (UnsafeStoreError), not read through."""
     _store_with_runs(store_dir)
     target = store_dir.parent / "elsewhere.jsonl"
-    os.replace(store_dir / journal.DATA_NAME, target)
-    os.symlink(target, store_dir / journal.DATA_NAME)
+    os.replace(store_dir / _statedir.DATA_NAME, target)
+    os.symlink(target, store_dir / _statedir.DATA_NAME)
     with pytest.raises(UnsafeStoreError, match="symbolic link"):
         Store(store_dir)

@@ -32,8 +32,9 @@ from runstore import (
     StoreIOError,
     _fsio as fsio,
     _interchange as interchange,
-    _journal as journal,
     _limits,
+    _statedir,
+    verify,
 )
 from runstore._fsio import FileSystem
 
@@ -79,7 +80,7 @@ def _pruned_state(before: dict[str, Run], keep: int = KEEP) -> dict[str, Run]:
 
 
 def _temps(state: pathlib.Path) -> list[str]:
-    return [p.name for p in state.iterdir() if p.name.startswith(journal.TMP_PREFIX)]
+    return [p.name for p in state.iterdir() if p.name.startswith(_statedir.TMP_PREFIX)]
 
 
 def _reported(exc: StoreIOError) -> str:
@@ -135,9 +136,9 @@ class Disk(FileSystem):
 
     def write(self, fd: int, data: bytes | memoryview) -> int:
         name = self._names.get(fd, "")
-        if name == journal.DATA_NAME and self.full:
+        if name == _statedir.DATA_NAME and self.full:
             self._enospc()
-        if name.startswith(journal.TMP_PREFIX) and self.room is not None:
+        if name.startswith(_statedir.TMP_PREFIX) and self.room is not None:
             if self.room <= 0:
                 self._enospc()
             n = super().write(fd, bytes(data[:self.room]))
@@ -146,7 +147,7 @@ class Disk(FileSystem):
         return super().write(fd, data)
 
     def fdatasync(self, fd: int) -> None:
-        if self.syncs_fail and self._names.get(fd) == journal.DATA_NAME:
+        if self.syncs_fail and self._names.get(fd) == _statedir.DATA_NAME:
             self._enospc()
         super().fdatasync(fd)
 
@@ -213,11 +214,11 @@ def test_a_failed_prune_leaves_the_store_old_or_new_and_says_which(
         assert (state / "runs.jsonl").read_bytes() == journal_bytes
         assert f"({PRUNED} runs were to be removed" in str(exc)
     assert _temps(state) == []
-    assert journal.check(state).ok
+    assert verify.check(state).ok
     assert s.prune(keep_last=KEEP) == (PRUNED if want == "old" else 0)  # the retry
     s.close()
     assert _runs(state) == _pruned_state(before)
-    assert journal.check(state).ok
+    assert verify.check(state).ok
 
 
 def test_a_two_step_prune_is_caught_half_done(tmp_path: pathlib.Path,
@@ -423,7 +424,7 @@ def test_prune_relieves_a_full_disk(tmp_path: pathlib.Path, monkeypatch: pytest.
         feed = list(s.changes(s.stats().oldest_seq - 1))  # the last 16 of the 190 kept
         assert [c.seq for c in feed] == list(range(s.last_seq() - 15, s.last_seq() + 1))
         assert {c.type for c in feed} == {ChangeType.RUN_PRUNED}
-        assert journal.check(state).ok
+        assert verify.check(state).ok
         disk.full, disk.room = False, None  # the space the old file held is free again
         s.create(run_for("new", "h", status=Status.COMPLETED))
     assert len(_runs(state)) == len(before) - 190 + 1
@@ -577,7 +578,7 @@ def test_the_rewrite_leaves_out_the_unsynced_change(tmp_path: pathlib.Path) -> N
     assert [c.seq for c in s.changes(seq)] == [seq + 1]
     s.close()
     assert _runs(state)[run.id] == beat
-    assert journal.check(state).ok
+    assert verify.check(state).ok
 
 
 def test_the_rewrite_keeps_an_unsynced_change_another_writer_followed(
@@ -593,7 +594,7 @@ def test_the_rewrite_keeps_an_unsynced_change_another_writer_followed(
     s.create(run_for("mine", "h", status=Status.COMPLETED))
     assert s.get(run.id).status is Status.FAILED and s.get(created.id) == created
     s.close()
-    assert journal.check(state).ok
+    assert verify.check(state).ok
 
 
 def test_reads_that_rewrite_after_a_failed_sync_are_caught(

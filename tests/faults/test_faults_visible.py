@@ -23,7 +23,7 @@ from faults import run_for
 
 from runstore import IOKind, PrepareOutcome, Run, Status, Store, StoreIOError, _limits
 from runstore._fsio import FileSystem
-from runstore._journal import DATA_NAME
+from runstore._statedir import DATA_NAME
 
 pytestmark = pytest.mark.timeout(120)
 

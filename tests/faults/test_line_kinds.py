@@ -27,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import runstore
+import runstore._scan
 from runstore import (
     MAX_RECORD_BYTES,
     ChangeType,
@@ -40,10 +41,10 @@ from runstore import (
     _codec as codec,
     _compaction as compaction,
     _fields,
-    _journal as journal,
     _scan,
 )
-from runstore._journal import DATA_NAME, check
+from runstore._statedir import DATA_NAME
+from runstore.verify import check
 
 #: the names a kept field may not have
 RESERVED = sorted(_fields.RESERVED_KEYS)
@@ -358,7 +359,7 @@ def test_max_record_bytes_is_exported_and_one_mebibyte() -> None:
     """The limit is public, documented, and well under a torn tail's limit."""
     assert runstore.MAX_RECORD_BYTES == 1 << 20
     assert "MAX_RECORD_BYTES" in runstore.__all__ and "MAX_RECORD_BYTES" in runstore.__doc__
-    assert MAX_RECORD_BYTES + 4096 < journal.TORN_TAIL_LIMIT
+    assert MAX_RECORD_BYTES + 4096 < _scan.TORN_TAIL_LIMIT
 
 
 @pytest.mark.contract
@@ -507,7 +508,7 @@ def test_no_append_can_be_longer_than_a_torn_tail_may_be() -> None:
     import runstore._journal
     import runstore.store
 
-    limit = runstore._journal.TORN_TAIL_LIMIT
+    limit = runstore._scan.TORN_TAIL_LIMIT
     assert limit > runstore.MAX_RECORD_BYTES * 4
     assert limit > runstore._limits.SMALL_IMPORT_BYTES + 2 * runstore.MAX_RECORD_BYTES
 

@@ -21,9 +21,9 @@ from runstore import (
     Status,
     Store,
     _codec as codec,
-    _journal as journal,
     _limits,
     _owner as owner,
+    verify,
 )
 from runstore.errors import CorruptStoreError
 
@@ -79,7 +79,7 @@ def test_a_checkpoint_goes_down_every_so_many_records(store_dir: pathlib.Path) -
             line = orjson.loads(data[at:data.index(b"\n", at)])
             assert line["status"] in ("pending", "running")
     assert [m["next_seq"] for _, m in marks] == sorted(m["next_seq"] for _, m in marks)
-    assert journal.check(store_dir).ok
+    assert verify.check(store_dir).ok
 
 
 def test_opening_reads_from_the_last_checkpoint_and_sees_the_same(
@@ -251,4 +251,4 @@ def test_a_torn_checkpoint_at_the_end_is_passed_over(store_dir: pathlib.Path) ->
         assert len(s.list()) > 0
         assert s.stats().torn_tail_offset == offset
     assert path.stat().st_size == offset + 30  # reads cut nothing
-    assert journal.check(store_dir).ok
+    assert verify.check(store_dir).ok

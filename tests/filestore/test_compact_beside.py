@@ -32,7 +32,9 @@ from runstore import (
     _journal as journal,
     _limits,
     _lock as lock,
+    _statedir,
     _temps,
+    verify,
 )
 from runstore._fsio import FileSystem
 from runstore.errors import CorruptStoreError, UnsafeStoreError
@@ -123,8 +125,8 @@ def test_other_processes_write_while_the_compacted_copy_is_written(
         cycle(s, "m0")  # the view points into the new file: writing on works
     with Store(store_dir) as fresh:
         assert len(fresh.list()) == len(ours) + len(theirs) + 1
-    assert journal.check(store_dir).ok
-    assert not (store_dir / journal.COMPACTING_NAME).exists()
+    assert verify.check(store_dir).ok
+    assert not (store_dir / _statedir.COMPACTING_NAME).exists()
 
 
 def test_a_compaction_another_process_is_running_is_left_alone(
@@ -133,7 +135,7 @@ def test_a_compaction_another_process_is_running_is_left_alone(
     neither compact nor remove that file (opening the store neither); once it is free, the
     next write removes it as stale and compaction resumes."""
     Store(store_dir).close()
-    temp = store_dir / journal.COMPACTING_NAME
+    temp = store_dir / _statedir.COMPACTING_NAME
     fd = os.open(temp, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -166,13 +168,13 @@ def test_compaction_gives_up_when_the_file_is_replaced_meanwhile(
         with Store(store_dir) as s:
             ids = [cycle(s, f"m{i % 3}") for i in range(30)]
             assert len(copies) >= 2  # ours, then the other's
-            assert not (store_dir / journal.COMPACTING_NAME).exists()
+            assert not (store_dir / _statedir.COMPACTING_NAME).exists()
             assert [r.id for r in s.list()] == ids
     finally:
         other.close()
     with Store(store_dir) as fresh:
         assert [r.id for r in fresh.list()] == ids
-    assert journal.check(store_dir).ok
+    assert verify.check(store_dir).ok
 
 
 @pytest.mark.timeout(60)
@@ -198,7 +200,7 @@ def test_compaction_gives_up_when_the_lock_stays_busy(
                 else:
                     s.finish(run.id, status)
         assert calls < 60
-        assert not (store_dir / journal.COMPACTING_NAME).exists()
+        assert not (store_dir / _statedir.COMPACTING_NAME).exists()
         assert _compacted_through(store_dir) == 0
         holding.close()
     with Store(store_dir) as s:
@@ -250,7 +252,7 @@ def test_a_temp_file_removed_under_the_claim_is_not_used(
     real = lock.try_flock
 
     def removed_first(fd: int) -> bool:
-        os.unlink(store_dir / journal.COMPACTING_NAME)
+        os.unlink(store_dir / _statedir.COMPACTING_NAME)
         return real(fd)
 
     monkeypatch.setattr(_temps, "try_flock", removed_first)
@@ -259,10 +261,10 @@ def test_a_temp_file_removed_under_the_claim_is_not_used(
         monkeypatch.setattr(_temps, "try_flock", real)
         fd = j.claim_compaction_temp()
         assert fd is not None
-        j.abandon_temp(journal.COMPACTING_NAME, fd)
+        j.abandon_temp(_statedir.COMPACTING_NAME, fd)
     finally:
         j.close()
-    assert not (store_dir / journal.COMPACTING_NAME).exists()
+    assert not (store_dir / _statedir.COMPACTING_NAME).exists()
 
 
 def test_a_symlink_planted_as_the_temp_file_is_refused(
@@ -272,13 +274,13 @@ def test_a_symlink_planted_as_the_temp_file_is_refused(
     Store(store_dir).close()
     victim = tmp_path / "victim"
     victim.write_text("precious")
-    os.symlink(victim, store_dir / journal.COMPACTING_NAME)
+    os.symlink(victim, store_dir / _statedir.COMPACTING_NAME)
     with Store(store_dir) as s, pytest.raises(UnsafeStoreError, match="symbolic link") as info:
         for i in range(30):
             cycle(s, f"m{i % 3}")
-    assert journal.COMPACTING_NAME in str(info.value)
+    assert _statedir.COMPACTING_NAME in str(info.value)
     assert victim.read_text() == "precious"
-    os.unlink(store_dir / journal.COMPACTING_NAME)
+    os.unlink(store_dir / _statedir.COMPACTING_NAME)
     with Store(store_dir) as s:
         assert len(s.list()) >= 5
 
@@ -297,11 +299,11 @@ def test_an_io_error_while_compacting_fails_no_write(
         assert [r.id for r in s.list()] == ids
     assert f"automatic compaction of {store_dir / 'runs.jsonl'} failed" in caplog.text
     assert "No space left on device" in caplog.text
-    assert not (store_dir / journal.COMPACTING_NAME).exists()
+    assert not (store_dir / _statedir.COMPACTING_NAME).exists()
     assert _compacted_through(store_dir) > 0  # tried again, and done
     with Store(store_dir) as fresh:
         assert [r.id for r in fresh.list()] == ids
-    assert journal.check(store_dir).ok
+    assert verify.check(store_dir).ok
 
 
 class _ClaimMeanwhile(FileSystem):
@@ -321,13 +323,13 @@ class _ClaimMeanwhile(FileSystem):
         return fd
 
     def replace(self, src: str, dst: str, dir_fd: int) -> None:
-        fd = self._claim() if src == journal.COMPACTING_NAME else None
+        fd = self._claim() if src == _statedir.COMPACTING_NAME else None
         super().replace(src, dst, dir_fd)
         if fd is not None:
             os.close(fd)
 
     def unlink(self, name: str, dir_fd: int) -> None:
-        fd = self._claim() if name == journal.COMPACTING_NAME else None
+        fd = self._claim() if name == _statedir.COMPACTING_NAME else None
         super().unlink(name, dir_fd)
         if fd is not None:
             self.lost += os.fstat(fd).st_nlink == 0  # the other's claim was removed
@@ -348,7 +350,7 @@ def test_a_compaction_starting_elsewhere_cannot_empty_the_copy_being_installed(
     assert _compacted_through(store_dir) > 0
     with Store(store_dir) as fresh:
         assert [r.id for r in fresh.list()] == ids
-    assert journal.check(store_dir).ok
+    assert verify.check(store_dir).ok
 
 
 def test_a_compaction_given_up_cannot_remove_a_copy_another_one_claimed(

@@ -20,7 +20,7 @@ from backends import ROOT
 from faults import history
 
 from runstore import CorruptStoreError, Run, RunStore, Status, Store, _runscan as runscan
-from runstore._journal import DATA_NAME
+from runstore._statedir import DATA_NAME
 
 pytestmark = pytest.mark.contract
 

@@ -140,7 +140,7 @@ def test_a_staged_import_is_taken_in_by_the_view_and_other_processes(
         tmp_path: pathlib.Path) -> None:
     """After a staged import the same handle and a handle opened before it see every run,
     go on writing (a checkpoint follows), and check finds the file healthy."""
-    from runstore._journal import check
+    from runstore.verify import check
 
     with Store(tmp_path) as early, Store(tmp_path) as store:
         early.create(Run("m0", "/t", "h"))

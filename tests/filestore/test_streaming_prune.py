@@ -36,7 +36,7 @@ from runstore import (
     _runscan as runscan,
     verify,
 )
-from runstore._journal import DATA_NAME
+from runstore._statedir import DATA_NAME
 from runstore.model import ChangeType
 
 pytestmark = pytest.mark.file_only
@@ -208,7 +208,7 @@ def test_prune_archive_writes_what_it_did(tmp_path: pathlib.Path, keep: int) -> 
         assert not archive.exists()
     with Store(state) as again:
         assert again.list() == [r for r in before if r.id not in gone]
-    assert journal.check(state).ok
+    assert verify.check(state).ok
 
 
 def test_prune_older_than_streams_the_same_choice(tmp_path: pathlib.Path) -> None:
@@ -326,10 +326,10 @@ def test_check_reports_as_through_each_run(tmp_path: pathlib.Path,
     found (run_from_dict's message), the rest is the same."""
     state = tmp_path / "s"
     _malformed_store(state)
-    report = journal.check(state)
+    report = verify.check(state)
     assert not report.ok and "exit_code" in report.problems[0].message
     monkeypatch.setattr(_fields, "_sound_values", lambda data: None)  # each through its Run
-    assert journal.check(state) == report
+    assert verify.check(state) == report
 
 
 def test_check_malformed_field_broken_variant(tmp_path: pathlib.Path,
@@ -338,7 +338,7 @@ def test_check_malformed_field_broken_variant(tmp_path: pathlib.Path,
     state = tmp_path / "s"
     _malformed_store(state)
     monkeypatch.setattr(_fields, "fields_sound", lambda data: True)
-    assert journal.check(state).ok
+    assert verify.check(state).ok
 
 
 # -- list --limit from the end ------------------------------------------------------------------

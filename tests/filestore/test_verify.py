@@ -1,5 +1,4 @@
-"""The public verifier, ``runstore.check``, and the names of ``runstore._journal`` that moved
-to their own modules and stay importable from it."""
+"""The public verifier, ``runstore.check``, and the names ``runstore._journal`` lists."""
 
 from __future__ import annotations
 
@@ -9,6 +8,7 @@ import pytest
 
 import runstore
 import runstore._journal
+import runstore._statedir
 import runstore.verify
 from runstore import CheckReport, Run, Store
 
@@ -28,7 +28,7 @@ def _flip_a_synced_byte(store_dir: pathlib.Path) -> int:
     with Store(store_dir) as s:
         for i in range(3):
             s.create(Run(f"m{i}", "/t", "h"))
-    path = store_dir / runstore._journal.DATA_NAME
+    path = store_dir / runstore._statedir.DATA_NAME
     data = bytearray(path.read_bytes())
     first = data.index(b"\n") + 1
     data[first + 20] ^= 0x01
@@ -53,13 +53,7 @@ def test_check_finds_a_damaged_line_broken_variant(store_dir: pathlib.Path,
     assert report.ok and report.torn_tail is not None and report.torn_tail.offset == first
 
 
-def test_journal_check_is_the_same_function() -> None:
-    """``runstore._journal.check``, the verifier's former home, is ``runstore.check``."""
-    assert runstore._journal.check is runstore.check
-    assert runstore._journal.CheckReport is runstore.CheckReport
-
-
 def test_every_name_journal_lists_is_importable_from_it() -> None:
-    """Each name in ``runstore._journal.__all__`` (those that moved included) resolves."""
+    """Each name in ``runstore._journal.__all__`` resolves."""
     missing = [n for n in runstore._journal.__all__ if not hasattr(runstore._journal, n)]
     assert not missing

@@ -21,7 +21,8 @@ from runstore import (
     Store,
     _compaction as compaction,
     _gather as gather,
-    _journal as journal,
+    _scan,
+    verify,
 )
 from runstore.errors import CorruptStoreError
 
@@ -53,7 +54,7 @@ def _check_layout(buf: bytes, index: dict[str, int], history: list[int], active:
     retained = b"".join(_line(buf, o) for o in history)
     head = new[:new.index(b"\n") + 1]
     assert new == head + latest + retained
-    header = journal.parse_header(head[:-1], _PATH)
+    header = _scan.parse_header(head[:-1], _PATH)
     assert header.summary is not None
     assert header.summary.crc == zlib.crc32(latest + retained)
     assert header.summary.lines == len(index)
@@ -143,4 +144,4 @@ def test_compaction_and_list_never_read_the_journal_whole(tmp_path: pathlib.Path
         assert s.list() == before
     with Store(state) as s:
         assert [r.id for r in s.list()] == ids
-    assert journal.check(state).ok
+    assert verify.check(state).ok
