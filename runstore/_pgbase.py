@@ -29,6 +29,7 @@ from . import (
     _pgsql,
     _transitions,
 )
+from ._base import RETAIN_CHANGES
 from .errors import (
     CorruptStoreError,
     DatabaseConnectionError,
@@ -106,10 +107,6 @@ class PostgresBase:
     def _count_write(self) -> None:
         """Called after each write that stored a change (``PostgresStore`` numbers the feed
         now and then)."""
-
-    def _retain_changes(self) -> int:
-        """How many changes the feed keeps (``PostgresStore``: ``RETAIN_CHANGES``)."""
-        raise NotImplementedError
 
     # -- connections ----------------------------------------------------------------------
 
@@ -405,7 +402,7 @@ class PostgresBase:
             try:
                 with conn.transaction():
                     count = _pgimport.stage(self, conn, records, on_conflict,
-                                            self._retain_changes())
+                                            RETAIN_CHANGES)
                     self._hit("before_commit", conn)
                     committing = True
                 return count

@@ -202,9 +202,6 @@ class PostgresStore(PostgresBase, StoreBase):
         self._pool = self._new_pool()
         _stores.add(self)
 
-    def _retain_changes(self) -> int:
-        return RETAIN_CHANGES
-
     def _count_write(self) -> None:
         """Number (and trim) the feed once per ``TRIM_EVERY`` writes of this store, so it
         stays bounded when nobody follows it."""
