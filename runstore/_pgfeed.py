@@ -53,7 +53,10 @@ access to the changes table).
 
 from __future__ import annotations
 
-from ._pgschema import Names
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # (``_pgschema`` renders its statements with this module's)
+    from ._pgschema import Names
 
 #: the visibility horizon: every transaction with an id below it has ended (tests replace
 #: it to show what is lost without it)
@@ -89,11 +92,13 @@ DELETE FROM {changes} c USING cut WHERE c.seq <= cut.through;
 COMMIT"""
 
 
-def read_sql(n: Names) -> str:
+def read_sql(n: Names, columns: str) -> str:
     """The positioned changes after ``%s`` with the trim point (one row with NULLs when
-    there are none)."""
+    there are none): trim point, seq, time, change, the run as JSON (a change written
+    before schema version 4) and the run's ``columns``."""
     changes, feed = n.changes.as_string(), n.feed.as_string()
-    return (f"SELECT f.compacted_through, c.seq, c.time, c.change, c.run FROM {feed} f "
+    run = ", ".join(f"c.{name.strip()}" for name in columns.split(","))
+    return (f"SELECT f.compacted_through, c.seq, c.time, c.change, c.run, {run} FROM {feed} f "
             f"LEFT JOIN {changes} c ON c.seq > %s ORDER BY c.seq")
 
 

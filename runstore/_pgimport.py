@@ -43,10 +43,10 @@ def stage(store: PostgresBase, conn: _Conn,
     the rest in record order and write their changes to the feed."""
     names, imp = store._names, sql.Identifier("runstore_import")
     where = store._where
-    cols = _columns_sql([*_FIELDS, "extra", "run"])
+    cols = _columns_sql([*_FIELDS, "extra"])
     conn.execute(sql.SQL(
-        "CREATE TEMPORARY TABLE {imp} (n bigint NOT NULL, LIKE {runs}, run jsonb NOT NULL)"
-        " ON COMMIT DROP").format(imp=imp, runs=names.runs))
+        "CREATE TEMPORARY TABLE {imp} (n bigint NOT NULL, LIKE {runs}) ON COMMIT DROP")
+        .format(imp=imp, runs=names.runs))
     conn.execute(sql.SQL("ALTER TABLE {imp} DROP COLUMN inserted, DROP COLUMN changed_at")
                  .format(imp=imp))
     with conn.cursor().copy(sql.SQL("COPY {imp} (n, {cols}) FROM STDIN")
@@ -55,8 +55,7 @@ def stage(store: PostgresBase, conn: _Conn,
             values = _fields.converter.unstructure(run)
             values["status"] = run.status.value
             copy.write_row([n, *(values[f] for f in _FIELDS),
-                            Jsonb(extra) if extra else None,
-                            Jsonb(_fields.run_to_json(run))])
+                            Jsonb(extra) if extra else None])
     conn.execute(sql.SQL("CREATE INDEX ON {imp} (id)").format(imp=imp))
     conn.execute(sql.SQL("ANALYZE {imp}").format(imp=imp))
     twice = conn.execute(sql.SQL(
@@ -107,11 +106,11 @@ def stage(store: PostgresBase, conn: _Conn,
         return 0
     store._hit("before_feed", conn)
     conn.execute(sql.SQL(
-        "INSERT INTO {changes} (xid, ord, skip, time, change, run) "
+        "INSERT INTO {changes} (xid, ord, skip, time, change, {run}) "
         "SELECT pg_current_xact_id(), k, CASE WHEN k = %(first)s THEN %(first)s - 1 ELSE 0 "
-        "END, %(now)s, %(change)s, run FROM (SELECT row_number() OVER (ORDER BY n) AS k, run "
-        "FROM {imp}) t WHERE k >= %(first)s")
-        .format(changes=names.changes, imp=imp),
+        "END, %(now)s, %(change)s, {run} FROM (SELECT row_number() OVER (ORDER BY n) AS k, "
+        "{run} FROM {imp}) t WHERE k >= %(first)s")
+        .format(changes=names.changes, imp=imp, run=_columns_sql(list(_FIELDS))),
         {"first": max(1, count - retain + 1), "now": now,
          "change": ChangeType.RUN_CREATED.value})
     return count

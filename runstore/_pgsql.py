@@ -16,10 +16,10 @@ CTE), so a call is one round trip and holds its row lock only for that statement
   ``expected`` only (the revision check); ``update()`` and the general read-decide-write path.
 - ``prune``: delete terminal runs and append their ``run_pruned`` changes.
 
-The feed row is ``(xid, ord, time, change, run)``: the writing transaction's id (assigned
-by the statement's first write), the change's order within the statement, and the run as
-stored, as JSON built from the row itself. Its ``seq`` is assigned later by followers
-(``_pgfeed``).
+The feed row is ``(xid, ord, time, change, <the run's columns>)``: the writing
+transaction's id (assigned by the statement's first write), the change's order within the
+statement, and the run as stored, copied from the row the statement wrote (``RETURNING``).
+Its ``seq`` is assigned later by followers (``_pgfeed``).
 """
 
 from __future__ import annotations
@@ -27,19 +27,15 @@ from __future__ import annotations
 from psycopg import sql
 
 from ._fields import RUN_FIELDS
-from ._pgschema import Names
+from ._pgschema import RUN_TYPES, Names
 from .model import ChangeType, Status
 
 _ACTIVE = "status IN ('pending', 'running')"
 #: the characters of a run id up to its second (``YYYYMMDDTHHMMSS``)
 ID_SECOND = len("20260101T000000")
-#: the SQL type of each run column (for the typed placeholders of INSERT ... SELECT)
-_TYPES = {"exit_code": "bigint", "revision": "bigint", "owner_pid": "bigint",
-          "started_at": "timestamptz", "ended_at": "timestamptz",
-          "heartbeat_at": "timestamptz"}
 _FIELDS = list(RUN_FIELDS)
 #: the text columns of a run, whose size decides whether its record fits
-_TEXT = [f for f in _FIELDS if f not in _TYPES]
+_TEXT = [f for f in _FIELDS if f not in RUN_TYPES]
 #: a bound on a record's JSON bytes besides its text: keys, numbers, times, quotes
 RECORD_OVERHEAD = 4096
 #: the most JSON bytes one byte of text can take (a control character: ``\u00XX``)
@@ -57,15 +53,16 @@ def _cols(names: list[str], prefix: str = "") -> str:
     return ", ".join(prefix + sql.Identifier(n).as_string() for n in names)
 
 
-def run_json(alias: str) -> str:
-    """A jsonb object of the run columns of row ``alias`` (field names as ``Run``'s)."""
-    return "jsonb_build_object(" + ", ".join(
-        f"'{n}', {alias}.{sql.Identifier(n).as_string()}" for n in _FIELDS) + ")"
+#: the run columns, as a feed row and the row of a run name them
+COLUMNS = _cols(_FIELDS)
 
 
-def _feed_insert(changes: str, source: str, change: str, time: str = "%(changed_at)s") -> str:
-    return (f"INSERT INTO {changes} (xid, ord, time, change, run) "
-            f"SELECT pg_current_xact_id(), 0, {time}, {change}, run FROM {source}")
+def _feed_insert(changes: str, source: str, change: str, time: str = "%(changed_at)s",
+                 order: str = "0") -> str:
+    """The feed rows of the runs ``source`` returned, with change ``change``."""
+    return (f"INSERT INTO {changes} (xid, ord, time, change, {COLUMNS}) "
+            f"SELECT pg_current_xact_id(), {order}, {time}, {change}, {COLUMNS} "
+            f"FROM {source}")
 
 
 class Writes:
@@ -73,19 +70,19 @@ class Writes:
 
     def __init__(self, n: Names) -> None:
         runs, changes = n.runs.as_string(), n.changes.as_string()
-        cols = _cols(_FIELDS)
-        typed = ", ".join(f"%({f})s::{_TYPES.get(f, 'text')}" for f in _FIELDS)
+        cols = COLUMNS
+        typed = ", ".join(f"%({f})s::{RUN_TYPES.get(f, 'text')}" for f in _FIELDS)
         self.create = (
             f"WITH ins AS (INSERT INTO {runs} ({cols}, changed_at, extra) "
             f"SELECT {typed}, %(changed_at)s::timestamptz, %(extra)s::jsonb "
             f"WHERE left(%(id)s::text, {ID_SECOND}) COLLATE \"C\" "
             f">= left(coalesce((SELECT max(id) FROM {runs}), ''), {ID_SECOND}) "
             f"ON CONFLICT (machine) WHERE {_ACTIVE} DO NOTHING "
-            f"RETURNING {run_json(runs)} AS run), "
+            f"RETURNING {cols}), "
             f"f AS ({_feed_insert(changes, 'ins', repr(ChangeType.RUN_CREATED.value))}) "
             f"SELECT (SELECT count(*) FROM ins), (SELECT max(id) FROM {runs})")
         size = " + ".join(f"octet_length(r.{sql.Identifier(f).as_string()})" for f in _TEXT)
-        returning = f"RETURNING {_cols(_FIELDS, 'r.')}, {run_json('r')} AS run"
+        returning = f"RETURNING {_cols(_FIELDS, 'r.')}"
         tail = f"SELECT {cols} FROM u"
 
         def transition(sets: str, where: str, change: ChangeType) -> str:
@@ -118,13 +115,13 @@ class Writes:
             f"WHERE r.id = %(id)s AND r.revision = %(expected)s "
             f"AND r.status = ANY(%(from)s) AND r.machine = %(machine)s "
             f"AND r.test_dir_hash = %(test_dir_hash)s "
-            f"RETURNING {run_json('r')} AS run, o.status AS old), "
+            f"RETURNING {_cols(_FIELDS, 'r.')}, o.status AS old), "
             f"f AS ({_feed_insert(changes, 'u', change_of_update)}) "
             f"SELECT old FROM u")
+        pruned = _feed_insert(changes, "d", repr(ChangeType.RUN_PRUNED.value),
+                              order="row_number() OVER (ORDER BY inserted)")
         self.prune = (
             f"WITH d AS (DELETE FROM {runs} r WHERE r.id = ANY(%(ids)s) AND NOT r.{_ACTIVE} "
-            f"RETURNING r.inserted, {run_json('r')} AS run), "
-            f"f AS (INSERT INTO {changes} (xid, ord, time, change, run) "
-            f"SELECT pg_current_xact_id(), row_number() OVER (ORDER BY inserted), "
-            f"%(changed_at)s, '{ChangeType.RUN_PRUNED.value}', run FROM d) "
+            f"RETURNING r.inserted, {_cols(_FIELDS, 'r.')}), "
+            f"f AS ({pruned}) "
             f"SELECT count(*) FROM d")

@@ -189,7 +189,7 @@ class PostgresStore(PostgresBase, StoreBase):
         self._where = f"table {table!r} on {self.server}"
         self._sql = _pgschema.Statements(self._names)
         self._w = _pgsql.Writes(self._names)
-        self._read_feed = _pgfeed.read_sql(self._names)
+        self._read_feed = _pgfeed.read_sql(self._names, _pgsql.COLUMNS)
         self._last_seq_sql = _pgfeed.last_seq_sql(self._names)
         #: the greatest id this store made or saw refused: new ids sort after it
         self._last_id = ""
@@ -416,14 +416,16 @@ class PostgresStore(PostgresBase, StoreBase):
         if since_seq < compacted:
             raise HistoryTruncatedError(since_seq, compacted + 1)
         out = []
-        for _, seq, when, kind, data in rows:
+        for _, seq, when, kind, data, *columns in rows:
             if seq is None:
                 continue
             try:
-                run = _fields.run_from_dict(data)
-            except _fields.BadLine as exc:
+                # the run's columns; as JSON in a change written before schema version 4
+                run = self._run(columns) if data is None else _fields.run_from_dict(data)
+            except (_fields.BadLine, CorruptStoreError) as exc:
+                reason = exc.reason if isinstance(exc, _fields.BadLine) else exc.problem
                 raise CorruptStoreError(self._where, None, f"change {seq} is unreadable "
-                                        f"({exc.reason})", "fix or delete the row by hand"
+                                        f"({reason})", "fix or delete the row by hand"
                                         ) from None
             out.append(Change(seq=int(seq), time=when.astimezone(_dt.UTC),
                               type=ChangeType(kind), run=run))

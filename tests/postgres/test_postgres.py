@@ -85,6 +85,53 @@ def test_an_older_schema_is_migrated_on_open_keeping_its_runs(
     assert migrate_schema(admin, pg.table) == (SCHEMA_VERSION, SCHEMA_VERSION)  # idempotent
 
 
+def _v3_change(admin: psycopg.Connection[Any], table: str, run: dict[str, Any],
+               change: str) -> None:
+    """Write a run's change as a version-3 writer did: the run as JSON in ``run``."""
+    admin.execute(f"INSERT INTO {table}_changes (xid, ord, time, change, run) "
+                  "VALUES (pg_current_xact_id(), 0, now(), %s, %s)",
+                  [change, psycopg.types.json.Jsonb(run)])
+
+
+def test_changes_written_as_json_before_version_4_are_read_after_the_upgrade(
+    opened: Callable[..., PostgresStore], pg: Backend, admin: psycopg.Connection[Any]
+) -> None:
+    """A version-3 feed keeps each change's run as JSON; after the upgrade to run columns
+    those changes read as before, in order with the ones written since, and a follower that
+    had read the first resumes after it."""
+    assert migrate_schema(admin, pg.table, target=3) == (0, 3)
+    base = {"machine": "m1", "test_dir": "/t", "test_dir_hash": "h", "id": "old-1",
+            "status": "pending", "revision": 1, "exit_code": None, "started_at": None,
+            "ended_at": None, "heartbeat_at": None}
+    for field in ("artifacts_path", "logs_path", "error_code", "error_msg", "batch_id",
+                  "plan_entry", "owner_host", "owner_start"):
+        base[field] = ""
+    base["owner_pid"] = None
+    admin.execute(f"INSERT INTO {pg.table} (id, machine, test_dir, test_dir_hash, status, "
+                  "revision, started_at) VALUES ('old-1', 'm1', '/t', 'h', 'running', 2, "
+                  "'2026-01-02T03:04:05.000006Z')")
+    _v3_change(admin, pg.table, base, "run_created")
+    _v3_change(admin, pg.table, {**base, "status": "running", "revision": 2,
+                                 "started_at": "2026-01-02T03:04:05.000006+00:00"},
+               "run_started")
+    store = opened()
+    assert store.schema_version == SCHEMA_VERSION == 4
+    first = list(store.changes())
+    assert [(c.seq, c.type.value, c.run.status, c.run.revision) for c in first] == [
+        (1, "run_created", Status.PENDING, 1), (2, "run_started", Status.RUNNING, 2)]
+    assert first[1].run.started_at is not None and first[1].run.started_at.microsecond == 6
+    store.finish("old-1", Status.COMPLETED, exit_code=0)
+    new = store.create(Run("m2", "/t", "h"))
+    after = list(store.changes(2))
+    assert [(c.seq, c.type.value, c.run.id) for c in after] == [
+        (3, "run_finished", "old-1"), (4, "run_created", new.id)]
+    assert after[0].run == store.get("old-1")
+    assert after[1].run == store.get(new.id)
+    row = admin.execute(f"SELECT run IS NULL, machine FROM {pg.table}_changes "
+                        "WHERE seq = 4").fetchone()
+    assert row == (True, "m2")  # written as columns, no JSON
+
+
 def test_a_newer_schema_is_refused(
     opened: Callable[..., PostgresStore], pg: Backend, admin: psycopg.Connection[Any]
 ) -> None:
