@@ -10,7 +10,8 @@ throughput grows with the number of writers. No ``pg_notify`` either (it takes a
 database-wide lock held until commit); watchers poll (``watch``).
 
 **Numbering.** A follower (``changes``, ``last_seq``, ``watch``, ``stats``, ``compact``), and
-every writer once per ``TRIM_EVERY`` writes, runs the *sequencer* (``sequencer_sql``): in one
+every writer once per ``TRIM_EVERY`` writes unless another numbering is running then (it
+numbers what the writer would have), runs the *sequencer* (``sequencer_sql``): in one
 short transaction serialised by an advisory lock on the table, it gives the rows with no
 ``seq`` whose ``xid`` is below the horizon ``pg_snapshot_xmin(pg_current_snapshot())`` the
 positions after the greatest assigned one, in ``(xid, ord)`` order, then trims the feed to
@@ -63,15 +64,27 @@ if TYPE_CHECKING:  # (``_pgschema`` renders its statements with this module's)
 HORIZON = "pg_snapshot_xmin(pg_current_snapshot())"
 
 
+def lock_key(n: Names) -> str:
+    """The advisory lock the numberings of the table's feed take, one at a time."""
+    return f"runstore.feed.{n.table}"
+
+
 def sequencer_sql(n: Names, retain: int, trim_every: int) -> str:
     """The script numbering the changes below the horizon, then trimming the feed to the last
-    ``retain`` positions when it has grown ``trim_every`` past that. One round trip (a
-    simple query: several statements, no parameters)."""
-    changes, feed = n.changes.as_string(), n.feed.as_string()
-    key = f"'runstore.feed.{n.table}'"
+    ``retain`` positions when it has grown ``trim_every`` past that, waiting for the
+    numbering lock. One round trip (a simple query: several statements, no parameters)."""
     return f"""BEGIN;
-SELECT pg_advisory_xact_lock(hashtext({key}));
-WITH h AS (SELECT {HORIZON} AS x),
+SELECT pg_advisory_xact_lock(hashtext('{lock_key(n)}'));
+{numbering_sql(n, retain, trim_every)};
+COMMIT"""
+
+
+def numbering_sql(n: Names, retain: int, trim_every: int) -> str:
+    """``sequencer_sql``'s numbering and trimming, to run in a transaction that holds the
+    numbering lock (taken by an earlier statement, so that their snapshots see every
+    earlier numbering)."""
+    changes, feed = n.changes.as_string(), n.feed.as_string()
+    return f"""WITH h AS (SELECT {HORIZON} AS x),
 b AS (SELECT greatest((SELECT max(seq) FROM {changes}),
                       (SELECT compacted_through FROM {feed}), 0) AS base),
 todo AS (SELECT c.xid, c.ord, b.base + sum(1 + c.skip) OVER (ORDER BY c.xid, c.ord) AS pos,
@@ -88,8 +101,7 @@ cut AS (UPDATE {feed} f SET compacted_through = t.through FROM t
         WHERE t.through - f.compacted_through >= {int(trim_every)}
            OR EXISTS (SELECT 1 FROM {changes} WHERE seq <= f.compacted_through)
         RETURNING f.compacted_through AS through)
-DELETE FROM {changes} c USING cut WHERE c.seq <= cut.through;
-COMMIT"""
+DELETE FROM {changes} c USING cut WHERE c.seq <= cut.through"""
 
 
 def read_sql(n: Names, columns: str) -> str:

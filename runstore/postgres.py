@@ -208,15 +208,26 @@ class PostgresStore(PostgresBase, StoreBase):
         self._writes += 1
         if self._writes >= TRIM_EVERY:
             self._writes = 0
-            self._sequence("numbering the change feed of")
+            self._sequence("numbering the change feed of", wait=False)
 
-    def _sequence(self, action: str, trim_every: int | None = None) -> None:
-        """Number the changes below the horizon, and trim (``_pgfeed``): one round trip."""
-        script = _pgfeed.sequencer_sql(self._names, RETAIN_CHANGES,
-                                       TRIM_EVERY if trim_every is None else trim_every)
+    def _sequence(self, action: str, trim_every: int | None = None,
+                  wait: bool = True) -> None:
+        """Number the changes below the horizon, and trim (``_pgfeed``): one round trip.
+        ``wait=False``: only when no other numbering is running (then four round trips; a
+        writer's housekeeping, which another numbering does as well)."""
+        every = TRIM_EVERY if trim_every is None else trim_every
         with self._connection(action) as conn:
             try:
-                conn.execute(script.encode())
+                if wait:
+                    conn.execute(_pgfeed.sequencer_sql(self._names, RETAIN_CHANGES,
+                                                       every).encode())
+                    return
+                with conn.transaction():
+                    row = conn.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s))",
+                                       [_pgfeed.lock_key(self._names)]).fetchone()
+                    if row is not None and row[0]:
+                        conn.execute(_pgfeed.numbering_sql(self._names, RETAIN_CHANGES,
+                                                           every).encode())
             except psycopg.Error as exc:
                 raise self._translate(exc, conn, action, False) from None
 

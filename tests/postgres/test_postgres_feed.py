@@ -19,7 +19,15 @@ import pytest
 from backends import Backend, fresh_table, pg_server
 from faults import stop_all
 
-from runstore import InvalidRunError, PrepareOutcome, Run, Status, _pgfeed
+from runstore import (
+    InvalidRunError,
+    LockTimeoutError,
+    PrepareOutcome,
+    Run,
+    Status,
+    _pgfeed,
+    postgres as pg_module,
+)
 from runstore.postgres import DatabaseConnectionError, PostgresStore
 
 pytestmark = pytest.mark.postgres
@@ -182,6 +190,41 @@ def test_an_open_writing_transaction_holds_the_feed_back_not_the_writers(
         older.commit()
     machines = [c.run.machine for c in store.changes(0)]
     assert machines == ["old"] + [f"m{i}" for i in range(20)]
+
+
+def _writes_while_a_numbering_runs(store: PostgresStore, pg: Backend) -> list[str]:
+    """40 creates (five of a writer's periodic numberings) while another session holds the
+    numbering lock; then the machines the feed shows."""
+    with psycopg.connect(pg.location, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(hashtext(%s))",
+                      [f"runstore.feed.{pg.table}"])
+        for i in range(40):
+            store.create(Run(f"m{i}", "/t", "h"))
+    return [c.run.machine for c in store.changes(0)]
+
+
+def test_a_writer_never_waits_for_another_numbering(
+    opened: Callable[..., PostgresStore], pg: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer's periodic numbering is skipped while another one runs (which numbers the
+    same rows): its write neither waits nor fails; the feed stays whole."""
+    monkeypatch.setattr(pg_module, "TRIM_EVERY", 8)
+    store = opened(lock_timeout=0.5)
+    assert _writes_while_a_numbering_runs(store, pg) == [f"m{i}" for i in range(40)]
+
+
+def test_broken_a_writer_waiting_for_the_numbering_lock_fails_its_call(
+    opened: Callable[..., PostgresStore], pg: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken variant: a writer whose periodic numbering waits for the lock times out."""
+    monkeypatch.setattr(pg_module, "TRIM_EVERY", 8)
+    real = PostgresStore._sequence
+    monkeypatch.setattr(PostgresStore, "_sequence",
+                        lambda self, action, trim_every=None, wait=True:
+                        real(self, action, trim_every, True))
+    store = opened(lock_timeout=0.5)
+    with pytest.raises(LockTimeoutError):
+        _writes_while_a_numbering_runs(store, pg)
 
 
 # -- large fields ----------------------------------------------------------------------------
