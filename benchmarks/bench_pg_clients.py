@@ -4,10 +4,17 @@ throwaway PostgreSQL server: how each implementation scales with dispatchers.
 One cycle: ``prepare_atomic`` on one of the client's own machines (so it CREATES), then
 ``start``, ``get`` and ``finish`` of that run: 4 operations. Side by side in the same run:
 
-- ``postgres``: hand-written SQL, one statement per step (``INSERT ... ON CONFLICT DO
-  NOTHING`` on a partial unique index on ``machine`` for pending/running rows; ``UPDATE ...
-  WHERE status = ...``; ``SELECT``): the anchor;
-- ``runstore-pg``: ``runstore.PostgresStore`` (one database per implementation, same server);
+- ``postgres-lock``: the anchor, hand-written SQL keeping the contract (a partial unique index
+  on ``machine`` for pending/running rows; ``prepare_atomic`` in one transaction under an
+  advisory lock on the machine: a ``SELECT`` of its active run, then ``make()`` and an
+  ``INSERT`` only when it is free; ``UPDATE ... WHERE status = ...``; ``SELECT``): 5 round
+  trips to create, 1 for each other call;
+- ``postgres``: the same, but ``prepare_atomic`` is one ``INSERT ... ON CONFLICT DO
+  NOTHING`` with the run ``make()`` returned before anything was known about the machine
+  (which the contract does not allow: ``make()`` may allocate resources); the floor for a
+  create, 1 round trip;
+- ``runstore-pg``: ``runstore.PostgresStore`` (one database per implementation, same server):
+  2 round trips to create (a read, then ``make()`` and the insert), 1 for each other call;
 - ``runstore``: the file store (``runstore.Store``) in a temporary directory on local disk.
 
 Each case (implementation x client count) runs ``--rounds`` times for ``--seconds`` each,
@@ -48,9 +55,9 @@ from runstore import PrepareOutcome, Run
 from . import impls, pg_server
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-ANCHOR = "postgres"
-IMPLS = (ANCHOR, "runstore-pg", "runstore")
-PG_IMPLS = (ANCHOR, "runstore-pg")
+ANCHOR = "postgres-lock"
+IMPLS = (ANCHOR, "postgres", "runstore-pg", "runstore")
+PG_IMPLS = (ANCHOR, "postgres", "runstore-pg")
 _CTX = multiprocessing.get_context("fork")
 #: terminal runs each store holds before the measurement
 _HISTORY = 1000
@@ -274,6 +281,10 @@ def _markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_LABELS = {ANCHOR: " (anchor: hand-written SQL, make() once free)",
+           "postgres": " (hand-written SQL, make() first)"}
+
+
 def _plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -285,8 +296,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
         rows = [r for r in result["summary"] if r["impl"] == impl and r["via"] == "direct"]
         if rows:
             ax.plot([r["clients"] for r in rows], [r["ops_per_s"] for r in rows],
-                    marker="o", label=impl + (" (anchor: hand-written SQL)"
-                                              if impl == ANCHOR else ""))
+                    marker="o", label=impl + _LABELS.get(impl, ""))
     for row in (r for r in result["summary"] if r["via"] != "direct"):
         ax.scatter([row["clients"]], [row["ops_per_s"]], marker="x",
                    label=f"{row['impl']} via {row['via']}")

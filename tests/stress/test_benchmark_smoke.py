@@ -248,9 +248,9 @@ def test_pg_clients_benchmark_quick(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((tmp_path / "pg_clients.json").read_text())
     got = {(c["impl"], c["clients"], c["via"]) for c in results["cases"]}
-    assert got == {*((i, n, "direct") for i in ("postgres", "runstore-pg", "runstore")
-                     for n in (1, 2)),
-                   ("postgres", 2, "proxy 1 ms"), ("runstore-pg", 2, "proxy 1 ms")}
+    assert got == {*((i, n, "direct") for i in ("postgres-lock", "postgres", "runstore-pg",
+                                                 "runstore") for n in (1, 2)),
+                   *((i, 2, "proxy 1 ms") for i in ("postgres-lock", "postgres", "runstore-pg"))}
     assert all(c["ops"] > 0 and c["problems"] == [] for c in results["cases"])
     assert all(r["vs_anchor"] is not None for r in results["summary"])
     assert "vs anchor" in (tmp_path / "pg_clients.md").read_text()
