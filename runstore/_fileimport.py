@@ -17,7 +17,7 @@ from . import (
 )
 from ._fileopen import Changes, Decision
 from ._fileprune import _Pruning
-from ._journal import log_warning
+from ._log import log_warning
 from .errors import (
     InvalidRunError,
 )

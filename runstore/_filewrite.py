@@ -37,7 +37,7 @@ from . import (
 )
 from ._filecompact import _Compacting
 from ._fileopen import Changes, Decision, T
-from ._journal import log_warning
+from ._log import log_warning
 from ._scan import cursor_after_header, parse_header
 from .errors import (
     CorruptStoreError,

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 
 from . import _codec, _failpoints, _fields, _forks
 from ._fsio import FileSystem
+from ._log import log_warning
 from ._scan import (
     _READ_CHUNK,
     Cursor,
@@ -55,7 +56,7 @@ from ._temps import TempFiles
 from ._vouch import Vouch, read_vouch
 from .errors import CorruptStoreError, IOKind, ReadOnlyStoreError, StoreIOError
 
-__all__ = ["CHECKPOINT_SEARCH", "READ_ONLY_REMEDY", "Journal", "log_warning"]
+__all__ = ["CHECKPOINT_SEARCH", "READ_ONLY_REMEDY", "Journal"]
 
 #: how far back from the end of the journal opening looks for the last checkpoint line
 CHECKPOINT_SEARCH = 16 * 1024 * 1024
@@ -65,14 +66,6 @@ _CHECKSUM_CHUNK = 4 << 20
 READ_ONLY_REMEDY = ("reads of this store work; to write, use a writable copy of the state "
                     "directory, remount it read-write, or give this user write access "
                     "(files 0600, directory 0700)")
-
-
-def log_warning(message: str, *args: object) -> None:
-    """Log on the ``runstore`` logger (``logging`` is imported here, not at the top: it
-    costs a fresh process ~4 ms, and only recovery and failed housekeeping log)."""
-    import logging
-
-    logging.getLogger("runstore").warning(message, *args)
 
 
 class Journal(TempFiles):

@@ -104,9 +104,9 @@ class PostgresBase:
     _closed: bool
     _last_id: str
 
-    def _count_write(self) -> None:
-        """Called after each write that stored a change (``PostgresStore`` numbers the feed
-        now and then)."""
+    def _count_write(self, conn: _Conn) -> None:
+        """Called after each write that stored a change, with the connection it used, still
+        checked out (``PostgresStore`` numbers the feed now and then)."""
 
     # -- connections ----------------------------------------------------------------------
 
@@ -307,7 +307,7 @@ class PostgresBase:
         params["from"] = [s.value for s in allowed]
         done = bool(self._execute(conn, self._w.write, params, action))
         if done:
-            self._count_write()
+            self._count_write(conn)
         return done
 
     def _modify(self, run_id: str, decide: Callable[[Run], tuple[Run, ChangeType] | None],
@@ -338,12 +338,11 @@ class PostgresBase:
         conn = self._checkout(action)
         try:
             rows = self._execute(conn, statement, params, action)
+            if rows:
+                self._count_write(conn)
         finally:
             self._pool.putconn(conn)
-        if not rows:
-            return None
-        self._count_write()
-        return self._run(rows[0])
+        return self._run(rows[0]) if rows else None
 
     def _get_on(self, conn: _Conn, run_id: str, action: str) -> Run:
         try:
@@ -360,7 +359,7 @@ class PostgresBase:
             ((inserted, greatest),) = self._execute(conn, self._w.create, params, action)
             if inserted:
                 self._last_id = new.id
-                self._count_write()
+                self._count_write(conn)
                 return new
             second = _pgsql.ID_SECOND
             if greatest is None or greatest[:second] <= new.id[:second]:

@@ -56,6 +56,7 @@ from . import (
 )
 from ._base import RETAIN_CHANGES, StoreBase
 from ._location import redact as safe_dsn  # the DSN fit for messages and stats()
+from ._log import log_warning
 from ._pgbase import (
     _NON_TERMINAL,
     MAX_ATTEMPTS,
@@ -68,8 +69,10 @@ from .errors import (
     DatabaseError,
     HistoryTruncatedError,
     InvalidRunError,
+    LockTimeoutError,
     MachineBusyError,
     RunstoreError,
+    StoreIOError,
     TableLockTimeoutError,
 )
 from .model import (
@@ -202,34 +205,44 @@ class PostgresStore(PostgresBase, StoreBase):
         self._pool = self._new_pool()
         _stores.add(self)
 
-    def _count_write(self) -> None:
+    def _count_write(self, conn: _Conn) -> None:
         """Number (and trim) the feed once per ``TRIM_EVERY`` writes of this store, so it
-        stays bounded when nobody follows it."""
+        stays bounded when nobody follows it: on ``conn``, the connection the write used
+        (still checked out, idle), so that a store with one pooled connection never waits
+        for a second. Housekeeping: when it fails, the write it follows stands, and the
+        next numbering (any follower's) does the work."""
         self._writes += 1
-        if self._writes >= TRIM_EVERY:
-            self._writes = 0
-            self._sequence("numbering the change feed of", wait=False)
+        if self._writes < TRIM_EVERY:
+            return
+        self._writes = 0
+        try:
+            self._number(conn, "numbering the change feed of", TRIM_EVERY, wait=False)
+        except (StoreIOError, LockTimeoutError) as exc:
+            log_warning("runstore: numbering the change feed of %s failed (%s); the change "
+                        "was stored; a later numbering does it", self._where, exc)
 
-    def _sequence(self, action: str, trim_every: int | None = None,
-                  wait: bool = True) -> None:
-        """Number the changes below the horizon, and trim (``_pgfeed``): one round trip.
-        ``wait=False``: only when no other numbering is running (then four round trips; a
-        writer's housekeeping, which another numbering does as well)."""
-        every = TRIM_EVERY if trim_every is None else trim_every
+    def _sequence(self, action: str, trim_every: int | None = None) -> None:
+        """Number the changes below the horizon, and trim (``_pgfeed``): one round trip."""
         with self._connection(action) as conn:
-            try:
-                if wait:
-                    conn.execute(_pgfeed.sequencer_sql(self._names, RETAIN_CHANGES,
-                                                       every).encode())
-                    return
-                with conn.transaction():
-                    row = conn.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s))",
-                                       [_pgfeed.lock_key(self._names)]).fetchone()
-                    if row is not None and row[0]:
-                        conn.execute(_pgfeed.numbering_sql(self._names, RETAIN_CHANGES,
-                                                           every).encode())
-            except psycopg.Error as exc:
-                raise self._translate(exc, conn, action, False) from None
+            self._number(conn, action, TRIM_EVERY if trim_every is None else trim_every)
+
+    def _number(self, conn: _Conn, action: str, trim_every: int, wait: bool = True) -> None:
+        """``_sequence`` on ``conn``. ``wait=False``: only when no other numbering is
+        running (then four round trips; a writer's housekeeping, which the running numbering
+        does as well)."""
+        try:
+            if wait:
+                conn.execute(_pgfeed.sequencer_sql(self._names, RETAIN_CHANGES,
+                                                   trim_every).encode())
+                return
+            with conn.transaction():
+                row = conn.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s))",
+                                   [_pgfeed.lock_key(self._names)]).fetchone()
+                if row is not None and row[0]:
+                    conn.execute(_pgfeed.numbering_sql(self._names, RETAIN_CHANGES,
+                                                       trim_every).encode())
+        except psycopg.Error as exc:
+            raise self._translate(exc, conn, action, False) from None
 
     # -- the contract's hooks (``StoreBase``) -------------------------------------------
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import psycopg
 import pytest
 from backends import Backend, fresh_table, pg_server
@@ -21,14 +22,13 @@ from faults import stop_all
 
 from runstore import (
     InvalidRunError,
-    LockTimeoutError,
     PrepareOutcome,
     Run,
     Status,
     _pgfeed,
     postgres as pg_module,
 )
-from runstore.postgres import DatabaseConnectionError, PostgresStore
+from runstore.postgres import DatabaseConnectionError, DatabaseError, PostgresStore
 
 pytestmark = pytest.mark.postgres
 FORK = multiprocessing.get_context("fork")
@@ -204,27 +204,92 @@ def _writes_while_a_numbering_runs(store: PostgresStore, pg: Backend) -> list[st
 
 
 def test_a_writer_never_waits_for_another_numbering(
-    opened: Callable[..., PostgresStore], pg: Backend, monkeypatch: pytest.MonkeyPatch
+    opened: Callable[..., PostgresStore], pg: Backend, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
 ) -> None:
     """A writer's periodic numbering is skipped while another one runs (which numbers the
-    same rows): its write neither waits nor fails; the feed stays whole."""
+    same rows): it neither waits for the lock nor fails; the feed stays whole."""
     monkeypatch.setattr(pg_module, "TRIM_EVERY", 8)
     store = opened(lock_timeout=0.5)
     assert _writes_while_a_numbering_runs(store, pg) == [f"m{i}" for i in range(40)]
+    assert "numbering the change feed" not in caplog.text
 
 
-def test_broken_a_writer_waiting_for_the_numbering_lock_fails_its_call(
-    opened: Callable[..., PostgresStore], pg: Backend, monkeypatch: pytest.MonkeyPatch
+def _cycles_numbering_as_they_go(store: PostgresStore) -> list[str]:
+    """Dispatcher cycles and updates, each kind of write crossing the numbering count
+    several times; then the change types the feed shows."""
+    for i in range(6):
+        run, _ = store.prepare_atomic(f"m{i}", "h", lambda i=i: Run(f"m{i}", "/t", "h"))
+        run = store.start(run.id)
+        store.update(attrs.evolve(run, logs_path=f"/logs/{i}"))
+        store.heartbeat(run.id)
+        store.finish(run.id, Status.COMPLETED, exit_code=0)
+    return [c.type.value for c in store.changes(0)]
+
+
+def test_a_store_with_one_connection_numbers_the_feed_as_it_writes(
+    opened: Callable[..., PostgresStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Broken variant: a writer whose periodic numbering waits for the lock times out."""
+    """A writer's periodic numbering runs on the connection its write used, so a store
+    with one pooled connection never waits for a second one, whichever write it follows."""
+    monkeypatch.setattr(pg_module, "TRIM_EVERY", 3)
+    store = opened(pool_size=1, lock_timeout=0.5)
+    kinds = _cycles_numbering_as_they_go(store)
+    assert kinds == ["run_created", "run_started", "run_updated", "heartbeat",
+                     "run_finished"] * 6
+
+
+def test_broken_a_numbering_on_a_second_connection_fails_a_one_connection_store(
+    opened: Callable[..., PostgresStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken variant: numbering on a connection of its own, while the write's connection
+    is still checked out, waits for the pool and fails the call."""
+    monkeypatch.setattr(pg_module, "TRIM_EVERY", 3)
+    monkeypatch.setattr(PostgresStore, "_number",
+                        lambda self, conn, action, every, wait=True:
+                        self._sequence(action, every))
+    store = opened(pool_size=1, lock_timeout=0.5)
+    with pytest.raises(DatabaseConnectionError, match="pooled connections stayed busy"):
+        _cycles_numbering_as_they_go(store)
+
+
+def test_a_failed_numbering_after_a_write_leaves_the_write_standing(
+    opened: Callable[..., PostgresStore], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """A writer's numbering is housekeeping: when it fails, the write's call still returns
+    what it stored, a warning says so, and the next follower numbers the changes."""
+    monkeypatch.setattr(pg_module, "TRIM_EVERY", 2)
+    store = opened()
+    real = PostgresStore._number
+
+    def failing(self: PostgresStore, conn: Any, action: str, every: int,
+                wait: bool = True) -> None:
+        if not wait:
+            raise DatabaseError(self.server, action, "the numbering failed (injected)", False)
+        real(self, conn, action, every, wait)
+
+    monkeypatch.setattr(PostgresStore, "_number", failing)
+    made = [store.create(Run(f"m{i}", "/t", "h")) for i in range(5)]
+    assert [store.get(r.id) for r in made] == made
+    assert "numbering the change feed of" in caplog.text and "was stored" in caplog.text
+    assert [c.run.id for c in store.changes(0)] == [r.id for r in made]
+
+
+def test_broken_a_writer_waiting_for_the_numbering_lock_times_out(
+    opened: Callable[..., PostgresStore], pg: Backend, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """Broken variant: a writer whose periodic numbering waits for the lock waits out its
+    lock_timeout (then gives up, logging it)."""
     monkeypatch.setattr(pg_module, "TRIM_EVERY", 8)
-    real = PostgresStore._sequence
-    monkeypatch.setattr(PostgresStore, "_sequence",
-                        lambda self, action, trim_every=None, wait=True:
-                        real(self, action, trim_every, True))
+    real = PostgresStore._number
+    monkeypatch.setattr(PostgresStore, "_number",
+                        lambda self, conn, action, every, wait=True:
+                        real(self, conn, action, every, True))
     store = opened(lock_timeout=0.5)
-    with pytest.raises(LockTimeoutError):
-        _writes_while_a_numbering_runs(store, pg)
+    _writes_while_a_numbering_runs(store, pg)
+    assert "numbering the change feed" in caplog.text and "lock" in caplog.text
 
 
 # -- large fields ----------------------------------------------------------------------------
