@@ -56,6 +56,9 @@ from . import impls, pg_server
 T = TypeVar("T")
 
 KINDS = ("prepare", "start", "get", "finish")
+#: the implementations measured unless --impls says otherwise (``postgres-lock``, the
+#: contract-keeping SQL of ``bench_pg_clients``, is left to that benchmark)
+DEFAULT_IMPLS = ("runstore", "sqlite", "wholefile", "postgres", "runstore-pg")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 #: the whole-file store rewrites everything per operation (about 2 s per operation at 100k
 #: runs, minutes per case beyond): skipped above this size unless --wholefile-max says more
@@ -665,7 +668,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     mode.add_argument("--no-durable", dest="mode", action="store_const", const="nodurable")
     mode.add_argument("--both", dest="mode", action="store_const", const="both",
                       help="durable and not durable (the default)")
-    parser.add_argument("--impls", default=",".join(impls.IMPLS),
+    parser.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
                         help="implementations, comma separated (default: %(default)s; "
                              "postgres and runstore-pg are skipped when the server is not "
                              "installed)")

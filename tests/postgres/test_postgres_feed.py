@@ -6,6 +6,7 @@ never hang a write; a server crash loses nothing acknowledged."""
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import time
@@ -209,6 +210,7 @@ def test_a_writer_never_waits_for_another_numbering(
 ) -> None:
     """A writer's periodic numbering is skipped while another one runs (which numbers the
     same rows): it neither waits for the lock nor fails; the feed stays whole."""
+    caplog.set_level(logging.WARNING, logger="runstore")
     monkeypatch.setattr(pg_module, "TRIM_EVERY", 8)
     store = opened(lock_timeout=0.5)
     assert _writes_while_a_numbering_runs(store, pg) == [f"m{i}" for i in range(40)]
@@ -259,6 +261,7 @@ def test_a_failed_numbering_after_a_write_leaves_the_write_standing(
 ) -> None:
     """A writer's numbering is housekeeping: when it fails, the write's call still returns
     what it stored, a warning says so, and the next follower numbers the changes."""
+    caplog.set_level(logging.WARNING, logger="runstore")
     monkeypatch.setattr(pg_module, "TRIM_EVERY", 2)
     store = opened()
     real = PostgresStore._number
@@ -282,6 +285,7 @@ def test_broken_a_writer_waiting_for_the_numbering_lock_times_out(
 ) -> None:
     """Broken variant: a writer whose periodic numbering waits for the lock waits out its
     lock_timeout (then gives up, logging it)."""
+    caplog.set_level(logging.WARNING, logger="runstore")
     monkeypatch.setattr(pg_module, "TRIM_EVERY", 8)
     real = PostgresStore._number
     monkeypatch.setattr(PostgresStore, "_number",
