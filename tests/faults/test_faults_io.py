@@ -9,7 +9,6 @@ write), explored with the crash-state builder."""
 from __future__ import annotations
 
 import errno
-import logging
 import pathlib
 import random
 import time
@@ -34,7 +33,7 @@ from faults import (
 from runstore import Run, Status, Store, StoreIOError, verify
 from runstore._fsio import FileSystem
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("quiet_runstore_log")]
 
 KINDS = ("write", "fdatasync", "fsync", "replace", "ftruncate", "open")
 ERRNOS = (errno.EIO, errno.ENOSPC)
@@ -154,7 +153,6 @@ def _calls_per_kind(base: pathlib.Path) -> dict[str, int]:
 
 def _matrix(tmp_path: pathlib.Path, capsys: Any, max_nth: int) -> None:
     started = time.monotonic()
-    logging.getLogger("runstore").setLevel(logging.ERROR)
     calls = _calls_per_kind(tmp_path / "count")
     cases = injected = failures = 0
     problems: list[str] = []
@@ -253,7 +251,6 @@ def test_enospc_during_compaction_is_clean(tmp_path: pathlib.Path) -> None:
 
 
 def _fsyncgate(base: pathlib.Path, seeds: range) -> tuple[int, int, list[str]]:
-    logging.getLogger("runstore").setLevel(logging.ERROR)
     scratch = Scratch(str(base))
     states = histories = 0
     problems: list[str] = []
@@ -300,7 +297,6 @@ class _WriteAndCutFail(FailingFS):
 def test_failed_append_whose_cut_back_fails_too(tmp_path: pathlib.Path) -> None:
     """A torn line stays in the file after a failed append: the call raises StoreIOError,
     the next call recovers the torn tail and goes on, nothing acknowledged is lost."""
-    logging.getLogger("runstore").setLevel(logging.ERROR)
     state = tmp_path / "s"
     with Store(state) as s:
         kept = s.create(run_for("a", "h", status=Status.COMPLETED))

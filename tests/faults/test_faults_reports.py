@@ -11,12 +11,11 @@ or open changed nothing) in its text and in its ``kind``."""
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import pathlib
 import pickle
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -38,20 +37,12 @@ from runstore import (
 )
 from runstore._fsio import FileSystem
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("clean_cli_env")]
+pytestmark = [pytest.mark.timeout(300),
+              pytest.mark.usefixtures("clean_cli_env", "quiet_runstore_log")]
 
 #: terminal runs in a grown store, how many a prune keeps, and so how many it removes
 TERMINAL, KEEP = 20, 5
 PRUNED = TERMINAL - KEEP
-
-
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    logger = logging.getLogger("runstore")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    yield
-    logger.setLevel(level)
 
 
 # -- helpers ---------------------------------------------------------------------------------
