@@ -30,6 +30,7 @@ is documented on the class. How the guarantees are kept:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import threading
@@ -39,6 +40,7 @@ from typing import Any, TypeVar
 
 import psycopg
 import psycopg.errors
+from psycopg.pq import TransactionStatus
 
 from . import (
     _fields,
@@ -232,8 +234,17 @@ class PostgresStore(PostgresBase, StoreBase):
         does as well)."""
         try:
             if wait:
-                conn.execute(_pgfeed.sequencer_sql(self._names, RETAIN_CHANGES,
-                                                   trim_every).encode())
+                try:
+                    conn.execute(_pgfeed.sequencer_sql(self._names, RETAIN_CHANGES,
+                                                       trim_every).encode())
+                except psycopg.Error:
+                    # the script's BEGIN left its transaction open when a statement failed:
+                    # end it here, so the connection goes back to the pool idle
+                    if (not conn.broken
+                            and conn.info.transaction_status == TransactionStatus.INERROR):
+                        with contextlib.suppress(psycopg.Error):
+                            conn.rollback()
+                    raise
                 return
             with conn.transaction():
                 row = conn.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s))",

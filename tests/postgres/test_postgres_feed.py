@@ -23,6 +23,7 @@ from faults import stop_all
 
 from runstore import (
     InvalidRunError,
+    LockTimeoutError,
     PrepareOutcome,
     Run,
     Status,
@@ -215,6 +216,50 @@ def test_a_writer_never_waits_for_another_numbering(
     store = opened(lock_timeout=0.5)
     assert _writes_while_a_numbering_runs(store, pg) == [f"m{i}" for i in range(40)]
     assert "numbering the change feed" not in caplog.text
+
+
+def _follower_timing_out(store: PostgresStore, pg: Backend) -> None:
+    """A follower's ``changes()`` while another session holds the numbering lock (it times
+    out), then again once it is free."""
+    store.create(Run("m", "/t", "h"))
+    with psycopg.connect(pg.location, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(hashtext(%s))",
+                      [f"runstore.feed.{pg.table}"])
+        with pytest.raises(LockTimeoutError):
+            list(store.changes(0))
+    assert [c.run.machine for c in store.changes(0)] == ["m"]
+
+
+def test_a_follower_that_times_out_numbering_leaves_its_connection_idle(
+    opened: Callable[..., PostgresStore], pg: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The numbering script opens its transaction itself: when its lock wait times out,
+    the transaction is ended before the connection goes back to the pool (which would
+    otherwise find it failed, roll it back and warn), and the next call works."""
+    caplog.set_level(logging.WARNING)
+    _follower_timing_out(opened(pool_size=1, lock_timeout=0.5), pg)
+    assert "rolling back returned connection" not in caplog.text
+
+
+def test_broken_a_numbering_that_leaves_its_transaction_open_is_rolled_back_by_the_pool(
+    opened: Callable[..., PostgresStore], pg: Backend, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken variant: without ending the failed transaction, the pool finds it and
+    warns."""
+    caplog.set_level(logging.WARNING)
+
+    def number_leaving_it_open(self: PostgresStore, conn: Any, action: str, every: int,
+                               wait: bool = True) -> None:
+        try:
+            conn.execute(_pgfeed.sequencer_sql(self._names, pg_module.RETAIN_CHANGES,
+                                               every).encode())
+        except psycopg.Error as exc:
+            raise self._translate(exc, conn, action, False) from None
+
+    monkeypatch.setattr(PostgresStore, "_number", number_leaving_it_open)
+    _follower_timing_out(opened(pool_size=1, lock_timeout=0.5), pg)
+    assert "rolling back returned connection" in caplog.text
 
 
 def _cycles_numbering_as_they_go(store: PostgresStore) -> list[str]:
