@@ -38,6 +38,8 @@ from faultlib.powerloss import (
     replay,
 )
 from faultlib.procs import (
+    NOBODY,
+    as_nobody,
     failpoint_names,
     in_thread,
     spawn_python,
@@ -47,10 +49,11 @@ from faultlib.procs import (
 )
 
 __all__ = [
-    "WRITE_FATES", "AckLog", "Acked", "FailingFS", "History", "Op", "ReadLog", "RecordingFS",
-    "Replay", "Scratch", "audit_store", "break_stress_workers", "check_crash_state", "checkpoints",
-    "crash_states", "cycle", "failpoint_names", "figure", "full_reading", "history", "in_thread",
-    "lock_held", "lock_the_data_file", "lockf_without_mutex", "lost_acks", "materialise", "mixed",
-    "no_cross_process_lock", "open_fds", "read_acks", "record_history", "replay", "run_for",
-    "scale", "sized", "snapshot_dir", "spawn_python", "stop_all", "view", "wait_pid", "writer",
+    "NOBODY", "WRITE_FATES", "Acked", "AckLog", "as_nobody", "audit_store",
+    "break_stress_workers", "check_crash_state", "checkpoints", "crash_states", "cycle",
+    "FailingFS", "failpoint_names", "figure", "full_reading", "History", "history",
+    "in_thread", "lock_held", "lock_the_data_file", "lockf_without_mutex", "lost_acks",
+    "materialise", "mixed", "no_cross_process_lock", "Op", "open_fds", "read_acks", "ReadLog",
+    "record_history", "RecordingFS", "Replay", "replay", "run_for", "scale", "Scratch",
+    "sized", "snapshot_dir", "spawn_python", "stop_all", "view", "wait_pid", "writer",
 ]

@@ -1,6 +1,7 @@
 """Child processes of the fault suite: ``writer`` (a dispatcher-like writer logging what it
 acknowledged, for the failpoint and SIGKILL tests), ``spawn_python``, ``wait_pid``,
-``stop_all``, ``in_thread`` and ``failpoint_names`` (every failpoint in the package's source)."""
+``stop_all``, ``in_thread``, ``as_nobody`` and ``failpoint_names`` (every failpoint in the
+package's source)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,35 @@ from .acks import AckLog
 from .basics import run_for
 
 # -- small process helpers ------------------------------------------------------------------
+
+
+#: the uid and gid a root test drops to (root reads and writes whatever the modes say)
+NOBODY = 65534
+
+
+def as_nobody(fn: Callable[[], str]) -> str:
+    """Run ``fn`` in a forked child, as uid/gid ``NOBODY`` when this is root; return the text
+    it returned, or ``child failed: <error>``."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            if os.geteuid() == 0:
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+            out = fn()
+        except BaseException as exc:
+            out = f"child failed: {type(exc).__name__}: {exc}"
+        os.write(w, out.encode())
+        os._exit(0)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 65536):
+        chunks.append(chunk)
+    os.close(r)
+    wait_pid(pid)
+    return b"".join(chunks).decode()
 
 
 def wait_pid(pid: int, timeout: float = 30.0) -> int:

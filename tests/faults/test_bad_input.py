@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 import pytest
-from faults import FailingFS, RecordingFS, run_for, snapshot_dir, wait_pid
+from faults import FailingFS, RecordingFS, as_nobody, run_for, snapshot_dir, wait_pid
 
 from runstore import (
     CorruptStoreError,
@@ -289,29 +289,6 @@ def test_symlink_where_the_journal_should_be(tmp_path: pathlib.Path) -> None:
     assert os.readlink(tmp_path / "s" / "runs.jsonl") == str(victim)
 
 
-def _as_nobody(fn: Callable[[], str]) -> str:
-    """Run ``fn`` in a forked child that dropped to uid/gid 65534; return what it wrote."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            out = fn()
-        except BaseException as exc:
-            out = f"child failed: {type(exc).__name__}: {exc}"
-        os.write(w, out.encode())
-        os._exit(0)
-    os.close(w)
-    chunks = []
-    while chunk := os.read(r, 65536):
-        chunks.append(chunk)
-    os.close(r)
-    wait_pid(pid)
-    return b"".join(chunks).decode()
-
-
 @pytest.mark.parametrize("mode", [0o000, 0o200, 0o400])
 def test_no_permission_on_the_journal(tmp_path: pathlib.Path, mode: int) -> None:
     """The journal is not readable and writable by its owner: UnsafeStoreError
@@ -338,7 +315,7 @@ def test_no_permission_on_the_journal(tmp_path: pathlib.Path, mode: int) -> None
             return f"{type(exc).__name__}: {exc}"
         return "opened"
 
-    out = _as_nobody(attempt)
+    out = as_nobody(attempt)
     assert out.startswith("UnsafeStoreError"), out
     assert "permission denied" in out
     assert path.read_bytes() == before

@@ -26,12 +26,12 @@ import signal
 import threading
 import time
 import traceback
-import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import attrs
 import pytest
+from clocks import SettableClock
 from faults import audit_store, figure, in_thread, sized, wait_pid
 
 import runstore._ids
@@ -372,25 +372,10 @@ def test_a_live_owner_with_a_reused_pid_is_not_alive(store_dir: Path) -> None:
 # -- the id clock steps back ----------------------------------------------------------------
 
 
-class _Clock:
-    """A stand-in for the ``datetime`` module in ``runstore._ids`` whose now() is settable."""
-
-    def __init__(self, moment: _dt.datetime) -> None:
-        self.moment = moment
-        clock = self
-
-        class _DateTime(_dt.datetime):
-            @classmethod
-            def now(cls, tz: _dt.tzinfo | None = None) -> _DateTime:  # type: ignore[override]  # fixed clock
-                return clock.moment  # type: ignore[return-value]  # a plain aware datetime
-
-        self.module = types.SimpleNamespace(**{**vars(_dt), "datetime": _DateTime})
-
-
 def _ids_while_the_clock_steps_back(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Ids made alternately by two views of one store while the clock steps back an hour
     every few runs, across a compaction and a reopen."""
-    clock = _Clock(_dt.datetime(2026, 6, 1, 12, 0, tzinfo=_dt.UTC))
+    clock = SettableClock(_dt.datetime(2026, 6, 1, 12, 0, tzinfo=_dt.UTC))
     monkeypatch.setattr(ids, "_dt", clock.module)
     made: list[str] = []
     a, b = Store(state_dir, durable=False), Store(state_dir, durable=False)

@@ -613,6 +613,29 @@ def test_broken_variant_other_process_resets_or_follows(
     assert _other_process_scenario(store_dir, how) != []
 
 
+def _refusal_in_a_forked_child(call: Callable[[], object]) -> tuple[str, str]:
+    """("refused", its message) when ``call`` raises CorruptStoreError in a forked child,
+    else ("ok", "")."""
+    parent, child = FORK.Pipe()
+
+    def in_child() -> None:
+        try:
+            call()
+        except CorruptStoreError as exc:
+            child.send(("refused", str(exc)))
+        else:
+            child.send(("ok", ""))
+
+    proc = FORK.Process(target=in_child)
+    proc.start()
+    try:
+        assert parent.poll(30)
+        kind, message = parent.recv()
+    finally:
+        assert _reap([proc], 30) == [0]
+    return kind, message
+
+
 def test_forked_child_refuses_a_journal_deleted_before_it_reopens(
     store_dir: pathlib.Path,
 ) -> None:
@@ -620,23 +643,7 @@ def test_forked_child_refuses_a_journal_deleted_before_it_reopens(
     with _closing(Store(store_dir)) as s:
         s.create(_run("m1"))
         (store_dir / DATA_NAME).unlink()
-        parent, child = FORK.Pipe()
-
-        def in_child() -> None:
-            try:
-                s.create(_run("m2"))
-            except CorruptStoreError as exc:
-                child.send(("refused", str(exc)))
-            else:
-                child.send(("ok", ""))
-
-        proc = FORK.Process(target=in_child)
-        proc.start()
-        try:
-            assert parent.poll(30)
-            kind, message = parent.recv()
-        finally:
-            assert _reap([proc], 30) == [0]
+        kind, message = _refusal_in_a_forked_child(lambda: s.create(_run("m2")))
         assert kind == "refused"
         assert "never recreates it" in message or "never starts a new, empty store" in message
     assert not (store_dir / DATA_NAME).exists()
@@ -647,23 +654,7 @@ def test_forked_child_refuses_another_stores_journal(store_dir: pathlib.Path) ->
     with _closing(Store(store_dir)) as s:
         s.create(_run("m1"))
         _change_journal(store_dir, "other-store-renamed-over")
-        parent, child = FORK.Pipe()
-
-        def in_child() -> None:
-            try:
-                s.list()
-            except CorruptStoreError as exc:
-                child.send(("refused", str(exc)))
-            else:
-                child.send(("ok", ""))
-
-        proc = FORK.Process(target=in_child)
-        proc.start()
-        try:
-            assert parent.poll(30)
-            kind, message = parent.recv()
-        finally:
-            assert _reap([proc], 30) == [0]
+        kind, message = _refusal_in_a_forked_child(s.list)
         assert kind == "refused" and "another store" in message
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import attrs
 import pytest
-from faults import run_for, snapshot_dir, wait_pid
+from faults import NOBODY, as_nobody, run_for, snapshot_dir, wait_pid
 
 import runstore._journal
 import runstore._scan
@@ -43,7 +43,6 @@ from runstore import (
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("clean_cli_env")]
 
-NOBODY = 65534
 #: half of a record line: a write a crash cut short
 TORN = b'{"seq":99,"id":"20990101T000000.000000Z-0123456789abcdef","status":"pend'
 
@@ -227,26 +226,8 @@ def _make_read_only(state: pathlib.Path, *, keep_lock: bool) -> None:
 def _as_reader(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run ``fn`` in a forked child, as uid 65534 when this is root (root ignores modes);
     return the JSON it produced."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            if os.geteuid() == 0:
-                os.setgid(NOBODY)
-                os.setuid(NOBODY)
-            out = json.dumps(fn())
-        except BaseException as exc:
-            out = json.dumps({"child failed": f"{type(exc).__name__}: {exc}"})
-        os.write(w, out.encode())
-        os._exit(0)
-    os.close(w)
-    chunks = []
-    while chunk := os.read(r, 65536):
-        chunks.append(chunk)
-    os.close(r)
-    wait_pid(pid)
-    return dict(json.loads(b"".join(chunks)))
+    out = as_nobody(lambda: json.dumps(fn()))
+    return {"child failed": out} if out.startswith("child failed") else dict(json.loads(out))
 
 
 def _read_then_write(state: pathlib.Path) -> Callable[[], dict[str, Any]]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
-import types
 
 import pytest
+from clocks import SettableClock
 from hypothesis import given, strategies as st
 from strategies import utc_datetimes
 
@@ -98,26 +98,11 @@ def test_ids_without_after_are_collision_safe() -> None:
 # -- within a store -------------------------------------------------------------------------
 
 
-class _FrozenClock:
-    """A stand-in for the ``datetime`` module in ``runstore._ids`` whose now() is settable."""
-
-    def __init__(self, moment: _dt.datetime) -> None:
-        self.moment = moment
-        clock = self
-
-        class _DateTime(_dt.datetime):
-            @classmethod
-            def now(cls, tz: _dt.tzinfo | None = None) -> _DateTime:  # type: ignore[override]  # fixed clock
-                return clock.moment  # type: ignore[return-value]  # a plain aware datetime
-
-        self.module = types.SimpleNamespace(**{**vars(_dt), "datetime": _DateTime})
-
-
 def test_store_ids_increase_when_the_wall_clock_steps_back(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Runs created later in a store get greater ids even after the clock jumps back a day."""
-    clock = _FrozenClock(_dt.datetime(2026, 6, 1, 12, 0, tzinfo=_dt.UTC))
+    clock = SettableClock(_dt.datetime(2026, 6, 1, 12, 0, tzinfo=_dt.UTC))
     monkeypatch.setattr(ids, "_dt", clock.module)
     made = [store.create(Run(f"m{i}", "/t", "h")).id for i in range(3)]
     clock.moment = _dt.datetime(2026, 5, 31, 12, 0, tzinfo=_dt.UTC)  # NTP stepped back
@@ -131,7 +116,7 @@ def test_store_ids_increase_across_reopen_when_the_clock_steps_back(
     store_dir: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A store reopened with the clock set back still hands out greater ids."""
-    clock = _FrozenClock(_dt.datetime(2026, 6, 1, 12, 0, tzinfo=_dt.UTC))
+    clock = SettableClock(_dt.datetime(2026, 6, 1, 12, 0, tzinfo=_dt.UTC))
     monkeypatch.setattr(ids, "_dt", clock.module)
     with Store(store_dir, durable=False) as s:  # type: ignore[arg-type]  # a Path
         first = s.create(Run("m1", "/t", "h")).id
