@@ -186,6 +186,14 @@ def _newline_after(read: Read, end: int, offset: int) -> int:
     return -1
 
 
+def first_line(read: Read, limit: int) -> bytes:
+    """The file's first line with its newline; without a newline in the first ``limit``
+    bytes, those bytes. The newline is found ``_READ_CHUNK`` at a time, so a header of a
+    few hundred bytes never reads up to ``LINE_LIMIT`` of the file."""
+    nl = _newline_after(read, limit, 0)
+    return read(0, nl + 1 if nl >= 0 else limit)
+
+
 def _line_at(read: Read, end: int, offset: int) -> tuple[bytes | None, int]:
     """(the line at ``offset`` without its newline, or None when it is longer than
     ``LINE_LIMIT`` or has no newline before ``end``; where its newline is, -1 if none)."""

@@ -18,7 +18,6 @@ import attrs
 from . import _fields, _sound
 from ._lock import flock_until
 from ._scan import (
-    _READ_CHUNK,
     LINE_LIMIT,
     Cursor,
     Damage,
@@ -27,6 +26,7 @@ from ._scan import (
     _chunks,
     buffer_reader,
     cursor_after_header,
+    first_line,
     judge,
     parse_header,
     scan,
@@ -187,7 +187,7 @@ def _check_bytes(buf: bytes, path: str, vouch: Vouch | None = None,
     if not size:
         problem = Problem(0, 1, "the file is empty", "move it away to start a new store")
         return CheckReport(path, 0, 0, 0, 0, (problem,))
-    first = _first_line(read, min(size, LINE_LIMIT + 1))
+    first = first_line(read, min(size, LINE_LIMIT + 1))
     nl = first.find(b"\n")
     try:
         if nl < 0:
@@ -322,23 +322,4 @@ def _scan_sound(chunk: bytes, chunk_at: int, cur: Cursor) -> tuple[int, ScanResu
     result = scan(chunk[pos:], chunk_at + pos, cur)  # an incomplete last line, if any
     return sound, ScanResult(records + result.records, result.damage,
                              shadowed + result.shadowed)
-
-
-def _first_line(read: Read, limit: int) -> bytes:
-    """The file's first line with its newline, read ``_READ_CHUNK`` at a time; without a
-    newline in the first ``limit`` bytes, those bytes. (Reading ``limit`` bytes at once
-    would hold up to ``LINE_LIMIT`` of the file for a header of a few hundred bytes.)"""
-    parts: list[bytes] = []
-    pos = 0
-    while pos < limit:
-        chunk = read(pos, min(_READ_CHUNK, limit - pos))
-        if not chunk:
-            break
-        nl = chunk.find(b"\n")
-        if nl >= 0:
-            parts.append(chunk[:nl + 1])
-            break
-        parts.append(chunk)
-        pos += len(chunk)
-    return b"".join(parts)
 

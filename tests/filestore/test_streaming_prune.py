@@ -492,5 +492,5 @@ def test_check_reads_broken_variant(tmp_path: pathlib.Path,
     """Proof the measurement can fail: reading the header as it was read takes the file."""
     state = tmp_path / "s"
     _import(state, 20000)
-    monkeypatch.setattr(verify, "_first_line", lambda read, limit: read(0, limit))
+    monkeypatch.setattr(verify, "first_line", lambda read, limit: read(0, limit))
     assert _largest_read(state, monkeypatch) >= (state / DATA_NAME).stat().st_size
