@@ -104,14 +104,13 @@ cut AS (UPDATE {feed} f SET compacted_through = t.through FROM t
 DELETE FROM {changes} c USING cut WHERE c.seq <= cut.through"""
 
 
-def read_sql(n: Names, columns: str) -> str:
+def read_sql(n: Names, run_columns: str) -> str:
     """The positioned changes after ``%s`` with the trim point (one row with NULLs when
     there are none): trim point, seq, time, change, the run as JSON (a change written
-    before schema version 4) and the run's ``columns``."""
+    before schema version 4) and ``run_columns`` (the run's columns of row ``c``)."""
     changes, feed = n.changes.as_string(), n.feed.as_string()
-    run = ", ".join(f"c.{name.strip()}" for name in columns.split(","))
-    return (f"SELECT f.compacted_through, c.seq, c.time, c.change, c.run, {run} FROM {feed} f "
-            f"LEFT JOIN {changes} c ON c.seq > %s ORDER BY c.seq")
+    return (f"SELECT f.compacted_through, c.seq, c.time, c.change, c.run, {run_columns} "
+            f"FROM {feed} f LEFT JOIN {changes} c ON c.seq > %s ORDER BY c.seq")
 
 
 def last_seq_sql(n: Names) -> str:

@@ -53,8 +53,13 @@ def _cols(names: list[str], prefix: str = "") -> str:
     return ", ".join(prefix + sql.Identifier(n).as_string() for n in names)
 
 
-#: the run columns, as a feed row and the row of a run name them
-COLUMNS = _cols(_FIELDS)
+def run_columns(alias: str = "") -> str:
+    """The run columns (a feed row names them as a run's row does), of row ``alias`` if
+    given."""
+    return _cols(_FIELDS, f"{alias}." if alias else "")
+
+
+COLUMNS = run_columns()
 
 
 def _feed_insert(changes: str, source: str, change: str, time: str = "%(changed_at)s",
@@ -82,7 +87,7 @@ class Writes:
             f"f AS ({_feed_insert(changes, 'ins', repr(ChangeType.RUN_CREATED.value))}) "
             f"SELECT (SELECT count(*) FROM ins), (SELECT max(id) FROM {runs})")
         size = " + ".join(f"octet_length(r.{sql.Identifier(f).as_string()})" for f in _TEXT)
-        returning = f"RETURNING {_cols(_FIELDS, 'r.')}"
+        returning = f"RETURNING {run_columns('r')}"
         tail = f"SELECT {cols} FROM u"
 
         def transition(sets: str, where: str, change: ChangeType) -> str:
@@ -115,13 +120,13 @@ class Writes:
             f"WHERE r.id = %(id)s AND r.revision = %(expected)s "
             f"AND r.status = ANY(%(from)s) AND r.machine = %(machine)s "
             f"AND r.test_dir_hash = %(test_dir_hash)s "
-            f"RETURNING {_cols(_FIELDS, 'r.')}, o.status AS old), "
+            f"RETURNING {run_columns('r')}, o.status AS old), "
             f"f AS ({_feed_insert(changes, 'u', change_of_update)}) "
             f"SELECT old FROM u")
         pruned = _feed_insert(changes, "d", repr(ChangeType.RUN_PRUNED.value),
                               order="row_number() OVER (ORDER BY inserted)")
         self.prune = (
             f"WITH d AS (DELETE FROM {runs} r WHERE r.id = ANY(%(ids)s) AND NOT r.{_ACTIVE} "
-            f"RETURNING r.inserted, {_cols(_FIELDS, 'r.')}), "
+            f"RETURNING r.inserted, {run_columns('r')}), "
             f"f AS ({pruned}) "
             f"SELECT count(*) FROM d")

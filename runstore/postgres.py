@@ -194,7 +194,7 @@ class PostgresStore(PostgresBase, StoreBase):
         self._where = f"table {table!r} on {self.server}"
         self._sql = _pgschema.Statements(self._names)
         self._w = _pgsql.Writes(self._names)
-        self._read_feed = _pgfeed.read_sql(self._names, _pgsql.COLUMNS)
+        self._read_feed = _pgfeed.read_sql(self._names, _pgsql.run_columns("c"))
         self._last_seq_sql = _pgfeed.last_seq_sql(self._names)
         #: the greatest id this store made or saw refused: new ids sort after it
         self._last_id = ""
