@@ -30,6 +30,7 @@ from .errors import (
     RunNotFoundError,
     RunstoreError,
     StoreIOError,
+    StoreNotFoundError,
     TableLockTimeoutError,
     UnsafeStoreError,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "Status",
     "Store",
     "StoreIOError",
+    "StoreNotFoundError",
     "StoreStats",
     "TableLockTimeoutError",
     "UnsafeStoreError",

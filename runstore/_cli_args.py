@@ -1,10 +1,14 @@
-"""The types of the command line's argument values: each refuses, as a usage error (exit 2),
-a value the library would refuse later (``_validate``'s ranges), before any store is opened."""
+"""The types of the command line's argument values: each refuses, as a usage error (exit 2)
+naming the argument, a value the library would refuse later (``_validate``'s rules), before
+any store is opened. Text typed on the command line must be UTF-8 (a byte that is not is
+refused: runstore stores and prints only UTF-8) and, where the library needs a value, not
+empty."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+from collections.abc import Callable
 
 from . import _clifmt as fmt, _ids, _validate
 from .errors import InvalidRunError
@@ -17,7 +21,66 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value > _validate.INT64_MAX:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer of at most 2**63 - 1, got {text!r}")
     return value
+
+
+def _int64(text: str) -> int:
+    """An integer a run field holds (``exit_code``): the signed 64-bit range."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not _validate.INT64_MIN <= value <= _validate.INT64_MAX:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer from -2**63 to 2**63 - 1, got {text!r}")
+    return value
+
+
+def _utf8(text: str) -> str:
+    """``text`` when it is UTF-8 (argv bytes that are not arrive as lone surrogates)."""
+    try:
+        _validate.storable("text", text)
+    except InvalidRunError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not valid UTF-8; runstore keeps and prints only UTF-8 text") from None
+    return text
+
+
+def _name(what: str) -> Callable[[str], str]:
+    """The type of a value that names something (a run id, a machine, a batch): non-empty
+    UTF-8 text."""
+
+    def name(text: str) -> str:
+        if not text:
+            raise argparse.ArgumentTypeError(f"expected a non-empty {what}, got ''")
+        return _utf8(text)
+
+    name.__name__ = what  # what argparse would call it
+    return name
+
+
+_run_id = _name("run id")
+_machine = _name("machine name")
+_batch = _name("batch id")
+
+
+def _path(text: str) -> str:
+    """A file or directory name: non-empty UTF-8 (``-`` for stdin/stdout where allowed)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file name, got ''")
+    return _utf8(text)
+
+
+def _location(text: str) -> str:
+    """A store location (``--store``, ``--state-dir``, ``migrate --from/--to``): non-empty
+    UTF-8; its form is read by ``_location.parse`` when the store is needed."""
+    if not text:
+        raise argparse.ArgumentTypeError(
+            "expected a store (a directory, file:///dir or postgresql://...), got ''")
+    return _utf8(text)
 
 
 def _non_negative_int(text: str) -> int:
@@ -66,7 +129,8 @@ def _duration(text: str) -> _dt.timedelta:
 
 
 def _since(text: str) -> _dt.datetime:
-    """``2h`` (that long ago) or a date/time (ISO 8601; without an offset: local time)."""
+    """``2h`` (that long ago) or a date/time (ISO 8601; without an offset: local time) that
+    is within the years 1 to 9999 in UTC."""
     try:
         return _ids.utcnow() - fmt.parse_duration(text)
     except ValueError:
@@ -79,4 +143,9 @@ def _since(text: str) -> _dt.datetime:
         raise argparse.ArgumentTypeError(
             f"{text!r} is neither a duration (2h, 30m, 7d) nor a date "
             "(2026-01-31, 2026-01-31T12:00, 2026-01-31T12:00Z)") from None
-    return moment.astimezone(_dt.UTC)  # a naive time is taken as local time
+    try:
+        return moment.astimezone(_dt.UTC)  # a naive time is taken as local time
+    except (OverflowError, ValueError, OSError):  # past the year 1 or 9999 once in UTC
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is outside the dates runstore keeps (the years 1 to 9999 in UTC); "
+            "give a date within them") from None

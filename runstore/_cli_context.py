@@ -21,6 +21,7 @@ from .errors import (
     OutputTargetError,
     RunNotFoundError,
     RunstoreError,
+    StoreNotFoundError,
     TableLockTimeoutError,
 )
 from .migrate import MigrationVerifyError
@@ -63,6 +64,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (RunNotFoundError, EXIT_NOT_FOUND),
     (HistoryTruncatedError, EXIT_NOT_FOUND),
     (NoStoreError, EXIT_NOT_FOUND),
+    (StoreNotFoundError, EXIT_NOT_FOUND),
     (LockTimeoutError, EXIT_LOCKED),
     (CorruptStoreError, EXIT_DAMAGED),
     (MigrationVerifyError, EXIT_DAMAGED),
@@ -111,33 +113,53 @@ def default_state_dir() -> str:
 
 
 def resolve_state_dir(option: str | None) -> tuple[str, str]:
-    """(directory, where it came from): ``--state-dir``, ``RUNSTORE_DIR`` or ``default``."""
-    if option:
+    """(directory, where it came from): ``--state-dir``, ``RUNSTORE_DIR`` or ``default``.
+    An environment variable set to the empty string counts as unset; an empty option is a
+    usage error."""
+    if option is not None:
+        if not option:
+            raise UsageError("argument --state-dir: expected a directory, got ''")
         found, source = option, "--state-dir"
     elif os.environ.get("RUNSTORE_DIR"):
         found, source = os.environ["RUNSTORE_DIR"], "RUNSTORE_DIR"
     else:
         found, source = default_state_dir(), "default"
-    return os.path.abspath(os.path.expanduser(found)), source
+    return _utf8_location(os.path.abspath(os.path.expanduser(found)), source), source
+
+
+def _utf8_location(target: str, source: str) -> str:
+    """``target`` when it is UTF-8; else a usage error naming where it came from (a byte
+    that is not arrives as a lone surrogate, and ``Store`` keeps to UTF-8 paths)."""
+    try:
+        target.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{source}: the store's directory {target!r} is not valid UTF-8; "
+                         "runstore keeps its stores at UTF-8 paths") from None
+    return target
 
 
 def parse_location(text: str, source: str) -> Location:
     """A location as ``runstore.open`` understands it (``_location.parse``: a path,
-    ``file://`` URL or ``postgresql://`` URL); ``UsageError`` (exit 2) for any other."""
+    ``file://`` URL or ``postgresql://`` URL); ``UsageError`` (exit 2) for any other, and
+    for a directory that is not UTF-8."""
     try:
-        return _location.parse(text, source)
+        location = _location.parse(text, source)
     except LocationError as exc:
         raise UsageError(str(exc)) from None
+    if not location.postgres:
+        _utf8_location(location.target, source)
+    return location
 
 
 def resolve_location(store: str | None, state_dir: str | None) -> Location:
     """The store the global options and the environment name, first of: ``--store``,
-    ``--state-dir`` (not both: a usage error), ``RUNSTORE_URL``, ``RUNSTORE_DIR``, default."""
-    if store and state_dir:
+    ``--state-dir`` (not both: a usage error), ``RUNSTORE_URL``, ``RUNSTORE_DIR``, default.
+    An environment variable set to the empty string counts as unset."""
+    if store is not None and state_dir is not None:
         raise UsageError("--store and --state-dir both name the store; pass only one")
-    if store:
+    if store is not None:
         return parse_location(store, "--store")
-    if not state_dir and os.environ.get("RUNSTORE_URL"):
+    if state_dir is None and os.environ.get("RUNSTORE_URL"):
         return parse_location(os.environ["RUNSTORE_URL"], "RUNSTORE_URL")
     found, source = resolve_state_dir(state_dir)  # always a directory, never a URL
     return Location(found, source, False)

@@ -98,8 +98,10 @@ def _stream_runs(ctx: Context, runs: Iterable[Run], mode: str, empty: str) -> in
     block at a time, so that the first rows show at once and memory stays bounded."""
     if mode:
         return _stream_json(ctx, (_fields.run_to_json(run) for run in runs), mode)
-    rows = ([run.id, run.machine, ctx.paint.status(run.status.value), run.test_dir_hash[:12],
-             fmt.ago(run.started_at, ctx.now), _run_duration(run, ctx.now),
+    visible = fmt.visible  # the columns are sized on the cells as printed
+    rows = ([visible(run.id), visible(run.machine), ctx.paint.status(run.status.value),
+             visible(run.test_dir_hash[:12]), fmt.ago(run.started_at, ctx.now),
+             _run_duration(run, ctx.now),
              "-" if run.exit_code is None else str(run.exit_code)] for run in runs)
     return _stream_table(ctx, rows, empty)
 
@@ -108,6 +110,7 @@ def _exported_rows(ctx: Context, items: Iterable[dict[str, Any]]) -> Iterator[li
     """``_stream_runs``'s rows, made from runs as ``codec.run_to_json`` gives them (no
     ``Run`` is built: a third of the cost of a row): the same cells."""
     now, paint, ago, parse = ctx.now, ctx.paint, fmt.ago, _dt.datetime.fromisoformat
+    visible = fmt.visible  # the columns are sized on the cells as printed
     for item in items:
         status, started, code = item["status"], item.get("started_at"), item.get("exit_code")
         start = None if started is None else parse(started)
@@ -117,8 +120,9 @@ def _exported_rows(ctx: Context, items: Iterable[dict[str, Any]]) -> Iterator[li
             ended = item.get("ended_at")
             end = parse(ended) if ended is not None else None if status in _TERMINAL else now
             took = "-" if end is None else fmt.duration(end - start)
-        yield [item["id"], item["machine"], paint.status(status), item["test_dir_hash"][:12],
-               ago(start, now), took, "-" if code is None else str(code)]
+        yield [visible(item["id"]), visible(item["machine"]), paint.status(status),
+               visible(item["test_dir_hash"][:12]), ago(start, now), took,
+               "-" if code is None else str(code)]
 
 
 def _stream_table(ctx: Context, rows: Iterable[Sequence[str]], empty: str) -> int:

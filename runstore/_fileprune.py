@@ -32,6 +32,7 @@ from ._statedir import DATA_NAME
 from ._view import decode_at
 from .errors import (
     IOKind,
+    RunstoreError,
     StoreIOError,
 )
 
@@ -80,7 +81,11 @@ class _Pruning(_Writing):
                     collections.deque(taken(), maxlen=0)
                 self._compact(pruned=pruned)
             except StoreIOError as exc:
-                raise self._prune_failed(exc, pruned.count, archive, archived,
+                count = pruned.count  # the runs taken so far, and those not yet taken:
+                if exc.kind is IOKind.ARCHIVE:  # an archive that failed stops the taking
+                    with contextlib.suppress(RunstoreError, OSError):
+                        count += sum(1 for _ in chosen)
+                raise self._prune_failed(exc, count, archive, archived,
                                          (st.st_dev, st.st_ino)) from None
             return pruned.count, []
 
@@ -147,7 +152,8 @@ class _Pruning(_Writing):
             outcome = (f"the {runs} were pruned (the rewritten journal is in place), but it "
                        "could not be reopened; the next call reopens it")
         else:
-            outcome = f"nothing was pruned ({runs} were to be removed; the journal is as it was"
+            were = "was" if count == 1 else "were"
+            outcome = f"nothing was pruned ({runs} {were} to be removed; the journal is as it was"
             if exc.kind is IOKind.ARCHIVE:
                 outcome += "); fix the archive's path or free space, then retry"
             else:

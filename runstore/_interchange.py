@@ -26,7 +26,7 @@ import orjson
 
 from . import _codec, _fields, _transitions
 from ._fsio import sync_file
-from .errors import InvalidRunError, IOKind, StoreIOError
+from .errors import InvalidRunError, IOKind, RunstoreError, StoreIOError
 from .model import Run
 
 #: a number an integer beyond 64 bits may be (or a long digit string)
@@ -92,23 +92,27 @@ def write_export_items(fp: IO[str] | IO[bytes], items: Iterable[bytes]) -> int:
 def export_to_path(path: str, write: Callable[[IO[bytes]], int]) -> int:
     """Call ``write`` on a temp file beside ``path`` (in its directory), fsync it and rename
     it over ``path``: a failed export leaves no half file, and an existing one is replaced
-    whole or not at all. Returns what ``write`` returned."""
+    whole or not at all. Returns what ``write`` returned. A failure to create, write or
+    rename the file (a missing directory, ``path`` a directory, a full disk) raises
+    ``StoreIOError`` (``IOKind.EXPORT``) naming ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
         tmp = tempfile.NamedTemporaryFile(  # noqa: SIM115  # closed below, renamed or removed
             "wb", dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp",
             delete=False)
     except OSError as exc:  # name the file asked for, not the temp file
-        raise OSError(exc.errno, exc.strerror, path) from None
+        raise StoreIOError(path, "exporting to", exc, IOKind.EXPORT) from None
     try:
         with tmp:
             count = write(tmp)
             tmp.flush()
             sync_file(tmp.fileno())
         os.replace(tmp.name, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp.name)
+        if isinstance(exc, OSError) and not isinstance(exc, RunstoreError):
+            raise StoreIOError(path, "exporting to", exc, IOKind.EXPORT) from None
         raise
     return count
 

@@ -4,8 +4,8 @@ used by ``runstore.open``, ``PostgresStore`` (``safe_dsn``) and the command line
 A location is one of
 
 - a directory path (``~`` expanded, made absolute) -> a file store;
-- ``file:///path/to/dir`` or ``file://localhost/path/to/dir`` (percent-escapes decoded)
-  -> a file store;
+- ``file:///path/to/dir`` or ``file://localhost/path/to/dir`` (percent-escapes decoded to
+  bytes, then to a file name as ``os.fsdecode`` does) -> a file store;
 - ``postgresql://...`` or ``postgres://...`` (any case) -> a PostgreSQL store, passed to
   libpq as written.
 
@@ -106,7 +106,9 @@ def _file_url_path(text: str, source: str) -> str:
         raise LocationError(f"file URL {shown!r} has a query or a fragment, which name no "
                             "directory; percent-encode '?' and '#' in the path "
                             "(file:///path/to/dir)", source)
-    path = urllib.parse.unquote(parsed.path)
+    # percent-escapes are bytes of the file name, decoded as the file system does: every
+    # byte round-trips (``%ff`` is byte 0xff, never U+FFFD)
+    path = os.fsdecode(urllib.parse.unquote_to_bytes(parsed.path))
     if not path:
         raise LocationError("file URL names no directory; use file:///path/to/dir", source)
     return path

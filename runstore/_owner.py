@@ -54,19 +54,43 @@ def _forget_me() -> None:
     _me = None
 
 
+#: the largest pid a ``pid_t`` holds (a signed 32-bit int on Linux and macOS)
+_PID_T_MAX = (1 << 31) - 1
+
+
+@functools.cache
+def pid_limit() -> int:
+    """The largest pid a process on this host can have: Linux's ``kernel/pid_max`` less
+    one, else the largest ``pid_t``."""
+    try:
+        with open("/proc/sys/kernel/pid_max", encoding="ascii") as f:
+            return min(int(f.read().strip()) - 1, _PID_T_MAX)
+    except (OSError, ValueError):
+        return _PID_T_MAX
+
+
+def possible_pid(pid: int) -> bool:
+    """Whether a process on this host can have ``pid``: 1 to ``pid_limit()``. Any other
+    value (0 and negative ones name process groups to ``kill``) is no process here."""
+    return 0 < pid <= pid_limit()
+
+
 def is_alive(host: str, pid: int | None, start: str) -> bool:
     """True only when the owner provably still runs: same host, and its pid belongs to a
     process started at ``start`` (so never where the start time is not known)."""
     if not host or pid is None or not start or host != os.uname().nodename:
         return False
-    return process_start(pid) == start
+    return possible_pid(pid) and process_start(pid) == start
 
 
 def is_gone(host: str, pid: int | None, start: str) -> bool:
-    """True only when the owner provably no longer runs: same host, and its pid is free or
-    now belongs to a process started at another time."""
+    """True only when the owner provably no longer runs: same host, and its pid is free,
+    now belongs to a process started at another time, or is one no process here can have
+    (``possible_pid``)."""
     if not host or pid is None or host != os.uname().nodename:
         return False
+    if not possible_pid(pid):
+        return True  # no process on this host can have that pid
     now = process_start(pid)
     if now:
         return bool(start) and now != start

@@ -11,7 +11,8 @@
 
 The store is the first of: ``--store URL`` (a directory, ``file:///dir`` or
 ``postgresql://...``) or ``--state-dir DIR`` (both together is a usage error), then
-``$RUNSTORE_URL``, then ``$RUNSTORE_DIR``, then the user's state directory
+``$RUNSTORE_URL``, then ``$RUNSTORE_DIR`` (a variable set to "" counts as unset), then the
+user's state directory
 (``platformdirs.user_state_dir("runstore")``; without platformdirs, ``$XDG_STATE_HOME/runstore``
 or ``~/.local/state/runstore``). Every command goes through ``runstore.open``, so it works on
 either backend, except the ones about the journal file (``check``, ``compact``), which refuse a
@@ -28,8 +29,11 @@ stderr, ``runstore: error: <what went wrong>; <what to do>``, never a traceback)
       import, an unsafe directory, an I/O error; ``migrate``: a conflicting run), a file
       could not be read or written, the PostgreSQL server failed or refused us, or ``check``
       found the file damaged
-2     usage: unknown command or option, bad option value (an unsupported store URL,
-      ``--store`` with ``--state-dir``), a file-only command on a PostgreSQL store, an
+2     usage: unknown command or option, bad option or argument value (each typed value is
+      checked before any store is opened: an unsupported store URL, an empty ``--store`` or
+      ``--state-dir``, ``--store`` with ``--state-dir``, an empty name, text that is not
+      UTF-8, a date out of range), stdout closed at the start, a file-only command on a
+      PostgreSQL store, an
       output (``export FILE``, ``prune --archive FILE``, ``migrate --to``) that is one of
       the store's own files, its state directory or inside it (nothing is written)
 3     not found: no run with that id, no store at the state directory, or (``watch --since``)
@@ -72,7 +76,20 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
 
 from . import _clifmt as fmt
-from ._cli_args import _duration, _non_negative_int, _positive_int, _seconds, _since
+from ._cli_args import (
+    _batch,
+    _duration,
+    _int64,
+    _location,
+    _machine,
+    _non_negative_int,
+    _path,
+    _positive_int,
+    _run_id,
+    _seconds,
+    _since,
+    _utf8,
+)
 from ._cli_context import (
     EXIT_CODES,
     EXIT_DAMAGED,
@@ -194,14 +211,14 @@ def build_parser(prog: str = "runstore") -> argparse.ArgumentParser:
                     "a journal file or a PostgreSQL database.\n\n"
                     "Which store: --store URL or --state-dir DIR (not both), else "
                     "$RUNSTORE_URL,\nelse $RUNSTORE_DIR, else the user's state directory; "
-                    "`stats` says which one.",
+                    "`stats` says which one.\nAn empty variable counts as unset.",
         epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 not found (run or store), "
                "4 lock timeout, 5 damaged store, 130 interrupted")
-    parser.add_argument("--store", metavar="URL",
+    parser.add_argument("--store", metavar="URL", type=_location,
                         help="the store: a directory, file:///dir or "
                              "postgresql://user@host/dbname (default: $RUNSTORE_URL); "
                              "not together with --state-dir")
-    parser.add_argument("--state-dir", metavar="DIR",
+    parser.add_argument("--state-dir", metavar="DIR", type=_location,
                         help="the store's directory (default: $RUNSTORE_DIR, else the user's "
                              "state directory, e.g. ~/.local/state/runstore)")
     parser.add_argument("--lock-timeout", metavar="SECONDS", type=_seconds, default=30.0,
@@ -228,10 +245,10 @@ def build_parser(prog: str = "runstore") -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help=f"print {what}{tail}")
 
     p = command("list", _cmd_list, "list runs (oldest first), optionally filtered")
-    p.add_argument("--machine", metavar="NAME", help="only runs of this machine")
+    p.add_argument("--machine", metavar="NAME", type=_machine, help="only runs of this machine")
     p.add_argument("--status", action="append", choices=[s.value for s in Status],
                    help="only runs in this status (repeatable)")
-    p.add_argument("--batch", metavar="ID", help="only runs of this batch")
+    p.add_argument("--batch", metavar="ID", type=_batch, help="only runs of this batch")
     p.add_argument("--since", metavar="WHEN", type=_since,
                    help="only runs started (or, never started, created) since WHEN: a "
                         "duration ago (2h, 30m, 7d) or a date (2026-01-31[T12:00][Z])")
@@ -242,11 +259,12 @@ def build_parser(prog: str = "runstore") -> argparse.ArgumentParser:
                    help="print one JSON object per run and line (the fields as with --json)")
 
     p = command("show", _cmd_show, "every field of one run")
-    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("run_id", metavar="RUN_ID", type=_run_id)
     json_flag(p, "one JSON object")
 
     p = command("active", _cmd_active, "the non-terminal (pending or running) runs")
-    p.add_argument("machine", metavar="MACHINE", nargs="?", help="only this machine's run")
+    p.add_argument("machine", metavar="MACHINE", nargs="?", type=_machine,
+                   help="only this machine's run")
     json_flag(p, "one JSON array")
 
     p = command("stats", _cmd_stats, "counts, sizes and sequence numbers of the store")
@@ -275,7 +293,7 @@ def build_parser(prog: str = "runstore") -> argparse.ArgumentParser:
                        help="remove terminal runs that ended longer ago than this (30d)")
     which.add_argument("--keep-last", metavar="N", type=_non_negative_int,
                        help="remove all but the N newest terminal runs")
-    p.add_argument("--archive", metavar="FILE",
+    p.add_argument("--archive", metavar="FILE", type=_path,
                    help="first append the removed runs to FILE (JSON lines)")
     p.add_argument("--dry-run", action="store_true", help="only count what would be removed")
 
@@ -287,32 +305,33 @@ def build_parser(prog: str = "runstore") -> argparse.ArgumentParser:
     json_flag(p, "the report as one JSON object", records=False)
 
     p = command("export", _cmd_export, "write every run as one JSON array document")
-    p.add_argument("file", metavar="FILE", nargs="?",
+    p.add_argument("file", metavar="FILE", nargs="?", type=_path,
                    help="where to write (replaced atomically); default or -: stdout")
 
     p = command("import", _cmd_import,
                 "add runs, keeping their ids, from a JSON array or JSON lines (all or nothing)")
-    p.add_argument("file", metavar="FILE", help="the file to read; -: stdin")
+    p.add_argument("file", metavar="FILE", type=_path, help="the file to read; -: stdin")
 
     p = command("mark", _cmd_mark,
                 "move a run to STATUS by hand, through the state machine")
-    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("run_id", metavar="RUN_ID", type=_run_id)
     p.add_argument("status", metavar="STATUS", choices=[s.value for s in Status],
                    help="running (from pending), or completed, failed, interrupted, timeout")
-    p.add_argument("--exit-code", metavar="N", type=int, help="the exit code (terminal only)")
-    p.add_argument("--error-code", metavar="CODE", default="",
+    p.add_argument("--exit-code", metavar="N", type=_int64,
+                   help="the exit code (terminal only)")
+    p.add_argument("--error-code", metavar="CODE", default="", type=_utf8,
                    help="a machine-readable error code (terminal only)")
-    p.add_argument("--error-msg", metavar="TEXT", default="",
+    p.add_argument("--error-msg", metavar="TEXT", default="", type=_utf8,
                    help="a human-readable error message (terminal only)")
     json_flag(p, "the run after the change as one JSON object")
 
     p = command("migrate", _cmd_copy,
                 "copy every run of one store into another (e.g. a directory into PostgreSQL),"
                 " skipping runs already there, then verify count and checksum")
-    p.add_argument("--from", dest="source", metavar="STORE", required=True,
+    p.add_argument("--from", dest="source", metavar="STORE", required=True, type=_location,
                    help="the store to copy: a directory, file:///dir or postgresql://... "
                         "(it must exist)")
-    p.add_argument("--to", dest="target", metavar="STORE", required=True,
+    p.add_argument("--to", dest="target", metavar="STORE", required=True, type=_location,
                    help="where to copy it (created when missing)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
@@ -409,6 +428,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run one command line (``sys.argv[1:]`` by default) and return its exit code."""
     out, err = sys.stdout, sys.stderr
     prog = prog or _default_prog()
+    if out is None or err is None:  # started with the descriptor closed (`>&-`)
+        if err is not None:
+            _report(err, fmt.Painter(False), prog, "standard output is closed; run the "
+                    "command with stdout open (redirect it to /dev/null to discard it)")
+        return EXIT_USAGE
     err_paint = fmt.Painter(fmt.colour_wanted(err))
     words = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -423,7 +447,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     err_paint = fmt.Painter(fmt.colour_wanted(err, args.color))
     secrets = _secrets(args)
-    if args.store and args.state_dir:
+    if args.store is not None and args.state_dir is not None:
         _report(err, err_paint, prog, "--store and --state-dir both name the store; pass only "
                 f"one (see `{prog} --help`)")
         return EXIT_USAGE

@@ -11,6 +11,7 @@
      +-- LockTimeoutError        (also TimeoutError)   the store's lock was not acquired in time
      |    +-- TableLockTimeoutError                    a PostgreSQL lock was not granted in time
      +-- CorruptStoreError       (also ValueError)     the journal file is damaged or unreadable
+     +-- StoreNotFoundError      (also FileNotFoundError) no store at a path that must hold one
      +-- UnsafeStoreError        (also PermissionError) the state directory or a file is unsafe
      |    +-- ReadOnlyStoreError                       a write to a store this process may only read
      +-- OutputTargetError       (also ValueError)     an output would overwrite the store itself
@@ -133,6 +134,23 @@ class CorruptStoreError(RunstoreError, ValueError):
         return (type(self), (self.path, self.offset, self.problem, self.remedy))
 
 
+class StoreNotFoundError(RunstoreError, FileNotFoundError):
+    """No store at ``path``, where a call that never creates one needs one (``check``);
+    ``reason`` says what is missing."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(_errno.ENOENT, f"no store at {path} ({reason})", path)
+
+    def __str__(self) -> str:
+        return (f"no store at {self.path} ({self.reason}); pass the state directory of an "
+                "existing store")
+
+    def __reduce__(self) -> tuple[type[StoreNotFoundError], tuple[str, str]]:
+        return (type(self), (self.path, self.reason))
+
+
 class UnsafeStoreError(RunstoreError, PermissionError):
     """The state directory or one of its files is unsafe to use (owner, mode, symlink, type)."""
 
@@ -193,6 +211,8 @@ class IOKind(enum.Enum):
     SYNC_DIR = "sync_dir"
     #: appending pruned runs to ``prune()``'s archive: nothing was pruned
     ARCHIVE = "archive"
+    #: writing ``export()``'s file: nothing was written (a file already there is as it was)
+    EXPORT = "export"
 
 
 #: what each kind of failure means, after "ACTION PATH failed (REASON); "
@@ -216,6 +236,8 @@ _OUTCOMES = {
                      "one before it; run `compact` once the disk is healthy",
     IOKind.ARCHIVE: "nothing was pruned (a partial write to the archive is cut off); fix "
                     "the archive's path or free space, then retry",
+    IOKind.EXPORT: "nothing was written (a file already at that path is as it was); name a "
+                   "file in an existing directory you can write, or free space, then retry",
 }
 
 

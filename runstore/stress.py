@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from . import _stress_work
 from ._stress_check import Check, Latencies, Proc, analyse
@@ -184,20 +184,84 @@ def _show_progress(line: str) -> None:
     sys.stderr.flush()
 
 
+#: the upper bounds of the options (``stress --help`` states them)
+MAX_PROCS = 256
+MAX_THREADS = 256
+MAX_MACHINES = 10_000
+MAX_SECONDS = 86_400.0
+MAX_ATTEMPTS = (1 << 63) - 1
+
+
+def _count(most: int) -> Callable[[str], int]:
+    """The type of an option that counts: an integer from 1 to ``most``."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if not 1 <= value <= most:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer from 1 to {most:,}, got {text!r}")
+        return value
+
+    count.__name__ = "count"
+    return count
+
+
+def _duration(text: str) -> float:
+    """``--seconds``: a finite number above 0, at most ``MAX_SECONDS``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= MAX_SECONDS:  # False for nan, too
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds above 0, at most {MAX_SECONDS:,.0f}, got {text!r}")
+    return value
+
+
+def _state_dir(text: str) -> str:
+    """``--state-dir``: a non-empty UTF-8 path (``Store`` keeps to those)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a directory, got ''")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8") from None
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), as for the other
+    commands."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m runstore stress",
         description="Run the dispatcher cycle from many processes and threads on one store, "
-                    "then check the store's guarantees; exits 1 on any violation.")
-    p.add_argument("--procs", type=int, default=4, help="worker processes (default 4)")
-    p.add_argument("--threads", type=int, default=2, help="threads per process (default 2)")
-    p.add_argument("--machines", type=int, default=4, help="machines to contend for (default 4)")
-    p.add_argument("--seconds", type=float, default=10.0, help="how long to run (default 10)")
-    p.add_argument("--attempts", type=int, default=None,
-                   help="stop after this many prepare attempts in total (default: no limit)")
+                    "then check the store's guarantees; exits 1 on any violation, 2 on a "
+                    "bad option.")
+    p.add_argument("--procs", type=_count(MAX_PROCS), default=4,
+                   help=f"worker processes, 1 to {MAX_PROCS} (default 4)")
+    p.add_argument("--threads", type=_count(MAX_THREADS), default=2,
+                   help=f"threads per process, 1 to {MAX_THREADS} (default 2)")
+    p.add_argument("--machines", type=_count(MAX_MACHINES), default=4,
+                   help=f"machines to contend for, 1 to {MAX_MACHINES:,} (default 4)")
+    p.add_argument("--seconds", type=_duration, default=10.0,
+                   help=f"how long to run, above 0 and at most {MAX_SECONDS:,.0f} "
+                        "(default 10)")
+    p.add_argument("--attempts", type=_count(MAX_ATTEMPTS), default=None,
+                   help="stop after this many prepare attempts in total, at least 1 "
+                        "(default: no limit)")
     p.add_argument("--durable", action=argparse.BooleanOptionalAction, default=True,
                    help="fdatasync every change (default: on)")
-    p.add_argument("--state-dir", default=None,
+    p.add_argument("--state-dir", type=_state_dir, default=None,
                    help="the store to use (default: a fresh temporary one, removed afterwards)")
     p.add_argument("--kill", action="store_true",
                    help="SIGKILL random workers during the run and start replacements")
@@ -206,15 +270,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m runstore stress [options]``; returns the exit status."""
+    """``python -m runstore stress [options]``; returns the exit status (2 for a bad
+    option, every option checked before anything runs)."""
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else 2
-    for name in ("procs", "threads", "machines"):
-        if getattr(args, name) < 1:
-            print(f"runstore stress: --{name} must be at least 1", file=sys.stderr)
-            return 2
     cfg = Config(procs=args.procs, threads=args.threads, machines=args.machines,
                  seconds=args.seconds, durable=args.durable, state_dir=args.state_dir,
                  kill=args.kill, attempts=args.attempts)

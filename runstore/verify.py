@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from . import _fields, _sound
+from . import _fields, _sound, _validate
 from ._lock import flock_until
 from ._scan import (
     LINE_LIMIT,
@@ -33,7 +33,7 @@ from ._scan import (
 )
 from ._statedir import _NOT_WRITABLE, _OPEN, DATA_NAME, LOCK_NAME, _unsafe, open_state_dir
 from ._vouch import Vouch, cut_error, read_vouch
-from .errors import CorruptStoreError, LockTimeoutError, UnsafeStoreError
+from .errors import CorruptStoreError, LockTimeoutError, StoreNotFoundError, UnsafeStoreError
 
 #: more than a clean-close mark line can take (``check`` reads no further to find one)
 _MARK_LIMIT = 64 * 1024
@@ -90,10 +90,17 @@ def check(state_dir: str | os.PathLike[str], *, lock_timeout: float = 30.0) -> C
     """Verify a whole journal (header, checksums, sequence, fields, torn tail, damage) without
     modifying anything; waits up to ``lock_timeout`` for the store lock when the lock file
     exists (``LockTimeoutError``). On a read-only copy or mount the lock file is opened for
-    reading (enough to lock it), or, when even that fails, the file is read without it."""
-    state_dir = os.fspath(state_dir)
+    reading (enough to lock it), or, when even that fails, the file is read without it.
+    ``state_dir`` and ``lock_timeout`` are checked as ``Store`` checks them
+    (``InvalidRunError``); with no store there it raises ``StoreNotFoundError``."""
+    state_dir = _validate.path("state_dir", state_dir)
+    timeout = _validate.seconds("lock_timeout", lock_timeout)
+    assert timeout is not None
     path = os.path.join(state_dir, DATA_NAME)
     lock_path = os.path.join(state_dir, LOCK_NAME)
+    if not os.path.isdir(state_dir):
+        raise StoreNotFoundError(state_dir, "the directory does not exist"
+                                 if not os.path.lexists(state_dir) else "it is not a directory")
     dir_fd = open_state_dir(state_dir, create=False)
     lock_fd = -1
     vouch = None
@@ -114,10 +121,12 @@ def check(state_dir: str | os.PathLike[str], *, lock_timeout: float = 30.0) -> C
                              "as a torn tail")
         if lock_fd >= 0:
             opened, lock_fd = lock_fd, -1
-            lock_fd = _lock_at_path(opened, dir_fd, lock_path, lock_timeout)
+            lock_fd = _lock_at_path(opened, dir_fd, lock_path, timeout)
             vouch = read_vouch(lock_fd)
         try:
             fd = os.open(DATA_NAME, os.O_RDONLY | _OPEN, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise StoreNotFoundError(state_dir, f"the directory holds no {DATA_NAME}") from None
         except OSError as exc:
             raise _unsafe(path, exc, "journal file") from None
         try:

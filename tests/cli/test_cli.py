@@ -700,11 +700,14 @@ def test_stress_notes_that_the_global_store_does_not_apply(
 
 def test_export_to_a_missing_directory_names_the_file(
         run_cli: Cli, demo: dict[str, str], tmp_path: pathlib.Path) -> None:
-    """export into a directory that does not exist exits 1 naming the file asked for."""
+    """export into a directory that does not exist exits 1 naming the file asked for,
+    not the temp file beside it, and saying that nothing was written."""
     target = tmp_path / "no" / "such" / "out.json"
     code, _, err = run_cli("--state-dir", demo["dir"], "export", str(target))
     assert code == 1
-    assert _one_line(err) == f"runstore: error: {target}: No such file or directory"
+    assert _one_line(err).startswith(
+        f"runstore: error: exporting to {target} failed (No such file or directory); "
+        "nothing was written")
 
 
 # -- errors and exit codes ---------------------------------------------------------------------

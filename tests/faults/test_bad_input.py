@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import fcntl
 import os
 import pathlib
 import signal
@@ -24,13 +25,16 @@ from runstore import (
     CorruptStoreError,
     InvalidRunError,
     InvalidTransitionError,
+    IOKind,
     LockTimeoutError,
     Run,
     Status,
     Store,
     StoreIOError,
+    StoreNotFoundError,
     UnsafeStoreError,
     _codec as codec,
+    _owner,
     _statedir,
     verify,
 )
@@ -541,3 +545,143 @@ def test_stale_temp_cleanup_removes_only_our_regular_files(tmp_path: pathlib.Pat
     assert similar.read_text() == "not ours"
     if os.geteuid() == 0:
         assert theirs.read_text() == "someone else's"
+
+
+# -- check, reap, export and prune on bad arguments ----------------------------------------
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 1e300, -1, -0.5, "1", None,
+                                     True])
+def test_check_refuses_a_bad_lock_timeout(tmp_path: pathlib.Path, timeout: Any) -> None:
+    """``check(lock_timeout=)`` is checked as ``Store(lock_timeout=)`` is: InvalidRunError
+    naming it, at once, while another holder keeps the lock (no wait, no hang)."""
+    make_store(tmp_path / "s")
+    before = snapshot_dir(str(tmp_path / "s"))
+    with pytest.raises(InvalidRunError, match="lock_timeout") as info:
+        Store(tmp_path / "s", lock_timeout=timeout)
+    expected = str(info.value)
+    fd = os.open(tmp_path / "s", os.O_RDONLY | os.O_DIRECTORY)  # the store's lock
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        started = time.monotonic()
+        with pytest.raises(InvalidRunError) as got:
+            verify.check(tmp_path / "s", lock_timeout=timeout)
+        assert time.monotonic() - started < 5
+    finally:
+        os.close(fd)
+    assert str(got.value) == expected
+    assert snapshot_dir(str(tmp_path / "s")) == before
+
+
+@pytest.mark.parametrize(("where", "reason"), [
+    ("missing", "the directory does not exist"),
+    ("missing/deeper", "the directory does not exist"),
+    ("a-file", "it is not a directory"),
+    ("empty-dir", "the directory holds no runs.jsonl"),
+])
+def test_check_of_a_missing_store(tmp_path: pathlib.Path, where: str, reason: str) -> None:
+    """``check`` of a place that holds no store: StoreNotFoundError (a FileNotFoundError too)
+    naming the path and what is missing; nothing is created."""
+    (tmp_path / "a-file").write_bytes(b"")
+    (tmp_path / "empty-dir").mkdir(mode=0o700)
+    before = sorted(os.listdir(tmp_path))
+    path = tmp_path / where
+    with pytest.raises(StoreNotFoundError) as info:
+        verify.check(path)
+    assert isinstance(info.value, FileNotFoundError)
+    assert info.value.path == str(path)
+    assert str(info.value).startswith(f"no store at {path} ({reason})")
+    assert sorted(os.listdir(tmp_path)) == before
+    assert os.listdir(tmp_path / "empty-dir") == []
+
+
+#: owner pids a run may hold (any int64) that no process on this host can have
+_IMPOSSIBLE_PIDS = [0, -1, -(2**63), 2**31, 2**62, 2**63 - 1]
+
+
+def _owned_here(path: pathlib.Path, pid: int) -> Store:
+    """A store with one running run on m1, owned on this host by ``pid``, beating now."""
+    s = Store(path)
+    now = _dt.datetime.now(_dt.UTC).isoformat()
+    s.import_runs([{"id": "owned", "machine": "m1", "test_dir": "/t", "test_dir_hash": "h",
+                    "status": "running", "started_at": now, "heartbeat_at": now,
+                    "owner_host": os.uname().nodename, "owner_pid": pid,
+                    "owner_start": "0:1"}])
+    return s
+
+
+@pytest.mark.parametrize("pid", _IMPOSSIBLE_PIDS)
+def test_reap_of_an_owner_pid_no_process_here_can_have(
+        tmp_path: pathlib.Path, pid: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An owner pid of 0 or below, or beyond what the OS allows: the owner is gone (never
+    alive), and ``os.kill`` is never asked about it (0 and -1 signal process groups)."""
+    killed: list[int] = []
+    real_kill = os.kill
+
+    def kill(target: int, sig: int) -> None:
+        killed.append(target)
+        real_kill(target, sig)
+
+    monkeypatch.setattr(os, "kill", kill)
+    s = _owned_here(tmp_path / "s", pid)
+    try:
+        assert not _owner.is_alive(os.uname().nodename, pid, "0:1")
+        stale = _dt.timedelta(hours=1)
+        assert [(r.id, r.error_code) for r in s.reap(stale_after=stale, dry_run=True)] == [
+            ("owned", "owner_gone")]
+        assert s.get("owned").status is Status.RUNNING
+        _, outcome = s.prepare_atomic("m1", "h2", lambda: run_for("m1", "h2"), reap=True)
+        assert outcome.name == "CREATED"
+        assert s.get("owned").error_code == "owner_gone"
+    finally:
+        s.close()
+    assert not [target for target in killed if target <= 0 or target > _owner.pid_limit()]
+
+
+@pytest.mark.parametrize("pid", _IMPOSSIBLE_PIDS)
+def test_reap_of_an_impossible_owner_pid(tmp_path: pathlib.Path, pid: int) -> None:
+    """``reap`` (not ``prepare_atomic``) interrupts such a run as owner_gone."""
+    s = _owned_here(tmp_path / "s", pid)
+    try:
+        reaped = s.reap(stale_after=_dt.timedelta(hours=1))
+        assert [(r.id, r.status, r.error_code) for r in reaped] == [
+            ("owned", Status.INTERRUPTED, "owner_gone")]
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("target", ["missing/out.json", ".", "dir"])
+def test_export_to_a_path_that_cannot_be_written(tmp_path: pathlib.Path, target: str) -> None:
+    """``export(path)`` into a missing directory or onto a directory: StoreIOError
+    (``IOKind.EXPORT``) naming the path and saying nothing was written; no temp file is
+    left behind."""
+    out = tmp_path / "out"
+    (out / "dir").mkdir(parents=True)
+    s, unchanged = _unchanged(tmp_path)
+    before = sorted(os.listdir(out))
+    path = out / target
+    try:
+        with pytest.raises(StoreIOError) as info:
+            s.export(path)
+    finally:
+        s.close()
+    assert info.value.kind is IOKind.EXPORT and info.value.path == str(path)
+    assert str(path) in str(info.value) and "nothing was written" in str(info.value)
+    assert sorted(os.listdir(out)) == before and os.listdir(out / "dir") == []
+    unchanged()
+
+
+@pytest.mark.parametrize(("keep_last", "counted"), [(2, "1 run was"), (0, "3 runs were")])
+def test_prune_into_a_missing_archive_directory_counts_the_runs(
+        tmp_path: pathlib.Path, keep_last: int, counted: str) -> None:
+    """A prune whose archive cannot be opened says how many runs it was to remove (the
+    count of the runs chosen, not of those taken before the archive failed)."""
+    s, unchanged = _unchanged(tmp_path)
+    try:
+        with pytest.raises(StoreIOError) as info:
+            s.prune(keep_last=keep_last, archive=tmp_path / "nodir" / "a.jsonl")
+    finally:
+        s.close()
+    assert info.value.kind is IOKind.ARCHIVE
+    assert f"nothing was pruned ({counted} to be removed" in str(info.value)
+    unchanged()
