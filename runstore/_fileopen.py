@@ -192,7 +192,7 @@ class _Opening:
         that records synced bytes of a journal (``_vouch.Vouch``) proves one existed, and
         a store is never reset to empty without being asked. The new journal is recorded
         there at once, so that from now on its loss is noticed too."""
-        fd = self._lock.descriptor()
+        fd = self._lock.record()
         vouch = read_vouch(fd) if fd is not None else None
         if vouch is not None:
             raise missing_error(self._journal.path, vouch)
@@ -205,7 +205,7 @@ class _Opening:
         or it speaks of another file): no part of it is cut as a torn write, and a journal
         found shorter is refused (``_load``). One ``pread`` of the lock file, when the
         view is (re)built."""
-        fd = self._lock.descriptor()
+        fd = self._lock.record()
         vouch = read_vouch(fd) if fd is not None else self._journal.peek_vouch()
         return vouch if vouch is not None and vouch.applies_to(header) else None
 
@@ -214,7 +214,7 @@ class _Opening:
         """Record in the lock file that the first ``length`` bytes of the journal whose
         header has CRC ``header_crc`` are synced (see ``_vouch.Vouch``): at a clean close,
         a checkpoint and a compaction only, never per operation."""
-        fd = self._lock.descriptor()
+        fd = self._lock.record()
         if fd is None:
             return
         write_vouch(fd, Vouch(self._journal.store_id, header_crc, length, seq, by), sync=sync)

@@ -118,6 +118,14 @@ class Journal(TempFiles):
         check_regular(fd, self.lock_path, "lock file")
         return fd
 
+    def open_directory(self) -> int:
+        """Open the state directory again (a descriptor of its own, for the store's flock:
+        ``_lock``)."""
+        try:
+            return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        except OSError as exc:
+            raise _unsafe(self.state_dir, exc, "state directory") from None
+
     def read_only_error(self, path: str, what: str, exc: OSError | None = None
                         ) -> ReadOnlyStoreError:
         """The error of a write to a store this process can only read (``path``: the file

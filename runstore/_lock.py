@@ -1,4 +1,4 @@
-"""The store's lock: an in-process mutex plus an exclusive flock on a separate lock file.
+"""The store's lock: an in-process mutex plus an exclusive flock on the state directory.
 
 The only module that takes file locks. Why each piece:
 
@@ -11,14 +11,20 @@ The only module that takes file locks. Why each piece:
   metadata at import), a third of the budget of a fresh CLI process, and each lock/unlock
   through it ~3 us more than ``fcntl.flock``. runstore is POSIX-only
   (``O_NOFOLLOW``, ``dir_fd``), so portalocker's Windows layer bought nothing.
-* The lock file is separate from the data file (which compaction replaces by rename) and is
-  never deleted: waiters would otherwise split across two inodes (filelock #27, #574).
-  Something else may delete or replace it all the same (a cleaner of /tmp removes files by
-  mtime, which flock never touches): after each flock one ``stat`` of the path checks that
-  the locked descriptor is still the file there; if not, the lock is taken again on the file
-  now at the path, within the same deadline, so that every process locks the same inode.
-* Fork: a child shares the parent's open file description, so its unlock would release the
-  parent's lock. After fork the child closes the inherited descriptor without unlocking,
+* The flock is taken on the state directory (a descriptor of its own), not on a file in
+  it. A file can be deleted or replaced while a process holds its flock (a cleaner of /tmp
+  removes files by mtime, which flock never touches): the next process then creates and
+  locks a new file at the path while the holder is still inside, and both append to the
+  journal. A directory that holds the journal cannot be removed, and one renamed away takes
+  the journal with it (which every call notices). Nor is the journal locked: compaction
+  replaces it by rename.
+* The lock file (``runs.lock``) is kept open beside it for what it records (``_vouch``):
+  before the record is read or written (``record``, with the lock held), one ``stat`` of
+  its path checks that the descriptor is still the file there, and the file at the path is
+  opened again if not, so that the record is where every process finds it. An operation
+  that does not touch the record pays for no ``stat``.
+* Fork: a child shares the parent's open file descriptions, so its unlock would release the
+  parent's lock. After fork the child closes the inherited descriptors without unlocking,
   opens its own, and gets a fresh mutex (``os.register_at_fork``, plus a check on every
   acquire against ``_forks.pid()``, the pid another at-fork hook keeps without a system call).
 """
@@ -46,15 +52,22 @@ class StoreLock:
     """Mutex + flock. ``acquire(timeout)`` / ``release()``; not reentrant."""
 
     def __init__(self, open_lock_file: Callable[[], int], lock_path: str,
-                 stat_lock_path: Callable[[], os.stat_result] | None = None) -> None:
+                 stat_lock_path: Callable[[], os.stat_result],
+                 open_directory: Callable[[], int]) -> None:
         self._open_lock_file = open_lock_file
+        #: the path named in ``LockTimeoutError`` (the lock file: ``fuser`` on it lists the
+        #: processes that have the store open)
         self.lock_path = lock_path
-        #: one ``stat`` of the lock file's path (not following a symlink), to check after
-        #: each flock that the locked descriptor is still that file; None: not checked
+        #: one ``stat`` of the lock file's path (not following a symlink), to check that
+        #: the descriptor is still that file (``record``)
         self._stat_lock_path = stat_lock_path
+        #: opens the state directory for its flock (a new open file description each time)
+        self._open_directory = open_directory
         self._mutex = threading.Lock()
         self._fd: int | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of ``_fd``
+        #: the state directory's descriptor, the one flocked
+        self._locked: int | None = None
         self._pid = _forks.pid()
         _live.add(self)
 
@@ -66,17 +79,15 @@ class StoreLock:
         try:
             if between is not None:
                 between()
-            if self._fd is None:
-                self._open()
-            assert self._fd is not None
-            self._lock_file(self._fd, deadline, timeout)
+            self._open()
+            self._lock_file(deadline, timeout)
         except BaseException:
             self._mutex.release()
             raise
 
     def open_file(self) -> None:
         """Open the lock file now without locking it (a store checks it when it opens)."""
-        if self._fd is None:
+        if self._locked is None:
             self._open()
 
     def acquire_mutex(self, timeout: float) -> None:
@@ -89,6 +100,13 @@ class StoreLock:
             raise LockTimeoutError(self.lock_path, timeout)
 
     def _open(self) -> None:
+        """Open what is not open yet: the lock file, and the directory to flock."""
+        if self._fd is None:
+            self._open_file()
+        if self._locked is None:
+            self._locked = self._open_directory()
+
+    def _open_file(self) -> None:
         fd = self._open_lock_file()
         try:
             st = os.fstat(fd)
@@ -97,23 +115,12 @@ class StoreLock:
             raise
         self._fd, self._identity = fd, (st.st_dev, st.st_ino)
 
-    def _lock_file(self, fd: int, deadline: float, timeout: float) -> None:
-        flock_until(fd, deadline, self.lock_path, timeout)
-        while not self._still_at_path():
-            # deleted or replaced since it was opened: processes that open it now lock the
-            # file at the path, so holding this one excludes none of them. Drop it (closing
-            # releases its flock) and lock the file at the path, as they do.
-            self._drop_fd()
-            if time.monotonic() >= deadline:
-                raise LockTimeoutError(self.lock_path, timeout)
-            self._open()
-            assert self._fd is not None
-            flock_until(self._fd, deadline, self.lock_path, timeout)
+    def _lock_file(self, deadline: float, timeout: float) -> None:
+        assert self._locked is not None
+        flock_until(self._locked, deadline, self.lock_path, timeout)
 
     def _still_at_path(self) -> bool:
         """Whether the descriptor is still the file at the lock file's path (one ``stat``)."""
-        if self._stat_lock_path is None:
-            return True
         try:
             st = self._stat_lock_path()
         except FileNotFoundError:
@@ -123,24 +130,30 @@ class StoreLock:
     def _drop_fd(self) -> None:
         fd, self._fd, self._identity = self._fd, None, None
         if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            _close(fd)
 
     def descriptor(self) -> int | None:
-        """The lock file's descriptor while it is open (None before the first acquire):
-        besides its lock, the file holds a small record of what was synced
-        (``_vouch.Vouch``), which the store reads and writes with the lock held."""
+        """The lock file's descriptor while it is open (None before the first acquire)."""
+        return self._fd
+
+    def record(self) -> int | None:
+        """The descriptor of the lock file at its path, for the small record of what was
+        synced it holds (``_vouch.Vouch``), which the store reads and writes with the lock
+        held: when the file was deleted or replaced since it was opened, the file at the
+        path is opened (created 0600 if missing) in its place. None before the first
+        acquire."""
+        if self._locked is None:
+            return None
+        if self._fd is None or not self._still_at_path():
+            self._drop_fd()
+            self._open_file()
         return self._fd
 
     def acquire_file(self, timeout: float) -> None:
         """Take the file lock again while still holding the mutex (after ``release_file``);
         ``LockTimeoutError`` after ``timeout`` seconds."""
-        if self._fd is None:  # dropped by a failed re-lock: open the file at the path
-            self._open()
-        assert self._fd is not None
-        self._lock_file(self._fd, time.monotonic() + timeout, timeout)
+        self._open()
+        self._lock_file(time.monotonic() + timeout, timeout)
 
     def release(self) -> None:
         """Release the file lock, then the mutex."""
@@ -152,8 +165,8 @@ class StoreLock:
     def release_file(self) -> None:
         """Release only the file lock: other processes may go on while this thread, still
         holding the mutex, finishes (the store syncs here: group commit)."""
-        if self._fd is not None:
-            flock(self._fd, LOCK_UN)
+        if self._locked is not None:
+            flock(self._locked, LOCK_UN)
 
     def release_mutex(self) -> None:
         """Release the mutex after ``release_file``."""
@@ -162,21 +175,29 @@ class StoreLock:
     def after_fork(self) -> None:
         """In a forked child: forget the parent's lock without releasing it."""
         self._mutex = threading.Lock()
-        if self._fd is not None:
-            try:
-                os.close(self._fd)  # closing our copy never unlocks the parent's description
-            except OSError:
-                pass
-            self._fd = None
+        # closing our copies never unlocks the parent's descriptions
+        for fd in dict.fromkeys((self._fd, self._locked)):
+            if fd is not None:
+                _close(fd)
+        self._fd = self._locked = None
         self._identity = None
         self._pid = _forks.pid()
 
     def close(self) -> None:
-        """Close the lock file (the file itself is never deleted)."""
-        if self._fd is not None and self._pid == _forks.pid():
-            os.close(self._fd)
-        self._fd = None
+        """Close the lock file and the directory (the lock file is never deleted)."""
+        if self._pid == _forks.pid():
+            for fd in dict.fromkeys((self._fd, self._locked)):
+                if fd is not None:
+                    os.close(fd)
+        self._fd = self._locked = None
         self._identity = None
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def flock_until(fd: int, deadline: float, lock_path: str, timeout: float) -> None:

@@ -77,7 +77,7 @@ class FileStore(_Importing, StoreBase):
         self.durable = durable
         self._journal = Journal(self.state_dir, _fs or DEFAULT_FS)
         self._lock = StoreLock(self._journal.open_lock_file, self._journal.lock_path,
-                               self._journal.stat_lock_file)
+                               self._journal.stat_lock_file, self._journal.open_directory)
         self._lock_error = None
         self._pid = _forks.pid()
         self._closed = False

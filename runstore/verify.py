@@ -33,7 +33,7 @@ from ._scan import (
 )
 from ._statedir import _NOT_WRITABLE, _OPEN, DATA_NAME, LOCK_NAME, _unsafe, open_state_dir
 from ._vouch import Vouch, cut_error, read_vouch
-from .errors import CorruptStoreError, LockTimeoutError, StoreNotFoundError, UnsafeStoreError
+from .errors import CorruptStoreError, StoreNotFoundError, UnsafeStoreError
 
 #: more than a clean-close mark line can take (``check`` reads no further to find one)
 _MARK_LIMIT = 64 * 1024
@@ -88,11 +88,11 @@ class CheckReport:
 
 def check(state_dir: str | os.PathLike[str], *, lock_timeout: float = 30.0) -> CheckReport:
     """Verify a whole journal (header, checksums, sequence, fields, torn tail, damage) without
-    modifying anything; waits up to ``lock_timeout`` for the store lock when the lock file
-    exists (``LockTimeoutError``). On a read-only copy or mount the lock file is opened for
-    reading (enough to lock it), or, when even that fails, the file is read without it.
-    ``state_dir`` and ``lock_timeout`` are checked as ``Store`` checks them
-    (``InvalidRunError``); with no store there it raises ``StoreNotFoundError``."""
+    modifying anything; waits up to ``lock_timeout`` for the store's lock, a flock of the
+    state directory (``LockTimeoutError``), also on a read-only copy or mount, and reads
+    what the lock file records when it can. ``state_dir`` and ``lock_timeout`` are checked
+    as ``Store`` checks them (``InvalidRunError``); with no store there it raises
+    ``StoreNotFoundError``."""
     state_dir = _validate.path("state_dir", state_dir)
     timeout = _validate.seconds("lock_timeout", lock_timeout)
     assert timeout is not None
@@ -106,22 +106,21 @@ def check(state_dir: str | os.PathLike[str], *, lock_timeout: float = 30.0) -> C
     vouch = None
     notes: list[str] = []
     try:
+        _lock_store(dir_fd, lock_path, timeout)
+        # the lock file, for what it records, as found at its path once the lock is held
         try:
-            lock_fd = os.open(LOCK_NAME, os.O_RDWR | _OPEN, dir_fd=dir_fd)
+            lock_fd = os.open(LOCK_NAME, os.O_RDONLY | os.O_NONBLOCK | _OPEN, dir_fd=dir_fd)
         except FileNotFoundError:
             pass
         except OSError as exc:
             if exc.errno not in _NOT_WRITABLE:
                 raise _unsafe(lock_path, exc, "lock file") from None
-            try:
-                lock_fd = os.open(LOCK_NAME, os.O_RDONLY | _OPEN, dir_fd=dir_fd)
-            except OSError as again:
-                notes.append(f"the file was read without the store's lock ({lock_path}: "
-                             f"{again.strerror}): a write in progress elsewhere would show "
-                             "as a torn tail")
+            notes.append(f"the lock file could not be read ({lock_path}: {exc.strerror}): "
+                         "what it records of the synced bytes was not used")
         if lock_fd >= 0:
-            opened, lock_fd = lock_fd, -1
-            lock_fd = _lock_at_path(opened, dir_fd, lock_path, timeout)
+            if not stat.S_ISREG(os.fstat(lock_fd).st_mode):
+                raise UnsafeStoreError(lock_path, "the lock file is not a regular file",
+                                       "move it away and retry")
             vouch = read_vouch(lock_fd)
         try:
             fd = os.open(DATA_NAME, os.O_RDONLY | _OPEN, dir_fd=dir_fd)
@@ -154,38 +153,10 @@ def _check_file(fd: int, path: str, vouch: Vouch | None = None) -> CheckReport:
     return _check_bytes(b"", path, vouch, (read, size))
 
 
-def _lock_at_path(fd: int, dir_fd: int, lock_path: str, timeout: float) -> int:
-    """flock the lock file open as ``fd`` (closed on failure), then check, with one
-    ``stat``, that it is still the file at its path: one deleted or replaced meanwhile
-    excludes no store that opens it now, so the file at the path is opened (created 0600
-    when missing, as a store does) and locked instead, within the same ``timeout``.
-    Returns the locked descriptor."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            opened = os.fstat(fd)
-            flock_until(fd, deadline, lock_path, timeout)
-            now: os.stat_result | None = os.stat(LOCK_NAME, dir_fd=dir_fd,
-                                                 follow_symlinks=False)
-        except FileNotFoundError:
-            now = None
-        except BaseException:
-            os.close(fd)
-            raise
-        if now is not None and (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino):
-            return fd
-        os.close(fd)
-        if time.monotonic() >= deadline:
-            raise LockTimeoutError(lock_path, timeout)
-        try:
-            fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | _OPEN, 0o600, dir_fd=dir_fd)
-        except OSError as exc:
-            raise _unsafe(lock_path, exc, "lock file") from None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            os.close(fd)
-            raise UnsafeStoreError(lock_path, "the lock file is not a regular file of yours",
-                                   "move it away and retry")
+def _lock_store(dir_fd: int, lock_path: str, timeout: float) -> None:
+    """Take the store's lock for ``check``: the flock of the state directory open as
+    ``dir_fd`` (``_lock``), released when it is closed."""
+    flock_until(dir_fd, time.monotonic() + timeout, lock_path, timeout)
 
 
 def _check_bytes(buf: bytes, path: str, vouch: Vouch | None = None,

@@ -716,9 +716,9 @@ def test_held_lock_exits_4(run_cli: Cli, demo: dict[str, str]) -> None:
     """While another process holds the lock, a write with --lock-timeout 0.2 gives exit 4
     and one line (reads need no lock)."""
     lock = os.path.join(demo["dir"], "runs.lock")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys, time\n"
-         f"f = open({lock!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+    holder = subprocess.Popen(  # the store's lock: a flock of its directory
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         f"fd = os.open({demo['dir']!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
          "print('locked', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -36,7 +36,7 @@ class _NoMutex:
 
 def no_cross_process_lock() -> None:
     """StoreLock takes only its thread mutex: processes do not exclude each other."""
-    def lock_file(self: Any, fd: int, deadline: float, timeout: float) -> None:
+    def lock_file(self: Any, deadline: float, timeout: float) -> None:
         return None
 
     runstore._lock.StoreLock._lock_file = lock_file  # type: ignore[method-assign]  # the bug
@@ -52,8 +52,8 @@ def lockf_without_mutex() -> None:
         original_init(self, *args, **kwargs)
         self._mutex = _NoMutex()
 
-    def lock_file(self: Any, fd: int, deadline: float, timeout: float) -> None:
-        fcntl.lockf(fd, fcntl.LOCK_EX)
+    def lock_file(self: Any, deadline: float, timeout: float) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
 
     def release_file(self: Any) -> None:
         if self._fd is not None:
@@ -65,10 +65,10 @@ def lockf_without_mutex() -> None:
 
 
 def lock_the_data_file() -> None:
-    """flock the journal itself (opened afresh at each acquire) instead of runs.lock, and
+    """flock the journal itself (opened afresh at each acquire) instead of the directory, and
     compact often: a process that waited on the replaced inode and one that opened the new
     file both hold "the" lock."""
-    def lock_file(self: Any, fd: int, deadline: float, timeout: float) -> None:
+    def lock_file(self: Any, deadline: float, timeout: float) -> None:
         path = os.path.join(os.path.dirname(self.lock_path), _statedir.DATA_NAME)
         data_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         fcntl.flock(data_fd, fcntl.LOCK_EX)
@@ -97,7 +97,7 @@ def lock_the_data_file() -> None:
 
 _HOLDER = """
 import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDWR)
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
 fcntl.flock(fd, fcntl.LOCK_EX)
 print("locked", flush=True)
 sys.stdin.read()
@@ -106,9 +106,9 @@ sys.stdin.read()
 
 @contextlib.contextmanager
 def lock_held(state_dir: str | os.PathLike[str]) -> Iterator[None]:
-    """Another process holding an exclusive flock on the store's runs.lock."""
+    """Another process holding the store's lock: an exclusive flock on its directory."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, os.path.join(state_dir, "runs.lock")],
+        [sys.executable, "-c", _HOLDER, os.fspath(state_dir)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"

@@ -36,6 +36,7 @@ from runstore import (
     Run,
     Status,
     Store,
+    StoreIOError,
     UnsafeStoreError,
     _fileopen,
     _forks,
@@ -111,8 +112,15 @@ def _change_lock_file(state_dir: pathlib.Path, how: str) -> None:
         raise ValueError(how)
 
 
-def _no_lock_identity_check(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The broken variant: the locked descriptor is taken to be the file at the path."""
+def _lock_the_lock_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broken variant: the flock is taken on the lock file instead of the state
+    directory, and the locked descriptor is taken to be the file at the path."""
+    def lock_the_file(self: StoreLock) -> None:
+        if self._fd is None:
+            self._open_file()
+        self._locked = self._fd
+
+    monkeypatch.setattr(StoreLock, "_open", lock_the_file)
     monkeypatch.setattr(StoreLock, "_still_at_path", lambda self: True)
 
 
@@ -187,10 +195,10 @@ def test_processes_racing_after_the_lock_file_changed_create_one_run(
 def test_broken_variant_processes_racing_create_two_runs(
     store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    """Broken variant: without the identity check the processes lock different files, and
+    """Broken variant: locking the lock file, the processes lock different files, and
     the race goes wrong: two of them create a run for m0, or their interleaved appends
     damage the journal (a worker then fails on it)."""
-    _no_lock_identity_check(monkeypatch)  # inherited by the forked workers
+    _lock_the_lock_file(monkeypatch)  # inherited by the forked workers
     problems = _lock_race(store_dir, how)
     assert any("processes got CREATED" in problem or "journal:" in problem
                or "Corrupt" in problem for problem in problems), problems
@@ -252,19 +260,21 @@ def test_store_that_opened_the_old_lock_file_waits_for_the_holder_of_the_new(
 def test_broken_variant_old_lock_file_lets_two_holders_in(
     store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch, how: str, call: str
 ) -> None:
-    """Broken variant: without the identity check the old Store gets in beside the holder."""
-    _no_lock_identity_check(monkeypatch)
+    """Broken variant: locking the lock file, the old Store gets in beside the holder."""
+    _lock_the_lock_file(monkeypatch)
     assert not _old_store_waits(store_dir, how, call)
 
 
 def test_deleted_lock_file_is_recreated_private_and_the_store_goes_on(
     store_dir: pathlib.Path,
 ) -> None:
-    """A lock file deleted under an open Store is recreated 0600 at its next call."""
+    """A lock file deleted under an open Store is recreated 0600 when the store next
+    records what was synced (a compaction here; also a checkpoint or a clean close)."""
     with Store(store_dir) as s:
         s.create(_run("m1"))
         (store_dir / LOCK_NAME).unlink()
         s.create(_run("m2"))
+        s.compact()
         st = os.lstat(store_dir / LOCK_NAME)
         assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
         assert s._lock._identity == (st.st_dev, st.st_ino)
@@ -274,13 +284,17 @@ def test_deleted_lock_file_is_recreated_private_and_the_store_goes_on(
 def test_lock_file_replaced_by_a_symlink_is_refused(
     store_dir: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
-    """A lock file swapped for a symlink under an open Store: refused, target not created."""
+    """A lock file swapped for a symlink under an open Store: refused when the store next
+    records what was synced (a compaction here), and by every call after; the target is
+    not created."""
     target = tmp_path / "target"
     with _closing(Store(store_dir)) as s:
         s.create(_run("m1"))
         (store_dir / LOCK_NAME).unlink()
         (store_dir / LOCK_NAME).symlink_to(target)
-        with pytest.raises(UnsafeStoreError):
+        with pytest.raises(StoreIOError, match="symbolic link"):
+            s.compact()  # (its rewrite fails)
+        with pytest.raises(UnsafeStoreError, match="symbolic link"):
             s.create(_run("m2"))
         assert not target.exists()
 
@@ -323,13 +337,82 @@ def test_check_waits_for_the_holder_of_the_lock_file_at_the_path(
 def test_broken_variant_check_reads_while_another_holds_the_lock(
     store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    """Broken variant: check() locking only the file it opened reads under another's lock."""
-    def lock_at_path(fd: int, dir_fd: int, lock_path: str, timeout: float) -> int:
-        runstore.verify.flock_until(fd, time.monotonic() + timeout, lock_path, timeout)
-        return fd
+    """Broken variant: check() locking the lock file it opened reads under another's lock."""
+    opened: list[int] = []
 
-    monkeypatch.setattr(runstore.verify, "_lock_at_path", lock_at_path)
-    assert not _check_waits(store_dir, how, monkeypatch)
+    def lock_the_file(dir_fd: int, lock_path: str, timeout: float) -> None:
+        opened.append(os.open(LOCK_NAME, os.O_RDWR, dir_fd=dir_fd))
+        runstore.verify.flock_until(opened[-1], time.monotonic() + timeout, lock_path,
+                                    timeout)
+
+    monkeypatch.setattr(runstore.verify, "_lock_store", lock_the_file)
+    try:
+        assert not _check_waits(store_dir, how, monkeypatch)
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
+def _changed_while_held(state_dir: pathlib.Path, how: str) -> list[str]:
+    """A Store inside prepare_atomic (in ``make()``, its lock held) has the lock file
+    changed (``how``) under it, as a cleaner of old files would; a Store opened then tries
+    prepare_atomic on the same machine for another hash and must wait for the first
+    (``LockTimeoutError``): what went wrong otherwise."""
+    Store(state_dir).close()
+    problems: list[str] = []
+    second: list[str] = []
+
+    def make() -> Run:
+        _change_lock_file(state_dir, how)
+        try:
+            with Store(state_dir, lock_timeout=0.3) as fresh:
+                run, outcome = fresh.prepare_atomic("m0", "h2", lambda: _run("m0", "h2"))
+                second.append(f"{outcome.name} {run.id}")
+        except LockTimeoutError:
+            second.append("waited")
+        except Exception as exc:
+            second.append(f"{type(exc).__name__}: {exc}")
+        return _run("m0")
+
+    try:
+        with Store(state_dir, lock_timeout=5) as holder:
+            outcome = holder.prepare_atomic("m0", "h", make)[1]
+            if outcome is not PrepareOutcome.CREATED:
+                problems.append(f"the holder got {outcome.name}")
+    except Exception as exc:
+        problems.append(f"the holder: {type(exc).__name__}: {exc}")
+    if second != ["waited"]:
+        problems.append(f"the second store, while the first held the lock: {second}")
+    report = runstore.check(state_dir)
+    problems += [f"journal: {problem.message}" for problem in report.problems]
+    if report.ok:
+        with Store(state_dir) as s:
+            active = [r.id for r in s.list(machine="m0") if not r.status.is_terminal]
+        if len(active) != 1:
+            problems.append(f"m0 has {len(active)} non-terminal runs")
+    return problems
+
+
+@pytest.mark.parametrize("how", LOCK_CHANGES)
+def test_lock_file_changed_while_held_still_excludes_a_fresh_store(
+    store_dir: pathlib.Path, how: str
+) -> None:
+    """The flock is on the state directory: deleting or replacing the lock file while a
+    store holds the lock lets nobody in beside it."""
+    assert _changed_while_held(store_dir, how) == []
+    st = os.lstat(store_dir / LOCK_NAME)
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+
+
+@pytest.mark.parametrize("how", LOCK_CHANGES)
+def test_broken_variant_lock_file_changed_while_held_lets_a_second_store_in(
+    store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Broken variant: with the flock on the lock file, a store opened after the change
+    locks a new file at the path and gets in beside the holder."""
+    _lock_the_lock_file(monkeypatch)
+    problems = _changed_while_held(store_dir, how)
+    assert any("the second store" in problem for problem in problems), problems
 
 
 # -- the journal ----------------------------------------------------------------------------

@@ -294,7 +294,7 @@ def _all_time_out(calls: Sequence[Callable[[], object]]) -> None:
 
 @pytest.fixture
 def lock_held_elsewhere(store_dir: pathlib.Path) -> Iterator[None]:
-    """Another process holding an exclusive flock on the store's runs.lock."""
+    """Another process holding the store's lock."""
     Store(store_dir).close()
     with lock_held(store_dir):
         yield
@@ -393,7 +393,7 @@ def _flock_free(lock_path: pathlib.Path) -> bool:
     probe = subprocess.run(
         [sys.executable, "-c",
          "import fcntl, os, sys\n"
-         "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+         "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
          "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
          "except BlockingIOError:\n    sys.exit(3)\n"
          "sys.exit(0)\n",
@@ -475,7 +475,7 @@ def test_forked_child_neither_shares_nor_releases_the_parents_lock(
     """A child forked while a parent thread holds the lock is kept out, and closing its store
     does not release the parent's flock (a third process still cannot take it)."""
     store.create(Run("m-before", "/t", "h", status=Status.FAILED))
-    lock_path = store_dir / "runs.lock"
+    lock_path = store_dir  # the store's lock is a flock of its directory
     out = tmp_path / "child.json"
     with _HeldLock(store) as held:
         assert not _flock_free(lock_path)
@@ -552,10 +552,12 @@ def test_spawned_processes_share_the_store(store_dir: pathlib.Path,
     assert [d["seq"] for d in records] == list(range(1, 81))
 
 
-def test_lock_file_is_separate_and_kept(store_dir: pathlib.Path) -> None:
-    """The flock is taken on runs.lock, not on the journal (which compaction replaces)."""
+def test_lock_is_the_directory_s_and_the_lock_file_kept(store_dir: pathlib.Path) -> None:
+    """The flock is taken on the state directory, neither on runs.lock (which a cleaner may
+    delete) nor on the journal (which compaction replaces); runs.lock stays."""
     with Store(store_dir) as s, _HeldLock(s):
-        assert not _flock_free(store_dir / "runs.lock")
+        assert not _flock_free(store_dir)
+        assert _flock_free(store_dir / "runs.lock")
         fd = os.open(store_dir / "runs.jsonl", os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the journal itself is not locked
