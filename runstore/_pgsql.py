@@ -77,15 +77,17 @@ class Writes:
         runs, changes = n.runs.as_string(), n.changes.as_string()
         cols = COLUMNS
         typed = ", ".join(f"%({f})s::{RUN_TYPES.get(f, 'text')}" for f in _FIELDS)
+        # (every part of one statement sees one snapshot: the greatest id is read once)
         self.create = (
-            f"WITH ins AS (INSERT INTO {runs} ({cols}, changed_at, extra) "
-            f"SELECT {typed}, %(changed_at)s::timestamptz, %(extra)s::jsonb "
+            f"WITH g AS (SELECT max(id) AS id FROM {runs}), "
+            f"ins AS (INSERT INTO {runs} ({cols}, changed_at, extra) "
+            f"SELECT {typed}, %(changed_at)s::timestamptz, %(extra)s::jsonb FROM g "
             f"WHERE left(%(id)s::text, {ID_SECOND}) COLLATE \"C\" "
-            f">= left(coalesce((SELECT max(id) FROM {runs}), ''), {ID_SECOND}) "
+            f">= left(coalesce(g.id, ''), {ID_SECOND}) "
             f"ON CONFLICT (machine) WHERE {_ACTIVE} DO NOTHING "
             f"RETURNING {cols}), "
             f"f AS ({_feed_insert(changes, 'ins', repr(ChangeType.RUN_CREATED.value))}) "
-            f"SELECT (SELECT count(*) FROM ins), (SELECT max(id) FROM {runs})")
+            f"SELECT (SELECT count(*) FROM ins), g.id FROM g")
         size = " + ".join(f"octet_length(r.{sql.Identifier(f).as_string()})" for f in _TEXT)
         returning = f"RETURNING {run_columns('r')}"
         tail = f"SELECT {cols} FROM u"

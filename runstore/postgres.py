@@ -22,10 +22,10 @@ is documented on the class. How the guarantees are kept:
   the password) and whether the change was applied: not at all when the server refused it or
   the connection broke inside a transaction that never reached COMMIT; unknown when the
   connection broke during a write statement (each is its own COMMIT) or a COMMIT. Connections
-  come from a ``psycopg_pool.ConnectionPool`` of ``pool_size`` connections; one whose server
-  ended it while idle is found at checkout without a round trip (its socket has something to
-  read) and replaced, so the next call reconnects; threads share one store; a forked child
-  builds its own pool.
+  come from a ``psycopg_pool.ConnectionPool`` of ``pool_size`` connections, the one returned
+  last first (``_pgbase._Pool``); one whose server ended it while idle is found at checkout
+  without a round trip (its socket has something to read) and replaced, so the next call
+  reconnects; threads share one store; a forked child builds its own pool.
 """
 
 from __future__ import annotations

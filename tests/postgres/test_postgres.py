@@ -634,12 +634,49 @@ def test_pooled_connections_are_reused_and_a_dead_one_replaced(
     for _ in range(20):
         store.list()
     assert _sessions(admin) == before and len(before) == 3
-    killed = next(iter(before))
+    with store._connection("testing") as conn:
+        killed = conn.info.backend_pid  # the one the next call takes
     admin.execute("SELECT pg_terminate_backend(%s, 10000)", [killed])
-    for _ in range(2 * store.pool_size):  # the pool hands its connections out in turn
-        assert len(store.list()) == 1
+    assert len(store.list()) == 1
     after = _pool_full(store, admin)
     assert killed not in after and len(after & before) == 2
+
+
+def _sessions_that_ran(admin: psycopg.Connection[Any], text: str) -> int:
+    """How many of the store's sessions ran, last, a statement containing ``text``."""
+    row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                        "'runstore' AND strpos(query, %s) > 0", [text]).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _one_thread_calls(store: PostgresStore, admin: psycopg.Connection[Any]) -> int:
+    """The number of pooled sessions that 20 calls of one thread, one after another, used."""
+    _pool_full(store, admin)
+    run = store.create(Run("m1", "/t", "h"))
+    for _ in range(20):
+        store.get(run.id)
+    return _sessions_that_ran(admin, "WHERE id = $1")
+
+
+def test_one_thread_keeps_to_one_pooled_connection(
+    opened: Callable[..., PostgresStore], admin: psycopg.Connection[Any]
+) -> None:
+    """Calls made one after another take the connection returned last, so one server
+    process serves a single-threaded dispatcher (with warm caches) instead of all of the
+    pool's in turn."""
+    assert _one_thread_calls(opened(pool_size=3), admin) == 1
+
+
+def test_a_first_in_first_out_pool_rotates_one_thread_over_all_connections(
+    opened: Callable[..., PostgresStore], admin: psycopg.Connection[Any],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken variant: with psycopg's own order (the connection returned first), the same
+    calls go round all of the pool's sessions, which the test above tells apart."""
+    base = pgbase._Pool.__mro__[1]
+    monkeypatch.setattr(pgbase._Pool, "_get_ready_connection", base._get_ready_connection)
+    assert _one_thread_calls(opened(pool_size=3), admin) == 3
 
 
 def test_without_the_checkout_check_a_dead_session_fails_the_call(
