@@ -142,6 +142,17 @@ def _lock_worker(state_dir: str, ready: Any, go: Any, out: Any) -> None:
         raise
 
 
+def _journal_and_m0_problems(state_dir: pathlib.Path) -> list[str]:
+    """What ``check`` finds wrong with the journal, else whether m0 has more (or fewer) than
+    one non-terminal run."""
+    report = runstore.check(state_dir)
+    if not report.ok:
+        return [f"journal: {problem.message}" for problem in report.problems]
+    with Store(state_dir) as s:
+        active = [r.id for r in s.list(machine="m0") if not r.status.is_terminal]
+    return [] if len(active) == 1 else [f"m0 has {len(active)} non-terminal runs"]
+
+
 def _lock_race(state_dir: pathlib.Path, how: str, fresh: int = 3) -> list[str]:
     """One process opens the store, the lock file is changed (``how``), ``fresh`` processes
     open the store afterwards, then all race prepare_atomic on one machine: what went wrong
@@ -171,14 +182,7 @@ def _lock_race(state_dir: pathlib.Path, how: str, fresh: int = 3) -> list[str]:
     created = outcomes.count(PrepareOutcome.CREATED.value)
     if created != 1:
         problems.append(f"{created} processes got CREATED for m0")
-    report = runstore.check(state_dir)
-    problems += [f"journal: {problem.message}" for problem in report.problems]
-    if report.ok:
-        with Store(state_dir) as s:
-            active = [r.id for r in s.list(machine="m0") if not r.status.is_terminal]
-        if len(active) != 1:
-            problems.append(f"m0 has {len(active)} non-terminal runs")
-    return problems
+    return problems + _journal_and_m0_problems(state_dir)
 
 
 @pytest.mark.parametrize("how", LOCK_CHANGES)
@@ -383,36 +387,26 @@ def _changed_while_held(state_dir: pathlib.Path, how: str) -> list[str]:
         problems.append(f"the holder: {type(exc).__name__}: {exc}")
     if second != ["waited"]:
         problems.append(f"the second store, while the first held the lock: {second}")
-    report = runstore.check(state_dir)
-    problems += [f"journal: {problem.message}" for problem in report.problems]
-    if report.ok:
-        with Store(state_dir) as s:
-            active = [r.id for r in s.list(machine="m0") if not r.status.is_terminal]
-        if len(active) != 1:
-            problems.append(f"m0 has {len(active)} non-terminal runs")
-    return problems
+    return problems + _journal_and_m0_problems(state_dir)
 
 
+@pytest.mark.parametrize("broken", [False, True], ids=["directory-flock", "broken-file-flock"])
 @pytest.mark.parametrize("how", LOCK_CHANGES)
-def test_lock_file_changed_while_held_still_excludes_a_fresh_store(
-    store_dir: pathlib.Path, how: str
+def test_lock_file_changed_while_held_lets_nobody_in_beside_the_holder(
+    store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch, how: str, broken: bool
 ) -> None:
     """The flock is on the state directory: deleting or replacing the lock file while a
-    store holds the lock lets nobody in beside it."""
+    store holds the lock lets nobody in beside it. Broken variant: with the flock on the
+    lock file, a store opened after the change locks a new file at the path and gets in
+    beside the holder."""
+    if broken:
+        _lock_the_lock_file(monkeypatch)
+        problems = _changed_while_held(store_dir, how)
+        assert any("the second store" in problem for problem in problems), problems
+        return
     assert _changed_while_held(store_dir, how) == []
     st = os.lstat(store_dir / LOCK_NAME)
     assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
-
-
-@pytest.mark.parametrize("how", LOCK_CHANGES)
-def test_broken_variant_lock_file_changed_while_held_lets_a_second_store_in(
-    store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch, how: str
-) -> None:
-    """Broken variant: with the flock on the lock file, a store opened after the change
-    locks a new file at the path and gets in beside the holder."""
-    _lock_the_lock_file(monkeypatch)
-    problems = _changed_while_held(store_dir, how)
-    assert any("the second store" in problem for problem in problems), problems
 
 
 # -- the journal ----------------------------------------------------------------------------
