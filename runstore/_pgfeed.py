@@ -40,8 +40,9 @@ increasing, and ``changes(since)`` is resumed from any seq returned, as in the f
    numbered (the WAL is written in order); a numbering by a ``durable=False`` store that a
    server crash loses is redone on the same rows in the same order, the horizon having
    kept out every row whose transaction was still open. The order is per-run commit order:
-   a change of a run is written by a statement that waited for the run's previous change
-   to commit before it got its transaction id, so that id is greater.
+   a change of a run is written by a statement that takes the run's advisory lock before
+   its first write, and so before it gets its transaction id (``_pgsql``); it waited for
+   the run's previous change to commit, so its id is greater.
 
 **What it costs.** A durable follower that finds new changes waits for one WAL flush (shared
 with concurrent commits); one that finds none writes nothing. A follower lags behind the

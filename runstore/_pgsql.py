@@ -16,6 +16,16 @@ CTE), so a call is one round trip and holds its row lock only for that statement
   ``expected`` only (the revision check); ``update()`` and the general read-decide-write path.
 - ``prune``: delete terminal runs and append their ``run_pruned`` changes.
 
+**One writer of a run at a time, from before its transaction id.** Every statement that
+changes an existing run first takes the run's advisory lock (``run_lock``), held to its
+commit, before it writes anything: PostgreSQL gives a statement its transaction id at its
+first write (``heap_update`` takes it before it looks at the row's lock), so without this a
+statement could take its id, lose the row to a second writer that took a greater one, and
+commit after it, which would put the run's changes out of order in the feed (ordered by
+transaction id: ``_pgfeed``). With it, the next writer of a run waits for the previous one's
+commit before its first write, so its transaction id is greater. A new run needs none:
+nobody sees it before its insert commits.
+
 The feed row is ``(xid, ord, time, change, <the run's columns>)``: the writing
 transaction's id (assigned by the statement's first write), the change's order within the
 statement, and the run as stored, copied from the row the statement wrote (``RETURNING``).
@@ -47,6 +57,17 @@ _CHANGE_OF_UPDATE = (
     "WHEN %(status)s = 'running' THEN 'run_started' "
     "WHEN %(status)s IN ({terminal}) THEN 'run_finished' ELSE 'run_updated' END").format(
     terminal=", ".join(f"'{s.value}'" for s in Status if s.is_terminal))
+
+
+def run_lock(n: Names, id_sql: str) -> str:
+    """The advisory lock of the run whose id ``id_sql`` gives (a transaction lock of the
+    two-key form, which never meets the one-key locks of the feed and of ``prune``)."""
+    return (f"pg_advisory_xact_lock(hashtext({_literal('runstore.run.' + n.table)}), "
+            f"hashtext({id_sql}))")
+
+
+def _literal(text: str) -> str:
+    return sql.Literal(text).as_string()
 
 
 def _cols(names: list[str], prefix: str = "") -> str:
@@ -95,8 +116,9 @@ class Writes:
         def transition(sets: str, where: str, change: ChangeType) -> str:
             # the record certainly fits (``room``: the size limit less the overhead and
             # the new values): else no row, and the read-decide-write path checks it exactly
-            return (f"WITH u AS (UPDATE {runs} r SET {sets}, revision = r.revision + 1, "
-                    f"changed_at = %(now)s WHERE r.id = %(id)s AND {where} "
+            return (f"WITH l AS (SELECT {run_lock(n, '%(id)s')}), "
+                    f"u AS (UPDATE {runs} r SET {sets}, revision = r.revision + 1, "
+                    f"changed_at = %(now)s FROM l WHERE r.id = %(id)s AND {where} "
                     f"AND {ESCAPED} * ({size}) <= %(room)s {returning}), "
                     f"f AS ({_feed_insert(changes, 'u', repr(change.value), '%(now)s')}) "
                     f"{tail}")
@@ -117,8 +139,9 @@ class Writes:
         # it is the version being replaced, so its status is the old one
         change_of_update = f"coalesce(%(change)s, {_CHANGE_OF_UPDATE})"
         self.write = (
-            f"WITH u AS (UPDATE {runs} r SET ({_cols(settable)}) = ({values}) "
-            f"FROM (SELECT status FROM {runs} WHERE id = %(id)s) o "
+            f"WITH l AS (SELECT {run_lock(n, '%(id)s')}), "
+            f"u AS (UPDATE {runs} r SET ({_cols(settable)}) = ({values}) "
+            f"FROM l, (SELECT status FROM {runs} WHERE id = %(id)s) o "
             f"WHERE r.id = %(id)s AND r.revision = %(expected)s "
             f"AND r.status = ANY(%(from)s) AND r.machine = %(machine)s "
             f"AND r.test_dir_hash = %(test_dir_hash)s "
@@ -127,8 +150,11 @@ class Writes:
             f"SELECT old FROM u")
         pruned = _feed_insert(changes, "d", repr(ChangeType.RUN_PRUNED.value),
                               order="row_number() OVER (ORDER BY inserted)")
+        # every run's lock before the first delete (the count needs all of ``l``)
         self.prune = (
-            f"WITH d AS (DELETE FROM {runs} r WHERE r.id = ANY(%(ids)s) AND NOT r.{_ACTIVE} "
+            f"WITH l AS (SELECT {run_lock(n, 'x')} FROM unnest(%(ids)s::text[]) x), "
+            f"d AS (DELETE FROM {runs} r USING (SELECT count(*) FROM l) k "
+            f"WHERE r.id = ANY(%(ids)s) AND NOT r.{_ACTIVE} "
             f"RETURNING r.inserted, {run_columns('r')}), "
             f"f AS ({pruned}) "
             f"SELECT count(*) FROM d")

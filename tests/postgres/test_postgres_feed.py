@@ -5,10 +5,13 @@ never hang a write; a server crash loses nothing acknowledged."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import multiprocessing
 import os
+import re
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -22,12 +25,15 @@ from backends import Backend, fresh_table, pg_server
 from faults import stop_all
 
 from runstore import (
+    ConflictError,
     InvalidRunError,
+    InvalidTransitionError,
     LockTimeoutError,
     PrepareOutcome,
     Run,
     Status,
     _pgfeed,
+    _pgsql,
     postgres as pg_module,
 )
 from runstore.postgres import DatabaseConnectionError, DatabaseError, PostgresStore
@@ -461,3 +467,136 @@ def test_a_server_crash_mid_run_loses_nothing_acknowledged(
     assert lost == [], f"{len(lost)} acknowledged changes lost: {lost[:5]}"
     assert set(acked) <= in_feed
     print(f"crash: {len(acked)} acknowledged runs, all there after recovery")
+
+
+# -- one run's changes in commit order ---------------------------------------------------------
+
+
+def _xid_of_a_waiting_finish(store: PostgresStore, pg: Backend) -> object:
+    """Another session holds a run as a writer does (its advisory lock and its row) while
+    the store's ``finish`` of it waits: the transaction id the waiting statement holds
+    (None: none yet)."""
+    run = store.create(Run("m1", "/t", "h"))
+    store.start(run.id)
+    done: list[object] = []
+    with psycopg.connect(pg.location, autocommit=True) as holder, \
+            psycopg.connect(pg.location, autocommit=True) as watcher:
+        with holder.transaction():
+            holder.execute(f"SELECT {_pgsql.run_lock(store._names, '%s')}".encode(), [run.id])
+            holder.execute(f"SELECT 1 FROM {pg.table} WHERE id = %s FOR UPDATE".encode(),
+                           [run.id])
+            waiter = threading.Thread(
+                target=lambda: done.append(store.finish(run.id, Status.FAILED)))
+            waiter.start()
+            deadline = time.monotonic() + 10
+            while True:
+                row = watcher.execute(
+                    "SELECT backend_xid::text FROM pg_stat_activity WHERE application_name ="
+                    " 'runstore' AND wait_event_type = 'Lock'").fetchone()
+                if row is not None:
+                    break
+                assert time.monotonic() < deadline, "the finish never waited"
+                time.sleep(0.01)
+        waiter.join(10)
+    assert done and store.get(run.id).status is Status.FAILED
+    return row[0]
+
+
+def test_a_writer_waiting_for_a_run_holds_no_transaction_id_yet(
+    opened: Callable[..., PostgresStore], pg: Backend
+) -> None:
+    """A statement that changes a run takes the run's lock before its first write, which
+    is when PostgreSQL gives it its transaction id: so the run's next change gets an id
+    greater than the previous one's, and the feed (in transaction-id order) has the run's
+    changes in commit order."""
+    assert _xid_of_a_waiting_finish(opened(), pg) is None
+
+
+def test_broken_without_the_run_lock_a_waiting_writer_already_holds_its_id(
+    opened: Callable[..., PostgresStore], pg: Backend
+) -> None:
+    """Broken variant: without the run's lock the statement waits for the row holding a
+    transaction id taken before the holder committed, and a writer that took a greater id
+    and got the row first puts the run's changes out of order."""
+    store = opened()
+    for name in ("start", "finish", "beat", "write"):
+        statement = getattr(store._w, name)
+        unlocked = re.sub(r"^WITH l AS \(SELECT pg_advisory_xact_lock\([^;]*?\)\), ", "WITH ",
+                          statement).replace(" FROM l WHERE ", " WHERE ").replace(
+                          "FROM l, (", "FROM (")
+        assert unlocked != statement and "pg_advisory" not in unlocked, name
+        setattr(store._w, name, unlocked)
+    assert _xid_of_a_waiting_finish(store, pg) is not None
+
+
+def _racer(backend: Backend, k: int, runs: int, out: str, go: Any) -> None:
+    """One process: creates runs, then four threads race update, finish, start and update
+    on each; writes its run ids to ``out``."""
+    try:
+        store = backend.open()
+        go.wait(30)
+        ids = []
+        for i in range(runs):
+            run_id = store.create(Run(f"r{k}-{i}", "/t", "h")).id
+            ids.append(run_id)
+            calls = [functools.partial(_update, store, run_id, logs_path="x"),
+                     functools.partial(store.finish, run_id, Status.FAILED),
+                     functools.partial(store.start, run_id),
+                     functools.partial(_update, store, run_id, batch_id="b")]
+            threads = [threading.Thread(target=_quietly, args=(call,)) for call in calls]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+        store.close()
+        Path(out).write_text(json.dumps(ids))
+    except BaseException:
+        Path(out).write_text(json.dumps({"error": traceback.format_exc()}))
+        raise
+
+
+def _update(store: PostgresStore, run_id: str, **fields: str) -> None:
+    store.update(attrs.evolve(store.get(run_id), **fields))
+
+
+def _quietly(call: Callable[[], object]) -> None:
+    """A racing call; losing the race (a conflict, a refused transition) is expected."""
+    try:
+        call()
+    except (ConflictError, InvalidTransitionError):
+        pass
+
+
+@pytest.mark.timeout(180)
+def test_a_follower_sees_each_run_s_changes_in_revision_order_while_writers_race(
+    pg: Backend, tmp_path: Path
+) -> None:
+    """Four processes race four threads on each of their runs; the feed holds each run's
+    changes in revision order, and a follower that replays it ends with every run as
+    stored."""
+    go = FORK.Event()
+    outs = [tmp_path / f"racer-{k}.json" for k in range(4)]
+    procs = [FORK.Process(target=_racer, args=(pg, k, 60, str(outs[k]), go))
+             for k in range(4)]
+    for p in procs:
+        p.start()
+    go.set()
+    try:
+        for p in procs:
+            p.join(150)
+    finally:
+        stop_all(procs)
+    results = [json.loads(o.read_text()) for o in outs]
+    assert all(isinstance(r, list) for r in results), results
+    with pg.open() as store:
+        last: dict[str, Run] = {}
+        disorder = []
+        for change in store.changes(0):
+            before = last.get(change.run.id)
+            if before is not None and change.run.revision <= before.revision:
+                disorder.append((change.seq, change.run.id, before.revision,
+                                 change.run.revision))
+            last[change.run.id] = change.run
+        assert disorder == []
+        stored = {run.id: run for run in store.list()}
+        assert {i: r.status for i, r in last.items()} == {i: r.status for i, r in stored.items()}
