@@ -312,11 +312,19 @@ class PostgresBase:
             raise self._translate(exc, conn, action, applied) from None
 
     def _write(self, conn: _Conn, expected: int, new: Run, now: _dt.datetime, action: str,
-               change: ChangeType | None, allowed: Iterable[Status] = _NON_TERMINAL) -> bool:
+               change: ChangeType | None, allowed: Iterable[Status] = _NON_TERMINAL,
+               kept: dict[str, Any] | None = None, fast: bool = False) -> bool:
         """Store ``new`` over the version with revision ``expected`` (if its status is one of
         ``allowed``) and its change (``change``, or as ``update()`` names it); False when
-        that is no longer the stored version (another writer got there first)."""
+        that is no longer the stored version (another writer got there first). ``kept``:
+        the stored kept fields, checked with ``new`` as the file store checks a record.
+        ``fast`` (the kept fields unread): also False when the kept fields might not fit
+        beside ``new`` (the read-decide-write path then checks exactly)."""
         params = _params(new, now, None)
+        if kept:
+            _fields.checked_fields(new, kept)
+        if not fast:
+            params["room"] = _fields.MAX_RECORD_BYTES  # (checked here, or not wanted)
         params["expected"] = expected
         params["change"] = None if change is None else change.value
         params["from"] = [s.value for s in allowed]
@@ -332,13 +340,13 @@ class PostgresBase:
         one-statement form of a call did not apply."""
         for _ in range(MAX_ATTEMPTS):
             with self._connection(action) as conn:
-                stored = self._get_on(conn, run_id, action)
+                stored, kept = self._get_with_kept(conn, run_id, action)
                 decided = decide(stored)
                 if decided is None:
                     return stored
                 new, change = decided
                 if self._write(conn, stored.revision, new, _ids.utcnow(), action, change,
-                               [stored.status]):
+                               [stored.status], kept):
                     return new
         raise RunstoreError(f"{action} {self._where} lost {MAX_ATTEMPTS} races in a row to "
                             "other writers; nothing was applied; try again")
@@ -359,11 +367,13 @@ class PostgresBase:
             self._pool.putconn(conn)
         return self._run(rows[0]) if rows else None
 
-    def _get_on(self, conn: _Conn, run_id: str, action: str) -> Run:
-        try:
-            return self._get(conn, run_id)
-        except psycopg.Error as exc:
-            raise self._translate(exc, conn, action, False) from None
+    def _get_with_kept(self, conn: _Conn, run_id: str, action: str
+                       ) -> tuple[Run, dict[str, Any] | None]:
+        """The run and its kept fields (``extra``)."""
+        rows = self._execute(conn, self._sql.get_with_extra, [run_id], action, False)
+        if not rows:
+            raise RunNotFoundError(run_id, self._where)
+        return self._run(rows[0][:-1]), rows[0][-1]
 
     def _create(self, conn: _Conn, run: Run, action: str) -> Run | None:
         """Insert ``run`` as a fresh run (new id, revision 1, this process as owner when
@@ -462,8 +472,11 @@ def _params(run: Run, now: _dt.datetime, extra: dict[str, Any] | None) -> dict[s
     the file store refuses them (``_fields.checked_fields``: ``MAX_RECORD_BYTES``, fields
     that cannot be written as JSON). An update leaves the kept fields in their column, so
     only the run's own fields count for it."""
-    _fields.checked_fields(run, extra)
+    fields = _fields.checked_fields(run, extra)
     params: dict[str, Any] = _fields.converter.unstructure(run)
+    #: what the stored kept fields may take (``Writes.write``'s fast form)
+    params["room"] = (_fields.MAX_RECORD_BYTES - _pgsql.RECORD_OVERHEAD - len(fields)
+                      - 6 * len(run.id))
     params["status"] = run.status.value
     params["changed_at"] = now
     params["extra"] = Jsonb(extra) if extra else None

@@ -271,6 +271,7 @@ class Statements:
         self.select = _render("SELECT {cols} FROM {runs}", **q)
         sel = self.select
         self.get = f"{sel} WHERE id = %s"
+        self.get_with_extra = _render("SELECT {cols}, extra FROM {runs} WHERE id = %s", **q)
         self.active = _render("SELECT {cols} FROM {runs} WHERE {active} ORDER BY inserted", **q)
         self.active_of = _render("SELECT {cols} FROM {runs} WHERE machine = %s AND {active} "
                                  "ORDER BY inserted LIMIT 1", **q)

@@ -14,6 +14,9 @@ CTE), so a call is one round trip and holds its row lock only for that statement
   run), and the caller then reads the run to raise the right error.
 - ``write``: a run's next version decided by the client, over the version with revision
   ``expected`` only (the revision check); ``update()`` and the general read-decide-write path.
+  A run's kept fields (``extra``) count towards its size as in the file store: the fast
+  forms refuse (no row) when the kept fields might not fit beside the new values
+  (``room``), and the read-decide-write path, which reads them, checks the record exactly.
 - ``prune``: delete terminal runs and append their ``run_pruned`` changes.
 
 **One writer of a run at a time, from before its transaction id.** Every statement that
@@ -113,13 +116,16 @@ class Writes:
         returning = f"RETURNING {run_columns('r')}"
         tail = f"SELECT {cols} FROM u"
 
+        # the kept fields' JSON as PostgreSQL writes it, never shorter than the record's
+        kept = "coalesce(octet_length(r.extra::text), 0)"
+
         def transition(sets: str, where: str, change: ChangeType) -> str:
             # the record certainly fits (``room``: the size limit less the overhead and
             # the new values): else no row, and the read-decide-write path checks it exactly
             return (f"WITH l AS (SELECT {run_lock(n, '%(id)s')}), "
                     f"u AS (UPDATE {runs} r SET {sets}, revision = r.revision + 1, "
                     f"changed_at = %(now)s FROM l WHERE r.id = %(id)s AND {where} "
-                    f"AND {ESCAPED} * ({size}) <= %(room)s {returning}), "
+                    f"AND {ESCAPED} * ({size}) + {kept} <= %(room)s {returning}), "
                     f"f AS ({_feed_insert(changes, 'u', repr(change.value), '%(now)s')}) "
                     f"{tail}")
 
@@ -144,7 +150,7 @@ class Writes:
             f"FROM l, (SELECT status FROM {runs} WHERE id = %(id)s) o "
             f"WHERE r.id = %(id)s AND r.revision = %(expected)s "
             f"AND r.status = ANY(%(from)s) AND r.machine = %(machine)s "
-            f"AND r.test_dir_hash = %(test_dir_hash)s "
+            f"AND r.test_dir_hash = %(test_dir_hash)s AND {kept} <= %(room)s "
             f"RETURNING {run_columns('r')}, o.status AS old), "
             f"f AS ({_feed_insert(changes, 'u', change_of_update)}) "
             f"SELECT old FROM u")

@@ -321,7 +321,7 @@ class PostgresStore(PostgresBase, StoreBase):
         allowed = [s for s in _NON_TERMINAL if run.status in _transitions.ALLOWED[s]]
         with self._connection(action) as conn:
             if allowed and self._write(conn, run.revision, new, _ids.utcnow(), action, None,
-                                       allowed):
+                                       allowed, fast=True):
                 return new
         return super()._update(run)
 

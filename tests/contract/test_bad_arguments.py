@@ -25,7 +25,7 @@ import pytest
 from backends import Backend
 
 import runstore._ids
-from runstore import InvalidRunError, Run, RunStore, Status, Store
+from runstore import InvalidRunError, Run, RunStore, RunstoreError, Status, Store
 
 pytestmark = [pytest.mark.contract, pytest.mark.timeout(300)]
 
@@ -506,3 +506,60 @@ def test_cli_without_its_checks_fails_later(
     assert code == 1 and "lock_timeout must be a finite number" in err
     with pytest.raises(OverflowError):
         run_cli("--state-dir", str(tmp_path / "s"), "list", "--since", "999999999d")
+
+
+# -- a run's kept fields count towards its size ----------------------------------------------
+
+#: a kept (unknown) field of an imported run that leaves about 150 KB of the record's limit
+KEPT = {"kept_blob": "k" * 900_000}
+
+
+def _grow_beside_kept_fields(store: RunStore) -> dict[str, str]:
+    """A run imported with a 900 KB kept field, then changes that would take its record
+    past ``MAX_RECORD_BYTES`` only with the kept field counted: each call's outcome (the
+    error's type and message, or "ok"), then whether the stored run changed."""
+    record = _record(id="20260101T000000.000000Z-00000000000000bb", machine="mk",
+                     status="pending", **KEPT)
+    store.import_runs([record])
+    run_id = record["id"]
+    out = {}
+    calls = {
+        "start": lambda: store.start(run_id),
+        "finish(error_msg 200 KB)": lambda: store.finish(run_id, Status.FAILED,
+                                                          error_msg="z" * 200_000),
+        "update(logs_path 200 KB)": lambda: store.update(
+            attrs.evolve(store.get(run_id), logs_path="/l/" + "y" * 200_000)),
+        "heartbeat": lambda: store.heartbeat(run_id),
+        "finish(error_msg 1 KB)": lambda: store.finish(run_id, Status.FAILED,
+                                                        error_msg="z" * 1000),
+    }
+    for name, call in calls.items():
+        before = store.get(run_id)
+        try:
+            call()
+            out[name] = "ok"
+        except RunstoreError as exc:
+            out[name] = f"{type(exc).__name__}: {exc}"
+            assert store.get(run_id) == before, f"{name} changed the run it refused"
+    return out
+
+
+def test_kept_fields_count_towards_a_run_s_size(store: RunStore) -> None:
+    """A change that takes a run with large kept fields past the limit is refused, as on
+    the file store, and leaves the run as it was; smaller changes go through."""
+    out = _grow_beside_kept_fields(store)
+    assert {name: answer.split(":")[0] for name, answer in out.items()} == {
+        "start": "ok", "finish(error_msg 200 KB)": "InvalidRunError",
+        "update(logs_path 200 KB)": "InvalidRunError", "heartbeat": "ok",
+        "finish(error_msg 1 KB)": "ok"}
+
+
+@pytest.mark.postgres
+def test_kept_fields_count_the_same_on_both_backends(tmp_path: pathlib.Path,
+                                                     pg_dsn: str) -> None:
+    """The same changes on a file store and a PostgreSQL table: the same answers, word for
+    word."""
+    file_side = Backend("file", str(tmp_path / "s"))
+    pg_side = Backend("postgres", pg_dsn, f"runs_{uuid.uuid4().hex[:8]}")
+    with file_side.open() as a, pg_side.open() as b:
+        assert _grow_beside_kept_fields(a) == _grow_beside_kept_fields(b)
