@@ -52,7 +52,8 @@ def _start_and_die(backend: Backend, machine: str, ready: str) -> None:
     with backend.open() as store:
         run, _ = store.prepare_atomic(machine, "h1", lambda: make(machine))
         store.start(run.id)
-        Path(ready).write_text(run.id)
+        Path(ready + ".tmp").write_text(run.id)
+        os.replace(ready + ".tmp", ready)  # whole when it appears: the parent reads it then
         time.sleep(60)
 
 

@@ -291,7 +291,8 @@ def live_owner(store_dir: Path, tmp_path: Path) -> Iterator[tuple[int, str]]:
             try:
                 run, _ = s.prepare_atomic("live", "h", lambda: _run("live"))
                 s.start(run.id)
-                ready.write_text(run.id)
+                ready.with_suffix(".tmp").write_text(run.id)
+                os.replace(ready.with_suffix(".tmp"), ready)  # whole when it appears
                 time.sleep(120)
             finally:
                 os._exit(0)
