@@ -15,7 +15,7 @@ from typing import IO, Any, TypeVar
 import orjson
 import psycopg
 import psycopg.errors
-from psycopg.types.json import Jsonb, set_json_loads
+from psycopg.types.json import set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import (
@@ -143,10 +143,12 @@ class PostgresBase:
 
     def _configure(self, conn: _Conn) -> None:
         """Per-connection settings: UTC, lock_timeout, and synchronous_commit when not
-        durable (PostgreSQL's 0 means "wait forever", so 0 s becomes 1 ms). jsonb is read
-        with orjson, as the file store reads its lines: jsonb writes a float such as 1e20
-        as the digits of an integer, which json would read back as an integer beyond 64
-        bits (that ``export`` cannot write) where orjson reads the float it was. JIT
+        durable (PostgreSQL's 0 means "wait forever", so 0 s becomes 1 ms). JSON is read
+        with orjson, as the file store reads its lines (kept fields are stored as orjson
+        wrote them: ``_pgimport.kept_json``; those stored as ``jsonb`` before schema
+        version 5 may hold a float such as 1e20 as the digits of an integer, which orjson
+        reads back as the float it was, where json would make an integer beyond 64 bits
+        that ``export`` cannot write). JIT
         compilation is off: the feed's trim (``_pgfeed``) is estimated costly enough to be
         compiled, which took 130 ms of the 160 ms it ran, with every writer of the table
         waiting behind it; no statement of the store runs long enough to gain from it."""
@@ -479,5 +481,5 @@ def _params(run: Run, now: _dt.datetime, extra: dict[str, Any] | None) -> dict[s
                       - 6 * len(run.id))
     params["status"] = run.status.value
     params["changed_at"] = now
-    params["extra"] = Jsonb(extra) if extra else None
+    params["extra"] = _pgimport.kept_json(extra)
     return params

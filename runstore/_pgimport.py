@@ -15,9 +15,10 @@ import datetime as _dt
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Json
 
 from . import _fields
 from .errors import InvalidRunError
@@ -28,6 +29,16 @@ if TYPE_CHECKING:
 
 _Conn = psycopg.Connection[Any]
 _FIELDS = _fields.RUN_FIELDS
+
+
+def kept_json(extra: dict[str, Any] | None) -> Json | None:
+    """A run's kept fields as the ``json`` value to store (None when it has none): written
+    by orjson as the file store writes them, and stored as written (schema version 5)."""
+    return Json(extra, dumps=_dump) if extra else None
+
+
+def _dump(value: Any) -> bytes:
+    return orjson.dumps(value, option=_fields.DUMPS_OPTS)
 
 
 def _columns_sql(names: list[str]) -> sql.Composable:
@@ -55,7 +66,7 @@ def stage(store: PostgresBase, conn: _Conn,
             values = _fields.converter.unstructure(run)
             values["status"] = run.status.value
             copy.write_row([n, *(values[f] for f in _FIELDS),
-                            Jsonb(extra) if extra else None])
+                            kept_json(extra)])
     conn.execute(sql.SQL("CREATE INDEX ON {imp} (id)").format(imp=imp))
     conn.execute(sql.SQL("ANALYZE {imp}").format(imp=imp))
     twice = conn.execute(sql.SQL(

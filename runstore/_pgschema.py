@@ -41,7 +41,7 @@ from .errors import CorruptStoreError, InvalidRunError
 from .model import ChangeType, Status
 
 #: the schema this runstore writes and understands
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: a plain lower-case identifier, short enough that every derived name fits in 63 bytes
 _TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")
 
@@ -197,9 +197,19 @@ def _v4_run_columns(n: Names) -> list[sql.Composed]:
             .format(changes=n.changes, columns=columns)]
 
 
+def _v5_kept_as_written(n: Names) -> list[sql.Composed]:
+    """Version 5: a run's kept fields (``extra``) are ``json``, kept as written, instead of
+    ``jsonb``, which normalised them: a float of 1e15 or more came back as an integer,
+    ``-0.0`` as ``0.0``, and keys in another order than the file store keeps. Values stored
+    before keep the form ``jsonb`` gave them. (Rewrites the table once, under the schema
+    lock.)"""
+    return [sql.SQL("ALTER TABLE {runs} ALTER COLUMN extra TYPE json USING extra::json")
+            .format(runs=n.runs)]
+
+
 #: version -> the statements that bring version - 1 to it
 MIGRATIONS: dict[int, Callable[[Names], list[sql.Composed]]] = {
-    1: _v1_runs, 2: _v2_feed, 3: _v3_xid_feed, 4: _v4_run_columns}
+    1: _v1_runs, 2: _v2_feed, 3: _v3_xid_feed, 4: _v4_run_columns, 5: _v5_kept_as_written}
 
 
 def current_version(conn: psycopg.Connection[Any], names: Names) -> int:

@@ -105,7 +105,7 @@ class Writes:
         self.create = (
             f"WITH g AS (SELECT max(id) AS id FROM {runs}), "
             f"ins AS (INSERT INTO {runs} ({cols}, changed_at, extra) "
-            f"SELECT {typed}, %(changed_at)s::timestamptz, %(extra)s::jsonb FROM g "
+            f"SELECT {typed}, %(changed_at)s::timestamptz, %(extra)s::json FROM g "
             f"WHERE left(%(id)s::text, {ID_SECOND}) COLLATE \"C\" "
             f">= left(coalesce(g.id, ''), {ID_SECOND}) "
             f"ON CONFLICT (machine) WHERE {_ACTIVE} DO NOTHING "
@@ -116,7 +116,7 @@ class Writes:
         returning = f"RETURNING {run_columns('r')}"
         tail = f"SELECT {cols} FROM u"
 
-        # the kept fields' JSON as PostgreSQL writes it, never shorter than the record's
+        # the kept fields' JSON as stored, never shorter than in the record (orjson's)
         kept = "coalesce(octet_length(r.extra::text), 0)"
 
         def transition(sets: str, where: str, change: ChangeType) -> str:

@@ -563,3 +563,29 @@ def test_kept_fields_count_the_same_on_both_backends(tmp_path: pathlib.Path,
     pg_side = Backend("postgres", pg_dsn, f"runs_{uuid.uuid4().hex[:8]}")
     with file_side.open() as a, pg_side.open() as b:
         assert _grow_beside_kept_fields(a) == _grow_beside_kept_fields(b)
+
+
+#: kept fields whose values and order the store must give back as imported
+KEPT_AS_WRITTEN = {"xb": 1, "xf": 1e16, "xz": -0.0, "xa": 2.5e-300, "xn": [1e15, 0.1]}
+
+
+def _kept_back(store: RunStore) -> list[tuple[str, str]]:
+    """A run imported with ``KEPT_AS_WRITTEN``, then changed, exported: each kept field's
+    name, type and value (with its sign), in the exported order."""
+    record = _record(id="20260101T000000.000000Z-00000000000000cc", machine="mk",
+                     status="pending", **KEPT_AS_WRITTEN)
+    store.import_runs([record])
+    store.start(record["id"])
+    out = io.StringIO()
+    store.export(out)
+    (exported,) = orjson.loads(out.getvalue())
+    return [(name, f"{type(value).__name__} {value!r}") for name, value in exported.items()
+            if name in KEPT_AS_WRITTEN]
+
+
+def test_kept_fields_come_back_as_imported(store: RunStore) -> None:
+    """A float stays a float (1e16, not 10000000000000000), -0.0 keeps its sign, and the
+    kept fields keep their order."""
+    assert _kept_back(store) == [
+        ("xb", "int 1"), ("xf", "float 1e+16"), ("xz", "float -0.0"),
+        ("xa", "float 2.5e-300"), ("xn", "list [1000000000000000.0, 0.1]")]

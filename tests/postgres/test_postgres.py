@@ -5,6 +5,7 @@ with the file store is tested by test_store.py and test_lifecycle.py on both bac
 
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing
 import pickle
@@ -115,7 +116,7 @@ def test_changes_written_as_json_before_version_4_are_read_after_the_upgrade(
                                  "started_at": "2026-01-02T03:04:05.000006+00:00"},
                "run_started")
     store = opened()
-    assert store.schema_version == SCHEMA_VERSION == 4
+    assert store.schema_version == SCHEMA_VERSION
     first = list(store.changes())
     assert [(c.seq, c.type.value, c.run.status, c.run.revision) for c in first] == [
         (1, "run_created", Status.PENDING, 1), (2, "run_started", Status.RUNNING, 2)]
@@ -692,3 +693,27 @@ def test_without_the_checkout_check_a_dead_session_fails_the_call(
     admin.execute("SELECT pg_terminate_backend(%s, 10000)", [killed])
     with pytest.raises(DatabaseConnectionError):
         store.list()
+
+
+def test_kept_fields_stored_before_version_5_are_read_after_the_upgrade(
+    opened: Callable[..., PostgresStore], pg: Backend, admin: psycopg.Connection[Any]
+) -> None:
+    """Kept fields stored as ``jsonb`` (schema version 4) read the same after the upgrade
+    to ``json`` (in the form jsonb gave them); those stored since keep the form written."""
+    assert migrate_schema(admin, pg.table, target=4) == (0, 4)
+    admin.execute(f"INSERT INTO {pg.table} (id, machine, test_dir, test_dir_hash, status, "
+                  "revision, extra) VALUES ('old-1', 'm1', '/t', 'h', 'completed', 1, "
+                  "'{\"xb\": 1, \"xa\": 1e20, \"xs\": \"s\"}'::jsonb)")
+    store = opened()
+    assert store.schema_version == SCHEMA_VERSION == 5
+    store.import_runs([{"id": "new-1", "machine": "m2", "test_dir": "/t",
+                        "test_dir_hash": "h", "status": "completed", "xb": 1, "xf": 1e16}])
+    out = io.StringIO()
+    store.export(out)
+    kept = {r["id"]: [(k, v) for k, v in r.items() if k.startswith("x")]
+            for r in json.loads(out.getvalue())}
+    assert kept["old-1"] == [("xa", 1e20), ("xb", 1), ("xs", "s")]  # as jsonb had them
+    assert kept["new-1"] == [("xb", 1), ("xf", 1e16)]
+    assert isinstance(kept["new-1"][1][1], float)
+    row = admin.execute(f"SELECT pg_typeof(extra)::text FROM {pg.table} LIMIT 1").fetchone()
+    assert row == ("json",)
