@@ -72,8 +72,8 @@ class StoreLock:
         _live.add(self)
 
     def acquire(self, timeout: float, between: Callable[[], None] | None = None) -> None:
-        """Take the mutex, then the file lock; ``LockTimeoutError`` after ``timeout`` seconds.
-        ``between`` runs with the mutex held, before the file lock is taken."""
+        """Take the mutex, then the directory's flock; ``LockTimeoutError`` after ``timeout``
+        seconds. ``between`` runs with the mutex held, before the flock is taken."""
         deadline = time.monotonic() + timeout
         self.acquire_mutex(timeout)
         try:
@@ -86,9 +86,9 @@ class StoreLock:
             raise
 
     def open_file(self) -> None:
-        """Open the lock file now without locking it (a store checks it when it opens)."""
-        if self._locked is None:
-            self._open()
+        """Open the lock file (and the directory) now without locking (a store checks the
+        lock file when it opens)."""
+        self._open()
 
     def acquire_mutex(self, timeout: float) -> None:
         """Take the mutex alone (a read that may not need the file lock); release it with

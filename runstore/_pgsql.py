@@ -65,12 +65,8 @@ _CHANGE_OF_UPDATE = (
 def run_lock(n: Names, id_sql: str) -> str:
     """The advisory lock of the run whose id ``id_sql`` gives (a transaction lock of the
     two-key form, which never meets the one-key locks of the feed and of ``prune``)."""
-    return (f"pg_advisory_xact_lock(hashtext({_literal('runstore.run.' + n.table)}), "
-            f"hashtext({id_sql}))")
-
-
-def _literal(text: str) -> str:
-    return sql.Literal(text).as_string()
+    key = sql.Literal(f"runstore.run.{n.table}").as_string()
+    return f"pg_advisory_xact_lock(hashtext({key}), hashtext({id_sql}))"
 
 
 def _cols(names: list[str], prefix: str = "") -> str:

@@ -51,6 +51,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from . import _stress_work
+from ._cli_args import _location, _positive_int
 from ._stress_check import Check, Latencies, Proc, analyse
 from ._stress_journal import JournalCheck, check_journal
 from ._stress_work import Config
@@ -189,7 +190,6 @@ MAX_PROCS = 256
 MAX_THREADS = 256
 MAX_MACHINES = 10_000
 MAX_SECONDS = 86_400.0
-MAX_ATTEMPTS = (1 << 63) - 1
 
 
 def _count(most: int) -> Callable[[str], int]:
@@ -221,17 +221,6 @@ def _duration(text: str) -> float:
     return value
 
 
-def _state_dir(text: str) -> str:
-    """``--state-dir``: a non-empty UTF-8 path (``Store`` keeps to those)."""
-    if not text:
-        raise argparse.ArgumentTypeError("expected a directory, got ''")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8") from None
-    return text
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2), as for the other
     commands."""
@@ -256,12 +245,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=_duration, default=10.0,
                    help=f"how long to run, above 0 and at most {MAX_SECONDS:,.0f} "
                         "(default 10)")
-    p.add_argument("--attempts", type=_count(MAX_ATTEMPTS), default=None,
+    p.add_argument("--attempts", type=_positive_int, default=None,
                    help="stop after this many prepare attempts in total, at least 1 "
                         "(default: no limit)")
     p.add_argument("--durable", action=argparse.BooleanOptionalAction, default=True,
                    help="fdatasync every change (default: on)")
-    p.add_argument("--state-dir", type=_state_dir, default=None,
+    p.add_argument("--state-dir", type=_location, default=None,
                    help="the store to use (default: a fresh temporary one, removed afterwards)")
     p.add_argument("--kill", action="store_true",
                    help="SIGKILL random workers during the run and start replacements")
