@@ -29,6 +29,7 @@ import functools
 import multiprocessing
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -206,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"this {pairs[-1][1]:,.0f} ops/s")
         before = sum(p[0] for p in pairs) / len(pairs)
         after = sum(p[1] for p in pairs) / len(pairs)
+        ratios = sorted(p[1] / p[0] for p in pairs)
         print(f"mean: {args.against} {before:,.0f}, this {after:,.0f} ops/s, "
-              f"this / that {after / before:.3f}")
+              f"this / that {after / before:.3f}; median of the rounds' ratios "
+              f"{statistics.median(ratios):.3f}")
         return 0
     rate, spent = _processes(args.procs, args.seconds, True, args.durable)
     kind = "durable" if args.durable else "not durable"

@@ -142,7 +142,7 @@ class _Pruning(_Writing):
         runs = f"{count} run{'s' if count != 1 else ''}"
         replaced = False
         with contextlib.suppress(OSError):
-            now = os.stat(DATA_NAME, dir_fd=self._journal.dir_fd, follow_symlinks=False)
+            now = os.lstat(DATA_NAME, dir_fd=self._journal.dir_fd)
             replaced = (now.st_dev, now.st_ino) != old
         if replaced and exc.kind is IOKind.SYNC_DIR:
             outcome = (f"the {runs} were pruned, but a power loss may bring them back (the "

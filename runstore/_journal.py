@@ -147,14 +147,14 @@ class Journal(TempFiles):
 
     def stat_lock_file(self) -> os.stat_result:
         """The lock file at its path, not following a symlink (``FileNotFoundError``)."""
-        return os.stat(LOCK_NAME, dir_fd=self.dir_fd, follow_symlinks=False)
+        return os.lstat(LOCK_NAME, dir_fd=self.dir_fd)
 
     def stat_path(self) -> os.stat_result | None:
         """What is at the journal's path now (not following a symlink), None when nothing
         is: compared with ``identity``, it tells whether the open file is still the
         journal (one system call)."""
         try:
-            return os.stat(DATA_NAME, dir_fd=self.dir_fd, follow_symlinks=False)
+            return os.lstat(DATA_NAME, dir_fd=self.dir_fd)
         except FileNotFoundError:
             return None
 
@@ -242,7 +242,7 @@ class Journal(TempFiles):
 
     def exists(self) -> bool:
         try:
-            os.stat(DATA_NAME, dir_fd=self.dir_fd, follow_symlinks=False)
+            os.lstat(DATA_NAME, dir_fd=self.dir_fd)
         except FileNotFoundError:
             return False
         return True

@@ -91,7 +91,7 @@ class TempFiles:
             # removed between our open and our flock (by remove_stale_temps)? then the
             # name is not ours: leave the compaction to a later write
             st = os.fstat(fd)
-            now = os.stat(COMPACTING_NAME, dir_fd=self.dir_fd, follow_symlinks=False)
+            now = os.lstat(COMPACTING_NAME, dir_fd=self.dir_fd)
             if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
                 self.fs.close(fd)
                 return None
@@ -197,7 +197,7 @@ class TempFiles:
 
     def _remove_stale_temp(self, name: str) -> None:
         """Remove one temp file if it is a regular file of ours that nobody holds."""
-        st = os.stat(name, dir_fd=self.dir_fd, follow_symlinks=False)
+        st = os.lstat(name, dir_fd=self.dir_fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
             return
         fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _OPEN, dir_fd=self.dir_fd)

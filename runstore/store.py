@@ -312,7 +312,7 @@ class FileStore(_Importing, StoreBase):
         last_seen: tuple[int, int, int] | None = None
         while True:
             try:
-                st = os.stat(journal.path, follow_symlinks=False)
+                st = os.lstat(journal.path)
                 seen: tuple[int, int, int] | None = (st.st_dev, st.st_ino, st.st_size)
             except FileNotFoundError:
                 seen = None
