@@ -705,7 +705,7 @@ def test_kept_fields_stored_before_version_5_are_read_after_the_upgrade(
                   "revision, extra) VALUES ('old-1', 'm1', '/t', 'h', 'completed', 1, "
                   "'{\"xb\": 1, \"xa\": 1e20, \"xs\": \"s\"}'::jsonb)")
     store = opened()
-    assert store.schema_version == SCHEMA_VERSION == 5
+    assert store.schema_version == SCHEMA_VERSION
     store.import_runs([{"id": "new-1", "machine": "m2", "test_dir": "/t",
                         "test_dir_hash": "h", "status": "completed", "xb": 1, "xf": 1e16}])
     out = io.StringIO()
@@ -717,3 +717,55 @@ def test_kept_fields_stored_before_version_5_are_read_after_the_upgrade(
     assert isinstance(kept["new-1"][1][1], float)
     row = admin.execute(f"SELECT pg_typeof(extra)::text FROM {pg.table} LIMIT 1").fetchone()
     assert row == ("json",)
+
+
+#: raw writes each column's check refuses: (column, SQL value)
+_REFUSED = [("id", "''"), ("machine", "''"), ("test_dir_hash", "''"), ("status", "'bogus'"),
+            ("revision", "0")]
+
+
+@pytest.mark.parametrize("start", [0, 5], ids=["created", "from-version-5"])
+def test_columns_refuse_what_their_checks_forbid_whoever_writes(
+    opened: Callable[..., PostgresStore], pg: Backend, admin: psycopg.Connection[Any],
+    start: int
+) -> None:
+    """A new table, and one upgraded from version 5 (table checks) to domains with its runs,
+    refuse a raw SQL write of an empty id, machine or hash, an unknown status, a revision
+    below 1 or an unknown change type; the runs kept read as before and ids keep their
+    byte order (``COLLATE "C"``)."""
+    if start:
+        assert migrate_schema(admin, pg.table, target=start) == (0, start)
+        admin.execute(f"INSERT INTO {pg.table} (id, machine, test_dir, test_dir_hash, "
+                      "status, revision) VALUES ('old-a', 'm1', '/t', 'h', 'completed', 2), "
+                      "('old-B', 'm2', '/t', 'h', 'running', 1)")
+    store = opened()
+    assert store.schema_version == SCHEMA_VERSION == 6
+    if start:
+        assert [(r.id, r.status, r.revision) for r in store.list()] == [
+            ("old-a", Status.COMPLETED, 2), ("old-B", Status.RUNNING, 1)]
+        assert store.prepare_atomic("m2", "h", _make("m2"))[1] is PrepareOutcome.REUSE
+        assert store.prepare_atomic("m2", "h2", _make("m2", "h2"))[1] is PrepareOutcome.BUSY
+    good = {"id": "'new-1'", "machine": "'m9'", "test_dir": "'/t'", "test_dir_hash": "'h'",
+            "status": "'pending'", "revision": "1"}
+    for column, value in _REFUSED:
+        row = {**good, column: value}
+        with pytest.raises(psycopg.errors.CheckViolation):
+            admin.execute(f"INSERT INTO {pg.table} ({', '.join(row)}) "
+                          f"VALUES ({', '.join(row.values())})")
+    admin.execute(f"INSERT INTO {pg.table} ({', '.join(good)}) "
+                  f"VALUES ({', '.join(good.values())})")
+    assert store.get("new-1").machine == "m9"
+    for column, value in _REFUSED:
+        with pytest.raises(psycopg.errors.CheckViolation):
+            admin.execute(f"UPDATE {pg.table} SET {column} = {value} WHERE id = 'new-1'")
+    with pytest.raises(psycopg.errors.CheckViolation):
+        admin.execute(f"INSERT INTO {pg.table}_changes (xid, time, change) "
+                      "VALUES (pg_current_xact_id(), now(), 'run_lost')")
+    assert store.get("new-1").machine == "m9"
+    ordered = admin.execute(f"SELECT id FROM {pg.table} WHERE id IN ('old-a', 'new-1', 'B') "
+                            "ORDER BY id").fetchall()
+    collation = admin.execute(
+        "SELECT c.collname FROM pg_attribute a JOIN pg_collation c ON c.oid = a.attcollation "
+        "WHERE a.attrelid = %s::regclass AND a.attname = 'id'", [pg.table]).fetchone()
+    assert collation == ("C",)
+    assert ordered == sorted(ordered, key=lambda r: r[0].encode())
