@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import runstore
 from runstore import Run, Status, Store, _codec as codec, _fields, _sound, cli, verify
@@ -56,6 +57,10 @@ def _raw(old: bytes, new: bytes) -> Callable[[dict[str, Any]], bytes]:
 
 _CASES: dict[str, Callable[[dict[str, Any]], bytes]] = {
     "impossible date": _with(started_at="2026-02-30T00:00:00Z"),
+    "year zero": _with(started_at="0000-01-01T00:00:00Z"),
+    "hour 24": _with(ended_at="2026-01-01T24:00:00Z"),
+    "minute 60": _with(started_at="2026-01-01T23:60:00.000001Z"),
+    "leap second": _with(ended_at="2026-12-31T23:59:60Z"),
     "non-canonical time": _with(ended_at="2026-01-01 00:00:00"),
     "exit code a string": _with(exit_code="0"),
     "exit code a bool": _with(exit_code=True),
@@ -123,6 +128,46 @@ def test_check_reports_what_decoding_reports_broken_variant(
     journal = _store(store_dir)
     _edit(journal, 4, _CASES["impossible date"])
     monkeypatch.setattr(_sound, "sound_dates", lambda values: True)
+    assert runstore.check(store_dir).ok
+
+
+_TIMESTAMP = st.builds(
+    lambda year, month, day, hour, minute, second, micro: (
+        b"%04d-%02d-%02dT%02d:%02d:%02d%sZ" % (year, month, day, hour, minute, second,
+                                              b".%06d" % micro if micro else b"")),
+    st.sampled_from([0, 1, 1900, 2000, 2024, 2026, 2100, 9999]) | st.integers(0, 9999),
+    st.integers(0, 99), st.integers(0, 99), st.integers(0, 99), st.integers(0, 99),
+    st.integers(0, 99), st.integers(0, 999999))
+
+
+def _is_date(value: bytes) -> bool:
+    try:
+        _dt.datetime.fromisoformat(value.decode())
+    except ValueError:
+        return False
+    return True
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_TIMESTAMP | st.none(), max_size=3))
+def test_sound_dates_judges_as_fromisoformat(values: list[bytes | None]) -> None:
+    """Every canonical timestamp (any digits) is a date for ``sound_dates`` exactly when
+    ``datetime.fromisoformat`` takes it."""
+    for value in values:
+        assert value is None or _fields.CANONICAL_TIME.fullmatch(value.decode())
+    assert _sound.sound_dates(tuple(values)) == all(v is None or _is_date(v) for v in values)
+
+
+def test_check_reports_an_impossible_time_broken_variant(
+        store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Judging a timestamp's day alone lets an hour of 24 through ``check``."""
+    def days_only(values: tuple[bytes | None, ...]) -> bool:
+        return all(v is None or _is_date(v[:10] + b"T00:00:00Z") for v in values)
+
+    journal = _store(store_dir)
+    _edit(journal, 4, _CASES["hour 24"])
+    assert not runstore.check(store_dir).ok
+    monkeypatch.setattr(_sound, "sound_dates", days_only)
     assert runstore.check(store_dir).ok
 
 
