@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 import psycopg
 import pytest
-from backends import Backend
+from backends import Backend, fresh_table
 from faults import stop_all
 from racing import merge as _merge, overlaps as _overlaps, replay as _replay, threads as _threads
 
@@ -67,6 +67,26 @@ def test_schema_is_created_and_its_version_recorded(
     for suffix in ("", "_changes", "_feed", "_schema", "_seq", "_one_active"):
         found = admin.execute("SELECT to_regclass(%s)", [pg.table + suffix]).fetchone()
         assert found is not None and found[0] is not None, suffix
+
+
+def test_the_longest_table_name_gets_every_object(pg_dsn: str,
+                                                  admin: psycopg.Connection[Any]) -> None:
+    """A table name of 40 characters (the most allowed) fits every derived name within
+    PostgreSQL's 63 bytes, through every migration."""
+    table = fresh_table().ljust(40, "x")
+    store = Backend("postgres", pg_dsn, table).open()
+    try:
+        assert isinstance(store, PostgresStore) and store.schema_version == SCHEMA_VERSION
+        run, _ = store.prepare_atomic("m1", "h", _make("m1"))
+        store.start(run.id)
+        store.finish(run.id, Status.COMPLETED, exit_code=0)
+        assert [c.type.value for c in store.changes()] == [
+            "run_created", "run_started", "run_finished"]
+        found = admin.execute("SELECT count(*) FROM pg_type WHERE typname LIKE %s "
+                              "AND typtype = 'd'", [table + "\\_%\\_value"]).fetchone()
+        assert found == (4,)
+    finally:
+        store.close()
 
 
 def test_an_older_schema_is_migrated_on_open_keeping_its_runs(
