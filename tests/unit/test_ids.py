@@ -131,3 +131,32 @@ def test_store_ids_increase_across_reopen_when_the_clock_steps_back(
 def test_prefix_formats_like_strftime(moment: _dt.datetime) -> None:
     """The id prefix is written without strftime (for speed) but reads exactly like it."""
     assert ids._prefix(moment) == moment.strftime(ids._FORMAT)
+
+
+#: 2026-12-07 22:37:24.906147 in Arabic-Indic digits (they sort after every ASCII digit)
+_OTHER_DIGITS = "".join(chr(0x660 + int(c)) if c.isdigit() else c
+                        for c in "20261207T223724.906147Z") + "-imported"
+
+
+def test_id_after_an_id_in_other_digits_sorts_after_it() -> None:
+    """An imported id whose prefix is written in another script's digits is an id of
+    another shape: no time is read from it, and the next id sorts after it."""
+    run_id = ids.new_run_id(_OTHER_DIGITS, _dt.datetime(2026, 1, 1, tzinfo=_dt.UTC))
+    assert run_id > _OTHER_DIGITS
+    assert ids.time_of(_OTHER_DIGITS) is None
+
+
+_DIGITS = st.text("0123456789", min_size=1, max_size=1)
+
+
+@given(st.lists(_DIGITS, min_size=20, max_size=20))
+def test_a_prefix_is_read_as_strptime_reads_its_ascii_form(digits: list[str]) -> None:
+    """Any 20 ASCII digits in the prefix's places are read as ``strptime`` reads them: the
+    same time, or no time for a date or time that does not exist."""
+    text = "{}{}{}{}{}{}{}{}T{}{}{}{}{}{}.{}{}{}{}{}{}Z".format(*digits)
+    try:
+        expected: _dt.datetime | None = _dt.datetime.strptime(text, ids._FORMAT)
+    except ValueError:
+        expected = None
+    assert ids._parse_prefix(text) == expected
+    assert ids._parse_prefix(text + "-") is None and ids._parse_prefix(text[:-1]) is None
