@@ -10,9 +10,7 @@ import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import orjson
-
-from . import _clifmt as fmt, _fields, _ids, _location, verify
+from . import _clifmt as fmt, _fields, _ids, _location, _runscan, _sound, verify
 from ._cli_context import EXIT_FAILURE, EXIT_OK, Context, UsageError, _dumps, _json_array, _plural
 from .model import Run, Status
 from .store import Store
@@ -77,9 +75,7 @@ def _cmd_list(ctx: Context, args: argparse.Namespace) -> int:
                     machine=args.machine, status=args.status, batch_id=args.batch,
                     limit=args.limit), mode)
             if not filtered and args.limit is None:
-                return _stream_table(ctx, _exported_rows(ctx, (
-                    orjson.loads(item) if isinstance(item, bytes) else item
-                    for item in _every_run_exported(store))), empty)
+                return _stream_table(ctx, _exported_rows(ctx, _every_run_listed(store)), empty)
             return _stream_table(ctx, _exported_rows(ctx, store._iter_json(
                 machine=args.machine, status=args.status, batch_id=args.batch,
                 limit=args.limit)), empty)
@@ -106,23 +102,32 @@ def _stream_runs(ctx: Context, runs: Iterable[Run], mode: str, empty: str) -> in
     return _stream_table(ctx, rows, empty)
 
 
-def _exported_rows(ctx: Context, items: Iterable[dict[str, Any]]) -> Iterator[list[str]]:
+def _exported_rows(ctx: Context, items: Iterable[dict[str, Any] | _sound.SoundRow]
+                   ) -> Iterator[list[str]]:
     """``_stream_runs``'s rows, made from runs as ``codec.run_to_json`` gives them (no
-    ``Run`` is built: a third of the cost of a row): the same cells."""
+    ``Run`` is built: a third of the cost of a row), or from the fields a sound line holds
+    (``_sound.sound_row``: nothing in them to escape): the same cells."""
     now, paint, ago, parse = ctx.now, ctx.paint, fmt.ago, _dt.datetime.fromisoformat
     visible = fmt.visible  # the columns are sized on the cells as printed
     for item in items:
-        status, started, code = item["status"], item.get("started_at"), item.get("exit_code")
+        if type(item) is tuple:
+            run_id, machine, status, digest, started, ended, code = item
+            digest = digest[:12]
+        else:
+            assert isinstance(item, dict)
+            run_id, machine, status = visible(item["id"]), visible(item["machine"]), item["status"]
+            digest = visible(item["test_dir_hash"][:12])
+            started, ended, number = item.get("started_at"), item.get("ended_at"), item.get(
+                "exit_code")
+            code = None if number is None else str(number)
         start = None if started is None else parse(started)
         if start is None:
             took = "-"
         else:
-            ended = item.get("ended_at")
             end = parse(ended) if ended is not None else None if status in _TERMINAL else now
             took = "-" if end is None else fmt.duration(end - start)
-        yield [visible(item["id"]), visible(item["machine"]), paint.status(status),
-               visible(item["test_dir_hash"][:12]), ago(start, now), took,
-               "-" if code is None else str(code)]
+        yield [run_id, machine, paint.status(status), digest, ago(start, now), took,
+               "-" if code is None else code]
 
 
 def _stream_table(ctx: Context, rows: Iterable[Sequence[str]], empty: str) -> int:
@@ -149,8 +154,19 @@ def _every_run_exported(store: Store) -> Iterator[dict[str, Any] | bytes]:
     """What ``Store._iter_json()`` yields (every run, no filter), read as ``export`` reads
     them: for a base line proven sound, that run's JSON made from its bytes
     (``runscan.exported``; ``orjson.loads`` of it is the dict)."""
-    for offset, data in store._stream_records(sound=True):
+    for offset, data in store._stream_records(_runscan.exported):
         if isinstance(data, bytes):
+            yield data
+        else:
+            fields = _fields.exported_dict(data, extras=False)
+            yield fields if fields is not None else _fields.run_to_json(store._run_of(data, offset))
+
+
+def _every_run_listed(store: Store) -> Iterator[dict[str, Any] | _sound.SoundRow]:
+    """``_every_run_exported``, but for a base line proven sound, the fields ``list``
+    shows, read from its bytes (``runscan.listed``)."""
+    for offset, data in store._stream_records(_runscan.listed):
+        if isinstance(data, tuple):
             yield data
         else:
             fields = _fields.exported_dict(data, extras=False)

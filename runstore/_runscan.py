@@ -65,7 +65,7 @@ class Snapshot:
 def records(journal: Journal, fd: int, snap: Snapshot) -> Iterator[tuple[int, dict[str, Any]]]:
     """(offset, decoded record) of the latest version of every run, in insertion order, read
     from ``fd`` (a held descriptor of the journal) as the iteration goes."""
-    return _records(journal, fd, snap, False)
+    return _records(journal, fd, snap, None)
 
 
 def exported(journal: Journal, fd: int,
@@ -73,13 +73,22 @@ def exported(journal: Journal, fd: int,
     """``records``, but a line of the compacted base that ``_sound.sound_export`` proves
     sound is not decoded: its run as ``export`` writes it (bytes) comes instead of the
     record."""
-    return _records(journal, fd, snap, True)
+    return _records(journal, fd, snap, _sound.sound_export)
 
 
-def _records(journal: Journal, fd: int, snap: Snapshot, sound: bool) -> Iterator[tuple[int, Any]]:
-    """``records`` (``exported`` with ``sound``)."""
+def listed(journal: Journal, fd: int,
+           snap: Snapshot) -> Iterator[tuple[int, dict[str, Any] | _sound.SoundRow]]:
+    """``records``, but for a line of the compacted base that ``_sound.sound_row`` proves
+    sound, the fields ``list`` shows (a ``SoundRow``) instead of the record."""
+    return _records(journal, fd, snap, _sound.sound_row)
+
+
+def _records(journal: Journal, fd: int, snap: Snapshot,
+             sound: Callable[[bytes], tuple[str, Any] | None] | None
+             ) -> Iterator[tuple[int, Any]]:
+    """``records``; with ``sound``, a base line it reads (run id, what it made of the
+    line) comes as what it made (``exported``, ``listed``)."""
     path = journal.path
-    export = _sound.sound_export
 
     def read(offset: int, size: int) -> bytes:
         return journal.pread(fd, size, offset)
@@ -96,11 +105,11 @@ def _records(journal: Journal, fd: int, snap: Snapshot, sound: bool) -> Iterator
     crc = 0
     for chunk_at, chunk in journal.read_lines(header.start, header.latest_end, fd):
         crc = zlib.crc32(chunk, crc)
-        batch: list[tuple[int, dict[str, Any] | bytes | None]] = []
+        batch: list[tuple[int, Any]] = []
         later = array.array("q")
         for offset, line in _lines(chunk, chunk_at):
-            proven = export(line) if sound else None
-            data: dict[str, Any] | bytes
+            proven = sound(line) if sound is not None else None
+            data: Any
             if proven is not None:
                 run_id, data = proven
             else:

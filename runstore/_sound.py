@@ -3,8 +3,9 @@
 A line ``SOUND_RECORD`` matches in full, that is ASCII, whose CRC-32 holds and whose
 timestamps are dates, is exactly what this library writes for a record: decoding it would
 give nothing ``check`` refuses. ``check``, ``export``, ``list`` and ``prune --archive`` read
-such lines from their bytes (``sound_export`` moves them into an exported run's JSON); any
-other line is decoded and judged as before, so no damage goes unreported.
+such lines from their bytes (``sound_export`` moves them into an exported run's JSON,
+``sound_row`` takes the fields ``list``'s table shows); any other line is decoded and
+judged as before, so no damage goes unreported.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import zlib
 from ._codec import CHANGE_VALUES
 from ._fields import CANONICAL_TIME, FIELD_TYPES, OMIT_WHEN, RUN_FIELDS, STATUS_VALUES
 
+#: the run fields besides id and status that ``list`` shows, named groups of the pattern
+_LISTED = ("machine", "test_dir_hash", "exit_code")
+
 
 def _sound_record_pattern() -> re.Pattern[bytes]:
     """A record line (without its newline) in the form this library writes, every value
@@ -26,7 +30,8 @@ def _sound_record_pattern() -> re.Pattern[bytes]:
     ``Run``'s order, those left out when empty optional and then not empty, nothing else.
     Its ``seq``, ``durable``, ``crc`` groups and the bytes before ``,"crc":`` (group
     ``body``) are what a reader checks of it; ``id``, ``status`` and ``st`` (where the
-    status comes among the run fields) are what ``sound_export`` moves."""
+    status comes among the run fields) are what ``sound_export`` moves; ``id``, ``status``,
+    the ``_LISTED`` groups and the first two times what ``sound_row`` gives."""
     text = rb'"[^"\\\x00-\x1f]*"'
     filled = rb'"[^"\\\x00-\x1f]+"'
     integer = rb"(?:0|-?[1-9][0-9]{0,17})"
@@ -59,6 +64,10 @@ def _sound_record_pattern() -> re.Pattern[bytes]:
         else:
             assert kind == (int, type(None)), kind
             value = integer if optional else b"(?:" + integer + b"|null)"
+        if name in _LISTED:  # what ``sound_row`` reads (a string's characters, not quotes)
+            quote = b'"' if kind == (str,) else b""
+            inner = value[len(quote):len(value) - len(quote)]
+            value = quote + b"(?P<" + name.encode() + b">" + inner + b")" + quote
         field = b',"' + name.encode() + b'":' + value
         parts.append(b"(?:" + field + b")?" if optional else field)
     return re.compile(b"(?P<body>" + b"".join(parts) + rb'),"crc":(?P<crc>0|[1-9][0-9]{0,9})\}')
@@ -97,3 +106,34 @@ def sound_export(line: bytes) -> tuple[str, bytes] | None:
     run_id, status, cut = m["id"], m["status"], m.start("st")
     return run_id.decode(), b'{"id":"%s"%s,"status":"%s"%s}' % (
         run_id, line[m.end("durable"):cut], status, line[cut:m.end("body")])
+
+
+#: a row of ``list`` read from a sound line: id, machine, status, test_dir_hash, started_at
+#: and ended_at (canonical timestamps, None when null or left out), exit_code (its digits,
+#: or None)
+SoundRow = tuple[str, str, str, str, str | None, str | None, str | None]
+
+
+#: the groups ``sound_row`` reads: the times ``t0`` and ``t1`` are a run's first two,
+#: started_at and ended_at
+_ROW_GROUPS = ("id", "machine", "status", "test_dir_hash", "t0", "t1", "exit_code")
+assert [f for f in RUN_FIELDS if FIELD_TYPES[f] == (str, type(None))][:2] == [
+    "started_at", "ended_at"]
+
+
+def sound_row(line: bytes) -> tuple[str, SoundRow] | None:
+    """(run id, the fields ``list`` shows) of a record line ``SOUND_RECORD`` proves sound
+    and that holds no DEL character (so no field needs escaping for a terminal: the line
+    is ASCII and its strings hold no other control character), read from its bytes as
+    the decoding would give them; None for any other line (decode it)."""
+    m = SOUND_RECORD.fullmatch(line)
+    if (m is None or not line.isascii() or b"\x7f" in line
+            or zlib.crc32(line[:m.end("body")]) != int(m["crc"])
+            or not sound_dates(m.group(*SOUND_RECORD_TIMES))):
+        return None
+    run_id, machine, status, digest, started, ended, code = m.group(*_ROW_GROUPS)
+    text = run_id.decode()
+    return text, (text, machine.decode(), status.decode(), digest.decode(),
+                  None if started is None else started.decode(),
+                  None if ended is None else ended.decode(),
+                  None if code is None or code == b"null" else code.decode())

@@ -49,6 +49,8 @@ from .model import Change, ChangeType, PrepareOutcome, Run, Status, StoreStats
 __all__ = ["RETAIN_CHANGES", "FileStore", "Store"]
 
 _Runs = list[Run]  # inside the class, ``list`` names the method
+#: how ``_stream_records`` reads the journal: ``runscan.records``, ``exported`` or ``listed``
+_Reader = Callable[[Journal, int, _runscan.Snapshot], Iterator[tuple[int, Any]]]
 
 #: every open ``Store`` of this process, for the at-fork hook (``_forget_parent_calls``)
 _stores: weakref.WeakSet[FileStore] = weakref.WeakSet()
@@ -221,10 +223,11 @@ class FileStore(_Importing, StoreBase):
             records.close()
         return iter(last)
 
-    def _stream_records(self, sound: bool = False) -> _HeldRecords:
+    def _stream_records(self, read: _Reader | None = None) -> _HeldRecords:
         """(offset, record) of every run's latest version, insertion order, read as the
-        iteration goes from the file as it is now (``runscan``); with ``sound``, the runs
-        the base's lines prove sound as ``export`` writes them (``runscan.exported``)."""
+        iteration goes from the file as it is now (``runscan.records``); ``read`` may be
+        ``runscan.exported`` or ``runscan.listed``, which give what the base's sound lines
+        hold in the form ``export`` or ``list`` wants, instead of their records."""
 
         def snapshot() -> tuple[int, _runscan.Snapshot]:
             header, cur = self._view.header, self._view.cur
@@ -240,7 +243,7 @@ class FileStore(_Importing, StoreBase):
             return self._journal.hold(), snap
 
         fd, snap = self._read(snapshot)
-        return _HeldRecords(self._journal, fd, snap, sound)
+        return _HeldRecords(self._journal, fd, snap, read or _runscan.records)
 
     def _active_of(self, machine: str) -> Run | None:
         def answer() -> Run | None:
@@ -332,7 +335,7 @@ class FileStore(_Importing, StoreBase):
         """Every run as ``export`` writes it (``interchange.export_item``), read as
         ``_iter_export`` reads them; a record is made a ``Run`` only when its fields are not
         as this library writes them."""
-        for offset, data in self._stream_records(sound=True):
+        for offset, data in self._stream_records(_runscan.exported):
             if isinstance(data, bytes):  # proven sound and made from the line's bytes
                 yield data
             else:
@@ -424,11 +427,10 @@ class _HeldRecords:
     iteration ends or fails, or when the iterator is dropped unfinished."""
 
     def __init__(self, journal: Journal, fd: int, snap: _runscan.Snapshot,
-                 sound: bool = False) -> None:
+                 read: _Reader) -> None:
         self.journal, self.fd, self.snap = journal, fd, snap
         self._close = weakref.finalize(self, journal.close_held, fd)
-        self._records: Iterator[tuple[int, Any]] = (
-            _runscan.exported(journal, fd, snap) if sound else _runscan.records(journal, fd, snap))
+        self._records: Iterator[tuple[int, Any]] = read(journal, fd, snap)
 
     def close(self) -> None:
         """Close the descriptor now (the iteration, if it goes on, fails)."""

@@ -189,6 +189,8 @@ def _odd_store(store_dir: pathlib.Path) -> None:
         {"id": "kept", "machine": "m", "test_dir": "/t", "test_dir_hash": "h",
          "status": "completed", "team": "infra"},
         Run("n", "/t", "h", id="pending"),
+        Run("m\x7f", "/t", "h\x7f", id="del\x7f", status=Status.COMPLETED, exit_code=3,
+            started_at=_dt.datetime(2026, 1, 1, tzinfo=_dt.UTC)),
     ]
     with Store(store_dir, durable=False) as s:
         s.import_runs(runs)  # type: ignore[arg-type]
@@ -208,7 +210,7 @@ def test_export_of_sound_lines_is_the_decoded_export(store_dir: pathlib.Path,
     made = _export(store_dir)
     monkeypatch.setattr(_sound, "sound_export", lambda line: None)
     assert made == _export(store_dir)
-    assert len(orjson.loads(made)) == 7
+    assert len(orjson.loads(made)) == 8
 
 
 def _impossible_date_line(store_dir: pathlib.Path) -> bytes:
@@ -239,18 +241,49 @@ def test_an_impossible_date_is_left_to_the_decoding_broken_variant(
     assert found is not None and b"2026-02-30" in found[1]
 
 
-@pytest.mark.parametrize("mode", ["--json", "--jsonl", "--table"])
-def test_list_json_of_sound_lines_is_the_decoded_one(
+@pytest.mark.parametrize("mode", ["--json", "--jsonl", "--table", "--color"])
+def test_list_of_sound_lines_is_the_decoded_one(
         store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str], mode: str) -> None:
+    """``list`` prints the same whether it reads the base's sound lines from their bytes
+    (``sound_export``, ``sound_row``) or decodes every line; a DEL in a field is escaped."""
     _odd_store(store_dir)
-    argv = ["--state-dir", str(store_dir), "list", *([mode] if mode != "--table" else [])]
+    argv = ["--state-dir", str(store_dir), "list", *([mode] if mode.startswith("--j") else [])]
+    if mode == "--color":
+        argv[:0] = ["--color", "always"]
     assert cli.main(argv) == 0
     made = capsys.readouterr().out
     monkeypatch.setattr(_sound, "sound_export", lambda line: None)
+    monkeypatch.setattr(_sound, "sound_row", lambda line: None)
     assert cli.main(argv) == 0
     assert made == capsys.readouterr().out
     assert "m\u00e9" in made and "kept" in made and "team" not in made
+    assert "\x7f" not in made
+    if mode in ("--table", "--color"):
+        assert "m\\x7f" in made and "del\\x7f" in made
+        assert ("\x1b[" in made) == (mode == "--color")
+
+
+def test_list_of_sound_lines_is_the_decoded_one_broken_variant(
+        store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Reading a string's quotes with its characters shows them in the table."""
+    _odd_store(store_dir)
+    argv = ["--state-dir", str(store_dir), "list"]
+    assert cli.main(argv) == 0
+    made = capsys.readouterr().out
+    real = _sound.sound_row
+
+    def quoted(line: bytes) -> tuple[str, _sound.SoundRow] | None:
+        found = real(line)
+        if found is None:
+            return None
+        row = found[1]
+        return found[0], (row[0], f'"{row[1]}"', *row[2:])
+
+    monkeypatch.setattr(_sound, "sound_row", quoted)
+    assert cli.main(argv) == 0
+    assert made != capsys.readouterr().out
 
 
 def test_prune_archive_of_sound_lines_is_the_decoded_one(
@@ -262,7 +295,7 @@ def test_prune_archive_of_sound_lines_is_the_decoded_one(
         where = tmp_path / f"store-{decoded}"
         _odd_store(where)
         with Store(where, durable=False) as s:
-            assert s.prune(keep_last=0, archive=tmp_path / f"{decoded}.jsonl") == 6
+            assert s.prune(keep_last=0, archive=tmp_path / f"{decoded}.jsonl") == 7
             tail = [(c.type, c.run) for c in s.changes(0)][-6:]
         archives.append(((tmp_path / f"{decoded}.jsonl").read_bytes(), tail))
     assert archives[0] == archives[1]
