@@ -22,6 +22,8 @@ _PREFIX = re.compile(r"([0-9]{4})([0-9]{2})([0-9]{2})T([0-9]{2})([0-9]{2})([0-9]
 #: an id made after an imported id of another shape: that id, ".~", a counter, "-", random
 _FOREIGN = re.compile(r"(.*)\.~([0-9a-f]{16})-[0-9a-f]{8}", re.DOTALL)
 _MICROSECOND = _dt.timedelta(microseconds=1)
+#: the first count the 16 hex digits of ``_FOREIGN``'s counter cannot hold
+_COUNTER_END = 1 << 64
 
 
 def utcnow() -> _dt.datetime:
@@ -64,9 +66,11 @@ def new_run_id(after: str = "", now: _dt.datetime | None = None) -> str:
         else:
             # an imported id with another shape, or at the end of time, sorts last: count up
             # a fixed-width suffix on it (suffixing each new id to the previous one made ids
-            # grow with every run)
+            # grow with every run); a full counter starts again on the whole id (a wider
+            # one would sort before it)
             match = _FOREIGN.fullmatch(after)
-            stem, count = (match[1], int(match[2], 16) + 1) if match else (after, 0)
+            count = int(match[2], 16) + 1 if match else _COUNTER_END
+            stem, count = (match[1], count) if match and count < _COUNTER_END else (after, 0)
             return f"{stem}.~{count:016x}-{os.urandom(4).hex()}"
     return f"{prefix}-{os.urandom(8).hex()}"
 

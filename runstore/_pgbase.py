@@ -380,7 +380,7 @@ class PostgresBase:
     def _create(self, conn: _Conn, run: Run, action: str) -> Run | None:
         """Insert ``run`` as a fresh run (new id, revision 1, this process as owner when
         non-terminal); None when the machine already has a non-terminal run."""
-        while True:
+        for _ in range(MAX_ATTEMPTS):
             new = _transitions.fresh(run, _ids.new_run_id(self._last_id), _owner.current())
             params = _params(new, _ids.utcnow(), None)
             ((inserted, greatest),) = self._execute(conn, self._w.create, params, action)
@@ -392,6 +392,9 @@ class PostgresBase:
             if greatest is None or greatest[:second] <= new.id[:second]:
                 return None  # the machine is taken (and our id was fine)
             self._last_id = greatest  # a greater id is stored (imported, or a clock ahead)
+        raise RunstoreError(f"{action} {self._where}: no new id sorted after the greatest "
+                            f"stored id ({self._last_id!r}) in {MAX_ATTEMPTS} tries; nothing "
+                            "was created")
 
     def _stream(self, query: str, params: Sequence[Any], action: str,
                 make: Callable[[Sequence[Any]], T]) -> Iterator[T]:

@@ -470,9 +470,17 @@ def test_import_accepts_json_lines_and_keeps_unknown_fields(backend: Backend) ->
     assert [d["x_custom"] for d in json.loads(out.getvalue())] == [0, 1, 2]
 
 
-def test_new_ids_sort_after_imported_ones(backend: Backend) -> None:
-    """Ids created after an import sort after the imported ids."""
-    future = "29991231T235959.999999Z-ffffffffffffffff"
+@pytest.mark.parametrize("imported", [
+    "29991231T235959.999999Z-ffffffffffffffff",  # a runstore id from later
+    "99991231T235959.999999Z-0",  # the last microsecond ids can say
+    "zzz-imported",  # another shape, sorting after every runstore id
+    "x.~ffffffffffffffff-00000000",  # a counter after such an id, full
+    "zz.~fffffffffffffffe-00000000",  # one short of full
+])
+def test_new_ids_sort_after_imported_ones(backend: Backend, imported: str) -> None:
+    """Ids created after an import sort after the imported ids, whatever their shape, and
+    keep doing so."""
     with backend.open() as store:
-        store.import_runs([Run("m1", "/t", "h", id=future, status=Status.COMPLETED)])
-        assert store.create(make("m2")).id > future
+        store.import_runs([Run("m1", "/t", "h", id=imported, status=Status.COMPLETED)])
+        made = [store.create(make(f"m{i}")).id for i in range(2, 5)]
+        assert imported < made[0] < made[1] < made[2]
