@@ -17,7 +17,7 @@ tests, can share one database::
                     it as JSON in ``run``) (see ``_pgfeed``)
     runs_feed       one row: ``compacted_through``, the greatest seq trimmed away
     runs_schema     one row per applied migration (version, applied_at)
-    runs_name_value, runs_status_value, runs_revision_value, runs_change_value
+    runs$name, runs$status, runs$revision, runs$change
                     the domains whose checks keep bad values out of those columns
                     (version 6): a non-empty id, machine and hash; a known status; a
                     revision of at least 1; a known change type
@@ -97,8 +97,9 @@ class Names:
 
     def domain(self, kind: str) -> sql.Identifier:
         """The domain checking one kind of column (``name``: a non-empty text, ``status``,
-        ``revision``, ``change``): ``<table>_<kind>_value`` (version 6)."""
-        return self.ident(f"_{kind}_value")
+        ``revision``, ``change``): ``<table>$<kind>`` (version 6; a ``$`` that no table
+        name has, so that no store's objects take another's names)."""
+        return self.ident(f"${kind}")
 
     @property
     def one_active(self) -> str:
@@ -216,6 +217,24 @@ def _v5_kept_as_written(n: Names) -> list[sql.Composed]:
             .format(runs=n.runs)]
 
 
+def _drop_column_checks(table: sql.Identifier, name: str, columns: list[str]) -> sql.Composed:
+    """Drop the one-column ``CHECK`` constraints version 1 gave ``columns`` of ``table``
+    (named ``name``), whatever PostgreSQL named them: ``<name>_<column>_check``, or that
+    with a number after it when another table of the schema had taken the name. Other
+    checks (a user's own) stay."""
+    return sql.SQL("""DO $$DECLARE c record; BEGIN
+FOR c IN SELECT con.conname FROM pg_constraint con JOIN pg_attribute a
+    ON a.attrelid = con.conrelid AND a.attnum = con.conkey[1]
+  WHERE con.conrelid = {rel}::regclass AND con.contype = 'c'
+    AND cardinality(con.conkey) = 1 AND a.attname = ANY(ARRAY[{columns}])
+    AND con.conname ~ ('^' || {prefix} || a.attname || '_check[0-9]*$')
+LOOP
+  EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', {rel}::regclass, c.conname);
+END LOOP; END$$""").format(
+        rel=sql.Literal(table.as_string()), prefix=sql.Literal(name + "_"),
+        columns=sql.SQL(", ").join(map(sql.Literal, columns)))
+
+
 def _v6_domain_checks(n: Names) -> list[sql.Composed]:
     """Version 6: the checks of a run's columns (a non-empty id, machine and hash, a known
     status, a revision of at least 1) and of a change's type are those of domains instead
@@ -223,28 +242,29 @@ def _v6_domain_checks(n: Names) -> list[sql.Composed]:
     table's ``CHECK`` constraints from their stored text in every statement that writes
     the table (about a tenth of the server's time per write in the dispatcher cycle), but
     keeps a domain's checks built for the session, and checks a domain's value only where
-    a statement writes one. (Rewrites both tables once, under the schema lock.)"""
+    a statement writes one. (Rewrites both tables once, under the schema lock. Domains
+    left by a store whose tables were dropped are replaced; one that a table still uses
+    makes the upgrade fail, changing nothing.)"""
     runs, changes = n.runs, n.changes
     nonempty, status, revision, change = (
         n.domain("name"), n.domain("status"), n.domain("revision"), n.domain("change"))
-    # (the tables' checks as PostgreSQL named them: ``<table>_<column>_check``)
-    drops = sql.SQL(", ").join(
-        sql.SQL("DROP CONSTRAINT {}").format(n.ident(f"_{column}_check"))
-        for column in ("id", "machine", "test_dir_hash", "status", "revision"))
+    domains = [(nonempty, sql.SQL("text CHECK (VALUE <> '')")),
+               (status, sql.SQL("text CHECK (VALUE IN ({}))").format(_STATUSES)),
+               (revision, sql.SQL("bigint CHECK (VALUE >= 1)")),
+               (change, sql.SQL("text CHECK (VALUE IN ({}))").format(_CHANGES))]
     return [
-        sql.SQL("CREATE DOMAIN {} AS text CHECK (VALUE <> '')").format(nonempty),
-        sql.SQL("CREATE DOMAIN {} AS text CHECK (VALUE IN ({}))").format(status, _STATUSES),
-        sql.SQL("CREATE DOMAIN {} AS bigint CHECK (VALUE >= 1)").format(revision),
-        sql.SQL("CREATE DOMAIN {} AS text CHECK (VALUE IN ({}))").format(change, _CHANGES),
-        sql.SQL("ALTER TABLE {runs} {drops}, ALTER COLUMN id TYPE {nonempty} COLLATE \"C\", "
+        *(sql.SQL("DROP DOMAIN IF EXISTS {}").format(name) for name, _ in domains),
+        *(sql.SQL("CREATE DOMAIN {} AS {}").format(name, rule) for name, rule in domains),
+        _drop_column_checks(runs, n.table,
+                            ["id", "machine", "test_dir_hash", "status", "revision"]),
+        _drop_column_checks(changes, n.table + "_changes", ["change"]),
+        sql.SQL("ALTER TABLE {runs} ALTER COLUMN id TYPE {nonempty} COLLATE \"C\", "
                 "ALTER COLUMN machine TYPE {nonempty}, "
                 "ALTER COLUMN test_dir_hash TYPE {nonempty}, "
                 "ALTER COLUMN status TYPE {status}, ALTER COLUMN revision TYPE {revision}"
-                ).format(runs=runs, drops=drops, nonempty=nonempty, status=status,
-                         revision=revision),
-        sql.SQL("ALTER TABLE {changes} DROP CONSTRAINT {check}, "
-                "ALTER COLUMN change TYPE {change}").format(
-            changes=changes, check=n.ident("_changes_change_check"), change=change),
+                ).format(runs=runs, nonempty=nonempty, status=status, revision=revision),
+        sql.SQL("ALTER TABLE {changes} ALTER COLUMN change TYPE {change}").format(
+            changes=changes, change=change),
     ]
 
 

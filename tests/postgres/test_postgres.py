@@ -83,8 +83,72 @@ def test_the_longest_table_name_gets_every_object(pg_dsn: str,
         assert [c.type.value for c in store.changes()] == [
             "run_created", "run_started", "run_finished"]
         found = admin.execute("SELECT count(*) FROM pg_type WHERE typname LIKE %s "
-                              "AND typtype = 'd'", [table + "\\_%\\_value"]).fetchone()
+                              "AND typtype = 'd'", [table + "$%"]).fetchone()
         assert found == (4,)
+    finally:
+        store.close()
+
+
+def _works(store: Any) -> None:
+    run, outcome = store.prepare_atomic("m1", "h", _make("m1"))
+    assert outcome is PrepareOutcome.CREATED
+    store.start(run.id)
+    store.finish(run.id, Status.COMPLETED, exit_code=0)
+    assert [r.id for r in store.list()] == [run.id]
+
+
+def test_stores_named_like_each_others_objects_share_a_schema(
+        pg_dsn: str, admin: psycopg.Connection[Any]) -> None:
+    """Stores whose table names are another store's table name plus a suffix (the names
+    its own objects could take) all open and keep their runs apart, whichever opens
+    first."""
+    base = fresh_table()
+    names = [f"{base}_status_value", base, f"{base}_name", f"{base}_changes_x"]
+    stores = [Backend("postgres", pg_dsn, name).open() for name in names]
+    try:
+        for store in stores:
+            _works(store)
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_a_store_opens_where_its_check_names_were_taken(
+        pg_dsn: str, admin: psycopg.Connection[Any]) -> None:
+    """When another table of the schema already has a constraint named as a store's
+    checks would be (``<table>_id_check``), PostgreSQL numbers the store's; the upgrade
+    to domains still finds and replaces them, and leaves the other table's alone."""
+    table = fresh_table()
+    other = fresh_table()
+    admin.execute(f"CREATE TABLE {other} (id text, CONSTRAINT {table}_id_check "
+                  "CHECK (id <> 'x'), CONSTRAINT {t}_status_check CHECK (id <> 'y'))"
+                  .replace("{t}", table))
+    store = Backend("postgres", pg_dsn, table).open()
+    try:
+        _works(store)
+        checks = admin.execute(
+            "SELECT conrelid::regclass::text, conname FROM pg_constraint WHERE contype = 'c' "
+            "AND conrelid IN (%s::regclass, %s::regclass, %s::regclass)",
+            [table, table + "_changes", other]).fetchall()
+        assert sorted(checks) == [(other, f"{table}_id_check"), (other, f"{table}_status_check")]
+    finally:
+        store.close()
+
+
+def test_a_store_whose_tables_were_dropped_is_created_again(
+        pg_dsn: str, admin: psycopg.Connection[Any]) -> None:
+    """Dropping a store's tables and sequence (its domains left behind) and opening it
+    again creates it afresh."""
+    table = fresh_table()
+    store = Backend("postgres", pg_dsn, table).open()
+    _works(store)
+    store.close()
+    admin.execute(f"DROP TABLE {table}, {table}_changes, {table}_feed, {table}_schema; "
+                  f"DROP SEQUENCE {table}_seq")
+    store = Backend("postgres", pg_dsn, table).open()
+    try:
+        assert store.list() == []
+        _works(store)
     finally:
         store.close()
 
