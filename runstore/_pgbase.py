@@ -129,7 +129,8 @@ class PostgresBase:
         try:
             return psycopg.connect(self.dsn, autocommit=True, application_name="runstore")
         except psycopg.Error as exc:
-            raise DatabaseConnectionError(self.server, action, _reason(exc)) from None
+            raise DatabaseConnectionError(self.server, self._doing(action),
+                                          _reason(exc)) from None
 
     def _migrate(self) -> int:
         with self._connect("connecting to") as conn:
@@ -207,14 +208,19 @@ class PostgresBase:
                 pool.putconn(conn)
         except PoolTimeout:
             raise DatabaseConnectionError(
-                self.server, action, f"no connection within {pool.timeout:g} s: the server "
-                f"is unreachable or all {self.pool_size} pooled connections stayed "
-                "busy") from None
+                self.server, self._doing(action), f"no connection within {pool.timeout:g} s: "
+                f"the server is unreachable or all {self.pool_size} pooled connections "
+                "stayed busy") from None
 
     def _hit(self, point: str, conn: _Conn) -> None:
         """Nothing: the points a write passes (``before_commit``: its statement or COMMIT
         is about to be sent; ``before_feed``: an import's runs are written, its changes not
         yet), named for the fault tests, which replace this method to act there."""
+
+    def _doing(self, action: str) -> str:
+        """``action`` ("listing runs in", "creating or migrating the schema of") with the
+        table it acts on, as a ``DatabaseError`` names it."""
+        return f"{action} table {self.table!r}"
 
     def _translate(self, exc: psycopg.Error, conn: _Conn, action: str,
                    applied: bool | None) -> Exception:
@@ -226,8 +232,8 @@ class PostgresBase:
             return InvalidRunError(f"{self._where} refused the run: {reason}; nothing was "
                                    "stored")
         if conn.closed or conn.broken or isinstance(exc, psycopg.errors.AdminShutdown):
-            return DatabaseConnectionError(self.server, action, reason, applied)
-        return DatabaseError(self.server, action, reason, applied)
+            return DatabaseConnectionError(self.server, self._doing(action), reason, applied)
+        return DatabaseError(self.server, self._doing(action), reason, applied)
 
     def _transact(self, body: Callable[[_Conn], T], action: str) -> T:
         """Run ``body`` in one transaction and commit; retry when it lost a race."""

@@ -533,7 +533,8 @@ def test_all_pooled_connections_killed_then_next_call_reconnects(
 
 def test_an_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:
     """Opening a store on a server that is not there names it and says nothing changed."""
-    with pytest.raises(DatabaseConnectionError, match="connecting to on PostgreSQL") as info:
+    with pytest.raises(DatabaseConnectionError,
+                       match=r"connecting to table 'runs' on PostgreSQL") as info:
         PostgresStore(f"host={tmp_path} port=5432 user=postgres dbname=postgres "
                       "password=hunter2")
     assert str(tmp_path) in str(info.value) and "hunter2" not in str(info.value)
