@@ -49,38 +49,28 @@ def _utf8(text: str) -> str:
     return text
 
 
-def _name(what: str) -> Callable[[str], str]:
-    """The type of a value that names something (a run id, a machine, a batch): non-empty
+def _filled(name: str, expected: str) -> Callable[[str], str]:
+    """The type of a value that must not be empty (``expected`` says what it is): non-empty
     UTF-8 text."""
 
-    def name(text: str) -> str:
+    def filled(text: str) -> str:
         if not text:
-            raise argparse.ArgumentTypeError(f"expected a non-empty {what}, got ''")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got ''")
         return _utf8(text)
 
-    name.__name__ = what  # what argparse would call it
-    return name
+    filled.__name__ = name  # what argparse would call it
+    return filled
 
 
-_run_id = _name("run id")
-_machine = _name("machine name")
-_batch = _name("batch id")
-
-
-def _path(text: str) -> str:
-    """A file or directory name: non-empty UTF-8 (``-`` for stdin/stdout where allowed)."""
-    if not text:
-        raise argparse.ArgumentTypeError("expected a file name, got ''")
-    return _utf8(text)
-
-
-def _location(text: str) -> str:
-    """A store location (``--store``, ``--state-dir``, ``migrate --from/--to``): non-empty
-    UTF-8; its form is read by ``_location.parse`` when the store is needed."""
-    if not text:
-        raise argparse.ArgumentTypeError(
-            "expected a store (a directory, file:///dir or postgresql://...), got ''")
-    return _utf8(text)
+#: values that name something (a run id, a machine, a batch)
+_run_id = _filled("run id", "a non-empty run id")
+_machine = _filled("machine name", "a non-empty machine name")
+_batch = _filled("batch id", "a non-empty batch id")
+#: a file or directory name (``-`` for stdin/stdout where allowed)
+_path = _filled("path", "a file name")
+#: a store location (``--store``, ``--state-dir``, ``migrate --from/--to``); its form is
+#: read by ``_location.parse`` when the store is needed
+_location = _filled("location", "a store (a directory, file:///dir or postgresql://...)")
 
 
 def _non_negative_int(text: str) -> int:

@@ -7,7 +7,7 @@ import argparse
 import collections
 import datetime as _dt
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from . import _clifmt as fmt, _fields, _ids, _location, _runscan, _sound, verify
@@ -75,7 +75,8 @@ def _cmd_list(ctx: Context, args: argparse.Namespace) -> int:
                     machine=args.machine, status=args.status, batch_id=args.batch,
                     limit=args.limit), mode)
             if not filtered and args.limit is None:
-                return _stream_table(ctx, _exported_rows(ctx, _every_run_listed(store)), empty)
+                return _stream_table(ctx, _exported_rows(ctx, _every_run(store, _runscan.listed)),
+                                     empty)
             return _stream_table(ctx, _exported_rows(ctx, store._iter_json(
                 machine=args.machine, status=args.status, batch_id=args.batch,
                 limit=args.limit)), empty)
@@ -150,23 +151,13 @@ def _stream_json(ctx: Context, items: Iterable[dict[str, Any]], mode: str) -> in
     return _stream_json_text(ctx, (_dumps(item) for item in items), mode)
 
 
-def _every_run_exported(store: Store) -> Iterator[dict[str, Any] | bytes]:
-    """What ``Store._iter_json()`` yields (every run, no filter), read as ``export`` reads
-    them: for a base line proven sound, that run's JSON made from its bytes
-    (``runscan.exported``; ``orjson.loads`` of it is the dict)."""
-    for offset, data in store._stream_records(_runscan.exported):
-        if isinstance(data, bytes):
-            yield data
-        else:
-            fields = _fields.exported_dict(data, extras=False)
-            yield fields if fields is not None else _fields.run_to_json(store._run_of(data, offset))
-
-
-def _every_run_listed(store: Store) -> Iterator[dict[str, Any] | _sound.SoundRow]:
-    """``_every_run_exported``, but for a base line proven sound, the fields ``list``
-    shows, read from its bytes (``runscan.listed``)."""
-    for offset, data in store._stream_records(_runscan.listed):
-        if isinstance(data, tuple):
+def _every_run(store: Store, read: Callable[..., Any]) -> Iterator[Any]:
+    """Every run (no filter), insertion order, as ``read`` gives the base's sound lines
+    (``runscan.exported``: the run's JSON made from its bytes, which ``orjson.loads`` makes
+    the dict; ``runscan.listed``: the fields ``list``'s table shows), and any other as the
+    dict ``Store._iter_json()`` yields."""
+    for offset, data in store._stream_records(read):
+        if not isinstance(data, dict):
             yield data
         else:
             fields = _fields.exported_dict(data, extras=False)
@@ -174,9 +165,10 @@ def _every_run_listed(store: Store) -> Iterator[dict[str, Any] | _sound.SoundRow
 
 
 def _every_run_json(store: Store) -> Iterator[str]:
-    """``_dumps`` of each run ``_every_run_exported`` gives (a sound line's is ASCII, so
-    ``json_visible`` has only DEL-like characters to escape, as for any item)."""
-    for item in _every_run_exported(store):
+    """``_dumps`` of each run ``_every_run`` gives as ``export`` reads it (a sound line's
+    is ASCII, so ``json_visible`` has only DEL-like characters to escape, as for any
+    item)."""
+    for item in _every_run(store, _runscan.exported):
         yield fmt.json_visible(item.decode()) if isinstance(item, bytes) else _dumps(item)
 
 

@@ -175,7 +175,8 @@ class StoreLock:
     def after_fork(self) -> None:
         """In a forked child: forget the parent's lock without releasing it."""
         self._mutex = threading.Lock()
-        # closing our copies never unlocks the parent's descriptions
+        # closing our copies never unlocks the parent's descriptions (each once: the two
+        # may be one descriptor, as where a test flocks the lock file itself)
         for fd in dict.fromkeys((self._fd, self._locked)):
             if fd is not None:
                 _close(fd)

@@ -487,7 +487,7 @@ def _params(run: Run, now: _dt.datetime, extra: dict[str, Any] | None) -> dict[s
     params: dict[str, Any] = _fields.converter.unstructure(run)
     #: what the stored kept fields may take (``Writes.write``'s fast form)
     params["room"] = (_fields.MAX_RECORD_BYTES - _pgsql.RECORD_OVERHEAD - len(fields)
-                      - 6 * len(run.id))
+                      - _pgsql.ESCAPED * len(run.id))
     params["status"] = run.status.value
     params["changed_at"] = now
     params["extra"] = _pgimport.kept_json(extra)
