@@ -82,6 +82,19 @@ def _follow_while(store: PostgresStore, writers: list[Any]) -> list[tuple[int, s
 
 
 @pytest.mark.timeout(180)
+def _started(target: Callable[..., None], pg: Backend, processes: int, each: int,
+             out: Path) -> tuple[list[Any], list[Path], Any]:
+    """``processes`` forked ``target(pg, k, each, <out>k.json, go)``, started: they wait for
+    ``go`` to be set, then write their report to their file."""
+    go = FORK.Event()
+    outs = [out.with_name(f"{out.name}{k}.json") for k in range(processes)]
+    procs = [FORK.Process(target=target, args=(pg, k, each, str(outs[k]), go))
+             for k in range(processes)]
+    for proc in procs:
+        proc.start()
+    return procs, outs, go
+
+
 def test_a_follower_sees_every_committed_change_once_while_8_writers_run(
     pg: Backend, opened: Callable[..., PostgresStore], tmp_path: Path
 ) -> None:
@@ -89,12 +102,7 @@ def test_a_follower_sees_every_committed_change_once_while_8_writers_run(
     sees every version a writer was answered with exactly once, with gap-free seqs, each
     run's versions in revision order, and in the very order a later reader finds."""
     follower = opened()
-    go = FORK.Event()
-    outs = [tmp_path / f"w{k}.json" for k in range(8)]
-    writers = [FORK.Process(target=_writer, args=(pg, k, 40, str(outs[k]), go))
-               for k in range(8)]
-    for w in writers:
-        w.start()
+    writers, outs, go = _started(_writer, pg, 8, 40, tmp_path / "w")
     try:
         go.set()
         seen = _follow_while(follower, writers)
@@ -574,12 +582,7 @@ def test_a_follower_sees_each_run_s_changes_in_revision_order_while_writers_race
     """Four processes race four threads on each of their runs; the feed holds each run's
     changes in revision order, and a follower that replays it ends with every run as
     stored."""
-    go = FORK.Event()
-    outs = [tmp_path / f"racer-{k}.json" for k in range(4)]
-    procs = [FORK.Process(target=_racer, args=(pg, k, 60, str(outs[k]), go))
-             for k in range(4)]
-    for p in procs:
-        p.start()
+    procs, outs, go = _started(_racer, pg, 4, 60, tmp_path / "racer-")
     go.set()
     try:
         for p in procs:
