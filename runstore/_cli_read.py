@@ -108,11 +108,13 @@ def _exported_rows(ctx: Context, items: Iterable[dict[str, Any] | _sound.SoundRo
     """``_stream_runs``'s rows, made from runs as ``codec.run_to_json`` gives them (no
     ``Run`` is built: a third of the cost of a row), or from the fields a sound line holds
     (``_sound.sound_row``: nothing in them to escape): the same cells."""
-    now, paint, ago, parse = ctx.now, ctx.paint, fmt.ago, _dt.datetime.fromisoformat
+    now, parse, duration, ago = ctx.now, _dt.datetime.fromisoformat, fmt.duration, fmt.ago
+    status_cell = ctx.paint.status if ctx.paint.enabled else str
     visible = fmt.visible  # the columns are sized on the cells as printed
+    local_date = fmt.LocalDates()
     for item in items:
         if type(item) is tuple:
-            run_id, machine, status, digest, started, ended, code = item
+            run_id, machine, status, digest, start, end, code = item
             digest = digest[:12]
         else:
             assert isinstance(item, dict)
@@ -120,14 +122,16 @@ def _exported_rows(ctx: Context, items: Iterable[dict[str, Any] | _sound.SoundRo
             digest = visible(item["test_dir_hash"][:12])
             started, ended, number = item.get("started_at"), item.get("ended_at"), item.get(
                 "exit_code")
+            start = None if started is None else parse(started)
+            end = None if ended is None else parse(ended)
             code = None if number is None else str(number)
-        start = None if started is None else parse(started)
         if start is None:
             took = "-"
         else:
-            end = parse(ended) if ended is not None else None if status in _TERMINAL else now
-            took = "-" if end is None else fmt.duration(end - start)
-        yield [run_id, machine, paint.status(status), digest, ago(start, now), took,
+            if end is None and status not in _TERMINAL:
+                end = now
+            took = "-" if end is None else duration(end - start)
+        yield [run_id, machine, status_cell(status), digest, ago(start, now, local_date), took,
                "-" if code is None else code]
 
 

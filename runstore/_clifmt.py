@@ -23,7 +23,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any, TextIO
 
 #: seconds a long operation runs before its progress bar appears (tests set 0)
@@ -77,7 +77,9 @@ def visible(text: str, *, styles: bool = False) -> str:
     ``\u202e``) instead of being written raw; other text, backslashes included, is left as
     it is. With ``styles``, the colour styles a ``Painter`` wrote are kept (the text is
     already painted); any other sequence is escaped. Idempotent, and a no-op (one regex
-    search) on text without such characters."""
+    search, none for printable ASCII) on text without such characters."""
+    if text.isascii() and text.isprintable():  # no control character, no style
+        return text
     if styles:
         if "\x1b" in text or _UNSAFE_CHAR.search(text):
             return _UNSAFE_OR_STYLE.sub(_escape_unstyled, text)
@@ -93,6 +95,8 @@ def json_visible(text: str) -> str:
     (``\u009b``, ``\u202e``): the same document to a parser, nothing a terminal acts on.
     They can only occur inside strings (JSON's own syntax is ASCII), where an escape means
     the same character."""
+    if text.isascii() and "\x7f" not in text:  # (isascii is O(1) on a str)
+        return text
     if _UNSAFE_IN_JSON.search(text) is None:
         return text
     return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
@@ -219,9 +223,62 @@ def duration(delta: _dt.timedelta) -> str:
     return f"{days}d {hours}h"
 
 
-def ago(moment: _dt.datetime | None, now: _dt.datetime) -> str:
-    """``just now``, ``42s ago``, ``3m ago``, ``2h 05m ago``, ``5d ago``; a date past 30 days;
-    ``in 3m`` for a moment in the future (another host's clock); ``-`` for None."""
+def _local_date(moment: _dt.datetime) -> _dt.date:
+    return moment.astimezone().date()
+
+
+class LocalDates:
+    """``moment.astimezone().date()`` of aware moments, at a third of its cost when many
+    fall in the same hour (a table of runs): the local offset is looked up once per hour of
+    UTC time, at its first and its last microsecond, and used for the hour's moments when
+    both agree; an hour in which the offset changes (no zone changes it twice within an
+    hour) is converted moment by moment. Make one per table: the local zone is the one in
+    force when the hour was first seen."""
+
+    #: hours remembered, at most (then forgotten all at once)
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self._offsets: dict[int, _dt.timedelta | None] = {}
+
+    def __call__(self, moment: _dt.datetime) -> _dt.date:
+        hour = (moment - _EPOCH) // _HOUR
+        try:
+            offset = self._offsets[hour]
+        except KeyError:
+            offset = self._offset(hour)
+        if offset is not None:
+            try:
+                return (moment + offset).date()
+            except OverflowError:
+                pass
+        return moment.astimezone().date()
+
+    def _offset(self, hour: int) -> _dt.timedelta | None:
+        if len(self._offsets) >= self.LIMIT:
+            self._offsets.clear()
+        offset = None
+        try:
+            first = _EPOCH + hour * _HOUR
+            at_first = first.astimezone().utcoffset()
+            if at_first == (first + _LAST_OF_HOUR).astimezone().utcoffset():
+                offset = at_first
+        except (OverflowError, OSError, ValueError):  # the edges of datetime's range
+            pass
+        self._offsets[hour] = offset
+        return offset
+
+
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
+_HOUR = _dt.timedelta(hours=1)
+_LAST_OF_HOUR = _HOUR - _dt.timedelta(microseconds=1)
+
+
+def ago(moment: _dt.datetime | None, now: _dt.datetime,
+        local_date: Callable[[_dt.datetime], _dt.date] = _local_date) -> str:
+    """``just now``, ``42s ago``, ``3m ago``, ``2h 05m ago``, ``5d ago``; a date past 30 days
+    (the local date ``local_date`` gives: a ``LocalDates`` for many moments); ``in 3m`` for
+    a moment in the future (another host's clock); ``-`` for None."""
     if moment is None:
         return "-"
     seconds = (now - moment).total_seconds()
@@ -230,10 +287,10 @@ def ago(moment: _dt.datetime | None, now: _dt.datetime) -> str:
     if seconds < 1:
         return "just now"
     if seconds >= 30 * 86400:
-        local = moment.astimezone()
+        local = local_date(moment)
         # isoformat is strftime's "%Y-%m-%d" at a third of its cost (but for years before
         # 1000, which strftime does not pad)
-        return local.date().isoformat() if local.year >= 1000 else local.strftime("%Y-%m-%d")
+        return local.isoformat() if local.year >= 1000 else local.strftime("%Y-%m-%d")
     return _coarse(seconds) + " ago"
 
 
@@ -356,7 +413,8 @@ def table_stream(headers: Sequence[str], rows: Iterable[Sequence[str]], paint: P
                  right: frozenset[int] = frozenset(), block: int = 1000) -> Iterator[list[str]]:
     """``table`` for rows that arrive one by one, in lists of lines of up to ``block`` rows:
     the header and the first block as soon as they are there, the columns as wide as that
-    block needs; a later row wider than a column widens it from then on (never narrows)."""
+    block needs; a later row wider than a column widens it from then on (never narrows).
+    A cell holds a style only if ``paint`` put it there (any other text is escaped)."""
     widths = [len(h) for h in headers]
 
     def line(cells: Sequence[str], lengths: Sequence[int]) -> str:
@@ -369,7 +427,7 @@ def table_stream(headers: Sequence[str], rows: Iterable[Sequence[str]], paint: P
     first = True
     it = iter(rows)
     while batch := list(itertools.islice(it, block)):
-        if "\x1b" in "".join(itertools.chain.from_iterable(batch)):
+        if paint.enabled and "\x1b" in "".join(itertools.chain.from_iterable(batch)):
             sized = [(row, [visible_len(cell) for cell in row]) for row in batch]
             for _, lengths in sized:
                 widths = list(map(max, widths, lengths))

@@ -109,14 +109,15 @@ def sound_export(line: bytes) -> tuple[str, bytes] | None:
 
 
 #: a row of ``list`` read from a sound line: id, machine, status, test_dir_hash, started_at
-#: and ended_at (canonical timestamps, None when null or left out), exit_code (its digits,
-#: or None)
-SoundRow = tuple[str, str, str, str, str | None, str | None, str | None]
+#: and ended_at (None when null or left out), exit_code (its digits, or None)
+SoundRow = tuple[str, str, str, str, _dt.datetime | None, _dt.datetime | None, str | None]
 
+#: ``SOUND_RECORD`` for the text of an ASCII line: its groups are ``str``, none to decode
+_SOUND_TEXT = re.compile(SOUND_RECORD.pattern.decode("ascii"))
 
-#: the groups ``sound_row`` reads: the times ``t0`` and ``t1`` are a run's first two,
-#: started_at and ended_at
-_ROW_GROUPS = ("id", "machine", "status", "test_dir_hash", "t0", "t1", "exit_code")
+#: the groups ``sound_row`` reads
+_ROW_GROUPS = ("id", "machine", "status", "test_dir_hash", "exit_code")
+#: the times ``t0`` and ``t1`` are a run's first two, started_at and ended_at
 assert [f for f in RUN_FIELDS if FIELD_TYPES[f] == (str, type(None))][:2] == [
     "started_at", "ended_at"]
 
@@ -124,16 +125,23 @@ assert [f for f in RUN_FIELDS if FIELD_TYPES[f] == (str, type(None))][:2] == [
 def sound_row(line: bytes) -> tuple[str, SoundRow] | None:
     """(run id, the fields ``list`` shows) of a record line ``SOUND_RECORD`` proves sound
     and that holds no DEL character (so no field needs escaping for a terminal: the line
-    is ASCII and its strings hold no other control character), read from its bytes as
-    the decoding would give them; None for any other line (decode it)."""
-    m = SOUND_RECORD.fullmatch(line)
-    if (m is None or not line.isascii() or b"\x7f" in line
-            or zlib.crc32(line[:m.end("body")]) != int(m["crc"])
-            or not sound_dates(m.group(*SOUND_RECORD_TIMES))):
+    is ASCII and its strings hold no other control character), read from its text as the
+    decoding would give them; None for any other line (decode it)."""
+    if not line.isascii() or b"\x7f" in line:
         return None
-    run_id, machine, status, digest, started, ended, code = m.group(*_ROW_GROUPS)
-    text = run_id.decode()
-    return text, (text, machine.decode(), status.decode(), digest.decode(),
-                  None if started is None else started.decode(),
-                  None if ended is None else ended.decode(),
-                  None if code is None or code == b"null" else code.decode())
+    m = _SOUND_TEXT.fullmatch(line.decode("ascii"))
+    if m is None or zlib.crc32(line[:m.end("body")]) != int(m["crc"]):
+        return None
+    parse = _dt.datetime.fromisoformat
+    started, ended, *others = m.group(*SOUND_RECORD_TIMES)
+    try:
+        start = None if started is None else parse(started)
+        end = None if ended is None else parse(ended)
+        for value in others:
+            if value is not None:
+                parse(value)
+    except ValueError:  # not a date
+        return None
+    run_id, machine, status, digest, code = m.group(*_ROW_GROUPS)
+    return run_id, (run_id, machine, status, digest, start, end,
+                    None if code is None or code == "null" else code)

@@ -437,7 +437,10 @@ class _HeldRecords:
         self._close()
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
-        return self
+        try:  # (a generator passes the items on at less cost than ``__next__``)
+            yield from self._records
+        finally:
+            self._close()
 
     def __next__(self) -> tuple[int, dict[str, Any]]:
         try:

@@ -180,7 +180,7 @@ def test_check_reports_an_impossible_time_broken_variant(
 
 def _odd_store(store_dir: pathlib.Path) -> None:
     """A compacted base of runs in every form: escapes, non-ASCII, kept fields, empty and
-    filled optional fields, nulls, negative and large exit codes."""
+    filled optional fields, nulls, negative and large exit codes, a run still running."""
     runs: list[Run | dict[str, Any]] = [
         Run("m", "/t", "h", id="plain", status=Status.COMPLETED, exit_code=0,
             started_at=_dt.datetime(2026, 1, 1, tzinfo=_dt.UTC),
@@ -194,6 +194,8 @@ def _odd_store(store_dir: pathlib.Path) -> None:
         {"id": "kept", "machine": "m", "test_dir": "/t", "test_dir_hash": "h",
          "status": "completed", "team": "infra"},
         Run("n", "/t", "h", id="pending"),
+        Run("r", "/t", "h", id="running", status=Status.RUNNING,
+            started_at=_dt.datetime(2026, 1, 1, tzinfo=_dt.UTC)),
         Run("m\x7f", "/t", "h\x7f", id="del\x7f", status=Status.COMPLETED, exit_code=3,
             started_at=_dt.datetime(2026, 1, 1, tzinfo=_dt.UTC)),
     ]
@@ -215,7 +217,7 @@ def test_export_of_sound_lines_is_the_decoded_export(store_dir: pathlib.Path,
     made = _export(store_dir)
     monkeypatch.setattr(_sound, "sound_export", lambda line: None)
     assert made == _export(store_dir)
-    assert len(orjson.loads(made)) == 8
+    assert len(orjson.loads(made)) == 9
 
 
 def _impossible_date_line(store_dir: pathlib.Path) -> bytes:
