@@ -19,6 +19,8 @@ from ._fields import CANONICAL_TIME, FIELD_TYPES, OMIT_WHEN, RUN_FIELDS, STATUS_
 
 #: the run fields besides id and status that ``list`` shows, named groups of the pattern
 _LISTED = ("machine", "test_dir_hash", "exit_code")
+#: the string fields a run must not leave empty (``_validate.run``: a write refuses it)
+_NON_EMPTY = ("machine", "test_dir_hash")
 
 
 def _sound_record_pattern() -> re.Pattern[bytes]:
@@ -26,8 +28,10 @@ def _sound_record_pattern() -> re.Pattern[bytes]:
     of a type ``check_record`` and ``fields_sound`` take and in no form ``orjson`` refuses
     or writes otherwise: strings without escapes or control characters (the line must also
     be ASCII), integers within 64 bits in their shortest form, timestamps canonical
-    (``CANONICAL_TIME``; the ``t<n>`` groups, still to be checked as dates), run fields in
-    ``Run``'s order, those left out when empty optional and then not empty, nothing else.
+    (``CANONICAL_TIME``; the ``t<n>`` groups, still to be checked as dates, and the change's
+    ``time``, which only ``check`` needs to be one), run fields in ``Run``'s order, those
+    left out when empty optional and then not empty, machine and test_dir_hash not empty
+    (as a write requires), nothing else.
     Its ``seq``, ``durable``, ``crc`` groups and the bytes before ``,"crc":`` (group
     ``body``) are what a reader checks of it; ``id``, ``status`` and ``st`` (where the
     status comes among the run fields) are what ``sound_export`` moves; ``id``, ``status``,
@@ -41,7 +45,8 @@ def _sound_record_pattern() -> re.Pattern[bytes]:
              + b"|".join(re.escape(v.encode()) for v in sorted(STATUS_VALUES))
              + rb')","change":"(?:'
              + b"|".join(re.escape(v.encode()) for v in sorted(CHANGE_VALUES))
-             + rb')","time":' + text + rb',"durable":(?P<durable>0|[1-9][0-9]{0,17})']
+             + rb')","time":' + time.replace(b"(", b"(?P<time>", 1)
+             + rb',"durable":(?P<durable>0|[1-9][0-9]{0,17})']
     times = 0
     after_status = False
     for name in RUN_FIELDS:
@@ -54,7 +59,7 @@ def _sound_record_pattern() -> re.Pattern[bytes]:
         kind = FIELD_TYPES[name]
         optional = name in OMIT_WHEN
         if kind == (str,):
-            value = filled if optional else text
+            value = filled if optional or name in _NON_EMPTY else text
         elif kind == (int,):
             value = integer
         elif kind == (str, type(None)):

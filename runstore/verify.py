@@ -7,6 +7,7 @@ taken, when the lock file can be opened, so that no write is half-seen; the repo
 
 from __future__ import annotations
 
+import datetime as _dt
 import os
 import stat
 import time
@@ -15,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from . import _fields, _sound, _validate
+from . import _codec, _fields, _sound, _validate
 from ._lock import flock_until
 from ._scan import (
     LINE_LIMIT,
@@ -33,7 +34,7 @@ from ._scan import (
 )
 from ._statedir import _NOT_WRITABLE, _OPEN, DATA_NAME, LOCK_NAME, _unsafe, open_state_dir
 from ._vouch import Vouch, cut_error, read_vouch
-from .errors import CorruptStoreError, StoreNotFoundError, UnsafeStoreError
+from .errors import CorruptStoreError, InvalidRunError, StoreNotFoundError, UnsafeStoreError
 
 #: more than a clean-close mark line can take (``check`` reads no further to find one)
 _MARK_LIMIT = 64 * 1024
@@ -84,6 +85,85 @@ class CheckReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+#: the statuses of a run that is not finished, as a sound line holds them
+_ACTIVE_STATUS = (b"pending", b"running")
+_RESTORE = "restore the file from a backup"
+
+
+@attrs.define
+class _Base:
+    """What ``check`` finds of a compacted base, to compare with the summary its header
+    keeps (``codec.BaseSummary``), which opening the store trusts: the CRC-32 of all its
+    bytes, its latest versions (``lines``), where its non-terminal runs are and the
+    greatest run id. Offsets are from the end of the header, as the summary's are."""
+
+    start: int
+    latest_end: int
+    end: int
+    crc: int = 0
+    lines: int = 0
+    active: list[int] = attrs.field(factory=list)
+    #: the greatest id among the sound lines (bytes: ASCII) and the decoded ones
+    max_raw: bytes = b""
+    max_id: str = ""
+    #: the ids of the non-terminal runs found, by offset (to name them)
+    ids: dict[int, str] = attrs.field(factory=dict)
+
+    def sound(self, offset: int, status: bytes, run_id: bytes) -> None:
+        self.lines += 1
+        if status in _ACTIVE_STATUS:
+            self.active.append(offset - self.start)
+            self.ids[offset - self.start] = run_id.decode()
+        if run_id > self.max_raw:
+            self.max_raw = run_id
+
+    def decoded(self, offset: int, data: dict[str, Any]) -> None:
+        self.lines += 1
+        run_id = data.get("id")
+        if data.get("status") in ("pending", "running"):
+            self.active.append(offset - self.start)
+            self.ids[offset - self.start] = str(run_id)
+        if isinstance(run_id, str) and run_id > self.max_id:
+            self.max_id = run_id
+
+    def problems(self, summary: _codec.BaseSummary) -> list[Problem]:
+        """How the base differs from ``summary``."""
+        where = f"the compacted base (bytes {self.start} to {self.end})"
+        found = []
+        if self.crc != summary.crc:
+            found.append(
+                f"{where} does not match the CRC-32 its header records ({summary.crc}; its "
+                f"bytes give {self.crc}): lines of it were removed, reordered or edited "
+                "after the compaction wrote it, each with its own checksum made to match")
+        if self.lines != summary.lines:
+            found.append(f"{where} holds {self.lines} runs where its header says "
+                         f"{summary.lines}")
+        listed, active = set(summary.active), sorted(self.active)
+        if tuple(active) != summary.active:
+            missed = [self.ids[a] for a in active if a not in listed]
+            extra = [a for a in summary.active if a not in self.ids]
+            found.append(
+                f"the header lists the unfinished runs of {where} where they are not: "
+                + "; ".join(
+                    ([f"runs {missed!r} are unfinished but not listed (a process opening "
+                      "the store takes them for finished: prune would remove them)"]
+                     if missed else [])
+                    + ([f"offsets {extra} are listed but hold no unfinished run"]
+                       if extra else [])
+                    + ([] if missed or extra else ["they are listed out of order"])))
+        greatest = max(self.max_raw.decode(), self.max_id)
+        if greatest > summary.max_id:
+            found.append(
+                f"the header's greatest run id {summary.max_id!r} sorts before run "
+                f"{greatest!r} of the base: new run ids could sort before existing ones")
+        remedy = (f"{_RESTORE}; `runstore export` reads each run from its own line, "
+                  "and the export imported into a new store holds them all")
+        return [Problem(self.start, 2, message, remedy if self.crc == summary.crc else
+                        f"{_RESTORE}; the lines that pass their own checksum are the "
+                        "runs as they were last written")
+                for message in found]
 
 
 def check(state_dir: str | os.PathLike[str], *, lock_timeout: float = 30.0) -> CheckReport:
@@ -183,8 +263,11 @@ def _check_bytes(buf: bytes, path: str, vouch: Vouch | None = None,
     newlines = 1  # before the chunk being scanned: the header's
     records = 0
     damage: Damage | None = None
+    base = _Base(start, header.latest_end, header.base_end)
     for chunk_at, chunk in _chunks(read, start, size):
-        sound, result = _scan_sound(chunk, chunk_at, cur)
+        if chunk_at < base.end:
+            base.crc = zlib.crc32(memoryview(chunk)[:base.end - chunk_at], base.crc)
+        sound, result = _scan_sound(chunk, chunk_at, cur, base)
         records += sound
         for offset, data in result.shadowed:
             line_no = newlines + chunk.count(b"\n", 0, offset - chunk_at) + 1
@@ -197,13 +280,12 @@ def _check_bytes(buf: bytes, path: str, vouch: Vouch | None = None,
                 "and mark fields and `runstore import` it (its id is free)"))
         for offset, data in result.records:
             records += 1
-            if _fields.fields_sound(data):  # as this library writes them: no Run needed
-                continue
-            try:
-                _fields.run_from_dict(data)
-            except _fields.BadLine as exc:
+            if offset < base.latest_end:
+                base.decoded(offset, data)
+            reason = _unwritten(data)
+            if reason is not None:
                 line_no = newlines + chunk.count(b"\n", 0, offset - chunk_at) + 1
-                problems.append(Problem(offset, line_no, f"run {data.get('id')!r}: {exc.reason}",
+                problems.append(Problem(offset, line_no, f"run {data.get('id')!r}: {reason}",
                                         "restore the file from a backup or fix the record "
                                         "by hand"))
         if result.damage is not None:
@@ -211,6 +293,8 @@ def _check_bytes(buf: bytes, path: str, vouch: Vouch | None = None,
             damage_line = newlines + chunk.count(b"\n", 0, damage.offset - chunk_at) + 1
             break
         newlines += chunk.count(b"\n")
+    if header.summary is not None and (damage is None or damage.offset >= base.end):
+        problems.extend(base.problems(header.summary))
     if vouch is not None and vouch.applies_to(header):
         cur.vouched = vouch.length
         if size < vouch.length:
@@ -250,7 +334,29 @@ def _check_bytes(buf: bytes, path: str, vouch: Vouch | None = None,
                        tuple(notes))
 
 
-def _scan_sound(chunk: bytes, chunk_at: int, cur: Cursor) -> tuple[int, ScanResult]:
+def _unwritten(data: dict[str, Any]) -> str | None:
+    """Why a decoded record is not one this library writes (its run fields, kept fields
+    and change time as a write or an import would take them), or None."""
+    try:
+        run = _fields.run_from_dict(data)
+        _validate.run_id(run.id)
+        _validate.run(run)
+    except _fields.BadLine as exc:
+        return exc.reason
+    except InvalidRunError as exc:
+        return f"{exc}: runstore does not write such a run (an import of it is refused)"
+    problem = _fields.extra_problem(_fields.extra_fields(data))
+    if problem is not None:
+        return f"{problem}: runstore does not write such a field (an import of it is refused)"
+    try:
+        _dt.datetime.fromisoformat(data["time"])
+    except (KeyError, TypeError, ValueError):
+        return f"the change time {data.get('time')!r} is not a date"
+    return None
+
+
+def _scan_sound(chunk: bytes, chunk_at: int, cur: Cursor,
+                base: _Base | None = None) -> tuple[int, ScanResult]:
     """``scan`` of ``chunk`` for ``check``, which needs no record decoded that is sound:
     (how many records were proven sound from their bytes, what ``scan`` returns for the
     other lines). A record line that ``_sound.SOUND_RECORD`` matches, that is ASCII, whose
@@ -260,7 +366,7 @@ def _scan_sound(chunk: bytes, chunk_at: int, cur: Cursor) -> tuple[int, ScanResu
     if cur.legacy:  # a version 1 journal: a record may be read as a mark
         return 0, scan(chunk, chunk_at, cur)
     match, crc32, dates = _sound.SOUND_RECORD.fullmatch, zlib.crc32, _sound.sound_dates
-    times = _sound.SOUND_RECORD_TIMES
+    times = (*_sound.SOUND_RECORD_TIMES, "time")
     ascii_chunk = chunk.isascii()
     view = memoryview(chunk)
     records: list[tuple[int, dict[str, Any]]] = []
@@ -277,8 +383,9 @@ def _scan_sound(chunk: bytes, chunk_at: int, cur: Cursor) -> tuple[int, ScanResu
                 and crc32(view[pos:m.end("body")]) == int(m["crc"])
                 and dates(m.group(*times))):
             seq = int(m["seq"])
-            if offset < cur.latest_end:
-                pass  # the compacted base
+            if offset < cur.latest_end:  # the compacted base's latest versions
+                if base is not None:
+                    base.sound(offset, m["status"], m["id"])
             elif seq != cur.next_seq and cur.next_seq:
                 m = None
             elif offset < cur.base_end:

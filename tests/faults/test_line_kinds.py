@@ -90,10 +90,13 @@ def _store_with_a_mark_field(state_dir: pathlib.Path, monkeypatch: pytest.Monkey
 
 def test_a_record_with_a_mark_key_is_a_record_in_every_reader(
         store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Open, catch-up, changes, check, compaction and export all read it as the run."""
+    """Open, catch-up, changes, check, compaction and export all read it as the run;
+    check reports the field, which a write or an import refuses."""
     run_id = _store_with_a_mark_field(store_dir, monkeypatch)
     report = check(store_dir)
-    assert report.ok and report.records == 2 and report.last_seq == 2
+    assert report.records == 2 and report.last_seq == 2
+    assert [p.line for p in report.problems] == [3]
+    assert "field 'mark'" in report.problems[0].message and "import" in report.problems[0].message
     with Store(store_dir) as store, Store(store_dir) as other:
         assert store.get(run_id).status is Status.COMPLETED  # open
         assert [c.run.id for c in store.changes()][1] == run_id  # the change feed
@@ -107,7 +110,8 @@ def test_a_record_with_a_mark_key_is_a_record_in_every_reader(
     with Store(store_dir) as store:
         assert _exported(store)[run_id]["note"] == 1
         assert len(store.list()) == 3
-    assert check(store_dir).ok
+    after = check(store_dir).problems  # its latest version and its retained change
+    assert after and all("field 'mark'" in p.message for p in after)
 
 
 def test_broken_variant_a_kind_told_by_any_key_loses_the_run(
