@@ -134,8 +134,12 @@ def _since(text: str) -> _dt.datetime:
             f"{text!r} is neither a duration (2h, 30m, 7d) nor a date "
             "(2026-01-31, 2026-01-31T12:00, 2026-01-31T12:00Z)") from None
     try:
-        return moment.astimezone(_dt.UTC)  # a naive time is taken as local time
-    except (OverflowError, ValueError, OSError):  # past the year 1 or 9999 once in UTC
+        utc = (fmt.utc_of_local(moment) if moment.tzinfo is None  # local time
+               else moment.astimezone(_dt.UTC))
+    except OverflowError:
+        utc = None
+    if utc is None:  # past the year 1 or 9999 once in UTC
         raise argparse.ArgumentTypeError(
             f"{text!r} is outside the dates runstore keeps (the years 1 to 9999 in UTC); "
-            "give a date within them") from None
+            "give a date within them")
+    return utc

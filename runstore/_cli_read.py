@@ -111,7 +111,6 @@ def _exported_rows(ctx: Context, items: Iterable[dict[str, Any] | _sound.SoundRo
     now, parse, duration, ago = ctx.now, _dt.datetime.fromisoformat, fmt.duration, fmt.ago
     status_cell = ctx.paint.status if ctx.paint.enabled else str
     visible = fmt.visible  # the columns are sized on the cells as printed
-    local_date = fmt.LocalDates()
     for item in items:
         if type(item) is tuple:
             run_id, machine, status, digest, start, end, code = item
@@ -131,7 +130,7 @@ def _exported_rows(ctx: Context, items: Iterable[dict[str, Any] | _sound.SoundRo
             if end is None and status not in _TERMINAL:
                 end = now
             took = "-" if end is None else duration(end - start)
-        yield [run_id, machine, status_cell(status), digest, ago(start, now, local_date), took,
+        yield [run_id, machine, status_cell(status), digest, ago(start, now), took,
                "-" if code is None else code]
 
 

@@ -20,7 +20,7 @@ from .protocol import RunStore
 
 def _change_line(ctx: Context, change: Change) -> str:
     run = change.run
-    when = change.time.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    when = fmt.local_text(change.time, clock=True)
     status = ctx.paint.status(run.status.value) + " " * (11 - len(run.status.value))
     extra = []
     if run.exit_code is not None:

@@ -23,7 +23,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any, TextIO
 
 #: seconds a long operation runs before its progress bar appears (tests set 0)
@@ -223,62 +223,88 @@ def duration(delta: _dt.timedelta) -> str:
     return f"{days}d {hours}h"
 
 
-def _local_date(moment: _dt.datetime) -> _dt.date:
-    return moment.astimezone().date()
-
-
-class LocalDates:
-    """``moment.astimezone().date()`` of aware moments, at a third of its cost when many
-    fall in the same hour (a table of runs): the local offset is looked up once per hour of
-    UTC time, at its first and its last microsecond, and used for the hour's moments when
-    both agree; an hour in which the offset changes (no zone changes it twice within an
-    hour) is converted moment by moment. Make one per table: the local zone is the one in
-    force when the hour was first seen."""
-
-    #: hours remembered, at most (then forgotten all at once)
-    LIMIT = 4096
-
-    def __init__(self) -> None:
-        self._offsets: dict[int, _dt.timedelta | None] = {}
-
-    def __call__(self, moment: _dt.datetime) -> _dt.date:
-        hour = (moment - _EPOCH) // _HOUR
-        try:
-            offset = self._offsets[hour]
-        except KeyError:
-            offset = self._offset(hour)
-        if offset is not None:
-            try:
-                return (moment + offset).date()
-            except OverflowError:
-                pass
-        return moment.astimezone().date()
-
-    def _offset(self, hour: int) -> _dt.timedelta | None:
-        if len(self._offsets) >= self.LIMIT:
-            self._offsets.clear()
-        offset = None
-        try:
-            first = _EPOCH + hour * _HOUR
-            at_first = first.astimezone().utcoffset()
-            if at_first == (first + _LAST_OF_HOUR).astimezone().utcoffset():
-                offset = at_first
-        except (OverflowError, OSError, ValueError):  # the edges of datetime's range
-            pass
-        self._offsets[hour] = offset
-        return offset
-
+# -- local time -----------------------------------------------------------------------------
+#
+# ``datetime.astimezone()`` takes the UTC offset that the C library's ``localtime`` gives for
+# the moment's second (``tm_gmtoff``), and raises OverflowError where the local time is
+# outside datetime's range (the first or last hours of the years 1 and 9999, in a zone west
+# or east of UTC). The command line converts every time it shows through ``local_text``,
+# which shows those in UTC instead, and every local time it reads through
+# ``utc_of_local``. A date is converted moment by moment: a zone may change its offset at
+# any second, any number of times an hour (a POSIX TZ rule), so an offset cached for a span
+# of time is not exact, and ``time.localtime`` plus the arithmetic costs as much as
+# ``astimezone``.
 
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
-_HOUR = _dt.timedelta(hours=1)
-_LAST_OF_HOUR = _HOUR - _dt.timedelta(microseconds=1)
+_NAIVE_EPOCH = _EPOCH.replace(tzinfo=None)
+_SECOND = _dt.timedelta(seconds=1)
+#: seconds ``astimezone`` looks either side of a naive time for its other offset
+_MAX_FOLD = 86400
 
 
-def ago(moment: _dt.datetime | None, now: _dt.datetime,
-        local_date: Callable[[_dt.datetime], _dt.date] = _local_date) -> str:
-    """``just now``, ``42s ago``, ``3m ago``, ``2h 05m ago``, ``5d ago``; a date past 30 days
-    (the local date ``local_date`` gives: a ``LocalDates`` for many moments); ``in 3m`` for
-    a moment in the future (another host's clock); ``-`` for None."""
+def _gmtoff(seconds: int) -> int:
+    """The local UTC offset in seconds at ``seconds`` since 1970 (UTC)."""
+    return time.localtime(seconds).tm_gmtoff
+
+
+def local_text(moment: _dt.datetime, clock: bool = False) -> str:
+    """The local date of an aware ``moment`` (``2026-11-23``), with ``clock`` its local time
+    to the second (``2026-11-23 11:02:03``), as ``moment.astimezone()`` gives them; where
+    the local time is outside datetime's range, the UTC date or time followed by ``Z``
+    (``0001-01-01Z``, ``0001-01-01 00:00:00Z``)."""
+    try:
+        local = moment.astimezone()
+    except (OverflowError, OSError):
+        utc = moment.astimezone(_dt.UTC)
+        return (utc.isoformat(" ", "seconds")[:19] if clock else utc.date().isoformat()) + "Z"
+    if clock:
+        return local.strftime("%Y-%m-%d %H:%M:%S")
+    # isoformat is strftime's "%Y-%m-%d" at a third of its cost (but for years before 1000,
+    # which strftime does not pad)
+    return local.date().isoformat() if local.year >= 1000 else local.strftime("%Y-%m-%d")
+
+
+def utc_of_local(naive: _dt.datetime) -> _dt.datetime | None:
+    """The UTC moment of a naive local time as ``naive.astimezone(datetime.UTC)`` finds it
+    (the same steps: a repeated time is its first instance, or its second with ``fold=1``;
+    a time in a gap is moved by the gap's length), for every naive time whose UTC moment is
+    within datetime's range, where ``astimezone`` raises OverflowError for those within a
+    day of its ends; None for a time whose UTC moment is outside the range."""
+    wall = (naive - _NAIVE_EPOCH) // _SECOND  # the wall clock's seconds, read as UTC
+    try:
+        a = _gmtoff(wall)
+        u1 = wall - a
+        b = _gmtoff(u1)
+        u1_right = b == a
+        if u1_right:  # one solution: look for another a day before (fold 0) or after
+            b = _gmtoff(u1 + (_MAX_FOLD if naive.fold else -_MAX_FOLD))
+            if b == a:
+                return _utc(u1, naive)
+        u2 = wall - b
+        if _gmtoff(u2) == b:
+            found = u2
+        elif u1_right:
+            found = u1
+        else:  # in a gap: neither offset gives the time
+            found = min(u1, u2) if naive.fold else max(u1, u2)
+        return _utc(wall - _gmtoff(found), naive)
+    except (OverflowError, OSError):  # beyond what the C library converts
+        return None
+
+
+def _utc(seconds: int, naive: _dt.datetime) -> _dt.datetime | None:
+    """The UTC moment ``seconds`` after 1970 plus ``naive``'s microseconds; None past the
+    year 9999 or before 1."""
+    try:
+        return _EPOCH + _dt.timedelta(seconds=seconds, microseconds=naive.microsecond)
+    except OverflowError:
+        return None
+
+
+def ago(moment: _dt.datetime | None, now: _dt.datetime) -> str:
+    """``just now``, ``42s ago``, ``3m ago``, ``2h 05m ago``, ``5d ago``; past 30 days the
+    local date (``local_text``); ``in 3m`` for a moment in the future (another host's
+    clock); ``-`` for None."""
     if moment is None:
         return "-"
     seconds = (now - moment).total_seconds()
@@ -287,10 +313,7 @@ def ago(moment: _dt.datetime | None, now: _dt.datetime,
     if seconds < 1:
         return "just now"
     if seconds >= 30 * 86400:
-        local = local_date(moment)
-        # isoformat is strftime's "%Y-%m-%d" at a third of its cost (but for years before
-        # 1000, which strftime does not pad)
-        return local.isoformat() if local.year >= 1000 else local.strftime("%Y-%m-%d")
+        return local_text(moment)
     return _coarse(seconds) + " ago"
 
 
