@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, Self
 
-from . import _ids, _interchange, _owner, _transitions, _validate
+from . import _ids, _interchange, _outputs, _owner, _transitions, _validate
 from .model import BatchSummary, Change, PrepareOutcome, Run, Status, StoreStats
 
 #: how many of the latest changes a store keeps when it compacts (or trims) its change
@@ -182,10 +182,13 @@ class StoreBase(abc.ABC):
 
         An ``archive`` that is one of the store's own files (by device and inode: through
         a symlink or a hard link too), its directory or a name inside it is refused with
-        ``OutputTargetError`` before anything is opened or pruned."""
+        ``OutputTargetError`` before anything is opened or pruned; so is a directory, a
+        socket, a block device, a FIFO or a character device (the archive must keep the
+        runs). A symlink is followed (the link stays: ``_outputs``)."""
         _validate.prune(older_than, keep_last, archive, dry_run)
         if archive is not None:
             self._check_output(os.fspath(archive), "archive")
+            _outputs.check(os.fspath(archive), archive=True)
         return self._prune(older_than, keep_last, archive, dry_run)
 
     def compact(self) -> None:
@@ -227,12 +230,14 @@ class StoreBase(abc.ABC):
         number of runs written. The runs are read and written as they go: memory does not
         grow with the store.
 
-        ``fp`` is a file object, or a path: that file is then written through a temp file
-        beside it, synced and renamed over it (replaced whole or not at all). A path that
-        is one of the store's own files (by device and inode: through a symlink or a hard
-        link too), its directory or a name inside it is refused with ``OutputTargetError``
-        before anything is opened; so is a file object open on one of the store's files,
-        before anything is written to it."""
+        ``fp`` is a file object, or a path: a regular file (or none yet) is then written
+        through a temp file beside it, synced and renamed over it (replaced whole or not
+        at all); a symlink is followed (the link stays), and a FIFO or a character device
+        is written into as it is (``_outputs``). A path that is one of the store's own
+        files (by device and inode: through a symlink or a hard link too), its directory
+        or a name inside it, a directory, a socket or a block device is refused with
+        ``OutputTargetError`` before anything is opened; so is a file object open on one
+        of the store's files, before anything is written to it."""
         _validate.export_target(fp, paths=True)
         if isinstance(fp, str | os.PathLike):
             path = os.fspath(fp)

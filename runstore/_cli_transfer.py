@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 from typing import IO, Any, cast
 
@@ -38,10 +39,26 @@ def _cmd_export(ctx: Context, args: argparse.Namespace) -> int:
                 store.export(cast(
                     IO[bytes], fmt.JsonVisibleOut(getattr(ctx.out, "buffer", ctx.out))))
             return EXIT_OK
+        into_stdout = _is_stdout(ctx, args.file)
         with ctx.progress(f"exporting to {args.file}"):
             count = _export_to_file(store, args.file)
-    ctx.print(f"exported {_plural(count, 'run')} to {fmt.visible(args.file)}")
+    done = f"exported {_plural(count, 'run')} to {fmt.visible(args.file)}"
+    if into_stdout:  # after the document, on stdout, it would make it no longer JSON
+        ctx.note(done)
+    else:
+        ctx.print(done)
     return EXIT_OK
+
+
+def _is_stdout(ctx: Context, path: str) -> bool:
+    """Whether ``path`` is the file stdout is open on (``export /dev/stdout``), by device
+    and inode."""
+    try:
+        out = os.fstat(ctx.out.fileno())
+        there = os.stat(path)
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: not a file
+        return False
+    return (out.st_dev, out.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _check_stdout(ctx: Context) -> None:
@@ -56,8 +73,10 @@ def _check_stdout(ctx: Context) -> None:
 
 
 def _export_to_file(store: RunStore, path: str) -> int:
-    """Export through a temp file renamed over ``path``: a failed export leaves no half
-    file, and an existing one is replaced whole or not at all."""
+    """Export to the file ``path`` names (``_interchange.export_to_path``): a regular file
+    through a temp file renamed over it, replaced whole or not at all; a FIFO or a
+    character device written into as it is; a directory, a socket or a block device
+    refused."""
     return _interchange.export_to_path(path, store.export)
 
 

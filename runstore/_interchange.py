@@ -24,9 +24,9 @@ from typing import IO, Any
 import attrs
 import orjson
 
-from . import _codec, _fields, _transitions
+from . import _codec, _fields, _outputs, _transitions
 from ._fsio import sync_file
-from .errors import InvalidRunError, IOKind, RunstoreError, StoreIOError
+from .errors import InvalidRunError, IOKind, OutputTargetError, RunstoreError, StoreIOError
 from .model import Run
 
 #: a number an integer beyond 64 bits may be (or a long digit string)
@@ -90,16 +90,23 @@ def write_export_items(fp: IO[str] | IO[bytes], items: Iterable[bytes]) -> int:
 
 
 def export_to_path(path: str, write: Callable[[IO[bytes]], int]) -> int:
-    """Call ``write`` on a temp file beside ``path`` (in its directory), fsync it and rename
-    it over ``path``: a failed export leaves no half file, and an existing one is replaced
-    whole or not at all. Returns what ``write`` returned. A failure to create, write or
-    rename the file (a missing directory, ``path`` a directory, a full disk) raises
-    ``StoreIOError`` (``IOKind.EXPORT``) naming ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
+    """Call ``write`` on the file ``path`` names (``_outputs``: a symlink is followed) and
+    return what it returned. A regular file, or none yet, is written through a temp file
+    beside it, fsynced and renamed over it: a failed export leaves no half file, and an
+    existing one is replaced whole or not at all. A FIFO or a character device is written
+    into directly. A directory, a socket or a block device raises ``OutputTargetError``
+    before anything is opened. A failure to create, write or rename the file (a missing
+    directory, a full disk) raises ``StoreIOError`` (``IOKind.EXPORT``) naming ``path``."""
+    try:
+        output = _outputs.resolve(path)
+    except OSError as exc:
+        raise StoreIOError(path, "exporting to", exc, IOKind.EXPORT) from None
+    if output.stream:
+        return _export_to_stream(path, output.path, write)
+    directory, name = os.path.split(output.path)
     try:
         tmp = tempfile.NamedTemporaryFile(  # noqa: SIM115  # closed below, renamed or removed
-            "wb", dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-            delete=False)
+            "wb", dir=directory, prefix=f".{name}.", suffix=".tmp", delete=False)
     except OSError as exc:  # name the file asked for, not the temp file
         raise StoreIOError(path, "exporting to", exc, IOKind.EXPORT) from None
     try:
@@ -107,13 +114,32 @@ def export_to_path(path: str, write: Callable[[IO[bytes]], int]) -> int:
             count = write(tmp)
             tmp.flush()
             sync_file(tmp.fileno())
-        os.replace(tmp.name, path)
+        os.replace(tmp.name, output.path)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp.name)
         if isinstance(exc, OSError) and not isinstance(exc, RunstoreError):
             raise StoreIOError(path, "exporting to", exc, IOKind.EXPORT) from None
         raise
+    return count
+
+
+def _export_to_stream(path: str, resolved: str, write: Callable[[IO[bytes]], int]) -> int:
+    """``export_to_path`` into the FIFO or character device ``resolved`` (``path`` as
+    named): written as ``write`` goes, then synced where the file can be."""
+    try:
+        fd = _outputs.open_stream(resolved)
+    except OSError as exc:
+        raise StoreIOError(path, "exporting to", exc, IOKind.EXPORT) from None
+    try:
+        with open(fd, "wb") as fp:
+            count = write(fp)
+            fp.flush()
+            _outputs.sync_stream(fd, sync_file)
+    except OSError as exc:
+        if isinstance(exc, RunstoreError):
+            raise
+        raise StoreIOError(path, "exporting to", exc, IOKind.EXPORT) from None
     return count
 
 
@@ -136,8 +162,9 @@ def check_import(runs: list[Run], exists: Container[str], busy: dict[str, str],
 
 
 def append_archive(path: str, runs: list[Run], extras: dict[str, dict[str, Any]]) -> int:
-    """Append ``runs`` (JSON lines, see ``archive_lines``) to the file ``path`` and fsync it;
-    the file is created mode 0600 and a symlink is refused. Returns its size before (for
+    """Append ``runs`` (JSON lines, see ``archive_lines``) to the file ``path`` names and
+    fsync it; a symlink is followed and a file is created mode 0600 (``_outputs``: a FIFO
+    or a device is refused). Returns the file's size before (for
     ``cut_archive``). ``StoreIOError`` on failure, after cutting off what was written."""
     return append_archive_items(path, (_exported(run, extras.get(run.id, {}))
                                        for run in runs))
@@ -147,9 +174,10 @@ def append_archive_items(path: str, items: Iterable[bytes]) -> int:
     """``append_archive`` of runs already encoded as it encodes them (``export_item``),
     one JSON object each, written about ``_EXPORT_CHUNK`` bytes at a time as ``items`` is
     iterated, then fsynced: memory does not grow with the number of runs. Whatever fails
-    (a write, or ``items`` itself raising), the file is cut back to its size before and
-    the exception propagates; a failed call on the archive raises ``StoreIOError`` of kind
-    ``ARCHIVE``."""
+    (a write, or ``items`` itself raising), a regular file is cut back to its size before
+    and the exception propagates; a failed call on the archive raises ``StoreIOError`` of
+    kind ``ARCHIVE``. Anything but a regular file (or none yet) raises
+    ``OutputTargetError`` before anything is opened."""
 
     def failed(exc: OSError) -> StoreIOError:
         return StoreIOError(path, "appending pruned runs to the archive", exc, IOKind.ARCHIVE)
@@ -162,9 +190,10 @@ def append_archive_items(path: str, items: Iterable[bytes]) -> int:
         except OSError as exc:
             raise failed(exc) from None
 
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags, 0o600)
+        output = _outputs.resolve(path, archive=True)
+        fd = os.open(output.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise failed(exc) from None
     try:
@@ -196,16 +225,17 @@ def append_archive_items(path: str, items: Iterable[bytes]) -> int:
 
 
 def cut_archive(path: str, size: int) -> bool:
-    """Cut the archive ``path`` back to ``size`` bytes and fsync it (a prune that failed
-    after ``append_archive``); False when that failed too."""
+    """Cut the archive ``path`` (a symlink followed) back to ``size`` bytes and fsync it (a
+    prune that failed after ``append_archive``); False when that failed too."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        output = _outputs.resolve(path, archive=True)
+        fd = os.open(output.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             os.ftruncate(fd, size)
             sync_file(fd)
         finally:
             os.close(fd)
-    except OSError:
+    except (OSError, OutputTargetError):
         return False
     return True
 

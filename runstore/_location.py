@@ -10,9 +10,9 @@ A location is one of
   libpq as written.
 
 ``parse`` refuses anything else with ``LocationError`` (a ``RunstoreError``): an empty
-location, another URL scheme, a ``file`` URL that names another host, no directory, a query
-or a fragment, a URL that does not parse. No message, and no ``Location.display``, holds the
-password the location was written with (``redact``).
+location, another URL scheme, a ``file`` URL that names another host, no directory, a query,
+a fragment or a NUL byte (``%00``), a URL that does not parse. No message, and no
+``Location.display``, holds the password the location was written with (``redact``).
 
 The file store's directory layout and the PostgreSQL schema stay private to their backends:
 ``journal_file`` and ``missing_store`` are what a caller (the command
@@ -82,7 +82,16 @@ def parse(location: str | os.PathLike[str], source: str = "") -> Location:
         return Location(text, source, True)
     if "://" in text:
         text = _file_url_path(text, source)
+    elif _has_nul(text):
+        raise LocationError(f"the directory {text!r} holds a NUL character, which no file "
+                            f"name can hold; {ACCEPTED}", source)
     return Location(os.path.abspath(os.path.expanduser(text)), source, False)
+
+
+def _has_nul(path: str) -> bool:
+    """True when ``path`` holds a NUL character, which no file name can hold (the system
+    calls would refuse it with ``ValueError``)."""
+    return "\x00" in path
 
 
 def _file_url_path(text: str, source: str) -> str:
@@ -111,6 +120,9 @@ def _file_url_path(text: str, source: str) -> str:
     path = os.fsdecode(urllib.parse.unquote_to_bytes(parsed.path))
     if not path:
         raise LocationError("file URL names no directory; use file:///path/to/dir", source)
+    if _has_nul(path):
+        raise LocationError(f"file URL {shown!r} holds a NUL byte (%00), which no file name can "
+                            "hold; use file:///path/to/dir", source)
     return path
 
 

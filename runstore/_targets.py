@@ -12,7 +12,9 @@ inode, so through a symlink or a hard link as well as by name):
   symlinks resolved, or one of their ancestors, is the state directory.
 
 ``check_output_fd`` does the same for a file the caller already opened (``Store.export(fp)``,
-``runstore export`` to a redirected stdout): only its identity can be compared then.
+``runstore export`` to a redirected stdout): only its identity can be compared then. A name
+holding a NUL character is refused too (no file can have it). What kind of file is at the
+path (a symlink, a FIFO, a directory) is ``_outputs``' concern.
 
 The cost is paid by these commands alone, never by the write path: one ``stat`` of the state
 directory and of each of its entries (a handful), one of the target, and one per ancestor of
@@ -98,9 +100,12 @@ def check_output(target: str | os.PathLike[str], state_dir: str, *, dir_fd: int 
                  name: str = "", remedy: str = "") -> None:
     """Raise ``OutputTargetError`` when writing the file or directory ``target`` could
     overwrite the store in ``state_dir`` (judged against ``dir_fd``, the descriptor the
-    store has open, when given); ``name`` is how messages call the target (default: its
-    path) and ``remedy`` what to do instead."""
+    store has open, when given), or when its name holds a NUL character; ``name`` is how
+    messages call the target (default: its path) and ``remedy`` what to do instead."""
     path = os.fspath(target)
+    if "\x00" in path:  # ``stat`` would raise ValueError: no file has such a name
+        raise OutputTargetError(name or path, "", "it holds a NUL character, which no file "
+                                "name can hold", "name it without one")
     problem = _refusal(path, state_dir, dir_fd)
     if problem:
         raise OutputTargetError(name or path, state_dir, problem, remedy)

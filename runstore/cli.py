@@ -170,7 +170,9 @@ COMMAND_HELP = {
              "each problem with its line, byte offset and remedy. Exit 0 when healthy, 1\n"
              "when damaged. File stores only.",
     "export": "Write every run, oldest first, as one JSON array (one run per line) to FILE,\n"
-              "through a temp file renamed over it, or to stdout. `import` reads it back.",
+              "through a temp file renamed over it, or to stdout. `import` reads it back.\n"
+              "A symlink is followed; a FIFO or a character device is written into as it\n"
+              "is; a directory, a socket or a block device is refused (exit 2).",
     "import": "Add the runs in FILE (a JSON array, as `export` writes, or JSON lines),\n"
               "keeping their ids. All or nothing: a duplicate id, an invalid record or a\n"
               "second active run for a machine refuses the whole file.",
@@ -306,7 +308,7 @@ def build_parser(prog: str = "runstore") -> argparse.ArgumentParser:
 
     p = command("export", _cmd_export, "write every run as one JSON array document")
     p.add_argument("file", metavar="FILE", nargs="?", type=_path,
-                   help="where to write (replaced atomically); default or -: stdout")
+                   help="where to write (a file is replaced atomically); default or -: stdout")
 
     p = command("import", _cmd_import,
                 "add runs, keeping their ids, from a JSON array or JSON lines (all or nothing)")

@@ -14,7 +14,8 @@
      +-- StoreNotFoundError      (also FileNotFoundError) no store at a path that must hold one
      +-- UnsafeStoreError        (also PermissionError) the state directory or a file is unsafe
      |    +-- ReadOnlyStoreError                       a write to a store this process may only read
-     +-- OutputTargetError       (also ValueError)     an output would overwrite the store itself
+     +-- OutputTargetError       (also ValueError)     an output would overwrite the store itself,
+     |                                                 or is a directory, socket or block device
      +-- HistoryTruncatedError   (also LookupError)    changes asked for were compacted away
      +-- StoreIOError            (also OSError)        reading, writing or syncing failed (``kind``)
           +-- DatabaseError                            PostgreSQL failed an operation (server error)
@@ -325,16 +326,22 @@ class DatabaseConnectionError(DatabaseError, ConnectionError):
 class OutputTargetError(RunstoreError, ValueError):
     """A file to write (an export, a prune archive, a migration's target store) is one of the
     store's own files (the journal, the lock file, a temp file: the same device and inode,
-    through a symlink or a hard link too), the state directory itself, or lies inside it.
-    Raised before the target is opened: nothing was written and the store is untouched."""
+    through a symlink or a hard link too), the state directory itself, or lies inside it;
+    or (``store`` is then empty) it is a directory, a socket or a block device (for an
+    archive, anything but a regular file), or its name holds a NUL character. Raised before the target is opened: nothing was written and the
+    store is untouched."""
 
     def __init__(self, target: str, store: str, problem: str, remedy: str = "") -> None:
         self.target = target
         self.store = store
         self.problem = problem
-        self.remedy = remedy or f"write it to a file outside {store}"
-        super().__init__(f"{target}: {problem}, so writing there would damage the store at "
-                         f"{store}; nothing was written: {self.remedy}")
+        if store:
+            self.remedy = remedy or f"write it to a file outside {store}"
+            super().__init__(f"{target}: {problem}, so writing there would damage the store "
+                             f"at {store}; nothing was written: {self.remedy}")
+        else:
+            self.remedy = remedy or "name a regular file, a FIFO or a character device"
+            super().__init__(f"{target}: {problem}; nothing was written: {self.remedy}")
 
     def __reduce__(self) -> tuple[type[OutputTargetError], tuple[str, str, str, str]]:
         return (type(self), (self.target, self.store, self.problem, self.remedy))

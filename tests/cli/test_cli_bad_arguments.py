@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from demo_runs import four_runs
 
-from runstore import Store, _location, stress
+from runstore import OutputTargetError, Store, _location, _targets, cli, stress
 
 Cli = Callable[..., tuple[int, str, str]]
 pytestmark = pytest.mark.usefixtures("clean_cli_env")
@@ -55,8 +55,6 @@ BAD_VALUES = [
     # times and durations
     (["list", "--since", "0001-01-01T00:00+01:00"], "--since", "years 1 to 9999"),
     (["list", "--since", "9999-12-31T23:59-05:00"], "--since", "years 1 to 9999"),
-    (["list", "--since", "0001-01-01"], "--since", "years 1 to 9999"),
-    (["list", "--since", "0001-01-01T00:00"], "--since", "years 1 to 9999"),
     (["list", "--since", "99999999999d"], "--since", "reaches back before the year 1"),
     (["list", "--since", "1e400s"], "--since", "neither a duration"),
     (["reap", "--stale-after", "99999999999d"], "--stale-after", "before the year 1"),
@@ -173,6 +171,98 @@ def test_file_url_escapes_are_the_bytes_of_the_name(url: str, name: bytes) -> No
     """A percent-escape in a file URL is one byte of the directory's name: every byte
     round-trips (never U+FFFD)."""
     assert os.fsencode(_location.parse(url).target) == name
+
+
+#: every argument naming a file or a store, holding a NUL character: typed (only a program
+#: can pass one) or percent-escaped in a file URL; ``{tmp}`` is the test's directory and
+#: ``{demo}`` the demo store; (arguments, environment, what the message starts with)
+NUL_NAMES = [
+    (["export", "{tmp}/a\x00b"], {}, "argument FILE: "),
+    (["prune", "--keep-last", "0", "--archive", "{tmp}/a\x00b"], {}, "argument --archive: "),
+    (["import", "{tmp}/a\x00b"], {}, "argument FILE: "),
+    (["migrate", "--from", "{demo}", "--to", "{tmp}/a\x00b"], {}, "argument --to: "),
+    (["migrate", "--from", "{demo}", "--to", "file://{tmp}/a%00b"], {}, "--to: "),
+    (["migrate", "--from", "file://{tmp}/a%00b", "--to", "{tmp}/x"], {}, "--from: "),
+    (["--store", "file://{tmp}/a%00b", "import", "-"], {}, "--store: "),
+    (["--store", "file://{tmp}/a%00b", "export", "{tmp}/x"], {}, "--store: "),
+    (["--state-dir", "{tmp}/a\x00b", "import", "-"], {}, "argument --state-dir: "),
+    (["import", "-"], {"RUNSTORE_URL": "file://{tmp}/a%00b"}, "RUNSTORE_URL: "),
+]
+
+
+def _nul_case(argv: list[str], env: dict[str, str], tmp: pathlib.Path,
+              demo: pathlib.Path) -> tuple[list[str], dict[str, str]]:
+    def fill(text: str) -> str:
+        return text.replace("{tmp}", str(tmp)).replace("{demo}", str(demo))
+
+    return [fill(a) for a in argv], {k: fill(v) for k, v in env.items()}
+
+
+@pytest.mark.parametrize(("argv", "env", "start"), NUL_NAMES,
+                         ids=[" ".join(a[0] or list(a[1])) for a in NUL_NAMES])
+def test_a_name_holding_nul_exits_2_naming_the_argument(
+        run_cli: Cli, demo: pathlib.Path, tmp_path: pathlib.Path,
+        monkeypatch: pytest.MonkeyPatch, argv: list[str], env: dict[str, str],
+        start: str) -> None:
+    """A file or store named with a NUL character (no file name can hold one): exit 2, one
+    line naming the argument, never a traceback; nothing is created."""
+    argv, env = _nul_case(argv, env, tmp_path, demo)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, out, err = run_cli(*argv)
+    assert (code, out) == (2, ""), err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"runstore: error: {start}"), err
+    assert "\\x00" in err or "%00" in err, err
+    assert not os.path.lexists(tmp_path / "a") and not os.path.lexists(tmp_path / "x")
+
+
+def test_migrate_to_a_file_url_holding_nul_from_the_shell(
+        demo: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """``runstore migrate --to 'file:///dir/x%00y'``, as typed in a shell: exit 2 and one
+    line on stderr naming --to."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNSTORE_DIR", "RUNSTORE_URL")}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    done = subprocess.run(
+        [sys.executable, "-m", "runstore", "migrate", "--from", str(demo), "--to",
+         f"file://{tmp_path}/x%00y"],
+        capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr.splitlines() == [
+        f"python -m runstore: error: --to: file URL 'file://{tmp_path}/x%00y' holds a NUL "
+        "byte (%00), which no file name can hold; use file:///path/to/dir"]
+
+
+def test_an_output_named_with_nul_is_refused_by_the_target_check(
+        demo: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """The check of an output's target refuses a NUL itself (``stat`` would raise
+    ``ValueError``), naming the target."""
+    with pytest.raises(OutputTargetError) as caught:
+        _targets.check_output(f"{tmp_path}/a\x00b", str(demo), name="--to file:///a%00b")
+    assert str(caught.value).startswith("--to file:///a%00b: it holds a NUL character")
+    assert cli.exit_code_for(caught.value) == 2
+
+
+def test_broken_variant_migrate_to_a_nul_url_is_a_traceback(
+        run_cli: Cli, demo: pathlib.Path, tmp_path: pathlib.Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the refusals (the location's and the target check's), ``migrate --to
+    file:///x%00y`` reaches ``stat`` and raises ValueError out of the command."""
+    monkeypatch.setattr(_location, "_has_nul", lambda path: False)
+    monkeypatch.setattr(_targets, "check_output", lambda target, state_dir, **kw: (
+        _targets._refusal(os.fspath(target), state_dir, None)))
+    with pytest.raises(ValueError, match="embedded null byte"):
+        run_cli("migrate", "--from", str(demo), "--to", f"file://{tmp_path}/x%00y")
+
+
+def test_broken_variant_a_store_url_holding_nul_is_not_a_usage_error(
+        run_cli: Cli, demo: pathlib.Path, tmp_path: pathlib.Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the location's refusal, ``--store file:///x%00y`` reaches the store, which
+    refuses it as a failure (exit 1), not as the usage error it is."""
+    monkeypatch.setattr(_location, "_has_nul", lambda path: False)
+    code, _, err = run_cli("--store", f"file://{tmp_path}/x%00y", "import", "-")
+    assert code == 1 and "must not contain NUL" in err
 
 
 @pytest.mark.parametrize("argv", [

@@ -650,13 +650,14 @@ def test_reap_of_an_impossible_owner_pid(tmp_path: pathlib.Path, pid: int) -> No
         s.close()
 
 
-@pytest.mark.parametrize("target", ["missing/out.json", ".", "dir"])
+@pytest.mark.parametrize("target", ["missing/out.json", "file/out.json"])
 def test_export_to_a_path_that_cannot_be_written(tmp_path: pathlib.Path, target: str) -> None:
-    """``export(path)`` into a missing directory or onto a directory: StoreIOError
+    """``export(path)`` into a missing directory or below a regular file: StoreIOError
     (``IOKind.EXPORT``) naming the path and saying nothing was written; no temp file is
     left behind."""
     out = tmp_path / "out"
     (out / "dir").mkdir(parents=True)
+    (out / "file").write_bytes(b"")
     s, unchanged = _unchanged(tmp_path)
     before = sorted(os.listdir(out))
     path = out / target

@@ -25,6 +25,7 @@ import runstore.store as store_module
 from runstore import (
     ChangeType,
     IOKind,
+    OutputTargetError,
     Run,
     Status,
     Store,
@@ -320,14 +321,14 @@ def test_a_failed_archive_prunes_nothing_and_leaves_the_archive_as_it_was(
 
 
 def test_an_archive_path_that_is_a_directory_prunes_nothing(tmp_path: pathlib.Path) -> None:
-    """The archive cannot be opened (a directory there): nothing pruned, the error says so."""
+    """The archive is a directory: refused before anything is pruned, the error says so."""
     state, archive = tmp_path / "s", tmp_path / "archive"
     before = _grow(state)
     archive.mkdir()
-    with Store(state) as s, pytest.raises(StoreIOError) as info:
+    with Store(state) as s, pytest.raises(OutputTargetError) as info:
         s.prune(keep_last=KEEP, archive=archive)
-    assert info.value.kind is IOKind.ARCHIVE and _reported(info.value) == "old"
-    assert _runs(state) == before
+    assert "it is a directory" in str(info.value) and "nothing was written" in str(info.value)
+    assert _runs(state) == before and os.listdir(archive) == []
 
 
 @pytest.mark.parametrize("step", STEPS)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from strategies import runs
 
-from runstore import InvalidRunError, Run, Status, StoreIOError, _fields
+from runstore import InvalidRunError, Run, Status, _fields
 from runstore._interchange import append_archive, archive_lines, parse_import
 
 
@@ -102,13 +102,13 @@ def test_append_archive_creates_a_private_file_and_appends(tmp_path: pathlib.Pat
     assert [orjson.loads(x)["id"] for x in path.read_bytes().splitlines()] == ["r1", "r2"]
 
 
-def test_append_archive_refuses_a_symlink(tmp_path: pathlib.Path) -> None:
-    """A symlink at the archive path is refused with StoreIOError naming the path."""
+def test_append_archive_follows_a_symlink(tmp_path: pathlib.Path) -> None:
+    """A symlink at the archive path is followed: the file it points to is appended to,
+    and the link stays a link to it."""
     target = tmp_path / "elsewhere"
-    target.write_bytes(b"")
+    target.write_bytes(b'{"id":"older"}\n')
     link = tmp_path / "archive.jsonl"
     os.symlink(target, link)
-    with pytest.raises(StoreIOError, match="appending pruned runs to the archive") as info:
-        append_archive(str(link), [Run("m1", "/t", "h", id="r1", revision=1)], {})
-    assert info.value.path == str(link)
-    assert target.read_bytes() == b""
+    append_archive(str(link), [Run("m1", "/t", "h", id="r1", revision=1)], {})
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert [orjson.loads(x)["id"] for x in target.read_bytes().splitlines()] == ["older", "r1"]
