@@ -328,8 +328,8 @@ class OutputTargetError(RunstoreError, ValueError):
     store's own files (the journal, the lock file, a temp file: the same device and inode,
     through a symlink or a hard link too), the state directory itself, or lies inside it;
     or (``store`` is then empty) it is a directory, a socket or a block device (for an
-    archive, anything but a regular file), or its name holds a NUL character. Raised before the target is opened: nothing was written and the
-    store is untouched."""
+    archive, anything but a regular file), or its name holds a NUL character. Raised
+    before the target is opened: nothing was written and the store is untouched."""
 
     def __init__(self, target: str, store: str, problem: str, remedy: str = "") -> None:
         self.target = target

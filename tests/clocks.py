@@ -1,9 +1,30 @@
-"""A wall clock the tests set by hand, for ``runstore._ids``."""
+"""A wall clock the tests set by hand, for ``runstore._ids``; the local time zone set for a
+block (``local_zone``)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import os
+import time
 import types
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def local_zone(tz: str) -> Iterator[None]:
+    """``TZ`` set to ``tz`` (and ``time.tzset``) for the block, then restored."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = tz
+    time.tzset()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = before
+        time.tzset()
 
 
 class SettableClock:

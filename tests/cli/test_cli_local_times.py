@@ -7,14 +7,12 @@ usage error, only the others."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
-import os
 import pathlib
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from clocks import local_zone
 
 from runstore import Change, ChangeType, Run, Status, Store, _cli_args, _cli_watch, _clifmt
 
@@ -27,26 +25,10 @@ _SECOND = _dt.timedelta(seconds=1)
 _HOUR = _dt.timedelta(hours=1)
 
 
-@contextlib.contextmanager
-def _local_zone(tz: str) -> Iterator[None]:
-    """``TZ`` set to ``tz`` (and ``time.tzset``) for the block, then restored."""
-    before = os.environ.get("TZ")
-    os.environ["TZ"] = tz
-    time.tzset()
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["TZ"]
-        else:
-            os.environ["TZ"] = before
-        time.tzset()
-
-
 @pytest.fixture(params=["UTC", "EST5", "XXX-14"])
 def tz(request: pytest.FixtureRequest) -> Iterator[str]:
     """The local zone for the test: UTC, 5 hours west of it, 14 hours east."""
-    with _local_zone(request.param):
+    with local_zone(request.param):
         yield request.param
 
 
@@ -141,7 +123,7 @@ _SINCE: list[tuple[str, str, _dt.datetime | None]] = [
 def test_since_takes_every_date_within_the_range(
         run_cli: Cli, store: pathlib.Path, zone: str, since: str,
         moment: _dt.datetime | None) -> None:
-    with _local_zone(zone):
+    with local_zone(zone):
         if moment is None:
             with pytest.raises(argparse.ArgumentTypeError, match="years 1 to 9999"):
                 _cli_args._since(since)

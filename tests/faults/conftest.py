@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pathlib
 from collections.abc import Iterator
 
 import pytest
@@ -17,3 +18,11 @@ def quiet_runstore_log() -> Iterator[None]:
     logger.setLevel(logging.ERROR)
     yield
     logger.setLevel(level)
+
+
+@pytest.fixture
+def outside(tmp_path: pathlib.Path) -> pathlib.Path:
+    """A directory beside the state directory, for output targets that are not the store's."""
+    path = tmp_path / "outside"
+    path.mkdir()
+    return path

@@ -47,13 +47,6 @@ def state(tmp_path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-@pytest.fixture
-def outside(tmp_path: pathlib.Path) -> pathlib.Path:
-    """A directory beside the state directory, for the targets."""
-    path = tmp_path / "outside"
-    path.mkdir()
-    return path
-
 
 def _runs(state: pathlib.Path) -> int:
     with Store(state, durable=False) as store:

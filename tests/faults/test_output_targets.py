@@ -48,13 +48,6 @@ def state(tmp_path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-@pytest.fixture
-def outside(tmp_path: pathlib.Path) -> pathlib.Path:
-    """A directory beside the state directory, for targets that are not the store's."""
-    path = tmp_path / "outside"
-    path.mkdir()
-    return path
-
 
 def _run(machine: str) -> Run:
     return Run(machine, "/tests/a", "h-a")

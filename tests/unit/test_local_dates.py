@@ -12,14 +12,13 @@ within the range."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import functools
 import os
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from clocks import local_zone
 
 from runstore import _clifmt as fmt
 
@@ -36,32 +35,16 @@ _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
 _HOUR = _dt.timedelta(hours=1)
 
 
-@contextlib.contextmanager
-def _local_zone(tz: str) -> Iterator[None]:
-    """``TZ`` set to ``tz`` (and ``time.tzset``) for the block, then restored."""
-    before = os.environ.get("TZ")
-    os.environ["TZ"] = tz
-    time.tzset()
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["TZ"]
-        else:
-            os.environ["TZ"] = before
-        time.tzset()
-
-
 @pytest.fixture(params=list(_ZONES))
 def zone(request: pytest.FixtureRequest) -> Iterator[str]:
-    with _local_zone(_ZONES[request.param]):
+    with local_zone(_ZONES[request.param]):
         yield request.param
 
 
 @pytest.fixture(params=list(_FIXED))
 def fixed_zone(request: pytest.FixtureRequest) -> Iterator[int]:
     """The local zone set to a fixed one; its offset in hours."""
-    with _local_zone(request.param):
+    with local_zone(request.param):
         yield _FIXED[request.param]
 
 
@@ -176,10 +159,10 @@ def test_local_text_at_the_edges_of_datetime(fixed_zone: int, moment: _dt.dateti
 def test_local_text_outside_the_range_in_each_direction() -> None:
     """West of UTC the first hours of the year 1 are outside the range, east of it the last
     hours of 9999."""
-    with _local_zone("EST5"):
+    with local_zone("EST5"):
         assert fmt.local_text(_EDGES[0]) == "0001-01-01Z"
         assert fmt.local_text(_EDGES[-1]) == "9999-12-31"
-    with _local_zone("XXX-14"):
+    with local_zone("XXX-14"):
         assert fmt.local_text(_EDGES[-1], clock=True) == "9999-12-31 23:59:59Z"
         assert fmt.local_text(_EDGES[3], clock=True) == "9999-12-31 18:59:59"
 
