@@ -284,3 +284,13 @@ def _json_array(items: Sequence[dict[str, Any]]) -> str:
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n:,} {word}s"
 
+
+def is_stdout(ctx: Context, path: str) -> bool:
+    """Whether ``path`` names the file stdout is open on (``/dev/stdout``, or the file it
+    was redirected to), by device and inode."""
+    try:
+        out = os.fstat(ctx.out.fileno())
+        there = os.stat(path)
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: not a file
+        return False
+    return (out.st_dev, out.st_ino) == (there.st_dev, there.st_ino)

@@ -6,19 +6,28 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 from typing import IO, Any, cast
 
 from . import _clifmt as fmt, _interchange, _targets
-from ._cli_context import EXIT_OK, Context, UsageError, _dumps, _plural, parse_location
+from ._cli_context import (
+    EXIT_OK,
+    Context,
+    UsageError,
+    _dumps,
+    _plural,
+    is_stdout,
+    parse_location,
+)
 from ._location import Location
 from .migrate import MigrationReport, copy_runs
 from .protocol import RunStore
 
 
 def _cmd_export(ctx: Context, args: argparse.Namespace) -> int:
-    to_stdout = args.file in (None, "-")
+    # a FILE that is the file stdout is open on (``export /dev/stdout >> log``) is written
+    # as stdout is: through its descriptor, never by a file renamed over it
+    to_stdout = args.file in (None, "-") or is_stdout(ctx, args.file)
     if not ctx.location.postgres:
         ctx.require_store()
         # before the store or the target is opened: never write over the store's own files
@@ -39,26 +48,11 @@ def _cmd_export(ctx: Context, args: argparse.Namespace) -> int:
                 store.export(cast(
                     IO[bytes], fmt.JsonVisibleOut(getattr(ctx.out, "buffer", ctx.out))))
             return EXIT_OK
-        into_stdout = _is_stdout(ctx, args.file)
         with ctx.progress(f"exporting to {args.file}"):
             count = _export_to_file(store, args.file)
-    done = f"exported {_plural(count, 'run')} to {fmt.visible(args.file)}"
-    if into_stdout:  # after the document, on stdout, it would make it no longer JSON
-        ctx.note(done)
-    else:
-        ctx.print(done)
+    ctx.print(f"exported {_plural(count, 'run')} to {fmt.visible(args.file)}")
     return EXIT_OK
 
-
-def _is_stdout(ctx: Context, path: str) -> bool:
-    """Whether ``path`` is the file stdout is open on (``export /dev/stdout``), by device
-    and inode."""
-    try:
-        out = os.fstat(ctx.out.fileno())
-        there = os.stat(path)
-    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: not a file
-        return False
-    return (out.st_dev, out.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _check_stdout(ctx: Context) -> None:

@@ -7,7 +7,7 @@ import argparse
 import os
 
 from . import _clifmt as fmt, _fields, _transitions
-from ._cli_context import EXIT_OK, Context, UsageError, _dumps, _json_array, _plural
+from ._cli_context import EXIT_OK, Context, UsageError, _dumps, _json_array, _plural, is_stdout
 from .model import Status
 
 
@@ -36,7 +36,11 @@ def _cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     if args.dry_run:
         ctx.print(f"would prune {_plural(count, 'run')} (dry run: nothing was changed)")
     elif count and args.archive:
-        ctx.print(f"pruned {_plural(count, 'run')}, archived to {fmt.visible(args.archive)}")
+        done = f"pruned {_plural(count, 'run')}, archived to {fmt.visible(args.archive)}"
+        if is_stdout(ctx, args.archive):  # on stdout, it would be written into the archive
+            ctx.note(done)
+        else:
+            ctx.print(done)
     else:
         ctx.print(f"pruned {_plural(count, 'run')}")
     return EXIT_OK

@@ -254,7 +254,7 @@ def local_text(moment: _dt.datetime, clock: bool = False) -> str:
     (``0001-01-01Z``, ``0001-01-01 00:00:00Z``)."""
     try:
         local = moment.astimezone()
-    except (OverflowError, OSError):
+    except (OverflowError, OSError, ValueError):  # ValueError: an offset of a day or more
         utc = moment.astimezone(_dt.UTC)
         return (utc.isoformat(" ", "seconds")[:19] if clock else utc.date().isoformat()) + "Z"
     if clock:
@@ -288,8 +288,8 @@ def utc_of_local(naive: _dt.datetime) -> _dt.datetime | None:
         else:  # in a gap: neither offset gives the time
             found = min(u1, u2) if naive.fold else max(u1, u2)
         return _utc(wall - _gmtoff(found), naive)
-    except (OverflowError, OSError):  # beyond what the C library converts
-        return None
+    except (OverflowError, OSError, ValueError):  # beyond what the C library converts, or
+        return None  # an offset of a day or more, which datetime does not take
 
 
 def _utc(seconds: int, naive: _dt.datetime) -> _dt.datetime | None:

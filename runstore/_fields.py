@@ -267,6 +267,24 @@ def _sound_values(data: dict[str, Any]) -> tuple[_Layout, tuple[Any, ...]] | Non
                 return None
     return layout, values
 
+def change_time(value: object) -> _dt.datetime:
+    """A change's ``time`` as the change feed reads it: an ISO date and time with a UTC
+    offset whose moment is within datetime's range; ``ValueError`` for anything else (a
+    string that is no date, a time without an offset, a non-string)."""
+    if not isinstance(value, str):
+        raise ValueError(f"the change time {value!r} is not a string")
+    try:
+        when = _dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"the change time {value!r} is not a date") from None
+    if when.tzinfo is None:
+        raise ValueError(f"the change time {value!r} has no UTC offset")
+    try:
+        return when.astimezone(_dt.UTC)
+    except OverflowError:
+        raise ValueError(f"the change time {value!r} is outside the years 1 to 9999 in "
+                         "UTC") from None
+
 def extra_fields(data: dict[str, Any]) -> dict[str, Any]:
     """Fields of a record line this library does not know (kept when rewriting)."""
     if data.keys() <= _KNOWN_KEYS:  # the usual case, checked at C speed on the hot path

@@ -41,6 +41,7 @@ from psycopg import sql
 
 from ._fields import RUN_FIELDS
 from ._pgschema import RUN_TYPES, Names
+from ._validate import INT64_MAX
 from .model import ChangeType, Status
 
 _ACTIVE = "status IN ('pending', 'running')"
@@ -121,6 +122,7 @@ class Writes:
             return (f"WITH l AS (SELECT {run_lock(n, '%(id)s')}), "
                     f"u AS (UPDATE {runs} r SET {sets}, revision = r.revision + 1, "
                     f"changed_at = %(now)s FROM l WHERE r.id = %(id)s AND {where} "
+                    f"AND r.revision < {INT64_MAX} "
                     f"AND {ESCAPED} * ({size}) + {kept} <= %(room)s {returning}), "
                     f"f AS ({_feed_insert(changes, 'u', repr(change.value), '%(now)s')}) "
                     f"{tail}")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import attrs
 
-from . import _owner, _validate
+from . import _owner, _transitions, _validate
 from .model import Run, Status
 
 
@@ -56,4 +56,4 @@ def reaped(
     else:
         return None
     return attrs.evolve(run, status=Status.INTERRUPTED, ended_at=now, error_code=code,
-                        error_msg=msg, revision=run.revision + 1)
+                        error_msg=msg, revision=_transitions.next_revision(run))

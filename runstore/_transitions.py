@@ -155,6 +155,16 @@ def fresh(run: Run, run_id: str, owner: Owner) -> Run:
                        owner_start=since)
 
 
+def next_revision(run: Run) -> int:
+    """``run``'s revision after one more change; ``InvalidRunError`` when that would pass
+    the signed 64-bit range (a run imported with a revision at its end)."""
+    if run.revision >= _validate.INT64_MAX:
+        raise InvalidRunError(
+            f"run {run.id!r}: revision {run.revision} is the largest a run store keeps, so "
+            "the run cannot change again; import it with a smaller revision")
+    return run.revision + 1
+
+
 def updated(stored: Run, run: Run) -> Step | None:
     """``update(run)``: refuse a stale copy, a forbidden move or an identity change; None
     for an unchanged copy of a terminal run."""
@@ -166,7 +176,7 @@ def updated(stored: Run, run: Run) -> Step | None:
             return None
         raise InvalidTransitionError(run.id, stored.status.value, run.status.value,
                                      "terminal runs are final")
-    new = replace_run(run, revision=stored.revision + 1)
+    new = replace_run(run, revision=next_revision(stored))
     return new, change_type(stored.status, new.status)
 
 
@@ -177,7 +187,7 @@ def started(stored: Run, now: _dt.datetime, owner: Owner) -> Step:
                                      "only a pending run can be started")
     host, pid, since = owner
     new = replace_run(stored, status=Status.RUNNING, started_at=now, owner_host=host,
-                      owner_pid=pid, owner_start=since, revision=stored.revision + 1)
+                      owner_pid=pid, owner_start=since, revision=next_revision(stored))
     return new, ChangeType.RUN_STARTED
 
 
@@ -195,7 +205,7 @@ def finished(stored: Run, target: Status, now: _dt.datetime, exit_code: int | No
     check_transition(stored.id, stored.status, target)
     new = replace_run(stored, status=target, ended_at=now, exit_code=exit_code,
                       error_code=error_code, error_msg=error_msg,
-                      revision=stored.revision + 1)
+                      revision=next_revision(stored))
     return new, ChangeType.RUN_FINISHED
 
 
@@ -204,5 +214,5 @@ def beat(stored: Run, now: _dt.datetime) -> Step:
     if stored.status.is_terminal:
         raise InvalidTransitionError(stored.id, stored.status.value, stored.status.value,
                                      "a finished run takes no heartbeat")
-    new = replace_run(stored, heartbeat_at=now, revision=stored.revision + 1)
+    new = replace_run(stored, heartbeat_at=now, revision=next_revision(stored))
     return new, ChangeType.HEARTBEAT

@@ -123,8 +123,8 @@ class View:
         changed_at = None
         if data["status"] in _ACTIVE:
             try:
-                changed_at = _dt.datetime.fromisoformat(data["time"])
-            except (TypeError, ValueError):
+                changed_at = _fields.change_time(data["time"])
+            except ValueError:
                 changed_at = None
             if defer and type(data.get("machine")) is str:
                 active = data

@@ -317,7 +317,7 @@ class PostgresStore(PostgresBase, StoreBase):
         """One statement with the revision check and the statuses it may come from in its
         ``WHERE``; when it matches no row, the read-decide-write path says why."""
         action = "updating a run in"
-        new = replace_run(run, revision=run.revision + 1)
+        new = replace_run(run, revision=_transitions.next_revision(run))
         allowed = [s for s in _NON_TERMINAL if run.status in _transitions.ALLOWED[s]]
         with self._connection(action) as conn:
             if allowed and self._write(conn, run.revision, new, _ids.utcnow(), action, None,

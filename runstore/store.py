@@ -500,7 +500,7 @@ def _changes_in(buf: bytes, since_seq: int, path: str,
             if _codec.is_mark(line, data, legacy) or data["seq"] <= since_seq:
                 continue
             run = _fields.run_from_dict(data)
-            when = _dt.datetime.fromisoformat(data["time"])
+            when = _fields.change_time(data["time"])
         except (_fields.BadLine, KeyError, TypeError, ValueError) as exc:
             raise CorruptStoreError(path, None,
                                     f"a retained change is unreadable ({exc})") from None

@@ -7,7 +7,6 @@ taken, when the lock file can be opened, so that no write is half-seen; the repo
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import stat
 import time
@@ -344,14 +343,15 @@ def _unwritten(data: dict[str, Any]) -> str | None:
     except _fields.BadLine as exc:
         return exc.reason
     except InvalidRunError as exc:
-        return f"{exc}: runstore does not write such a run (an import of it is refused)"
+        text = str(exc).removeprefix(f"run {run.id!r}: ")
+        return f"{text}: runstore does not write such a run (an import of it is refused)"
     problem = _fields.extra_problem(_fields.extra_fields(data))
     if problem is not None:
         return f"{problem}: runstore does not write such a field (an import of it is refused)"
     try:
-        _dt.datetime.fromisoformat(data["time"])
-    except (KeyError, TypeError, ValueError):
-        return f"the change time {data.get('time')!r} is not a date"
+        _fields.change_time(data.get("time"))
+    except ValueError as exc:
+        return str(exc)
     return None
 
 

@@ -484,3 +484,33 @@ def test_new_ids_sort_after_imported_ones(backend: Backend, imported: str) -> No
         store.import_runs([Run("m1", "/t", "h", id=imported, status=Status.COMPLETED)])
         made = [store.create(make(f"m{i}")).id for i in range(2, 5)]
         assert imported < made[0] < made[1] < made[2]
+
+
+_LAST_REVISION = (1 << 63) - 1
+
+
+@pytest.mark.parametrize("change", ["start", "heartbeat", "finish", "update", "reap"])
+def test_a_run_at_the_last_revision_cannot_change(store: RunStore, change: str) -> None:
+    """A run imported with the largest revision a store keeps refuses any change with
+    ``InvalidRunError`` naming it, on both backends, and stays as it was: its next
+    revision would not fit in 64 bits (a store that wrote it could not be exported and
+    imported again)."""
+    status = Status.PENDING if change == "start" else Status.RUNNING
+    store.import_runs([Run("m", "/t", "h", id="last", status=status,
+                           revision=_LAST_REVISION,
+                           heartbeat_at=dt.datetime(2020, 1, 1, tzinfo=UTC))])
+    before = store.get("last")
+    with pytest.raises(InvalidRunError, match="revision 9223372036854775807 is the largest"):
+        if change == "start":
+            store.start("last")
+        elif change == "heartbeat":
+            store.heartbeat("last")
+        elif change == "finish":
+            store.finish("last", Status.FAILED, exit_code=1)
+        elif change == "update":
+            store.update(attrs.evolve(before, error_msg="x"))
+        else:
+            store.reap(stale_after=dt.timedelta(seconds=1))
+    assert store.get("last") == before
+    run, outcome = store.prepare_atomic("other", "h", lambda: Run("other", "/t", "h"))
+    assert outcome is PrepareOutcome.CREATED and run.revision == 1

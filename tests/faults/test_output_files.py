@@ -12,8 +12,11 @@ import contextlib
 import json
 import os
 import pathlib
+import shlex
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import types
 from collections.abc import Callable
@@ -389,3 +392,40 @@ def test_broken_variant_dev_null_fails_its_sync(
     code, err = _cli_export(run_cli, state, DEV_NULL)
     assert code == 1 and "Invalid argument" in err
     assert _device_id(os.stat(DEV_NULL)) == _device_id(before)
+
+
+# -- /dev/stdout, redirected to a file: written as stdout is ------------------------------------
+
+def _shell(state: pathlib.Path, command: str, redirect: str, target: pathlib.Path
+           ) -> subprocess.CompletedProcess[str]:
+    """``python -m runstore --state-dir STATE COMMAND`` run by a shell with stdout
+    redirected (``>`` or ``>>``) to ``target``."""
+    line = (f"{shlex.quote(sys.executable)} -m runstore --state-dir "
+            f"{shlex.quote(str(state))} {command} {redirect} {shlex.quote(str(target))}")
+    return subprocess.run(["sh", "-c", line], capture_output=True, text=True, timeout=60,
+                          cwd=os.path.dirname(os.path.dirname(runstore.__file__)))
+
+
+def test_export_to_dev_stdout_appended_to_a_log_keeps_the_log(
+        state: pathlib.Path, outside: pathlib.Path) -> None:
+    """``export /dev/stdout >> log``: the log keeps what it held, the document follows
+    (written through stdout, never by a file renamed over it)."""
+    log = outside / "app.log"
+    log.write_bytes(b"earlier line\n")
+    done = _shell(state, "export /dev/stdout", ">>", log)
+    assert done.returncode == 0, done.stderr
+    head, _, document = log.read_bytes().partition(b"\n")
+    assert head == b"earlier line"
+    _an_export(document)
+
+
+def test_prune_archive_to_dev_stdout_keeps_every_archived_run(
+        state: pathlib.Path, outside: pathlib.Path) -> None:
+    """``prune --archive /dev/stdout > file``: the file holds every pruned run, one JSON
+    line each; the report goes to stderr, not over the first archived run."""
+    archive = outside / "archive.jsonl"
+    done = _shell(state, "prune --keep-last 0 --archive /dev/stdout", ">", archive)
+    assert done.returncode == 0, done.stderr
+    _an_archive(archive.read_bytes())
+    assert "pruned 5 runs" in done.stderr
+    assert _runs(state) == 1

@@ -210,3 +210,17 @@ def test_utc_of_local_at_the_edges_of_datetime(fixed_zone: int, naive: _dt.datet
     refuses those within a day of its ends), and None for the others."""
     expected = _shifted(naive.replace(tzinfo=_dt.UTC), -fixed_zone)
     assert fmt.utc_of_local(naive) == expected
+
+
+@pytest.mark.parametrize(("tz", "east"), [
+    ("XXX-24", _dt.timedelta(hours=24)),
+    ("XXX+24:30", -_dt.timedelta(hours=24, minutes=30)),
+    ("AAA-24:59:59", _dt.timedelta(hours=24, minutes=59, seconds=59))])
+def test_local_times_where_the_offset_is_a_day_or_more(tz: str, east: _dt.timedelta) -> None:
+    """The C library takes offsets up to 24:59:59, datetime none of a day or more: such a
+    zone's times are shown in UTC rather than raising, and read with the offset itself."""
+    moment = _dt.datetime(2026, 1, 1, 12, tzinfo=_dt.UTC)
+    with local_zone(tz):
+        assert fmt.local_text(moment) == "2026-01-01Z"
+        assert fmt.local_text(moment, clock=True) == "2026-01-01 12:00:00Z"
+        assert fmt.utc_of_local(moment.replace(tzinfo=None)) == moment - east
