@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable, Container, Iterable, Iterator
 from typing import IO, Any
@@ -93,7 +94,8 @@ def export_to_path(path: str, write: Callable[[IO[bytes]], int]) -> int:
     """Call ``write`` on the file ``path`` names (``_outputs``: a symlink is followed) and
     return what it returned. A regular file, or none yet, is written through a temp file
     beside it, fsynced and renamed over it: a failed export leaves no half file, and an
-    existing one is replaced whole or not at all. A FIFO or a character device is written
+    existing one is replaced whole or not at all, keeping its mode (a new one is 0600; a
+    hard link to the old file keeps the old content). A FIFO or a character device is written
     into directly. A directory, a socket or a block device raises ``OutputTargetError``
     before anything is opened. A failure to create, write or rename the file (a missing
     directory, a full disk) raises ``StoreIOError`` (``IOKind.EXPORT``) naming ``path``."""
@@ -110,6 +112,8 @@ def export_to_path(path: str, write: Callable[[IO[bytes]], int]) -> int:
     except OSError as exc:  # name the file asked for, not the temp file
         raise StoreIOError(path, "exporting to", exc, IOKind.EXPORT) from None
     try:
+        with contextlib.suppress(FileNotFoundError):  # the file replaced keeps its mode
+            os.fchmod(tmp.fileno(), stat.S_IMODE(os.stat(output.path).st_mode))
         with tmp:
             count = write(tmp)
             tmp.flush()

@@ -59,6 +59,9 @@ def resolve(target: str, archive: bool = False) -> Output:
     missing file (a symlink loop, a directory that cannot be searched) propagates, and so
     does one for a regular file whose resolved name is not that file (a link the kernel
     follows but whose text names no path, as ``/proc/self/fd/N`` of a deleted file)."""
+    if target.endswith(os.sep):  # a file created at the name would drop the slash
+        raise OutputTargetError(target, "", "it ends with a slash, so it names a directory, "
+                                "which runstore never writes an output to", "name a file")
     try:
         st = os.stat(target)
     except FileNotFoundError:  # to be created (where a dangling symlink points)

@@ -429,3 +429,35 @@ def test_prune_archive_to_dev_stdout_keeps_every_archived_run(
     _an_archive(archive.read_bytes())
     assert "pruned 5 runs" in done.stderr
     assert _runs(state) == 1
+
+
+# -- a name ending with a slash; the mode of a file replaced -------------------------------------
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_name_ending_with_a_slash_is_refused(
+    run_cli: Cli, state: pathlib.Path, outside: pathlib.Path, writer: str,
+) -> None:
+    """``export newdir/`` names a directory: refused (exit 2), where a file named
+    ``newdir`` would otherwise be made; nothing pruned."""
+    write, _, _ = WRITERS[writer]
+    code, message = write(run_cli, state, f"{outside}/newdir/")
+    assert code == 2 and "ends with a slash" in message
+    assert os.listdir(outside) == []
+    assert _runs(state) == TERMINAL + 1
+
+
+@pytest.mark.parametrize("writer", EXPORTS)
+def test_an_export_over_a_file_keeps_its_mode(
+    run_cli: Cli, state: pathlib.Path, outside: pathlib.Path, writer: str,
+) -> None:
+    """The file an export replaces keeps its mode; a new one is 0600."""
+    write, received, _ = WRITERS[writer]
+    kept, new = outside / "kept.json", outside / "new.json"
+    kept.write_bytes(b"old")
+    kept.chmod(0o644)
+    for target in (kept, new):
+        code, message = write(run_cli, state, str(target))
+        assert code == 0, message
+        received(target.read_bytes())
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o644
+    assert stat.S_IMODE(new.stat().st_mode) == 0o600
