@@ -33,9 +33,10 @@ def _sound_record_pattern() -> re.Pattern[bytes]:
     left out when empty optional and then not empty, machine and test_dir_hash not empty
     (as a write requires), nothing else.
     Its ``seq``, ``durable``, ``crc`` groups and the bytes before ``,"crc":`` (group
-    ``body``) are what a reader checks of it; ``id``, ``status`` and ``st`` (where the
-    status comes among the run fields) are what ``sound_export`` moves; ``id``, ``status``,
-    the ``_LISTED`` groups and the first two times what ``sound_row`` gives."""
+    ``body``) are what a reader checks of it (``check`` also ``change``); ``id``, ``status``
+    and ``st`` (where the status comes among the run fields) are what ``sound_export``
+    moves; ``id``, ``status``, the ``_LISTED`` groups and the first two times what
+    ``sound_row`` gives."""
     text = rb'"[^"\\\x00-\x1f]*"'
     filled = rb'"[^"\\\x00-\x1f]+"'
     integer = rb"(?:0|-?[1-9][0-9]{0,17})"
@@ -43,7 +44,7 @@ def _sound_record_pattern() -> re.Pattern[bytes]:
     parts = [rb'\{"seq":(?P<seq>[1-9][0-9]{0,17}),"id":"(?P<id>[^"\\\x00-\x1f]+)",'
              rb'"status":"(?P<status>'
              + b"|".join(re.escape(v.encode()) for v in sorted(STATUS_VALUES))
-             + rb')","change":"(?:'
+             + rb')","change":"(?P<change>'
              + b"|".join(re.escape(v.encode()) for v in sorted(CHANGE_VALUES))
              + rb')","time":' + time.replace(b"(", b"(?P<time>", 1)
              + rb',"durable":(?P<durable>0|[1-9][0-9]{0,17})']

@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 
 from . import _codec, _fields, _sound, _validate
+from ._checkreplay import Replay
 from ._lock import flock_until
 from ._scan import (
     LINE_LIMIT,
@@ -86,83 +87,10 @@ class CheckReport:
         return not self.problems
 
 
-#: the statuses of a run that is not finished, as a sound line holds them
-_ACTIVE_STATUS = (b"pending", b"running")
 _RESTORE = "restore the file from a backup"
-
-
-@attrs.define
-class _Base:
-    """What ``check`` finds of a compacted base, to compare with the summary its header
-    keeps (``codec.BaseSummary``), which opening the store trusts: the CRC-32 of all its
-    bytes, its latest versions (``lines``), where its non-terminal runs are and the
-    greatest run id. Offsets are from the end of the header, as the summary's are."""
-
-    start: int
-    latest_end: int
-    end: int
-    crc: int = 0
-    lines: int = 0
-    active: list[int] = attrs.field(factory=list)
-    #: the greatest id among the sound lines (bytes: ASCII) and the decoded ones
-    max_raw: bytes = b""
-    max_id: str = ""
-    #: the ids of the non-terminal runs found, by offset (to name them)
-    ids: dict[int, str] = attrs.field(factory=dict)
-
-    def sound(self, offset: int, status: bytes, run_id: bytes) -> None:
-        self.lines += 1
-        if status in _ACTIVE_STATUS:
-            self.active.append(offset - self.start)
-            self.ids[offset - self.start] = run_id.decode()
-        if run_id > self.max_raw:
-            self.max_raw = run_id
-
-    def decoded(self, offset: int, data: dict[str, Any]) -> None:
-        self.lines += 1
-        run_id = data.get("id")
-        if data.get("status") in ("pending", "running"):
-            self.active.append(offset - self.start)
-            self.ids[offset - self.start] = str(run_id)
-        if isinstance(run_id, str) and run_id > self.max_id:
-            self.max_id = run_id
-
-    def problems(self, summary: _codec.BaseSummary) -> list[Problem]:
-        """How the base differs from ``summary``."""
-        where = f"the compacted base (bytes {self.start} to {self.end})"
-        found = []
-        if self.crc != summary.crc:
-            found.append(
-                f"{where} does not match the CRC-32 its header records ({summary.crc}; its "
-                f"bytes give {self.crc}): lines of it were removed, reordered or edited "
-                "after the compaction wrote it, each with its own checksum made to match")
-        if self.lines != summary.lines:
-            found.append(f"{where} holds {self.lines} runs where its header says "
-                         f"{summary.lines}")
-        listed, active = set(summary.active), sorted(self.active)
-        if tuple(active) != summary.active:
-            missed = [self.ids[a] for a in active if a not in listed]
-            extra = [a for a in summary.active if a not in self.ids]
-            found.append(
-                f"the header lists the unfinished runs of {where} where they are not: "
-                + "; ".join(
-                    ([f"runs {missed!r} are unfinished but not listed (a process opening "
-                      "the store takes them for finished: prune would remove them)"]
-                     if missed else [])
-                    + ([f"offsets {extra} are listed but hold no unfinished run"]
-                       if extra else [])
-                    + ([] if missed or extra else ["they are listed out of order"])))
-        greatest = max(self.max_raw.decode(), self.max_id)
-        if greatest > summary.max_id:
-            found.append(
-                f"the header's greatest run id {summary.max_id!r} sorts before run "
-                f"{greatest!r} of the base: new run ids could sort before existing ones")
-        remedy = (f"{_RESTORE}; `runstore export` reads each run from its own line, "
-                  "and the export imported into a new store holds them all")
-        return [Problem(self.start, 2, message, remedy if self.crc == summary.crc else
-                        f"{_RESTORE}; the lines that pass their own checksum are the "
-                        "runs as they were last written")
-                for message in found]
+#: what to do about a summary (the header's or a checkpoint's) that its lines contradict
+_REBUILD = (f"{_RESTORE}; `runstore export` reads each run from its own line, and the export "
+            "imported into a new store holds them all")
 
 
 def check(state_dir: str | os.PathLike[str], *, lock_timeout: float = 30.0) -> CheckReport:
@@ -262,12 +190,16 @@ def _check_bytes(buf: bytes, path: str, vouch: Vouch | None = None,
     newlines = 1  # before the chunk being scanned: the header's
     records = 0
     damage: Damage | None = None
-    base = _Base(start, header.latest_end, header.base_end)
+    replay = Replay(start, header.latest_end, header.base_end)
     for chunk_at, chunk in _chunks(read, start, size):
-        if chunk_at < base.end:
-            base.crc = zlib.crc32(memoryview(chunk)[:base.end - chunk_at], base.crc)
-        sound, result = _scan_sound(chunk, chunk_at, cur, base)
+        if chunk_at < replay.end:
+            replay.crc = zlib.crc32(memoryview(chunk)[:replay.end - chunk_at], replay.crc)
+        sound, result = _scan_sound(chunk, chunk_at, cur, replay, header.summary)
         records += sound
+        for offset, message in replay.found:
+            line_no = newlines + chunk.count(b"\n", 0, offset - chunk_at) + 1
+            problems.append(Problem(offset, line_no, message, _REBUILD))
+        replay.found.clear()
         for offset, data in result.shadowed:
             line_no = newlines + chunk.count(b"\n", 0, offset - chunk_at) + 1
             problems.append(Problem(
@@ -279,8 +211,6 @@ def _check_bytes(buf: bytes, path: str, vouch: Vouch | None = None,
                 "and mark fields and `runstore import` it (its id is free)"))
         for offset, data in result.records:
             records += 1
-            if offset < base.latest_end:
-                base.decoded(offset, data)
             reason = _unwritten(data)
             if reason is not None:
                 line_no = newlines + chunk.count(b"\n", 0, offset - chunk_at) + 1
@@ -292,8 +222,12 @@ def _check_bytes(buf: bytes, path: str, vouch: Vouch | None = None,
             damage_line = newlines + chunk.count(b"\n", 0, damage.offset - chunk_at) + 1
             break
         newlines += chunk.count(b"\n")
-    if header.summary is not None and (damage is None or damage.offset >= base.end):
-        problems.extend(base.problems(header.summary))
+    if header.summary is not None and (damage is None or damage.offset >= replay.end):
+        crc_holds = replay.crc == header.summary.crc
+        problems.extend(Problem(start, 2, message, _REBUILD if crc_holds else
+                                f"{_RESTORE}; the lines that pass their own checksum are "
+                                "the runs as they were last written")
+                        for message in replay.base_problems(header.summary))
     if vouch is not None and vouch.applies_to(header):
         cur.vouched = vouch.length
         if size < vouch.length:
@@ -355,8 +289,8 @@ def _unwritten(data: dict[str, Any]) -> str | None:
     return None
 
 
-def _scan_sound(chunk: bytes, chunk_at: int, cur: Cursor,
-                base: _Base | None = None) -> tuple[int, ScanResult]:
+def _scan_sound(chunk: bytes, chunk_at: int, cur: Cursor, replay: Replay | None = None,
+                summary: _codec.BaseSummary | None = None) -> tuple[int, ScanResult]:
     """``scan`` of ``chunk`` for ``check``, which needs no record decoded that is sound:
     (how many records were proven sound from their bytes, what ``scan`` returns for the
     other lines). A record line that ``_sound.SOUND_RECORD`` matches, that is ASCII, whose
@@ -364,7 +298,11 @@ def _scan_sound(chunk: bytes, chunk_at: int, cur: Cursor,
     taken without decoding (``scan`` would take it, and ``fields_sound`` too); any other
     line goes through ``scan``, which judges it as before."""
     if cur.legacy:  # a version 1 journal: a record may be read as a mark
-        return 0, scan(chunk, chunk_at, cur)
+        result = scan(chunk, chunk_at, cur)
+        if replay is not None:
+            for offset, data in result.records:
+                replay.decoded(offset, data)
+        return 0, result
     match, crc32, dates = _sound.SOUND_RECORD.fullmatch, zlib.crc32, _sound.sound_dates
     times = (*_sound.SOUND_RECORD_TIMES, "time")
     ascii_chunk = chunk.isascii()
@@ -384,8 +322,7 @@ def _scan_sound(chunk: bytes, chunk_at: int, cur: Cursor,
                 and dates(m.group(*times))):
             seq = int(m["seq"])
             if offset < cur.latest_end:  # the compacted base's latest versions
-                if base is not None:
-                    base.sound(offset, m["status"], m["id"])
+                pass
             elif seq != cur.next_seq and cur.next_seq:
                 m = None
             elif offset < cur.base_end:
@@ -396,6 +333,8 @@ def _scan_sound(chunk: bytes, chunk_at: int, cur: Cursor,
             else:
                 m = None
             if m is not None:
+                if replay is not None:
+                    replay.sound(offset, m["status"], m["id"], m["change"])
                 sound += 1
                 pos = nl + 1
                 cur.end = chunk_at + pos
@@ -405,6 +344,13 @@ def _scan_sound(chunk: bytes, chunk_at: int, cur: Cursor,
         shadowed += result.shadowed
         if result.damage is not None:
             return sound, ScanResult(records, result.damage, shadowed)
+        if replay is not None:
+            for at, data in result.records:
+                replay.decoded(at, data)
+            if chunk.startswith(_codec.CHECKPOINT_START, pos):
+                point = _codec.Checkpoint.from_mark(_codec.decode_line(chunk[pos:nl]))
+                if point is not None:
+                    replay.checkpoint(offset, point, summary)
         pos = nl + 1
     result = scan(chunk[pos:], chunk_at + pos, cur)  # an incomplete last line, if any
     return sound, ScanResult(records + result.records, result.damage,

@@ -22,7 +22,8 @@ import orjson
 import pytest
 
 import runstore
-from runstore import InvalidRunError, Run, Status, Store, _codec as codec, _fields, verify
+from runstore import InvalidRunError, Run, Status, Store, _codec as codec, _fields, _limits, verify
+from runstore._checkreplay import Replay
 
 _BASE = _dt.datetime(2026, 1, 1, tzinfo=_dt.UTC)
 
@@ -90,7 +91,7 @@ def _messages(store_dir: pathlib.Path) -> str:
 
 def test_a_base_line_edited_with_its_checksum_is_found(store_dir: pathlib.Path) -> None:
     journal = _compacted(store_dir)
-    _edit_base(journal, "r2", exit_code=7)
+    _edit_base(journal, "r2", exit_code=7_000_000_000)  # longer: no later offset moves back
     assert "does not match the CRC-32 its header records" in _messages(store_dir)
     with pytest.raises(runstore.CorruptStoreError), Store(store_dir) as s:
         s.list()  # what every reader of the whole base says
@@ -136,7 +137,7 @@ def test_an_intact_base_is_ok(store_dir: pathlib.Path) -> None:
 def test_a_forged_summary_broken_variant(store_dir: pathlib.Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the comparison with the summary, each forgery passes."""
-    monkeypatch.setattr(verify._Base, "problems", lambda self, summary: [])
+    monkeypatch.setattr(Replay, "base_problems", lambda self, summary: [])
     journal = _compacted(store_dir)
     _edit_base(journal, "r3", header=True, status="running")
     _edit_header(journal, base_lines=5, max_id="r0")
@@ -234,4 +235,75 @@ def test_runs_a_write_refuses_broken_variant(store_dir: pathlib.Path,
     """Judging the records only as a read takes them passes an empty machine."""
     _edit_last(store_dir, _UNWRITTEN["empty machine"])
     monkeypatch.setattr(verify._validate, "run", lambda run: run)
+    assert runstore.check(store_dir).ok
+
+
+# -- a checkpoint line against the lines before it ----------------------------------------
+
+def _checkpointed(store_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
+    """A store written with a checkpoint every 4 records, across a compaction: runs made,
+    started, finished, pruned, some left running."""
+    monkeypatch.setattr(_limits, "CHECKPOINT_EVERY", 4)
+    with Store(store_dir, durable=False) as s:
+        for i in range(6):
+            run = s.create(Run(f"m{i}", "/t", "h"))
+            s.start(run.id)
+            if i % 2:
+                s.finish(run.id, Status.COMPLETED, exit_code=0)
+        s.compact()
+        for i in range(6, 12):
+            run = s.create(Run(f"m{i}", "/t", "h"))
+            if i % 3 == 0:
+                s.finish(run.id, Status.FAILED)
+        s.prune(keep_last=1)
+        for i in range(12, 20):
+            s.start(s.create(Run(f"m{i}", "/t", "h")).id)
+    return store_dir / "runs.jsonl"
+
+
+def _edit_checkpoint(journal: pathlib.Path, **changes: Any) -> None:
+    """The last checkpoint line, resealed with ``changes``."""
+    lines = _lines(journal)
+    i = max(i for i, line in enumerate(lines) if line.startswith(codec.CHECKPOINT_START))
+    data = orjson.loads(lines[i])
+    lines[i] = _resealed(lines[i], **{k: v(data[k]) for k, v in changes.items()})
+    journal.write_bytes(b"".join(lines))
+    (journal.parent / "runs.lock").write_bytes(b"")  # its length may have changed
+
+
+def test_a_store_with_checkpoints_checks_ok(store_dir: pathlib.Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = _checkpointed(store_dir, monkeypatch)
+    assert sum(line.startswith(codec.CHECKPOINT_START) for line in _lines(journal)) >= 3
+    assert runstore.check(store_dir).ok
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"active": lambda a: a[1:]}, "are unfinished but not listed"),
+    ({"active": lambda a: [*a, 1]}, "offsets 1 are listed but hold no unfinished run"),
+    ({"active": lambda a: a[::-1]}, "they are listed out of order"),
+    ({"active": lambda a: [*a, a[0]]}, "the unfinished runs where they are not"),
+    ({"runs": lambda n: n + 1}, "runs where there are"),
+    ({"lines": lambda n: n - 1}, "record lines before it where there are"),
+    ({"max_id": lambda m: ""}, "new run ids could sort before existing ones"),
+])
+def test_a_forged_checkpoint_is_found(store_dir: pathlib.Path,
+                                      monkeypatch: pytest.MonkeyPatch,
+                                      change: dict[str, Callable[[Any], Any]],
+                                      expected: str) -> None:
+    """A checkpoint resealed to describe other lines than those before it: a process
+    opening the store there would take it at its word."""
+    journal = _checkpointed(store_dir, monkeypatch)
+    _edit_checkpoint(journal, **change)
+    found = _messages(store_dir)
+    assert "a checkpoint line says" in found and expected in found
+
+
+def test_a_forged_checkpoint_broken_variant(store_dir: pathlib.Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the comparison, a checkpoint that lists a run twice passes (longer: no
+    later offset moves back)."""
+    journal = _checkpointed(store_dir, monkeypatch)
+    _edit_checkpoint(journal, active=lambda a: [*a, a[0]])
+    monkeypatch.setattr(Replay, "checkpoint", lambda self, offset, point, summary: None)
     assert runstore.check(store_dir).ok

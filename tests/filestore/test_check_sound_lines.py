@@ -90,7 +90,7 @@ _CASES: dict[str, Callable[[dict[str, Any]], bytes]] = {
 _SOUND = {"unknown field", "non-ASCII machine", "escaped machine", "duplicate key"}
 
 
-def _decoding_only(chunk: bytes, chunk_at: int, cur: Any, base: Any = None) -> tuple[int, Any]:
+def _decoding_only(chunk: bytes, chunk_at: int, cur: Any, *_: Any) -> tuple[int, Any]:
     return 0, scan(chunk, chunk_at, cur)
 
 
