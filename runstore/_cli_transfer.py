@@ -54,7 +54,6 @@ def _cmd_export(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-
 def _check_stdout(ctx: Context) -> None:
     """Refuse an export to a stdout redirected onto one of the store's files
     (``export >> runs.jsonl``)."""

@@ -17,7 +17,6 @@ import io
 import json
 import os
 import re
-import stat
 import tempfile
 from collections.abc import Callable, Container, Iterable, Iterator
 from typing import IO, Any
@@ -112,8 +111,8 @@ def export_to_path(path: str, write: Callable[[IO[bytes]], int]) -> int:
     except OSError as exc:  # name the file asked for, not the temp file
         raise StoreIOError(path, "exporting to", exc, IOKind.EXPORT) from None
     try:
-        with contextlib.suppress(FileNotFoundError):  # the file replaced keeps its mode
-            os.fchmod(tmp.fileno(), stat.S_IMODE(os.stat(output.path).st_mode))
+        if output.mode is not None:  # the file replaced keeps its mode
+            os.fchmod(tmp.fileno(), output.mode)
         with tmp:
             count = write(tmp)
             tmp.flush()

@@ -41,10 +41,12 @@ class Output(NamedTuple):
     """Where an output goes: ``path`` is what to open; ``stream`` is True for a FIFO or a
     character device (written into directly, opened by the name it was given, so that the
     kernel follows its links: ``/dev/stdout`` to ``/proc/self/fd/1`` to the pipe), False for
-    a regular file or none yet (``path`` is then the target with its symlinks resolved)."""
+    a regular file or none yet (``path`` is then the target with its symlinks resolved).
+    ``mode`` holds a regular file's permission bits (what a file renamed over it keeps)."""
 
     path: str
     stream: bool
+    mode: int | None = None
 
 
 def streamed(mode: int) -> bool:
@@ -79,7 +81,7 @@ def resolve(target: str, archive: bool = False) -> Output:
         there = os.stat(path)
         if (there.st_dev, there.st_ino) != (st.st_dev, st.st_ino):
             raise OSError(errno.ENOENT, f"its symlinks lead to a file that is not at {path}")
-        return Output(path, False)
+        return Output(path, False, stat.S_IMODE(st.st_mode))
     what = next((name for test, name in _REFUSED if test(st.st_mode)),
                 "neither a regular file, a FIFO nor a character device")
     raise OutputTargetError(target, "", f"it is {what}, which runstore never writes an "

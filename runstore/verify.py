@@ -289,19 +289,19 @@ def _unwritten(data: dict[str, Any]) -> str | None:
     return None
 
 
-def _scan_sound(chunk: bytes, chunk_at: int, cur: Cursor, replay: Replay | None = None,
-                summary: _codec.BaseSummary | None = None) -> tuple[int, ScanResult]:
+def _scan_sound(chunk: bytes, chunk_at: int, cur: Cursor, replay: Replay,
+                summary: _codec.BaseSummary | None) -> tuple[int, ScanResult]:
     """``scan`` of ``chunk`` for ``check``, which needs no record decoded that is sound:
     (how many records were proven sound from their bytes, what ``scan`` returns for the
     other lines). A record line that ``_sound.SOUND_RECORD`` matches, that is ASCII, whose
     CRC-32 and dates hold and whose seq and durable mark follow as ``scan`` requires is
     taken without decoding (``scan`` would take it, and ``fields_sound`` too); any other
-    line goes through ``scan``, which judges it as before."""
+    line goes through ``scan``, which judges it as before. Every record line and every
+    checkpoint goes to ``replay`` in the file's order (``summary``: the header's)."""
     if cur.legacy:  # a version 1 journal: a record may be read as a mark
         result = scan(chunk, chunk_at, cur)
-        if replay is not None:
-            for offset, data in result.records:
-                replay.decoded(offset, data)
+        for offset, data in result.records:
+            replay.decoded(offset, data)
         return 0, result
     match, crc32, dates = _sound.SOUND_RECORD.fullmatch, zlib.crc32, _sound.sound_dates
     times = (*_sound.SOUND_RECORD_TIMES, "time")
@@ -321,8 +321,8 @@ def _scan_sound(chunk: bytes, chunk_at: int, cur: Cursor, replay: Replay | None 
                 and crc32(view[pos:m.end("body")]) == int(m["crc"])
                 and dates(m.group(*times))):
             seq = int(m["seq"])
-            if offset < cur.latest_end:  # the compacted base's latest versions
-                pass
+            if offset < cur.latest_end:
+                pass  # the compacted base's latest versions
             elif seq != cur.next_seq and cur.next_seq:
                 m = None
             elif offset < cur.base_end:
@@ -333,8 +333,7 @@ def _scan_sound(chunk: bytes, chunk_at: int, cur: Cursor, replay: Replay | None 
             else:
                 m = None
             if m is not None:
-                if replay is not None:
-                    replay.sound(offset, m["status"], m["id"], m["change"])
+                replay.sound(offset, m["status"], m["id"], m["change"])
                 sound += 1
                 pos = nl + 1
                 cur.end = chunk_at + pos
@@ -344,13 +343,12 @@ def _scan_sound(chunk: bytes, chunk_at: int, cur: Cursor, replay: Replay | None 
         shadowed += result.shadowed
         if result.damage is not None:
             return sound, ScanResult(records, result.damage, shadowed)
-        if replay is not None:
-            for at, data in result.records:
-                replay.decoded(at, data)
-            if chunk.startswith(_codec.CHECKPOINT_START, pos):
-                point = _codec.Checkpoint.from_mark(_codec.decode_line(chunk[pos:nl]))
-                if point is not None:
-                    replay.checkpoint(offset, point, summary)
+        for at, data in result.records:
+            replay.decoded(at, data)
+        if chunk.startswith(_codec.CHECKPOINT_START, pos):
+            point = _codec.Checkpoint.from_mark(_codec.decode_line(chunk[pos:nl]))
+            if point is not None:
+                replay.checkpoint(offset, point, summary)
         pos = nl + 1
     result = scan(chunk[pos:], chunk_at + pos, cur)  # an incomplete last line, if any
     return sound, ScanResult(records + result.records, result.damage,
